@@ -1,0 +1,106 @@
+"""Routes: thin. Parse, call the platform, shape the answer; the logic lives in the services."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from decision_platform.api.schemas import DecideRequest, DecisionResponse, OutcomeRequest, OutcomeResponse
+from decision_platform.observability import metrics
+from decision_platform.services import Platform
+from decision_platform.storage.repository import OutcomeStatus
+
+router = APIRouter()
+
+
+def _platform(request: Request) -> Platform:
+    return request.app.state.platform
+
+
+@router.get("/health", summary="The process is alive")
+def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/ready", summary="State of each dependency")
+def ready(request: Request, response: Response) -> dict[str, Any]:
+    platform = _platform(request)
+    checks: dict[str, Any] = {}
+    try:
+        platform.repository.count_decisions()
+        checks["database"] = "ok"
+    except Exception as exc:
+        checks["database"] = f"error: {exc.__class__.__name__}"
+    checks["feature_store"] = "ok" if platform.store.ping() else "unreachable"
+    checks["models"] = {kind: platform.models.versions.get(kind) or f"missing: {platform.models.errors.get(kind)}"
+                        for kind in ("anomaly", "risk", "policy")}
+    healthy = checks["database"] == "ok" and checks["feature_store"] == "ok" and platform.models.complete
+    # Not ready still serves decisions (fallbacks); 503 tells a load balancer to prefer a healthy peer.
+    response.status_code = 200 if healthy else 503
+    return {"status": "ready" if healthy else "degraded", "checks": checks}
+
+
+@router.post("/decide", response_model=DecisionResponse, summary="Decide: allow, throttle or block")
+def decide(body: DecideRequest, request: Request) -> dict[str, Any]:
+    try:
+        decision = _platform(request).engine.decide(body.entity_id, body.event)
+    except TimeoutError:
+        raise HTTPException(503, "the decision could not be stored durably in time; retry") from None
+    except OSError:
+        # Neither the database nor the local spool could take the decision: do not acknowledge it.
+        raise HTTPException(503, "the decision could not be stored durably; retry") from None
+    return decision.response
+
+
+@router.post("/outcome", response_model=OutcomeResponse, summary="Report what happened after a decision")
+def outcome(body: OutcomeRequest, request: Request, response: Response) -> dict[str, Any]:
+    platform = _platform(request)
+    if body.outcome not in platform.rewards.outcomes:
+        raise HTTPException(
+            422, f"unknown outcome {body.outcome!r}; expected one of {platform.rewards.outcome_names}"
+        )
+    decision = platform.repository.get_decision(body.decision_id)
+    if decision is None:
+        raise HTTPException(404, f"no decision {body.decision_id}")
+    reward = platform.rewards.reward(body.outcome, decision["action"], decision["amount"])
+    result = platform.repository.record_outcome(body.decision_id, body.outcome, reward)
+    if result.status is OutcomeStatus.NOT_FOUND:
+        raise HTTPException(404, f"no decision {body.decision_id}")
+    if result.status is OutcomeStatus.CONFLICT:
+        raise HTTPException(
+            409, f"decision {body.decision_id} already has outcome {result.outcome!r}; outcomes are final"
+        )
+    created = result.status is OutcomeStatus.CREATED
+    if created:
+        metrics.OUTCOMES.labels(outcome=body.outcome, action=str(decision["action"])).inc()
+        metrics.REWARD.observe(reward)
+    response.status_code = 201 if created else 200
+    return {
+        "decision_id": body.decision_id,
+        "outcome": result.outcome,
+        "reward": result.reward,
+        "received_at": result.received_at.isoformat() if result.received_at else "",
+        "created": created,
+    }
+
+
+@router.get("/decisions/{decision_id}", summary="A stored decision record")
+def get_decision(decision_id: int, request: Request) -> dict[str, Any]:
+    row = _platform(request).repository.get_decision(decision_id)
+    if row is None:
+        raise HTTPException(404, f"no decision {decision_id}")
+    row["created_at"] = row["created_at"].isoformat()
+    return row
+
+
+@router.get("/metrics", include_in_schema=False)
+def prometheus_metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/time", include_in_schema=False)
+def server_time() -> dict[str, float]:
+    return {"time": time.time()}

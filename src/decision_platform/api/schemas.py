@@ -1,0 +1,81 @@
+"""Request and response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from decision_platform.events.schema import Event, Identifier
+
+
+class DecideRequest(BaseModel):
+    """Decide on an entity now, or on one of its events (which also updates its windows, once)."""
+
+    model_config = ConfigDict(extra="forbid")
+    entity_id: Identifier
+    event: Event | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _event_inherits_entity(cls, data: Any) -> Any:
+        # The event's entity is the request's: let callers omit it, refuse a contradiction.
+        if isinstance(data, dict) and isinstance(data.get("event"), dict):
+            event = dict(data["event"])
+            if "entity_id" not in event and "entity_id" in data:
+                event["entity_id"] = data["entity_id"]
+            elif "entity_id" in data and event.get("entity_id") != data["entity_id"]:
+                raise ValueError("event.entity_id differs from entity_id")
+            data = {**data, "event": event}
+        return data
+
+
+class Reason(BaseModel):
+    feature: str
+    value: float
+    direction: str
+    weight: float
+    description: str
+
+
+class FiredRuleOut(BaseModel):
+    name: str
+    tier: str
+    description: str
+
+
+class PolicyOut(BaseModel):
+    proposed_action: int | None = Field(description="The policy's own choice (argmax), before rules.")
+    probabilities: list[float] | None = Field(description="The policy's action probabilities.")
+    propensity: float = Field(description="Probability with which the final action was chosen.")
+    decided_by: str = Field(description="policy | rule | fallback")
+
+
+class DecisionResponse(BaseModel):
+    decision_id: int
+    entity_id: str
+    action: int = Field(description="0 allow, 1 throttle, 2 block")
+    action_name: str
+    risk: float | None = Field(description="P(bad), 0..1; null when the decision fell back before scoring")
+    anomaly: float | None
+    explanation: str
+    reasons: list[Reason]
+    rules: list[FiredRuleOut]
+    fallback: str | None
+    policy: PolicyOut
+    model_versions: dict[str, str]
+    latency_ms: float
+
+
+class OutcomeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    decision_id: int = Field(gt=0)
+    outcome: str = Field(min_length=1, max_length=32)
+
+
+class OutcomeResponse(BaseModel):
+    decision_id: int
+    outcome: str
+    reward: float
+    received_at: str
+    created: bool = Field(description="false when this exact outcome had already been recorded")

@@ -1,0 +1,178 @@
+"""``decision-platform``: train, serve, run, and manage models from the command line."""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from decision_platform.config import Settings, get_settings
+
+app = typer.Typer(help="Real-time AI decision platform.", no_args_is_help=True, add_completion=False)
+models_app = typer.Typer(help="The model registry: list, promote.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+console = Console()
+
+
+class Source(enum.StrEnum):
+    synthetic = "synthetic"
+    csv = "csv"
+    ulb = "ulb"
+
+
+def _registry(settings: Settings):  # type: ignore[no-untyped-def]
+    from decision_platform.models.registry import ModelRegistry
+    from decision_platform.storage.database import make_engine, migrate
+    from decision_platform.storage.repository import Repository
+
+    engine = make_engine(settings.database_url, settings.database_schema)
+    migrate(engine, settings.database_schema)
+    return ModelRegistry(Repository(engine), settings.model_dir)
+
+
+def _train(
+    settings: Settings,
+    source: Source,
+    path: Path | None,
+    mapping: Path | None,
+    entities: int,
+    days: float,
+    timesteps: int,
+    seed: int,
+    promote: bool,
+) -> None:
+    from decision_platform.learning.rewards import RewardTable
+    from decision_platform.models.training import TrainConfig, report_tables, train_all
+
+    features_path = settings.features_path
+    with console.status("loading data"):
+        if source is Source.synthetic:
+            from decision_platform.data import generate
+
+            data = generate(n_entities=entities, days=days, seed=seed)
+        else:
+            from decision_platform.data.csv_import import find_ulb_csv, load_csv
+
+            if source is Source.ulb:
+                path = path or find_ulb_csv(settings.model_dir.parent / "datasets")
+                mapping = mapping or settings.config_dir / "datasets" / "ulb_creditcard.yaml"
+            if path is None or mapping is None:
+                raise typer.BadParameter("--source csv needs --path FILE.csv and --mapping MAPPING.yaml")
+            data = load_csv(path, mapping)
+    summary = data.summary()
+    console.print(f"data: {summary}")
+    # A data set may bring its own feature definitions (e.g. ULB's V1..V28 event fields).
+    if source is not Source.synthetic and mapping is not None:
+        candidate = Path(mapping).with_name(Path(mapping).stem + ".features.yaml")
+        if candidate.exists():
+            features_path = candidate
+    report = train_all(
+        data,
+        features_path,
+        RewardTable.load(settings.rewards_path),
+        _registry(settings),
+        TrainConfig(ppo_timesteps=timesteps, seed=seed),
+        console=console,
+        promote=promote,
+        source=source.value if path is None else f"{source.value}:{path.name}",
+    )
+    for table in report_tables(report):
+        console.print(table)
+    console.print(f"trained in {report.timings['total_s']:.1f} s; artifacts in {settings.model_dir}")
+
+
+@app.command()
+def train(
+    source: Source = typer.Option(Source.synthetic, help="synthetic, csv (with --path/--mapping) or ulb"),
+    path: Path | None = typer.Option(None, help="CSV file (for --source csv; optional for ulb)"),
+    mapping: Path | None = typer.Option(None, help="column mapping YAML (see config/datasets/)"),
+    entities: int = typer.Option(5000, help="synthetic: number of entities"),
+    days: float = typer.Option(14.0, help="synthetic: days of history"),
+    timesteps: int = typer.Option(60_000, help="PPO training steps"),
+    seed: int = typer.Option(0),
+    promote: bool = typer.Option(True, help="make the new models the champions"),
+) -> None:
+    """Train anomaly, risk and policy models; register (and by default promote) them."""
+    _train(get_settings(), source, path, mapping, entities, days, timesteps, seed, promote)
+
+
+def _curl_examples(settings: Settings) -> str:
+    base = f"http://{settings.host}:{settings.port}"
+    event = json.dumps({"entity_id": "201", "event": {"event_id": "e-1", "amount": 42.5, "event_type": "payment",
+                                                      "attributes": {"device_id": "d-1", "country": "FR"}}})
+    return (
+        f"\n[bold]The API is at {base}[/bold]  (docs: {base}/docs)\n"
+        f"  curl -s {base}/health\n"
+        f"  curl -s -X POST {base}/decide -H 'content-type: application/json' -d '{{\"entity_id\": \"201\"}}'\n"
+        f"  curl -s -X POST {base}/decide -H 'content-type: application/json' -d '{event}'\n"
+        f"  curl -s -X POST {base}/outcome -H 'content-type: application/json' "
+        "-d '{\"decision_id\": DECISION_ID, \"outcome\": \"success\"}'\n"
+        f"  curl -s {base}/decisions/DECISION_ID\n"
+    )
+
+
+@app.command()
+def serve(
+    host: str | None = typer.Option(None, help="default: DP_HOST"),
+    port: int | None = typer.Option(None, help="default: DP_PORT"),
+) -> None:
+    """Serve the HTTP API with the configured backends."""
+    import uvicorn
+
+    from decision_platform.api.app import create_app
+
+    settings = get_settings()
+    if host:
+        settings.host = host
+    if port:
+        settings.port = port
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console.print(_curl_examples(settings))
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
+                http="httptools", loop="auto")
+
+
+@app.command()
+def run() -> None:
+    """The main job on the configured (by default embedded) backends: train if no models, then serve."""
+    settings = get_settings()
+    if not _registry(settings).has_champions():
+        console.print("[bold]No models yet: training on the built-in synthetic data set.[/bold]")
+        _train(settings, Source.synthetic, None, None, 5000, 14.0, 60_000, 0, True)
+    serve(None, None)
+
+
+@models_app.command("list")
+def models_list(kind: str | None = typer.Option(None, help="anomaly, risk or policy")) -> None:
+    """Registered models, newest first."""
+    table = Table(title="Model registry")
+    for column in ("version", "kind", "status", "created", "data window", "key metric"):
+        table.add_column(column)
+    for row in _registry(get_settings()).repository.list_models(kind):
+        metrics = row["metrics"]
+        key = next((f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)), "")
+        window = row["data_window"]
+        table.add_row(row["version"], row["kind"], row["status"], f"{row['created_at']:%Y-%m-%d %H:%M}",
+                      f"{window.get('source')} ({window.get('events')} events)", key)
+    console.print(table)
+
+
+@models_app.command("promote")
+def models_promote(version: str) -> None:
+    """Make VERSION the champion of its kind (servers pick it up on restart)."""
+    try:
+        _registry(get_settings()).promote(version)
+    except KeyError as exc:
+        console.print(f"[red]{exc.args[0]}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"{version} is now the champion")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
+

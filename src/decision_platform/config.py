@@ -1,0 +1,83 @@
+"""Every setting of the platform, in one place.
+
+Settings come from the environment (prefix ``DP_``) or a ``.env`` file. Backends are chosen by URL,
+Feast-style: the same code runs on a laptop (SQLite, fakeredis, in-process bus) and in production
+(PostgreSQL, Redis, Kafka); only the URLs differ.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Repository root when running from a checkout; the default home of config/ and var/.
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DP_", env_file=".env", extra="ignore")
+
+    # --- serving
+    host: str = "127.0.0.1"
+    port: int = 8000
+    #: Largest request body accepted, in bytes; larger ones get 413 before any parsing.
+    max_body_bytes: int = 64 * 1024
+
+    # --- backends, chosen by URL
+    #: ``sqlite:///path`` (embedded default) or ``postgresql://user@host/db``.
+    database_url: str = f"sqlite:///{PROJECT_ROOT / 'var' / 'decision_platform.db'}"
+    #: Optional PostgreSQL schema for all tables (tests use their own).
+    database_schema: str | None = None
+    #: ``memory://`` (fakeredis, running the same Lua) or ``redis://host:port/db``.
+    feature_store_url: str = "memory://"
+    #: Seconds a feature-store call may take before the decision falls back.
+    feature_store_timeout_s: float = 0.05
+    #: Unset: events are handled in-process. Set: Kafka bootstrap servers.
+    kafka_bootstrap_servers: str | None = None
+    #: Unset: explanations come from the template only.
+    llm_url: str | None = None
+
+    # --- files
+    config_dir: Path = PROJECT_ROOT / "config"
+    model_dir: Path = PROJECT_ROOT / "var" / "models"
+    #: Where decisions are spooled durably when the database is unreachable.
+    spool_dir: Path = PROJECT_ROOT / "var" / "spool"
+
+    # --- decision policy at serving time
+    #: Action taken when a stage fails: 1 = throttle (step-up) is the safe default.
+    safe_action: int = Field(1, ge=0, le=2)
+    #: Minimum probability of each explorable allowed action, so logged data supports off-policy evaluation.
+    exploration_floor: float = Field(0.01, ge=0.0, le=0.3)
+    #: Actions exploration may pick on its own. Block is left out on purpose: a random block hurts a good
+    #: customer for the sake of data; blocks come from the policy's own probability or from a rule.
+    explore_actions: tuple[int, ...] = (0, 1)
+    #: Seed of the serving sampler (None: from the OS); tests fix it.
+    policy_seed: int | None = None
+
+    # --- storage write path
+    #: Most decisions written in one transaction by the group-commit writer.
+    db_batch_size: int = 256
+
+    # --- admin
+    api_key: str | None = None
+
+    @property
+    def rules_path(self) -> Path:
+        return self.config_dir / "rules.yaml"
+
+    @property
+    def rewards_path(self) -> Path:
+        return self.config_dir / "rewards.yaml"
+
+    @property
+    def features_path(self) -> Path:
+        return self.config_dir / "features.yaml"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

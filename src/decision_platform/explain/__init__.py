@@ -1,0 +1,1 @@
+"""Explanations: reason codes and template sentences (deterministic), LLM narratives (later)."""

@@ -1,0 +1,1 @@
+"""Learning from outcomes: rewards, off-policy evaluation, retraining."""

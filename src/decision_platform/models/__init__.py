@@ -1,0 +1,1 @@
+"""Models: anomaly (Isolation Forest), risk (PyTorch), policy (PPO), their registry and training."""

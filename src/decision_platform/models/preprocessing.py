@@ -1,0 +1,37 @@
+"""Feature scaling shared by the risk model and the policy.
+
+Counts and amounts are heavy-tailed (a card-testing burst has 100x the usual count), so every value is
+first squashed with a signed log, then standardised with statistics of the training rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def signed_log(x: np.ndarray) -> np.ndarray:
+    return np.sign(x) * np.log1p(np.abs(x))
+
+
+@dataclass(frozen=True)
+class Standardizer:
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def fit(cls, x: np.ndarray) -> Standardizer:
+        z = signed_log(np.asarray(x, dtype=np.float64))
+        std = z.std(axis=0)
+        return cls(mean=z.mean(axis=0), std=np.where(std < 1e-9, 1.0, std))
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        return ((signed_log(np.asarray(x, dtype=np.float64)) - self.mean) / self.std).astype(np.float32)
+
+    def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}_mean": self.mean, f"{prefix}_std": self.std}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray] | np.lib.npyio.NpzFile, prefix: str) -> Standardizer:
+        return cls(mean=np.asarray(arrays[f"{prefix}_mean"]), std=np.asarray(arrays[f"{prefix}_std"]))

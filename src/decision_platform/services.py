@@ -1,0 +1,60 @@
+"""The running platform: every component built once from Settings and wired together.
+
+Routes, the CLI and the stream worker all get their dependencies from here, so there is one place that
+decides which backend serves which part (by URL) and how the pieces connect.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from decision_platform.config import Settings
+from decision_platform.decision.engine import DecisionEngine
+from decision_platform.decision.rules import RuleSet
+from decision_platform.features import FeatureSpec, FeatureStore, open_feature_store
+from decision_platform.learning.rewards import RewardTable
+from decision_platform.models.bundle import LoadedModels, load_champions
+from decision_platform.models.registry import ModelRegistry
+from decision_platform.storage.database import make_engine, migrate
+from decision_platform.storage.repository import Repository
+from decision_platform.storage.writer import DecisionSpool, DecisionWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Platform:
+    settings: Settings
+    repository: Repository
+    registry: ModelRegistry
+    store: FeatureStore
+    models: LoadedModels
+    rules: RuleSet
+    rewards: RewardTable
+    writer: DecisionWriter
+    engine: DecisionEngine
+
+    @classmethod
+    def start(cls, settings: Settings) -> Platform:
+        """Build everything; the database is migrated to the latest schema first."""
+        db = make_engine(settings.database_url, settings.database_schema)
+        migrate(db, settings.database_schema)
+        repository = Repository(db)
+        registry = ModelRegistry(repository, settings.model_dir)
+        models = load_champions(registry)
+        spec = models.spec or FeatureSpec.load(settings.features_path)
+        store = open_feature_store(settings.feature_store_url, spec, settings.feature_store_timeout_s)
+        rules = RuleSet.load(settings.rules_path, spec.names)
+        rewards = RewardTable.load(settings.rewards_path)
+        spool = DecisionSpool(settings.spool_dir)
+        writer = DecisionWriter(repository, spool, settings.db_batch_size)
+        engine = DecisionEngine(settings, store, models, rules, writer)
+        if models.errors:
+            log.warning("serving with fallbacks for: %s", models.errors)
+        return cls(settings, repository, registry, store, models, rules, rewards, writer, engine)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.store.close()
+        self.repository.engine.dispose()

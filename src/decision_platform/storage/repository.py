@@ -1,0 +1,136 @@
+"""All reads and writes of decisions, outcomes and model records go through here."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from decision_platform.storage.tables import decisions, models, outcomes
+
+#: A decision row: the keys are the columns of ``tables.decisions``.
+DecisionRow = dict[str, Any]
+
+
+class OutcomeStatus(enum.StrEnum):
+    CREATED = "created"
+    DUPLICATE = "duplicate"  # the same outcome again: idempotent success
+    CONFLICT = "conflict"  # a different outcome was already recorded
+    NOT_FOUND = "not_found"  # no such decision
+
+
+@dataclass(frozen=True)
+class OutcomeResult:
+    status: OutcomeStatus
+    outcome: str | None = None
+    reward: float | None = None
+    received_at: datetime | None = None
+
+
+class Repository:
+    """Thin data access over one SQLAlchemy engine (PostgreSQL or SQLite)."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+
+    # --- decisions
+    def insert_decisions(self, rows: Sequence[DecisionRow]) -> None:
+        """Insert a batch in one transaction (executemany); ids already present are skipped.
+
+        Skipping known ids makes replays (spool, Kafka redelivery) idempotent.
+        """
+        if not rows:
+            return
+        with self.engine.begin() as connection:
+            if self.engine.dialect.name == "postgresql":
+                from sqlalchemy.dialects.postgresql import insert
+            else:
+                from sqlalchemy.dialects.sqlite import insert
+            connection.execute(insert(decisions).on_conflict_do_nothing(index_elements=["id"]), list(rows))
+
+    def get_decision(self, decision_id: int) -> DecisionRow | None:
+        with self.engine.connect() as connection:
+            row = connection.execute(sa.select(decisions).where(decisions.c.id == decision_id)).mappings().first()
+        return dict(row) if row else None
+
+    def count_decisions(self) -> int:
+        with self.engine.connect() as connection:
+            return int(connection.execute(sa.select(sa.func.count()).select_from(decisions)).scalar_one())
+
+    # --- outcomes
+    def get_outcome(self, decision_id: int) -> OutcomeResult | None:
+        with self.engine.connect() as connection:
+            row = connection.execute(
+                sa.select(outcomes).where(outcomes.c.decision_id == decision_id)
+            ).mappings().first()
+        if row is None:
+            return None
+        return OutcomeResult(OutcomeStatus.DUPLICATE, row["outcome"], row["reward"], row["received_at"])
+
+    def record_outcome(self, decision_id: int, outcome: str, reward: float) -> OutcomeResult:
+        """Store the first outcome of a decision; a repeat is idempotent, a different one a conflict."""
+        now = datetime.now(UTC)
+        try:
+            with self.engine.begin() as connection:
+                exists = connection.execute(
+                    sa.select(decisions.c.id).where(decisions.c.id == decision_id)
+                ).first()
+                if exists is None:
+                    return OutcomeResult(OutcomeStatus.NOT_FOUND)
+                connection.execute(
+                    outcomes.insert().values(
+                        decision_id=decision_id, outcome=outcome, reward=reward, received_at=now
+                    )
+                )
+            return OutcomeResult(OutcomeStatus.CREATED, outcome, reward, now)
+        except IntegrityError:
+            existing = self.get_outcome(decision_id)
+            if existing is None:  # lost a race with a delete: should not happen, report as conflict
+                return OutcomeResult(OutcomeStatus.CONFLICT)
+            if existing.outcome == outcome:
+                return existing
+            return OutcomeResult(OutcomeStatus.CONFLICT, existing.outcome, existing.reward, existing.received_at)
+
+    # --- model registry
+    def insert_model(self, row: dict[str, Any]) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(models.insert().values(**row))
+
+    def list_models(self, kind: str | None = None) -> list[dict[str, Any]]:
+        query = sa.select(models).order_by(models.c.created_at.desc())
+        if kind:
+            query = query.where(models.c.kind == kind)
+        with self.engine.connect() as connection:
+            return [dict(r) for r in connection.execute(query).mappings()]
+
+    def get_model(self, version: str) -> dict[str, Any] | None:
+        with self.engine.connect() as connection:
+            row = connection.execute(sa.select(models).where(models.c.version == version)).mappings().first()
+        return dict(row) if row else None
+
+    def champion(self, kind: str) -> dict[str, Any] | None:
+        with self.engine.connect() as connection:
+            row = connection.execute(
+                sa.select(models).where(models.c.kind == kind, models.c.status == "champion")
+            ).mappings().first()
+        return dict(row) if row else None
+
+    def promote(self, version: str) -> None:
+        """Make ``version`` the champion of its kind; the previous champion becomes retired."""
+        with self.engine.begin() as connection:
+            kind = connection.execute(sa.select(models.c.kind).where(models.c.version == version)).scalar_one()
+            connection.execute(
+                models.update()
+                .where(models.c.kind == kind, models.c.status == "champion")
+                .values(status="retired")
+            )
+            connection.execute(
+                models.update()
+                .where(models.c.version == version)
+                .values(status="champion", promoted_at=datetime.now(UTC))
+            )

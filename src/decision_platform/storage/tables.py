@@ -1,0 +1,63 @@
+"""Table definitions (SQLAlchemy Core). Alembic migrations create them; see storage/migrations."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+
+metadata = sa.MetaData()
+
+#: JSONB on PostgreSQL (indexable, compact), JSON text elsewhere.
+Json = sa.JSON().with_variant(JSONB(), "postgresql")
+
+decisions = sa.Table(
+    "decisions",
+    metadata,
+    sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("entity_id", sa.String(128), nullable=False, index=True),
+    sa.Column("event_id", sa.String(128), nullable=True, index=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    # The exact vector the models saw: the point-in-time training row.
+    sa.Column("features", Json, nullable=False),
+    sa.Column("amount", sa.Float, nullable=True),
+    sa.Column("anomaly", sa.Float, nullable=True),
+    sa.Column("risk", sa.Float, nullable=True),
+    sa.Column("probabilities", Json, nullable=True),
+    sa.Column("proposed_action", sa.SmallInteger, nullable=True),
+    sa.Column("action_mask", Json, nullable=False),
+    sa.Column("action", sa.SmallInteger, nullable=False),
+    # Probability with which the final action was chosen: what off-policy evaluation needs.
+    sa.Column("propensity", sa.Float, nullable=False),
+    sa.Column("decided_by", sa.String(16), nullable=False),
+    sa.Column("rules_fired", Json, nullable=False),
+    sa.Column("fallback", sa.String(64), nullable=True),
+    sa.Column("model_versions", Json, nullable=False),
+    sa.Column("reasons", Json, nullable=False),
+    sa.Column("explanation", sa.Text, nullable=False),
+    sa.Column("explanation_source", sa.String(16), nullable=False),
+    sa.Column("latency_ms", sa.Float, nullable=False),
+)
+
+outcomes = sa.Table(
+    "outcomes",
+    metadata,
+    sa.Column("decision_id", sa.BigInteger, sa.ForeignKey("decisions.id"), primary_key=True),
+    sa.Column("outcome", sa.String(32), nullable=False),
+    sa.Column("reward", sa.Float, nullable=False),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+models = sa.Table(
+    "models",
+    metadata,
+    sa.Column("version", sa.String(64), primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False, index=True),
+    sa.Column("artifact_path", sa.Text, nullable=False),
+    sa.Column("artifact_sha256", sa.String(64), nullable=False),
+    sa.Column("data_window", Json, nullable=False),
+    sa.Column("metrics", Json, nullable=False),
+    # champion | challenger | shadow | retired
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("promoted_at", sa.DateTime(timezone=True), nullable=True),
+)
