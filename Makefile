@@ -1,0 +1,39 @@
+# The two commands of the README: `make run` and `make test`. Both install what they need first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install run test lint format bench clean
+
+# Re-install when pyproject.toml changes. torch is pinned exactly (==2.13.0) in pyproject so pip takes the
+# local CPU wheel instead of downloading CUDA builds.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -qq --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Train models if none exist (built-in synthetic data), then serve the API on embedded backends.
+run: install
+	$(BIN)/decision-platform run
+
+## Lint, then the whole suite: unit tests (embedded backends) and integration tests (real PostgreSQL, Redis).
+test: install
+	$(BIN)/ruff check src tests bench
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+format: install
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
+
+bench: install
+	$(BIN)/python bench/bench_api.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .ruff_cache
