@@ -1,0 +1,314 @@
+"""Labelled data sources: the synthetic generator, LabelledEvents, and CSV import with a mapping."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from decision_platform.data import LabelledEvents, generate
+from decision_platform.data.csv_import import (
+    ULB_MAPPING,
+    ColumnMapping,
+    DatasetError,
+    find_ulb_csv,
+    load_csv,
+)
+from decision_platform.data.synthetic import BASE_EPOCH, SCENARIOS
+from decision_platform.events.schema import Event
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
+
+
+@pytest.fixture(scope="module")
+def data() -> LabelledEvents:
+    return generate(n_entities=600, days=5.0, seed=3)
+
+
+def window_counts(data: LabelledEvents, seconds: float) -> np.ndarray:
+    """Per event: how many events its entity had in the last `seconds` (inclusive of itself)."""
+    ts = data.timestamps()
+    out = np.zeros(len(ts))
+    for idx in data.by_entity().values():
+        t = ts[idx]
+        out[idx] = np.arange(len(t)) - np.searchsorted(t, t - seconds, side="right") + 1
+    return out
+
+
+def distinct_devices(data: LabelledEvents, seconds: float) -> np.ndarray:
+    ts = data.timestamps()
+    out = np.zeros(len(ts))
+    for idx in data.by_entity().values():
+        t = ts[idx]
+        lo = np.searchsorted(t, t - seconds, side="right")
+        devices = [data.events[i].attributes["device_id"] for i in idx]
+        out[idx] = [len(set(devices[a : b + 1])) for b, a in enumerate(lo)]
+    return out
+
+
+# ----------------------------------------------------------------------------------------- synthetic
+
+
+def test_same_seed_same_data_and_other_seed_differs() -> None:
+    a, b = generate(n_entities=120, days=2.0, seed=11), generate(n_entities=120, days=2.0, seed=11)
+    assert [e.model_dump() for e in a.events] == [e.model_dump() for e in b.events]
+    assert np.array_equal(a.labels, b.labels) and np.array_equal(a.scenarios, b.scenarios)
+    c = generate(n_entities=120, days=2.0, seed=12)
+    assert [e.model_dump() for e in c.events] != [e.model_dump() for e in a.events]
+
+
+def test_every_scenario_present_with_a_realistic_fraud_rate(data: LabelledEvents) -> None:
+    summary = data.summary()
+    assert set(summary["scenarios"]) == set(SCENARIOS)
+    assert 0.01 <= summary["fraud_rate"] <= 0.05
+    assert summary["entities"] <= 600 and summary["fraud_entities"] > 10
+    # Label is 1 exactly on the fraud scenarios' events.
+    assert np.array_equal(data.labels == 1, data.scenarios != "normal")
+    assert data.labels.dtype == np.int8
+
+
+def test_fraud_share_steers_the_fraud_rate() -> None:
+    assert generate(n_entities=300, days=2.0, seed=1, fraud_share=0.0).labels.sum() == 0
+    low = generate(n_entities=600, days=3.0, seed=1, fraud_share=0.01).summary()["fraud_rate"]
+    high = generate(n_entities=600, days=3.0, seed=1, fraud_share=0.04).summary()["fraud_rate"]
+    assert low < high
+
+
+def test_events_are_valid_sorted_unique_and_in_the_period(data: LabelledEvents) -> None:
+    ts = data.timestamps()
+    assert np.all(np.diff(ts) >= 0)
+    assert ts[0] >= BASE_EPOCH and ts[-1] < BASE_EPOCH + 5 * 86_400
+    assert len({e.event_id for e in data.events}) == len(data)
+    rng = np.random.default_rng(0)
+    for i in rng.choice(len(data), 300, replace=False):
+        event = data.events[i]
+        assert Event.model_validate(event.model_dump()) == event  # bulk construction kept the schema
+        assert event.event_type == "payment" and event.amount is not None and event.amount > 0
+        assert set(event.attributes) == {"device_id", "country", "merchant_category", "is_new_device"}
+
+
+def test_is_new_device_is_causal(data: LabelledEvents) -> None:
+    """New means: not used by this entity earlier in the data (usual devices count as known)."""
+    seen: set[tuple[str, object]] = set()
+    for event in data.events:
+        key = (event.entity_id, event.attributes["device_id"])
+        if event.attributes["is_new_device"]:
+            assert key not in seen
+        seen.add(key)
+
+
+def test_fraud_differs_from_normal_in_window_features(data: LabelledEvents) -> None:
+    normal = data.scenarios == "normal"
+    count_5m = window_counts(data, 300)
+    amounts = np.array([e.amount for e in data.events])
+    devices_24h = distinct_devices(data, 86_400)
+    new_device = np.array([e.attributes["is_new_device"] for e in data.events])
+    hours = (data.timestamps() % 86_400) // 3600
+    card_testing, takeover, ring = (data.scenarios == s for s in SCENARIOS[1:])
+
+    assert np.median(count_5m[card_testing]) >= 3 * np.median(count_5m[normal])
+    assert np.median(amounts[takeover]) >= 4 * np.median(amounts[normal])
+    assert np.mean(devices_24h[ring]) > np.mean(devices_24h[normal]) + 0.5
+    assert new_device[~normal].mean() > 5 * new_device[normal].mean()
+    night = hours < 6
+    assert night[~normal].mean() > 2 * night[normal].mean()  # normal users sleep, fraud does not
+
+
+def test_normal_behaviour_overlaps_fraud(data: LabelledEvents) -> None:
+    """Not trivially separable: some normal users burst, spend big, change device or travel."""
+    normal = data.scenarios == "normal"
+    amounts = np.array([e.amount for e in data.events])
+    assert (window_counts(data, 300)[normal] >= 5).sum() > 20
+    assert (amounts[normal] > np.median(amounts[data.scenarios == "account_takeover"])).sum() > 20
+    assert any(e.attributes["is_new_device"] for e, n in zip(data.events, normal, strict=True) if n)
+
+
+# ----------------------------------------------------------------------------------- LabelledEvents
+
+
+def test_time_split_holds_out_the_later_period(data: LabelledEvents) -> None:
+    first, later = data.time_split(0.7)
+    assert len(first) + len(later) == len(data)
+    assert first.timestamps().max() < later.timestamps().min()
+    assert abs(len(first) / len(data) - 0.7) < 0.01
+    assert int(first.labels.sum() + later.labels.sum()) == int(data.labels.sum())
+    with pytest.raises(ValueError, match="fraction"):
+        data.time_split(1.0)
+
+
+def test_time_split_sends_ties_at_the_cut_to_the_later_part() -> None:
+    events = [
+        Event(event_id=f"e{i}", entity_id="a", timestamp=BASE_EPOCH + t)
+        for i, t in enumerate([0, 1, 1, 1, 2])
+    ]
+    data = LabelledEvents(events, np.zeros(5, dtype=np.int8), np.full(5, "csv"))
+    first, later = data.time_split(0.5)
+    assert [e.event_id for e in first.events] == ["e0"]
+    assert len(later) == 4
+
+
+def test_labelled_events_rejects_unsorted_or_mismatched_input() -> None:
+    events = [Event(event_id=f"e{i}", entity_id="a", timestamp=BASE_EPOCH - i) for i in range(3)]
+    with pytest.raises(ValueError, match="sorted"):
+        LabelledEvents(events, np.zeros(3, dtype=np.int8), np.full(3, "csv"))
+    with pytest.raises(ValueError, match="shape"):
+        LabelledEvents(events, np.zeros(2, dtype=np.int8), np.full(3, "csv"))
+    fixed = LabelledEvents.from_unsorted(events, np.array([1, 0, 0]), np.full(3, "csv"))
+    assert [e.event_id for e in fixed.events] == ["e2", "e1", "e0"]
+    assert fixed.labels.tolist() == [0, 0, 1]
+
+
+def test_summary_and_entities(data: LabelledEvents) -> None:
+    summary = data.summary()
+    assert summary["events"] == len(data) == sum(summary["scenarios"].values())
+    assert summary["fraud_events"] == int(data.labels.sum())
+    assert summary["start"].startswith("2026-01-05T")
+    assert summary["entities"] == len(data.entity_ids()) == len(data.by_entity())
+
+
+# ---------------------------------------------------------------------------------------- CSV import
+
+MAPPING = """
+name: shop
+entity: {column: user}
+time: {column: ts, unit: rfc3339}
+amount: amt
+event_type_column: kind
+id_column: txn
+label: {column: fraud, bad_values: ["yes"], good_values: ["no"]}
+attributes:
+  device: str
+  items: int
+  vip: bool
+  score: {type: float, name: risk_score}
+"""
+
+ROWS = [
+    "txn,user,ts,kind,amt,fraud,device,items,vip,score",
+    "t1,alice,2024-03-01T10:00:05Z,payment,12.5,no,d1,1,true,0.25",
+    "t2,bob,2024-03-01T10:00:01Z,payment,900,yes,d9,3,no,",
+    "t3,alice,2024-03-01T11:00:00+01:00,refund,,no,d1,2,0,1e-3",
+]
+
+
+def write(tmp_path: Path, rows: list[str], mapping: str = MAPPING) -> tuple[Path, Path]:
+    csv_path, mapping_path = tmp_path / "data.csv", tmp_path / "mapping.yaml"
+    csv_path.write_text("\n".join(rows) + "\n")
+    mapping_path.write_text(mapping)
+    return csv_path, mapping_path
+
+
+def test_csv_import_maps_every_field(tmp_path: Path) -> None:
+    data = load_csv(*write(tmp_path, ROWS))
+    assert [e.event_id for e in data.events] == ["t3", "t2", "t1"]  # sorted by time (t3 is 10:00Z)
+    t3, t2, t1 = data.events
+    assert data.labels.tolist() == [0, 1, 0] and set(data.scenarios) == {"csv"}
+    assert t1.entity_id == "alice" and t1.event_type == "payment" and t1.amount == 12.5
+    assert t1.attributes == {"device": "d1", "items": 1, "vip": True, "risk_score": 0.25}
+    assert "risk_score" not in t2.attributes  # an empty cell leaves the attribute out
+    assert t3.amount is None and t3.event_type == "refund" and t3.attributes["vip"] is False
+    assert t2.timestamp == 1709287201.0
+    for event in data.events:
+        assert Event.model_validate(event.model_dump()) == event
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ("t4,carol,2024-03-01T10:00:00Z,payment,abc,no,d1,1,true,0.5", r"data\.csv:5: column 'amt'"),
+        ("t4,carol,2024-03-01T10:00:00Z,payment,-1,no,d1,1,true,0.5", r":5: column 'amt'"),
+        ("t4,carol,2024-03-01 10:00,payment,1,no,d1,1,true,0.5", r":5: column 'ts'.*time zone"),
+        ("t4,carol,1999-03-01T10:00:00Z,payment,1,no,d1,1,true,0.5", r":5: column 'ts'.*2000-2100"),
+        ("t4,carol,2024-03-01T10:00:00Z,payment,1,maybe,d1,1,true,0.5", r":5: column 'fraud'.*'maybe'"),
+        ("t4,carol,2024-03-01T10:00:00Z,payment,1,no,d1,x,true,0.5", r":5: column 'items'"),
+        ("t4,carol,2024-03-01T10:00:00Z,payment,1,no,d1,1,sure,0.5", r":5: column 'vip'"),
+        ("t4,carol,2024-03-01T10:00:00Z,payment,1,no,d1,1,true,nan", r":5: column 'score'.*finite"),
+        ("t4,car ol,2024-03-01T10:00:00Z,payment,1,no,d1,1,true,0.5", r":5: column 'user'.*entity"),
+        ("t1,carol,2024-03-01T10:00:00Z,payment,1,no,d1,1,true,0.5", r":5: column 'txn'.*duplicate"),
+        ("t4,carol,2024-03-01T10:00:00Z,payment,1,no", r":5: expected 10 fields, got 6"),
+    ],
+)
+def test_csv_errors_name_line_and_column(tmp_path: Path, row: str, message: str) -> None:
+    with pytest.raises(DatasetError, match=message):
+        load_csv(*write(tmp_path, [*ROWS, row]))
+
+
+def test_mapping_errors_name_the_column_or_field(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=r"column 'amount_eur' \(amount\) is not in the header"):
+        load_csv(*write(tmp_path, ROWS, MAPPING.replace("amount: amt", "amount: amount_eur")))
+    broken = MAPPING.replace("unit: rfc3339", "unit: seconds_since_start")
+    with pytest.raises(DatasetError, match=r"mapping\.yaml: invalid column mapping: time: .*base_epoch"):
+        load_csv(*write(tmp_path, ROWS, broken))
+    too_many = MAPPING + "".join(f"  c{i}: float\n" for i in range(33))
+    with pytest.raises(DatasetError, match=r"attributes: .*at most 32"):
+        load_csv(*write(tmp_path, ROWS, too_many))
+
+
+def test_entity_strategies_and_generated_ids(tmp_path: Path) -> None:
+    rows = ["Time,Amount,Class", "0,9.99,0", "5,10.01,1", "7,9.99,0", "9,250,0"]
+    base = """
+time: {column: Time, unit: seconds_since_start, base_epoch: "2020-01-01T00:00:00Z"}
+amount: Amount
+label: {column: Class}
+id_prefix: "x-"
+"""
+    by_row = load_csv(*write(tmp_path, rows, base + "entity: {strategy: row, prefix: r}\n"))
+    assert [e.entity_id for e in by_row.events] == ["r1", "r2", "r3", "r4"]
+    assert [e.event_id for e in by_row.events] == ["x-1", "x-2", "x-3", "x-4"]
+    assert by_row.events[1].timestamp == 1577836805.0 and by_row.labels.tolist() == [0, 1, 0, 0]
+
+    exact = load_csv(*write(tmp_path, rows, base + "entity: {hash_of: [Amount], round_digits: 2}\n"))
+    ids = [e.entity_id for e in exact.events]
+    assert ids[0] == ids[2] and len(set(ids)) == 3  # the two 9.99 payments share a pseudo-entity
+    rounded = load_csv(*write(tmp_path, rows, base + "entity: {hash_of: [Amount], round_digits: 0}\n"))
+    assert len({e.entity_id for e in rounded.events}) == 2  # 9.99 and 10.01 both round to 10
+    folded = load_csv(*write(tmp_path, rows, base + "entity: {hash_of: [Amount], buckets: 1}\n"))
+    assert {e.entity_id for e in folded.events} == {"0"}
+    assert len(load_csv(*write(tmp_path, rows, base + "entity: {strategy: row}\n"), limit=2)) == 2
+
+
+def test_progress_bar_runs(tmp_path: Path) -> None:
+    assert len(load_csv(*write(tmp_path, ROWS), progress=True)) == 3
+
+
+# ---------------------------------------------------------------------------------------------- ULB
+
+ULB_COLUMNS = ["Time", *(f"V{i}" for i in range(1, 29)), "Amount", "Class"]
+ULB_HEADER = ",".join(f'"{c}"' for c in ULB_COLUMNS)  # quoted, as in the real file
+
+
+def test_ulb_mapping_reads_the_ulb_layout(tmp_path: Path) -> None:
+    """The shipped mapping, on a few rows in the real file's exact format (quoted Class)."""
+    mapping = ColumnMapping.from_yaml(CONFIG_DIR / ULB_MAPPING)
+    assert mapping.entity.strategy == "hash_of" and len(mapping.attributes) == 28
+    values = ",".join(f"{0.1 * i:.6f}" for i in range(28))
+    csv_path = tmp_path / "creditcard.csv"
+    rows = [ULB_HEADER, f'0,{values},149.62,"0"', f'1,{values},2.69,"1"', f'1,{values},149.62,"0"']
+    csv_path.write_text("\n".join(rows) + "\n")
+    data = load_csv(csv_path, mapping)
+    assert data.labels.tolist() == [0, 1, 0]
+    assert data.events[0].entity_id == data.events[2].entity_id != data.events[1].entity_id
+    assert data.events[1].timestamp == 1377993601.0  # 2013-09-01T00:00:01Z
+    assert data.events[0].event_id == "ulb-1" and data.events[0].attributes["V2"] == 0.1
+    assert Event.model_validate(data.events[1].model_dump()) == data.events[1]
+
+
+def test_find_ulb_csv_uses_the_cache(tmp_path: Path) -> None:
+    cached = tmp_path / "creditcard.csv"
+    cached.write_text(ULB_HEADER + "\n")
+    assert find_ulb_csv(tmp_path) == cached  # no download when present
+
+
+@pytest.mark.skipif(
+    not os.environ.get("DP_ULB_CSV") or not Path(os.environ["DP_ULB_CSV"]).is_file(),
+    reason="set DP_ULB_CSV to a cached ULB creditcard.csv (see find_ulb_csv) to run",
+)
+def test_ulb_real_file_loads() -> None:
+    data = load_csv(os.environ["DP_ULB_CSV"], CONFIG_DIR / ULB_MAPPING, limit=30_000)
+    summary = data.summary()
+    assert summary["events"] == 30_000 and summary["fraud_events"] > 10
+    assert summary["start"] == "2013-09-01T00:00:00Z"
+    for i in (0, 12_345, 29_999):
+        assert Event.model_validate(data.events[i].model_dump()) == data.events[i]
