@@ -91,9 +91,9 @@ def train(
     source: Source = typer.Option(Source.synthetic, help="synthetic, csv (with --path/--mapping) or ulb"),
     path: Path | None = typer.Option(None, help="CSV file (for --source csv; optional for ulb)"),
     mapping: Path | None = typer.Option(None, help="column mapping YAML (see config/datasets/)"),
-    entities: int = typer.Option(5000, help="synthetic: number of entities"),
+    entities: int = typer.Option(3000, help="synthetic: number of entities"),
     days: float = typer.Option(14.0, help="synthetic: days of history"),
-    timesteps: int = typer.Option(60_000, help="PPO training steps"),
+    timesteps: int = typer.Option(50_000, help="PPO training steps"),
     seed: int = typer.Option(0),
     promote: bool = typer.Option(True, help="make the new models the champions"),
 ) -> None:
@@ -143,7 +143,7 @@ def run() -> None:
     settings = get_settings()
     if not _registry(settings).has_champions():
         console.print("[bold]No models yet: training on the built-in synthetic data set.[/bold]")
-        _train(settings, Source.synthetic, None, None, 5000, 14.0, 60_000, 0, True)
+        _train(settings, Source.synthetic, None, None, 3000, 14.0, 50_000, 0, True)
     serve(None, None)
 
 

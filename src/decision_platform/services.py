@@ -49,7 +49,7 @@ class Platform:
         rewards = RewardTable.load(settings.rewards_path)
         spool = DecisionSpool(settings.spool_dir)
         writer = DecisionWriter(repository, spool, settings.db_batch_size)
-        engine = DecisionEngine(settings, store, models, rules, writer)
+        engine = DecisionEngine(settings, spec, store, models, rules, writer)
         if models.errors:
             log.warning("serving with fallbacks for: %s", models.errors)
         return cls(settings, repository, registry, store, models, rules, rewards, writer, engine)

@@ -22,7 +22,7 @@ from decision_platform.config import Settings
 from decision_platform.decision.rules import RuleSet, RuleVerdict
 from decision_platform.events.schema import Event
 from decision_platform.explain.reasons import ACTION_NAMES, template_sentence, top_reasons
-from decision_platform.features import FeatureStore
+from decision_platform.features import FeatureSpec, FeatureStore
 from decision_platform.models.bundle import LoadedModels
 from decision_platform.models.policy import serving_distribution
 from decision_platform.observability import metrics
@@ -64,6 +64,7 @@ class DecisionEngine:
     def __init__(
         self,
         settings: Settings,
+        spec: FeatureSpec,
         store: FeatureStore,
         models: LoadedModels,
         rules: RuleSet,
@@ -71,6 +72,7 @@ class DecisionEngine:
         ids: DecisionIdGenerator | None = None,
     ) -> None:
         self.settings = settings
+        self.spec = spec
         self.store = store
         self.models = models
         self.rules = rules
@@ -122,10 +124,8 @@ class DecisionEngine:
         anomaly = risk = None
         probabilities: np.ndarray | None = None
         reasons: list[dict[str, Any]] = []
-        spec = self.models.spec
+        spec = self.spec
         try:
-            if spec is None:
-                raise StageError("model_unavailable:features")
             features = self._features(entity_id, event)
             watch.lap("features")
             anomaly_model = self._require("anomaly")
@@ -147,7 +147,7 @@ class DecisionEngine:
         if fallback:
             metrics.FALLBACKS.labels(reason=fallback).inc()
 
-        feature_map = dict(zip(spec.names, features.tolist(), strict=True)) if (spec and features is not None) else {}
+        feature_map = dict(zip(spec.names, features.tolist(), strict=True)) if features is not None else {}
         amount = float(event.amount or 0.0) if event else float(feature_map.get("amount", 0.0))
         facts: dict[str, Any] = {
             **feature_map,

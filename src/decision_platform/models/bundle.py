@@ -19,7 +19,8 @@ _LOADERS = {"anomaly": AnomalyModel.load, "risk": RiskModel.load, "policy": Poli
 
 @dataclass
 class LoadedModels:
-    """The serving set. A missing member means decisions fall back (reason in ``errors``)."""
+    """The serving set. A missing member means decisions fall back (reason in ``errors``); ``spec`` is the
+    feature definitions the loaded models share (None when no model could be loaded)."""
 
     spec: FeatureSpec | None = None
     anomaly: AnomalyModel | None = None
@@ -34,8 +35,8 @@ class LoadedModels:
 
 
 def load_champions(registry: ModelRegistry) -> LoadedModels:
-    """Load and verify the champions; the feature spec comes from the risk model's artifact, so serving
-    computes exactly the features the models were trained on."""
+    """Load and verify the champions. Each artifact carries the feature definitions it was trained on;
+    serving computes exactly those, and refuses a model trained on different ones."""
     loaded = LoadedModels()
     for kind in KINDS:
         record = registry.champion(kind)
@@ -44,20 +45,17 @@ def load_champions(registry: ModelRegistry) -> LoadedModels:
             continue
         try:
             path = registry.verified_path(record)
-            setattr(loaded, kind, _LOADERS[kind](path))
-            if kind == "risk":
-                loaded.spec = FeatureSpec.load(path / SPEC_FILE)
-            loaded.versions[kind] = record["version"]
-            metrics.MODEL_INFO.labels(kind=kind, version=record["version"]).set(1)
+            model = _LOADERS[kind](path)
+            spec = FeatureSpec.load(path / SPEC_FILE)
         except Exception as exc:  # corrupt, missing or incompatible artifact: serve in fallback
             log.error("cannot load %s model %s: %s", kind, record["version"], exc)
             loaded.errors[kind] = f"{exc.__class__.__name__}: {exc}"
-    if loaded.spec is not None:
-        expected = loaded.spec.names
-        if loaded.anomaly is not None and loaded.anomaly.feature_names != expected:
-            loaded.errors["anomaly"] = "trained on different features than the risk model"
-            loaded.anomaly = None
-        if loaded.policy is not None and loaded.policy.state_names[: len(expected)] != expected:
-            loaded.errors["policy"] = "trained on different features than the risk model"
-            loaded.policy = None
+            continue
+        if loaded.spec is not None and spec.names != loaded.spec.names:
+            loaded.errors[kind] = "trained on different features than the other champions"
+            continue
+        loaded.spec = loaded.spec or spec
+        setattr(loaded, kind, model)
+        loaded.versions[kind] = record["version"]
+        metrics.MODEL_INFO.labels(kind=kind, version=record["version"]).set(1)
     return loaded

@@ -28,7 +28,7 @@ from decision_platform.data import LabelledEvents
 from decision_platform.features import FeatureSpec, compute_features
 from decision_platform.learning.rewards import RewardTable
 from decision_platform.models.anomaly import AnomalyModel
-from decision_platform.models.policy import PPO_ZIP, PolicyModel
+from decision_platform.models.policy import PPO_ZIP, PolicyModel, imitate
 from decision_platform.models.registry import ModelRegistry
 from decision_platform.models.risk import RiskModel
 from decision_platform.models.simulator import (
@@ -181,13 +181,17 @@ def train_all(
         states = policy_stub.state(x, anomaly, risk)
         train_histories = group_histories(entity_ids[train], states[train], y[train], amounts[train])
         test_histories = group_histories(entity_ids[test], states[test], y[test], amounts[test])
+        risk_index = len(state_names) - 1
+        t_throttle, t_block = best_threshold_policy(train_histories, rewards, risk_index, config.seed)
+        baseline = threshold_probabilities(risk_index, t_throttle, t_block)
         env = DummyVecEnv([lambda: FraudSimulatorEnv(train_histories, rewards) for _ in range(4)])
         env.seed(config.seed)
         ppo = PPO(
             "MlpPolicy", env, n_steps=512, batch_size=256, n_epochs=5, gamma=0.95, gae_lambda=0.9,
-            learning_rate=3e-4, ent_coef=0.01, policy_kwargs={"net_arch": [64, 64]}, seed=config.seed,
+            learning_rate=1e-4, ent_coef=0.001, policy_kwargs={"net_arch": [64, 64]}, seed=config.seed,
             device="cpu", verbose=0,
         )
+        imitate(ppo, states[train], baseline(states[train]).argmax(axis=1), seed=config.seed)
         task = progress.add_task("policy: PPO in the simulator", total=config.ppo_timesteps)
         ppo.learn(config.ppo_timesteps, callback=_PPOProgress(lambda n: progress.advance(task, n)))
         policy_model = PolicyModel.from_sb3(ppo, state_names, scaler.mean[:-1], scaler.std[:-1])
@@ -195,13 +199,11 @@ def train_all(
 
         # --- held-out comparison
         task = progress.add_task("evaluating policies on held-out time", total=3)
-        risk_index = len(state_names) - 1
-        t_throttle, t_block = best_threshold_policy(train_histories, rewards, risk_index, config.seed)
         progress.advance(task)
         reports = [
             evaluate_policy("allow-all", lambda s: np.tile([1.0, 0.0, 0.0], (len(s), 1)), test_histories, rewards,
                             seed=config.seed),
-            evaluate_policy(f"best risk thresholds (throttle>={t_throttle:g}, block>={t_block:g})",
+            evaluate_policy(f"risk thresholds {t_throttle:g}/{t_block:g}",
                             threshold_probabilities(risk_index, t_throttle, t_block), test_histories, rewards,
                             seed=config.seed),
         ]

@@ -1,0 +1,137 @@
+"""The core decision path on the real backends: PostgreSQL (own schema) and Redis (own db).
+
+Same code as the embedded runs; only the URLs differ (DESIGN.md §5).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+
+from decision_platform.api.app import create_app
+from decision_platform.config import Settings
+from decision_platform.services import Platform
+from decision_platform.storage.database import make_engine, migrate
+from decision_platform.storage.repository import Repository
+from decision_platform.storage.writer import SPOOLED, STORED, DecisionSpool, DecisionWriter
+from tests.conftest import PG_URL, REDIS_URL, service_unavailable
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    try:
+        psycopg.connect(PG_URL, connect_timeout=3).close()
+    except psycopg.OperationalError:
+        service_unavailable(f"PostgreSQL at {PG_URL}")
+    schema = f"dp_test_{uuid.uuid4().hex[:10]}"
+    yield schema
+    with psycopg.connect(PG_URL, autocommit=True) as connection:
+        connection.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture
+def redis_db() -> Iterator[str]:
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        service_unavailable(f"Redis at {REDIS_URL}")
+    client.flushdb()
+    yield REDIS_URL
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def real_client(
+    make_settings: Callable[..., Settings],
+    start_platform: Callable[[Settings], Platform],
+    pg_schema: str,
+    redis_db: str,
+) -> Iterator[tuple[TestClient, Settings]]:
+    settings = make_settings(database_url=PG_URL, database_schema=pg_schema, feature_store_url=redis_db)
+    with TestClient(create_app(settings, start_platform(settings))) as client:
+        yield client, settings
+
+
+def query(schema: str, sql: str) -> list[tuple]:
+    with psycopg.connect(PG_URL, options=f"-csearch_path={schema}") as connection:
+        return connection.execute(sql).fetchall()
+
+
+def test_decide_then_outcome_lands_in_postgresql_with_its_reward(real_client: tuple[TestClient, Settings]) -> None:
+    client, settings = real_client
+    assert client.get("/ready").json()["status"] == "ready"
+    decisions = [
+        client.post(
+            "/decide",
+            json={"entity_id": "pg-1", "event": {"event_id": f"pg-ev-{i}", "amount": 10.0 * (i + 1),
+                                                 "attributes": {"device_id": "d-1"}}},
+        ).json()
+        for i in range(3)
+    ]
+    last = decisions[-1]
+    assert last["fallback"] is None
+    outcome = client.post("/outcome", json={"decision_id": last["decision_id"], "outcome": "chargeback"})
+    assert outcome.status_code == 201
+
+    rows = query(settings.database_schema, "SELECT id, action, propensity, features, model_versions FROM decisions"
+                 " ORDER BY id")
+    assert [r[0] for r in rows] == [d["decision_id"] for d in decisions]
+    assert rows[-1][3]["count_1h"] == 3 and rows[-1][3]["sum_1h"] == pytest.approx(60.0)  # JSONB snapshot
+    assert rows[-1][4] == last["model_versions"]
+    (stored_outcome,) = query(settings.database_schema, "SELECT decision_id, outcome, reward FROM outcomes")
+    expected_reward = -15.0 - 30.0 if last["action"] in (0, 1) else 0.0  # rewards.yaml chargeback row
+    assert stored_outcome == (last["decision_id"], "chargeback", pytest.approx(expected_reward))
+
+
+def test_windows_live_in_redis_and_replays_count_once(real_client: tuple[TestClient, Settings]) -> None:
+    client, _settings = real_client
+    body = {"entity_id": "rd-1", "event": {"event_id": "rd-ev-1", "amount": 7.0}}
+    client.post("/decide", json=body)
+    replay = client.post("/decide", json=body).json()
+    stored = client.get(f"/decisions/{replay['decision_id']}").json()
+    assert stored["features"]["count_24h"] == 1
+    keys = redis.Redis.from_url(REDIS_URL).keys("*rd-1*")
+    assert keys, "the entity's windows should be in Redis"
+
+
+def test_conflicting_outcome_on_postgresql(real_client: tuple[TestClient, Settings]) -> None:
+    client, _settings = real_client
+    decision = client.post("/decide", json={"entity_id": "pg-2"}).json()
+    assert client.post("/outcome", json={"decision_id": decision["decision_id"], "outcome": "success"}).status_code == 201
+    assert client.post("/outcome", json={"decision_id": decision["decision_id"], "outcome": "success"}).status_code == 200
+    assert client.post("/outcome", json={"decision_id": decision["decision_id"], "outcome": "fraud"}).status_code == 409
+
+
+def test_postgresql_outage_spools_then_replays_into_postgresql(pg_schema: str, tmp_path: Path) -> None:
+    live = make_engine(PG_URL, pg_schema)
+    migrate(live, pg_schema)
+    spool = DecisionSpool(tmp_path / "spool")
+    down = DecisionWriter(Repository(make_engine("postgresql://postgres@127.0.0.1:1/test")), spool)
+    row = {
+        "id": 42, "entity_id": "e", "event_id": "x", "created_at": datetime.now(UTC), "features": {"amount": 2.0},
+        "amount": 2.0, "anomaly": 0.4, "risk": 0.2, "probabilities": [0.7, 0.2, 0.1], "proposed_action": 0,
+        "action_mask": [True, True, True], "action": 0, "propensity": 0.7, "decided_by": "policy",
+        "rules_fired": [], "fallback": None, "model_versions": {}, "reasons": [], "explanation": "Allowed.",
+        "explanation_source": "template", "latency_ms": 1.0,
+    }
+    assert down.write(row) == SPOOLED
+    down.close()
+    up = DecisionWriter(Repository(live), spool)
+    assert up.write({**row, "id": 43}) == STORED
+    up.close()
+    with live.connect() as connection:
+        ids = [r[0] for r in connection.execute(sa.text("SELECT id FROM decisions ORDER BY id"))]
+    assert ids == [42, 43]
+    live.dispose()

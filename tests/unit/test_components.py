@@ -1,0 +1,95 @@
+"""Component behaviour: anomaly serving path, ids, durable spool, rewards."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from sklearn.ensemble import IsolationForest
+
+from decision_platform.config import PROJECT_ROOT
+from decision_platform.learning.rewards import RewardTable
+from decision_platform.models.anomaly import AnomalyModel
+from decision_platform.storage.database import make_engine, migrate
+from decision_platform.storage.ids import DecisionIdGenerator, id_timestamp
+from decision_platform.storage.repository import Repository
+from decision_platform.storage.writer import SPOOLED, STORED, DecisionSpool, DecisionWriter
+
+
+def test_vectorised_isolation_forest_matches_scikit_learn(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.lognormal(size=(3000, 12))
+    x[:30] *= 20
+    forest = IsolationForest(n_estimators=60, random_state=3).fit(x.astype(np.float32))
+    model = AnomalyModel.from_sklearn(forest, [f"f{i}" for i in range(12)])
+    model.save(tmp_path)
+    loaded = AnomalyModel.load(tmp_path)
+    np.testing.assert_allclose(loaded.score(x), -forest.score_samples(x), rtol=1e-12)
+    assert loaded.score(x[:30]).mean() > loaded.score(x[30:]).mean()  # outliers score higher
+
+
+def test_decision_ids_unique_across_threads() -> None:
+    generator = DecisionIdGenerator(node_id=5)
+    out: list[list[int]] = []
+
+    def work() -> None:
+        out.append([generator.next_id() for _ in range(5000)])
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ids = [i for chunk in out for i in chunk]
+    assert len(set(ids)) == len(ids) == 20000
+    assert all(chunk == sorted(chunk) for chunk in out)
+    assert abs(id_timestamp(ids[0]) - datetime.now(UTC).timestamp()) < 5
+
+
+def row(decision_id: int) -> dict:
+    return {
+        "id": decision_id, "entity_id": "e", "event_id": None, "created_at": datetime.now(UTC),
+        "features": {"amount": 1.0}, "amount": 1.0, "anomaly": 0.5, "risk": 0.1, "probabilities": [0.8, 0.1, 0.1],
+        "proposed_action": 0, "action_mask": [True, True, True], "action": 0, "propensity": 0.8,
+        "decided_by": "policy", "rules_fired": [], "fallback": None, "model_versions": {}, "reasons": [],
+        "explanation": "Allowed.", "explanation_source": "template", "latency_ms": 1.0,
+    }
+
+
+def test_database_outage_spools_durably_and_replays_without_duplicates(tmp_path: Path) -> None:
+    db_path = tmp_path / "db.sqlite"
+    engine = make_engine(f"sqlite:///{db_path}")
+    migrate(engine)
+    repository = Repository(engine)
+    writer = DecisionWriter(repository, DecisionSpool(tmp_path / "spool"), batch_size=16)
+    assert writer.write(row(1)) == STORED
+
+    # The database goes away: writes land in the spool, and are still acknowledged.
+    with engine.begin() as connection:
+        connection.execute(sa.text("ALTER TABLE decisions RENAME TO decisions_away"))
+    assert writer.write(row(2)) == SPOOLED
+    assert writer.write(row(3)) == SPOOLED
+    assert (tmp_path / "spool" / "decisions.jsonl").exists()
+
+    # It comes back: the next batch first replays the spool, once.
+    with engine.begin() as connection:
+        connection.execute(sa.text("ALTER TABLE decisions_away RENAME TO decisions"))
+    assert writer.write(row(4)) == STORED
+    writer.close()
+    with engine.connect() as connection:
+        ids = [r[0] for r in connection.execute(sa.text("SELECT id FROM decisions ORDER BY id"))]
+    assert ids == [1, 2, 3, 4]
+    assert not (tmp_path / "spool" / "decisions.jsonl").exists()
+
+
+def test_rewards_follow_the_table() -> None:
+    table = RewardTable.load(PROJECT_ROOT / "config" / "rewards.yaml")
+    assert table.reward("chargeback", 0, 100.0) == pytest.approx(-115.0)
+    assert table.reward("success", 0, 100.0) > table.reward("success", 1, 100.0)
+    assert table.reward("fraud", 2, 100.0) > table.reward("fraud", 0, 100.0)
+    with pytest.raises(ValueError, match="no reward for"):
+        RewardTable.model_validate({"outcomes": {"x": {"allow": {}}}})

@@ -1,0 +1,106 @@
+"""Fail safe: when a dependency fails, decisions still come back, from rules + the safe action."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from decision_platform.api.app import create_app
+from decision_platform.config import Settings
+from decision_platform.models.registry import KINDS
+from decision_platform.services import Platform
+
+UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"
+
+
+def metric(client: TestClient, prefix: str) -> float:
+    return sum(float(line.split()[-1]) for line in client.get("/metrics").text.splitlines() if line.startswith(prefix))
+
+
+def test_unreachable_feature_store_falls_back_to_the_safe_action(
+    make_settings: Callable[..., Settings], start_platform: Callable[[Settings], Platform]
+) -> None:
+    settings = make_settings(feature_store_url=UNREACHABLE_REDIS)
+    with TestClient(create_app(settings, start_platform(settings))) as client:
+        before = metric(client, 'dp_fallbacks_total{reason="feature_store_unavailable"}')
+        response = client.post("/decide", json={"entity_id": "u1", "event": {"event_id": "f1", "amount": 5}})
+        assert response.status_code == 200
+        body = response.json()
+        assert body["fallback"] == "feature_store_unavailable"
+        assert body["action"] == settings.safe_action == 1
+        assert body["policy"]["decided_by"] == "fallback"
+        assert "safe default" in body["explanation"]
+        assert metric(client, 'dp_fallbacks_total{reason="feature_store_unavailable"}') == before + 1
+        assert client.get("/ready").json()["checks"]["feature_store"] == "unreachable"
+        # The fallback decision is stored like any other.
+        stored = client.get(f"/decisions/{body['decision_id']}").json()
+        assert stored["fallback"] == "feature_store_unavailable" and stored["propensity"] == 1.0
+
+
+def test_block_rules_still_apply_in_fallback(
+    make_settings: Callable[..., Settings], start_platform: Callable[[Settings], Platform]
+) -> None:
+    settings = make_settings(feature_store_url=UNREACHABLE_REDIS)
+    with TestClient(create_app(settings, start_platform(settings))) as client:
+        body = client.post(
+            "/decide",
+            json={"entity_id": "u2", "event": {"event_id": "f2", "attributes": {"device_id": "dev-known-stolen-0002"}}},
+        ).json()
+        assert body["fallback"] == "feature_store_unavailable"
+        assert body["action"] == 2
+        assert [r["name"] for r in body["rules"]] == ["denylisted_device"]
+
+
+def test_cap_rules_still_apply_in_fallback(
+    make_settings: Callable[..., Settings], start_platform: Callable[[Settings], Platform]
+) -> None:
+    settings = make_settings(feature_store_url=UNREACHABLE_REDIS, safe_action=2)
+    with TestClient(create_app(settings, start_platform(settings))) as client:
+        body = client.post("/decide", json={"entity_id": "internal-monitoring"}).json()
+        assert body["fallback"] == "feature_store_unavailable"
+        assert body["action"] == 1  # the safe action (block) moved down to what the cap allows
+
+
+def _corrupt(settings: Settings, kind: str) -> None:
+    model_dir = Path(settings.model_dir)
+    platform = Platform.start(settings)
+    record = platform.registry.champion(kind)
+    platform.close()
+    artifact = next(p for p in (model_dir / record["artifact_path"]).iterdir() if p.suffix in (".pt", ".npz"))
+    artifact.write_bytes(artifact.read_bytes()[:100])
+
+
+def test_corrupt_model_file_is_refused_and_decisions_fall_back(
+    make_settings: Callable[..., Settings],
+    start_platform: Callable[[Settings], Platform],
+    tmp_path: Path,
+    trained: tuple[str, Path],
+) -> None:
+    import shutil
+
+    private_models = tmp_path / "models"
+    shutil.copytree(trained[1], private_models)
+    settings = make_settings(model_dir=private_models)
+    _corrupt(settings, "risk")
+    platform = start_platform(settings)
+    assert platform.models.risk is None and "hash" in platform.models.errors["risk"]
+    with TestClient(create_app(settings, platform)) as client:
+        body = client.post("/decide", json={"entity_id": "c1", "event": {"event_id": "c1", "amount": 3}}).json()
+        assert body["fallback"] == "model_unavailable:risk"
+        assert body["action"] == 1 and body["risk"] is None
+        assert client.get("/ready").status_code == 503
+
+
+def test_no_models_at_all_still_decides(
+    make_settings: Callable[..., Settings], start_platform: Callable[[Settings], Platform], tmp_path: Path
+) -> None:
+    settings = make_settings(model_dir=tmp_path / "empty")
+    platform = start_platform(settings)
+    for kind in KINDS:  # registered rows point at files that are not there
+        assert getattr(platform.models, kind) is None
+    with TestClient(create_app(settings, platform)) as client:
+        body = client.post("/decide", json={"entity_id": "n1"}).json()
+        assert body["fallback"].startswith("model_unavailable")
+        assert body["action"] == 1

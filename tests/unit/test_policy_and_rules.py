@@ -1,0 +1,63 @@
+"""Rules tiers always win; the serving distribution keeps the exploration floor and the rules' mask."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from decision_platform.decision.rules import RuleSet, RulesFile, Tier, mask_for
+from decision_platform.models.policy import serving_distribution
+
+tiers = st.sets(st.sampled_from(list(Tier)))
+probabilities = st.lists(st.floats(0.0, 1.0), min_size=3, max_size=3).filter(lambda p: sum(p) > 1e-6)
+
+
+@given(tiers)
+def test_tiers_filter_the_action_set(fired: set[Tier]) -> None:
+    mask = mask_for(fired)
+    if Tier.BLOCK in fired:
+        assert mask == (False, False, True)  # non-overridable, even by an allow-list cap
+    else:
+        assert mask[1]  # throttle is always possible
+        assert mask[0] == (Tier.FLOOR not in fired)
+        assert mask[2] == (Tier.CAP not in fired)
+
+
+@settings(max_examples=300)
+@given(probabilities, tiers, st.floats(0.0, 0.3))
+def test_final_action_is_always_one_the_rules_allow(p: list[float], fired: set[Tier], floor: float) -> None:
+    mask = mask_for(fired)
+    dist = serving_distribution(np.array(p), mask, floor, explore_actions=(0, 1))
+    assert dist.sum() == pytest.approx(1.0)
+    assert np.all(dist >= -1e-12)
+    assert all(dist[a] == 0 for a in range(3) if not mask[a])
+    allowed = [a for a in range(3) if mask[a]]
+    if len(allowed) > 1:
+        for a in allowed:
+            if a in (0, 1):
+                assert dist[a] >= floor - 1e-9  # every explorable allowed action keeps its floor
+        # Exploration never raises block above what the policy itself gave it.
+        restricted = np.where(mask, p, 0.0)
+        assert dist[2] <= restricted[2] / restricted.sum() + 1e-9
+
+
+def test_rules_are_compiled_and_checked_at_load() -> None:
+    with pytest.raises(ValueError, match="unknown names"):
+        RuleSet(RulesFile.model_validate({"rules": [{"name": "r", "tier": "block", "when": "cnt > 3"}]}), ["count"])
+    with pytest.raises(ValueError, match="cannot compile"):
+        RuleSet(RulesFile.model_validate({"rules": [{"name": "r", "tier": "block", "when": "count >"}]}), ["count"])
+
+
+def test_a_rule_that_cannot_be_evaluated_does_not_fire() -> None:
+    rules = RuleSet(
+        RulesFile.model_validate(
+            {"rules": [{"name": "vip", "tier": "cap", "when": "attributes.tier == 'vip'"},
+                       {"name": "big", "tier": "floor", "when": "amount > 100.0"}]}
+        ),
+        [],
+    )
+    verdict = rules.evaluate({"attributes": {}, "amount": 500.0})
+    assert [r.name for r in verdict.fired] == ["big"]
+    assert verdict.mask == (False, True, True)
