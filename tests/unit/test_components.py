@@ -93,3 +93,20 @@ def test_rewards_follow_the_table() -> None:
     assert table.reward("fraud", 2, 100.0) > table.reward("fraud", 0, 100.0)
     with pytest.raises(ValueError, match="no reward for"):
         RewardTable.model_validate({"outcomes": {"x": {"allow": {}}}})
+
+
+def test_risk_fast_path_agrees_with_torch_and_its_gradient(trained: tuple[str, Path]) -> None:
+    import torch
+
+    from decision_platform.models.risk import RiskModel
+
+    directory = next((trained[1] / "risk").iterdir())
+    model = RiskModel.load(directory)
+    rng = np.random.default_rng(0)
+    rows = np.abs(rng.normal(size=(20, len(model.input_names)))) * rng.choice([1, 10, 100], size=(20, 1))
+    for x in rows:
+        fast = model.predict_explained(x)
+        assert fast.risk == pytest.approx(float(model.predict(x)[0]), rel=1e-5, abs=1e-9)
+        z = torch.from_numpy(model.scaler.transform(x[None, :])).requires_grad_(True)
+        (model.net(z)[0] / model.temperature).backward()
+        np.testing.assert_allclose(fast.attributions, (z.grad[0] * z.detach()[0]).numpy(), rtol=1e-3, atol=1e-5)

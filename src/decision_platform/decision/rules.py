@@ -81,7 +81,7 @@ class RuleSet:
         self.config = config
         self.lists = dict(config.lists)
         known = set(known_variables) | BASE_VARIABLES | set(self.lists)
-        self._compiled: list[tuple[RuleConfig, FiredRule, Any]] = []
+        self._compiled: list[tuple[RuleConfig, FiredRule, Any, tuple[str, ...]]] = []
         names = set()
         for rule in config.rules:
             if rule.name in names:
@@ -91,10 +91,13 @@ class RuleSet:
                 program = cel.compile(rule.when)
             except ValueError as exc:
                 raise ValueError(f"rule {rule.name!r}: cannot compile {rule.when!r}: {exc}") from None
-            unknown = set(program.variables()) - known
+            names_used = set(program.variables())
+            unknown = names_used - known
             if unknown:
                 raise ValueError(f"rule {rule.name!r} uses unknown names {sorted(unknown)}")
-            self._compiled.append((rule, FiredRule(rule.name, rule.tier, rule.description), program))
+            self._compiled.append(
+                (rule, FiredRule(rule.name, rule.tier, rule.description), program, tuple(sorted(names_used)))
+            )
 
     @classmethod
     def load(cls, path: Path, known_variables: Iterable[str]) -> RuleSet:
@@ -103,13 +106,16 @@ class RuleSet:
 
     @property
     def rules(self) -> list[RuleConfig]:
-        return [rule for rule, _, _ in self._compiled]
+        return [rule for rule, _, _, _ in self._compiled]
 
     def evaluate(self, facts: Mapping[str, Any]) -> RuleVerdict:
         """Evaluate every rule on ``facts`` (features, scores, event fields)."""
-        context = {**self.lists, **facts}
+        scope = {**self.lists, **facts}
         fired = []
-        for rule, fired_rule, program in self._compiled:
+        for rule, fired_rule, program, names in self._compiled:
+            # Hand each rule only the names it uses: converting the whole scope to CEL values for
+            # every rule costs ~10x more than evaluating it.
+            context = {n: scope[n] for n in names if n in scope}
             try:
                 hit = program.execute(context) is True
             except Exception:  # missing fact or type error: the rule cannot say yes

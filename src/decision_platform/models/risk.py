@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from decision_platform.models.preprocessing import Standardizer
+from decision_platform.models.preprocessing import Standardizer, signed_log
 
 WEIGHTS = "risk.pt"
 META = "risk.json"
@@ -52,6 +52,11 @@ class RiskModel:
         self.scaler = scaler
         self.temperature = temperature
         self.input_names = input_names
+        # The per-request path runs on numpy copies of the weights: one row through a 3-layer MLP plus its
+        # gradient costs ~15 us this way, against ~100-250 us through torch autograd.
+        linear = [m for m in net.net if isinstance(m, nn.Linear)]
+        self._weights = [m.weight.detach().numpy().T.astype(np.float64) for m in linear]
+        self._biases = [m.bias.detach().numpy().astype(np.float64) for m in linear]
 
     @staticmethod
     def inputs(features: np.ndarray, anomaly: np.ndarray) -> np.ndarray:
@@ -107,12 +112,19 @@ class RiskModel:
 
         In standardised space the training mean is the origin, so ``z * dlogit/dz`` says how much each
         input moved the logit away from an average event (first-order; exact for a linear model).
+        Forward and backward pass in numpy (same weights as ``predict``; a test checks they agree).
         """
-        z = torch.from_numpy(self.scaler.transform(np.atleast_2d(x))).requires_grad_(True)
-        logit = self.net(z)[0] / self.temperature
-        logit.backward()
-        attributions = (z.grad[0] * z.detach()[0]).numpy().astype(np.float64)
-        return RiskPrediction(float(torch.sigmoid(logit).detach()), attributions)
+        z = ((signed_log(np.asarray(x, dtype=np.float64).reshape(-1)) - self.scaler.mean) / self.scaler.std)
+        h, active = z, []
+        for w, b in zip(self._weights[:-1], self._biases[:-1], strict=True):
+            pre = h @ w + b
+            active.append(pre > 0)
+            h = np.where(active[-1], pre, 0.0)
+        logit = float(h @ self._weights[-1][:, 0] + self._biases[-1][0]) / self.temperature
+        grad = self._weights[-1][:, 0] / self.temperature
+        for w, mask in zip(reversed(self._weights[:-1]), reversed(active), strict=True):
+            grad = (grad * mask) @ w.T
+        return RiskPrediction(float(1.0 / (1.0 + np.exp(-logit))), grad * z)
 
     def save(self, directory: Path) -> None:
         directory = Path(directory)
