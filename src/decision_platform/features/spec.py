@@ -1,0 +1,245 @@
+"""Feature definitions loaded from config/features.yaml, and the feature-vector layout.
+
+The online store (Lua) and the offline computation (Python) both take their windows, limits and vector
+layout from this one model, and both finish a row with :meth:`FeatureSpec.assemble`: whatever can be
+computed outside the windows (means, event-level fields) is computed once, here, so the two paths
+cannot disagree on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from functools import cached_property, lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from decision_platform.events.schema import Event
+
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_]{1,32}$")]
+Aggregation = Literal["count", "sum", "mean", "max"]
+
+DAY_SECONDS = 86400.0
+#: Extra life of an entity's keys beyond the largest window, so a quiet entity is not forgotten early.
+DEFAULT_TTL_MARGIN_S = 3600.0
+#: Marks "no value" in the stored event payload; digests are hex, so it cannot collide.
+MISSING = "-"
+
+
+def _default_windows() -> dict[str, float]:
+    return {"1m": 60.0, "5m": 300.0, "1h": 3600.0, "24h": 86400.0}
+
+
+class DistinctSpec(BaseModel):
+    """Distinct values of one event attribute over some windows."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    attribute: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    windows: list[Name] = Field(min_length=1)
+
+
+class EventFields(BaseModel):
+    """Features taken from the event itself rather than from its history."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    amount: bool = True
+    hour_of_day: bool = True
+    numeric_attributes: list[Name] = Field(default_factory=list)
+
+
+class Retention(BaseModel):
+    """Bounds on what is kept per entity, so memory stays bounded whatever the traffic."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # The upper bound keeps every Lua call cheap and within Lua's stack for unpack().
+    max_events_per_entity: int = Field(1000, ge=1, le=100_000)
+    #: None: the largest window + 1 h.
+    ttl_seconds: float | None = Field(None, gt=0)
+
+
+class FeatureSpec(BaseModel):
+    """The declarative feature definitions; ``FeatureSpec()`` defines what config/features.yaml ships."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Literal[1] = 1
+    windows: dict[Name, float] = Field(default_factory=_default_windows, min_length=1)
+    aggregations: list[Aggregation] = Field(default_factory=lambda: ["count", "sum", "mean", "max"])
+    distinct: list[DistinctSpec] = Field(
+        default_factory=lambda: [DistinctSpec(attribute="device_id", windows=["1h", "24h"])]
+    )
+    seconds_since_last: bool = True
+    event_fields: EventFields = Field(default_factory=EventFields)
+    retention: Retention = Field(default_factory=Retention)
+    #: None: the largest window.
+    late_tolerance_seconds: float | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> FeatureSpec:
+        for name, seconds in self.windows.items():
+            if not math.isfinite(seconds) or seconds <= 0:
+                raise ValueError(f"window {name!r} must be a positive number of seconds")
+        if len(set(self.aggregations)) != len(self.aggregations):
+            raise ValueError("aggregations must not repeat")
+        for item in self.distinct:
+            unknown = [w for w in item.windows if w not in self.windows]
+            if unknown:
+                raise ValueError(f"distinct {item.attribute!r}: unknown windows {unknown}")
+        # A later trim removes events older than (latest - largest window): accepting older ones would
+        # store an event only to drop it at once.
+        if self.late_tolerance_seconds is not None and self.late_tolerance_seconds > self.largest_window:
+            raise ValueError("late_tolerance_seconds must not exceed the largest window")
+        ttl = self.retention.ttl_seconds
+        if ttl is not None and ttl < self.largest_window:
+            raise ValueError("retention.ttl_seconds must be at least the largest window")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError("feature names must be unique")
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path) -> FeatureSpec:
+        """Read and validate a features.yaml file."""
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        return cls.model_validate(data)
+
+    # --- derived values
+
+    @property
+    def largest_window(self) -> float:
+        return max(self.windows.values())
+
+    @property
+    def late_tolerance(self) -> float:
+        tol = self.late_tolerance_seconds
+        return self.largest_window if tol is None else tol
+
+    @property
+    def ttl_seconds(self) -> float:
+        ttl = self.retention.ttl_seconds
+        return self.largest_window + DEFAULT_TTL_MARGIN_S if ttl is None else ttl
+
+    @property
+    def window_seconds(self) -> list[float]:
+        """Window lengths in config order: the order of every per-window array below."""
+        return list(self.windows.values())
+
+    @property
+    def distinct_attributes(self) -> list[str]:
+        return [d.attribute for d in self.distinct]
+
+    @cached_property
+    def names(self) -> list[str]:
+        """Feature names in vector order."""
+        names = [f"{agg}_{w}" for w in self.windows for agg in self.aggregations]
+        names += [f"distinct_{d.attribute}_{w}" for d in self.distinct for w in d.windows]
+        if self.seconds_since_last:
+            names.append("seconds_since_last")
+        if self.event_fields.amount:
+            names.append("amount")
+        if self.event_fields.hour_of_day:
+            names += ["hour_sin", "hour_cos"]
+        names += [f"attr_{a}" for a in self.event_fields.numeric_attributes]
+        return names
+
+    @property
+    def dim(self) -> int:
+        return len(self.names)
+
+    # --- the raw aggregates (windows.lua's reply, offline.py's rows) and how a vector is assembled
+
+    @property
+    def raw_width(self) -> int:
+        """Columns of the raw aggregates: seconds_since_last, (count, sum, max) per window, then the
+        distinct count of each attribute over every window (config order throughout)."""
+        nw = len(self.windows)
+        return 1 + 3 * nw + len(self.distinct) * nw
+
+    @cached_property
+    def _plan(self) -> dict[str, np.ndarray]:
+        """How to assemble: the (count, sum) raw columns of each mean, and for every feature its column in
+        [raw aggregates | means | event-level values]."""
+        nw = len(self.windows)
+        window_index = {w: i for i, w in enumerate(self.windows)}
+        n_raw = self.raw_width
+        n_means = sum(agg == "mean" for agg in self.aggregations) * nw
+        mean_count: list[int] = []
+        mean_sum: list[int] = []
+        gather: list[int] = []
+        for i in range(nw):
+            for agg in self.aggregations:
+                if agg == "mean":
+                    gather.append(n_raw + len(mean_count))
+                    mean_count.append(1 + 3 * i)
+                    mean_sum.append(2 + 3 * i)
+                else:
+                    gather.append(1 + 3 * i + ("count", "sum", "max").index(agg))
+        for a, d in enumerate(self.distinct):
+            gather += [1 + 3 * nw + a * nw + window_index[w] for w in d.windows]
+        if self.seconds_since_last:
+            gather.append(0)
+        gather += range(n_raw + n_means, n_raw + n_means + self.dim - len(gather))
+        return {
+            "mean_count": np.asarray(mean_count, dtype=np.intp),
+            "mean_sum": np.asarray(mean_sum, dtype=np.intp),
+            "gather": np.asarray(gather, dtype=np.intp),
+        }
+
+    @property
+    def n_event_values(self) -> int:
+        fields = self.event_fields
+        return int(fields.amount) + 2 * int(fields.hour_of_day) + len(fields.numeric_attributes)
+
+    def assemble(self, raw: np.ndarray, event_values: np.ndarray) -> np.ndarray:
+        """Feature matrix (n, dim) from raw aggregates (n, raw_width) and event-level values.
+
+        Both the store and offline.py end here, so means and event fields cannot differ between them.
+        """
+        plan = self._plan
+        counts, sums = raw[:, plan["mean_count"]], raw[:, plan["mean_sum"]]
+        means = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
+        return np.concatenate((raw, means, event_values), axis=1)[:, plan["gather"]]
+
+    def event_values(self, timestamps: Sequence[float], events: Sequence[Event] | None) -> np.ndarray:
+        """Event-level fields (n, k); with no events (plain reads) amount and attributes are 0.
+
+        Plain Python math, row by row: cheap for the one-row online case, fine for offline batches.
+        """
+        fields = self.event_fields
+        rows: list[list[float]] = []
+        for k, ts in enumerate(timestamps):
+            event = events[k] if events is not None else None
+            row: list[float] = []
+            if fields.amount:
+                row.append(float(event.amount or 0.0) if event is not None else 0.0)
+            if fields.hour_of_day:
+                angle = 2.0 * math.pi * (ts % DAY_SECONDS) / DAY_SECONDS
+                row += [math.sin(angle), math.cos(angle)]
+            for name in fields.numeric_attributes:
+                row.append(_numeric(event.attributes.get(name)) if event is not None else 0.0)
+            rows.append(row)
+        return np.asarray(rows, dtype=np.float64).reshape(len(rows), self.n_event_values)
+
+    def distinct_tokens(self, event: Event) -> list[str]:
+        """One short digest per distinct attribute (or MISSING): bounded memory whatever the value size."""
+        return [distinct_token(event.attributes.get(a)) for a in self.distinct_attributes]
+
+
+def _numeric(value: object) -> float:
+    return float(value) if isinstance(value, int | float) else 0.0  # bool is an int: true -> 1
+
+
+@lru_cache(maxsize=65536, typed=True)
+def distinct_token(value: bool | int | float | str | None) -> str:
+    """A 64-bit digest of an attribute value, tagged by type so "7" and 7 stay different values."""
+    if value is None:
+        return MISSING
+    text = f"{type(value).__name__}:{value!r}"
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()

@@ -1,0 +1,237 @@
+"""The online feature store: per-entity windows in Redis, updated and read by one Lua script.
+
+One EVALSHA per event does dedupe, late check, store, trims, TTL and the aggregates atomically, so
+concurrent workers never see half an update and a redelivered event is never counted twice. A batch of
+events goes out as one non-transactional pipeline: one round trip for the whole batch.
+
+``memory://`` runs the very same script on fakeredis (Lua via lupa), so laptops and unit tests exercise
+the production code path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from decision_platform.events.schema import Event
+from decision_platform.features.spec import FeatureSpec
+
+DEFAULT_KEY_PREFIX = "dp:f:"
+SCRIPT_BODY = (
+    resources.files("decision_platform.features").joinpath("windows.lua").read_text(encoding="utf-8")
+)
+_FLAG_DUPLICATE, _FLAG_LATE = 1, 2
+
+
+class FeatureStoreError(RuntimeError):
+    """The feature store could not answer; callers fall back (DESIGN §7) rather than fail the request."""
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureResult:
+    """One feature vector (spec order) and what happened to the event that produced it."""
+
+    values: np.ndarray
+    names: tuple[str, ...]
+    #: The event_id was already stored: nothing was written, the event is counted once.
+    duplicate: bool = False
+    #: The event was too late (or older than everything a full entity keeps): features, but not stored.
+    late: bool = False
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(zip(self.names, self.values.tolist(), strict=True))
+
+
+class FeatureStore(ABC):
+    """Per-entity rolling-window features. Implementations must match offline.py exactly."""
+
+    def __init__(self, spec: FeatureSpec) -> None:
+        self.spec = spec
+        self._names = tuple(spec.names)
+
+    @abstractmethod
+    def update(self, events: Sequence[Event]) -> list[FeatureResult]:
+        """Apply events in order; each result is the features at its own event time."""
+
+    @abstractmethod
+    def read(self, entity_id: str, at: float) -> FeatureResult:
+        """Features at time ``at`` without writing (a decision without an event)."""
+
+    @abstractmethod
+    def ping(self) -> bool:
+        """True when the backend answers (for /ready)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections."""
+
+
+class RedisFeatureStore(FeatureStore):
+    """FeatureStore on any redis-py client: a real Redis, or fakeredis for ``memory://``."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        spec: FeatureSpec,
+        *,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
+        description: str = "redis",
+    ) -> None:
+        super().__init__(spec)
+        self.client = client
+        self.key_prefix = key_prefix
+        self._description = description
+        self.script = script_source(spec)
+        self._sha = hashlib.sha1(self.script.encode()).hexdigest().encode()
+        self._prefix = key_prefix.encode()
+
+    def keys(self, entity_id: str) -> list[bytes]:
+        """The entity's keys; the {hash tag} keeps them in one cluster slot, as a script requires."""
+        base = b"%s{%s}" % (self._prefix, entity_id.encode())
+        return [base + b":z", base + b":h"]
+
+    def update(self, events: Sequence[Event]) -> list[FeatureResult]:
+        if not events:
+            return []
+        replies = self._run([(event.entity_id, self._update_args(event)) for event in events])
+        return self._results(replies, [e.timestamp for e in events], events)
+
+    def read(self, entity_id: str, at: float) -> FeatureResult:
+        replies = self._run([(entity_id, [_num(at).encode()])])
+        return self._results(replies, [at], None)[0]
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.client.ping())
+        except redis.RedisError:
+            return False
+
+    def close(self) -> None:
+        self.client.close()
+
+    # --- internals
+
+    def _update_args(self, event: Event) -> list[bytes]:
+        """The event as its sorted-set member: "event_id,ts,amount,token,..." (see windows.lua)."""
+        ts, amount = _num(event.timestamp), _num(float(event.amount or 0.0))
+        return [",".join([event.event_id, ts, amount, *self.spec.distinct_tokens(event)]).encode()]
+
+    def _run(self, calls: list[tuple[str, list[bytes]]]) -> list[bytes]:
+        """EVALSHA every call (one pipeline for a batch, a plain call for one: a round trip either way);
+        load the script once if the server lacks it (new server, restart, failover)."""
+        if not calls:
+            return []
+        try:
+            replies = self._send(calls)
+            missing = [i for i, r in enumerate(replies) if isinstance(r, redis.exceptions.NoScriptError)]
+            if missing:
+                # A NOSCRIPT call did not run, so running it again cannot double count.
+                self.client.script_load(self.script)
+                for i, reply in zip(missing, self._send([calls[i] for i in missing]), strict=True):
+                    replies[i] = reply
+        except redis.RedisError as exc:
+            raise FeatureStoreError(f"feature store ({self._description}) failed: {exc}") from exc
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise FeatureStoreError(f"feature store ({self._description}) script error: {reply}")
+        return replies
+
+    def _send(self, calls: list[tuple[str, list[bytes]]]) -> list[Any]:
+        """Replies in call order; a script error is returned in its place, as a pipeline does."""
+        commands = [(b"EVALSHA", self._sha, b"2", *self.keys(entity_id), *args) for entity_id, args in calls]
+        if len(commands) == 1:
+            try:
+                return [self.client.execute_command(*commands[0])]
+            except redis.exceptions.ResponseError as exc:
+                return [exc]
+        pipe = self.client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return pipe.execute(raise_on_error=False)
+
+    def _results(
+        self, replies: list[bytes], timestamps: list[float], events: Sequence[Event] | None
+    ) -> list[FeatureResult]:
+        table = np.array(b",".join(replies).split(b","), dtype=np.float64).reshape(len(replies), -1)
+        features = self.spec.assemble(table[:, 1:], self.spec.event_values(timestamps, events))
+        features.setflags(write=False)  # results share this matrix: no one may edit another's row
+        return [
+            FeatureResult(
+                values=row, names=self._names, duplicate=flag == _FLAG_DUPLICATE, late=flag == _FLAG_LATE
+            )
+            for row, flag in zip(features, table[:, 0].tolist(), strict=True)
+        ]
+
+
+def script_source(spec: FeatureSpec) -> str:
+    """windows.lua with the spec's constants prepended: fewer arguments to send and parse per event."""
+    seconds = spec.window_seconds
+    order = sorted(range(len(seconds)), key=lambda i: seconds[i])
+    ascending = ", ".join(_num(seconds[i]) for i in order)
+    slots = ", ".join(str(i + 1) for i in order)
+    header = (
+        f"local LATE_TOLERANCE = {_num(spec.late_tolerance)}\n"
+        f"local MAX_EVENTS = {spec.retention.max_events_per_entity}\n"
+        f"local TTL_MS = {math.ceil(spec.ttl_seconds * 1000)}\n"
+        f"local N_DISTINCT = {len(spec.distinct)}\n"
+        f"local ASCENDING = {{{ascending}}}\n"
+        f"local SLOT = {{{slots}}}\n"
+    )
+    return header + SCRIPT_BODY
+
+
+def _num(x: float) -> str:
+    """Shortest exact text of a float: Redis and Lua parse it back to the same double."""
+    return repr(float(x))
+
+
+_memory_servers: dict[str, Any] = {}
+
+
+def open_feature_store(
+    url: str, spec: FeatureSpec, timeout_s: float, *, key_prefix: str = DEFAULT_KEY_PREFIX
+) -> FeatureStore:
+    """The store for a URL: ``memory://[name]`` (fakeredis, one server per name per process) or
+    ``redis://host:port/db``. Nothing connects here: an unreachable Redis fails the first call, within
+    ``timeout_s``, with FeatureStoreError."""
+    scheme = urlsplit(url).scheme
+    if scheme == "memory":
+        import fakeredis  # only needed for the embedded backend
+
+        name = urlsplit(url).netloc
+        server = _memory_servers.get(name)
+        if server is None:
+            server = _memory_servers[name] = fakeredis.FakeServer()
+        return RedisFeatureStore(
+            fakeredis.FakeRedis(server=server), spec, key_prefix=key_prefix, description=url
+        )
+    if scheme in ("redis", "rediss", "unix"):
+        client = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            # Fail fast: the caller falls back; retries with backoff would blow the latency budget.
+            retry=Retry(NoBackoff(), 0),
+        )
+        return RedisFeatureStore(client, spec, key_prefix=key_prefix, description=_redact(url))
+    raise ValueError(f"unsupported feature store URL {_redact(url)!r}: use memory:// or redis://host:port/db")
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return parts._replace(netloc=netloc).geturl()

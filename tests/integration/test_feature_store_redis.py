@@ -1,0 +1,191 @@
+"""The feature store on a real Redis (127.0.0.1:6379, db 13): the production Lua on the production server.
+
+Keys live under a prefix unique to this run and are deleted at the end; nothing else in the db is touched.
+The brute force and event streams are the unit tests' (one oracle for both backends).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+
+from decision_platform.events.schema import Event
+from decision_platform.features import (
+    FeatureSpec,
+    OfflineWindows,
+    RedisFeatureStore,
+    compute_features,
+    compute_features_with_flags,
+    open_feature_store,
+)
+
+pytestmark = pytest.mark.integration
+
+REDIS_URL = "redis://127.0.0.1:6379/13"
+RUN_PREFIX = f"dp:test:features:{uuid.uuid4().hex[:12]}:"
+T0 = 1_767_571_200.0
+
+
+def _unit_helpers() -> ModuleType:
+    """The unit test module, loaded by path: tests/ is not a package."""
+    path = Path(__file__).resolve().parents[1] / "unit" / "test_features.py"
+    spec = importlib.util.spec_from_file_location("feature_unit_helpers", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+helpers = _unit_helpers()
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[redis.Redis]:
+    conn = redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=2)
+    try:
+        conn.ping()
+    except redis.RedisError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"Redis at {REDIS_URL} is required in CI: {exc}")
+        pytest.skip(f"Redis at {REDIS_URL} is unreachable: {exc}")
+    yield conn
+    # Only this run's keys.
+    keys = list(conn.scan_iter(match=f"{RUN_PREFIX}*", count=1000))
+    for start in range(0, len(keys), 500):
+        conn.delete(*keys[start : start + 500])
+    conn.close()
+
+
+def new_store(client: redis.Redis, spec: FeatureSpec = helpers.SMALL) -> RedisFeatureStore:
+    """A store with its own key space (so examples do not see each other) on the shared connection."""
+    return RedisFeatureStore(client, spec, key_prefix=f"{RUN_PREFIX}{uuid.uuid4().hex[:8]}:")
+
+
+def snapshot(store: RedisFeatureStore) -> dict[bytes, object]:
+    state: dict[bytes, object] = {}
+    for key in sorted(store.client.scan_iter(match=f"{store.key_prefix}*", count=1000)):
+        if store.client.type(key) == b"zset":
+            state[key] = store.client.zrange(key, 0, -1, withscores=True)
+        else:
+            state[key] = store.client.hgetall(key)
+    return state
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(events=helpers.event_streams())
+def test_redis_matches_brute_force_and_offline(client: redis.Redis, events: list[Event]) -> None:
+    helpers.check_against_brute_force(new_store(client), events)
+
+
+def test_open_feature_store_by_url_round_trips() -> None:
+    prefix = f"{RUN_PREFIX}url:"
+    store = open_feature_store(REDIS_URL, helpers.SMALL, timeout_s=2.0, key_prefix=prefix)
+    if not store.ping():
+        if os.environ.get("CI"):
+            pytest.fail(f"Redis at {REDIS_URL} is required in CI")
+        pytest.skip(f"Redis at {REDIS_URL} is unreachable")
+    try:
+        store.update([helpers.make_event(0, T0, amount=3.5)])
+        assert store.read("alice", T0 + 1).as_dict()["sum_10s"] == 3.5
+    finally:
+        store.client.delete(*store.keys("alice"))
+        store.close()
+
+
+def test_an_entity_keeps_at_most_the_cap_with_ttl_and_matches_offline(client: redis.Redis) -> None:
+    spec = FeatureSpec()  # the shipped defaults: 1000 events, 90000 s TTL
+    store = new_store(client, spec)
+    events = [
+        Event(event_id=f"p{k:05d}", entity_id="heavy", timestamp=T0 + 10.0 * k, amount=float(k % 97))
+        for k in range(1200)
+    ]
+    results = []
+    for start in range(0, len(events), 1000):
+        results += store.update(events[start : start + 1000])
+    assert helpers.stored_ids(store, "heavy") == [e.event_id for e in events[200:]]  # the latest 1000
+    for key in store.keys("heavy"):
+        assert 0 < client.pttl(key) <= 90_000_000
+    assert results[-1].as_dict()["count_24h"] == 1000
+    np.testing.assert_allclose(
+        compute_features(events, spec), np.stack([r.values for r in results]), rtol=1e-12, atol=0
+    )
+
+
+def test_replay_changes_nothing_and_reports_duplicates(client: redis.Redis) -> None:
+    store = new_store(client)
+    events = [
+        helpers.make_event(k, T0 + 5.0 * k, entity=("alice", "bob")[k % 2], device_id=f"d{k % 3}")
+        for k in range(12)
+    ]
+    first = store.update(events)
+    before = snapshot(store)
+    again = store.update(events)
+    assert all(r.duplicate and not r.late for r in again)
+    assert snapshot(store) == before
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a.values, b.values)
+
+
+def test_concurrent_redelivery_counts_each_event_once(client: redis.Redis) -> None:
+    """Two workers given the same events at once (at-least-once delivery): every event stored once."""
+    spec = FeatureSpec()
+    prefix = f"{RUN_PREFIX}{uuid.uuid4().hex[:8]}:"
+    events = [
+        Event(event_id=f"c{k:04d}", entity_id=f"u{k % 3}", timestamp=T0 + float(k), amount=1.0)
+        for k in range(600)
+    ]
+    outcomes: list[list[bool]] = [[], []]
+
+    def worker(slot: int) -> None:
+        conn = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
+        store = RedisFeatureStore(conn, spec, key_prefix=prefix)
+        for start in range(0, len(events), 50):
+            outcomes[slot] += [not r.duplicate for r in store.update(events[start : start + 50])]
+        conn.close()
+
+    threads = [threading.Thread(target=worker, args=(slot,)) for slot in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stored_by = np.array(outcomes[0], dtype=int) + np.array(outcomes[1], dtype=int)
+    assert stored_by.tolist() == [1] * len(events)
+    check = RedisFeatureStore(client, spec, key_prefix=prefix)
+    for entity in ("u0", "u1", "u2"):
+        assert check.read(entity, T0 + 600).as_dict()["count_1h"] == 200
+
+
+def test_read_matches_offline_and_writes_nothing(client: redis.Redis) -> None:
+    spec = FeatureSpec()
+    store = new_store(client, spec)
+    rng = np.random.default_rng(11)
+    times = np.sort(rng.uniform(0, 86400, 200))
+    events = [
+        helpers.make_event(k, T0 + float(t), entity=f"u{k % 4}", amount=float(rng.gamma(2, 30)), device_id=k % 5)
+        for k, t in enumerate(times)
+    ]
+    store.update(events)
+    before = snapshot(store)
+    windows = OfflineWindows(spec)
+    for event in events:
+        windows.update(event)
+    for entity in ("u0", "u3", "unknown"):
+        for at in (T0 + 3600.0, T0 + 86400.0, T0 + 2 * 86400.0):
+            got = store.read(entity, at).values
+            want = spec.assemble(np.asarray([windows.read(entity, at)]), spec.event_values([at], None))[0]
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
+    assert snapshot(store) == before
+    _, duplicate, late = compute_features_with_flags(events, spec)
+    assert not duplicate.any() and not late.any()
