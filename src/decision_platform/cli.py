@@ -50,20 +50,20 @@ def _train(
     from decision_platform.models.training import TrainConfig, report_tables, train_all
 
     features_path = settings.features_path
-    with console.status("loading data"):
-        if source is Source.synthetic:
-            from decision_platform.data import generate
+    if source is Source.synthetic:
+        from decision_platform.data import generate
 
+        with console.status("generating synthetic data"):
             data = generate(n_entities=entities, days=days, seed=seed)
-        else:
-            from decision_platform.data.csv_import import find_ulb_csv, load_csv
+    else:
+        from decision_platform.data.csv_import import find_ulb_csv, load_csv
 
-            if source is Source.ulb:
-                path = path or find_ulb_csv(settings.model_dir.parent / "datasets")
-                mapping = mapping or settings.config_dir / "datasets" / "ulb_creditcard.yaml"
-            if path is None or mapping is None:
-                raise typer.BadParameter("--source csv needs --path FILE.csv and --mapping MAPPING.yaml")
-            data = load_csv(path, mapping)
+        if source is Source.ulb:
+            path = path or find_ulb_csv(settings.model_dir.parent / "datasets")
+            mapping = mapping or settings.config_dir / "datasets" / "ulb_creditcard.yaml"
+        if path is None or mapping is None:
+            raise typer.BadParameter("--source csv needs --path FILE.csv and --mapping MAPPING.yaml")
+        data = load_csv(path, mapping, progress=True)
     summary = data.summary()
     console.print(f"data: {summary}")
     # A data set may bring its own feature definitions (e.g. ULB's V1..V28 event fields).
