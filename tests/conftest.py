@@ -100,7 +100,9 @@ def start_platform() -> Iterator[Callable[[Settings], Platform]]:
 
 
 @pytest.fixture
-def client(make_settings: Callable[..., Settings], start_platform: Callable[[Settings], Platform]) -> Iterator[TestClient]:
+def client(
+    make_settings: Callable[..., Settings], start_platform: Callable[[Settings], Platform]
+) -> Iterator[TestClient]:
     """The API on embedded backends with trained models."""
     settings = make_settings()
     with TestClient(create_app(settings, start_platform(settings))) as test_client:

@@ -103,15 +103,25 @@ def train(
 
 def _curl_examples(settings: Settings) -> str:
     base = f"http://{settings.host}:{settings.port}"
-    event = json.dumps({"entity_id": "201", "event": {"event_id": "e-1", "amount": 42.5, "event_type": "payment",
-                                                      "attributes": {"device_id": "d-1", "country": "FR"}}})
+    event = json.dumps(
+        {
+            "entity_id": "201",
+            "event": {
+                "event_id": "e-1",
+                "amount": 42.5,
+                "event_type": "payment",
+                "attributes": {"device_id": "d-1", "country": "FR"},
+            },
+        }
+    )
+    json_header = "-H 'content-type: application/json'"
     return (
         f"\n[bold]The API is at {base}[/bold]  (docs: {base}/docs)\n"
         f"  curl -s {base}/health\n"
-        f"  curl -s -X POST {base}/decide -H 'content-type: application/json' -d '{{\"entity_id\": \"201\"}}'\n"
-        f"  curl -s -X POST {base}/decide -H 'content-type: application/json' -d '{event}'\n"
-        f"  curl -s -X POST {base}/outcome -H 'content-type: application/json' "
-        "-d '{\"decision_id\": DECISION_ID, \"outcome\": \"success\"}'\n"
+        f"  curl -s -X POST {base}/decide {json_header} -d '{{\"entity_id\": \"201\"}}'\n"
+        f"  curl -s -X POST {base}/decide {json_header} -d '{event}'\n"
+        f"  curl -s -X POST {base}/outcome {json_header} "
+        '-d \'{"decision_id": DECISION_ID, "outcome": "success"}\'\n'
         f"  curl -s {base}/decisions/DECISION_ID\n"
     )
 
@@ -133,8 +143,14 @@ def serve(
         settings.port = port
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     console.print(_curl_examples(settings))
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
-                http="httptools", loop="auto")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        http="httptools",
+        loop="auto",
+    )
 
 
 @app.command()
@@ -157,8 +173,14 @@ def models_list(kind: str | None = typer.Option(None, help="anomaly, risk or pol
         metrics = row["metrics"]
         key = next((f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)), "")
         window = row["data_window"]
-        table.add_row(row["version"], row["kind"], row["status"], f"{row['created_at']:%Y-%m-%d %H:%M}",
-                      f"{window.get('source')} ({window.get('events')} events)", key)
+        table.add_row(
+            row["version"],
+            row["kind"],
+            row["status"],
+            f"{row['created_at']:%Y-%m-%d %H:%M}",
+            f"{window.get('source')} ({window.get('events')} events)",
+            key,
+        )
     console.print(table)
 
 
@@ -175,4 +197,3 @@ def models_promote(version: str) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     app()
-

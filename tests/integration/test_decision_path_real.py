@@ -69,14 +69,22 @@ def query(schema: str, sql: str) -> list[tuple]:
         return connection.execute(sql).fetchall()
 
 
-def test_decide_then_outcome_lands_in_postgresql_with_its_reward(real_client: tuple[TestClient, Settings]) -> None:
+def test_decide_then_outcome_lands_in_postgresql_with_its_reward(
+    real_client: tuple[TestClient, Settings],
+) -> None:
     client, settings = real_client
     assert client.get("/ready").json()["status"] == "ready"
     decisions = [
         client.post(
             "/decide",
-            json={"entity_id": "pg-1", "event": {"event_id": f"pg-ev-{i}", "amount": 10.0 * (i + 1),
-                                                 "attributes": {"device_id": "d-1"}}},
+            json={
+                "entity_id": "pg-1",
+                "event": {
+                    "event_id": f"pg-ev-{i}",
+                    "amount": 10.0 * (i + 1),
+                    "attributes": {"device_id": "d-1"},
+                },
+            },
         ).json()
         for i in range(3)
     ]
@@ -85,8 +93,10 @@ def test_decide_then_outcome_lands_in_postgresql_with_its_reward(real_client: tu
     outcome = client.post("/outcome", json={"decision_id": last["decision_id"], "outcome": "chargeback"})
     assert outcome.status_code == 201
 
-    rows = query(settings.database_schema, "SELECT id, action, propensity, features, model_versions FROM decisions"
-                 " ORDER BY id")
+    rows = query(
+        settings.database_schema,
+        "SELECT id, action, propensity, features, model_versions FROM decisions ORDER BY id",
+    )
     assert [r[0] for r in rows] == [d["decision_id"] for d in decisions]
     assert rows[-1][3]["count_1h"] == 3 and rows[-1][3]["sum_1h"] == pytest.approx(60.0)  # JSONB snapshot
     assert rows[-1][4] == last["model_versions"]
@@ -109,9 +119,22 @@ def test_windows_live_in_redis_and_replays_count_once(real_client: tuple[TestCli
 def test_conflicting_outcome_on_postgresql(real_client: tuple[TestClient, Settings]) -> None:
     client, _settings = real_client
     decision = client.post("/decide", json={"entity_id": "pg-2"}).json()
-    assert client.post("/outcome", json={"decision_id": decision["decision_id"], "outcome": "success"}).status_code == 201
-    assert client.post("/outcome", json={"decision_id": decision["decision_id"], "outcome": "success"}).status_code == 200
-    assert client.post("/outcome", json={"decision_id": decision["decision_id"], "outcome": "fraud"}).status_code == 409
+    assert (
+        client.post(
+            "/outcome", json={"decision_id": decision["decision_id"], "outcome": "success"}
+        ).status_code
+        == 201
+    )
+    assert (
+        client.post(
+            "/outcome", json={"decision_id": decision["decision_id"], "outcome": "success"}
+        ).status_code
+        == 200
+    )
+    assert (
+        client.post("/outcome", json={"decision_id": decision["decision_id"], "outcome": "fraud"}).status_code
+        == 409
+    )
 
 
 def test_postgresql_outage_spools_then_replays_into_postgresql(pg_schema: str, tmp_path: Path) -> None:
@@ -120,11 +143,27 @@ def test_postgresql_outage_spools_then_replays_into_postgresql(pg_schema: str, t
     spool = DecisionSpool(tmp_path / "spool")
     down = DecisionWriter(Repository(make_engine("postgresql://postgres@127.0.0.1:1/test")), spool)
     row = {
-        "id": 42, "entity_id": "e", "event_id": "x", "created_at": datetime.now(UTC), "features": {"amount": 2.0},
-        "amount": 2.0, "anomaly": 0.4, "risk": 0.2, "probabilities": [0.7, 0.2, 0.1], "proposed_action": 0,
-        "action_mask": [True, True, True], "action": 0, "propensity": 0.7, "decided_by": "policy",
-        "rules_fired": [], "fallback": None, "model_versions": {}, "reasons": [], "explanation": "Allowed.",
-        "explanation_source": "template", "latency_ms": 1.0,
+        "id": 42,
+        "entity_id": "e",
+        "event_id": "x",
+        "created_at": datetime.now(UTC),
+        "features": {"amount": 2.0},
+        "amount": 2.0,
+        "anomaly": 0.4,
+        "risk": 0.2,
+        "probabilities": [0.7, 0.2, 0.1],
+        "proposed_action": 0,
+        "action_mask": [True, True, True],
+        "action": 0,
+        "propensity": 0.7,
+        "decided_by": "policy",
+        "rules_fired": [],
+        "fallback": None,
+        "model_versions": {},
+        "reasons": [],
+        "explanation": "Allowed.",
+        "explanation_source": "template",
+        "latency_ms": 1.0,
     }
     assert down.write(row) == SPOOLED
     down.close()

@@ -37,8 +37,21 @@ def test_decide_without_event_returns_the_full_contract(client: TestClient) -> N
     response = client.post("/decide", json={"entity_id": "201"})
     assert response.status_code == 200
     body = response.json()
-    for field in ("decision_id", "entity_id", "action", "action_name", "risk", "anomaly", "explanation",
-                  "reasons", "rules", "fallback", "policy", "model_versions", "latency_ms"):
+    for field in (
+        "decision_id",
+        "entity_id",
+        "action",
+        "action_name",
+        "risk",
+        "anomaly",
+        "explanation",
+        "reasons",
+        "rules",
+        "fallback",
+        "policy",
+        "model_versions",
+        "latency_ms",
+    ):
         assert field in body, field
     assert body["entity_id"] == "201"
     assert body["action"] in (0, 1, 2)
@@ -165,8 +178,10 @@ BAD_DECIDE_BODIES = [
     ({"entity_id": "1", "event": {"event_id": "x", "timestamp": "yesterday"}}, "event.timestamp"),
     ({"entity_id": "1", "event": {"event_id": "x", "timestamp": 1e15}}, "event.timestamp"),
     ({"entity_id": "1", "event": {"event_id": "x", "attributes": {"k": [1, 2]}}}, "event.attributes"),
-    ({"entity_id": "1", "event": {"event_id": "x", "attributes": {f"k{i}": i for i in range(40)}}},
-     "event.attributes"),
+    (
+        {"entity_id": "1", "event": {"event_id": "x", "attributes": {f"k{i}": i for i in range(40)}}},
+        "event.attributes",
+    ),
     ({"entity_id": "1", "event": {"event_id": "x", "entity_id": "2"}}, "entity_id"),
     ({"entity_id": "1", "event": {"event_id": "x", "colour": "red"}}, "event.colour"),
 ]
@@ -181,8 +196,12 @@ def test_bad_decide_input_is_422_naming_the_field(client: TestClient, body: dict
 
 @pytest.mark.parametrize(
     ("body", "field"),
-    [({"outcome": "success"}, "decision_id"), ({"decision_id": "abc", "outcome": "success"}, "decision_id"),
-     ({"decision_id": 1}, "outcome"), ({"decision_id": -1, "outcome": "success"}, "decision_id")],
+    [
+        ({"outcome": "success"}, "decision_id"),
+        ({"decision_id": "abc", "outcome": "success"}, "decision_id"),
+        ({"decision_id": 1}, "outcome"),
+        ({"decision_id": -1, "outcome": "success"}, "decision_id"),
+    ],
 )
 def test_bad_outcome_input_is_422_naming_the_field(client: TestClient, body: dict, field: str) -> None:
     response = client.post("/outcome", json=body)
@@ -197,8 +216,9 @@ def test_invalid_json_is_422(client: TestClient) -> None:
 
 
 def test_huge_payload_is_413_before_parsing(client: TestClient) -> None:
-    response = client.post("/decide", content=b"{" + b" " * 200_000 + b"}",
-                           headers={"content-type": "application/json"})
+    response = client.post(
+        "/decide", content=b"{" + b" " * 200_000 + b"}", headers={"content-type": "application/json"}
+    )
     assert response.status_code == 413
 
 

@@ -52,11 +52,27 @@ def test_decision_ids_unique_across_threads() -> None:
 
 def row(decision_id: int) -> dict:
     return {
-        "id": decision_id, "entity_id": "e", "event_id": None, "created_at": datetime.now(UTC),
-        "features": {"amount": 1.0}, "amount": 1.0, "anomaly": 0.5, "risk": 0.1, "probabilities": [0.8, 0.1, 0.1],
-        "proposed_action": 0, "action_mask": [True, True, True], "action": 0, "propensity": 0.8,
-        "decided_by": "policy", "rules_fired": [], "fallback": None, "model_versions": {}, "reasons": [],
-        "explanation": "Allowed.", "explanation_source": "template", "latency_ms": 1.0,
+        "id": decision_id,
+        "entity_id": "e",
+        "event_id": None,
+        "created_at": datetime.now(UTC),
+        "features": {"amount": 1.0},
+        "amount": 1.0,
+        "anomaly": 0.5,
+        "risk": 0.1,
+        "probabilities": [0.8, 0.1, 0.1],
+        "proposed_action": 0,
+        "action_mask": [True, True, True],
+        "action": 0,
+        "propensity": 0.8,
+        "decided_by": "policy",
+        "rules_fired": [],
+        "fallback": None,
+        "model_versions": {},
+        "reasons": [],
+        "explanation": "Allowed.",
+        "explanation_source": "template",
+        "latency_ms": 1.0,
     }
 
 
@@ -109,4 +125,6 @@ def test_risk_fast_path_agrees_with_torch_and_its_gradient(trained: tuple[str, P
         assert fast.risk == pytest.approx(float(model.predict(x)[0]), rel=1e-5, abs=1e-9)
         z = torch.from_numpy(model.scaler.transform(x[None, :])).requires_grad_(True)
         (model.net(z)[0] / model.temperature).backward()
-        np.testing.assert_allclose(fast.attributions, (z.grad[0] * z.detach()[0]).numpy(), rtol=1e-3, atol=1e-5)
+        np.testing.assert_allclose(
+            fast.attributions, (z.grad[0] * z.detach()[0]).numpy(), rtol=1e-3, atol=1e-5
+        )

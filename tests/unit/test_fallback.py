@@ -16,7 +16,11 @@ UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"
 
 
 def metric(client: TestClient, prefix: str) -> float:
-    return sum(float(line.split()[-1]) for line in client.get("/metrics").text.splitlines() if line.startswith(prefix))
+    return sum(
+        float(line.split()[-1])
+        for line in client.get("/metrics").text.splitlines()
+        if line.startswith(prefix)
+    )
 
 
 def test_unreachable_feature_store_falls_back_to_the_safe_action(
@@ -46,7 +50,10 @@ def test_block_rules_still_apply_in_fallback(
     with TestClient(create_app(settings, start_platform(settings))) as client:
         body = client.post(
             "/decide",
-            json={"entity_id": "u2", "event": {"event_id": "f2", "attributes": {"device_id": "dev-known-stolen-0002"}}},
+            json={
+                "entity_id": "u2",
+                "event": {"event_id": "f2", "attributes": {"device_id": "dev-known-stolen-0002"}},
+            },
         ).json()
         assert body["fallback"] == "feature_store_unavailable"
         assert body["action"] == 2
@@ -87,7 +94,9 @@ def test_corrupt_model_file_is_refused_and_decisions_fall_back(
     platform = start_platform(settings)
     assert platform.models.risk is None and "hash" in platform.models.errors["risk"]
     with TestClient(create_app(settings, platform)) as client:
-        body = client.post("/decide", json={"entity_id": "c1", "event": {"event_id": "c1", "amount": 3}}).json()
+        body = client.post(
+            "/decide", json={"entity_id": "c1", "event": {"event_id": "c1", "amount": 3}}
+        ).json()
         assert body["fallback"] == "model_unavailable:risk"
         assert body["action"] == 1 and body["risk"] is None
         assert client.get("/ready").status_code == 503

@@ -45,16 +45,26 @@ def test_final_action_is_always_one_the_rules_allow(p: list[float], fired: set[T
 
 def test_rules_are_compiled_and_checked_at_load() -> None:
     with pytest.raises(ValueError, match="unknown names"):
-        RuleSet(RulesFile.model_validate({"rules": [{"name": "r", "tier": "block", "when": "cnt > 3"}]}), ["count"])
+        RuleSet(
+            RulesFile.model_validate({"rules": [{"name": "r", "tier": "block", "when": "cnt > 3"}]}),
+            ["count"],
+        )
     with pytest.raises(ValueError, match="cannot compile"):
-        RuleSet(RulesFile.model_validate({"rules": [{"name": "r", "tier": "block", "when": "count >"}]}), ["count"])
+        RuleSet(
+            RulesFile.model_validate({"rules": [{"name": "r", "tier": "block", "when": "count >"}]}),
+            ["count"],
+        )
 
 
 def test_a_rule_that_cannot_be_evaluated_does_not_fire() -> None:
     rules = RuleSet(
         RulesFile.model_validate(
-            {"rules": [{"name": "vip", "tier": "cap", "when": "attributes.tier == 'vip'"},
-                       {"name": "big", "tier": "floor", "when": "amount > 100.0"}]}
+            {
+                "rules": [
+                    {"name": "vip", "tier": "cap", "when": "attributes.tier == 'vip'"},
+                    {"name": "big", "tier": "floor", "when": "amount > 100.0"},
+                ]
+            }
         ),
         [],
     )

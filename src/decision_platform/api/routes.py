@@ -35,8 +35,10 @@ def ready(request: Request, response: Response) -> dict[str, Any]:
     except Exception as exc:
         checks["database"] = f"error: {exc.__class__.__name__}"
     checks["feature_store"] = "ok" if platform.store.ping() else "unreachable"
-    checks["models"] = {kind: platform.models.versions.get(kind) or f"missing: {platform.models.errors.get(kind)}"
-                        for kind in ("anomaly", "risk", "policy")}
+    checks["models"] = {
+        kind: platform.models.versions.get(kind) or f"missing: {platform.models.errors.get(kind)}"
+        for kind in ("anomaly", "risk", "policy")
+    }
     healthy = checks["database"] == "ok" and checks["feature_store"] == "ok" and platform.models.complete
     # Not ready still serves decisions (fallbacks); 503 tells a load balancer to prefer a healthy peer.
     response.status_code = 200 if healthy else 503

@@ -172,12 +172,16 @@ class DecisionEngine:
             )
             action = self._sample(distribution)
             propensity = float(distribution[action])
-            decided_by = "rule" if (verdict.forced_action is not None or not verdict.mask[proposed]) else "policy"
+            decided_by = (
+                "rule" if (verdict.forced_action is not None or not verdict.mask[proposed]) else "policy"
+            )
 
         explanation = template_sentence(action, risk, reasons, verdict.fired, fallback)
         decision_id = self.ids.next_id()
         latency_ms = (time.perf_counter() - watch.start) * 1000.0
-        rules_fired = [{"name": r.name, "tier": r.tier.value, "description": r.description} for r in verdict.fired]
+        rules_fired = [
+            {"name": r.name, "tier": r.tier.value, "description": r.description} for r in verdict.fired
+        ]
         row: DecisionRow = {
             "id": decision_id,
             "entity_id": entity_id,

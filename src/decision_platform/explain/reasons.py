@@ -16,7 +16,12 @@ from decision_platform.decision.rules import FiredRule
 
 ACTION_NAMES = ("allow", "throttle", "block")
 ACTION_VERBS = ("Allowed", "Throttled (step-up required)", "Blocked")
-_WINDOWS = {"1m": "the last minute", "5m": "the last 5 minutes", "1h": "the last hour", "24h": "the last 24 hours"}
+_WINDOWS = {
+    "1m": "the last minute",
+    "5m": "the last 5 minutes",
+    "1h": "the last hour",
+    "24h": "the last 24 hours",
+}
 _AGGREGATES = {"count": "events", "sum": "total amount", "mean": "average amount", "max": "largest amount"}
 _FALLBACK_TEXT = {
     "feature_store_unavailable": "the feature store could not be reached",

@@ -61,7 +61,9 @@ class AnomalyModel:
             columns = np.asarray(forest.estimators_features_[tree_idx])
             features.append(np.where(is_leaf, 0, columns[np.maximum(tree.feature, 0)]))
             thresholds.append(np.where(is_leaf, np.inf, tree.threshold))
-            values.append(forest._decision_path_lengths[tree_idx] + forest._average_path_length_per_tree[tree_idx] - 1.0)
+            values.append(
+                forest._decision_path_lengths[tree_idx] + forest._average_path_length_per_tree[tree_idx] - 1.0
+            )
             roots.append(offset)
             depth = max(depth, int(tree.max_depth))
             offset += n
@@ -93,8 +95,14 @@ class AnomalyModel:
     def save(self, directory: Path) -> None:
         np.savez(
             Path(directory) / ARTIFACT,
-            feature=self.feature, threshold=self.threshold, left=self.left, right=self.right,
-            leaf_value=self.leaf_value, roots=self.roots, depth=self.depth, denominator=self.denominator,
+            feature=self.feature,
+            threshold=self.threshold,
+            left=self.left,
+            right=self.right,
+            leaf_value=self.leaf_value,
+            roots=self.roots,
+            depth=self.depth,
+            denominator=self.denominator,
             feature_names=np.asarray(self.feature_names),
         )
 
@@ -102,7 +110,13 @@ class AnomalyModel:
     def load(cls, directory: Path) -> AnomalyModel:
         with np.load(Path(directory) / ARTIFACT, allow_pickle=False) as data:
             return cls(
-                feature=data["feature"], threshold=data["threshold"], left=data["left"], right=data["right"],
-                leaf_value=data["leaf_value"], roots=data["roots"], depth=int(data["depth"]),
-                denominator=float(data["denominator"]), feature_names=[str(n) for n in data["feature_names"]],
+                feature=data["feature"],
+                threshold=data["threshold"],
+                left=data["left"],
+                right=data["right"],
+                leaf_value=data["leaf_value"],
+                roots=data["roots"],
+                depth=int(data["depth"]),
+                denominator=float(data["denominator"]),
+                feature_names=[str(n) for n in data["feature_names"]],
             )

@@ -59,7 +59,9 @@ class PolicyModel:
         return e / e.sum(axis=1, keepdims=True)
 
     @classmethod
-    def from_sb3(cls, ppo: object, state_names: Sequence[str], scaler_mean: np.ndarray, scaler_std: np.ndarray) -> PolicyModel:
+    def from_sb3(
+        cls, ppo: object, state_names: Sequence[str], scaler_mean: np.ndarray, scaler_std: np.ndarray
+    ) -> PolicyModel:
         policy = ppo.policy  # type: ignore[attr-defined]
         weights, biases, activation = [], [], "Tanh"
         for module in policy.mlp_extractor.policy_net:
@@ -71,11 +73,15 @@ class PolicyModel:
         head = policy.action_net
         weights.append(head.weight.detach().cpu().numpy().T.astype(np.float64))
         biases.append(head.bias.detach().cpu().numpy().astype(np.float64))
-        return cls(weights, biases, activation, list(state_names), np.asarray(scaler_mean), np.asarray(scaler_std))
+        return cls(
+            weights, biases, activation, list(state_names), np.asarray(scaler_mean), np.asarray(scaler_std)
+        )
 
     def save(self, directory: Path) -> None:
         directory = Path(directory)
-        arrays = {f"w{i}": w for i, w in enumerate(self.weights)} | {f"b{i}": b for i, b in enumerate(self.biases)}
+        arrays = {f"w{i}": w for i, w in enumerate(self.weights)} | {
+            f"b{i}": b for i, b in enumerate(self.biases)
+        }
         np.savez(directory / ACTOR, scaler_mean=self.scaler_mean, scaler_std=self.scaler_std, **arrays)
         meta = {"activation": self.activation, "layers": len(self.weights), "state_names": self.state_names}
         (directory / META).write_text(json.dumps(meta, indent=2), "utf-8")

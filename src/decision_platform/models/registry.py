@@ -94,5 +94,7 @@ class ModelRegistry:
         if not path.is_dir():
             raise CorruptArtifactError(f"{record['version']}: artifact directory {path} is missing")
         if hash_directory(path) != record["artifact_sha256"]:
-            raise CorruptArtifactError(f"{record['version']}: artifact files do not match their recorded hash")
+            raise CorruptArtifactError(
+                f"{record['version']}: artifact files do not match their recorded hash"
+            )
         return path

@@ -47,7 +47,9 @@ class RiskPrediction:
 class RiskModel:
     """Inputs are the feature vector plus the anomaly score."""
 
-    def __init__(self, net: RiskNet, scaler: Standardizer, temperature: float, input_names: list[str]) -> None:
+    def __init__(
+        self, net: RiskNet, scaler: Standardizer, temperature: float, input_names: list[str]
+    ) -> None:
         self.net = net.eval()
         self.scaler = scaler
         self.temperature = temperature
@@ -114,7 +116,7 @@ class RiskModel:
         input moved the logit away from an average event (first-order; exact for a linear model).
         Forward and backward pass in numpy (same weights as ``predict``; a test checks they agree).
         """
-        z = ((signed_log(np.asarray(x, dtype=np.float64).reshape(-1)) - self.scaler.mean) / self.scaler.std)
+        z = (signed_log(np.asarray(x, dtype=np.float64).reshape(-1)) - self.scaler.mean) / self.scaler.std
         h, active = z, []
         for w, b in zip(self._weights[:-1], self._biases[:-1], strict=True):
             pre = h @ w + b

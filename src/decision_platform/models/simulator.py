@@ -49,7 +49,9 @@ def group_histories(
     ]
 
 
-def simulate_outcome(label: int, action: int, rng: np.random.Generator, sim: SimulationSettings) -> tuple[str, bool]:
+def simulate_outcome(
+    label: int, action: int, rng: np.random.Generator, sim: SimulationSettings
+) -> tuple[str, bool]:
     """(outcome, episode ends) for one event."""
     if label == 0:
         if action == ALLOW:
@@ -98,8 +100,13 @@ class FraudSimulatorEnv(gym.Env):
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
         h, i = self._history, self._index
-        outcome, ends = simulate_outcome(int(h.labels[i]), int(action), self.np_random, self.rewards.simulation)
-        reward = self.rewards.reward(outcome, int(action), float(h.amounts[i])) * self.rewards.simulation.reward_scale
+        outcome, ends = simulate_outcome(
+            int(h.labels[i]), int(action), self.np_random, self.rewards.simulation
+        )
+        reward = (
+            self.rewards.reward(outcome, int(action), float(h.amounts[i]))
+            * self.rewards.simulation.reward_scale
+        )
         self._index += 1
         truncated = not ends and self._index >= self._end
         next_state = h.states[min(self._index, len(h.labels) - 1)]
@@ -172,7 +179,9 @@ def evaluate_policy(
     outcome = np.where(
         labels,
         np.where((actions == BLOCK) | gives_up, idx["fraud"], idx["chargeback"]),
-        np.where(actions == BLOCK, idx["false_positive"], np.where(abandons, idx["abandoned"], idx["success"])),
+        np.where(
+            actions == BLOCK, idx["false_positive"], np.where(abandons, idx["abandoned"], idx["success"])
+        ),
     )
     ends = (actions == BLOCK) | abandons | gives_up
     # A step happens only if no earlier step of its episode ended it.

@@ -62,8 +62,12 @@ class TrainReport:
 
 def _progress(console: Console) -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=False,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
     )
 
 
@@ -77,7 +81,9 @@ class _PPOProgress(BaseCallback):
         return True
 
 
-def threshold_probabilities(risk_index: int, t_throttle: float, t_block: float) -> Callable[[np.ndarray], np.ndarray]:
+def threshold_probabilities(
+    risk_index: int, t_throttle: float, t_block: float
+) -> Callable[[np.ndarray], np.ndarray]:
     """A fixed two-threshold policy on the risk score (column ``risk_index`` of the state)."""
 
     def probabilities(states: np.ndarray) -> np.ndarray:
@@ -99,8 +105,12 @@ def best_threshold_policy(
             if t_block < t_throttle:
                 continue
             report = evaluate_policy(
-                "threshold", threshold_probabilities(risk_index, t_throttle, t_block), histories, rewards,
-                seed=seed, n_bootstrap=1,
+                "threshold",
+                threshold_probabilities(risk_index, t_throttle, t_block),
+                histories,
+                rewards,
+                seed=seed,
+                n_bootstrap=1,
             )
             if report.reward_per_decision > best_value:
                 best, best_value = (t_throttle, t_block), report.reward_per_decision
@@ -149,7 +159,9 @@ def train_all(
         # --- anomaly
         t0 = time.perf_counter()
         task = progress.add_task("anomaly: isolation forest", total=1)
-        anomaly_model = AnomalyModel.fit(x[train], spec.names, n_estimators=config.anomaly_trees, seed=config.seed)
+        anomaly_model = AnomalyModel.fit(
+            x[train], spec.names, n_estimators=config.anomaly_trees, seed=config.seed
+        )
         anomaly = anomaly_model.score(x)
         progress.advance(task)
         timings["anomaly_s"] = time.perf_counter() - t0
@@ -159,7 +171,11 @@ def train_all(
         task = progress.add_task("risk: pytorch classifier", total=config.risk_epochs)
         risk_inputs = RiskModel.inputs(x, anomaly)
         risk_model = RiskModel.fit(
-            risk_inputs[train], y[train], [*spec.names, "anomaly"], epochs=config.risk_epochs, seed=config.seed,
+            risk_inputs[train],
+            y[train],
+            [*spec.names, "anomaly"],
+            epochs=config.risk_epochs,
+            seed=config.seed,
             on_epoch=lambda _epoch, _loss: progress.advance(task),
         )
         risk = risk_model.predict(risk_inputs)
@@ -168,7 +184,9 @@ def train_all(
             "roc_auc": float(roc_auc_score(y[test], risk[test])) if len(set(y[test])) > 1 else float("nan"),
             "pr_auc": float(average_precision_score(y[test], risk[test])) if y[test].any() else float("nan"),
             "brier": float(brier_score_loss(y[test], risk[test])),
-            "anomaly_roc_auc": float(roc_auc_score(y[test], anomaly[test])) if len(set(y[test])) > 1 else float("nan"),
+            "anomaly_roc_auc": float(roc_auc_score(y[test], anomaly[test]))
+            if len(set(y[test])) > 1
+            else float("nan"),
             "base_rate": float(y[test].mean()),
             "temperature": risk_model.temperature,
         }
@@ -187,9 +205,19 @@ def train_all(
         env = DummyVecEnv([lambda: FraudSimulatorEnv(train_histories, rewards) for _ in range(4)])
         env.seed(config.seed)
         ppo = PPO(
-            "MlpPolicy", env, n_steps=512, batch_size=256, n_epochs=5, gamma=0.95, gae_lambda=0.9,
-            learning_rate=1e-4, ent_coef=0.001, policy_kwargs={"net_arch": [64, 64]}, seed=config.seed,
-            device="cpu", verbose=0,
+            "MlpPolicy",
+            env,
+            n_steps=512,
+            batch_size=256,
+            n_epochs=5,
+            gamma=0.95,
+            gae_lambda=0.9,
+            learning_rate=1e-4,
+            ent_coef=0.001,
+            policy_kwargs={"net_arch": [64, 64]},
+            seed=config.seed,
+            device="cpu",
+            verbose=0,
         )
         imitate(ppo, states[train], baseline(states[train]).argmax(axis=1), seed=config.seed)
         task = progress.add_task("policy: PPO in the simulator", total=config.ppo_timesteps)
@@ -201,29 +229,52 @@ def train_all(
         task = progress.add_task("evaluating policies on held-out time", total=3)
         progress.advance(task)
         reports = [
-            evaluate_policy("allow-all", lambda s: np.tile([1.0, 0.0, 0.0], (len(s), 1)), test_histories, rewards,
-                            seed=config.seed),
-            evaluate_policy(f"risk thresholds {t_throttle:g}/{t_block:g}",
-                            threshold_probabilities(risk_index, t_throttle, t_block), test_histories, rewards,
-                            seed=config.seed),
+            evaluate_policy(
+                "allow-all",
+                lambda s: np.tile([1.0, 0.0, 0.0], (len(s), 1)),
+                test_histories,
+                rewards,
+                seed=config.seed,
+            ),
+            evaluate_policy(
+                f"risk thresholds {t_throttle:g}/{t_block:g}",
+                threshold_probabilities(risk_index, t_throttle, t_block),
+                test_histories,
+                rewards,
+                seed=config.seed,
+            ),
         ]
         progress.advance(task)
-        reports.append(evaluate_policy("PPO policy", policy_model.probabilities, test_histories, rewards,
-                                       seed=config.seed))
+        reports.append(
+            evaluate_policy(
+                "PPO policy", policy_model.probabilities, test_histories, rewards, seed=config.seed
+            )
+        )
         progress.advance(task)
 
     policy_metrics = {r.name: _report_dict(r) for r in reports}
     status = "champion" if promote else "challenger"
     versions = {
         "anomaly": registry.register(
-            "anomaly", lambda d: _save(anomaly_model, d, spec_path), window,
-            {"roc_auc_heldout": risk_metrics["anomaly_roc_auc"], "trees": config.anomaly_trees}, status,
+            "anomaly",
+            lambda d: _save(anomaly_model, d, spec_path),
+            window,
+            {"roc_auc_heldout": risk_metrics["anomaly_roc_auc"], "trees": config.anomaly_trees},
+            status,
         ),
-        "risk": registry.register("risk", lambda d: _save(risk_model, d, spec_path), window, risk_metrics, status),
+        "risk": registry.register(
+            "risk", lambda d: _save(risk_model, d, spec_path), window, risk_metrics, status
+        ),
         "policy": registry.register(
-            "policy", lambda d: _save_policy(policy_model, ppo, d, spec_path), window,
-            {"heldout": policy_metrics, "timesteps": config.ppo_timesteps,
-             "thresholds": {"throttle": t_throttle, "block": t_block}}, status,
+            "policy",
+            lambda d: _save_policy(policy_model, ppo, d, spec_path),
+            window,
+            {
+                "heldout": policy_metrics,
+                "timesteps": config.ppo_timesteps,
+                "thresholds": {"throttle": t_throttle, "block": t_block},
+            },
+            status,
         ),
     }
     timings["total_s"] = time.perf_counter() - started
@@ -261,22 +312,40 @@ def report_tables(report: TrainReport) -> list[Table]:
     models.add_column("version")
     models.add_column("held-out metrics")
     rm = report.risk_metrics
-    models.add_row("anomaly", report.versions["anomaly"], f"ROC-AUC {rm['anomaly_roc_auc']:.3f} (unsupervised)")
     models.add_row(
-        "risk", report.versions["risk"],
+        "anomaly", report.versions["anomaly"], f"ROC-AUC {rm['anomaly_roc_auc']:.3f} (unsupervised)"
+    )
+    models.add_row(
+        "risk",
+        report.versions["risk"],
         f"ROC-AUC {rm['roc_auc']:.3f}  PR-AUC {rm['pr_auc']:.3f}  Brier {rm['brier']:.4f}  "
         f"(base rate {rm['base_rate']:.3%})",
     )
     models.add_row("policy", report.versions["policy"], "see the comparison below")
 
-    policies = Table(title="Expected reward per decision on held-out entities (simulator, rewards.yaml units)")
-    for column in ("policy", "reward / decision", "95% CI", "fraud stopped", "fraud $ lost", "good blocked",
-                   "good throttled", "decisions"):
+    policies = Table(
+        title="Expected reward per decision on held-out entities (simulator, rewards.yaml units)"
+    )
+    for column in (
+        "policy",
+        "reward / decision",
+        "95% CI",
+        "fraud stopped",
+        "fraud $ lost",
+        "good blocked",
+        "good throttled",
+        "decisions",
+    ):
         policies.add_column(column, justify="right" if column != "policy" else "left")
     for r in report.policies:
         policies.add_row(
-            r.name, f"{r.reward_per_decision:.3f}", f"[{r.ci_low:.3f}, {r.ci_high:.3f}]",
-            f"{r.fraud_stopped}/{r.fraud_events} ({r.fraud_caught_rate:.0%})", f"{r.fraud_amount_lost:,.0f}",
-            str(r.good_blocked), str(r.good_throttled), str(r.decisions),
+            r.name,
+            f"{r.reward_per_decision:.3f}",
+            f"[{r.ci_low:.3f}, {r.ci_high:.3f}]",
+            f"{r.fraud_stopped}/{r.fraud_events} ({r.fraud_caught_rate:.0%})",
+            f"{r.fraud_amount_lost:,.0f}",
+            str(r.good_blocked),
+            str(r.good_throttled),
+            str(r.decisions),
         )
     return [models, policies]

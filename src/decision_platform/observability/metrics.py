@@ -8,7 +8,22 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 # Sub-millisecond resolution matters: the whole /decide budget is 5 ms.
-LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1.0,
+)
 SCORE_BUCKETS = tuple(i / 20 for i in range(1, 21))
 
 DECISIONS = Counter(
@@ -22,10 +37,14 @@ DECISION_LATENCY = Histogram(
 )
 FALLBACKS = Counter("dp_fallbacks_total", "Decisions that fell back to rules + the safe action.", ["reason"])
 RULE_HITS = Counter("dp_rule_hits_total", "Rules that fired.", ["rule", "tier"])
-RULE_ERRORS = Counter("dp_rule_errors_total", "Rules that could not be evaluated (treated as not fired).", ["rule"])
+RULE_ERRORS = Counter(
+    "dp_rule_errors_total", "Rules that could not be evaluated (treated as not fired).", ["rule"]
+)
 RISK_SCORE = Histogram("dp_risk_score", "Risk score distribution (P(bad)).", buckets=SCORE_BUCKETS)
 ANOMALY_SCORE = Histogram("dp_anomaly_score", "Anomaly score distribution.", buckets=SCORE_BUCKETS)
-OUTCOMES = Counter("dp_outcomes_total", "Outcomes received, by outcome and the action taken.", ["outcome", "action"])
+OUTCOMES = Counter(
+    "dp_outcomes_total", "Outcomes received, by outcome and the action taken.", ["outcome", "action"]
+)
 REWARD = Histogram(
     "dp_outcome_reward", "Reward of each outcome received.", buckets=(-100, -20, -5, -1, 0, 1, 5, 20, 100)
 )

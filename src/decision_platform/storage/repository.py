@@ -55,7 +55,11 @@ class Repository:
 
     def get_decision(self, decision_id: int) -> DecisionRow | None:
         with self.engine.connect() as connection:
-            row = connection.execute(sa.select(decisions).where(decisions.c.id == decision_id)).mappings().first()
+            row = (
+                connection.execute(sa.select(decisions).where(decisions.c.id == decision_id))
+                .mappings()
+                .first()
+            )
         return dict(row) if row else None
 
     def count_decisions(self) -> int:
@@ -65,9 +69,11 @@ class Repository:
     # --- outcomes
     def get_outcome(self, decision_id: int) -> OutcomeResult | None:
         with self.engine.connect() as connection:
-            row = connection.execute(
-                sa.select(outcomes).where(outcomes.c.decision_id == decision_id)
-            ).mappings().first()
+            row = (
+                connection.execute(sa.select(outcomes).where(outcomes.c.decision_id == decision_id))
+                .mappings()
+                .first()
+            )
         if row is None:
             return None
         return OutcomeResult(OutcomeStatus.DUPLICATE, row["outcome"], row["reward"], row["received_at"])
@@ -94,7 +100,9 @@ class Repository:
                 return OutcomeResult(OutcomeStatus.CONFLICT)
             if existing.outcome == outcome:
                 return existing
-            return OutcomeResult(OutcomeStatus.CONFLICT, existing.outcome, existing.reward, existing.received_at)
+            return OutcomeResult(
+                OutcomeStatus.CONFLICT, existing.outcome, existing.reward, existing.received_at
+            )
 
     # --- model registry
     def insert_model(self, row: dict[str, Any]) -> None:
@@ -115,15 +123,21 @@ class Repository:
 
     def champion(self, kind: str) -> dict[str, Any] | None:
         with self.engine.connect() as connection:
-            row = connection.execute(
-                sa.select(models).where(models.c.kind == kind, models.c.status == "champion")
-            ).mappings().first()
+            row = (
+                connection.execute(
+                    sa.select(models).where(models.c.kind == kind, models.c.status == "champion")
+                )
+                .mappings()
+                .first()
+            )
         return dict(row) if row else None
 
     def promote(self, version: str) -> None:
         """Make ``version`` the champion of its kind; the previous champion becomes retired."""
         with self.engine.begin() as connection:
-            kind = connection.execute(sa.select(models.c.kind).where(models.c.version == version)).scalar_one()
+            kind = connection.execute(
+                sa.select(models.c.kind).where(models.c.version == version)
+            ).scalar_one()
             connection.execute(
                 models.update()
                 .where(models.c.kind == kind, models.c.status == "champion")

@@ -52,7 +52,9 @@ class DecisionSpool:
         with self._lock:
             if not self.pending():
                 return 0
-            rows = [_from_json(json.loads(line)) for line in self.path.read_text("utf-8").splitlines() if line]
+            rows = [
+                _from_json(json.loads(line)) for line in self.path.read_text("utf-8").splitlines() if line
+            ]
             repository.insert_decisions(rows)  # idempotent: known ids are skipped
             self.path.unlink()
         log.info("replayed %d spooled decisions", len(rows))
@@ -121,7 +123,9 @@ class DecisionWriter:
             outcome = STORED
             metrics.DB_BATCH_SIZE.observe(len(rows))
         except Exception as exc:  # database down or failing: keep the decisions durable locally
-            log.warning("database write failed (%s); spooling %d decisions", exc.__class__.__name__, len(rows))
+            log.warning(
+                "database write failed (%s); spooling %d decisions", exc.__class__.__name__, len(rows)
+            )
             metrics.DB_ERRORS.labels(operation="insert_decisions").inc()
             try:
                 self.spool.append(rows)
