@@ -1,19 +1,15 @@
 """The feature store on a real Redis (127.0.0.1:6379, db 13): the production Lua on the production server.
 
 Keys live under a prefix unique to this run and are deleted at the end; nothing else in the db is touched.
-The brute force and event streams are the unit tests' (one oracle for both backends).
+The brute force and event streams are the unit tests'.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -29,26 +25,13 @@ from decision_platform.features import (
     compute_features_with_flags,
     open_feature_store,
 )
+from tests.unit import test_features as helpers  # one oracle (brute force, streams) for both backends
 
 pytestmark = pytest.mark.integration
 
 REDIS_URL = "redis://127.0.0.1:6379/13"
 RUN_PREFIX = f"dp:test:features:{uuid.uuid4().hex[:12]}:"
 T0 = 1_767_571_200.0
-
-
-def _unit_helpers() -> ModuleType:
-    """The unit test module, loaded by path: tests/ is not a package."""
-    path = Path(__file__).resolve().parents[1] / "unit" / "test_features.py"
-    spec = importlib.util.spec_from_file_location("feature_unit_helpers", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-helpers = _unit_helpers()
 
 
 @pytest.fixture(scope="module")
@@ -172,8 +155,9 @@ def test_read_matches_offline_and_writes_nothing(client: redis.Redis) -> None:
     store = new_store(client, spec)
     rng = np.random.default_rng(11)
     times = np.sort(rng.uniform(0, 86400, 200))
+    amounts = rng.gamma(2, 30, len(times))
     events = [
-        helpers.make_event(k, T0 + float(t), entity=f"u{k % 4}", amount=float(rng.gamma(2, 30)), device_id=k % 5)
+        helpers.make_event(k, T0 + float(t), entity=f"u{k % 4}", amount=float(amounts[k]), device_id=k % 5)
         for k, t in enumerate(times)
     ]
     store.update(events)

@@ -131,7 +131,7 @@ class FeatureSpec(BaseModel):
         """Window lengths in config order: the order of every per-window array below."""
         return list(self.windows.values())
 
-    @property
+    @cached_property
     def distinct_attributes(self) -> list[str]:
         return [d.attribute for d in self.distinct]
 
@@ -233,7 +233,13 @@ class FeatureSpec(BaseModel):
 
 
 def _numeric(value: object) -> float:
-    return float(value) if isinstance(value, int | float) else 0.0  # bool is an int: true -> 1
+    """A numeric attribute as a feature: bool is an int (true -> 1); text, or an int too big, is 0."""
+    if not isinstance(value, int | float):
+        return 0.0
+    try:
+        return float(value)
+    except OverflowError:
+        return 0.0
 
 
 @lru_cache(maxsize=65536, typed=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,14 +43,19 @@ class FeatureStoreError(RuntimeError):
 class FeatureResult:
     """One feature vector (spec order) and what happened to the event that produced it."""
 
+    #: float64, in FeatureSpec.names order; read-only (rows of one batch share memory).
     values: np.ndarray
-    names: tuple[str, ...]
     #: The event_id was already stored: nothing was written, the event is counted once.
     duplicate: bool = False
     #: The event was too late (or older than everything a full entity keeps): features, but not stored.
     late: bool = False
+    #: FeatureSpec.names, for as_dict.
+    names: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, float]:
+        """Feature name -> value, in vector order (for reasons, rules and the decision record)."""
+        if len(self.names) != len(self.values):
+            raise ValueError("FeatureResult needs the spec's names to build a dict")
         return dict(zip(self.names, self.values.tolist(), strict=True))
 
 
@@ -196,7 +202,9 @@ def _num(x: float) -> str:
     return repr(float(x))
 
 
+#: memory:// servers by name: the API and the worker in one process must see the same windows.
 _memory_servers: dict[str, Any] = {}
+_memory_lock = threading.Lock()
 
 
 def open_feature_store(
@@ -210,9 +218,10 @@ def open_feature_store(
         import fakeredis  # only needed for the embedded backend
 
         name = urlsplit(url).netloc
-        server = _memory_servers.get(name)
-        if server is None:
-            server = _memory_servers[name] = fakeredis.FakeServer()
+        with _memory_lock:
+            if name not in _memory_servers:
+                _memory_servers[name] = fakeredis.FakeServer()
+            server = _memory_servers[name]
         return RedisFeatureStore(
             fakeredis.FakeRedis(server=server), spec, key_prefix=key_prefix, description=url
         )

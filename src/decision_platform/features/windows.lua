@@ -10,8 +10,12 @@
 -- ARGV[1]  update: the event's member (above); read: a time (no comma)
 -- Returns  one string "flag,seconds_since_last,count_1,sum_1,max_1,...,distinct_a_i,...": flag 0 stored
 --          (or read), 1 duplicate, 2 too late; then (count, sum, max) per window, then the distinct count
---          of each attribute a over each window i. Numbers are "%.17g" text, exact: Redis would truncate
---          Lua floats to integers, and one bulk string parses far faster than a 24-element array.
+--          of each attribute a over each window i. Numbers go back as exact text ("%.17g", or an amount's
+--          own text): Redis would truncate Lua floats to integers, and one bulk string parses far faster
+--          than a 20-element array.
+--
+-- Cost: O(events in the entity's largest window), at most MAX_EVENTS; every event is re-aggregated (exact,
+-- no float drift from subtracting). In Redis' Lua, number <-> text conversions dominate, hence the reuse.
 
 local zkey, hkey = KEYS[1], KEYS[2]
 local nw = #ASCENDING
