@@ -118,7 +118,7 @@ def _curl_examples(settings: Settings) -> str:
     return (
         f"\n[bold]The API is at {base}[/bold]  (docs: {base}/docs)\n"
         f"  curl -s {base}/health\n"
-        f"  curl -s -X POST {base}/decide {json_header} -d '{{\"entity_id\": \"201\"}}'\n"
+        f'  curl -s -X POST {base}/decide {json_header} -d \'{{"entity_id": "201"}}\'\n'
         f"  curl -s -X POST {base}/decide {json_header} -d '{event}'\n"
         f"  curl -s -X POST {base}/outcome {json_header} "
         '-d \'{"decision_id": DECISION_ID, "outcome": "success"}\'\n'
@@ -130,26 +130,35 @@ def _curl_examples(settings: Settings) -> str:
 def serve(
     host: str | None = typer.Option(None, help="default: DP_HOST"),
     port: int | None = typer.Option(None, help="default: DP_PORT"),
+    workers: int = typer.Option(1, help="uvicorn worker processes (needs a shared feature store: redis://)"),
 ) -> None:
     """Serve the HTTP API with the configured backends."""
-    import uvicorn
+    import os
 
-    from decision_platform.api.app import create_app
+    import uvicorn
 
     settings = get_settings()
     if host:
-        settings.host = host
+        settings.host = os.environ["DP_HOST"] = host
     if port:
         settings.port = port
+        os.environ["DP_PORT"] = str(port)
+    if workers > 1 and settings.feature_store_url.startswith("memory://"):
+        raise typer.BadParameter(
+            "--workers > 1 needs DP_FEATURE_STORE_URL=redis://... (memory:// is per-process)"
+        )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    console.print(_curl_examples(settings))
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    console.print(_curl_examples(settings), soft_wrap=True)
+    # A factory import string, so that every worker process builds its own platform from the environment.
     uvicorn.run(
-        create_app(settings),
+        "decision_platform.api.app:create_app",
+        factory=True,
         host=settings.host,
         port=settings.port,
+        workers=workers,
         log_level="warning",
         http="httptools",
-        loop="auto",
     )
 
 
@@ -160,7 +169,7 @@ def run() -> None:
     if not _registry(settings).has_champions():
         console.print("[bold]No models yet: training on the built-in synthetic data set.[/bold]")
         _train(settings, Source.synthetic, None, None, 3000, 14.0, 50_000, 0, True)
-    serve(None, None)
+    serve(None, None, 1)
 
 
 @models_app.command("list")
