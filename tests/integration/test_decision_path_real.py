@@ -21,7 +21,7 @@ from decision_platform.config import Settings
 from decision_platform.services import Platform
 from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.repository import Repository
-from decision_platform.storage.writer import SPOOLED, STORED, DecisionSpool, DecisionWriter
+from decision_platform.storage.writer import DUPLICATE, SPOOLED, STORED, DecisionSpool, DecisionWriter
 from tests.conftest import PG_URL, REDIS_URL, service_unavailable
 
 pytestmark = pytest.mark.integration
@@ -108,10 +108,14 @@ def test_decide_then_outcome_lands_in_postgresql_with_its_reward(
 def test_windows_live_in_redis_and_replays_count_once(real_client: tuple[TestClient, Settings]) -> None:
     client, _settings = real_client
     body = {"entity_id": "rd-1", "event": {"event_id": "rd-ev-1", "amount": 7.0}}
-    client.post("/decide", json=body)
+    first = client.post("/decide", json=body).json()
     replay = client.post("/decide", json=body).json()
-    stored = client.get(f"/decisions/{replay['decision_id']}").json()
-    assert stored["features"]["count_24h"] == 1
+    assert replay["decision_id"] == first["decision_id"]
+    later = client.post(
+        "/decide", json={"entity_id": "rd-1", "event": {"event_id": "rd-ev-2", "amount": 1.0}}
+    ).json()
+    stored = client.get(f"/decisions/{later['decision_id']}").json()
+    assert stored["features"]["count_24h"] == 2
     keys = redis.Redis.from_url(REDIS_URL).keys("*rd-1*")
     assert keys, "the entity's windows should be in Redis"
 
@@ -168,7 +172,8 @@ def test_postgresql_outage_spools_then_replays_into_postgresql(pg_schema: str, t
     assert down.write(row) == SPOOLED
     down.close()
     up = DecisionWriter(Repository(live), spool)
-    assert up.write({**row, "id": 43}) == STORED
+    assert up.write({**row, "id": 43, "event_id": "y"}) == STORED
+    assert up.write({**row, "id": 44}) == DUPLICATE  # event x was decided (spooled, replayed) already
     up.close()
     with live.connect() as connection:
         ids = [r[0] for r in connection.execute(sa.text("SELECT id FROM decisions ORDER BY id"))]

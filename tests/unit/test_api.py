@@ -71,16 +71,19 @@ def test_decision_ids_are_unique_and_time_ordered(client: TestClient) -> None:
     assert all(0 < i < 2**63 for i in ids)
 
 
-def test_event_updates_windows_exactly_once(client: TestClient) -> None:
+def test_event_updates_windows_exactly_once_and_a_retry_gets_the_same_decision(client: TestClient) -> None:
     first = event(amount=10.0)
-    client.post("/decide", json={"entity_id": "w1", "event": first})
+    original = client.post("/decide", json={"entity_id": "w1", "event": first}).json()
     client.post("/decide", json={"entity_id": "w1", "event": event(amount=30.0)})
-    again = client.post("/decide", json={"entity_id": "w1", "event": first})  # a retry of the first event
-    assert again.status_code == 200
-    stored = client.get(f"/decisions/{again.json()['decision_id']}").json()
-    # Both distinct events counted, the retry not a third time.
-    assert stored["features"]["count_1h"] == 2
-    assert stored["features"]["sum_1h"] == pytest.approx(40.0)
+    retry = client.post("/decide", json={"entity_id": "w1", "event": first})  # e.g. a client timeout retry
+    assert retry.status_code == 200
+    assert retry.json()["decision_id"] == original["decision_id"]
+    assert retry.json()["action"] == original["action"]
+    third = client.post("/decide", json={"entity_id": "w1", "event": event(amount=5.0)}).json()
+    stored = client.get(f"/decisions/{third['decision_id']}").json()
+    # Three distinct events counted; the retry did not count a fourth time.
+    assert stored["features"]["count_1h"] == 3
+    assert stored["features"]["sum_1h"] == pytest.approx(45.0)
 
 
 def test_decision_record_is_stored_with_what_ope_needs(client: TestClient) -> None:

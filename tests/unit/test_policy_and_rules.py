@@ -40,7 +40,13 @@ def test_final_action_is_always_one_the_rules_allow(p: list[float], fired: set[T
                 assert dist[a] >= floor - 1e-9  # every explorable allowed action keeps its floor
         # Exploration never raises block above what the policy itself gave it.
         restricted = np.where(mask, p, 0.0)
-        assert dist[2] <= restricted[2] / restricted.sum() + 1e-9
+        if restricted.sum() > 1e-12:
+            assert dist[2] <= restricted[2] / restricted.sum() + 1e-9
+
+
+def test_a_capped_block_becomes_a_throttle_not_a_coin_toss() -> None:
+    dist = serving_distribution(np.array([0.0, 0.0, 1.0]), mask_for({Tier.CAP}), 0.01, explore_actions=(0, 1))
+    assert dist[1] == pytest.approx(0.99) and dist[0] == pytest.approx(0.01) and dist[2] == 0
 
 
 def test_rules_are_compiled_and_checked_at_load() -> None:

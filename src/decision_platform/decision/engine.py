@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -22,13 +23,13 @@ from decision_platform.config import Settings
 from decision_platform.decision.rules import RuleSet, RuleVerdict
 from decision_platform.events.schema import Event
 from decision_platform.explain.reasons import ACTION_NAMES, template_sentence, top_reasons
-from decision_platform.features import FeatureSpec, FeatureStore
+from decision_platform.features import FeatureResult, FeatureSpec, FeatureStore
 from decision_platform.models.bundle import LoadedModels
 from decision_platform.models.policy import serving_distribution
 from decision_platform.observability import metrics
 from decision_platform.storage.ids import DecisionIdGenerator
 from decision_platform.storage.repository import DecisionRow
-from decision_platform.storage.writer import DecisionWriter
+from decision_platform.storage.writer import DUPLICATE, DecisionWriter
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +42,19 @@ class StageError(Exception):
         self.reason = reason
 
 
+@dataclass(frozen=True)
+class DecisionRequest:
+    entity_id: str
+    event: Event | None = None
+
+
 @dataclass
 class Decision:
     """The engine's result: the API response and the stored row."""
 
     response: dict[str, Any]
     row: DecisionRow
-    storage: str  # stored | spooled
+    storage: str  # stored | spooled | duplicate (the event had been decided before: the stored decision)
 
 
 class _Stopwatch:
@@ -60,7 +67,36 @@ class _Stopwatch:
         self.last = now
 
 
+def response_from_row(row: DecisionRow) -> dict[str, Any]:
+    """The API response of a stored decision (used when an event is redelivered)."""
+    return {
+        "decision_id": row["id"],
+        "entity_id": row["entity_id"],
+        "action": row["action"],
+        "action_name": ACTION_NAMES[row["action"]],
+        "risk": row["risk"],
+        "anomaly": row["anomaly"],
+        "explanation": row["explanation"],
+        "reasons": row["reasons"],
+        "rules": row["rules_fired"],
+        "fallback": row["fallback"],
+        "policy": {
+            "proposed_action": row["proposed_action"],
+            "probabilities": row["probabilities"],
+            "propensity": row["propensity"],
+            "decided_by": row["decided_by"],
+        },
+        "model_versions": row["model_versions"],
+        "latency_ms": round(row["latency_ms"], 3),
+    }
+
+
 class DecisionEngine:
+    """Decides one request (the API) or a batch (the stream worker) with the same code.
+
+    Batches share one pipelined feature-store round trip, vectorised model calls and group commits.
+    """
+
     def __init__(
         self,
         settings: Settings,
@@ -82,22 +118,24 @@ class DecisionEngine:
         self._rng_lock = threading.Lock()
 
     # --- stages
-    def _features(self, entity_id: str, event: Event | None) -> np.ndarray:
+    def _features(self, requests: Sequence[DecisionRequest]) -> list[FeatureResult]:
+        """One pipelined update for the events, a read for each request without one."""
         try:
-            if event is not None:
-                result = self.store.update([event])[0]
-                kind = "duplicate" if result.duplicate else "late" if result.late else "applied"
-                metrics.FEATURE_EVENTS.labels(result=kind).inc()
-            else:
-                result = self.store.read(entity_id, time.time())
+            events = [r.event for r in requests if r.event is not None]
+            updated = iter(self.store.update(events) if events else [])
+            now = time.time()
+            results = [
+                next(updated) if r.event is not None else self.store.read(r.entity_id, now) for r in requests
+            ]
         except Exception as exc:
-            metrics.FEATURE_STORE_ERRORS.labels(operation="update" if event else "read").inc()
+            metrics.FEATURE_STORE_ERRORS.labels(operation="update").inc()
             log.warning("feature store failed: %s", exc.__class__.__name__)
             raise StageError("feature_store_unavailable") from exc
-        values = result.values
-        if not np.all(np.isfinite(values)):
-            raise StageError("invalid_features")
-        return values
+        for request, result in zip(requests, results, strict=True):
+            if request.event is not None:
+                kind = "duplicate" if result.duplicate else "late" if result.late else "applied"
+                metrics.FEATURE_EVENTS.labels(result=kind).inc()
+        return results
 
     def _require(self, kind: str) -> Any:
         model = getattr(self.models, kind)
@@ -116,55 +154,100 @@ class DecisionEngine:
         allowed = [a for a, ok in enumerate(verdict.mask) if ok]
         return min(allowed, key=lambda a: (abs(a - safe), -a))
 
-    # --- the pipeline
-    def decide(self, entity_id: str, event: Event | None = None) -> Decision:
-        watch = _Stopwatch()
-        fallback: str | None = None
-        features: np.ndarray | None = None
-        anomaly = risk = None
-        probabilities: np.ndarray | None = None
-        reasons: list[dict[str, Any]] = []
-        spec = self.spec
+    def _score(self, requests: Sequence[DecisionRequest], watch: _Stopwatch) -> _Scores:
+        """Features and model scores for every request; a failure falls the whole batch back."""
+        scores = _Scores(len(requests))
         try:
-            features = self._features(entity_id, event)
+            results = self._features(requests)
+            scores.features = np.vstack([r.values for r in results])
             watch.lap("features")
-            anomaly_model = self._require("anomaly")
-            anomaly = float(anomaly_model.score(features)[0])
+            finite = np.all(np.isfinite(scores.features), axis=1)
+            if not finite.all():
+                for i in np.flatnonzero(~finite):
+                    scores.fallbacks[i] = "invalid_features"
+                scores.features = np.where(finite[:, None], scores.features, 0.0)
+            scores.anomaly = self._require("anomaly").score(scores.features)
             watch.lap("anomaly")
             risk_model = self._require("risk")
-            prediction = risk_model.predict_explained(risk_model.inputs(features, anomaly))
-            risk = prediction.risk
-            reasons = top_reasons(risk_model.input_names, [*features, anomaly], prediction.attributions)
+            inputs = risk_model.inputs(scores.features, scores.anomaly)
+            predictions = [risk_model.predict_explained(row) for row in inputs]
+            scores.risk = np.array([p.risk for p in predictions])
+            scores.reasons = [
+                top_reasons(risk_model.input_names, row, p.attributions)
+                for row, p in zip(inputs, predictions, strict=True)
+            ]
             watch.lap("risk")
-            policy_model = self._require("policy")
-            probabilities = policy_model.probabilities(policy_model.state(features, anomaly, risk))[0]
+            policy = self._require("policy")
+            scores.probabilities = policy.probabilities(
+                policy.state(scores.features, scores.anomaly, scores.risk)
+            )
             watch.lap("policy")
         except StageError as exc:
-            fallback = exc.reason
+            scores.fail(exc.reason)
         except Exception as exc:  # a model raised: never let it become a 5xx
             log.exception("decision stage failed")
-            fallback = f"stage_error:{exc.__class__.__name__}"
+            scores.fail(f"stage_error:{exc.__class__.__name__}")
+        return scores
+
+    # --- the pipeline
+    def decide(self, entity_id: str, event: Event | None = None) -> Decision:
+        return self.decide_batch([DecisionRequest(entity_id, event)])[0]
+
+    def decide_batch(self, requests: Sequence[DecisionRequest]) -> list[Decision]:
+        watch = _Stopwatch()
+        scores = self._score(requests, watch)
+        rows = [self._decide_row(i, request, scores) for i, request in enumerate(requests)]
+        watch.lap("rules")
+        storage = self.writer.write_many(rows)
+        watch.lap("store")
+        metrics.DECISION_LATENCY.labels(stage="total").observe(time.perf_counter() - watch.start)
+        total_ms = round((time.perf_counter() - watch.start) * 1000.0, 3)
+        decisions = []
+        for row, stored in zip(rows, storage, strict=True):
+            if stored == DUPLICATE and row["event_id"] is not None:
+                # This event was decided before (a redelivery or a retry): answer with that decision.
+                existing = self.writer.repository.get_decision_by_event(row["event_id"])
+                if existing is not None:
+                    decisions.append(Decision(response_from_row(existing), existing, DUPLICATE))
+                    continue
+            metrics.DECISIONS.labels(action=ACTION_NAMES[row["action"]], decided_by=row["decided_by"]).inc()
+            response = response_from_row(row)
+            response["latency_ms"] = total_ms
+            decisions.append(Decision(response, row, stored))
+        return decisions
+
+    def _decide_row(self, i: int, request: DecisionRequest, scores: _Scores) -> DecisionRow:
+        event = request.event
+        fallback = scores.fallbacks[i]
+        features = scores.features[i] if scores.features is not None else None
+        feature_map = (
+            dict(zip(self.spec.names, features.tolist(), strict=True)) if features is not None else {}
+        )
+        anomaly = float(scores.anomaly[i]) if scores.anomaly is not None and not fallback else None
+        risk = float(scores.risk[i]) if scores.risk is not None and not fallback else None
+        probabilities = scores.probabilities[i] if scores.probabilities is not None and not fallback else None
+        reasons = scores.reasons[i] if scores.reasons is not None and not fallback else []
         if fallback:
             metrics.FALLBACKS.labels(reason=fallback).inc()
 
-        feature_map = dict(zip(spec.names, features.tolist(), strict=True)) if features is not None else {}
         amount = float(event.amount or 0.0) if event else float(feature_map.get("amount", 0.0))
         facts: dict[str, Any] = {
             **feature_map,
             "amount": amount,
-            "entity_id": entity_id,
+            "entity_id": request.entity_id,
             "event_type": event.event_type if event else "",
             "attributes": dict(event.attributes) if event else {},
         }
         if anomaly is not None:
             facts["anomaly"] = anomaly
+            metrics.ANOMALY_SCORE.observe(anomaly)
         if risk is not None:
             facts["risk"] = risk
+            metrics.RISK_SCORE.observe(risk)
         verdict = self.rules.evaluate(facts)
-        watch.lap("rules")
 
         proposed = int(np.argmax(probabilities)) if probabilities is not None else None
-        if fallback or probabilities is None:
+        if probabilities is None or proposed is None:
             action, propensity, decided_by = self._fallback_action(verdict), 1.0, "fallback"
         else:
             distribution = serving_distribution(
@@ -172,19 +255,11 @@ class DecisionEngine:
             )
             action = self._sample(distribution)
             propensity = float(distribution[action])
-            decided_by = (
-                "rule" if (verdict.forced_action is not None or not verdict.mask[proposed]) else "policy"
-            )
-
-        explanation = template_sentence(action, risk, reasons, verdict.fired, fallback)
-        decision_id = self.ids.next_id()
-        latency_ms = (time.perf_counter() - watch.start) * 1000.0
-        rules_fired = [
-            {"name": r.name, "tier": r.tier.value, "description": r.description} for r in verdict.fired
-        ]
-        row: DecisionRow = {
-            "id": decision_id,
-            "entity_id": entity_id,
+            forced = verdict.forced_action is not None or not verdict.mask[proposed]
+            decided_by = "rule" if forced else "policy"
+        return {
+            "id": self.ids.next_id(),
+            "entity_id": request.entity_id,
             "event_id": event.event_id if event else None,
             "created_at": datetime.now(UTC),
             "features": feature_map,
@@ -197,41 +272,28 @@ class DecisionEngine:
             "action": action,
             "propensity": propensity,
             "decided_by": decided_by,
-            "rules_fired": rules_fired,
+            "rules_fired": [
+                {"name": r.name, "tier": r.tier.value, "description": r.description} for r in verdict.fired
+            ],
             "fallback": fallback,
             "model_versions": dict(self.models.versions),
             "reasons": reasons,
-            "explanation": explanation,
+            "explanation": template_sentence(action, risk, reasons, verdict.fired, fallback),
             "explanation_source": "template",
-            "latency_ms": latency_ms,
+            "latency_ms": 0.0,
         }
-        storage = self.writer.write(row)
-        watch.lap("store")
-        total = time.perf_counter() - watch.start
-        metrics.DECISION_LATENCY.labels(stage="total").observe(total)
-        metrics.DECISIONS.labels(action=ACTION_NAMES[action], decided_by=decided_by).inc()
-        if risk is not None:
-            metrics.RISK_SCORE.observe(risk)
-        if anomaly is not None:
-            metrics.ANOMALY_SCORE.observe(anomaly)
-        response = {
-            "decision_id": decision_id,
-            "entity_id": entity_id,
-            "action": action,
-            "action_name": ACTION_NAMES[action],
-            "risk": risk,
-            "anomaly": anomaly,
-            "explanation": explanation,
-            "reasons": reasons,
-            "rules": rules_fired,
-            "fallback": fallback,
-            "policy": {
-                "proposed_action": proposed,
-                "probabilities": probabilities.tolist() if probabilities is not None else None,
-                "propensity": propensity,
-                "decided_by": decided_by,
-            },
-            "model_versions": dict(self.models.versions),
-            "latency_ms": round(total * 1000.0, 3),
-        }
-        return Decision(response, row, storage)
+
+
+class _Scores:
+    """What the scoring stages produced for a batch; ``fallbacks[i]`` is set when row i fell back."""
+
+    def __init__(self, n: int) -> None:
+        self.fallbacks: list[str | None] = [None] * n
+        self.features: np.ndarray | None = None
+        self.anomaly: np.ndarray | None = None
+        self.risk: np.ndarray | None = None
+        self.probabilities: np.ndarray | None = None
+        self.reasons: list[list[dict[str, Any]]] | None = None
+
+    def fail(self, reason: str) -> None:
+        self.fallbacks = [f or reason for f in self.fallbacks]

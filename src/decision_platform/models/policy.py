@@ -114,7 +114,14 @@ def serving_distribution(
     """
     allowed = np.asarray(mask, dtype=bool)
     p = np.where(allowed, np.asarray(probabilities, dtype=np.float64), 0.0)
-    p = p / p.sum() if p.sum() > 0 else allowed / allowed.sum()
+    if p.sum() <= 1e-12:
+        # The policy put (almost) no mass on what the rules allow: take the allowed action nearest to
+        # what it wanted (a capped block becomes a throttle, not a coin toss).
+        wanted = int(np.argmax(probabilities))
+        nearest = min(np.flatnonzero(allowed), key=lambda a: abs(int(a) - wanted))
+        p = np.eye(3)[nearest]
+    else:
+        p = p / p.sum()
     if allowed.sum() <= 1 or floor <= 0:
         return p
     explorable = allowed & np.isin(np.arange(3), list(explore_actions))

@@ -39,19 +39,30 @@ class Repository:
         self.engine = engine
 
     # --- decisions
-    def insert_decisions(self, rows: Sequence[DecisionRow]) -> None:
-        """Insert a batch in one transaction (executemany); ids already present are skipped.
+    def insert_decisions(self, rows: Sequence[DecisionRow]) -> set[int]:
+        """Insert a batch in one transaction; returns the ids actually inserted.
 
-        Skipping known ids makes replays (spool, Kafka redelivery) idempotent.
+        A row whose id or event_id is already stored is skipped, which makes replays (spool, Kafka
+        redelivery, HTTP retries) idempotent; the caller can then fetch the stored decision instead.
         """
         if not rows:
-            return
+            return set()
+        if self.engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        statement = insert(decisions).on_conflict_do_nothing().returning(decisions.c.id)
         with self.engine.begin() as connection:
-            if self.engine.dialect.name == "postgresql":
-                from sqlalchemy.dialects.postgresql import insert
-            else:
-                from sqlalchemy.dialects.sqlite import insert
-            connection.execute(insert(decisions).on_conflict_do_nothing(index_elements=["id"]), list(rows))
+            return {row.id for row in connection.execute(statement, list(rows))}
+
+    def get_decision_by_event(self, event_id: str) -> DecisionRow | None:
+        with self.engine.connect() as connection:
+            row = (
+                connection.execute(sa.select(decisions).where(decisions.c.event_id == event_id))
+                .mappings()
+                .first()
+            )
+        return dict(row) if row else None
 
     def get_decision(self, decision_id: int) -> DecisionRow | None:
         with self.engine.connect() as connection:

@@ -15,7 +15,8 @@ decisions = sa.Table(
     metadata,
     sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
     sa.Column("entity_id", sa.String(128), nullable=False, index=True),
-    sa.Column("event_id", sa.String(128), nullable=True, index=True),
+    # Unique: one decision per event, so redelivered events are idempotent (migration 0002).
+    sa.Column("event_id", sa.String(128), nullable=True),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
     # The exact vector the models saw: the point-in-time training row.
     sa.Column("features", Json, nullable=False),
@@ -46,6 +47,8 @@ outcomes = sa.Table(
     sa.Column("reward", sa.Float, nullable=False),
     sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
 )
+
+sa.Index("ux_decisions_event_id", decisions.c.event_id, unique=True)
 
 models = sa.Table(
     "models",

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 STORED = "stored"
 SPOOLED = "spooled"
+DUPLICATE = "duplicate"  # a decision for this event (or id) was already stored; nothing was written
 
 
 class DecisionSpool:
@@ -89,8 +90,13 @@ class DecisionWriter:
         return future
 
     def write(self, row: DecisionRow, timeout: float = 30.0) -> str:
-        """Store one decision; returns ``"stored"`` or ``"spooled"`` once it is durable."""
+        """Store one decision; returns ``stored``, ``spooled`` or ``duplicate`` once it is durable."""
         return self.submit(row).result(timeout=timeout)
+
+    def write_many(self, rows: list[DecisionRow], timeout: float = 60.0) -> list[str]:
+        """Store several decisions (they share group commits); one result per row, in order."""
+        futures = [self.submit(row) for row in rows]
+        return [future.result(timeout=timeout) for future in futures]
 
     def close(self) -> None:
         self._queue.put(None)
@@ -119,8 +125,7 @@ class DecisionWriter:
         try:
             if self.spool.pending():
                 self.spool.replay(self.repository)
-            self.repository.insert_decisions(rows)
-            outcome = STORED
+            inserted = self.repository.insert_decisions(rows)
             metrics.DB_BATCH_SIZE.observe(len(rows))
         except Exception as exc:  # database down or failing: keep the decisions durable locally
             log.warning(
@@ -129,11 +134,13 @@ class DecisionWriter:
             metrics.DB_ERRORS.labels(operation="insert_decisions").inc()
             try:
                 self.spool.append(rows)
-                outcome = SPOOLED
                 metrics.DECISIONS_SPOOLED.inc(len(rows))
             except Exception as spool_exc:  # nowhere durable to put it: the caller must not acknowledge
                 for _, future in batch:
                     future.set_exception(spool_exc)
                 return
-        for _, future in batch:
-            future.set_result(outcome)
+            for _, future in batch:
+                future.set_result(SPOOLED)
+            return
+        for row, future in batch:
+            future.set_result(STORED if row["id"] in inserted else DUPLICATE)
