@@ -172,6 +172,114 @@ def run() -> None:
     serve(None, None, 1)
 
 
+class Target(enum.StrEnum):
+    kafka = "kafka"
+    http = "http"
+
+
+def _load_events(
+    settings: Settings, source: str, mapping: Path | None, entities: int, days: float, seed: int
+):  # type: ignore[no-untyped-def]
+    if source == "synthetic":
+        from decision_platform.data import generate
+
+        return generate(n_entities=entities, days=days, seed=seed)
+    from decision_platform.data.csv_import import load_csv
+
+    if mapping is None:
+        raise typer.BadParameter("a CSV source needs --mapping MAPPING.yaml")
+    return load_csv(Path(source), mapping, progress=True)
+
+
+@app.command()
+def worker(
+    metrics_port: int | None = typer.Option(None, help="serve Prometheus metrics on this port"),
+) -> None:
+    """Consume the events topic: windows, decisions (stored + published), dead letters; Ctrl-C/SIGTERM
+    finishes the batch, commits and leaves the group."""
+    import signal
+    import threading
+
+    from decision_platform.events.kafka import KafkaSink, KafkaSource
+    from decision_platform.events.worker import StreamWorker
+    from decision_platform.services import Platform
+
+    settings = get_settings()
+    if not settings.kafka_bootstrap_servers:
+        console.print(
+            "[red]DP_KAFKA_BOOTSTRAP_SERVERS is not set.[/red] Without a broker, POST /events on the API "
+            "runs the same worker logic in-process: no worker process is needed."
+        )
+        raise typer.Exit(2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    settings = settings.model_copy(
+        update={
+            "feature_store_timeout_s": settings.worker_feature_store_timeout_s,
+            "db_batch_size": max(settings.db_batch_size, settings.worker_batch_size),
+        }
+    )
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, addr=settings.host)
+    platform = Platform.start(settings)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stream = StreamWorker(settings, platform.engine, platform.store, KafkaSink(settings))
+    console.print(f"worker consuming {settings.kafka_events_topic} as group {settings.kafka_group_id}")
+    try:
+        processed = stream.run(KafkaSource(settings), stop)
+    finally:
+        platform.close()
+    console.print(f"worker stopped after {processed} messages")
+
+
+@app.command()
+def replay(
+    source: str = typer.Option("synthetic", help="synthetic, or a CSV file (with --mapping)"),
+    mapping: Path | None = typer.Option(None, help="column mapping of the CSV"),
+    to: Target = typer.Option(Target.kafka, help="kafka (the events topic) or http (POST /decide)"),
+    rate: float = typer.Option(1000.0, help="events per second (0: as fast as possible)"),
+    limit: int | None = typer.Option(None, help="replay at most this many events"),
+    url: str = typer.Option("http://127.0.0.1:8000", help="the API, for --to http"),
+    concurrency: int = typer.Option(4, help="concurrent senders"),
+    entities: int = typer.Option(500, help="synthetic: number of entities"),
+    days: float = typer.Option(2.0, help="synthetic: days of history"),
+    seed: int = typer.Option(7),
+    shift_to_now: bool = typer.Option(True, help="move the data set in time so that it ends now"),
+) -> None:
+    """Stream a data set as live traffic, with progress and a final summary."""
+    from decision_platform.events import replay as replaying
+
+    settings = get_settings()
+    events = _load_events(settings, source, mapping, entities, days, seed).events[:limit]
+    if shift_to_now:
+        events = replaying.shift_to_now(events)
+    if to is Target.kafka:
+        if not settings.kafka_bootstrap_servers:
+            raise typer.BadParameter("--to kafka needs DP_KAFKA_BOOTSTRAP_SERVERS")
+        send, chunk = replaying.kafka_sender(settings), 100
+    else:
+        send, chunk = replaying.http_sender(url), 1
+    summary = replaying.replay(events, send, rate, chunk, console, workers=concurrency)
+    table = Table(title=f"replay to {to.value}")
+    for column in ("sent", "acknowledged", "errors", "seconds", "rate achieved (ev/s)"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        str(summary.sent),
+        str(summary.acknowledged),
+        str(summary.errors),
+        f"{summary.seconds:.1f}",
+        f"{summary.rate:,.0f}",
+    )
+    console.print(table)
+    if summary.first_error:
+        console.print(f"[red]first error:[/red] {summary.first_error}")
+        raise typer.Exit(1)
+
+
 @models_app.command("list")
 def models_list(kind: str | None = typer.Option(None, help="anomaly, risk or policy")) -> None:
     """Registered models, newest first."""

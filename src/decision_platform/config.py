@@ -37,6 +37,23 @@ class Settings(BaseSettings):
     feature_store_timeout_s: float = 0.05
     #: Unset: events are handled in-process. Set: Kafka bootstrap servers.
     kafka_bootstrap_servers: str | None = None
+    kafka_events_topic: str = "events"
+    kafka_decisions_topic: str = "decisions"
+    kafka_dlq_topic: str = "events.dlq"
+    #: Partitions of the events topic when the platform creates it (the unit of worker parallelism).
+    kafka_events_partitions: int = 4
+    kafka_group_id: str = "decision-workers"
+    #: Consumer group liveness; librdkafka's defaults make a group join take ~20 s on tansu.
+    kafka_session_timeout_ms: int = 6000
+    kafka_heartbeat_interval_ms: int = 500
+
+    # --- stream worker
+    #: Decide every consumed event (False: only update the feature windows).
+    worker_decide: bool = True
+    #: Most messages processed (and committed) together.
+    worker_batch_size: int = 500
+    #: Feature-store timeout of the worker: batches are big, so it is far above the API's.
+    worker_feature_store_timeout_s: float = 5.0
     #: Unset: explanations come from the template only.
     llm_url: str | None = None
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from decision_platform.config import Settings
 from decision_platform.decision.engine import DecisionEngine
 from decision_platform.decision.rules import RuleSet
+from decision_platform.events.kafka import EventProducer, ensure_topics
+from decision_platform.events.worker import InProcessSink, StreamWorker
 from decision_platform.features import FeatureSpec, FeatureStore, open_feature_store
 from decision_platform.learning.rewards import RewardTable
 from decision_platform.models.bundle import LoadedModels, load_champions
@@ -34,6 +36,9 @@ class Platform:
     rewards: RewardTable
     writer: DecisionWriter
     engine: DecisionEngine
+    #: POST /events: acknowledged by Kafka when a broker is configured, else handled in-process.
+    producer: EventProducer | None
+    inline_worker: StreamWorker | None
 
     @classmethod
     def start(cls, settings: Settings) -> Platform:
@@ -52,9 +57,29 @@ class Platform:
         engine = DecisionEngine(settings, spec, store, models, rules, writer)
         if models.errors:
             log.warning("serving with fallbacks for: %s", models.errors)
-        return cls(settings, repository, registry, store, models, rules, rewards, writer, engine)
+        producer, inline_worker = None, None
+        if settings.kafka_bootstrap_servers:
+            ensure_topics(settings)
+            producer = EventProducer(settings)
+        else:
+            inline_worker = StreamWorker(settings, engine, store, InProcessSink())
+        return cls(
+            settings,
+            repository,
+            registry,
+            store,
+            models,
+            rules,
+            rewards,
+            writer,
+            engine,
+            producer,
+            inline_worker,
+        )
 
     def close(self) -> None:
+        if self.producer is not None:
+            self.producer.close()
         self.writer.close()
         self.store.close()
         self.repository.engine.dispose()

@@ -6,9 +6,18 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from decision_platform.api.schemas import DecideRequest, DecisionResponse, OutcomeRequest, OutcomeResponse
+from decision_platform.api.schemas import (
+    DecideRequest,
+    DecisionResponse,
+    EventBatch,
+    EventsAccepted,
+    OutcomeRequest,
+    OutcomeResponse,
+)
+from decision_platform.events.kafka import BrokerUnavailableError
+from decision_platform.events.schema import Event
+from decision_platform.events.worker import RawMessage
 from decision_platform.observability import metrics
 from decision_platform.services import Platform
 from decision_platform.storage.repository import OutcomeStatus
@@ -57,6 +66,24 @@ def decide(body: DecideRequest, request: Request) -> dict[str, Any]:
     return decision.response
 
 
+@router.post("/events", response_model=EventsAccepted, summary="Ingest events (one, or a batch)")
+def ingest_events(body: Event | EventBatch, request: Request, response: Response) -> dict[str, Any]:
+    platform = _platform(request)
+    events = body.events if isinstance(body, EventBatch) else [body]
+    if platform.producer is not None:
+        try:
+            platform.producer.send(events)
+        except BrokerUnavailableError as exc:
+            raise HTTPException(503, f"the broker did not acknowledge the events; retry ({exc})") from None
+        metrics.EVENTS_PRODUCED.inc(len(events))
+        response.status_code = 202
+        return {"accepted": len(events), "mode": "kafka", "decision_ids": None}
+    # No broker: the stream worker's own logic, right here, before answering (nothing is queued).
+    messages = [RawMessage(e.model_dump_json().encode(), e.entity_id.encode()) for e in events]
+    summary = platform.inline_worker.process(messages)  # type: ignore[union-attr]
+    return {"accepted": len(events), "mode": "in-process", "decision_ids": summary.decision_ids}
+
+
 @router.post("/outcome", response_model=OutcomeResponse, summary="Report what happened after a decision")
 def outcome(body: OutcomeRequest, request: Request, response: Response) -> dict[str, Any]:
     platform = _platform(request)
@@ -77,7 +104,7 @@ def outcome(body: OutcomeRequest, request: Request, response: Response) -> dict[
         )
     created = result.status is OutcomeStatus.CREATED
     if created:
-        metrics.OUTCOMES.labels(outcome=body.outcome, action=str(decision["action"])).inc()
+        metrics.OUTCOMES.labels(outcome=body.outcome, action=metrics.action_label(decision["action"])).inc()
         metrics.REWARD.observe(reward)
     response.status_code = 201 if created else 200
     return {
@@ -100,7 +127,8 @@ def get_decision(decision_id: int, request: Request) -> dict[str, Any]:
 
 @router.get("/metrics", include_in_schema=False)
 def prometheus_metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    body, content_type = metrics.render()  # merged across uvicorn workers in multiprocess mode
+    return Response(body, media_type=content_type)
 
 
 @router.get("/time", include_in_schema=False)

@@ -79,3 +79,18 @@ class OutcomeResponse(BaseModel):
     reward: float
     received_at: str
     created: bool = Field(description="false when this exact outcome had already been recorded")
+
+
+class EventBatch(BaseModel):
+    """``POST /events``: one event, or ``{"events": [...]}`` (at most 1000)."""
+
+    model_config = ConfigDict(extra="forbid")
+    events: list[Event] = Field(min_length=1, max_length=1000)
+
+
+class EventsAccepted(BaseModel):
+    accepted: int = Field(description="Events acknowledged: by the broker, or processed in-process.")
+    mode: str = Field(description="kafka | in-process")
+    decision_ids: list[int] | None = Field(
+        None, description="In-process mode only: the decisions made (Kafka mode decides asynchronously)."
+    )

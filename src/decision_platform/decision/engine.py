@@ -118,8 +118,12 @@ class DecisionEngine:
         self._rng_lock = threading.Lock()
 
     # --- stages
-    def _features(self, requests: Sequence[DecisionRequest]) -> list[FeatureResult]:
+    def _features(
+        self, requests: Sequence[DecisionRequest], precomputed: Sequence[FeatureResult] | None
+    ) -> list[FeatureResult]:
         """One pipelined update for the events, a read for each request without one."""
+        if precomputed is not None:
+            return list(precomputed)
         try:
             events = [r.event for r in requests if r.event is not None]
             updated = iter(self.store.update(events) if events else [])
@@ -154,11 +158,13 @@ class DecisionEngine:
         allowed = [a for a, ok in enumerate(verdict.mask) if ok]
         return min(allowed, key=lambda a: (abs(a - safe), -a))
 
-    def _score(self, requests: Sequence[DecisionRequest], watch: _Stopwatch) -> _Scores:
+    def _score(
+        self, requests: Sequence[DecisionRequest], watch: _Stopwatch, features: Sequence[FeatureResult] | None
+    ) -> _Scores:
         """Features and model scores for every request; a failure falls the whole batch back."""
         scores = _Scores(len(requests))
         try:
-            results = self._features(requests)
+            results = self._features(requests, features)
             scores.features = np.vstack([r.values for r in results])
             watch.lap("features")
             finite = np.all(np.isfinite(scores.features), axis=1)
@@ -193,9 +199,13 @@ class DecisionEngine:
     def decide(self, entity_id: str, event: Event | None = None) -> Decision:
         return self.decide_batch([DecisionRequest(entity_id, event)])[0]
 
-    def decide_batch(self, requests: Sequence[DecisionRequest]) -> list[Decision]:
+    def decide_batch(
+        self, requests: Sequence[DecisionRequest], features: Sequence[FeatureResult] | None = None
+    ) -> list[Decision]:
+        """Decide every request. ``features``: already applied results of the requests' events (the
+        stream worker updates windows itself, so that a feature-store outage retries the batch)."""
         watch = _Stopwatch()
-        scores = self._score(requests, watch)
+        scores = self._score(requests, watch, features)
         rows = [self._decide_row(i, request, scores) for i, request in enumerate(requests)]
         watch.lap("rules")
         storage = self.writer.write_many(rows)

@@ -1,0 +1,208 @@
+"""Kafka plumbing (confluent-kafka): configurations, topic creation, the acknowledged producer.
+
+Any broker speaking the Kafka protocol works (Apache Kafka, Redpanda, tansu in tests). Events are keyed
+by entity id, so one entity's events stay in one partition, in order, handled by one worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from confluent_kafka import Consumer, KafkaException, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from decision_platform.config import Settings
+from decision_platform.events.schema import Event
+from decision_platform.events.worker import RawMessage
+from decision_platform.observability import metrics
+
+log = logging.getLogger(__name__)
+
+
+def producer_config(settings: Settings) -> dict[str, Any]:
+    return {
+        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        # Idempotent producer: retries never duplicate or reorder a message within a partition.
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 2,
+        "client.id": "decision-platform",
+    }
+
+
+def consumer_config(settings: Settings) -> dict[str, Any]:
+    return {
+        "bootstrap.servers": settings.kafka_bootstrap_servers,
+        "group.id": settings.kafka_group_id,
+        # Offsets are committed by hand, only once a batch's effects are durable (at-least-once).
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": settings.kafka_session_timeout_ms,
+        "heartbeat.interval.ms": settings.kafka_heartbeat_interval_ms,
+        "fetch.wait.max.ms": 10,
+        "client.id": "decision-worker",
+    }
+
+
+def ensure_topics(settings: Settings, timeout_s: float = 10.0) -> None:
+    """Create the platform's topics if missing, with known partition counts."""
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    wanted = {
+        settings.kafka_events_topic: settings.kafka_events_partitions,
+        settings.kafka_decisions_topic: settings.kafka_events_partitions,
+        settings.kafka_dlq_topic: 1,
+    }
+    new = [NewTopic(name, partitions, 1) for name, partitions in wanted.items() if name not in existing]
+    if not new:
+        return
+    for topic, future in admin.create_topics(new, operation_timeout=timeout_s).items():
+        try:
+            future.result(timeout=timeout_s)
+            log.info("created topic %s", topic)
+        except KafkaException as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):  # a concurrent creator won the race: fine
+                raise
+
+
+class BrokerUnavailableError(RuntimeError):
+    """The broker did not acknowledge the events in time; nothing may be reported as accepted."""
+
+
+class EventProducer:
+    """Produces events and returns only once the broker has acknowledged every one of them."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.topic = settings.kafka_events_topic
+        self._producer = Producer(producer_config(settings))
+
+    def send(self, events: Sequence[Event], timeout_s: float = 10.0) -> None:
+        errors: list[str] = []
+
+        def delivered(error: Any, _message: Any) -> None:
+            if error is not None:
+                errors.append(str(error))
+
+        for event in events:
+            self._producer.produce(
+                self.topic,
+                key=event.entity_id.encode(),
+                value=event.model_dump_json().encode(),
+                on_delivery=delivered,
+            )
+        remaining = self._producer.flush(timeout_s)
+        if remaining or errors:
+            raise BrokerUnavailableError(
+                f"{remaining} events unacknowledged, {len(errors)} failed"
+                + (f": {errors[0]}" if errors else "")
+            )
+
+    def close(self) -> None:
+        self._producer.flush(5)
+
+
+class KafkaSource:
+    """Consumer-group source of the stream worker: manual commits, commit on partition revoke."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.topic = settings.kafka_events_topic
+        self._consumer = Consumer(consumer_config(settings))
+        self._consumer.subscribe([self.topic], on_revoke=self._on_revoke)
+        self._last_lag_check = 0.0
+
+    def _on_revoke(self, consumer: Any, _partitions: list[Any]) -> None:
+        # Batches are committed as soon as they are processed, so this only commits what is already
+        # durable: the next owner of the partitions starts where we stopped.
+        try:
+            consumer.commit(asynchronous=False)
+        except KafkaException as exc:
+            if "NO_OFFSET" not in str(exc):
+                log.warning("commit on revoke failed: %s", exc)
+
+    def poll(self, max_messages: int, timeout_s: float) -> list[Any]:
+        messages = self._consumer.consume(max_messages, timeout_s)
+        out = []
+        for message in messages:
+            if message.error():
+                log.warning("consumer error: %s", message.error())
+                continue
+            out.append(
+                RawMessage(
+                    message.value(), message.key(), message.topic(), message.partition(), message.offset()
+                )
+            )
+        self._maybe_report_lag()
+        return out
+
+    def commit(self) -> None:
+        try:
+            self._consumer.commit(asynchronous=False)
+        except KafkaException as exc:
+            if "NO_OFFSET" not in str(exc):  # nothing consumed since the last commit
+                raise
+
+    def _maybe_report_lag(self, every_s: float = 5.0) -> None:
+        now = time.monotonic()
+        if now - self._last_lag_check < every_s:
+            return
+        self._last_lag_check = now
+        try:
+            assignment = self._consumer.assignment()
+            for tp, position in zip(assignment, self._consumer.position(assignment), strict=True):
+                low, high = self._consumer.get_watermark_offsets(tp, timeout=1.0)
+                consumed = position.offset if position.offset >= 0 else low
+                metrics.CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(
+                    max(high - consumed, 0)
+                )
+        except KafkaException as exc:
+            log.debug("lag check failed: %s", exc)
+
+    def close(self) -> None:
+        # Leaves the group at once, so the partitions move to the other workers without a session timeout.
+        self._consumer.close()
+
+
+class KafkaSink:
+    """Publishes decisions (keyed by entity) and dead letters (original bytes + the error in a header)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._producer = Producer(producer_config(settings))
+        self.decisions_topic = settings.kafka_decisions_topic
+        self.dlq_topic = settings.kafka_dlq_topic
+        self._errors: list[str] = []
+
+    def _delivered(self, error: Any, _message: Any) -> None:
+        if error is not None:
+            self._errors.append(str(error))
+
+    def decisions(self, responses: Sequence[dict[str, Any]]) -> None:
+        for response in responses:
+            self._producer.produce(
+                self.decisions_topic,
+                key=str(response["entity_id"]).encode(),
+                value=orjson.dumps(response),
+                on_delivery=self._delivered,
+            )
+            self._producer.poll(0)
+
+    def dead_letter(self, message: Any, error: str) -> None:
+        self._producer.produce(
+            self.dlq_topic,
+            key=message.key,
+            value=message.value,
+            headers={
+                "error": error.encode()[:1000],
+                "source": f"{message.topic}/{message.partition}/{message.offset}".encode(),
+            },
+            on_delivery=self._delivered,
+        )
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        remaining = self._producer.flush(timeout_s)
+        errors, self._errors = self._errors, []
+        if remaining or errors:
+            raise BrokerUnavailableError(f"{remaining} messages unacknowledged, {len(errors)} failed")
