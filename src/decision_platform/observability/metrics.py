@@ -60,3 +60,16 @@ DECISIONS_SPOOLED = Counter(
     "dp_decisions_spooled_total", "Decisions written to the local spool because the database failed."
 )
 MODEL_INFO = Gauge("dp_model_info", "Model versions in use (value 1).", ["kind", "version"])
+
+# --- stream worker
+EVENTS_CONSUMED = Counter("dp_events_consumed_total", "Events consumed by the stream worker.", ["topic"])
+EVENTS_DEAD_LETTERED = Counter(
+    "dp_events_dead_lettered_total", "Messages sent to the dead-letter topic, by reason.", ["reason"]
+)
+EVENTS_PRODUCED = Counter("dp_events_produced_total", "Events acknowledged by the broker (POST /events).")
+CONSUMER_LAG = Gauge("dp_consumer_lag_messages", "Messages not yet consumed, per partition.", ["topic", "partition"])
+WORKER_BATCH_SECONDS = Histogram(
+    "dp_worker_batch_seconds",
+    "Time to process one consumed batch end to end (parse, features, decide, store, publish, commit).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
