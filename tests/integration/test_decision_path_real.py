@@ -5,12 +5,10 @@ Same code as the embedded runs; only the URLs differ (DESIGN.md §5).
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-import psycopg
 import pytest
 import redis
 import sqlalchemy as sa
@@ -22,34 +20,10 @@ from decision_platform.services import Platform
 from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.repository import Repository
 from decision_platform.storage.writer import DUPLICATE, SPOOLED, STORED, DecisionSpool, DecisionWriter
-from tests.conftest import PG_URL, REDIS_URL, service_unavailable
+from tests.conftest import PG_URL, REDIS_URL
+from tests.integration.conftest import query
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def pg_schema() -> Iterator[str]:
-    try:
-        psycopg.connect(PG_URL, connect_timeout=3).close()
-    except psycopg.OperationalError:
-        service_unavailable(f"PostgreSQL at {PG_URL}")
-    schema = f"dp_test_{uuid.uuid4().hex[:10]}"
-    yield schema
-    with psycopg.connect(PG_URL, autocommit=True) as connection:
-        connection.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-
-
-@pytest.fixture
-def redis_db() -> Iterator[str]:
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except redis.ConnectionError:
-        service_unavailable(f"Redis at {REDIS_URL}")
-    client.flushdb()
-    yield REDIS_URL
-    client.flushdb()
-    client.close()
 
 
 @pytest.fixture
@@ -62,11 +36,6 @@ def real_client(
     settings = make_settings(database_url=PG_URL, database_schema=pg_schema, feature_store_url=redis_db)
     with TestClient(create_app(settings, start_platform(settings))) as client:
         yield client, settings
-
-
-def query(schema: str, sql: str) -> list[tuple]:
-    with psycopg.connect(PG_URL, options=f"-csearch_path={schema}") as connection:
-        return connection.execute(sql).fetchall()
 
 
 def test_decide_then_outcome_lands_in_postgresql_with_its_reward(

@@ -1,0 +1,258 @@
+"""The stream worker against a real Kafka-protocol broker (tansu, or TEST_KAFKA_BOOTSTRAP_SERVERS),
+the running PostgreSQL and Redis: exact windows, poison messages, crashes, two workers in one group."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from confluent_kafka import Consumer, Producer
+
+from decision_platform.config import Settings
+from decision_platform.devtools.tansu import start_broker
+from decision_platform.events.kafka import KafkaSink, KafkaSource, ensure_topics
+from decision_platform.events.schema import Event
+from decision_platform.events.worker import StreamWorker
+from decision_platform.features import FeatureSpec, OfflineWindows, compute_features, open_feature_store
+from decision_platform.services import Platform
+from tests.integration.conftest import query
+
+pytestmark = pytest.mark.integration
+T0 = 1_780_000_000.0
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[str]:
+    if os.environ.get("TEST_KAFKA_BOOTSTRAP_SERVERS"):
+        yield os.environ["TEST_KAFKA_BOOTSTRAP_SERVERS"]
+        return
+    process, bootstrap = start_broker()
+    yield bootstrap
+    process.kill()
+    process.wait()
+
+
+@pytest.fixture
+def kafka_settings(
+    broker: str,
+    make_settings: Callable[..., Settings],
+    pg_schema: str,
+    redis_db: str,
+) -> Settings:
+    suffix = uuid.uuid4().hex[:8]
+    return make_settings(
+        database_url="postgresql://postgres@127.0.0.1:5432/test",
+        database_schema=pg_schema,
+        feature_store_url=redis_db,
+        kafka_bootstrap_servers=broker,
+        kafka_events_topic=f"events-{suffix}",
+        kafka_decisions_topic=f"decisions-{suffix}",
+        kafka_dlq_topic=f"events-dlq-{suffix}",
+        kafka_group_id=f"workers-{suffix}",
+        kafka_events_partitions=4,
+        kafka_session_timeout_ms=3000,
+        kafka_heartbeat_interval_ms=300,
+        worker_batch_size=200,
+        worker_feature_store_timeout_s=5.0,
+    )
+
+
+def make_events(n: int, entities: int, seed: int = 0) -> list[dict]:
+    """Payments of several entities; event time jitters backwards (out of order within the window)."""
+    rng = np.random.default_rng(seed)
+    events = []
+    for i in range(n):
+        late_by = float(rng.choice([0.0, 0.0, 0.0, rng.uniform(1, 600)]))
+        events.append(
+            {
+                "event_id": f"ev-{seed}-{i}",
+                "entity_id": f"user-{i % entities}",
+                "timestamp": T0 + i * 2.0 - late_by,
+                "amount": round(float(rng.gamma(2.0, 20.0)), 2),
+                "attributes": {"device_id": f"d{int(rng.integers(3))}"},
+            }
+        )
+    return events
+
+
+def produce(settings: Settings, payloads: list[bytes | dict], keys: list[str] | None = None) -> None:
+    ensure_topics(settings)
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    for i, payload in enumerate(payloads):
+        value = json.dumps(payload).encode() if isinstance(payload, dict) else payload
+        key = (keys[i] if keys else payload["entity_id"] if isinstance(payload, dict) else "poison").encode()
+        producer.produce(settings.kafka_events_topic, key=key, value=value)
+    assert producer.flush(10) == 0
+
+
+def decision_count(settings: Settings) -> int:
+    return query(settings.database_schema, "SELECT count(*) FROM decisions")[0][0]
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def expected_features(events: list[dict], spec: FeatureSpec) -> dict[str, np.ndarray]:
+    """Brute force: the offline twin over each entity's events in production order, first copies only."""
+    seen: set[str] = set()
+    unique = []
+    for e in events:
+        if e["event_id"] not in seen:
+            seen.add(e["event_id"])
+            unique.append(Event.model_validate(e))
+    return dict(zip([e.event_id for e in unique], compute_features(unique, spec), strict=True))
+
+
+def assert_windows_exact(settings: Settings, events: list[dict], in_flight: int = 0) -> None:
+    """One decision per distinct event; the windows in Redis equal a brute-force recomputation; every
+    decision's feature snapshot is the point-in-time vector, except at most ``in_flight`` of them.
+
+    ``in_flight``: after a crash, events whose windows were updated but whose decisions were not yet
+    stored are decided on redelivery with the windows as they are then (which may include out-of-order
+    events that arrived later in the same batch); at most one batch per crash.
+    """
+    spec = FeatureSpec.load(settings.features_path)
+    expected = expected_features(events, spec)
+    rows = query(settings.database_schema, "SELECT event_id, features FROM decisions")
+    assert len(rows) == len(expected)  # nothing lost, nothing decided twice
+    drifted = [
+        event_id
+        for event_id, features in rows
+        if not np.allclose([features[n] for n in spec.names], expected[event_id], rtol=1e-9, atol=1e-9)
+    ]
+    assert len(drifted) <= in_flight, f"{len(drifted)} snapshots differ: {drifted[:5]}"
+    # The windows themselves are exact: each entity's state now equals the brute force.
+    offline = OfflineWindows(spec)
+    for event in (Event.model_validate(e) for e in events):
+        offline.update(event)
+    store = open_feature_store(settings.feature_store_url, spec, 5.0)
+    at = max(e["timestamp"] for e in events) + 1
+    for entity in {e["entity_id"] for e in events}:
+        brute = spec.assemble(np.asarray([offline.read(entity, at)]), spec.event_values([at], None))[0]
+        np.testing.assert_allclose(store.read(entity, at).values, brute, rtol=1e-9)
+    store.close()
+
+
+def read_topic(settings: Settings, topic: str, expected: int, timeout_s: float = 20) -> list:
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            "group.id": f"reader-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": 3000,
+            "heartbeat.interval.ms": 300,
+        }
+    )
+    consumer.subscribe([topic])
+    messages: list = []
+    deadline = time.monotonic() + timeout_s
+    while len(messages) < expected and time.monotonic() < deadline:
+        messages += [m for m in consumer.consume(100, 0.5) if not m.error()]
+    consumer.close()
+    return messages
+
+
+def run_in_thread(
+    settings: Settings, start: Callable[[Settings], Platform]
+) -> tuple[threading.Event, threading.Thread]:
+    platform = start(settings.model_copy(update={"feature_store_timeout_s": 5.0}))
+    worker = StreamWorker(settings, platform.engine, platform.store, KafkaSink(settings))
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(KafkaSource(settings), stop), daemon=True)
+    thread.start()
+    return stop, thread
+
+
+def test_exact_windows_duplicates_and_dead_letters(
+    kafka_settings: Settings, start_platform: Callable[[Settings], Platform]
+) -> None:
+    events = make_events(400, entities=7)
+    redelivered = events[10:30]  # at-least-once: the same events again
+    poison = [b"{not json", json.dumps({"event_id": "bad-1", "entity_id": "u", "amount": -3}).encode()]
+    produce(kafka_settings, [*events, *redelivered])
+    produce(kafka_settings, poison, keys=["p1", "p2"])
+
+    stop, thread = run_in_thread(kafka_settings, start_platform)
+    try:
+        wait_for(lambda: decision_count(kafka_settings) >= 400, 60, "400 decisions")
+        dead = read_topic(kafka_settings, kafka_settings.kafka_dlq_topic, expected=2)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert_windows_exact(kafka_settings, [*events, *redelivered])
+
+    assert sorted(m.value() for m in dead) == sorted(poison)  # the original bytes are kept
+    errors = [dict(m.headers())["error"].decode() for m in dead]
+    assert any("amount" in e for e in errors) and any("JSON" in e or "json" in e for e in errors)
+    published = read_topic(kafka_settings, kafka_settings.kafka_decisions_topic, expected=420)
+    assert {json.loads(m.value())["decision_id"] for m in published} == {
+        r[0] for r in query(kafka_settings.database_schema, "SELECT id FROM decisions")
+    }
+
+
+def worker_process(settings: Settings, log: Path) -> subprocess.Popen:
+    env = {**os.environ}
+    for name, value in settings.model_dump().items():
+        if value is not None and not isinstance(value, tuple):
+            env[f"DP_{name.upper()}"] = str(value)
+    return subprocess.Popen(
+        [sys.executable, "-m", "decision_platform.cli", "worker"],
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def test_a_killed_worker_loses_and_double_counts_nothing(kafka_settings: Settings, tmp_path: Path) -> None:
+    events = make_events(3000, entities=40, seed=1)
+    produce(kafka_settings, events)
+    first = worker_process(kafka_settings, tmp_path / "w1.log")
+    try:
+        wait_for(lambda: decision_count(kafka_settings) >= 300, 90, "the first worker to make progress")
+        first.send_signal(signal.SIGKILL)  # no chance to commit its current batch
+        first.wait(10)
+        assert decision_count(kafka_settings) < 3000, "the worker finished before it could be killed"
+        second = worker_process(kafka_settings, tmp_path / "w2.log")
+        try:
+            wait_for(lambda: decision_count(kafka_settings) >= 3000, 120, "all decisions after the restart")
+        finally:
+            second.terminate()
+            assert second.wait(30) == 0, (tmp_path / "w2.log").read_text()[-2000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert_windows_exact(kafka_settings, events, in_flight=kafka_settings.worker_batch_size)
+
+
+def test_two_workers_share_the_partitions(kafka_settings: Settings, tmp_path: Path) -> None:
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    workers = [worker_process(kafka_settings, log) for log in logs]
+    try:
+        time.sleep(8)  # both join the group before the traffic arrives
+        events = make_events(2000, entities=60, seed=2)
+        produce(kafka_settings, events)
+        wait_for(lambda: decision_count(kafka_settings) >= 2000, 120, "2000 decisions from two workers")
+    finally:
+        for worker in workers:
+            worker.terminate()
+        codes = [worker.wait(30) for worker in workers]
+    assert codes == [0, 0], [log.read_text()[-1500:] for log in logs]
+    processed = [int(log.read_text().split("worker stopped after ")[1].split()[0]) for log in logs]
+    assert all(n > 0 for n in processed), processed  # both did part of the work
+    assert_windows_exact(kafka_settings, events)
