@@ -256,3 +256,25 @@ def test_two_workers_share_the_partitions(kafka_settings: Settings, tmp_path: Pa
     processed = [int(log.read_text().split("worker stopped after ")[1].split()[0]) for log in logs]
     assert all(n > 0 for n in processed), processed  # both did part of the work
     assert_windows_exact(kafka_settings, events)
+
+
+def test_post_events_is_acknowledged_by_the_broker_then_decided_by_the_worker(
+    kafka_settings: Settings, start_platform: Callable[[Settings], Platform]
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from decision_platform.api.app import create_app
+
+    api = start_platform(kafka_settings)
+    events = make_events(30, entities=3, seed=5)
+    with TestClient(create_app(kafka_settings, api)) as client:
+        response = client.post("/events", json={"events": events})
+        assert response.status_code == 202
+        assert response.json() == {"accepted": 30, "mode": "kafka", "decision_ids": None}
+    stop, thread = run_in_thread(kafka_settings, start_platform)
+    try:
+        wait_for(lambda: decision_count(kafka_settings) >= 30, 60, "30 decisions")
+    finally:
+        stop.set()
+        thread.join(30)
+    assert_windows_exact(kafka_settings, events)
