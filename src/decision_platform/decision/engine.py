@@ -149,8 +149,13 @@ class DecisionEngine:
 
     def _sample(self, distribution: np.ndarray) -> int:
         with self._rng_lock:
-            u = self._rng.random()
-        return int(np.searchsorted(np.cumsum(distribution), u * distribution.sum(), side="right").clip(0, 2))
+            u = self._rng.random() * float(distribution.sum())
+        cumulative = 0.0
+        for action in range(3):
+            cumulative += float(distribution[action])
+            if u < cumulative:
+                return action
+        return max(a for a in range(3) if distribution[a] > 0)
 
     def _fallback_action(self, verdict: RuleVerdict) -> int:
         """The safe action, moved to the nearest action the rules allow (block rules still block)."""

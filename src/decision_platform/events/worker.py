@@ -86,6 +86,13 @@ class StreamWorker:
         self.engine = engine
         self.store = store
         self.sink = sink
+        #: Cumulative seconds per stage (parse, features, decide, publish): where a worker's time goes.
+        self.stage_seconds: dict[str, float] = dict.fromkeys(("parse", "features", "decide", "publish"), 0.0)
+
+    def _lap(self, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        self.stage_seconds[stage] += now - since
+        return now
 
     def process(self, messages: Sequence[RawMessage]) -> BatchSummary:
         """Apply one batch; raises (so nothing gets committed) if an effect could not be made durable."""
@@ -101,18 +108,22 @@ class StreamWorker:
                 self.sink.dead_letter(message, describe_error(exc))
                 metrics.EVENTS_DEAD_LETTERED.labels(reason=reason).inc()
                 summary.dead_lettered += 1
+        lap = self._lap("parse", started)
         if events:
             # Windows first, outside the engine's fallback: if Redis is down this raises, the batch is not
             # committed and is retried, instead of deciding without ever counting the events.
             features = self.store.update(events)
+            lap = self._lap("features", lap)
             if self.settings.worker_decide:
                 requests = [DecisionRequest(e.entity_id, e) for e in events]
                 decisions = self.engine.decide_batch(requests, features=features)
+                lap = self._lap("decide", lap)
                 self.sink.decisions([d.response for d in decisions])
                 summary.decided = len(decisions)
                 summary.duplicates = sum(d.storage == "duplicate" for d in decisions)
                 summary.decision_ids = [d.response["decision_id"] for d in decisions]
         self.sink.flush()
+        self._lap("publish", lap)
         metrics.WORKER_BATCH_SECONDS.observe(time.perf_counter() - started)
         return summary
 

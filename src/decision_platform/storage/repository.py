@@ -8,13 +8,26 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
+from psycopg.types.json import Jsonb
 from sqlalchemy.exc import IntegrityError
 
 from decision_platform.storage.tables import decisions, models, outcomes
 
 #: A decision row: the keys are the columns of ``tables.decisions``.
 DecisionRow = dict[str, Any]
+
+_DECISION_COLUMNS = [c.name for c in decisions.columns]
+_JSON_COLUMNS = {c.name for c in decisions.columns if isinstance(c.type, sa.JSON)}
+_INSERT_DECISION_SQL = (
+    f"INSERT INTO decisions ({', '.join(_DECISION_COLUMNS)}) "
+    f"VALUES ({', '.join(['%s'] * len(_DECISION_COLUMNS))}) ON CONFLICT DO NOTHING RETURNING id"
+)
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
 
 
 class OutcomeStatus(enum.StrEnum):
@@ -48,12 +61,29 @@ class Repository:
         if not rows:
             return set()
         if self.engine.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
+            return self._insert_decisions_postgresql(rows)
+        from sqlalchemy.dialects.sqlite import insert
+
         statement = insert(decisions).on_conflict_do_nothing().returning(decisions.c.id)
         with self.engine.begin() as connection:
             return {row.id for row in connection.execute(statement, list(rows))}
+
+    def _insert_decisions_postgresql(self, rows: Sequence[DecisionRow]) -> set[int]:
+        # psycopg's executemany pipelines one prepared statement: ~60 us a row here, against ~250 us for
+        # SQLAlchemy's multi-VALUES statement, whose 20k placeholders psycopg must parse on every batch.
+        params = [
+            tuple(Jsonb(row[c], _dumps) if c in _JSON_COLUMNS else row[c] for c in _DECISION_COLUMNS)
+            for row in rows
+        ]
+        inserted: set[int] = set()
+        with self.engine.begin() as connection:
+            cursor = connection.connection.cursor()
+            cursor.executemany(_INSERT_DECISION_SQL, params, returning=True)
+            while True:
+                inserted.update(r[0] for r in cursor.fetchall())
+                if not cursor.nextset():
+                    break
+        return inserted
 
     def get_decision_by_event(self, event_id: str) -> DecisionRow | None:
         with self.engine.connect() as connection:
