@@ -6,12 +6,17 @@ import enum
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from decision_platform.config import Settings, get_settings
+
+if TYPE_CHECKING:
+    from decision_platform.data import LabelledEvents
+    from decision_platform.models.registry import ModelRegistry
 
 app = typer.Typer(help="Real-time AI decision platform.", no_args_is_help=True, add_completion=False)
 models_app = typer.Typer(help="The model registry: list, promote.", no_args_is_help=True)
@@ -25,7 +30,7 @@ class Source(enum.StrEnum):
     ulb = "ulb"
 
 
-def _registry(settings: Settings):  # type: ignore[no-untyped-def]
+def _registry(settings: Settings) -> ModelRegistry:
     from decision_platform.models.registry import ModelRegistry
     from decision_platform.storage.database import make_engine, migrate
     from decision_platform.storage.repository import Repository
@@ -179,7 +184,7 @@ class Target(enum.StrEnum):
 
 def _load_events(
     settings: Settings, source: str, mapping: Path | None, entities: int, days: float, seed: int
-):  # type: ignore[no-untyped-def]
+) -> LabelledEvents:
     if source == "synthetic":
         from decision_platform.data import generate
 

@@ -59,7 +59,10 @@ class Platform:
             log.warning("serving with fallbacks for: %s", models.errors)
         producer, inline_worker = None, None
         if settings.kafka_bootstrap_servers:
-            ensure_topics(settings)
+            try:
+                ensure_topics(settings)
+            except Exception as exc:  # the broker may come later: decisions must not wait for it
+                log.warning("could not check the Kafka topics (%s); POST /events answers 503 meanwhile", exc)
             producer = EventProducer(settings)
         else:
             inline_worker = StreamWorker(settings, engine, store, InProcessSink())

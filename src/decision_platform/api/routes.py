@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request, Response
@@ -105,7 +104,7 @@ def outcome(body: OutcomeRequest, request: Request, response: Response) -> dict[
     created = result.status is OutcomeStatus.CREATED
     if created:
         metrics.OUTCOMES.labels(outcome=body.outcome, action=metrics.action_label(decision["action"])).inc()
-        metrics.REWARD.observe(reward)
+        metrics.observe_reward(reward)
     response.status_code = 201 if created else 200
     return {
         "decision_id": body.decision_id,
@@ -129,8 +128,3 @@ def get_decision(decision_id: int, request: Request) -> dict[str, Any]:
 def prometheus_metrics() -> Response:
     body, content_type = metrics.render()  # merged across uvicorn workers in multiprocess mode
     return Response(body, media_type=content_type)
-
-
-@router.get("/time", include_in_schema=False)
-def server_time() -> dict[str, float]:
-    return {"time": time.time()}

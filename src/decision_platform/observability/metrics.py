@@ -1,13 +1,37 @@
-"""The platform's Prometheus metrics, defined once.
+"""The platform's Prometheus metrics, defined once, and how a process exposes them.
 
-Names follow Prometheus conventions: a ``dp_`` namespace, base units (seconds), ``_total`` counters.
+Names follow Prometheus conventions: a ``dp_`` namespace, base units in the name (``_seconds``,
+``_messages``), ``_total`` counters, an ``_info`` gauge of value 1 for versions. Dashboards
+(deploy/grafana) and alert rules (deploy/alerts.yml) query exactly these names: rename one and the
+observability tests fail until they follow.
+
+Several processes, one view: ``decision-platform serve --workers N`` runs N uvicorn processes, and a
+scrape reaches only one of them. With ``PROMETHEUS_MULTIPROC_DIR`` set (before any process imports
+prometheus_client; see :mod:`decision_platform.observability.multiprocess`), every process writes its
+samples to files there and :func:`render` merges them, so counters are totals across workers.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import os
 
-# Sub-millisecond resolution matters: the whole /decide budget is 5 ms.
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+#: Label values of ``action``; the same names as the API's ``action_name`` (explain.reasons.ACTION_NAMES,
+#: not imported here because the rules module, which explain imports, imports this one).
+ACTION_LABELS = ("allow", "throttle", "block")
+
+# Sub-millisecond resolution matters: the whole /decide budget is 5 ms (the SLO bucket is le="0.005").
 LATENCY_BUCKETS = (
     0.0001,
     0.00025,
@@ -26,12 +50,16 @@ LATENCY_BUCKETS = (
 )
 SCORE_BUCKETS = tuple(i / 20 for i in range(1, 21))
 
+# --- decisions (API and stream worker: the same engine)
 DECISIONS = Counter(
-    "dp_decisions_total", "Decisions made, by final action and what decided it.", ["action", "decided_by"]
+    "dp_decisions_total",
+    "Decisions made, by final action and what decided it (policy, rule or fallback).",
+    ["action", "decided_by"],
 )
 DECISION_LATENCY = Histogram(
     "dp_decision_latency_seconds",
-    "Time spent per decision stage; stage=total is end to end inside the engine.",
+    "Time per decision stage (features, anomaly, risk, policy, rules, store); "
+    "stage=total is end to end inside the engine, storage included.",
     ["stage"],
     buckets=LATENCY_BUCKETS,
 )
@@ -42,12 +70,24 @@ RULE_ERRORS = Counter(
 )
 RISK_SCORE = Histogram("dp_risk_score", "Risk score distribution (P(bad)).", buckets=SCORE_BUCKETS)
 ANOMALY_SCORE = Histogram("dp_anomaly_score", "Anomaly score distribution.", buckets=SCORE_BUCKETS)
+# The version is a label; the value is always 1. "max" merges processes without a pid label.
+MODEL_INFO = Gauge(
+    "dp_model_info", "Model versions in use (value 1).", ["kind", "version"], multiprocess_mode="max"
+)
+
+# --- outcomes
 OUTCOMES = Counter(
     "dp_outcomes_total", "Outcomes received, by outcome and the action taken.", ["outcome", "action"]
 )
 REWARD = Histogram(
     "dp_outcome_reward", "Reward of each outcome received.", buckets=(-100, -20, -5, -1, 0, 1, 5, 20, 100)
 )
+# prometheus_client exposes no _sum for a histogram with negative buckets (a sum that can go down is not a
+# counter), so the running sum of rewards is kept as two counters: mean = (gained - lost) / count.
+REWARD_GAINED = Counter("dp_outcome_reward_gained_total", "Sum of the positive rewards of outcomes received.")
+REWARD_LOST = Counter("dp_outcome_reward_lost_total", "Sum of the magnitudes of the negative rewards.")
+
+# --- dependencies
 FEATURE_EVENTS = Counter(
     "dp_feature_events_total", "Events applied to the feature store, by result.", ["result"]
 )  # result: applied | duplicate | late
@@ -59,17 +99,74 @@ DB_BATCH_SIZE = Histogram(
 DECISIONS_SPOOLED = Counter(
     "dp_decisions_spooled_total", "Decisions written to the local spool because the database failed."
 )
-MODEL_INFO = Gauge("dp_model_info", "Model versions in use (value 1).", ["kind", "version"])
 
-# --- stream worker
+# --- stream worker (events/). Exposed by start_worker_metrics_server().
 EVENTS_CONSUMED = Counter("dp_events_consumed_total", "Events consumed by the stream worker.", ["topic"])
 EVENTS_DEAD_LETTERED = Counter(
     "dp_events_dead_lettered_total", "Messages sent to the dead-letter topic, by reason.", ["reason"]
 )
 EVENTS_PRODUCED = Counter("dp_events_produced_total", "Events acknowledged by the broker (POST /events).")
-CONSUMER_LAG = Gauge("dp_consumer_lag_messages", "Messages not yet consumed, per partition.", ["topic", "partition"])
+# Set it with .set() (not inc/dec): "mostrecent" keeps the value of the process that wrote last, so a
+# partition that moved to another worker shows its new owner's lag, not the old owner's stale one.
+CONSUMER_LAG = Gauge(
+    "dp_consumer_lag_messages",
+    "Messages not yet consumed, per partition (high watermark - committed offset).",
+    ["topic", "partition"],
+    multiprocess_mode="mostrecent",
+)
 WORKER_BATCH_SECONDS = Histogram(
     "dp_worker_batch_seconds",
     "Time to process one consumed batch end to end (parse, features, decide, store, publish, commit).",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
+WORKER_BATCH_SIZE = Histogram(
+    "dp_worker_batch_size",
+    "Messages per consumed batch.",
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000),
+)
+
+# --- explanations (LLM narratives, written off the hot path)
+LLM_NARRATIVES = Counter(
+    "dp_llm_narratives_total",
+    "LLM narratives requested, by result: accepted, rejected (failed the grounding check; the template "
+    "is kept), error, timeout.",
+    ["result"],
+)
+LLM_LATENCY = Histogram(
+    "dp_llm_narrative_duration_seconds",
+    "Time of one LLM narrative call, whatever its result.",
+    buckets=(0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0),
+)
+
+
+def action_label(action: int) -> str:
+    """The ``action`` label of a numeric action (0 allow, 1 throttle, 2 block)."""
+    return ACTION_LABELS[action]
+
+
+def observe_reward(reward: float) -> None:
+    """Count an outcome's reward: in the distribution and in the running sum."""
+    REWARD.observe(reward)
+    (REWARD_GAINED if reward >= 0 else REWARD_LOST).inc(abs(reward))
+
+
+def _registry() -> CollectorRegistry:
+    """The registry to expose: merged files of every process in multiprocess mode, else this process's."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return REGISTRY
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=directory)
+    return registry
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition body and its content type, for ``GET /metrics``."""
+    return generate_latest(_registry()), CONTENT_TYPE_LATEST
+
+
+def start_worker_metrics_server(port: int, host: str = "127.0.0.1") -> None:
+    """Serve ``/metrics`` of this process (or of all processes sharing PROMETHEUS_MULTIPROC_DIR) on
+    ``host:port`` from a daemon thread: how the stream worker, which has no HTTP API, gets scraped.
+    Use host 0.0.0.0 in a container."""
+    start_http_server(port, addr=host, registry=_registry())

@@ -1,0 +1,38 @@
+"""``decision-platform report``: register with ``app.command("report")(report)`` in cli.py."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import typer
+
+
+def report(
+    since: str = typer.Option(
+        "24h", help="start: an age (90m, 6h, 7d) or an ISO 8601 time (UTC if no offset)"
+    ),
+    until: str = typer.Option("now", help="end: now, an age or an ISO 8601 time"),
+    out: Path = typer.Option(Path("decision-report.html"), help="the HTML file to write"),
+) -> None:
+    """Write a static HTML page with charts of the decisions of a time range (from the database)."""
+    from decision_platform.config import get_settings
+    from decision_platform.reporting import parse_time, write_report
+    from decision_platform.storage.database import make_engine
+
+    now = datetime.now(UTC)
+    try:
+        start, end = parse_time(since, now), parse_time(until, now)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if start >= end:
+        raise typer.BadParameter(
+            f"--since ({start:%Y-%m-%d %H:%M}) must be before --until ({end:%Y-%m-%d %H:%M})"
+        )
+    settings = get_settings()
+    engine = make_engine(settings.database_url, settings.database_schema)
+    try:
+        data = write_report(engine, start, end, out)
+    finally:
+        engine.dispose()
+    typer.echo(f"{data.count:,} decisions from {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC -> {out}")
