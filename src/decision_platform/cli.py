@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from decision_platform.config import Settings, get_settings
+from decision_platform.reporting.cli import report as report_command
 
 if TYPE_CHECKING:
     from decision_platform.data import LabelledEvents
@@ -155,6 +156,10 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     console.print(_curl_examples(settings), soft_wrap=True)
+    from decision_platform.observability.multiprocess import prepare_multiprocess_dir
+
+    # Several processes: each writes its metrics to files that /metrics merges (prometheus multiprocess mode).
+    prepare_multiprocess_dir(workers, settings.model_dir.parent / "prometheus-multiproc")
     # A factory import string, so that every worker process builds its own platform from the environment.
     uvicorn.run(
         "decision_platform.api.app:create_app",
@@ -225,9 +230,9 @@ def worker(
         }
     )
     if metrics_port:
-        from prometheus_client import start_http_server
+        from decision_platform.observability import metrics
 
-        start_http_server(metrics_port, addr=settings.host)
+        metrics.start_worker_metrics_server(metrics_port, settings.host)
     platform = Platform.start(settings)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -283,6 +288,9 @@ def replay(
     if summary.first_error:
         console.print(f"[red]first error:[/red] {summary.first_error}")
         raise typer.Exit(1)
+
+
+app.command("report")(report_command)
 
 
 @models_app.command("list")

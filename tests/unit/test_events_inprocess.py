@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from decision_platform.events.worker import RawMessage
+from decision_platform.events.messages import RawMessage
 
 
 def test_batch_of_events_is_decided_in_process(client: TestClient) -> None:

@@ -15,8 +15,8 @@ from decision_platform.api.schemas import (
     OutcomeResponse,
 )
 from decision_platform.events.kafka import BrokerUnavailableError
+from decision_platform.events.messages import RawMessage
 from decision_platform.events.schema import Event
-from decision_platform.events.worker import RawMessage
 from decision_platform.observability import metrics
 from decision_platform.services import Platform
 from decision_platform.storage.repository import OutcomeStatus

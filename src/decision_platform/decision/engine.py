@@ -213,6 +213,9 @@ class DecisionEngine:
         scores = self._score(requests, watch, features)
         rows = [self._decide_row(i, request, scores) for i, request in enumerate(requests)]
         watch.lap("rules")
+        decided_ms = (time.perf_counter() - watch.start) * 1000.0
+        for row in rows:
+            row["latency_ms"] = decided_ms  # time to decide, before storage (stored with the decision)
         storage = self.writer.write_many(rows)
         watch.lap("store")
         metrics.DECISION_LATENCY.labels(stage="total").observe(time.perf_counter() - watch.start)

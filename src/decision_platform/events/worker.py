@@ -23,20 +23,12 @@ from pydantic import ValidationError
 
 from decision_platform.config import Settings
 from decision_platform.decision.engine import DecisionEngine, DecisionRequest
+from decision_platform.events.messages import RawMessage
 from decision_platform.events.schema import Event
 from decision_platform.features import FeatureStore
 from decision_platform.observability import metrics
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RawMessage:
-    value: bytes | None
-    key: bytes | None = None
-    topic: str = "events"
-    partition: int = 0
-    offset: int = -1
 
 
 class EventSource(Protocol):
@@ -97,6 +89,7 @@ class StreamWorker:
     def process(self, messages: Sequence[RawMessage]) -> BatchSummary:
         """Apply one batch; raises (so nothing gets committed) if an effect could not be made durable."""
         started = time.perf_counter()
+        metrics.WORKER_BATCH_SIZE.observe(len(messages))
         summary = BatchSummary(consumed=len(messages))
         events: list[Event] = []
         for message in messages:

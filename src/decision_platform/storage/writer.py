@@ -16,6 +16,7 @@ import logging
 import os
 import queue
 import threading
+import uuid
 from concurrent.futures import Future
 from datetime import datetime
 from pathlib import Path
@@ -31,14 +32,21 @@ DUPLICATE = "duplicate"  # a decision for this event (or id) was already stored;
 
 
 class DecisionSpool:
-    """Append-only JSON-lines file of decisions not yet in the database."""
+    """Append-only JSON-lines files of decisions not yet in the database.
+
+    Each process appends to its own file (``decisions-<pid>.jsonl``), so several API workers sharing the
+    directory never interleave or delete each other's lines. Replay claims a file by renaming it first
+    (atomic), then inserts its rows (idempotently, by id) and deletes it; a crash in between leaves a
+    claimed file that the next replay picks up again.
+    """
 
     def __init__(self, directory: Path) -> None:
-        self.path = Path(directory) / "decisions.jsonl"
+        self.directory = Path(directory)
+        self.path = self.directory / f"decisions-{os.getpid()}.jsonl"
         self._lock = threading.Lock()
 
     def append(self, rows: list[DecisionRow]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(parents=True, exist_ok=True)
         lines = "".join(json.dumps(_to_json(row)) + "\n" for row in rows)
         with self._lock, open(self.path, "a", encoding="utf-8") as handle:
             handle.write(lines)
@@ -46,20 +54,33 @@ class DecisionSpool:
             os.fsync(handle.fileno())
 
     def pending(self) -> bool:
-        return self.path.exists() and self.path.stat().st_size > 0
+        return self.directory.is_dir() and any(self.directory.glob("decisions-*.jsonl*"))
 
     def replay(self, repository: Repository) -> int:
-        """Move spooled decisions into the database; returns how many were replayed."""
+        """Move every spooled decision (any process's) into the database; returns how many."""
+        replayed = 0
         with self._lock:
-            if not self.pending():
-                return 0
-            rows = [
-                _from_json(json.loads(line)) for line in self.path.read_text("utf-8").splitlines() if line
-            ]
-            repository.insert_decisions(rows)  # idempotent: known ids are skipped
-            self.path.unlink()
-        log.info("replayed %d spooled decisions", len(rows))
-        return len(rows)
+            for path in sorted(self.directory.glob("decisions-*.jsonl")):
+                # A unique name: an earlier claimed file whose replay failed must not be overwritten.
+                claimed = path.with_name(f"{path.name}.replaying-{uuid.uuid4().hex}")
+                try:
+                    path.rename(claimed)
+                except FileNotFoundError:  # another process claimed it first
+                    continue
+            # Ours, and any left by a process that died while replaying (inserts are idempotent, so a
+            # file two processes replay at once is harmless).
+            for claimed in sorted(self.directory.glob("decisions-*.jsonl.replaying-*")):
+                try:
+                    lines = claimed.read_text("utf-8").splitlines()
+                except FileNotFoundError:
+                    continue
+                rows = [_from_json(json.loads(line)) for line in lines if line]
+                repository.insert_decisions(rows)  # idempotent: known ids are skipped
+                claimed.unlink(missing_ok=True)
+                replayed += len(rows)
+        if replayed:
+            log.info("replayed %d spooled decisions", replayed)
+        return replayed
 
 
 def _to_json(row: DecisionRow) -> dict:
