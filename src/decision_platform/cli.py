@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 app = typer.Typer(help="Real-time AI decision platform.", no_args_is_help=True, add_completion=False)
 models_app = typer.Typer(help="The model registry: list, promote.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-console = Console()
+# Piped output (make run | tee, CI logs) would wrap the report tables at 80 columns.
+console = Console() if Console().is_terminal else Console(width=140)
 
 
 class Source(enum.StrEnum):
