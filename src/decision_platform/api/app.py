@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -86,6 +87,11 @@ def create_app(settings: Settings | None = None, platform: Platform | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = platform is None
         app.state.platform = platform or Platform.start(settings)
+        # The models and libraries leave ~350k long-lived objects; a full collection walking them took
+        # ~200 ms under load (bench/API.md). Freezing them moves them out of the collector's way:
+        # /health p99 at concurrency 32 went from ~300 ms to ~17 ms.
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
