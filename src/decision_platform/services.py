@@ -14,6 +14,10 @@ from decision_platform.decision.engine import DecisionEngine
 from decision_platform.decision.rules import RuleSet
 from decision_platform.events.kafka import EventProducer, ensure_topics
 from decision_platform.events.worker import InProcessSink, StreamWorker
+from decision_platform.explain.attributions import ReasonBuilder
+from decision_platform.explain.llm import open_chat_client
+from decision_platform.explain.narrator import Narrator
+from decision_platform.explain.ranges import ranges_of_model
 from decision_platform.features import FeatureSpec, FeatureStore, open_feature_store
 from decision_platform.learning.rewards import RewardTable
 from decision_platform.models.bundle import LoadedModels, load_champions
@@ -39,6 +43,8 @@ class Platform:
     #: POST /events: acknowledged by Kafka when a broker is configured, else handled in-process.
     producer: EventProducer | None
     inline_worker: StreamWorker | None
+    #: LLM narratives, written by a background thread (template only when DP_LLM_URL is unset).
+    narrator: Narrator | None = None
 
     @classmethod
     def start(cls, settings: Settings) -> Platform:
@@ -54,7 +60,14 @@ class Platform:
         rewards = RewardTable.load(settings.rewards_path)
         spool = DecisionSpool(settings.spool_dir)
         writer = DecisionWriter(repository, spool, settings.db_batch_size)
-        engine = DecisionEngine(settings, spec, store, models, rules, writer)
+        # Normal ranges stored with the risk model: reason codes say what is typical (older artifacts: none).
+        risk_record = registry.repository.get_model(models.versions["risk"]) if models.risk else None
+        ranges = ranges_of_model(settings.model_dir, risk_record)
+        reasons = ReasonBuilder.for_models(
+            models.risk, models.anomaly, ranges, rules, settings.attribution_steps
+        )
+        engine = DecisionEngine(settings, spec, store, models, rules, writer, reasons=reasons)
+        narrator = Narrator(settings, repository, open_chat_client(settings), ranges).start()
         if models.errors:
             log.warning("serving with fallbacks for: %s", models.errors)
         producer, inline_worker = None, None
@@ -78,9 +91,12 @@ class Platform:
             engine,
             producer,
             inline_worker,
+            narrator,
         )
 
     def close(self) -> None:
+        if self.narrator is not None:
+            self.narrator.close()
         if self.producer is not None:
             self.producer.close()
         self.writer.close()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 
 from decision_platform.api.schemas import (
     DecideRequest,
     DecisionResponse,
     EventBatch,
     EventsAccepted,
+    ExplanationResponse,
     OutcomeRequest,
     OutcomeResponse,
 )
@@ -20,6 +21,7 @@ from decision_platform.events.schema import Event
 from decision_platform.observability import metrics
 from decision_platform.services import Platform
 from decision_platform.storage.repository import OutcomeStatus
+from decision_platform.storage.writer import DUPLICATE
 
 router = APIRouter()
 
@@ -62,6 +64,10 @@ def decide(body: DecideRequest, request: Request) -> dict[str, Any]:
     except OSError:
         # Neither the database nor the local spool could take the decision: do not acknowledge it.
         raise HTTPException(503, "the decision could not be stored durably; retry") from None
+    narrator = _platform(request).narrator
+    if narrator is not None and decision.storage != DUPLICATE:  # a queue append: never waits for the LLM
+        event = body.event
+        narrator.submit(decision.row, event.event_type if event else "", event.attributes if event else None)
     return decision.response
 
 
@@ -122,6 +128,27 @@ def get_decision(decision_id: int, request: Request) -> dict[str, Any]:
         raise HTTPException(404, f"no decision {decision_id}")
     row["created_at"] = row["created_at"].isoformat()
     return row
+
+
+@router.get(
+    "/decisions/{decision_id}/explanation",
+    response_model=ExplanationResponse,
+    summary="The decision explained in words by a local LLM, from its facts only",
+    responses={202: {"description": "Still being written: the template narrative meanwhile"}},
+)
+def get_explanation(
+    decision_id: int,
+    request: Request,
+    response: Response,
+    wait: bool = Query(False, description="wait for the narrative (up to DP_LLM_WAIT_TIMEOUT_S)"),
+    timeout: float | None = Query(None, gt=0, description="seconds to wait at most, with wait=true"),
+) -> dict[str, Any]:
+    narrator = _platform(request).narrator
+    explanation = narrator.explanation(decision_id, wait, timeout) if narrator is not None else None
+    if explanation is None:
+        raise HTTPException(404, f"no decision {decision_id}")
+    response.status_code = 202 if explanation.status == "pending" else 200
+    return explanation.as_dict()
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -30,18 +30,39 @@ class DecideRequest(BaseModel):
         return data
 
 
+class TypicalRange(BaseModel):
+    low: float
+    high: float
+    scope: str = Field(description="population: legitimate training traffic; entity: its recent decisions")
+
+
 class Reason(BaseModel):
     feature: str
     value: float
-    direction: str
-    weight: float
+    direction: str = Field(description="raises_risk | lowers_risk | raises_anomaly")
+    weight: float = Field(
+        description="kind risk: share of the risk log-odds (integrated gradients vs. an average event); "
+        "kind anomaly: share of the anomaly score above what typical values would give (Shapley)"
+    )
     description: str
+    kind: str = "risk"
+    display: str | None = None
+    typical: TypicalRange | None = None
+    text: str | None = Field(None, description='e.g. "25 events in the last minute (typical: 1 to 2)"')
+
+
+class RuleInput(BaseModel):
+    feature: str
+    value: float | str
+    display: str
+    typical: TypicalRange | None = None
 
 
 class FiredRuleOut(BaseModel):
     name: str
     tier: str
     description: str
+    inputs: list[RuleInput] = Field([], description="What the rule tested, with values and normal ranges.")
 
 
 class PolicyOut(BaseModel):
@@ -94,3 +115,22 @@ class EventsAccepted(BaseModel):
     decision_ids: list[int] | None = Field(
         None, description="In-process mode only: the decisions made (Kafka mode decides asynchronously)."
     )
+
+
+class ExplanationResponse(BaseModel):
+    """``GET /decisions/{id}/explanation``: the narrative and the facts it was written from."""
+
+    decision_id: int
+    status: str = Field(description="ready | pending (still being written: the template meanwhile)")
+    narrative: str
+    source: str = Field(description="llm | template")
+    reason: str | None = Field(
+        description="why the template: no_llm, grounding_rejected, llm_timeout, llm_error, "
+        "llm_unavailable, queue_full, pending; null for an LLM narrative"
+    )
+    model: str | None = None
+    prompt_version: str | None = None
+    latency_ms: float | None = None
+    grounding: dict[str, Any] | None = None
+    facts: dict[str, Any]
+    created_at: str | None = None

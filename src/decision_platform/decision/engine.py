@@ -22,7 +22,8 @@ import numpy as np
 from decision_platform.config import Settings
 from decision_platform.decision.rules import RuleSet, RuleVerdict
 from decision_platform.events.schema import Event
-from decision_platform.explain.reasons import ACTION_NAMES, template_sentence, top_reasons
+from decision_platform.explain.attributions import ReasonBuilder
+from decision_platform.explain.reasons import ACTION_NAMES, template_sentence
 from decision_platform.features import FeatureResult, FeatureSpec, FeatureStore
 from decision_platform.models.bundle import LoadedModels
 from decision_platform.models.policy import serving_distribution
@@ -106,8 +107,11 @@ class DecisionEngine:
         rules: RuleSet,
         writer: DecisionWriter,
         ids: DecisionIdGenerator | None = None,
+        reasons: ReasonBuilder | None = None,
     ) -> None:
         self.settings = settings
+        #: Risk + attributions in one vectorised pass, reason codes; built from the models if not given.
+        self.reasons = reasons
         self.spec = spec
         self.store = store
         self.models = models
@@ -147,6 +151,19 @@ class DecisionEngine:
             raise StageError(f"model_unavailable:{kind}")
         return model
 
+    def _reason_builder(self, risk_model: Any) -> ReasonBuilder:
+        if self.reasons is None or self.reasons.model is not risk_model:
+            self.reasons = ReasonBuilder(
+                risk_model, self.models.anomaly, None, self.rules, self.settings.attribution_steps
+            )
+        return self.reasons
+
+    def _rules_fired(self, verdict: RuleVerdict, facts: dict[str, Any]) -> list[dict[str, Any]]:
+        """Fired rules with the inputs they tested (values and normal ranges), for the record."""
+        if self.reasons is not None:
+            return self.reasons.rules_fired(verdict.fired, facts)
+        return [{"name": r.name, "tier": r.tier.value, "description": r.description} for r in verdict.fired]
+
     def _sample(self, distribution: np.ndarray) -> int:
         with self._rng_lock:
             u = self._rng.random() * float(distribution.sum())
@@ -181,12 +198,8 @@ class DecisionEngine:
             watch.lap("anomaly")
             risk_model = self._require("risk")
             inputs = risk_model.inputs(scores.features, scores.anomaly)
-            predictions = [risk_model.predict_explained(row) for row in inputs]
-            scores.risk = np.array([p.risk for p in predictions])
-            scores.reasons = [
-                top_reasons(risk_model.input_names, row, p.attributions)
-                for row, p in zip(inputs, predictions, strict=True)
-            ]
+            builder = self._reason_builder(risk_model)  # risk and its attributions in one vectorised pass
+            scores.risk, scores.reasons = builder.explain_batch(inputs, scores.anomaly)
             watch.lap("risk")
             policy = self._require("policy")
             scores.probabilities = policy.probabilities(
@@ -290,9 +303,7 @@ class DecisionEngine:
             "action": action,
             "propensity": propensity,
             "decided_by": decided_by,
-            "rules_fired": [
-                {"name": r.name, "tier": r.tier.value, "description": r.description} for r in verdict.fired
-            ],
+            "rules_fired": self._rules_fired(verdict, facts),
             "fallback": fallback,
             "model_versions": dict(self.models.versions),
             "reasons": reasons,

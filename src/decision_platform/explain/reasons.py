@@ -1,13 +1,16 @@
 """Deterministic reason codes and the template sentence every decision carries.
 
 These are facts an auditor can check against the decision record: the inputs that moved the risk most
-(with their values), the rules that fired, the fallback if any. The sentence is built only from them.
+(with their values and what is typical), the inputs that made the event look unusual to the anomaly
+model, the rules that fired, the fallback if any. The sentence is built only from them, and so is the
+LLM narrative later (explain/facts.py), which is why the wording of values lives here, in one place.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,6 +30,9 @@ _FALLBACK_TEXT = {
     "feature_store_unavailable": "the feature store could not be reached",
     "invalid_features": "the features could not be computed",
 }
+#: Reasons smaller than this (logit units for risk, score units for anomaly) explain nothing.
+MIN_RISK_WEIGHT = 0.05
+MIN_ANOMALY_WEIGHT = 0.005
 
 
 def describe_feature(name: str) -> str:
@@ -41,35 +47,143 @@ def describe_feature(name: str) -> str:
         "seconds_since_last": "seconds since the previous event",
         "amount": "amount",
         "anomaly": "anomaly score",
+        "risk": "risk",
         "hour_sin": "time of day",
         "hour_cos": "time of day",
+        "time_of_day": "time of day",
     }.get(name, name.replace("_", " "))
 
 
-def top_reasons(
-    names: Sequence[str], values: Sequence[float], attributions: np.ndarray, k: int = 3
-) -> list[dict[str, Any]]:
-    """The ``k`` inputs that moved the risk most, largest first."""
-    order = np.argsort(-np.abs(attributions))[:k]
-    reasons = []
-    for i in order:
-        weight = float(attributions[i])
-        if abs(weight) < 1e-6:
-            continue
-        reasons.append(
-            {
-                "feature": names[i],
-                "value": round(float(values[i]), 4),
-                "direction": "raises_risk" if weight > 0 else "lowers_risk",
-                "weight": round(weight, 4),
-                "description": describe_feature(names[i]),
-            }
+def _is_count(name: str) -> bool:
+    return name.startswith(("count_", "distinct_")) or name == "seconds_since_last"
+
+
+def _is_score(name: str) -> bool:
+    return name in ("anomaly", "risk")
+
+
+def format_value(name: str, value: float) -> str:
+    """How a value of ``name`` is written everywhere (sentence, facts, narrative checks)."""
+    if _is_score(name):  # small probabilities keep a third decimal: 0.004 is not 0
+        return f"{value:.2f}" if value >= 0.1 or value == 0 else f"{value:.3f}"
+    if name == "amount" or name.startswith(("sum_", "mean_", "max_")):
+        return f"{value:,.2f}"
+    if _is_count(name) or float(value).is_integer():
+        return f"{value:,.0f}"
+    return f"{value:,.2f}"
+
+
+def format_range(name: str, low: float, high: float) -> str:
+    """A typical range; counts are widened to whole numbers (percentiles interpolate between them)."""
+    if _is_count(name):
+        low, high = math.floor(low + 1e-9), math.ceil(high - 1e-9)
+        return f"{low:,.0f} to {high:,.0f}" if low != high else f"{low:,.0f}"
+    low_text, high_text = format_value(name, low), format_value(name, high)
+    return f"{low_text} to {high_text}" if low_text != high_text else low_text
+
+
+def range_phrase(name: str, value: float, low: float, high: float) -> str:
+    """``above the typical 1 to 2``: the range and where the value stands, compared as they are written
+    (so that the words and the numbers a reader sees always agree, and the grounding check with them)."""
+    text = format_range(name, low, high)
+    bounds = [float(t.replace(",", "")) for t in text.split(" to ")]
+    shown = float(format_value(name, value).replace(",", ""))
+    where = "above" if shown > bounds[-1] else "below" if shown < bounds[0] else "within"
+    return f"{where} the typical {text}"
+
+
+def time_of_day(hour_sin: float, hour_cos: float) -> str:
+    """The UTC clock time encoded by the two circular features."""
+    minutes = round((math.atan2(hour_sin, hour_cos) % (2 * math.pi)) / (2 * math.pi) * 24 * 60) % (24 * 60)
+    return f"{minutes // 60:02d}:{minutes % 60:02d} UTC"
+
+
+def reason_text(reason: Mapping[str, Any]) -> str:
+    """``25 events in the last minute (above the typical 1 to 2)``: a reason in words, and its range."""
+    if reason.get("text"):
+        return str(reason["text"])
+    description = reason.get("description") or describe_feature(reason["feature"])
+    display = reason.get("display") or format_value(reason["feature"], float(reason["value"]))
+    if description.startswith(("events ", "distinct ")):
+        text = f"{display} {description}"
+    else:
+        text = f"{description} {display}"
+    typical = reason.get("typical")
+    if typical:
+        text += (
+            f" ({range_phrase(reason['feature'], float(reason['value']), typical['low'], typical['high'])})"
         )
-    return reasons
+    return text
 
 
-def _format_value(value: float) -> str:
-    return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.2f}"
+class Wording:
+    """What does not change between decisions, per input: its words and its normal range."""
+
+    def __init__(self, name: str, typical: dict[str, Any] | None) -> None:
+        self.name = name
+        self.description = describe_feature(name)
+        self.count_first = self.description.startswith(("events ", "distinct "))
+        self.typical = typical
+
+    def reason(self, kind: str, value: float, weight: float, display: str | None = None) -> dict[str, Any]:
+        shown = display or format_value(self.name, value)
+        if kind == "risk":
+            direction = "raises_risk" if weight > 0 else "lowers_risk"
+        else:
+            direction = "raises_anomaly" if weight > 0 else "lowers_anomaly"
+        phrase = f"{shown} {self.description}" if self.count_first else f"{self.description} {shown}"
+        if self.typical and display is None:
+            phrase += f" ({range_phrase(self.name, value, self.typical['low'], self.typical['high'])})"
+        return {
+            "feature": self.name,
+            "value": round(value, 4),
+            "direction": direction,
+            "weight": round(weight, 4),
+            "description": self.description,
+            "kind": kind,
+            "display": shown,
+            "typical": self.typical,
+            "text": phrase,
+        }
+
+
+def make_reason(
+    kind: str,
+    feature: str,
+    value: float,
+    weight: float,
+    typical: Mapping[str, Any] | None,
+    display: str | None = None,
+) -> dict[str, Any]:
+    """One reason code. ``kind`` risk: ``weight`` is the input's share of the risk logit (integrated
+    gradients); kind anomaly: its share of the anomaly score above what typical values would give."""
+    return Wording(feature, dict(typical) if typical else None).reason(
+        kind, float(value), float(weight), display
+    )
+
+
+def top_reasons(
+    names: Sequence[str],
+    values: Sequence[float],
+    attributions: np.ndarray,
+    k: int = 3,
+    typical: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """The ``k`` inputs that moved the risk most, largest first (time of day counted once)."""
+    weights = dict(zip(names, np.asarray(attributions, dtype=np.float64).tolist(), strict=True))
+    row = dict(zip(names, (float(v) for v in values), strict=True))
+    display: dict[str, str] = {}
+    if "hour_sin" in weights and "hour_cos" in weights:
+        weights["time_of_day"] = weights.pop("hour_sin") + weights.pop("hour_cos")
+        row["time_of_day"] = 0.0
+        display["time_of_day"] = time_of_day(row["hour_sin"], row["hour_cos"])
+    order = sorted(weights, key=lambda n: -abs(weights[n]))[:k]
+    typical = typical or {}
+    return [
+        make_reason("risk", n, row[n], weights[n], typical.get(n), display.get(n))
+        for n in order
+        if abs(weights[n]) >= 1e-6
+    ]
 
 
 def template_sentence(
@@ -88,8 +202,10 @@ def template_sentence(
         parts.append(f": risk {risk:.2f}")
     raising = [r for r in reasons if r["direction"] == "raises_risk"]
     if raising and not fallback:
-        facts = ", ".join(f"{r['description']} = {_format_value(r['value'])}" for r in raising[:3])
-        parts.append(f"; main factors: {facts}")
+        parts.append("; main factors: " + ", ".join(reason_text(r) for r in raising[:3]))
+    unusual = [r for r in reasons if r.get("kind") == "anomaly" and r["direction"] == "raises_anomaly"]
+    if unusual and not fallback:
+        parts.append("; unusual: " + ", ".join(reason_text(r) for r in unusual[:2]))
     if rules:
         named = ", ".join(f"{r.name} ({r.tier.value})" for r in rules)
         parts.append(f"; rules: {named}")

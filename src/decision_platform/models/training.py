@@ -25,6 +25,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from decision_platform.data import LabelledEvents
+from decision_platform.explain.ranges import save_population_ranges
 from decision_platform.features import FeatureSpec, compute_features
 from decision_platform.learning.rewards import RewardTable
 from decision_platform.models.anomaly import AnomalyModel
@@ -263,7 +264,12 @@ def train_all(
             status,
         ),
         "risk": registry.register(
-            "risk", lambda d: _save(risk_model, d, spec_path), window, risk_metrics, status
+            "risk",
+            # With the normal ranges of its inputs and of the risk itself, read by explanations.
+            lambda d: _save(risk_model, d, spec_path, np.column_stack([risk_inputs, risk])[train], y[train]),
+            window,
+            risk_metrics,
+            status,
         ),
         "policy": registry.register(
             "policy",
@@ -281,9 +287,17 @@ def train_all(
     return TrainReport(versions, risk_metrics, reports, timings, window)
 
 
-def _save(model: AnomalyModel | RiskModel, directory: Path, spec_path: Path) -> None:
+def _save(
+    model: AnomalyModel | RiskModel,
+    directory: Path,
+    spec_path: Path,
+    range_rows: np.ndarray | None = None,
+    range_labels: np.ndarray | None = None,
+) -> None:
     model.save(directory)
     shutil.copyfile(spec_path, directory / SPEC_FILE)
+    if isinstance(model, RiskModel) and range_rows is not None and range_labels is not None:
+        save_population_ranges(directory, range_rows, range_labels, [*model.input_names, "risk"])
 
 
 def _save_policy(model: PolicyModel, ppo: PPO, directory: Path, spec_path: Path) -> None:

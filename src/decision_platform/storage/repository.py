@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from psycopg.types.json import Jsonb
 from sqlalchemy.exc import IntegrityError
 
-from decision_platform.storage.tables import decisions, models, outcomes
+from decision_platform.storage.tables import decisions, explanations, models, outcomes
 
 #: A decision row: the keys are the columns of ``tables.decisions``.
 DecisionRow = dict[str, Any]
@@ -106,6 +106,37 @@ class Repository:
     def count_decisions(self) -> int:
         with self.engine.connect() as connection:
             return int(connection.execute(sa.select(sa.func.count()).select_from(decisions)).scalar_one())
+
+    def recent_features(self, entity_id: str, before_id: int, limit: int = 50) -> list[dict[str, float]]:
+        """Feature snapshots of the entity's decisions before ``before_id``, newest first (its own normal
+        ranges, for explanations)."""
+        query = (
+            sa.select(decisions.c.features)
+            .where(decisions.c.entity_id == entity_id, decisions.c.id < before_id)
+            .order_by(decisions.c.id.desc())
+            .limit(limit)
+        )
+        with self.engine.connect() as connection:
+            return [row[0] for row in connection.execute(query) if row[0]]
+
+    # --- explanations (LLM narratives)
+    def get_explanation(self, decision_id: int) -> dict[str, Any] | None:
+        with self.engine.connect() as connection:
+            row = (
+                connection.execute(sa.select(explanations).where(explanations.c.decision_id == decision_id))
+                .mappings()
+                .first()
+            )
+        return dict(row) if row else None
+
+    def insert_explanation(self, row: dict[str, Any]) -> bool:
+        """Store a narrative; False if the decision already has one (another process wrote it first)."""
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(explanations.insert().values(**row))
+        except IntegrityError:
+            return False
+        return True
 
     # --- outcomes
     def get_outcome(self, decision_id: int) -> OutcomeResult | None:

@@ -64,3 +64,22 @@ models = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("promoted_at", sa.DateTime(timezone=True), nullable=True),
 )
+
+#: LLM narratives (explain/narrator.py), written once per decision off the hot path (migration 0003).
+#: No foreign key on purpose: a decision may still sit in the local spool when its narrative is written.
+explanations = sa.Table(
+    "explanations",
+    metadata,
+    sa.Column("decision_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("narrative", sa.Text, nullable=False),
+    # llm | template (the LLM's narratives failed the grounding check twice)
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("model", sa.String(200), nullable=True),
+    sa.Column("prompt_version", sa.String(32), nullable=False),
+    sa.Column("latency_ms", sa.Float, nullable=False),
+    # {"passed": bool, "attempts": n, "problems": [...], "rejected": [narratives refused]}
+    sa.Column("grounding", Json, nullable=False),
+    # The exact facts the narrative was written from: what an auditor checks it against.
+    sa.Column("facts", Json, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)

@@ -1,0 +1,100 @@
+"""``decision-platform explain DECISION_ID``: the facts of a decision and its narrative.
+
+Registered in cli.py with ``app.command("explain")(explain)``. It needs only the database, the risk
+model's ranges and the LLM (if configured): not the feature store or the other models, so it works
+against a production database from an analyst's laptop. A narrative already stored is shown as is (the
+one that was served); otherwise one is written now, checked, and stored, exactly as the API would.
+"""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from decision_platform.config import get_settings
+
+console = Console()
+
+
+def explain(
+    decision_id: int = typer.Argument(..., help="the decision_id returned by /decide"),
+    generate: bool = typer.Option(True, help="write the narrative now if none is stored (needs DP_LLM_URL)"),
+) -> None:
+    """Print the facts of a decision (action, risk, reasons with normal ranges, rules) and its narrative."""
+    from decision_platform.explain.facts import Facts
+    from decision_platform.explain.llm import open_chat_client
+    from decision_platform.explain.narrator import Explanation, Narrator
+    from decision_platform.explain.ranges import ranges_of_model
+    from decision_platform.storage.database import make_engine, migrate
+    from decision_platform.storage.repository import Repository
+
+    settings = get_settings()
+    engine = make_engine(settings.database_url, settings.database_schema)
+    migrate(engine, settings.database_schema)
+    repository = Repository(engine)
+    try:
+        row = repository.get_decision(decision_id)
+        if row is None:
+            console.print(f"[red]no decision {decision_id}[/red]")
+            raise typer.Exit(1)
+        version = (row.get("model_versions") or {}).get("risk")
+        ranges = ranges_of_model(settings.model_dir, repository.get_model(version)) if version else None
+        client = open_chat_client(settings) if generate else None
+        narrator = Narrator(settings, repository, client, ranges)
+        try:
+            stored = repository.get_explanation(decision_id)
+            if stored is not None:
+                explanation = Explanation.from_row(stored)
+            else:
+                facts = narrator.facts_for(row)
+                if client is None:
+                    explanation = Explanation(
+                        decision_id,
+                        "ready",
+                        facts.template_narrative(),
+                        "template",
+                        "no_llm",
+                        facts.to_dict(),
+                    )
+                else:
+                    with console.status(f"writing the narrative with {client.backend}: {client.model}"):
+                        result = narrator.generate(facts)
+                    if isinstance(result, Explanation):
+                        explanation = result
+                    else:
+                        repository.insert_explanation(result)
+                        explanation = Explanation.from_row(result)
+        finally:
+            narrator.close()
+        facts = Facts.from_dict(explanation.facts)
+        console.print(_facts_table(facts))
+        source = explanation.source + (f" ({explanation.reason})" if explanation.reason else "")
+        subtitle = f"source: {source}"
+        if explanation.model:
+            subtitle += f" | model: {explanation.model} | prompt: {explanation.prompt_version}"
+        if explanation.latency_ms is not None:
+            subtitle += f" | {explanation.latency_ms / 1000:.1f} s"
+        console.print(Panel(explanation.narrative, title="Narrative", subtitle=subtitle, expand=False))
+        grounding = explanation.grounding or {}
+        for rejected in grounding.get("rejected") or ():
+            console.print(
+                f"[yellow]rejected[/yellow] {rejected['narrative']}\n  because: {rejected['problems']}"
+            )
+    finally:
+        engine.dispose()
+
+
+def _facts_table(facts: object) -> Table:
+    from decision_platform.explain.facts import Facts
+
+    assert isinstance(facts, Facts)
+    table = Table(title=f"Decision {facts.decision_id} (entity {facts.entity_id})", show_header=False)
+    table.add_column("fact", style="bold")
+    table.add_column("value")
+    for line in facts.trusted_text().splitlines():
+        label, _, value = line.partition(": ")
+        table.add_row(label, value)
+    table.add_row("Event data (untrusted)", facts.data_text())
+    return table

