@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from decision_platform.config import Settings, get_settings
+from decision_platform.explain.cli import explain as explain_command
 from decision_platform.reporting.cli import report as report_command
 
 if TYPE_CHECKING:
@@ -292,6 +293,7 @@ def replay(
 
 
 app.command("report")(report_command)
+app.command("explain")(explain_command)
 
 
 @models_app.command("list")
