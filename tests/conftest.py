@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,34 @@ def client(
     settings = make_settings()
     with TestClient(create_app(settings, start_platform(settings))) as test_client:
         yield test_client
+
+
+def decision_row(decision_id: int, **overrides: object) -> dict:
+    """A complete, valid decision record for storage tests."""
+    return {**_base_row(decision_id), **overrides}
+
+
+def _base_row(decision_id: int) -> dict:
+    return {
+        "id": decision_id,
+        "entity_id": "e",
+        "event_id": None,
+        "created_at": datetime.now(UTC),
+        "features": {"amount": 1.0},
+        "amount": 1.0,
+        "anomaly": 0.5,
+        "risk": 0.1,
+        "probabilities": [0.8, 0.1, 0.1],
+        "proposed_action": 0,
+        "action_mask": [True, True, True],
+        "action": 0,
+        "propensity": 0.8,
+        "decided_by": "policy",
+        "rules_fired": [],
+        "fallback": None,
+        "model_versions": {},
+        "reasons": [],
+        "explanation": "Allowed.",
+        "explanation_source": "template",
+        "latency_ms": 1.0,
+    }

@@ -6,7 +6,6 @@ Same code as the embedded runs; only the URLs differ (DESIGN.md §5).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from decision_platform.services import Platform
 from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.repository import Repository
 from decision_platform.storage.writer import DUPLICATE, SPOOLED, STORED, DecisionSpool, DecisionWriter
-from tests.conftest import PG_URL, REDIS_URL
+from tests.conftest import PG_URL, REDIS_URL, decision_row
 from tests.integration.conftest import query
 
 pytestmark = pytest.mark.integration
@@ -115,29 +114,7 @@ def test_postgresql_outage_spools_then_replays_into_postgresql(pg_schema: str, t
     migrate(live, pg_schema)
     spool = DecisionSpool(tmp_path / "spool")
     down = DecisionWriter(Repository(make_engine("postgresql://postgres@127.0.0.1:1/test")), spool)
-    row = {
-        "id": 42,
-        "entity_id": "e",
-        "event_id": "x",
-        "created_at": datetime.now(UTC),
-        "features": {"amount": 2.0},
-        "amount": 2.0,
-        "anomaly": 0.4,
-        "risk": 0.2,
-        "probabilities": [0.7, 0.2, 0.1],
-        "proposed_action": 0,
-        "action_mask": [True, True, True],
-        "action": 0,
-        "propensity": 0.7,
-        "decided_by": "policy",
-        "rules_fired": [],
-        "fallback": None,
-        "model_versions": {},
-        "reasons": [],
-        "explanation": "Allowed.",
-        "explanation_source": "template",
-        "latency_ms": 1.0,
-    }
+    row = decision_row(42, event_id="x")
     assert down.write(row) == SPOOLED
     down.close()
     up = DecisionWriter(Repository(live), spool)

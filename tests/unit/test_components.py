@@ -18,6 +18,7 @@ from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.ids import DecisionIdGenerator, id_timestamp
 from decision_platform.storage.repository import Repository
 from decision_platform.storage.writer import SPOOLED, STORED, DecisionSpool, DecisionWriter
+from tests.conftest import decision_row
 
 
 def test_vectorised_isolation_forest_matches_scikit_learn(tmp_path: Path) -> None:
@@ -50,51 +51,25 @@ def test_decision_ids_unique_across_threads() -> None:
     assert abs(id_timestamp(ids[0]) - datetime.now(UTC).timestamp()) < 5
 
 
-def row(decision_id: int) -> dict:
-    return {
-        "id": decision_id,
-        "entity_id": "e",
-        "event_id": None,
-        "created_at": datetime.now(UTC),
-        "features": {"amount": 1.0},
-        "amount": 1.0,
-        "anomaly": 0.5,
-        "risk": 0.1,
-        "probabilities": [0.8, 0.1, 0.1],
-        "proposed_action": 0,
-        "action_mask": [True, True, True],
-        "action": 0,
-        "propensity": 0.8,
-        "decided_by": "policy",
-        "rules_fired": [],
-        "fallback": None,
-        "model_versions": {},
-        "reasons": [],
-        "explanation": "Allowed.",
-        "explanation_source": "template",
-        "latency_ms": 1.0,
-    }
-
-
 def test_database_outage_spools_durably_and_replays_without_duplicates(tmp_path: Path) -> None:
     db_path = tmp_path / "db.sqlite"
     engine = make_engine(f"sqlite:///{db_path}")
     migrate(engine)
     repository = Repository(engine)
     writer = DecisionWriter(repository, DecisionSpool(tmp_path / "spool"), batch_size=16)
-    assert writer.write(row(1)) == STORED
+    assert writer.write(decision_row(1)) == STORED
 
     # The database goes away: writes land in the spool, and are still acknowledged.
     with engine.begin() as connection:
         connection.execute(sa.text("ALTER TABLE decisions RENAME TO decisions_away"))
-    assert writer.write(row(2)) == SPOOLED
-    assert writer.write(row(3)) == SPOOLED
+    assert writer.write(decision_row(2)) == SPOOLED
+    assert writer.write(decision_row(3)) == SPOOLED
     assert list((tmp_path / "spool").glob("decisions-*.jsonl"))
 
     # It comes back: the next batch first replays the spool, once.
     with engine.begin() as connection:
         connection.execute(sa.text("ALTER TABLE decisions_away RENAME TO decisions"))
-    assert writer.write(row(4)) == STORED
+    assert writer.write(decision_row(4)) == STORED
     writer.close()
     with engine.connect() as connection:
         ids = [r[0] for r in connection.execute(sa.text("SELECT id FROM decisions ORDER BY id"))]
