@@ -94,7 +94,6 @@ def make_decisions(root: Path, n_events: int, seed: int) -> tuple[Platform, list
     rows = []
     for event in events:
         decision = platform.engine.decide(event.entity_id, event)
-        platform.narrator.submit(decision.row, event.event_type, event.attributes)  # type: ignore[union-attr]
         rows.append(decision.row)
     return platform, rows
 
@@ -171,7 +170,6 @@ def main() -> None:
         settings = platform.settings.model_copy(update={"llm_url": url, "llm_timeout_s": args.timeout})
         client = open_chat_client(settings)
         narrator = Narrator(settings, platform.repository, client, platform.narrator.ranges)  # type: ignore[union-attr]
-        narrator._context = platform.narrator._context  # type: ignore[union-attr]  # the events' attributes
         records: list[dict[str, Any]] = []
         stream = open(args.records, "w", encoding="utf-8") if args.records else None  # noqa: SIM115
         try:

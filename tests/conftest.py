@@ -138,4 +138,7 @@ def _base_row(decision_id: int) -> dict:
         "explanation": "Allowed.",
         "explanation_source": "template",
         "latency_ms": 1.0,
+        "event_type": None,
+        "attributes": None,
+        "shadow": None,
     }

@@ -182,6 +182,8 @@ def test_explanation_without_an_llm_is_the_template_marked_so(client: TestClient
     assert facts.decision_id == body["decision_id"] and facts.action == 2
     assert facts.history >= 5  # this entity's own ranges come from its earlier decisions
     assert any(r.get("entity_typical") for r in facts.reasons)
+    # The event is stored with the decision, so its facts survive a restart (and reach the CLI).
+    assert facts.event_type == "payment" and facts.attributes == {"device_id": "d-7"}
     assert client.get("/decisions/123/explanation").status_code == 404
 
 
@@ -373,7 +375,7 @@ def test_cli_explain_prints_the_facts_and_the_narrative(
     from decision_platform import config
     from decision_platform.explain.cli import explain
 
-    body = burst(client, "cli-1", 21)
+    body = burst(client, "cli-1", 21, device_id="d-cli")
     settings = client.app.state.platform.settings  # type: ignore[attr-defined]
     monkeypatch.setattr(config, "get_settings", lambda: settings)
     monkeypatch.setattr("decision_platform.explain.cli.get_settings", lambda: settings)
@@ -384,5 +386,6 @@ def test_cli_explain_prints_the_facts_and_the_narrative(
     assert result.exit_code == 0, result.output
     assert "card_testing_burst" in result.output and "Narrative" in result.output
     assert "Blocked because the rule" in result.output and "source: template (no_llm)" in result.output
+    assert "payment" in result.output and "d-cli" in result.output
     missing = CliRunner().invoke(app, ["explain", "42"])
     assert missing.exit_code == 1 and "no decision 42" in missing.output

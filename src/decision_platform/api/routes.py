@@ -66,8 +66,7 @@ def decide(body: DecideRequest, request: Request) -> dict[str, Any]:
         raise HTTPException(503, "the decision could not be stored durably; retry") from None
     narrator = _platform(request).narrator
     if narrator is not None and decision.storage != DUPLICATE:  # a queue append: never waits for the LLM
-        event = body.event
-        narrator.submit(decision.row, event.event_type if event else "", event.attributes if event else None)
+        narrator.submit(decision.row)
     return decision.response
 
 

@@ -310,6 +310,9 @@ class DecisionEngine:
             "explanation": template_sentence(action, risk, reasons, verdict.fired, fallback),
             "explanation_source": "template",
             "latency_ms": 0.0,
+            "event_type": event.event_type if event else None,
+            "attributes": dict(event.attributes) if event else None,
+            "shadow": None,
         }
 
 

@@ -22,7 +22,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,9 +38,8 @@ from decision_platform.storage.repository import Repository
 log = logging.getLogger(__name__)
 
 READY, PENDING = "ready", "pending"
-#: Bounds of the narrator's memory: requested ids in the queue, event context of recent decisions.
+#: Bound of the narrator's memory: requested ids in the queue.
 MAX_URGENT = 256
-MAX_CONTEXT = 4096
 
 
 @dataclass
@@ -84,12 +83,6 @@ class Explanation:
         return out
 
 
-@dataclass
-class _Context:
-    event_type: str = ""
-    attributes: dict[str, Any] = field(default_factory=dict)
-
-
 def clean(text: str, truncated: bool = False) -> str:
     """The narrative as served: one paragraph, no markdown emphasis, no wrapping quotes, and no sentence
     cut off by the token limit (a half-written "213." would read as a wrong number)."""
@@ -123,7 +116,6 @@ class Narrator:
         self._rows: dict[int, Mapping[str, Any]] = {}
         self._inflight: dict[int, threading.Event] = {}
         self._transient: OrderedDict[int, Explanation] = OrderedDict()
-        self._context: OrderedDict[int, _Context] = OrderedDict()
         self._down_until = 0.0
         self._stopped = False
         self._thread: threading.Thread | None = None
@@ -145,13 +137,10 @@ class Narrator:
             self._thread.join(timeout=5)
 
     # --- the hot path's only call
-    def submit(
-        self, row: Mapping[str, Any], event_type: str = "", attributes: Mapping[str, Any] | None = None
-    ) -> bool:
+    def submit(self, row: Mapping[str, Any]) -> bool:
         """Queue a just-made decision for an eager narrative; never blocks. False if not queued."""
         decision_id = int(row["id"])
         with self._cond:
-            self._remember(decision_id, event_type, attributes)
             if self.client is None or row["action"] not in self.settings.llm_eager_actions:
                 return False
             if len(self._eager) >= self.settings.llm_queue_size or decision_id in self._inflight:
@@ -162,17 +151,11 @@ class Narrator:
             self._cond.notify()
         return True
 
-    def _remember(self, decision_id: int, event_type: str, attributes: Mapping[str, Any] | None) -> None:
-        self._context[decision_id] = _Context(event_type, dict(attributes or {}))
-        while len(self._context) > MAX_CONTEXT:
-            self._context.popitem(last=False)
-
     # --- reads
     def facts_for(self, row: Mapping[str, Any]) -> Facts:
         decision_id = int(row["id"])
-        with self._cond:
-            context = self._context.get(decision_id) or _Context()
-        attributes = dict(context.attributes)
+        # The event as stored with the decision (older records: only what a rule tested).
+        attributes = dict(row.get("attributes") or {})
         for rule in row.get("rules_fired") or ():  # attributes a rule tested are in the record itself
             for item in rule.get("inputs") or ():
                 if item["feature"].startswith("attributes."):
@@ -182,7 +165,7 @@ class Narrator:
         except Exception as exc:  # entity ranges are a nicety: never fail an explanation for them
             log.warning("no entity history for %s: %s", decision_id, exc.__class__.__name__)
             history = []
-        return build_facts(row, history, self.ranges, attributes, context.event_type)
+        return build_facts(row, history, self.ranges, attributes, row.get("event_type") or "")
 
     def explanation(
         self, decision_id: int, wait: bool = False, timeout_s: float | None = None

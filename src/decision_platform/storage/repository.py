@@ -66,13 +66,19 @@ class Repository:
 
         statement = insert(decisions).on_conflict_do_nothing().returning(decisions.c.id)
         with self.engine.begin() as connection:
-            return {row.id for row in connection.execute(statement, list(rows))}
+            params = [{c: row.get(c) for c in _DECISION_COLUMNS} for row in rows]
+            return {row.id for row in connection.execute(statement, params)}
 
     def _insert_decisions_postgresql(self, rows: Sequence[DecisionRow]) -> set[int]:
         # psycopg's executemany pipelines one prepared statement: ~60 us a row here, against ~250 us for
         # SQLAlchemy's multi-VALUES statement, whose 20k placeholders psycopg must parse on every batch.
+        # .get: rows spooled by an older version lack the newer (nullable) columns; None stays SQL NULL.
         params = [
-            tuple(Jsonb(row[c], _dumps) if c in _JSON_COLUMNS else row[c] for c in _DECISION_COLUMNS)
+            tuple(
+                Jsonb(value, _dumps) if c in _JSON_COLUMNS and value is not None else value
+                for c in _DECISION_COLUMNS
+                for value in (row.get(c),)
+            )
             for row in rows
         ]
         inserted: set[int] = set()

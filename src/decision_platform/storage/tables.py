@@ -37,6 +37,11 @@ decisions = sa.Table(
     sa.Column("explanation", sa.Text, nullable=False),
     sa.Column("explanation_source", sa.String(16), nullable=False),
     sa.Column("latency_ms", sa.Float, nullable=False),
+    # The event as received (migration 0004): quoted by explanations as data, never interpreted.
+    sa.Column("event_type", sa.String(64), nullable=True),
+    sa.Column("attributes", Json, nullable=True),
+    # A shadow policy's choice on the same state: {"version", "action", "probabilities"}; never applied.
+    sa.Column("shadow", Json, nullable=True),
 )
 
 outcomes = sa.Table(
@@ -46,6 +51,8 @@ outcomes = sa.Table(
     sa.Column("outcome", sa.String(32), nullable=False),
     sa.Column("reward", sa.Float, nullable=False),
     sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+    # True: no outcome arrived within the horizon; the reward (or label) was imputed (learning/outcomes.py).
+    sa.Column("imputed", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 
 sa.Index("ux_decisions_event_id", decisions.c.event_id, unique=True)
