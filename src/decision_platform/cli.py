@@ -14,6 +14,7 @@ from rich.table import Table
 
 from decision_platform.config import Settings, get_settings
 from decision_platform.explain.cli import explain as explain_command
+from decision_platform.learning.cli import retrain as retrain_command
 from decision_platform.reporting.cli import report as report_command
 
 if TYPE_CHECKING:
@@ -261,21 +262,58 @@ def replay(
     days: float = typer.Option(2.0, help="synthetic: days of history"),
     seed: int = typer.Option(7),
     shift_to_now: bool = typer.Option(True, help="move the data set in time so that it ends now"),
+    outcomes: bool = typer.Option(
+        False, help="--to http: also POST each decision's ground-truth outcome to /outcome, later"
+    ),
+    outcome_delay: float = typer.Option(
+        2.0, min=0.0, help="--outcomes: seconds between a decision and its outcome"
+    ),
 ) -> None:
-    """Stream a data set as live traffic, with progress and a final summary."""
+    """Stream a data set as live traffic, with progress and a final summary.
+
+    With --to http --outcomes, the whole learning loop runs from here: each event's true label and the
+    action decided turn into an outcome (fraud, chargeback, success, abandoned, false_positive, by the
+    rule of the training simulator and the `simulation` settings of rewards.yaml, seeded by --seed),
+    posted to /outcome --outcome-delay seconds after the decision. The replay ends once every outcome
+    is posted. Kafka replays cannot do this: the decisions (and their ids) are made by the worker.
+    """
     from decision_platform.events import replay as replaying
 
+    if outcomes and to is not Target.http:
+        raise typer.BadParameter(
+            "--outcomes needs --to http: outcomes are posted for the decision ids /decide answers "
+            "(a Kafka replay never sees them)",
+            param_hint="'--outcomes'",
+        )
     settings = get_settings()
-    events = _load_events(settings, source, mapping, entities, days, seed).events[:limit]
+    data = _load_events(settings, source, mapping, entities, days, seed)
+    events = data.events[:limit]
     if shift_to_now:
         events = replaying.shift_to_now(events)
+    reporter = None
     if to is Target.kafka:
         if not settings.kafka_bootstrap_servers:
             raise typer.BadParameter("--to kafka needs DP_KAFKA_BOOTSTRAP_SERVERS")
         send, chunk = replaying.kafka_sender(settings), 100
     else:
-        send, chunk = replaying.http_sender(url), 1
-    summary = replaying.replay(events, send, rate, chunk, console, workers=concurrency)
+        if outcomes:
+            from decision_platform.learning.rewards import RewardTable
+
+            labels = {e.event_id: int(label) for e, label in zip(data.events, data.labels, strict=True)}
+            reporter = replaying.OutcomeReporter(
+                url,
+                labels,
+                RewardTable.load(settings.rewards_path).simulation,
+                delay_s=outcome_delay,
+                seed=seed,
+                workers=concurrency,
+            )
+        send, chunk = replaying.http_sender(url, outcomes=reporter), 1
+    try:
+        summary = replaying.replay(events, send, rate, chunk, console, workers=concurrency, outcomes=reporter)
+    finally:
+        if reporter is not None:  # replay() drained it; after Ctrl-C, do not wait out the delays
+            reporter.close(drain=False)
     table = Table(title=f"replay to {to.value}")
     for column in ("sent", "acknowledged", "errors", "seconds", "rate achieved (ev/s)"):
         table.add_column(column, justify="right")
@@ -287,13 +325,36 @@ def replay(
         f"{summary.rate:,.0f}",
     )
     console.print(table)
+    if reporter is not None:
+        posted = Table(title=f"outcomes ({outcome_delay:g} s after each decision)")
+        for column in ("posted", "conflicts (409)", "failed", *summary.outcomes):
+            posted.add_column(column, justify="right")
+        posted.add_row(
+            str(summary.outcomes_posted),
+            str(summary.outcomes_conflicts),
+            str(summary.outcomes_failed),
+            *(str(n) for n in summary.outcomes.values()),
+        )
+        console.print(posted)
+        if summary.outcomes_conflicts:
+            console.print(
+                "[yellow]conflicts:[/yellow] those decisions already had a different outcome (outcomes "
+                "are final); a replay with another --seed can draw another outcome for a throttle"
+            )
+    failed = False
     if summary.first_error:
         console.print(f"[red]first error:[/red] {summary.first_error}")
+        failed = True
+    if summary.first_outcome_error:
+        console.print(f"[red]first outcome error:[/red] {summary.first_outcome_error}")
+        failed = True
+    if failed:
         raise typer.Exit(1)
 
 
 app.command("report")(report_command)
 app.command("explain")(explain_command)
+app.command("retrain")(retrain_command)
 
 
 @models_app.command("list")
