@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     port: int = 8000
     #: Largest request body accepted, in bytes; larger ones get 413 before any parsing.
     max_body_bytes: int = 64 * 1024
+    #: Seconds between two checks of the registry for new champions / shadow (hot reload); 0: never.
+    model_refresh_s: float = Field(10.0, ge=0)
 
     # --- backends, chosen by URL
     #: ``sqlite:///path`` (embedded default) or ``postgresql://user@host/db``.
@@ -109,6 +111,7 @@ class Settings(BaseSettings):
     db_batch_size: int = 256
 
     # --- admin
+    #: DP_API_KEY: the key of the /admin endpoints (header X-API-Key); unset, they answer 403.
     api_key: str | None = None
 
     @property

@@ -2,12 +2,19 @@
 
 Routes, the CLI and the stream worker all get their dependencies from here, so there is one place that
 decides which backend serves which part (by URL) and how the pieces connect.
+
+Models are hot-reloaded: :meth:`Platform.reload_models` swaps a freshly loaded serving set into the
+engine, and a :class:`ModelRefresher` thread polls the registry (one small query every
+``DP_MODEL_REFRESH_S``) so that a promotion made anywhere (the CLI, an admin call to another API process,
+retraining) reaches every serving process within seconds, without a restart.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from decision_platform.config import Settings
 from decision_platform.decision.engine import DecisionEngine
@@ -22,11 +29,62 @@ from decision_platform.features import FeatureSpec, FeatureStore, open_feature_s
 from decision_platform.learning.rewards import RewardTable
 from decision_platform.models.bundle import LoadedModels, load_champions
 from decision_platform.models.registry import ModelRegistry
+from decision_platform.observability import metrics
 from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.repository import Repository
 from decision_platform.storage.writer import DecisionSpool, DecisionWriter
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    """What serves after a reload: champion versions, the shadow, load errors; ``applied`` is False when
+    the new set was refused (``reason``) and the previous one kept serving."""
+
+    applied: bool
+    versions: dict[str, str]
+    shadow: dict[str, str]
+    errors: dict[str, str]
+    shadow_error: str | None = None
+    reason: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ModelRefresher:
+    """A daemon thread that reloads the platform's models when the registry's champions or shadow change.
+
+    Each poll is one small query (:meth:`Repository.serving_state`); a reload happens only on a change,
+    and a change that could not be applied is not retried until the registry changes again.
+    """
+
+    def __init__(self, platform: Platform, interval_s: float) -> None:
+        self.platform = platform
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="model-refresher", daemon=True)
+
+    def start(self) -> ModelRefresher:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        failing = False
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.platform.refresh_models()
+                failing = False
+            except Exception as exc:  # the database may be down for a while: keep serving, keep polling
+                if not failing:
+                    log.warning("model refresh failed (%s); retrying every %s s", exc, self.interval_s)
+                failing = True
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5.0)
 
 
 @dataclass
@@ -45,6 +103,11 @@ class Platform:
     inline_worker: StreamWorker | None
     #: LLM narratives, written by a background thread (template only when DP_LLM_URL is unset).
     narrator: Narrator | None = None
+    #: Polls the registry and hot-reloads the models (start_model_refresh; the API and worker start it).
+    refresher: ModelRefresher | None = None
+    _reload_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: The registry state of the last reload attempt, applied or not (refresh_models compares with it).
+    _attempted: frozenset[tuple[str, str, str]] | None = field(default=None, repr=False)
 
     @classmethod
     def start(cls, settings: Settings) -> Platform:
@@ -70,6 +133,8 @@ class Platform:
         narrator = Narrator(settings, repository, open_chat_client(settings), ranges).start()
         if models.errors:
             log.warning("serving with fallbacks for: %s", models.errors)
+        if models.shadow_version:
+            log.info("shadow policy %s: %s", models.shadow_version, models.shadow_error or "loaded")
         producer, inline_worker = None, None
         if settings.kafka_bootstrap_servers:
             try:
@@ -79,7 +144,7 @@ class Platform:
             producer = EventProducer(settings)
         else:
             inline_worker = StreamWorker(settings, engine, store, InProcessSink())
-        return cls(
+        platform = cls(
             settings,
             repository,
             registry,
@@ -93,8 +158,101 @@ class Platform:
             inline_worker,
             narrator,
         )
+        platform._attempted = models.registry_state
+        return platform
+
+    # --- hot reload of the models
+    def reload_models(self) -> ReloadResult:
+        """Load the registry's champions and shadow now and serve them from the next decision on.
+
+        Models whose version did not change are reused, not read again. The new set and the reason
+        builder made from it replace the old ones in one assignment (DecisionEngine.swap_models), so
+        decisions in flight finish with the set they started with. The swap is refused, and the current
+        set kept, when it would make serving worse: a complete set replaced by one with a champion that
+        cannot be loaded (a corrupt artifact), or models on other feature definitions than the feature
+        store computes (that needs a restart). A shadow that cannot be loaded never blocks a swap.
+        """
+        with self._reload_lock:
+            current = self.engine.models
+            new = load_champions(self.registry, reuse=current)
+            self._attempted = new.registry_state
+            reason = None
+            if new.spec is not None and new.spec.names != self.engine.spec.names:
+                reason = "the new models use other feature definitions than the feature store; restart"
+            elif current.complete and not new.complete:
+                reason = f"the new champions cannot all be loaded ({new.errors}); kept the current ones"
+            if reason is not None:
+                log.error("model reload refused: %s", reason)
+                metrics.MODEL_RELOADS.labels(result="refused").inc()
+                return self._result(False, current, reason, new)
+            if new.risk is current.risk and new.anomaly is current.anomaly:
+                reasons = self.engine.reasons
+            else:
+                reasons, ranges = self._reason_builder(new)
+                if self.narrator is not None:
+                    self.narrator.ranges = ranges
+            self.engine.swap_models(new, reasons)
+            self.models = new
+            self._retire_metrics(current, new)
+            metrics.MODEL_RELOADS.labels(result="applied").inc()
+            log.info("serving models %s, shadow %s", new.versions, new.shadow_versions or "none")
+            return self._result(True, new)
+
+    def refresh_models(self) -> ReloadResult | None:
+        """Reload if the registry's champions or shadow changed since the last attempt (a cheap query)."""
+        if self.registry.serving_state() == self._attempted:
+            return None
+        return self.reload_models()
+
+    def start_model_refresh(self) -> bool:
+        """Start polling the registry every ``model_refresh_s`` (0: never); False if not started."""
+        if self.refresher is not None or self.settings.model_refresh_s <= 0:
+            return False
+        self.refresher = ModelRefresher(self, self.settings.model_refresh_s).start()
+        return True
+
+    def stop_model_refresh(self) -> None:
+        if self.refresher is not None:
+            self.refresher.close()
+            self.refresher = None
+
+    def _reason_builder(self, models: LoadedModels) -> tuple[ReasonBuilder | None, Any]:
+        risk_record = self.repository.get_model(models.versions["risk"]) if models.risk else None
+        ranges = ranges_of_model(self.settings.model_dir, risk_record)
+        builder = ReasonBuilder.for_models(
+            models.risk, models.anomaly, ranges, self.rules, self.settings.attribution_steps
+        )
+        return builder, ranges
+
+    @staticmethod
+    def _retire_metrics(old: LoadedModels, new: LoadedModels) -> None:
+        for kind, version in old.versions.items():
+            if new.versions.get(kind) != version:
+                metrics.MODEL_INFO.labels(kind=kind, version=version).set(0)
+        for kind, version in old.shadow_versions.items():
+            if new.shadow_versions.get(kind) != version:
+                metrics.SHADOW_MODEL_INFO.labels(kind=kind, version=version).set(0)
+
+    @staticmethod
+    def _result(
+        applied: bool, serving: LoadedModels, reason: str | None = None, attempted: LoadedModels | None = None
+    ) -> ReloadResult:
+        source = attempted or serving
+        return ReloadResult(
+            applied,
+            dict(serving.versions),
+            serving.shadow_versions,
+            dict(source.errors),
+            source.shadow_error,
+            reason,
+        )
+
+    def serving(self) -> ReloadResult:
+        """What serves now, in the shape of a reload result."""
+        return self._result(True, self.engine.models)
 
     def close(self) -> None:
+        self.stop_model_refresh()
         if self.narrator is not None:
             self.narrator.close()
         if self.producer is not None:

@@ -87,6 +87,8 @@ def create_app(settings: Settings | None = None, platform: Platform | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = platform is None
         app.state.platform = platform or Platform.start(settings)
+        # Promotions made elsewhere (CLI, retraining, another worker's admin call) reach this process.
+        refreshing = app.state.platform.start_model_refresh()
         # The models and libraries leave ~350k long-lived objects; a full collection walking them took
         # ~200 ms under load (bench/API.md). Freezing them moves them out of the collector's way:
         # /health p99 at concurrency 32 went from ~300 ms to ~17 ms.
@@ -95,6 +97,8 @@ def create_app(settings: Settings | None = None, platform: Platform | None = Non
         try:
             yield
         finally:
+            if refreshing:
+                app.state.platform.stop_model_refresh()
             if owned:
                 app.state.platform.close()
 

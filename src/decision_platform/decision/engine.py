@@ -5,6 +5,11 @@
 Each stage is a small object with its own interface; the engine only wires them, times them, and
 turns any failure into a fallback: rules still apply, the configured safe action is taken, the reason
 is recorded and counted. A decision request never raises because a dependency failed.
+
+The models (and the reason builder made from them) are one immutable serving set, swapped in a single
+assignment by a hot reload (:meth:`DecisionEngine.swap_models`); a batch reads it once, so decisions in
+flight finish with the set they started with. A shadow policy in the set scores the same states and
+its choice is logged with the decision, never applied.
 """
 
 from __future__ import annotations
@@ -47,6 +52,14 @@ class StageError(Exception):
 class DecisionRequest:
     entity_id: str
     event: Event | None = None
+
+
+@dataclass(frozen=True)
+class ServingSet:
+    """What decides: the loaded models and the reason builder made from them, swapped together."""
+
+    models: LoadedModels
+    reasons: ReasonBuilder | None
 
 
 @dataclass
@@ -110,16 +123,33 @@ class DecisionEngine:
         reasons: ReasonBuilder | None = None,
     ) -> None:
         self.settings = settings
-        #: Risk + attributions in one vectorised pass, reason codes; built from the models if not given.
-        self.reasons = reasons
+        #: The models and the reason builder (risk + attributions in one vectorised pass, reason codes;
+        #: built from the models if not given), replaced as one by swap_models().
+        self._serving = ServingSet(models, reasons)
         self.spec = spec
         self.store = store
-        self.models = models
         self.rules = rules
         self.writer = writer
         self.ids = ids or DecisionIdGenerator()
         self._rng = np.random.default_rng(settings.policy_seed)
         self._rng_lock = threading.Lock()
+
+    @property
+    def models(self) -> LoadedModels:
+        return self._serving.models
+
+    @property
+    def reasons(self) -> ReasonBuilder | None:
+        return self._serving.reasons
+
+    @reasons.setter
+    def reasons(self, reasons: ReasonBuilder | None) -> None:
+        self._serving = ServingSet(self._serving.models, reasons)
+
+    def swap_models(self, models: LoadedModels, reasons: ReasonBuilder | None) -> None:
+        """Serve ``models`` from the next batch on: one attribute assignment (atomic), so no batch ever
+        sees new models with the old reason builder or the other way round."""
+        self._serving = ServingSet(models, reasons)
 
     # --- stages
     def _features(
@@ -145,23 +175,29 @@ class DecisionEngine:
                 metrics.FEATURE_EVENTS.labels(result=kind).inc()
         return results
 
-    def _require(self, kind: str) -> Any:
-        model = getattr(self.models, kind)
+    @staticmethod
+    def _require(serving: ServingSet, kind: str) -> Any:
+        model = getattr(serving.models, kind)
         if model is None:
             raise StageError(f"model_unavailable:{kind}")
         return model
 
-    def _reason_builder(self, risk_model: Any) -> ReasonBuilder:
-        if self.reasons is None or self.reasons.model is not risk_model:
-            self.reasons = ReasonBuilder(
-                risk_model, self.models.anomaly, None, self.rules, self.settings.attribution_steps
-            )
-        return self.reasons
+    def _reason_builder(self, serving: ServingSet, risk_model: Any) -> ReasonBuilder:
+        if serving.reasons is not None and serving.reasons.model is risk_model:
+            return serving.reasons
+        builder = ReasonBuilder(
+            risk_model, serving.models.anomaly, None, self.rules, self.settings.attribution_steps
+        )
+        if self._serving is serving:  # kept for the next batches, unless a reload replaced the set
+            self._serving = ServingSet(serving.models, builder)
+        return builder
 
-    def _rules_fired(self, verdict: RuleVerdict, facts: dict[str, Any]) -> list[dict[str, Any]]:
+    def _rules_fired(
+        self, reasons: ReasonBuilder | None, verdict: RuleVerdict, facts: dict[str, Any]
+    ) -> list[dict[str, Any]]:
         """Fired rules with the inputs they tested (values and normal ranges), for the record."""
-        if self.reasons is not None:
-            return self.reasons.rules_fired(verdict.fired, facts)
+        if reasons is not None:
+            return reasons.rules_fired(verdict.fired, facts)
         return [{"name": r.name, "tier": r.tier.value, "description": r.description} for r in verdict.fired]
 
     def _sample(self, distribution: np.ndarray) -> int:
@@ -181,7 +217,11 @@ class DecisionEngine:
         return min(allowed, key=lambda a: (abs(a - safe), -a))
 
     def _score(
-        self, requests: Sequence[DecisionRequest], watch: _Stopwatch, features: Sequence[FeatureResult] | None
+        self,
+        requests: Sequence[DecisionRequest],
+        watch: _Stopwatch,
+        features: Sequence[FeatureResult] | None,
+        serving: ServingSet,
     ) -> _Scores:
         """Features and model scores for every request; a failure falls the whole batch back."""
         scores = _Scores(len(requests))
@@ -194,17 +234,20 @@ class DecisionEngine:
                 for i in np.flatnonzero(~finite):
                     scores.fallbacks[i] = "invalid_features"
                 scores.features = np.where(finite[:, None], scores.features, 0.0)
-            scores.anomaly = self._require("anomaly").score(scores.features)
+            scores.anomaly = self._require(serving, "anomaly").score(scores.features)
             watch.lap("anomaly")
-            risk_model = self._require("risk")
+            risk_model = self._require(serving, "risk")
             inputs = risk_model.inputs(scores.features, scores.anomaly)
-            builder = self._reason_builder(risk_model)  # risk and its attributions in one vectorised pass
+            # Risk and its attributions in one vectorised pass.
+            builder = scores.builder = self._reason_builder(serving, risk_model)
             scores.risk, scores.reasons = builder.explain_batch(inputs, scores.anomaly)
             watch.lap("risk")
-            policy = self._require("policy")
+            policy = self._require(serving, "policy")
             scores.probabilities = policy.probabilities(
                 policy.state(scores.features, scores.anomaly, scores.risk)
             )
+            # The shadow's time counts in the policy stage: it is part of what a decision costs.
+            scores.shadow = self._shadow_probabilities(serving.models, scores)
             watch.lap("policy")
         except StageError as exc:
             scores.fail(exc.reason)
@@ -212,6 +255,31 @@ class DecisionEngine:
             log.exception("decision stage failed")
             scores.fail(f"stage_error:{exc.__class__.__name__}")
         return scores
+
+    @staticmethod
+    def _shadow_probabilities(models: LoadedModels, scores: _Scores) -> np.ndarray | None:
+        """The shadow policy's probabilities for the whole batch, on the features and scores the champion
+        saw (its own scaler is inside ``state``); None without a shadow, or if it fails (never raises)."""
+        shadow = models.shadow_policy
+        if shadow is None or scores.features is None:
+            return None
+        try:
+            return shadow.probabilities(shadow.state(scores.features, scores.anomaly, scores.risk))
+        except Exception:
+            log.exception("shadow policy %s failed; decisions go on without it", models.shadow_version)
+            metrics.SHADOW_ERRORS.labels(stage="score").inc()
+            return None
+
+    def _shadow_record(
+        self, models: LoadedModels, probabilities: np.ndarray, mask: Sequence[bool], champion_choice: int
+    ) -> dict[str, Any]:
+        """What the shadow would have done under the same rules and exploration floor (logged only)."""
+        distribution = serving_distribution(
+            probabilities, mask, self.settings.exploration_floor, self.settings.explore_actions
+        )
+        action = int(np.argmax(distribution))
+        metrics.SHADOW_DECISIONS.labels(agrees="true" if action == champion_choice else "false").inc()
+        return {"version": models.shadow_version, "action": action, "probabilities": distribution.tolist()}
 
     # --- the pipeline
     def decide(self, entity_id: str, event: Event | None = None) -> Decision:
@@ -223,8 +291,9 @@ class DecisionEngine:
         """Decide every request. ``features``: already applied results of the requests' events (the
         stream worker updates windows itself, so that a feature-store outage retries the batch)."""
         watch = _Stopwatch()
-        scores = self._score(requests, watch, features)
-        rows = [self._decide_row(i, request, scores) for i, request in enumerate(requests)]
+        serving = self._serving  # read once: a reload meanwhile applies from the next batch
+        scores = self._score(requests, watch, features, serving)
+        rows = [self._decide_row(i, request, scores, serving) for i, request in enumerate(requests)]
         watch.lap("rules")
         decided_ms = (time.perf_counter() - watch.start) * 1000.0
         for row in rows:
@@ -247,7 +316,9 @@ class DecisionEngine:
             decisions.append(Decision(response, row, stored))
         return decisions
 
-    def _decide_row(self, i: int, request: DecisionRequest, scores: _Scores) -> DecisionRow:
+    def _decide_row(
+        self, i: int, request: DecisionRequest, scores: _Scores, serving: ServingSet
+    ) -> DecisionRow:
         event = request.event
         fallback = scores.fallbacks[i]
         features = scores.features[i] if scores.features is not None else None
@@ -278,6 +349,7 @@ class DecisionEngine:
         verdict = self.rules.evaluate(facts)
 
         proposed = int(np.argmax(probabilities)) if probabilities is not None else None
+        shadow = None
         if probabilities is None or proposed is None:
             action, propensity, decided_by = self._fallback_action(verdict), 1.0, "fallback"
         else:
@@ -288,6 +360,11 @@ class DecisionEngine:
             propensity = float(distribution[action])
             forced = verdict.forced_action is not None or not verdict.mask[proposed]
             decided_by = "rule" if forced else "policy"
+            if scores.shadow is not None:
+                # Compared with the champion's choice, not its sampled action: exploration is not a
+                # disagreement between the policies.
+                champion_choice = int(np.argmax(distribution))
+                shadow = self._shadow_record(serving.models, scores.shadow[i], verdict.mask, champion_choice)
         return {
             "id": self.ids.next_id(),
             "entity_id": request.entity_id,
@@ -303,16 +380,18 @@ class DecisionEngine:
             "action": action,
             "propensity": propensity,
             "decided_by": decided_by,
-            "rules_fired": self._rules_fired(verdict, facts),
+            "rules_fired": self._rules_fired(
+                scores.builder if scores.builder is not None else serving.reasons, verdict, facts
+            ),
             "fallback": fallback,
-            "model_versions": dict(self.models.versions),
+            "model_versions": dict(serving.models.versions),
             "reasons": reasons,
             "explanation": template_sentence(action, risk, reasons, verdict.fired, fallback),
             "explanation_source": "template",
             "latency_ms": 0.0,
             "event_type": event.event_type if event else None,
             "attributes": dict(event.attributes) if event else None,
-            "shadow": None,
+            "shadow": shadow,
         }
 
 
@@ -325,7 +404,10 @@ class _Scores:
         self.anomaly: np.ndarray | None = None
         self.risk: np.ndarray | None = None
         self.probabilities: np.ndarray | None = None
+        #: The shadow policy's (n, 3) probabilities on the same states, when one is served.
+        self.shadow: np.ndarray | None = None
         self.reasons: list[list[dict[str, Any]]] | None = None
+        self.builder: ReasonBuilder | None = None
 
     def fail(self, reason: str) -> None:
         self.fallbacks = [f or reason for f in self.fallbacks]

@@ -2,7 +2,12 @@
 
 Every artifact directory is hashed (sha256 over its files) when registered and verified when loaded,
 so a corrupt or tampered model is refused (and the engine falls back) instead of silently serving.
-One champion per kind; challengers and shadows wait beside it; promote and roll back by command.
+One champion per kind; challengers wait beside it; promote and roll back by command.
+
+A shadow (policies only, one per kind) is served beside the champion: on every decision it scores the same
+state and its choice is logged, never applied, so that it can be compared on live traffic before it is
+promoted (learning/compare.py). Only the policy can shadow: the anomaly and risk scores feed the rules
+and the policy's state, so a second set of them would not be "the same decision, another choice".
 """
 
 from __future__ import annotations
@@ -18,10 +23,31 @@ from typing import Any
 from decision_platform.storage.repository import Repository
 
 KINDS = ("anomaly", "risk", "policy")
+#: Kinds that may have a shadow.
+SHADOW_KINDS = ("policy",)
 
 
 class CorruptArtifactError(RuntimeError):
     """An artifact's files no longer match the hash recorded when it was registered."""
+
+
+class RegistryError(Exception):
+    """A registry operation that cannot be done; the message says why (shown as is by the CLI and API)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownVersionError(RegistryError, KeyError):
+    """No model has this version (a KeyError, as ``promote`` always raised)."""
+
+
+class InvalidOperationError(RegistryError, ValueError):
+    """The operation does not apply to this kind of model (e.g. shadowing an anomaly model)."""
+
+
+class RegistryConflictError(RegistryError):
+    """The registry's current state does not allow it (nothing to roll back to, a champion as shadow)."""
 
 
 def hash_directory(directory: Path) -> str:
@@ -77,10 +103,85 @@ class ModelRegistry:
             self.repository.promote(version)
         return version
 
-    def promote(self, version: str) -> None:
-        if self.repository.get_model(version) is None:
-            raise KeyError(f"no model version {version!r}")
+    def record(self, version: str) -> dict[str, Any]:
+        """The record of ``version``; UnknownVersionError if there is none."""
+        record = self.repository.get_model(version)
+        if record is None:
+            raise UnknownVersionError(f"no model version {version!r}")
+        return record
+
+    def promote(self, version: str, verify: bool = True) -> None:
+        """Make ``version`` the champion of its kind (the shadow too: it stops shadowing); the previous
+        champion is retired. With ``verify``, a corrupt artifact is refused before anything changes, so a
+        running server never reloads into fallback because of a bad promotion."""
+        record = self.record(version)
+        if record["status"] == "champion":
+            return
+        if verify:
+            self.verified_path(record)
         self.repository.promote(version)
+
+    def rollback(self, kind: str | None = None) -> dict[str, tuple[str | None, str]]:
+        """Make the previously promoted version the champion again, for ``kind`` or for every kind.
+
+        The previous version is the retired one promoted most recently; the current champion is retired
+        and its promotion undone (promoted_at cleared), so rolling back again steps further back in
+        history rather than toggling. Without ``kind`` every kind rolls back together or none does: the
+        policy's state holds the anomaly and risk scores, so a set is rolled back as a set. Returns
+        ``{kind: (previous champion, restored version)}``.
+        """
+        if kind is not None and kind not in KINDS:
+            raise InvalidOperationError(f"unknown model kind {kind!r}; expected one of {', '.join(KINDS)}")
+        kinds = [kind] if kind else list(KINDS)
+        plan: dict[str, tuple[str | None, str]] = {}
+        missing = []
+        for k in kinds:
+            target = self.repository.rollback_target(k)
+            if target is None:
+                missing.append(k)
+                continue
+            self.verified_path(target)
+            current = self.repository.champion(k)
+            plan[k] = (current["version"] if current else None, target["version"])
+        if missing:
+            raise RegistryConflictError(
+                f"nothing to roll back to for {', '.join(missing)}: no earlier champion is retired"
+                + ("" if kind else "; roll back one kind at a time with --kind (API: ?kind=)")
+            )
+        if not self.repository.rollback(plan):
+            raise RegistryConflictError(
+                "the champions changed while rolling back; nothing was changed, retry"
+            )
+        return plan
+
+    def shadow(self, version: str) -> str | None:
+        """Serve ``version`` as the shadow of its kind (logged beside the champion, never applied).
+        Returns the version it replaces as shadow (back to challenger), if any."""
+        record = self.record(version)
+        if record["kind"] not in SHADOW_KINDS:
+            raise InvalidOperationError(
+                f"only {' and '.join(SHADOW_KINDS)} models can shadow; {version} is of kind {record['kind']}"
+            )
+        if record["status"] == "champion":
+            raise RegistryConflictError(f"{version} is the champion; a champion cannot also be the shadow")
+        self.verified_path(record)
+        done, previous = self.repository.set_shadow(version)
+        if not done:  # promoted by someone else between the check and the update
+            raise RegistryConflictError(f"{version} is the champion; a champion cannot also be the shadow")
+        return previous
+
+    def unshadow(self, kind: str = "policy") -> str | None:
+        """Stop shadowing: the shadow of ``kind`` goes back to challenger; returns it (None if none)."""
+        if kind not in SHADOW_KINDS:
+            raise InvalidOperationError(f"{kind} models cannot shadow")
+        return self.repository.clear_shadow(kind)
+
+    def shadow_record(self, kind: str = "policy") -> dict[str, Any] | None:
+        return self.repository.shadow(kind)
+
+    def serving_state(self) -> frozenset[tuple[str, str, str]]:
+        """(status, kind, version) of the champions and shadows: cheap, for polling."""
+        return self.repository.serving_state()
 
     def champion(self, kind: str) -> dict[str, Any] | None:
         return self.repository.champion(kind)

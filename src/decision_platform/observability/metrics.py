@@ -74,6 +74,29 @@ ANOMALY_SCORE = Histogram("dp_anomaly_score", "Anomaly score distribution.", buc
 MODEL_INFO = Gauge(
     "dp_model_info", "Model versions in use (value 1).", ["kind", "version"], multiprocess_mode="max"
 )
+# A separate family: dp_model_info stays "what decides", one version per kind.
+SHADOW_MODEL_INFO = Gauge(
+    "dp_shadow_model_info",
+    "Shadow model versions scored beside the champion (value 1); logged, never applied.",
+    ["kind", "version"],
+    multiprocess_mode="max",
+)
+SHADOW_DECISIONS = Counter(
+    "dp_shadow_decisions_total",
+    "Decisions a shadow policy also scored, by whether its choice (argmax of its distribution under the "
+    "same rules) agrees with the champion's.",
+    ["agrees"],
+)
+SHADOW_ERRORS = Counter(
+    "dp_shadow_errors_total",
+    "Shadow policy failures, by stage (load, score); serving goes on without the shadow.",
+    ["stage"],
+)
+MODEL_RELOADS = Counter(
+    "dp_model_reloads_total",
+    "Hot reloads of the serving models: applied, or refused (the new set would serve worse: kept the old).",
+    ["result"],
+)
 
 # --- outcomes
 OUTCOMES = Counter(

@@ -1,0 +1,54 @@
+"""Extra registry versions for tests: policies that always propose one action, and corrupt artifacts."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from decision_platform.models.policy import ACTOR, PolicyModel
+from decision_platform.models.registry import ModelRegistry
+
+
+def fixed_policy(template: PolicyModel, action: int) -> PolicyModel:
+    """``template``'s network and state (same state names, same scaler) with an output layer that
+    proposes ``action`` with probability ~1 whatever the state."""
+    head_w = np.zeros_like(template.weights[-1])
+    head_b = np.full(3, -20.0)
+    head_b[action] = 20.0
+    return PolicyModel(
+        [*template.weights[:-1], head_w],
+        [*template.biases[:-1], head_b],
+        template.activation,
+        template.state_names,
+        template.scaler_mean,
+        template.scaler_std,
+    )
+
+
+def register_policy(registry: ModelRegistry, action: int, status: str = "challenger") -> str:
+    """Register a copy of the champion policy's artifact (features.yaml, ppo.zip...) whose actor always
+    proposes ``action``; every call registers a distinct version."""
+    source = registry.verified_path(registry.champion("policy"))  # type: ignore[arg-type]
+    actor = fixed_policy(PolicyModel.load(source), action)
+
+    def write(directory: Path) -> None:
+        for path in source.iterdir():
+            if path.is_file():
+                shutil.copyfile(path, directory / path.name)
+        actor.save(directory)
+        (directory / "test-origin.txt").write_text(uuid.uuid4().hex)  # a distinct hash, hence version
+
+    return registry.register(
+        "policy", write, {"source": "test", "events": 0}, {"always": float(action)}, status
+    )
+
+
+def corrupt(registry: ModelRegistry, version: str) -> None:
+    """Truncate the actor file of ``version``: its hash no longer matches."""
+    record = registry.repository.get_model(version)
+    assert record is not None
+    actor = registry.model_dir / record["artifact_path"] / ACTOR
+    actor.write_bytes(actor.read_bytes()[:100])

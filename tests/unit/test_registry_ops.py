@@ -1,0 +1,257 @@
+"""Registry operations (rollback, shadow, promoting a shadow), the shadow policy at serving, hot reload."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from decision_platform.config import Settings
+from decision_platform.decision.engine import DecisionRequest
+from decision_platform.events.schema import Event
+from decision_platform.models.registry import (
+    InvalidOperationError,
+    ModelRegistry,
+    RegistryConflictError,
+    UnknownVersionError,
+)
+from decision_platform.observability import metrics
+from decision_platform.services import Platform
+from decision_platform.storage.database import make_engine
+from decision_platform.storage.repository import Repository
+from tests.model_helpers import corrupt, register_policy
+
+ALLOW, THROTTLE, BLOCK = 0, 1, 2
+StartPlatform = Callable[[Settings], Platform]
+
+
+def _requests(n: int, prefix: str) -> list[DecisionRequest]:
+    """Events of a few entities, one of them allow-listed (a cap rule: block not allowed)."""
+    entities = ["r1", "r2", "r3", "internal-monitoring"]
+    requests = []
+    for i in range(n):
+        entity = entities[i % len(entities)]
+        amount = 9000.0 if i % 5 == 0 else 20.0 + i  # some large amounts: a floor rule
+        event = Event(event_id=f"{prefix}-{i}", entity_id=entity, amount=amount, event_type="payment")
+        requests.append(DecisionRequest(entity, event))
+    return requests
+
+
+def _status(registry: ModelRegistry, version: str) -> str:
+    record = registry.repository.get_model(version)
+    assert record is not None
+    return record["status"]
+
+
+def test_rollback_restores_the_previous_champion_and_decisions_carry_it(
+    make_settings: Callable[..., Settings], start_platform: StartPlatform
+) -> None:
+    platform = start_platform(make_settings())
+    registry = platform.registry
+    original = platform.models.versions["policy"]
+    blocker = register_policy(registry, BLOCK)
+    registry.promote(blocker)
+    assert platform.reload_models().versions["policy"] == blocker
+    assert platform.engine.decide("rb1").row["model_versions"]["policy"] == blocker
+    assert _status(registry, original) == "retired"
+
+    assert registry.rollback("policy") == {"policy": (blocker, original)}
+    result = platform.reload_models()
+    assert result.applied and result.versions["policy"] == original
+    assert platform.engine.decide("rb1").row["model_versions"]["policy"] == original
+    rolled_back = registry.repository.get_model(blocker)
+    assert rolled_back is not None
+    assert rolled_back["status"] == "retired" and rolled_back["promoted_at"] is None  # promotion undone
+
+    with pytest.raises(RegistryConflictError, match="nothing to roll back to for policy"):
+        registry.rollback("policy")
+    with pytest.raises(RegistryConflictError, match="anomaly, risk, policy"):
+        registry.rollback()  # all kinds together or none
+    assert registry.champion("policy")["version"] == original  # type: ignore[index]
+    with pytest.raises(InvalidOperationError, match="unknown model kind"):
+        registry.rollback("ranking")
+
+
+def test_rollbacks_step_back_through_history_instead_of_toggling(
+    make_settings: Callable[..., Settings], start_platform: StartPlatform
+) -> None:
+    registry = start_platform(make_settings()).registry
+    first = registry.champion("policy")["version"]  # type: ignore[index]
+    second, third = register_policy(registry, ALLOW), register_policy(registry, BLOCK)
+    registry.promote(second)
+    registry.promote(third)
+    assert registry.rollback("policy")["policy"] == (third, second)
+    assert registry.rollback("policy")["policy"] == (second, first)
+    with pytest.raises(RegistryConflictError):
+        registry.rollback("policy")
+    registry.promote(third)  # promoting explicitly is always possible
+    assert registry.rollback("policy")["policy"] == (third, first)
+
+
+def test_shadow_rules(make_settings: Callable[..., Settings], start_platform: StartPlatform) -> None:
+    platform = start_platform(make_settings())
+    registry = platform.registry
+    with pytest.raises(InvalidOperationError, match="only policy models can shadow"):
+        registry.shadow(platform.models.versions["anomaly"])
+    with pytest.raises(RegistryConflictError, match="champion cannot also be the shadow"):
+        registry.shadow(platform.models.versions["policy"])
+    with pytest.raises(UnknownVersionError, match="no model version"):
+        registry.shadow("policy-nope")
+
+    first, second = register_policy(registry, BLOCK), register_policy(registry, ALLOW)
+    assert registry.shadow(first) is None
+    assert registry.shadow(second) == first  # one shadow per kind
+    assert (_status(registry, first), _status(registry, second)) == ("challenger", "shadow")
+
+    registry.promote(second)  # the shadow becomes the champion: no shadow left
+    assert _status(registry, second) == "champion" and registry.shadow_record() is None
+    assert registry.unshadow() is None
+
+    registry.shadow(first)
+    assert registry.unshadow() == first and _status(registry, first) == "challenger"
+
+
+def test_shadow_decisions_are_logged_and_never_change_the_applied_decision(
+    make_settings: Callable[..., Settings], start_platform: StartPlatform
+) -> None:
+    requests = _requests(24, "sh")
+    plain = start_platform(make_settings()).engine.decide_batch(requests)
+
+    platform = start_platform(make_settings())
+    shadow = register_policy(platform.registry, BLOCK)
+    platform.registry.shadow(shadow)
+    assert platform.reload_models().shadow == {"policy": shadow}
+    calls: list[int] = []
+    policy = platform.engine.models.shadow_policy
+    assert policy is not None
+    original = policy.probabilities
+    policy.probabilities = lambda states: calls.append(len(states)) or original(states)  # type: ignore[method-assign]
+    before = {a: metrics.SHADOW_DECISIONS.labels(agrees=a)._value.get() for a in ("true", "false")}
+
+    shadowed = platform.engine.decide_batch(requests)
+
+    assert calls == [len(requests)]  # vectorised: one call for the batch
+    for without, with_shadow in zip(plain, shadowed, strict=True):
+        a, b = without.row, with_shadow.row
+        # Same seed, same events: the shadow changes nothing of what is applied.
+        for field in (
+            "action",
+            "propensity",
+            "probabilities",
+            "proposed_action",
+            "action_mask",
+            "decided_by",
+        ):
+            assert a[field] == b[field], field
+        assert a["shadow"] is None
+        record = b["shadow"]
+        assert record["version"] == shadow and record["version"] != b["model_versions"]["policy"]
+        mask = b["action_mask"]
+        assert mask[record["action"]], "the shadow's choice respects the rules"
+        probabilities = np.array(record["probabilities"])
+        assert probabilities.sum() == pytest.approx(1.0)
+        assert all(p == 0.0 for p, allowed in zip(probabilities, mask, strict=True) if not allowed)
+        # An always-block policy blocks wherever the rules allow it, else takes the nearest allowed action.
+        assert record["action"] == (BLOCK if mask[BLOCK] else THROTTLE)
+        stored = platform.repository.get_decision(b["id"])
+        assert stored is not None and stored["shadow"] == record
+    assert any(not d.row["action_mask"][BLOCK] for d in shadowed)  # the allow-listed entity was there
+    moved = sum(metrics.SHADOW_DECISIONS.labels(agrees=a)._value.get() - before[a] for a in before)
+    assert moved == len(requests)
+
+
+def test_a_fallback_decision_logs_no_shadow(
+    make_settings: Callable[..., Settings], start_platform: StartPlatform
+) -> None:
+    platform = start_platform(make_settings(feature_store_url="redis://127.0.0.1:1/0"))
+    platform.registry.shadow(register_policy(platform.registry, BLOCK))
+    platform.reload_models()
+    row = platform.engine.decide("fb1").row
+    assert row["fallback"] == "feature_store_unavailable" and row["shadow"] is None
+
+
+def test_a_corrupt_shadow_is_left_out_and_serving_goes_on(
+    make_settings: Callable[..., Settings], start_platform: StartPlatform
+) -> None:
+    settings = make_settings()
+    engine = make_engine(settings.database_url)
+    registry = ModelRegistry(Repository(engine), settings.model_dir)
+    shadow = register_policy(registry, BLOCK)
+    registry.shadow(shadow)
+    corrupt(registry, shadow)
+    engine.dispose()
+    errors = metrics.SHADOW_ERRORS.labels(stage="load")._value.get()
+
+    platform = start_platform(settings)
+    assert platform.models.complete and platform.models.shadow_policy is None
+    assert "hash" in (platform.models.shadow_error or "")
+    assert metrics.SHADOW_ERRORS.labels(stage="load")._value.get() == errors + 1
+    row = platform.engine.decide("cs1").row
+    assert row["fallback"] is None and row["shadow"] is None
+
+
+def test_a_reload_keeps_the_current_set_when_a_new_champion_cannot_be_loaded(
+    make_settings: Callable[..., Settings], start_platform: StartPlatform
+) -> None:
+    platform = start_platform(make_settings())
+    serving = platform.models.versions["policy"]
+    broken = register_policy(platform.registry, BLOCK)
+    corrupt(platform.registry, broken)
+    with pytest.raises(Exception, match="hash"):
+        platform.registry.promote(broken)  # refused before anything changes
+    platform.registry.promote(broken, verify=False)
+    result = platform.reload_models()
+    assert not result.applied and "cannot all be loaded" in (result.reason or "")
+    assert result.versions["policy"] == serving
+    row = platform.engine.decide("kc1").row
+    assert row["fallback"] is None and row["model_versions"]["policy"] == serving
+    assert platform.refresh_models() is None  # a failed attempt is not retried until the registry changes
+
+
+def test_decisions_in_flight_finish_with_the_set_they_started_with(
+    make_settings: Callable[..., Settings], start_platform: StartPlatform
+) -> None:
+    platform = start_platform(make_settings())
+    old = platform.models.versions["policy"]
+    platform.registry.promote(register_policy(platform.registry, ALLOW))
+    policy = platform.engine.models.policy
+    assert policy is not None
+    original = policy.probabilities
+
+    def reload_midway(states: np.ndarray) -> np.ndarray:
+        platform.reload_models()  # a promotion lands while this batch is being scored
+        return original(states)
+
+    policy.probabilities = reload_midway  # type: ignore[method-assign]
+    decisions = platform.engine.decide_batch(_requests(3, "fl"))
+    assert {d.row["model_versions"]["policy"] for d in decisions} == {old}
+    assert platform.engine.decide("fl").row["model_versions"]["policy"] != old
+
+
+def test_a_promotion_from_another_process_reaches_a_running_platform(
+    make_settings: Callable[..., Settings], start_platform: StartPlatform
+) -> None:
+    settings = make_settings(model_refresh_s=0.05)
+    platform = start_platform(settings)
+    assert platform.start_model_refresh() and not platform.start_model_refresh()
+    # Another process (the CLI): its own connection to the same database.
+    engine = make_engine(settings.database_url)
+    cli_registry = ModelRegistry(Repository(engine), settings.model_dir)
+    new = register_policy(cli_registry, THROTTLE)
+    cli_registry.promote(new)
+    shadow = register_policy(cli_registry, BLOCK)
+    cli_registry.shadow(shadow)
+    engine.dispose()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and platform.engine.models.shadow_version != shadow:
+        time.sleep(0.02)
+    assert platform.engine.models.versions["policy"] == new
+    assert platform.engine.models.shadow_version == shadow
+    assert platform.models is platform.engine.models
+    row = platform.engine.decide("rf1").row
+    assert row["model_versions"]["policy"] == new and row["shadow"]["version"] == shadow
+    platform.close()
+    assert platform.refresher is None
+
