@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from decision_platform.api.admin import router as admin_router
 from decision_platform.api.routes import router
 from decision_platform.config import Settings, get_settings
 from decision_platform.services import Platform
@@ -112,5 +113,6 @@ def create_app(settings: Settings | None = None, platform: Platform | None = Non
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected_error)
     app.include_router(router)
+    app.include_router(admin_router)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     return app
