@@ -255,3 +255,51 @@ def test_a_promotion_from_another_process_reaches_a_running_platform(
     platform.close()
     assert platform.refresher is None
 
+
+def test_models_commands(
+    make_settings: Callable[..., Settings], start_platform: StartPlatform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from decision_platform import cli
+
+    settings = make_settings()
+    platform = start_platform(settings)
+    monkeypatch.setattr(cli, "get_settings", lambda: settings)
+    runner = CliRunner()
+
+    def run(*args: str) -> tuple[int, str]:
+        result = runner.invoke(cli.app, ["models", *args], terminal_width=200)
+        return result.exit_code, result.output
+
+    shadow = register_policy(platform.registry, BLOCK)
+    assert run("shadow", platform.models.versions["anomaly"]) == (
+        1,
+        f"only policy models can shadow; {platform.models.versions['anomaly']} is of kind anomaly\n",
+    )
+    code, out = run("shadow", shadow)
+    assert code == 0 and f"{shadow} is now the shadow policy" in out
+    code, out = run("list", "--kind", "policy")
+    assert code == 0 and "shadow" in out and "champion" in out
+
+    assert run("compare")[1].startswith("no logged decisions with a shadow policy")
+    platform.reload_models()
+    decisions = platform.engine.decide_batch(_requests(12, "cli"))
+    for i, decision in enumerate(decisions):
+        platform.repository.record_outcome(decision.row["id"], "success", 1.0 if i % 3 else -5.0)
+    code, out = run("compare", "--limit", "100", "--since", "2000-01-01")
+    assert code == 0, out
+    assert f"shadow {shadow}" in out and "12 decisions, agreement" in out
+    assert "champion \\ shadow" in out and "DR - on-policy" in out
+    assert run("compare", "--since", "yesterday")[0] == 2
+
+    code, out = run("unshadow")
+    assert code == 0 and f"{shadow} is no longer the shadow" in out
+    code, out = run("rollback", "--kind", "policy")
+    assert code == 1 and "nothing to roll back to for policy" in out
+    new = register_policy(platform.registry, ALLOW)
+    assert run("promote", new)[0] == 0
+    code, out = run("rollback")
+    assert code == 1 and "nothing to roll back to for anomaly, risk" in out
+    code, out = run("rollback", "--kind", "policy")
+    assert code == 0 and f"policy: {new} -> " in out
