@@ -123,6 +123,15 @@ class Settings(BaseSettings):
         return self.config_dir / "rewards.yaml"
 
     @property
+    def learning_path(self) -> Path:
+        return self.config_dir / "learning.yaml"
+
+    @property
+    def reports_dir(self) -> Path:
+        """Where `retrain` writes its reports (JSON + PNG)."""
+        return self.model_dir.parent / "reports"
+
+    @property
     def features_path(self) -> Path:
         return self.config_dir / "features.yaml"
 

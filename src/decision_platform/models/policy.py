@@ -157,6 +157,8 @@ def imitate(ppo: object, states: np.ndarray, actions: np.ndarray, epochs: int = 
     counts = torch.bincount(target, minlength=3).clamp(min=1).float()
     weights = (1.0 / counts.sqrt())[target]
     optimiser = torch.optim.Adam(policy.parameters(), lr=1e-3)
+    # At least ~300 gradient steps: on a few thousand logged rows, a handful of epochs is only a dozen.
+    epochs = max(epochs, -(-300 // max(1, -(-len(obs) // 1024))))
     for _ in range(epochs):
         order = torch.randperm(len(obs), generator=generator)
         for start in range(0, len(obs), 1024):

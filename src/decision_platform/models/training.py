@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cel
 import numpy as np
 import torch
 from rich.console import Console
@@ -25,6 +26,8 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from decision_platform.data import LabelledEvents
+from decision_platform.decision.rules import BASE_VARIABLES, RuleSet, Tier, mask_for
+from decision_platform.events.schema import Event
 from decision_platform.explain.ranges import save_population_ranges
 from decision_platform.features import FeatureSpec, compute_features
 from decision_platform.learning.rewards import RewardTable
@@ -59,6 +62,22 @@ class TrainReport:
     policies: list[PolicyReport]
     timings: dict[str, float] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
+    #: The rules-only baseline: rules file, events each rule fired on, rules reading model scores.
+    rules: dict[str, Any] = field(default_factory=dict)
+    #: The held-out rows (time order) with every policy's action probabilities, for further analysis.
+    heldout: HeldOutRows | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class HeldOutRows:
+    """Held-out rows in time order: what the policies saw and the (n, 3) probabilities each gave."""
+
+    entity_ids: np.ndarray
+    labels: np.ndarray
+    amounts: np.ndarray
+    anomaly: np.ndarray
+    risk: np.ndarray
+    probabilities: dict[str, np.ndarray]
 
 
 def _progress(console: Console) -> Progress:
@@ -95,11 +114,111 @@ def threshold_probabilities(
     return probabilities
 
 
+RULES_ONLY = "rules only"
+
+
+@dataclass(frozen=True)
+class RulesOnlyResult:
+    """The rules-only action of each event, and how often each rule fired / could not be evaluated."""
+
+    actions: np.ndarray  # (n,) int8: 0 allow, 1 throttle, 2 block
+    hits: dict[str, int]
+    errors: dict[str, int]
+    #: Rules reading a model score (anomaly, risk): with them "rules only" is partly model-based.
+    model_based: dict[str, list[str]]
+
+
+def rules_only_actions(
+    rules: RuleSet,
+    events: Sequence[Event],
+    features: np.ndarray,
+    feature_names: Sequence[str],
+    anomaly: np.ndarray,
+    risk: np.ndarray,
+    on_progress: Callable[[int], None] | None = None,
+) -> RulesOnlyResult:
+    """Per event, the action the rules leave when the policy proposes allow.
+
+    That is allow, unless a block rule fired (block) or a floor rule fired (throttle, the allowed action
+    nearest to allow, as ``serving_distribution`` picks it); cap rules cannot change an allow. Each rule
+    sees the facts ``DecisionEngine._decide_row`` gives it: every feature by name, amount, entity_id,
+    event_type, attributes, anomaly, risk, and the rule lists.
+
+    The CEL programs are the rule set's own expressions with ``RuleSet.evaluate``'s semantics (only
+    ``true`` fires, an evaluation error does not fire, ``mask_for`` combines tiers), run here directly
+    so that an offline evaluation does not count into the serving metrics (dp_rule_hits_total) of the
+    process; ``tests/unit/test_rules_only.py`` checks it agrees with ``RuleSet.evaluate``.
+    """
+    n = len(events)
+    feature_columns = {name: j for j, name in enumerate(feature_names)}
+    programs = []
+    needed: set[str] = set()
+    for rule in rules.rules:
+        program = cel.compile(rule.when)
+        names = tuple(sorted(program.variables()))
+        programs.append((rule, program, names))
+        needed.update(names)
+    columns: dict[str, Sequence[Any]] = {}
+    for name in needed:
+        if name in BASE_VARIABLES:
+            continue  # below: event facts and scores win over a feature of the same name
+        if name in feature_columns:
+            columns[name] = features[:, feature_columns[name]].tolist()
+        elif name in rules.lists:
+            columns[name] = [rules.lists[name]] * n
+    event_facts: dict[str, Callable[[], Sequence[Any]]] = {
+        "amount": lambda: [float(e.amount or 0.0) for e in events],
+        "entity_id": lambda: [e.entity_id for e in events],
+        "event_type": lambda: [e.event_type for e in events],
+        "attributes": lambda: [dict(e.attributes) for e in events],
+        "anomaly": lambda: np.asarray(anomaly, dtype=np.float64).tolist(),
+        "risk": lambda: np.asarray(risk, dtype=np.float64).tolist(),
+    }
+    for name in needed & BASE_VARIABLES:
+        columns[name] = event_facts[name]()
+    hits = dict.fromkeys((rule.name for rule in rules.rules), 0)
+    errors = dict(hits)
+    actions = np.zeros(n, dtype=np.int8)
+    step = 2000
+    for i in range(n):
+        tiers = []
+        for rule, program, names in programs:
+            context = {name: columns[name][i] for name in names if name in columns}
+            try:
+                hit = program.execute(context) is True
+            except Exception:  # a missing fact or a type error: the rule cannot say yes
+                errors[rule.name] += 1
+                continue
+            if hit:
+                hits[rule.name] += 1
+                tiers.append(rule.tier)
+        if tiers:
+            mask = mask_for(tiers)
+            actions[i] = 0 if mask[0] else 1 if mask[1] else 2
+        if on_progress is not None and (i + 1) % step == 0:
+            on_progress(step)
+    if on_progress is not None and n % step:
+        on_progress(n % step)
+    model_based = {
+        rule.name: sorted(set(names) & {"anomaly", "risk"})
+        for rule, _, names in programs
+        if {"anomaly", "risk"} & set(names) and rule.tier is not Tier.CAP
+    }
+    return RulesOnlyResult(actions, hits, errors, model_based)
+
+
 def best_threshold_policy(
     histories: list[EntityHistory], rewards: RewardTable, risk_index: int, seed: int
 ) -> tuple[float, float]:
-    """Grid-search the throttle / block thresholds that maximise reward on training histories."""
-    grid = [0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.01]
+    """Grid-search the throttle / block thresholds that maximise reward on training histories.
+
+    The grid has fixed probabilities and the upper quantiles of the risk itself: a model that ranks well
+    but is calibrated on a different base rate may put every fraud below the first fixed step.
+    """
+    risk = np.concatenate([h.states[:, risk_index] for h in histories])
+    quantiles = np.quantile(risk, [0.8, 0.9, 0.95, 0.98, 0.99, 0.995]) if len(risk) else []
+    fixed = [0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
+    grid = [*sorted({float(v) for v in [*fixed, *quantiles]}), 1.01]
     best, best_value = (1.01, 1.01), -np.inf
     for t_throttle in grid:
         for t_block in grid:
@@ -118,6 +237,26 @@ def best_threshold_policy(
     return best
 
 
+def new_ppo(env: DummyVecEnv, seed: int) -> PPO:
+    """PPO as the platform trains it: short rollouts and a small MLP (the state is ~20 numbers), a low
+    learning rate because it starts from a behaviour-cloned or champion actor it should refine, not erase."""
+    return PPO(
+        "MlpPolicy",
+        env,
+        n_steps=512,
+        batch_size=256,
+        n_epochs=5,
+        gamma=0.95,
+        gae_lambda=0.9,
+        learning_rate=1e-4,
+        ent_coef=0.001,
+        policy_kwargs={"net_arch": [64, 64]},
+        seed=seed,
+        device="cpu",
+        verbose=0,
+    )
+
+
 def train_all(
     data: LabelledEvents,
     spec_path: Path,
@@ -127,12 +266,27 @@ def train_all(
     console: Console | None = None,
     promote: bool = True,
     source: str = "synthetic",
+    rules: RuleSet | Path | None = None,
 ) -> TrainReport:
-    """Fit anomaly, risk and policy; register them (as champions when ``promote``); report."""
+    """Fit anomaly, risk and policy; register them (as champions when ``promote``); report.
+
+    The held-out comparison has four policies: allow-all, the best fixed risk thresholds (fit on the
+    training part), rules only (``rules``: a rule set or rules file, by default the configured
+    rules.yaml) and the PPO policy.
+    """
     console = console or Console()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     timings: dict[str, float] = {}
     spec = FeatureSpec.load(spec_path)
+    if not isinstance(rules, RuleSet):
+        if rules is None:
+            from decision_platform.config import get_settings
+
+            rules = get_settings().rules_path
+        rules_source = str(rules)
+        rules = RuleSet.load(Path(rules), spec.names)
+    else:
+        rules_source = "RuleSet"
     started = time.perf_counter()
 
     events = data.events
@@ -205,30 +359,36 @@ def train_all(
         baseline = threshold_probabilities(risk_index, t_throttle, t_block)
         env = DummyVecEnv([lambda: FraudSimulatorEnv(train_histories, rewards) for _ in range(4)])
         env.seed(config.seed)
-        ppo = PPO(
-            "MlpPolicy",
-            env,
-            n_steps=512,
-            batch_size=256,
-            n_epochs=5,
-            gamma=0.95,
-            gae_lambda=0.9,
-            learning_rate=1e-4,
-            ent_coef=0.001,
-            policy_kwargs={"net_arch": [64, 64]},
-            seed=config.seed,
-            device="cpu",
-            verbose=0,
-        )
+        ppo = new_ppo(env, config.seed)
         imitate(ppo, states[train], baseline(states[train]).argmax(axis=1), seed=config.seed)
         task = progress.add_task("policy: PPO in the simulator", total=config.ppo_timesteps)
         ppo.learn(config.ppo_timesteps, callback=_PPOProgress(lambda n: progress.advance(task, n)))
         policy_model = PolicyModel.from_sb3(ppo, state_names, scaler.mean[:-1], scaler.std[:-1])
         timings["policy_s"] = time.perf_counter() - t0
 
+        # --- the rules-only baseline: what the rules do to a policy that always proposes allow
+        t0 = time.perf_counter()
+        test_rows = np.flatnonzero(test)
+        task = progress.add_task("rules only: CEL rules on held-out events", total=len(test_rows))
+        rules_only = rules_only_actions(
+            rules,
+            [events[i] for i in test_rows],
+            x[test],
+            spec.names,
+            anomaly[test],
+            risk[test],
+            on_progress=lambda n: progress.advance(task, n),
+        )
+        timings["rules_s"] = time.perf_counter() - t0
+        # Same grouping as test_histories, so every policy meets the same random draws row by row.
+        rules_histories = group_histories(
+            entity_ids[test], rules_only.actions[:, None].astype(np.float32), y[test], amounts[test]
+        )
+
         # --- held-out comparison
-        task = progress.add_task("evaluating policies on held-out time", total=3)
+        task = progress.add_task("evaluating policies on held-out time", total=4)
         progress.advance(task)
+        threshold_name = f"risk thresholds {t_throttle:g}/{t_block:g}"
         reports = [
             evaluate_policy(
                 "allow-all",
@@ -238,7 +398,7 @@ def train_all(
                 seed=config.seed,
             ),
             evaluate_policy(
-                f"risk thresholds {t_throttle:g}/{t_block:g}",
+                threshold_name,
                 threshold_probabilities(risk_index, t_throttle, t_block),
                 test_histories,
                 rewards,
@@ -248,10 +408,40 @@ def train_all(
         progress.advance(task)
         reports.append(
             evaluate_policy(
+                RULES_ONLY,
+                lambda s: np.eye(3)[s[:, 0].astype(np.int64)],
+                rules_histories,
+                rewards,
+                seed=config.seed,
+            )
+        )
+        progress.advance(task)
+        reports.append(
+            evaluate_policy(
                 "PPO policy", policy_model.probabilities, test_histories, rewards, seed=config.seed
             )
         )
         progress.advance(task)
+    heldout = HeldOutRows(
+        entity_ids=entity_ids[test],
+        labels=y[test],
+        amounts=amounts[test],
+        anomaly=anomaly[test],
+        risk=risk[test],
+        probabilities={
+            "allow-all": np.tile(np.array([1.0, 0.0, 0.0], dtype=np.float32), (int(test.sum()), 1)),
+            threshold_name: threshold_probabilities(risk_index, t_throttle, t_block)(states[test]),
+            RULES_ONLY: np.eye(3, dtype=np.float32)[rules_only.actions],
+            "PPO policy": policy_model.probabilities(states[test]).astype(np.float32),
+        },
+    )
+    rules_info = {
+        "source": rules_source,
+        "hits": rules_only.hits,
+        "errors": rules_only.errors,
+        "model_based": rules_only.model_based,
+        "rows": int(test.sum()),
+    }
 
     policy_metrics = {r.name: _report_dict(r) for r in reports}
     status = "champion" if promote else "challenger"
@@ -279,12 +469,13 @@ def train_all(
                 "heldout": policy_metrics,
                 "timesteps": config.ppo_timesteps,
                 "thresholds": {"throttle": t_throttle, "block": t_block},
+                "rules_only": {"source": rules_source, "hits": rules_only.hits},
             },
             status,
         ),
     }
     timings["total_s"] = time.perf_counter() - started
-    return TrainReport(versions, risk_metrics, reports, timings, window)
+    return TrainReport(versions, risk_metrics, reports, timings, window, rules_info, heldout)
 
 
 def _save(
@@ -338,7 +529,9 @@ def report_tables(report: TrainReport) -> list[Table]:
     models.add_row("policy", report.versions["policy"], "see the comparison below")
 
     policies = Table(
-        title="Expected reward per decision on held-out entities (simulator, rewards.yaml units)"
+        title="Expected reward per decision on held-out entities (simulator, rewards.yaml units)",
+        caption=f"{RULES_ONLY}: allow unless a rule blocks or steps up. At serving the rules apply on "
+        "top of every policy.",
     )
     for column in (
         "policy",

@@ -157,7 +157,10 @@ class Repository:
         return OutcomeResult(OutcomeStatus.DUPLICATE, row["outcome"], row["reward"], row["received_at"])
 
     def record_outcome(self, decision_id: int, outcome: str, reward: float) -> OutcomeResult:
-        """Store the first outcome of a decision; a repeat is idempotent, a different one a conflict."""
+        """Store the first outcome of a decision; a repeat is idempotent, a different one a conflict.
+
+        An imputed outcome (learning/outcomes.py) is only a placeholder: the real one replaces it.
+        """
         now = datetime.now(UTC)
         try:
             with self.engine.begin() as connection:
@@ -166,6 +169,13 @@ class Repository:
                 ).first()
                 if exists is None:
                     return OutcomeResult(OutcomeStatus.NOT_FOUND)
+                replaced = connection.execute(
+                    outcomes.update()
+                    .where(outcomes.c.decision_id == decision_id, outcomes.c.imputed.is_(True))
+                    .values(outcome=outcome, reward=reward, received_at=now, imputed=False)
+                )
+                if replaced.rowcount:
+                    return OutcomeResult(OutcomeStatus.CREATED, outcome, reward, now)
                 connection.execute(
                     outcomes.insert().values(
                         decision_id=decision_id, outcome=outcome, reward=reward, received_at=now
@@ -181,6 +191,17 @@ class Repository:
             return OutcomeResult(
                 OutcomeStatus.CONFLICT, existing.outcome, existing.reward, existing.received_at
             )
+
+    def insert_imputed_outcomes(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert imputed outcomes in one transaction; a decision that got a real one meanwhile keeps it."""
+        if not rows:
+            return
+        if self.engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        with self.engine.begin() as connection:
+            connection.execute(insert(outcomes).on_conflict_do_nothing(), list(rows))
 
     # --- model registry
     def insert_model(self, row: dict[str, Any]) -> None:

@@ -1,0 +1,122 @@
+"""``decision-platform retrain``: learn from logged outcomes, judge off-policy, promote through the gate."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from decision_platform.config import get_settings
+
+console = Console() if Console().is_terminal else Console(width=160)
+
+
+def retrain(
+    since: datetime | None = typer.Option(None, help="only decisions made at or after this time (ISO)"),
+    until: datetime | None = typer.Option(None, help="only decisions made before this time (ISO)"),
+    timesteps: int | None = typer.Option(None, help="PPO steps (default: config/learning.yaml)"),
+    promote: bool = typer.Option(True, help="promote the candidate if it passes the gate"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Retrain risk and policy from decisions ⋈ outcomes; promote only if the off-policy gate passes."""
+    from decision_platform.learning.config import LearningConfig
+    from decision_platform.learning.retrain import RetrainError
+    from decision_platform.learning.retrain import retrain as run
+    from decision_platform.learning.rewards import RewardTable
+    from decision_platform.models.registry import ModelRegistry
+    from decision_platform.storage.database import make_engine, migrate
+    from decision_platform.storage.repository import Repository
+
+    settings = get_settings()
+    engine = make_engine(settings.database_url, settings.database_schema)
+    migrate(engine, settings.database_schema)
+    registry = ModelRegistry(Repository(engine), settings.model_dir)
+    try:
+        report = run(
+            settings,
+            registry,
+            LearningConfig.load(settings.learning_path),
+            RewardTable.load(settings.rewards_path),
+            since=since,
+            until=until,
+            promote=promote,
+            timesteps=timesteps,
+            seed=seed,
+            console=console,
+        )
+    except RetrainError as exc:
+        console.print(f"[red]cannot retrain:[/red] {exc}")
+        raise typer.Exit(2) from None
+    finally:
+        engine.dispose()
+    for table in report_tables(report):
+        console.print(table)
+    if report.promoted:
+        console.print(f"[green]promoted[/green] {', '.join(report.versions.values())}")
+    elif report.gate.passed:
+        console.print(f"passed the gate, not promoted (--no-promote): {', '.join(report.versions.values())}")
+    else:
+        kept = ", ".join(report.versions.values())
+        console.print(f"[yellow]not promoted[/yellow] ({kept} kept as challenger):")
+        for failure in report.gate.failures:
+            console.print(f"  - {failure}")
+    console.print(f"report: {report.files['json']}  plot: {report.files['png']}")
+
+
+def report_tables(report: object) -> list[Table]:
+    from decision_platform.learning.retrain import RetrainReport
+
+    assert isinstance(report, RetrainReport)
+    data = Table(title="Logged data", show_header=True)
+    for column in ("decisions", "with outcome", "imputed", "labelled", "bad", "train", "held out"):
+        data.add_column(column, justify="right")
+    d = report.data
+    data.add_row(
+        *(str(d[k]) for k in ("decisions", "with_outcome", "imputed", "labelled", "bad", "train", "holdout"))
+    )
+    imputed = report.imputed
+    data.caption = (
+        f"this run imputed {imputed['total']} outcomes: {imputed['blocked_bad']} blocked events labelled "
+        f"bad and {imputed['blocked_good']} good by the risk model, {imputed['default_reward']} given the "
+        f"default reward; {d['imputed_labels']} imputed labels were used"
+    )
+
+    risk = report.risk
+    risk_table = Table(title="Risk model on held-out labelled decisions")
+    for column in ("model", "ROC-AUC", "PR-AUC"):
+        risk_table.add_column(column, justify="right" if column != "model" else "left")
+    for name in ("champion", "candidate"):
+        if f"{name}_roc_auc" in risk:
+            risk_table.add_row(name, f"{risk[f'{name}_roc_auc']:.3f}", f"{risk[f'{name}_pr_auc']:.3f}")
+    refit = risk.get("refit")
+    risk_table.caption = "refit on outcome labels" if refit else f"not refit: {risk.get('why_not')}"
+
+    ope = Table(title="Off-policy estimates: reward per decision on held-out logged decisions (95% CI)")
+    ope.add_column("policy")
+    for name in report.champion.estimates:
+        ope.add_column(name, justify="right")
+    for column in ("ESS", "max weight", "good blocked", "fraud allowed"):
+        ope.add_column(column, justify="right")
+    for policy in (report.champion, report.candidate):
+        ope.add_row(
+            f"{policy.name} {policy.version}",
+            *(f"{e.value:.3f} [{e.ci_low:.3f}, {e.ci_high:.3f}]" for e in policy.estimates.values()),
+            f"{policy.effective_sample_size:.0f} / {policy.decisions}",
+            f"{policy.max_weight:.1f}",
+            f"{policy.good_block_rate:.2%}",
+            f"{policy.fraud_allow_rate:.1%}",
+        )
+
+    d = report.difference
+    ope.caption = "candidate - champion on the same decisions (paired bootstrap): " + ", ".join(
+        f"{k} {e.value:+.3f} [{e.ci_low:+.3f}, {e.ci_high:+.3f}]" for k, e in d.items()
+    )
+
+    gate = Table(title="Promotion gate (config/learning.yaml)")
+    for column in ("check", "result", "detail"):
+        gate.add_column(column)
+    for check in report.gate.checks:
+        gate.add_row(check.name, "[green]pass[/green]" if check.passed else "[red]fail[/red]", check.detail)
+    return [data, risk_table, ope, gate]

@@ -1,0 +1,47 @@
+"""Settings of the learning loop, from config/learning.yaml (validated: a typo fails at load, not later)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class OutcomeSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    horizon_hours: float = Field(72.0, gt=0)
+    default_reward: float = 0.0
+    blocked_label_threshold: float = Field(0.5, gt=0, lt=1)
+
+
+class TrainingSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    holdout_fraction: float = Field(0.3, gt=0, lt=1)
+    risk_epochs: int = Field(8, ge=1)
+    ppo_timesteps: int = Field(20_000, ge=0)
+    min_bad_labels: int = Field(20, ge=1)
+
+
+class GateSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    estimator: Literal["IPS", "SNIPS", "DR"] = "DR"
+    min_decisions: int = Field(300, ge=1)
+    min_effective_sample_size: float = Field(50.0, ge=1)
+    min_improvement: float = 0.0
+    max_good_block_rate: float = Field(0.02, ge=0, le=1)
+    max_fraud_allow_rate: float = Field(0.5, ge=0, le=1)
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    bootstrap: int = Field(1000, ge=100)
+
+
+class LearningConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    outcomes: OutcomeSettings = OutcomeSettings()
+    training: TrainingSettings = TrainingSettings()
+    gate: GateSettings = GateSettings()
+
+    @classmethod
+    def load(cls, path: Path) -> LearningConfig:
+        return cls.model_validate(yaml.safe_load(Path(path).read_text("utf-8")) or {})

@@ -1,0 +1,77 @@
+"""Outcomes that never arrive: imputed after a horizon, and marked so.
+
+A decision whose outcome is still missing ``horizon_hours`` after it was made gets one:
+
+- blocked events (nothing happened, so nobody reports anything): the label is imputed by the risk model
+  the decision logged (bad if ``risk >= blocked_label_threshold``) and the reward is that of ``fraud`` or
+  ``false_positive`` for a block;
+- everything else: outcome ``no_outcome`` with the configured ``default_reward`` (Decision-Service style:
+  "no news" is worth a known, configured amount). It gives the risk model no label.
+
+Imputed rows are marked (``outcomes.imputed``); a real outcome that arrives later replaces its imputed one
+(storage/repository.py), and the retraining report says how many of each it used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import sqlalchemy as sa
+
+from decision_platform.learning.config import OutcomeSettings
+from decision_platform.learning.rewards import RewardTable
+from decision_platform.storage.repository import Repository
+from decision_platform.storage.tables import decisions, outcomes
+
+NO_OUTCOME = "no_outcome"
+BLOCK = 2
+
+
+@dataclass(frozen=True)
+class ImputationSummary:
+    blocked_bad: int = 0  # blocked, risk model says bad: imputed "fraud"
+    blocked_good: int = 0  # blocked, risk model says good: imputed "false_positive"
+    default_reward: int = 0  # everything else: "no_outcome" with the default reward
+
+    @property
+    def total(self) -> int:
+        return self.blocked_bad + self.blocked_good + self.default_reward
+
+
+def impute_missing_outcomes(
+    repository: Repository,
+    rewards: RewardTable,
+    settings: OutcomeSettings,
+    now: datetime | None = None,
+) -> ImputationSummary:
+    """Give every decision older than the horizon that has no outcome an imputed one; returns the counts."""
+    cutoff = (now or datetime.now(UTC)) - timedelta(hours=settings.horizon_hours)
+    missing = (
+        sa.select(decisions.c.id, decisions.c.action, decisions.c.risk, decisions.c.amount)
+        .select_from(decisions.outerjoin(outcomes, outcomes.c.decision_id == decisions.c.id))
+        .where(outcomes.c.decision_id.is_(None), decisions.c.created_at < cutoff)
+    )
+    received_at = now or datetime.now(UTC)
+    rows, counts = [], {"blocked_bad": 0, "blocked_good": 0, "default_reward": 0}
+    with repository.engine.connect() as connection:
+        for decision_id, action, risk, amount in connection.execute(missing):
+            if action == BLOCK and risk is not None:
+                bad = risk >= settings.blocked_label_threshold
+                outcome = "fraud" if bad else "false_positive"
+                reward = rewards.reward(outcome, BLOCK, amount)
+                counts["blocked_bad" if bad else "blocked_good"] += 1
+            else:
+                outcome, reward = NO_OUTCOME, settings.default_reward
+                counts["default_reward"] += 1
+            rows.append(
+                {
+                    "decision_id": decision_id,
+                    "outcome": outcome,
+                    "reward": reward,
+                    "received_at": received_at,
+                    "imputed": True,
+                }
+            )
+    repository.insert_imputed_outcomes(rows)
+    return ImputationSummary(**counts)
