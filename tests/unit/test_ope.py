@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from decision_platform.learning.ope import evaluate, fit_reward_model
+from decision_platform.learning.ope import evaluate, evaluate_difference, fit_reward_model
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -66,3 +66,20 @@ def test_a_worse_policy_is_estimated_worse() -> None:
 def test_zero_propensity_is_refused() -> None:
     with pytest.raises(ValueError, match="propensities"):
         evaluate(np.ones((1, 3)) / 3, np.array([0]), np.array([0.0]), np.array([1.0]))
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_the_paired_difference_covers_the_true_gain_and_is_tighter_than_two_intervals(seed: int) -> None:
+    x, logging, actions, rewards, mean_reward = bandit(3000, seed)
+    propensities = logging[np.arange(len(actions)), actions]
+    q = fit_reward_model(x, actions, rewards)
+    better = softmax(np.column_stack([2.0 * x[:, 0], np.zeros(len(x)), x[:, 0]]))
+    true_gain = float(((better - logging) * mean_reward).sum(axis=1).mean())
+    difference = evaluate_difference(better, logging, actions, propensities, rewards, q, n_bootstrap=400)
+    separate = [evaluate(p, actions, propensities, rewards, q, n_bootstrap=400) for p in (better, logging)]
+    for name in ("IPS", "DR"):
+        d = difference[name]
+        assert d.ci_low <= true_gain <= d.ci_high, (name, d, true_gain)
+        assert d.value == pytest.approx(separate[0].estimates[name].value - separate[1].estimates[name].value)
+        widths = [r.estimates[name].ci_high - r.estimates[name].ci_low for r in separate]
+        assert d.ci_high - d.ci_low < sum(widths) / 2  # what pairing buys

@@ -77,6 +77,47 @@ def fit_reward_model(
     return q
 
 
+@dataclass(frozen=True)
+class _Logged:
+    """Logged arrays as the estimators need them, checked once."""
+
+    actions: np.ndarray
+    propensities: np.ndarray
+    rewards: np.ndarray
+    q: np.ndarray
+
+    @classmethod
+    def of(
+        cls, actions: np.ndarray, propensities: np.ndarray, rewards: np.ndarray, q_hat: np.ndarray | None
+    ) -> _Logged:
+        a = np.asarray(actions, dtype=np.int64)
+        p = np.asarray(propensities, dtype=np.float64)
+        if len(a) == 0:
+            raise ValueError("no logged decisions to evaluate on")
+        if np.any(p <= 0):
+            raise ValueError("propensities must be > 0 (a logged action had no chance of being taken)")
+        q = np.zeros((len(a), 3)) if q_hat is None else np.asarray(q_hat, dtype=np.float64)
+        return cls(a, p, np.asarray(rewards, dtype=np.float64), q)
+
+    @property
+    def q_taken(self) -> np.ndarray:
+        return self.q[np.arange(len(self.actions)), self.actions]
+
+    def terms(self, target_probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(importance weights, direct-method values) of a target policy."""
+        pi = np.asarray(target_probabilities, dtype=np.float64)
+        return pi[np.arange(len(self.actions)), self.actions] / self.propensities, (pi * self.q).sum(axis=1)
+
+    def samples(self, n_bootstrap: int, seed: int) -> np.ndarray:
+        n = len(self.actions)
+        return np.random.default_rng(seed).integers(0, n, size=(n_bootstrap, n))
+
+
+def _interval(name: str, value: float, boot: np.ndarray, confidence: float) -> Estimate:
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    return Estimate(name, value, float(np.percentile(boot, tail)), float(np.percentile(boot, 100 - tail)))
+
+
 def evaluate(
     target_probabilities: np.ndarray,
     actions: np.ndarray,
@@ -93,33 +134,16 @@ def evaluate(
     ``actions``, ``propensities``, ``rewards``: (n,) what was logged; ``q_hat``: (n, 3) reward model
     predictions (DR uses zeros, i.e. becomes IPS, without one).
     """
-    pi = np.asarray(target_probabilities, dtype=np.float64)
-    a = np.asarray(actions, dtype=np.int64)
-    p = np.asarray(propensities, dtype=np.float64)
-    r = np.asarray(rewards, dtype=np.float64)
-    n = len(a)
-    if n == 0:
-        raise ValueError("no logged decisions to evaluate on")
-    if np.any(p <= 0):
-        raise ValueError("propensities must be > 0 (a logged action had no chance of being taken)")
-    q = np.zeros((n, 3)) if q_hat is None else np.asarray(q_hat, dtype=np.float64)
-    rows = np.arange(n)
-    w = pi[rows, a] / p
-    dm = (pi * q).sum(axis=1)
-    q_taken = q[rows, a]
-
-    rng = np.random.default_rng(seed)
-    samples = rng.integers(0, n, size=(n_bootstrap, n))
-    tail = (1.0 - confidence) / 2.0 * 100.0
+    logged = _Logged.of(actions, propensities, rewards, q_hat)
+    w, dm = logged.terms(target_probabilities)
+    r, q_taken = logged.rewards, logged.q_taken
+    samples = logged.samples(n_bootstrap, seed)
     estimates = {}
     for name, estimator in ESTIMATORS.items():
-        value = estimator(w, r, dm, q_taken)
         boot = np.array([estimator(w[s], r[s], dm[s], q_taken[s]) for s in samples])
-        estimates[name] = Estimate(
-            name, value, float(np.percentile(boot, tail)), float(np.percentile(boot, 100 - tail))
-        )
+        estimates[name] = _interval(name, estimator(w, r, dm, q_taken), boot, confidence)
     ess = float(w.sum() ** 2 / np.square(w).sum()) if np.square(w).sum() > 0 else 0.0
-    return OPEReport(estimates, n, ess, float(w.max()))
+    return OPEReport(estimates, len(r), ess, float(w.max()))
 
 
 def evaluate_difference(
@@ -139,29 +163,15 @@ def evaluate_difference(
     to be in the sample, how large they were) is shared: resampling the decisions once for both makes
     the interval of the difference far narrower than comparing two separate intervals.
     """
-    a = np.asarray(actions, dtype=np.int64)
-    p = np.asarray(propensities, dtype=np.float64)
-    r = np.asarray(rewards, dtype=np.float64)
-    n = len(a)
-    if n == 0:
-        raise ValueError("no logged decisions to evaluate on")
-    q = np.zeros((n, 3)) if q_hat is None else np.asarray(q_hat, dtype=np.float64)
-    rows = np.arange(n)
-    terms = []
-    for pi in (np.asarray(candidate_probabilities, float), np.asarray(baseline_probabilities, float)):
-        terms.append((pi[rows, a] / p, (pi * q).sum(axis=1)))
-    q_taken = q[rows, a]
-    samples = np.random.default_rng(seed).integers(0, n, size=(n_bootstrap, n))
-    tail = (1.0 - confidence) / 2.0 * 100.0
+    logged = _Logged.of(actions, propensities, rewards, q_hat)
+    (wc, dmc), (wb, dmb) = logged.terms(candidate_probabilities), logged.terms(baseline_probabilities)
+    r, q_taken = logged.rewards, logged.q_taken
     out = {}
     for name, estimator in ESTIMATORS.items():
 
         def diff(s: np.ndarray | slice, est: Callable = estimator) -> float:
-            (wc, dmc), (wb, dmb) = terms
             return est(wc[s], r[s], dmc[s], q_taken[s]) - est(wb[s], r[s], dmb[s], q_taken[s])
 
-        boot = np.array([diff(s) for s in samples])
-        out[name] = Estimate(
-            name, diff(slice(None)), float(np.percentile(boot, tail)), float(np.percentile(boot, 100 - tail))
-        )
+        boot = np.array([diff(s) for s in logged.samples(n_bootstrap, seed)])
+        out[name] = _interval(name, diff(slice(None)), boot, confidence)
     return out
