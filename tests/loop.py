@@ -96,3 +96,19 @@ def serve_with_outcomes(platform: Platform, entities: int = 150, days: float = 3
             platform.repository.record_outcome(row["id"], outcome, reward)
             truth[row["id"]] = int(label)
     return truth
+
+
+def serve_over_http(
+    client: object, rewards: RewardTable, entities: int = 150, days: float = 3.0, seed: int = 1
+) -> int:
+    """The same loop through the HTTP API: POST /decide per event, then POST /outcome with the outcome
+    the ground truth makes happen. Returns the number of decisions."""
+    data = generate(n_entities=entities, days=days, seed=seed)
+    rng = np.random.default_rng(seed)
+    for event, label in zip(shift_to_now(data.events), data.labels, strict=True):
+        body = {"entity_id": event.entity_id, "event": event.model_dump(mode="json")}
+        decision = client.post("/decide", json=body).json()  # type: ignore[attr-defined]
+        outcome, _ = simulate_outcome(int(label), decision["action"], rng, rewards.simulation)
+        answer = client.post("/outcome", json={"decision_id": decision["decision_id"], "outcome": outcome})  # type: ignore[attr-defined]
+        assert answer.status_code == 201, answer.text
+    return len(data.events)
