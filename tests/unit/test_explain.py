@@ -76,8 +76,9 @@ def test_integrated_gradients_give_the_models_risk_and_add_up_to_the_logit_chang
     explainer = RiskAttributor(model, steps=32)
     z = (signed_log(x) - explainer.mean) / explainer.std
     change = explainer.logits(z) - explainer.baseline_logit()
-    # Completeness: what the attributions say moved the log-odds is what moved them.
-    np.testing.assert_allclose(attributions.sum(axis=1), change, rtol=0.03, atol=0.1)
+    # Completeness: what the attributions say moved the log-odds is what moved them (up to the Riemann
+    # sum's error, which grows with the size of the move: a few % of the largest).
+    np.testing.assert_allclose(attributions.sum(axis=1), change, rtol=0.03, atol=0.03 * np.abs(change).max())
 
 
 def test_zero_steps_is_the_models_own_gradient_times_input(trained: tuple[str, Path]) -> None:

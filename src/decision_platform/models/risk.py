@@ -19,6 +19,7 @@ from torch import nn
 from decision_platform.models.preprocessing import Standardizer, signed_log
 
 WEIGHTS = "risk.pt"
+MIN_STEPS = 600
 META = "risk.json"
 
 
@@ -64,6 +65,13 @@ class RiskModel:
     def inputs(features: np.ndarray, anomaly: np.ndarray) -> np.ndarray:
         return np.column_stack([np.atleast_2d(features), np.atleast_1d(anomaly)])
 
+    @staticmethod
+    def effective_epochs(n_rows: int, epochs: int) -> int:
+        """At least MIN_STEPS gradient steps: a retraining on a few thousand labelled outcomes is only a
+        handful of batches per epoch, and a dozen epochs of those leaves the net barely fitted."""
+        batches = max(1, -(-int(n_rows * 0.8) // 512))
+        return max(epochs, -(-MIN_STEPS // batches))
+
     @classmethod
     def fit(
         cls,
@@ -84,6 +92,7 @@ class RiskModel:
         optimiser = torch.optim.Adam(net.parameters(), lr=2e-3, weight_decay=1e-5)
         loss_fn = nn.BCEWithLogitsLoss()
         generator = torch.Generator().manual_seed(seed)
+        epochs = cls.effective_epochs(len(x), epochs)
         for epoch in range(epochs):
             net.train()
             order = torch.randperm(cut, generator=generator)

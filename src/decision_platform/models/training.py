@@ -66,11 +66,14 @@ class TrainReport:
     rules: dict[str, Any] = field(default_factory=dict)
     #: The held-out rows (time order) with every policy's action probabilities, for further analysis.
     heldout: HeldOutRows | None = None
+    #: The training rows (time order; no probabilities), e.g. to fit other baselines the same way.
+    training: HeldOutRows | None = None
 
 
 @dataclass(frozen=True, eq=False)
 class HeldOutRows:
-    """Held-out rows in time order: what the policies saw and the (n, 3) probabilities each gave."""
+    """Rows of one part of time, in time order: what the policies saw and the (n, 3) probabilities each
+    gave (held-out part; the training part carries none)."""
 
     entity_ids: np.ndarray
     labels: np.ndarray
@@ -323,7 +326,8 @@ def train_all(
 
         # --- risk
         t0 = time.perf_counter()
-        task = progress.add_task("risk: pytorch classifier", total=config.risk_epochs)
+        epochs = RiskModel.effective_epochs(int(train.sum()), config.risk_epochs)
+        task = progress.add_task("risk: pytorch classifier", total=epochs)
         risk_inputs = RiskModel.inputs(x, anomaly)
         risk_model = RiskModel.fit(
             risk_inputs[train],
@@ -388,7 +392,7 @@ def train_all(
         # --- held-out comparison
         task = progress.add_task("evaluating policies on held-out time", total=4)
         progress.advance(task)
-        threshold_name = f"risk thresholds {t_throttle:g}/{t_block:g}"
+        threshold_name = f"risk thresholds {t_throttle:.3g}/{t_block:.3g}"
         reports = [
             evaluate_policy(
                 "allow-all",
@@ -435,6 +439,7 @@ def train_all(
             "PPO policy": policy_model.probabilities(states[test]).astype(np.float32),
         },
     )
+    training = HeldOutRows(entity_ids[train], y[train], amounts[train], anomaly[train], risk[train], {})
     rules_info = {
         "source": rules_source,
         "hits": rules_only.hits,
@@ -475,7 +480,7 @@ def train_all(
         ),
     }
     timings["total_s"] = time.perf_counter() - started
-    return TrainReport(versions, risk_metrics, reports, timings, window, rules_info, heldout)
+    return TrainReport(versions, risk_metrics, reports, timings, window, rules_info, heldout, training)
 
 
 def _save(
