@@ -234,6 +234,25 @@ MODEL_POLICY = Dashboard(
             note="rejected: the grounding check refused the narrative and the template sentence stays.",
         ),
         lines("LLM narrative latency", quantiles("dp_llm_narrative_duration_seconds", "", (0.5, 0.95)), "s"),
+        lines(
+            "Shadow policy: agreement with the champion",
+            [
+                (
+                    f'sum(rate(dp_shadow_decisions_total{{agrees="true"}}[{R}])) '
+                    f"/ sum(rate(dp_shadow_decisions_total[{R}]))",
+                    "agreement",
+                )
+            ],
+            "percentunit",
+            note="The shadow's choice under the same rules vs the champion's top choice; logged, never "
+            "applied. Estimated value: `decision-platform models compare`.",
+        ),
+        lines(
+            "Model reloads",
+            by("result", "dp_model_reloads_total", "reload {{result}}"),
+            "ops",
+            note="refused: the new set would serve worse (a champion cannot load); the old one is kept.",
+        ),
     ],
 )
 
