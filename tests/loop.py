@@ -12,7 +12,6 @@ import numpy as np
 
 from decision_platform.data import generate
 from decision_platform.decision.engine import DecisionRequest
-from decision_platform.events.replay import shift_to_now
 from decision_platform.learning.config import GateSettings, LearningConfig, OutcomeSettings, TrainingSettings
 from decision_platform.learning.rewards import RewardTable
 from decision_platform.models.policy import ACTOR, PPO_ZIP, PolicyModel
@@ -84,8 +83,9 @@ def serve_with_outcomes(platform: Platform, entities: int = 150, days: float = 3
     data = generate(n_entities=entities, days=days, seed=seed)
     rng = np.random.default_rng(seed)
     truth: dict[int, int] = {}
-    # Live traffic: the stream ends now (the feature store ignores events older than its windows).
-    events, labels = shift_to_now(data.events), data.labels
+    # The generator's own timestamps, not shifted to now: the time-of-day features, hence every decision,
+    # are then the same on every run (window expiry is wall-clock TTL, so old timestamps are fine).
+    events, labels = data.events, data.labels
     for start in range(0, len(events), 200):
         chunk = events[start : start + 200]
         decisions = platform.engine.decide_batch([DecisionRequest(e.entity_id, e) for e in chunk])
@@ -105,7 +105,7 @@ def serve_over_http(
     the ground truth makes happen. Returns the number of decisions."""
     data = generate(n_entities=entities, days=days, seed=seed)
     rng = np.random.default_rng(seed)
-    for event, label in zip(shift_to_now(data.events), data.labels, strict=True):
+    for event, label in zip(data.events, data.labels, strict=True):
         body = {"entity_id": event.entity_id, "event": event.model_dump(mode="json")}
         decision = client.post("/decide", json=body).json()  # type: ignore[attr-defined]
         outcome, _ = simulate_outcome(int(label), decision["action"], rng, rewards.simulation)
