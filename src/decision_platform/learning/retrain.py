@@ -46,12 +46,12 @@ from decision_platform.models.risk import RiskModel
 from decision_platform.models.simulator import FraudSimulatorEnv, group_histories
 from decision_platform.models.training import (
     SPEC_FILE,
-    _PPOProgress,
-    _progress,
-    _save,
-    _save_policy,
+    PPOProgress,
     best_threshold_policy,
     new_ppo,
+    progress_bars,
+    save_artifact,
+    save_policy_artifact,
     threshold_probabilities,
 )
 
@@ -180,9 +180,9 @@ def _train_policy(
         baseline = threshold_probabilities(risk_index, t_throttle, t_block)
         imitate(ppo, states[rows], baseline(states[rows]).argmax(axis=1), seed=seed)
     if timesteps > 0:
-        with _progress(console) as progress:
+        with progress_bars(console) as progress:
             task = progress.add_task("policy: PPO from the champion, logged histories", total=timesteps)
-            ppo.learn(timesteps, callback=_PPOProgress(lambda n: progress.advance(task, n)))
+            ppo.learn(timesteps, callback=PPOProgress(lambda n: progress.advance(task, n)))
     candidate = PolicyModel.from_sb3(ppo, champion.state_names, champion.scaler_mean, champion.scaler_std)
     return candidate, ppo
 
@@ -337,13 +337,13 @@ def retrain(
         range_rows = np.column_stack([inputs, risk_model.predict(inputs)])[labelled]
         versions["risk"] = registry.register(
             "risk",
-            lambda d: _save(risk_model, d, spec_path, range_rows, logged.labels[labelled]),
+            lambda d: save_artifact(risk_model, d, spec_path, range_rows, logged.labels[labelled]),
             window,
             {k: v for k, v in risk_info.items() if isinstance(v, float | int | bool)},
         )
     versions["policy"] = registry.register(
         "policy",
-        lambda d: _save_policy(policy, ppo, d, spec_path),
+        lambda d: save_policy_artifact(policy, ppo, d, spec_path),
         window,
         ope_metrics | {"risk_version": versions.get("risk", champions.versions["risk"])},
     )

@@ -83,7 +83,7 @@ class HeldOutRows:
     probabilities: dict[str, np.ndarray]
 
 
-def _progress(console: Console) -> Progress:
+def progress_bars(console: Console) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -94,7 +94,7 @@ def _progress(console: Console) -> Progress:
     )
 
 
-class _PPOProgress(BaseCallback):
+class PPOProgress(BaseCallback):
     def __init__(self, advance: Callable[[int], None]) -> None:
         super().__init__()
         self._advance = advance
@@ -313,7 +313,7 @@ def train_all(
         "test_rows": int(test.sum()),
     }
 
-    with _progress(console) as progress:
+    with progress_bars(console) as progress:
         # --- anomaly
         t0 = time.perf_counter()
         task = progress.add_task("anomaly: isolation forest", total=1)
@@ -366,7 +366,7 @@ def train_all(
         ppo = new_ppo(env, config.seed)
         imitate(ppo, states[train], baseline(states[train]).argmax(axis=1), seed=config.seed)
         task = progress.add_task("policy: PPO in the simulator", total=config.ppo_timesteps)
-        ppo.learn(config.ppo_timesteps, callback=_PPOProgress(lambda n: progress.advance(task, n)))
+        ppo.learn(config.ppo_timesteps, callback=PPOProgress(lambda n: progress.advance(task, n)))
         policy_model = PolicyModel.from_sb3(ppo, state_names, scaler.mean[:-1], scaler.std[:-1])
         timings["policy_s"] = time.perf_counter() - t0
 
@@ -453,7 +453,7 @@ def train_all(
     versions = {
         "anomaly": registry.register(
             "anomaly",
-            lambda d: _save(anomaly_model, d, spec_path),
+            lambda d: save_artifact(anomaly_model, d, spec_path),
             window,
             {"roc_auc_heldout": risk_metrics["anomaly_roc_auc"], "trees": config.anomaly_trees},
             status,
@@ -461,14 +461,16 @@ def train_all(
         "risk": registry.register(
             "risk",
             # With the normal ranges of its inputs and of the risk itself, read by explanations.
-            lambda d: _save(risk_model, d, spec_path, np.column_stack([risk_inputs, risk])[train], y[train]),
+            lambda d: save_artifact(
+                risk_model, d, spec_path, np.column_stack([risk_inputs, risk])[train], y[train]
+            ),
             window,
             risk_metrics,
             status,
         ),
         "policy": registry.register(
             "policy",
-            lambda d: _save_policy(policy_model, ppo, d, spec_path),
+            lambda d: save_policy_artifact(policy_model, ppo, d, spec_path),
             window,
             {
                 "heldout": policy_metrics,
@@ -483,7 +485,7 @@ def train_all(
     return TrainReport(versions, risk_metrics, reports, timings, window, rules_info, heldout, training)
 
 
-def _save(
+def save_artifact(
     model: AnomalyModel | RiskModel,
     directory: Path,
     spec_path: Path,
@@ -496,7 +498,7 @@ def _save(
         save_population_ranges(directory, range_rows, range_labels, [*model.input_names, "risk"])
 
 
-def _save_policy(model: PolicyModel, ppo: PPO, directory: Path, spec_path: Path) -> None:
+def save_policy_artifact(model: PolicyModel, ppo: PPO, directory: Path, spec_path: Path) -> None:
     model.save(directory)
     ppo.save(directory / PPO_ZIP)
     shutil.copyfile(spec_path, directory / SPEC_FILE)
