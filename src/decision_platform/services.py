@@ -11,10 +11,14 @@ retraining) reaches every serving process within seconds, without a restart.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+
+import sqlalchemy as sa
 
 from decision_platform.config import Settings
 from decision_platform.decision.engine import DecisionEngine
@@ -31,8 +35,10 @@ from decision_platform.models.bundle import LoadedModels, load_champions
 from decision_platform.models.registry import ModelRegistry
 from decision_platform.observability import metrics
 from decision_platform.storage.database import make_engine, migrate
+from decision_platform.storage.errors import is_outage
 from decision_platform.storage.repository import Repository
-from decision_platform.storage.writer import DecisionSpool, DecisionWriter
+from decision_platform.storage.spool import Spool
+from decision_platform.storage.writer import DecisionWriter
 
 log = logging.getLogger(__name__)
 
@@ -111,26 +117,38 @@ class Platform:
 
     @classmethod
     def start(cls, settings: Settings) -> Platform:
-        """Build everything; the database is migrated to the latest schema first."""
-        db = make_engine(settings.database_url, settings.database_schema)
-        migrate(db, settings.database_schema)
+        """Build everything; the database is migrated to the latest schema first.
+
+        With the database down (or stalled) the platform still starts, degraded: the models come from the
+        registry's serving cache, decisions are spooled, and the writer migrates then replays as soon as the
+        database answers (storage/writer.py).
+        """
+        db = make_engine(settings.database_url, settings.database_schema, settings.db_statement_timeout_s)
+        migrated = _migrate_within(db, settings.database_schema, settings.db_write_timeout_s * 5)
         repository = Repository(db)
-        registry = ModelRegistry(repository, settings.model_dir)
+        registry = ModelRegistry(repository, settings.model_dir, _serving_cache(settings))
         models = load_champions(registry)
         spec = models.spec or FeatureSpec.load(settings.features_path)
         store = open_feature_store(settings.feature_store_url, spec, settings.feature_store_timeout_s)
         rules = RuleSet.load(settings.rules_path, spec.names)
         rewards = RewardTable.load(settings.rewards_path)
-        spool = DecisionSpool(settings.spool_dir)
-        writer = DecisionWriter(repository, spool, settings.db_batch_size)
+        writer = DecisionWriter(
+            repository,
+            Spool(settings.spool_dir),
+            settings.db_batch_size,
+            write_timeout_s=settings.db_write_timeout_s,
+            read_timeout_s=settings.db_read_timeout_s,
+            probe_interval_s=settings.db_probe_interval_s,
+            on_recover=None if migrated else lambda: migrate(db, settings.database_schema),
+        )
         # Normal ranges stored with the risk model: reason codes say what is typical (older artifacts: none).
-        risk_record = registry.repository.get_model(models.versions["risk"]) if models.risk else None
+        risk_record = registry.serving_record(models.versions["risk"]) if models.risk else None
         ranges = ranges_of_model(settings.model_dir, risk_record)
         reasons = ReasonBuilder.for_models(
             models.risk, models.anomaly, ranges, rules, settings.attribution_steps
         )
         engine = DecisionEngine(settings, spec, store, models, rules, writer, reasons=reasons)
-        narrator = Narrator(settings, repository, open_chat_client(settings), ranges).start()
+        narrator = Narrator(settings, repository, open_chat_client(settings), ranges, writer).start()
         if models.errors:
             log.warning("serving with fallbacks for: %s", models.errors)
         if models.shadow_version:
@@ -217,7 +235,7 @@ class Platform:
             self.refresher = None
 
     def _reason_builder(self, models: LoadedModels) -> tuple[ReasonBuilder | None, Any]:
-        risk_record = self.repository.get_model(models.versions["risk"]) if models.risk else None
+        risk_record = self.registry.serving_record(models.versions["risk"]) if models.risk else None
         ranges = ranges_of_model(self.settings.model_dir, risk_record)
         builder = ReasonBuilder.for_models(
             models.risk, models.anomaly, ranges, self.rules, self.settings.attribution_steps
@@ -260,3 +278,33 @@ class Platform:
         self.writer.close()
         self.store.close()
         self.repository.engine.dispose()
+
+
+def _serving_cache(settings: Settings) -> Path:
+    """Where the registry's serving records are cached, one file per database (and schema)."""
+    key = hashlib.sha256(f"{settings.database_url}|{settings.database_schema or ''}".encode()).hexdigest()
+    return settings.model_dir / f".serving-{key[:16]}.json"
+
+
+def _migrate_within(db: sa.Engine, schema: str | None, timeout_s: float) -> bool:
+    """Migrate unless the database is down or does not answer in time (then False: start degraded)."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            migrate(db, schema)
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="migrate", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        log.warning("the database did not answer within %s s: starting degraded (spooling)", timeout_s)
+        return False
+    if failure:
+        if not is_outage(failure[0]):
+            raise failure[0]
+        log.warning("the database is unavailable (%s): starting degraded (spooling)", failure[0])
+        return False
+    return True

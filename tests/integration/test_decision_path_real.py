@@ -18,7 +18,8 @@ from decision_platform.config import Settings
 from decision_platform.services import Platform
 from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.repository import Repository
-from decision_platform.storage.writer import DUPLICATE, SPOOLED, STORED, DecisionSpool, DecisionWriter
+from decision_platform.storage.spool import Spool
+from decision_platform.storage.writer import DUPLICATE, SPOOLED, STORED, DecisionWriter
 from tests.conftest import PG_URL, REDIS_URL, decision_row
 from tests.integration.conftest import query
 
@@ -112,14 +113,17 @@ def test_conflicting_outcome_on_postgresql(real_client: tuple[TestClient, Settin
 def test_postgresql_outage_spools_then_replays_into_postgresql(pg_schema: str, tmp_path: Path) -> None:
     live = make_engine(PG_URL, pg_schema)
     migrate(live, pg_schema)
-    spool = DecisionSpool(tmp_path / "spool")
-    down = DecisionWriter(Repository(make_engine("postgresql://postgres@127.0.0.1:1/test")), spool)
+    down = DecisionWriter(
+        Repository(make_engine("postgresql://postgres@127.0.0.1:1/test")), Spool(tmp_path / "spool")
+    )
     row = decision_row(42, event_id="x")
     assert down.write(row) == SPOOLED
     down.close()
-    up = DecisionWriter(Repository(live), spool)
+    # A restart: the new process adopts the spool, and replays it in the background.
+    up = DecisionWriter(Repository(live), Spool(tmp_path / "spool"))
+    assert up.write({**row, "id": 44}) == DUPLICATE  # event x was decided (spooled) already
     assert up.write({**row, "id": 43, "event_id": "y"}) == STORED
-    assert up.write({**row, "id": 44}) == DUPLICATE  # event x was decided (spooled, replayed) already
+    assert up.wait_replayed(10)
     up.close()
     with live.connect() as connection:
         ids = [r[0] for r in connection.execute(sa.text("SELECT id FROM decisions ORDER BY id"))]

@@ -17,7 +17,8 @@ from decision_platform.models.anomaly import AnomalyModel
 from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.ids import DecisionIdGenerator, id_timestamp
 from decision_platform.storage.repository import Repository
-from decision_platform.storage.writer import SPOOLED, STORED, DecisionSpool, DecisionWriter
+from decision_platform.storage.spool import Spool
+from decision_platform.storage.writer import SPOOLED, STORED, DecisionWriter
 from tests.conftest import decision_row
 
 
@@ -56,7 +57,7 @@ def test_database_outage_spools_durably_and_replays_without_duplicates(tmp_path:
     engine = make_engine(f"sqlite:///{db_path}")
     migrate(engine)
     repository = Repository(engine)
-    writer = DecisionWriter(repository, DecisionSpool(tmp_path / "spool"), batch_size=16)
+    writer = DecisionWriter(repository, Spool(tmp_path / "spool"), batch_size=16, probe_interval_s=0.05)
     assert writer.write(decision_row(1)) == STORED
 
     # The database goes away: writes land in the spool, and are still acknowledged.
@@ -64,11 +65,13 @@ def test_database_outage_spools_durably_and_replays_without_duplicates(tmp_path:
         connection.execute(sa.text("ALTER TABLE decisions RENAME TO decisions_away"))
     assert writer.write(decision_row(2)) == SPOOLED
     assert writer.write(decision_row(3)) == SPOOLED
-    assert list((tmp_path / "spool").glob("decisions-*.jsonl"))
+    assert list((tmp_path / "spool").glob("segment-*.jsonl"))
+    assert writer.find_decision(2)["id"] == 2  # readable from the spool meanwhile
 
-    # It comes back: the next batch first replays the spool, once.
+    # It comes back: the spool is replayed in the background, once, with no new write to trigger it.
     with engine.begin() as connection:
         connection.execute(sa.text("ALTER TABLE decisions_away RENAME TO decisions"))
+    assert writer.wait_replayed(10)
     assert writer.write(decision_row(4)) == STORED
     writer.close()
     with engine.connect() as connection:
@@ -82,7 +85,7 @@ def test_rewards_follow_the_table() -> None:
     assert table.reward("chargeback", 0, 100.0) == pytest.approx(-115.0)
     assert table.reward("success", 0, 100.0) > table.reward("success", 1, 100.0)
     assert table.reward("fraud", 2, 100.0) > table.reward("fraud", 0, 100.0)
-    with pytest.raises(ValueError, match="no reward for"):
+    with pytest.raises(ValueError, match="no outcome can follow"):
         RewardTable.model_validate({"outcomes": {"x": {"allow": {}}}})
 
 

@@ -305,8 +305,9 @@ class DecisionEngine:
         decisions = []
         for row, stored in zip(rows, storage, strict=True):
             if stored == DUPLICATE and row["event_id"] is not None:
-                # This event was decided before (a redelivery or a retry): answer with that decision.
-                existing = self.writer.repository.get_decision_by_event(row["event_id"])
+                # This event was decided before (a redelivery or a retry): answer with that decision,
+                # whether it is in the database or still in the spool.
+                existing = self.writer.find_decision_by_event(row["event_id"])
                 if existing is not None:
                     decisions.append(Decision(response_from_row(existing), existing, DUPLICATE))
                     continue

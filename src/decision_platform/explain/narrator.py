@@ -33,7 +33,9 @@ from decision_platform.explain.llm import ChatClient, LLMError, LLMTimeout
 from decision_platform.explain.prompt import build_messages, retry_messages, template
 from decision_platform.explain.ranges import FeatureRanges
 from decision_platform.observability import metrics
+from decision_platform.storage.errors import DatabaseUnavailable
 from decision_platform.storage.repository import Repository
+from decision_platform.storage.writer import DecisionWriter
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +106,12 @@ class Narrator:
         repository: Repository,
         client: ChatClient | None,
         ranges: FeatureRanges | None = None,
+        writer: DecisionWriter | None = None,
     ) -> None:
         self.settings = settings
         self.repository = repository
+        #: With a writer, decisions still in its spool are explained too, and every read is bounded.
+        self.writer = writer
         self.client = client
         self.ranges = ranges
         self.prompt_version = template(settings.llm_prompt_version).version  # fails fast on a bad setting
@@ -161,7 +166,11 @@ class Narrator:
                 if item["feature"].startswith("attributes."):
                     attributes.setdefault(item["feature"].split(".", 1)[1], item["value"])
         try:
-            history = self.repository.recent_features(str(row["entity_id"]), decision_id)
+
+            def recent() -> list[dict[str, float]]:
+                return self.repository.recent_features(str(row["entity_id"]), decision_id)
+
+            history = self.writer.query(recent) if self.writer else recent()
         except Exception as exc:  # entity ranges are a nicety: never fail an explanation for them
             log.warning("no entity history for %s: %s", decision_id, exc.__class__.__name__)
             history = []
@@ -172,10 +181,14 @@ class Narrator:
     ) -> Explanation | None:
         """The narrative of a decision: stored, or being written (pending, with the template meanwhile).
         None when there is no such decision."""
-        stored = self.repository.get_explanation(decision_id)
+        stored = self._stored(decision_id)
         if stored is not None:
             return Explanation.from_row(stored)
-        row = self.repository.get_decision(decision_id)
+        row = (
+            self.writer.find_decision(decision_id)
+            if self.writer
+            else self.repository.get_decision(decision_id)
+        )
         if row is None:
             return None
         facts = self.facts_for(row)
@@ -201,12 +214,21 @@ class Narrator:
         if wait:
             limit = self.settings.llm_wait_timeout_s
             done.wait(min(timeout_s if timeout_s is not None else limit, limit))
-        stored = self.repository.get_explanation(decision_id)
+        stored = self._stored(decision_id)
         if stored is not None:
             return Explanation.from_row(stored)
         with self._cond:
             transient = self._transient.pop(decision_id, None)
         return transient or self._template(facts, PENDING, "pending")
+
+    def _stored(self, decision_id: int) -> dict[str, Any] | None:
+        """The stored narrative; None while the database is unavailable (the template is given meanwhile)."""
+        if self.writer is None:
+            return self.repository.get_explanation(decision_id)
+        try:
+            return self.writer.query(lambda: self.repository.get_explanation(decision_id))
+        except DatabaseUnavailable:
+            return None
 
     def _template(self, facts: Facts, status: str, reason: str) -> Explanation:
         return Explanation(

@@ -16,6 +16,7 @@ from decision_platform.models.registry import KINDS, ModelRegistry
 from decision_platform.models.risk import RiskModel
 from decision_platform.models.training import SPEC_FILE
 from decision_platform.observability import metrics
+from decision_platform.storage.errors import is_outage
 
 log = logging.getLogger(__name__)
 _LOADERS = {"anomaly": AnomalyModel.load, "risk": RiskModel.load, "policy": PolicyModel.load}
@@ -65,7 +66,16 @@ def load_champions(
     and hashed again, so a hot reload after one promotion costs one artifact, not all of them.
     """
     loaded = LoadedModels()
-    records = {(r["status"], r["kind"]): r for r in registry.repository.serving_records()}
+    try:
+        records = {(r["status"], r["kind"]): r for r in registry.serving_records()}
+    except Exception as exc:
+        if not is_outage(exc):
+            raise
+        # No database and no serving cache (a first start while it is down): serve fallbacks; the model
+        # refresher loads the champions as soon as the registry answers.
+        log.error("the model registry is unreachable (%s): deciding by fallback until it answers", exc)
+        loaded.errors = {kind: f"registry unavailable: {exc.__class__.__name__}" for kind in KINDS}
+        return loaded
     loaded.registry_state = frozenset((status, kind, r["version"]) for (status, kind), r in records.items())
     for kind in KINDS:
         record = records.get(("champion", kind))

@@ -13,6 +13,9 @@ and the policy's state, so a second set of them would not be "the same decision,
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import os
 import shutil
 import uuid
 from collections.abc import Callable
@@ -20,7 +23,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from decision_platform.storage.errors import is_outage
 from decision_platform.storage.repository import Repository
+
+log = logging.getLogger(__name__)
 
 KINDS = ("anomaly", "risk", "policy")
 #: Kinds that may have a shadow.
@@ -59,9 +65,48 @@ def hash_directory(directory: Path) -> str:
 
 
 class ModelRegistry:
-    def __init__(self, repository: Repository, model_dir: Path) -> None:
+    """Artifacts under ``model_dir``, records in the database.
+
+    ``serving_cache``: a file where the records of the champions and shadow are kept each time they are
+    read, so that a serving process can start (and keep its models) while the database is down.
+    """
+
+    def __init__(self, repository: Repository, model_dir: Path, serving_cache: Path | None = None) -> None:
         self.repository = repository
         self.model_dir = Path(model_dir)
+        self.serving_cache = serving_cache
+
+    def serving_records(self) -> list[dict[str, Any]]:
+        """Every champion and shadow record; from the serving cache when the database is unreachable."""
+        try:
+            records = self.repository.serving_records()
+        except Exception as exc:
+            if self.serving_cache is None or not is_outage(exc) or not self.serving_cache.is_file():
+                raise
+            log.warning(
+                "registry unreachable (%s): serving the models recorded in %s", exc, self.serving_cache
+            )
+            return [_record_from_json(r) for r in json.loads(self.serving_cache.read_text("utf-8"))]
+        if self.serving_cache is not None:
+            self._write_cache(records)
+        return records
+
+    def _write_cache(self, records: list[dict[str, Any]]) -> None:
+        assert self.serving_cache is not None
+        text = json.dumps([_record_to_json(r) for r in records], sort_keys=True)
+        try:
+            if self.serving_cache.is_file() and self.serving_cache.read_text("utf-8") == text:
+                return
+            self.serving_cache.parent.mkdir(parents=True, exist_ok=True)
+            staging = self.serving_cache.with_name(f".{self.serving_cache.name}.{os.getpid()}")
+            staging.write_text(text, "utf-8")
+            staging.replace(self.serving_cache)  # atomic: a reader never sees half a file
+        except OSError as exc:  # a read-only model dir: serving works, only a cold start needs the database
+            log.warning("cannot write the serving cache %s: %s", self.serving_cache, exc)
+
+    def serving_record(self, version: str) -> dict[str, Any] | None:
+        """The record of a serving version, from the database or (when it is down) the serving cache."""
+        return next((r for r in self.serving_records() if r["version"] == version), None)
 
     def register(
         self,
@@ -199,3 +244,14 @@ class ModelRegistry:
                 f"{record['version']}: artifact files do not match their recorded hash"
             )
         return path
+
+
+_TIMES = ("created_at", "promoted_at")
+
+
+def _record_to_json(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.isoformat() if k in _TIMES and v is not None else v) for k, v in record.items()}
+
+
+def _record_from_json(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: (datetime.fromisoformat(v) if k in _TIMES and v is not None else v) for k, v in record.items()}

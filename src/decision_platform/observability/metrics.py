@@ -122,6 +122,25 @@ DB_BATCH_SIZE = Histogram(
 DECISIONS_SPOOLED = Counter(
     "dp_decisions_spooled_total", "Decisions written to the local spool because the database failed."
 )
+SPOOL_APPENDED = Counter(
+    "dp_spool_appended_total", "Records written to the local spool, by kind (decision | outcome).", ["kind"]
+)
+SPOOL_REPLAYED = Counter("dp_spool_replayed_total", "Spooled records replayed into the database.")
+SPOOL_QUARANTINED = Counter(
+    "dp_spool_quarantined_total",
+    "Records the database refused for good, moved to the spool's quarantine file, by kind.",
+    ["kind"],
+)
+SPOOL_PENDING = Gauge(
+    "dp_spool_pending_records",
+    "Acknowledged records in the local spool, not yet in the database.",
+    multiprocess_mode="livesum",
+)
+DATABASE_UP = Gauge(
+    "dp_database_up",
+    "1 when the write path reaches the database, 0 while it spools.",
+    multiprocess_mode="livemin",
+)
 
 # --- stream worker (events/). Exposed by start_worker_metrics_server().
 EVENTS_CONSUMED = Counter("dp_events_consumed_total", "Events consumed by the stream worker.", ["topic"])

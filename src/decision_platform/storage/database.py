@@ -11,11 +11,17 @@ from alembic.config import Config
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
-def make_engine(url: str, schema: str | None = None) -> sa.Engine:
+def make_engine(url: str, schema: str | None = None, statement_timeout_s: float | None = None) -> sa.Engine:
     """An engine for ``sqlite:///file`` or ``postgresql://...`` (driven by psycopg 3).
 
     With ``schema`` on PostgreSQL every connection's search_path points at it, so tests and tenants can
-    keep their own tables in one database.
+    keep their own tables in one database. ``statement_timeout_s``: the server cancels longer statements
+    (serving sets it; batch jobs such as retraining leave it unset).
+
+    Every wait on PostgreSQL is bounded, so a dead or stalled server becomes an error instead of a hang:
+    connecting (2 s), a connection from the pool (2 s), unacknowledged sends (``tcp_user_timeout``) and a
+    silent peer (TCP keepalives). The writer adds its own deadline on top (storage/writer.py), because a
+    peer that acknowledges bytes but never answers defeats all of these.
     """
     if url.startswith(("postgresql://", "postgres://")):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
@@ -36,10 +42,24 @@ def make_engine(url: str, schema: str | None = None) -> sa.Engine:
             cursor.close()
 
         return engine
-    connect_args: dict[str, object] = {"connect_timeout": 3}
+    connect_args: dict[str, object] = {
+        "connect_timeout": 2,  # libpq's minimum
+        "keepalives": 1,
+        "keepalives_idle": 5,
+        "keepalives_interval": 2,
+        "keepalives_count": 3,
+        "tcp_user_timeout": 10_000,
+    }
+    options = []
     if schema:
-        connect_args["options"] = f"-csearch_path={schema}"
-    return sa.create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True, connect_args=connect_args)
+        options.append(f"-csearch_path={schema}")
+    if statement_timeout_s:
+        options.append(f"-cstatement_timeout={int(statement_timeout_s * 1000)}")
+    if options:
+        connect_args["options"] = " ".join(options)
+    return sa.create_engine(
+        url, pool_size=8, max_overflow=8, pool_timeout=2, pool_pre_ping=True, connect_args=connect_args
+    )
 
 
 def migrate(engine: sa.Engine, schema: str | None = None) -> None:

@@ -91,6 +91,19 @@ class Repository:
                     break
         return inserted
 
+    def existing_ids(self, ids: Sequence[int]) -> set[int]:
+        """Which of these decision ids are stored."""
+        if not ids:
+            return set()
+        with self.engine.connect() as connection:
+            query = sa.select(decisions.c.id).where(decisions.c.id.in_(list(ids)))
+            return {row[0] for row in connection.execute(query)}
+
+    def ping(self) -> None:
+        """One round trip: raises if the database does not answer."""
+        with self.engine.connect() as connection:
+            connection.execute(sa.text("SELECT 1"))
+
     def get_decision_by_event(self, event_id: str) -> DecisionRow | None:
         with self.engine.connect() as connection:
             row = (
@@ -156,12 +169,15 @@ class Repository:
             return None
         return OutcomeResult(OutcomeStatus.DUPLICATE, row["outcome"], row["reward"], row["received_at"])
 
-    def record_outcome(self, decision_id: int, outcome: str, reward: float) -> OutcomeResult:
+    def record_outcome(
+        self, decision_id: int, outcome: str, reward: float, received_at: datetime | None = None
+    ) -> OutcomeResult:
         """Store the first outcome of a decision; a repeat is idempotent, a different one a conflict.
 
         An imputed outcome (learning/outcomes.py) is only a placeholder: the real one replaces it.
+        ``received_at``: when it was received, if earlier than now (an outcome replayed from the spool).
         """
-        now = datetime.now(UTC)
+        now = received_at or datetime.now(UTC)
         try:
             with self.engine.begin() as connection:
                 exists = connection.execute(

@@ -1,110 +1,137 @@
-"""Group commit with a durable spool: how a decision is acknowledged without being lost.
+"""Group commit with a durable spool: how a decision is acknowledged without ever being lost.
 
 Single-row commits cap PostgreSQL at ~2.6k rows/s on these machines; batches of a few hundred reach
-~24-60k. So concurrent requests hand their rows to one writer thread that inserts whatever has queued
-up in one transaction, and each request waits for *its* batch to be durable before answering.
+~24-60k. So concurrent requests hand their rows to one writer thread that inserts whatever has queued up
+in one transaction, and each request waits for *its* batch to be durable before answering.
 
-If the database is unreachable, the batch is appended to a local spool file and fsynced instead: the
-decision is still acknowledged and durable, and the spool is replayed (idempotently, by id) as soon as
-the database answers again.
+What "durable" means under each fault (README, "What is promised under faults"):
+
+- **Database down or stalled.** Every database call of the writer runs on one "lane" thread with a
+  deadline (``write_timeout_s``): a refused connection fails at once, a frozen one is given up after the
+  deadline. Either way the batch is appended to the local spool and fsynced, the decision is acknowledged,
+  and the database is marked *down*: later batches go straight to the spool (no waiting on a dead server)
+  until a probe, every ``probe_interval_s`` with backoff, finds it answering again.
+- **Replay in the background.** As soon as the database is up and the spool holds records, the writer
+  thread replays them a chunk at a time *between* live batches, so new decisions never queue behind an
+  outage's backlog, and nothing waits for a new request to arrive.
+- **A record the database refuses** (``errors.is_record_error``: a NUL byte, an integer beyond 64 bits,
+  a violated constraint) never blocks the others: the chunk is split in halves until the refused record is
+  alone, and that record is moved to ``quarantine.jsonl`` (metric + a log line naming the decision id).
+- **A retried event** gets its first decision: an event id already in the spool is answered as a
+  duplicate, in every state (spooling, replaying, database back), as the database's unique index does.
+- **Outcomes** of decisions still in the spool are spooled behind them (same order, same replay).
+
+Reads for the API (:meth:`DecisionWriter.find_decision`) look in the spool first, then ask the database
+with the same bounded wait; when the database is down they raise :class:`DatabaseUnavailable` (503).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import threading
-import uuid
-from concurrent.futures import Future
-from datetime import datetime
-from pathlib import Path
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 from decision_platform.observability import metrics
-from decision_platform.storage.repository import DecisionRow, Repository
+from decision_platform.storage.errors import DatabaseUnavailable, is_record_error
+from decision_platform.storage.repository import DecisionRow, OutcomeResult, OutcomeStatus, Repository
+from decision_platform.storage.spool import DECISION, OUTCOME, ReplayChunk, Spool, SpooledOutcome, SpoolRecord
 
 log = logging.getLogger(__name__)
 
 STORED = "stored"
 SPOOLED = "spooled"
-DUPLICATE = "duplicate"  # a decision for this event (or id) was already stored; nothing was written
+DUPLICATE = "duplicate"  # a decision for this event (or id) was already stored or spooled; nothing written
+
+T = TypeVar("T")
 
 
-class DecisionSpool:
-    """Append-only JSON-lines files of decisions not yet in the database.
+class _Lane:
+    """Runs database calls on its own threads so that a call that hangs can be given up after a deadline.
 
-    Each process appends to its own file (``decisions-<pid>.jsonl``), so several API workers sharing the
-    directory never interleave or delete each other's lines. Replay claims a file by renaming it first
-    (atomic), then inserts its rows (idempotently, by id) and deletes it; a crash in between leaves a
-    claimed file that the next replay picks up again.
+    A frozen server (or a network partition) can keep a socket waiting for minutes; no driver timeout
+    covers every case (a statement timeout is enforced by the server, which may be the frozen party).
+    A call that misses its deadline keeps its thread until the socket wakes up; while ``max_stalled``
+    calls are stuck, new calls fail at once instead of piling up threads.
     """
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = Path(directory)
-        self.path = self.directory / f"decisions-{os.getpid()}.jsonl"
+    def __init__(self, name: str, threads: int = 1, max_stalled: int = 1) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+        self._inflight: set[Future[Any]] = set()
         self._lock = threading.Lock()
+        self.max_stalled = max_stalled
 
-    def append(self, rows: list[DecisionRow]) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        lines = "".join(json.dumps(_to_json(row)) + "\n" for row in rows)
-        with self._lock, open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(lines)
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    def pending(self) -> bool:
-        return self.directory.is_dir() and any(self.directory.glob("decisions-*.jsonl*"))
-
-    def replay(self, repository: Repository) -> int:
-        """Move every spooled decision (any process's) into the database; returns how many."""
-        replayed = 0
+    def run(self, call: Callable[[], T], timeout_s: float) -> T:
         with self._lock:
-            for path in sorted(self.directory.glob("decisions-*.jsonl")):
-                # A unique name: an earlier claimed file whose replay failed must not be overwritten.
-                claimed = path.with_name(f"{path.name}.replaying-{uuid.uuid4().hex}")
-                try:
-                    path.rename(claimed)
-                except FileNotFoundError:  # another process claimed it first
-                    continue
-            # Ours, and any left by a process that died while replaying (inserts are idempotent, so a
-            # file two processes replay at once is harmless).
-            for claimed in sorted(self.directory.glob("decisions-*.jsonl.replaying-*")):
-                try:
-                    lines = claimed.read_text("utf-8").splitlines()
-                except FileNotFoundError:
-                    continue
-                rows = [_from_json(json.loads(line)) for line in lines if line]
-                repository.insert_decisions(rows)  # idempotent: known ids are skipped
-                claimed.unlink(missing_ok=True)
-                replayed += len(rows)
-        if replayed:
-            log.info("replayed %d spooled decisions", replayed)
-        return replayed
+            self._inflight = {f for f in self._inflight if not f.done()}
+            if len(self._inflight) >= self.max_stalled:
+                raise DatabaseUnavailable("the database has not answered earlier calls yet")
+            future = self._pool.submit(call)
+            self._inflight.add(future)
+        try:
+            return future.result(timeout=timeout_s)
+        except FutureTimeout:
+            raise DatabaseUnavailable(f"the database did not answer within {timeout_s:g} s") from None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _to_json(row: DecisionRow) -> dict:
-    out = dict(row)
-    out["created_at"] = row["created_at"].isoformat()
-    return out
+@dataclass(frozen=True)
+class WriterStatus:
+    """What /ready and /metrics say about the write path."""
 
-
-def _from_json(row: dict) -> DecisionRow:
-    row["created_at"] = datetime.fromisoformat(row["created_at"])
-    return row
+    database_up: bool
+    last_error: str | None
+    pending: int
+    quarantined: int
 
 
 class DecisionWriter:
-    """A background thread that stores decisions in batches; ``write`` returns once durable."""
+    """A background thread that stores decisions in batches; ``write`` returns once the row is durable."""
 
-    def __init__(self, repository: Repository, spool: DecisionSpool, batch_size: int = 256) -> None:
+    def __init__(
+        self,
+        repository: Repository,
+        spool: Spool,
+        batch_size: int = 256,
+        write_timeout_s: float = 2.0,
+        read_timeout_s: float = 2.0,
+        probe_interval_s: float = 0.5,
+        replay_chunk: int = 500,
+        on_recover: Callable[[], None] | None = None,
+    ) -> None:
         self.repository = repository
         self.spool = spool
         self.batch_size = batch_size
+        self.write_timeout_s = write_timeout_s
+        self.read_timeout_s = read_timeout_s
+        self.probe_interval_s = probe_interval_s
+        self.replay_chunk = replay_chunk
+        #: Run once when the database first answers (e.g. migrations after a start while it was down).
+        self._on_recover = on_recover
+        self._writes = _Lane("db-write")
+        self._reads = _Lane("db-read", threads=4, max_stalled=4)
+        self._state_lock = threading.Lock()
+        #: Serialises "is an outcome spooled for it?" with appending one.
+        self._spool_lock = threading.Lock()
+        self._up = on_recover is None
+        self._last_error: str | None = None if self._up else "not reached yet"
+        self._next_probe = 0.0
+        self._backoff = probe_interval_s
         self._queue: queue.Queue[tuple[DecisionRow, Future[str]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="decision-writer", daemon=True)
+        self._set_gauges()
         self._thread.start()
 
+    # --- the API of the write path
     def submit(self, row: DecisionRow) -> Future[str]:
         future: Future[str] = Future()
         self._queue.put((row, future))
@@ -119,18 +146,94 @@ class DecisionWriter:
         futures = [self.submit(row) for row in rows]
         return [future.result(timeout=timeout) for future in futures]
 
+    @property
+    def database_up(self) -> bool:
+        return self._up
+
+    def status(self) -> WriterStatus:
+        return WriterStatus(self._up, self._last_error, self.spool.pending(), self.spool.quarantined())
+
+    def wait_replayed(self, timeout_s: float) -> bool:
+        """Wait until the spool is empty (tests, and a graceful stop); True if it is."""
+        deadline = time.monotonic() + timeout_s
+        while self.spool.has_work():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
     def close(self) -> None:
+        """Finish the queued writes; what is still spooled stays on disk for the next start."""
         self._queue.put(None)
         self._thread.join(timeout=30)
+        self._writes.close()
+        self._reads.close()
+        self.spool.close()
 
+    # --- reads that know about the spool
+    def find_decision(self, decision_id: int) -> DecisionRow | None:
+        """The decision, from the spool if it is still there, else from the database (bounded wait)."""
+        spooled = self.spool.get_decision(decision_id)
+        if spooled is not None:
+            return spooled
+        return self.query(lambda: self.repository.get_decision(decision_id))
+
+    def find_decision_by_event(self, event_id: str) -> DecisionRow | None:
+        """The decision made for an event: spooled or stored."""
+        decision_id = self.spool.decision_for_event(event_id)
+        if decision_id is not None:
+            spooled = self.spool.get_decision(decision_id)
+            if spooled is not None:
+                return spooled
+        return self.query(lambda: self.repository.get_decision_by_event(event_id))
+
+    def query(self, call: Callable[[], T]) -> T:
+        """A database call for a request: fails fast while the database is known to be down, and within
+        ``read_timeout_s`` when it stalls (both :class:`DatabaseUnavailable`, which the API answers 503)."""
+        if not self._up:
+            raise DatabaseUnavailable(f"database unavailable ({self._last_error})", self.probe_interval_s * 2)
+        try:
+            return self._reads.run(call, self.read_timeout_s)
+        except Exception as exc:
+            if is_record_error(exc):
+                raise
+            self._mark_down(exc)
+            raise DatabaseUnavailable(f"database unavailable ({exc.__class__.__name__})") from exc
+
+    # --- outcomes
+    def record_outcome(self, decision_id: int, outcome: str, reward: float) -> OutcomeResult:
+        """Record an outcome: spooled behind its decision if that is still in the spool, else stored.
+
+        The same rules either way: the first outcome wins, the same one again is idempotent, a different
+        one is a conflict. A decision not in the spool needs the database (:class:`DatabaseUnavailable`).
+        """
+        spooled = self.spool.outcome_for(decision_id)
+        if spooled is not None:
+            return _against(spooled, outcome)
+        if self.spool.holds_decision(decision_id):
+            record = SpooledOutcome(decision_id, outcome, reward, datetime.now(UTC))
+            with self._spool_lock:
+                again = self.spool.outcome_for(decision_id)  # a concurrent request spooled one first
+                if again is not None:
+                    return _against(again, outcome)
+                self.spool.append([SpoolRecord(OUTCOME, outcome=record)])
+            metrics.SPOOL_APPENDED.labels(kind=OUTCOME).inc()
+            self._set_gauges()
+            return OutcomeResult(OutcomeStatus.CREATED, outcome, reward, record.received_at)
+        return self.query(lambda: self.repository.record_outcome(decision_id, outcome, reward))
+
+    # --- the writer thread
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            first = self._queue.get()
+            try:
+                first = self._queue.get(timeout=self._idle_wait())
+            except queue.Empty:
+                first = _IDLE
             if first is None:
                 break
-            batch = [first]
-            while len(batch) < self.batch_size:
+            batch = [] if first is _IDLE else [first]
+            while batch and len(batch) < self.batch_size:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
@@ -139,29 +242,209 @@ class DecisionWriter:
                     stopping = True
                     break
                 batch.append(item)
-            self._flush(batch)
-
-    def _flush(self, batch: list[tuple[DecisionRow, Future[str]]]) -> None:
-        rows = [row for row, _ in batch]
-        try:
-            if self.spool.pending():
-                self.spool.replay(self.repository)
-            inserted = self.repository.insert_decisions(rows)
-            metrics.DB_BATCH_SIZE.observe(len(rows))
-        except Exception as exc:  # database down or failing: keep the decisions durable locally
-            log.warning(
-                "database write failed (%s); spooling %d decisions", exc.__class__.__name__, len(rows)
-            )
-            metrics.DB_ERRORS.labels(operation="insert_decisions").inc()
+            if batch:
+                self._store(batch)  # type: ignore[arg-type]
             try:
-                self.spool.append(rows)
-                metrics.DECISIONS_SPOOLED.inc(len(rows))
-            except Exception as spool_exc:  # nowhere durable to put it: the caller must not acknowledge
-                for _, future in batch:
-                    future.set_exception(spool_exc)
-                return
-            for _, future in batch:
-                future.set_result(SPOOLED)
-            return
+                self._background_step()
+            except Exception:  # never let the writer thread die: decisions depend on it
+                log.exception("spool replay step failed")
+
+    def _idle_wait(self) -> float | None:
+        """How long the writer may sleep waiting for decisions before it has background work to do."""
+        if self._up:
+            return 0.0 if self.spool.has_work() else 1.0
+        return max(0.0, self._next_probe - time.monotonic())
+
+    def _store(self, batch: list[tuple[DecisionRow, Future[str]]]) -> None:
+        fresh: list[tuple[DecisionRow, Future[str]]] = []
+        seen: set[str] = set()
         for row, future in batch:
-            future.set_result(STORED if row["id"] in inserted else DUPLICATE)
+            event_id = row.get("event_id")
+            if event_id and (event_id in seen or self.spool.decision_for_event(event_id) is not None):
+                future.set_result(
+                    DUPLICATE
+                )  # a retry of an event whose decision is spooled (or in this batch)
+                continue
+            if event_id:
+                seen.add(event_id)
+            fresh.append((row, future))
+        if not fresh:
+            return
+        rows = [row for row, _ in fresh]
+        if self._up:
+            try:
+                inserted = self._insert(rows)
+            except Exception as exc:
+                metrics.DB_ERRORS.labels(operation="insert_decisions").inc()
+                if is_record_error(exc):
+                    # One of these rows is refused: keep them all durable; replay isolates the bad one.
+                    log.warning("the database refused a batch of %d decisions (%s); spooled", len(rows), exc)
+                else:
+                    self._mark_down(exc)
+            else:
+                metrics.DB_BATCH_SIZE.observe(len(rows))
+                for row, future in fresh:
+                    future.set_result(STORED if row["id"] in inserted else DUPLICATE)
+                return
+        self._spool(fresh)
+
+    def _insert(self, rows: list[DecisionRow]) -> set[int]:
+        return self._writes.run(lambda: self.repository.insert_decisions(rows), self.write_timeout_s)
+
+    def _spool(self, batch: list[tuple[DecisionRow, Future[str]]]) -> None:
+        try:
+            with self._spool_lock:
+                self.spool.append([SpoolRecord(DECISION, decision=row) for row, _ in batch])
+        except Exception as exc:  # nowhere durable to put them: the callers must not acknowledge
+            log.error("cannot spool %d decisions: %s", len(batch), exc)
+            for _, future in batch:
+                future.set_exception(exc)
+            return
+        metrics.DECISIONS_SPOOLED.inc(len(batch))
+        metrics.SPOOL_APPENDED.labels(kind=DECISION).inc(len(batch))
+        self._set_gauges()
+        for _, future in batch:
+            future.set_result(SPOOLED)
+
+    # --- health
+    def _mark_down(self, exc: BaseException) -> None:
+        with self._state_lock:
+            reason = _describe(exc)
+            if self._up:
+                log.warning("database unavailable (%s): spooling until it answers", reason)
+            self._up = False
+            self._last_error = reason
+            self._next_probe = time.monotonic() + self.probe_interval_s
+        self._set_gauges()
+
+    def _probe(self) -> None:
+        """One bounded call to see whether the database is back (and to migrate it, the first time)."""
+        try:
+            self._writes.run(self._on_recover or self.repository.ping, self.write_timeout_s * 2)
+        except Exception as exc:
+            with self._state_lock:
+                self._last_error = _describe(exc)
+                self._backoff = min(self._backoff * 2, 5.0)
+                self._next_probe = time.monotonic() + self._backoff
+            return
+        self._on_recover = None
+        with self._state_lock:
+            self._up, self._last_error, self._backoff = True, None, self.probe_interval_s
+        log.info("database answers again; replaying %d spooled records", self.spool.pending())
+        self._set_gauges()
+
+    def _background_step(self) -> None:
+        if not self._up:
+            if time.monotonic() >= self._next_probe:
+                self._probe()
+            return
+        self.spool.adopt_orphans(min_interval_s=5.0)
+        chunk = self.spool.next_chunk(self.replay_chunk)
+        if chunk is not None:
+            self._replay(chunk)
+
+    # --- replay
+    def _replay(self, chunk: ReplayChunk) -> None:
+        """Apply one chunk in order; on an outage stop (the chunk is replayed again later, idempotently)."""
+        for text in chunk.unreadable:
+            self._quarantine(text, "unreadable spool line", "unreadable")
+        try:
+            run: list[SpoolRecord] = []
+            for record in chunk.records:
+                if record.kind == DECISION:
+                    run.append(record)
+                    continue
+                self._replay_decisions(run)
+                run = []
+                self._replay_outcome(record)
+            self._replay_decisions(run)
+        except Exception as exc:
+            if is_record_error(exc):  # cannot happen: record errors are isolated below; be safe anyway
+                raise
+            metrics.DB_ERRORS.labels(operation="replay").inc()
+            self._mark_down(exc)
+            return
+        self.spool.consume(chunk)
+        metrics.SPOOL_REPLAYED.inc(len(chunk.records))
+        self._set_gauges()
+        if not self.spool.has_work():
+            log.info("spool replayed: every acknowledged record is in the database")
+
+    def _replay_decisions(self, records: list[SpoolRecord]) -> None:
+        if not records:
+            return
+        rows = [r.decision for r in records if r.decision is not None]
+        try:
+            inserted = self._insert(rows)
+        except Exception as exc:
+            if not is_record_error(exc):
+                raise
+            if len(records) == 1:
+                self._quarantine(records[0], f"{exc.__class__.__name__}: {exc}", DECISION)
+                return
+            middle = len(records) // 2
+            self._replay_decisions(records[:middle])
+            self._replay_decisions(records[middle:])
+            return
+        skipped = [row for row in rows if row["id"] not in inserted]
+        if skipped:
+            self._check_skipped(skipped)
+
+    def _check_skipped(self, rows: list[DecisionRow]) -> None:
+        """Rows not inserted are already stored (an earlier, interrupted replay) -- or their event was
+        decided under another id by a process that did not know about this spool: keep those, quarantined."""
+        stored = self._writes.run(
+            lambda: self.repository.existing_ids([row["id"] for row in rows]), self.write_timeout_s
+        )
+        for row in rows:
+            if row["id"] not in stored:
+                record = SpoolRecord(DECISION, decision=row)
+                self._quarantine(
+                    record, f"event {row.get('event_id')!r} was already decided under another id", DECISION
+                )
+
+    def _replay_outcome(self, record: SpoolRecord) -> None:
+        outcome = record.outcome
+        assert outcome is not None
+        try:
+            result = self._writes.run(
+                lambda: self.repository.record_outcome(
+                    outcome.decision_id, outcome.outcome, outcome.reward, outcome.received_at
+                ),
+                self.write_timeout_s,
+            )
+        except Exception as exc:
+            if not is_record_error(exc):
+                raise
+            self._quarantine(record, f"{exc.__class__.__name__}: {exc}", OUTCOME)
+            return
+        if result.status is OutcomeStatus.NOT_FOUND:
+            self._quarantine(record, "its decision is not in the database (quarantined?)", OUTCOME)
+        elif result.status is OutcomeStatus.CONFLICT:
+            self._quarantine(record, f"the decision already has outcome {result.outcome!r}", OUTCOME)
+
+    def _quarantine(self, record: SpoolRecord | str, error: str, kind: str) -> None:
+        if isinstance(record, SpoolRecord):
+            payload: dict[str, Any] | str = json.loads(record.to_line())
+            what = f"{record.kind} {record.decision_id}"
+        else:
+            payload, what = record, "an unreadable line"
+        self.spool.quarantine(payload, error)
+        metrics.SPOOL_QUARANTINED.labels(kind=kind).inc()
+        log.error("quarantined %s: the database refuses it (%s); see %s", what, error, self.spool.directory)
+
+    def _set_gauges(self) -> None:
+        metrics.DATABASE_UP.set(1 if self._up else 0)
+        metrics.SPOOL_PENDING.set(self.spool.pending())
+
+
+_IDLE: Any = object()
+
+
+def _against(spooled: SpooledOutcome, outcome: str) -> OutcomeResult:
+    status = OutcomeStatus.DUPLICATE if spooled.outcome == outcome else OutcomeStatus.CONFLICT
+    return OutcomeResult(status, spooled.outcome, spooled.reward, spooled.received_at)
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, DatabaseUnavailable) else exc.__class__.__name__

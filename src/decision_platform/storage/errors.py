@@ -1,0 +1,65 @@
+"""How storage failures are told apart: the database is away, or it refuses one record.
+
+The difference decides what the durable write path does. An outage (connection refused, a stalled or
+frozen server, a missing table) concerns every record: spool them all and retry later. A refused record
+(a NUL byte PostgreSQL cannot store, an integer beyond 64 bits, a violated constraint) concerns that
+record only: it must be isolated (quarantined) so that it never blocks the records behind it.
+"""
+
+from __future__ import annotations
+
+import psycopg
+import sqlalchemy.exc
+
+
+class DatabaseUnavailable(Exception):
+    """The database cannot answer now (down, stalled, or known to be down); the caller may retry.
+
+    The API answers it with 503 and a ``Retry-After`` header.
+    """
+
+    def __init__(self, reason: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+#: Errors that belong to the record, not to the database: the same record fails the same way every time.
+_RECORD_ERRORS: tuple[type[BaseException], ...] = (
+    psycopg.DataError,  # NUL in text (raised client-side), untranslatable characters, out-of-range numbers
+    psycopg.IntegrityError,  # NOT NULL / CHECK / foreign key violations of this row
+    sqlalchemy.exc.DataError,
+    sqlalchemy.exc.IntegrityError,
+    TypeError,  # e.g. orjson: "Integer exceeds 64-bit range"
+    ValueError,  # includes UnicodeEncodeError (lone surrogates)
+    OverflowError,  # sqlite3: Python int too large to convert to SQLite INTEGER
+)
+
+
+def is_record_error(exc: BaseException) -> bool:
+    """True when ``exc`` says this record cannot be stored (retrying it can never succeed).
+
+    Everything else -- connection errors, timeouts, a missing table, a server shutting down -- is an outage
+    of the database as a whole. SQLAlchemy wraps driver errors (``StatementError.orig``): both are looked at.
+    """
+    if isinstance(exc, DatabaseUnavailable | TimeoutError):
+        return False
+    original = getattr(exc, "orig", None)
+    if isinstance(exc, sqlalchemy.exc.StatementError) and original is not None:
+        return isinstance(original, _RECORD_ERRORS)
+    return isinstance(exc, _RECORD_ERRORS)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True for a failure of the database itself (see :func:`is_record_error`): the API answers 503."""
+    return isinstance(
+        exc,
+        DatabaseUnavailable
+        | TimeoutError
+        | OSError
+        | psycopg.OperationalError
+        | psycopg.InterfaceError
+        | sqlalchemy.exc.OperationalError
+        | sqlalchemy.exc.InterfaceError
+        | sqlalchemy.exc.TimeoutError,
+    )

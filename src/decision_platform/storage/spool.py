@@ -1,0 +1,369 @@
+"""The durable spool: decisions and outcomes acknowledged while the database could not take them.
+
+Layout of ``spool_dir``::
+
+    segment-<pid>-<ns>.jsonl    append-only JSON lines, one record each, fsynced before acknowledging
+    quarantine.jsonl            records the database refused for good (never replayed automatically)
+
+Why it looks like this (each point was a measured failure of the earlier one-file-per-batch spool):
+
+- One open segment per process, appended to and fsynced: the cost of a write does not grow with the
+  length of an outage (no directory scans, no file per batch). Segments rotate at a size bound.
+- A process holds an exclusive ``flock`` on every segment it owns, so several API workers can share the
+  directory, and the segments of a process that died (SIGKILL, power cut) are adopted by the next one
+  that looks: the lock vanished with the process.
+- An in-memory index (decision id -> file offset, event id -> decision id, decision id -> spooled outcome)
+  answers "is this decision / event / outcome already here?" without reading files: a retried event gets
+  its first decision's id, and a spooled decision can be read back (``GET /decisions/{id}``) before the
+  database has it. The index is rebuilt from the segments at start-up.
+- Replay reads a segment in order, a chunk at a time, through a cursor: the writer inserts a chunk,
+  then calls :meth:`Spool.consume`, and a fully replayed segment is deleted.
+
+The spool only stores; what is replayed when, and how refused records are isolated, is the writer's
+business (storage/writer.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+DECISION: Literal["decision"] = "decision"
+OUTCOME: Literal["outcome"] = "outcome"
+RecordKind = Literal["decision", "outcome"]
+
+#: Segment files, and the names earlier versions of the spool used (adopted and replayed the same way).
+_SEGMENT_PATTERNS = ("segment-*.jsonl", "decisions-*.jsonl", "decisions-*.jsonl.replaying-*")
+QUARANTINE_FILE = "quarantine.jsonl"
+
+
+@dataclass(frozen=True)
+class SpooledOutcome:
+    decision_id: int
+    outcome: str
+    reward: float
+    received_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "decision_id": self.decision_id,
+            "outcome": self.outcome,
+            "reward": self.reward,
+            "received_at": self.received_at.isoformat(),
+        }
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> SpooledOutcome:
+        return cls(
+            int(body["decision_id"]),
+            str(body["outcome"]),
+            float(body["reward"]),
+            datetime.fromisoformat(body["received_at"]),
+        )
+
+
+@dataclass(frozen=True)
+class SpoolRecord:
+    """One spooled record: a decision row (the columns of ``tables.decisions``) or an outcome."""
+
+    kind: RecordKind
+    decision: dict[str, Any] | None = None
+    outcome: SpooledOutcome | None = None
+
+    @property
+    def decision_id(self) -> int:
+        if self.outcome is not None:
+            return self.outcome.decision_id
+        assert self.decision is not None
+        return int(self.decision["id"])
+
+    def to_line(self) -> str:
+        if self.kind == OUTCOME:
+            assert self.outcome is not None
+            body: dict[str, Any] = {"kind": OUTCOME, "outcome": self.outcome.to_json()}
+        else:
+            assert self.decision is not None
+            row = dict(self.decision)
+            row["created_at"] = row["created_at"].isoformat()
+            body = {"kind": DECISION, "row": row}
+        # Standard json, not orjson: it writes any Python int and escapes lone surrogates, so even a record
+        # the database will refuse is kept intact, to be quarantined rather than lost.
+        return json.dumps(body, separators=(",", ":")) + "\n"
+
+    @classmethod
+    def from_line(cls, line: str) -> SpoolRecord:
+        body = json.loads(line)
+        if body.get("kind") == OUTCOME:
+            return cls(OUTCOME, outcome=SpooledOutcome.from_json(body["outcome"]))
+        row = body["row"] if body.get("kind") == DECISION else body  # earlier versions: the bare row
+        row["created_at"] = datetime.fromisoformat(row["created_at"])
+        return cls(DECISION, decision=row)
+
+
+@dataclass
+class _Segment:
+    path: Path
+    handle: Any  # the open file (binary, append), which also holds the flock
+    size: int
+    #: Where replay has got to: bytes before it are in the database.
+    cursor: int = 0
+    open_for_append: bool = True
+
+
+@dataclass(frozen=True)
+class _Location:
+    segment: Path
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class ReplayChunk:
+    """Records read from one segment, and where the segment's cursor goes once they are in the database."""
+
+    segment: Path
+    records: list[SpoolRecord]
+    end: int
+    #: Lines that could not be parsed (a torn write from a crash is not counted: it was never acknowledged).
+    unreadable: list[str] = field(default_factory=list)
+
+
+class Spool:
+    """Append-only segments of not-yet-stored records, with an index of what they hold. Thread-safe."""
+
+    def __init__(self, directory: Path, segment_bytes: int = 64 * 1024 * 1024) -> None:
+        self.directory = Path(directory)
+        self.segment_bytes = segment_bytes
+        self._lock = threading.RLock()
+        self._segments: list[_Segment] = []  # oldest first; the last one may be open for appends
+        self._decisions: dict[int, _Location] = {}
+        self._events: dict[str, int] = {}
+        self._outcomes: dict[int, SpooledOutcome] = {}
+        self._counter = 0
+        self._last_adopt = 0.0
+        self.adopt_orphans()
+
+    # --- what is here
+    def pending(self) -> int:
+        """Records waiting for the database (decisions and outcomes)."""
+        with self._lock:
+            return len(self._decisions) + len(self._outcomes)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return any(s.cursor < s.size for s in self._segments)
+
+    def decision_for_event(self, event_id: str) -> int | None:
+        with self._lock:
+            return self._events.get(event_id)
+
+    def outcome_for(self, decision_id: int) -> SpooledOutcome | None:
+        with self._lock:
+            return self._outcomes.get(decision_id)
+
+    def holds_decision(self, decision_id: int) -> bool:
+        with self._lock:
+            return decision_id in self._decisions
+
+    def get_decision(self, decision_id: int) -> dict[str, Any] | None:
+        """A spooled decision row, read back from its segment (None if not spooled, or replayed meanwhile)."""
+        with self._lock:
+            location = self._decisions.get(decision_id)
+        if location is None:
+            return None
+        try:
+            with open(location.segment, "rb") as handle:
+                handle.seek(location.offset)
+                line = handle.read(location.length).decode("utf-8")
+        except FileNotFoundError:  # replayed and deleted between the lookup and the read
+            return None
+        return SpoolRecord.from_line(line).decision
+
+    # --- writing
+    def append(self, records: list[SpoolRecord]) -> None:
+        """Append records durably (fsync) and index them; raises OSError when the disk cannot take them."""
+        if not records:
+            return
+        lines = [record.to_line().encode("utf-8") for record in records]
+        with self._lock:
+            segment = self._writable_segment()
+            offset = segment.size
+            segment.handle.write(b"".join(lines))
+            segment.handle.flush()
+            os.fsync(segment.handle.fileno())
+            for record, line in zip(records, lines, strict=True):
+                self._index(record, _Location(segment.path, offset, len(line)))
+                offset += len(line)
+            segment.size = offset
+
+    def _writable_segment(self) -> _Segment:
+        current = self._segments[-1] if self._segments else None
+        if current is not None and current.open_for_append and current.size < self.segment_bytes:
+            return current
+        if current is not None:
+            current.open_for_append = False
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._counter += 1
+        path = self.directory / f"segment-{os.getpid()}-{time.time_ns()}-{self._counter}.jsonl"
+        handle = open(path, "ab")  # noqa: SIM115 - held open (and locked) for the segment's life
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        segment = _Segment(path, handle, 0)
+        self._segments.append(segment)
+        return segment
+
+    def _index(self, record: SpoolRecord, location: _Location) -> None:
+        if record.kind == OUTCOME:
+            assert record.outcome is not None
+            self._outcomes[record.outcome.decision_id] = record.outcome
+            return
+        assert record.decision is not None
+        decision_id = int(record.decision["id"])
+        self._decisions[decision_id] = location
+        if record.decision.get("event_id"):
+            self._events[str(record.decision["event_id"])] = decision_id
+
+    def _unindex(self, record: SpoolRecord) -> None:
+        if record.kind == OUTCOME:
+            assert record.outcome is not None
+            spooled = self._outcomes.get(record.outcome.decision_id)
+            if spooled == record.outcome:
+                del self._outcomes[record.outcome.decision_id]
+            return
+        assert record.decision is not None
+        decision_id = int(record.decision["id"])
+        self._decisions.pop(decision_id, None)
+        event_id = record.decision.get("event_id")
+        if event_id and self._events.get(str(event_id)) == decision_id:
+            del self._events[str(event_id)]
+
+    # --- replay
+    def next_chunk(self, max_records: int) -> ReplayChunk | None:
+        """The next records to replay, oldest first; None when everything is in the database."""
+        with self._lock:
+            for segment in self._segments:
+                if segment.cursor < segment.size:
+                    break
+            else:
+                return None
+            if segment.open_for_append:
+                segment.open_for_append = False  # new appends go to a fresh segment
+            path, start, size = segment.path, segment.cursor, segment.size
+        records: list[SpoolRecord] = []
+        unreadable: list[str] = []
+        with open(path, "rb") as handle:
+            handle.seek(start)
+            end = start
+            while end < size and len(records) + len(unreadable) < max_records:
+                raw = handle.readline()
+                if not raw.endswith(b"\n"):  # a torn last line: its append never completed its fsync
+                    end = size
+                    break
+                end += len(raw)
+                text = raw.decode("utf-8", errors="replace")
+                try:
+                    records.append(SpoolRecord.from_line(text))
+                except (ValueError, KeyError, TypeError):
+                    unreadable.append(text)
+        return ReplayChunk(path, records, end, unreadable)
+
+    def consume(self, chunk: ReplayChunk) -> None:
+        """The chunk's records are in the database (or quarantined): forget them; delete a done segment."""
+        with self._lock:
+            for record in chunk.records:
+                self._unindex(record)
+            for segment in list(self._segments):
+                if segment.path != chunk.segment:
+                    continue
+                segment.cursor = max(segment.cursor, chunk.end)
+                if segment.cursor >= segment.size and not segment.open_for_append:
+                    self._segments.remove(segment)
+                    segment.path.unlink(missing_ok=True)
+                    segment.handle.close()  # releases the lock
+
+    def quarantine(self, payload: dict[str, Any] | str, error: str) -> None:
+        """Keep a record the database refuses for good, with why, where an operator can find it."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        entry = {"quarantined_at": datetime.now().astimezone().isoformat(), "error": error, "record": payload}
+        line = json.dumps(entry, default=str, separators=(",", ":")) + "\n"
+        with self._lock, open(self.directory / QUARANTINE_FILE, "a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def quarantined(self) -> int:
+        path = self.directory / QUARANTINE_FILE
+        if not path.exists():
+            return 0
+        with open(path, "rb") as handle:
+            return sum(1 for _ in handle)
+
+    # --- other processes' segments
+    def adopt_orphans(self, min_interval_s: float = 0.0) -> int:
+        """Take over segments no live process holds (their owner died); returns how many were adopted."""
+        now = time.monotonic()
+        if now - self._last_adopt < min_interval_s or not self.directory.is_dir():
+            return 0
+        self._last_adopt = now
+        adopted = 0
+        with self._lock:
+            owned = {s.path for s in self._segments}
+            for path in sorted(self._candidates()):
+                if path in owned:
+                    continue
+                try:
+                    handle = open(path, "ab")  # noqa: SIM115 - held open (and locked) until replayed
+                except FileNotFoundError:
+                    continue
+                try:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:  # a live process owns it
+                    handle.close()
+                    continue
+                if not path.exists():  # replayed and deleted by its owner just before we locked it
+                    handle.close()
+                    continue
+                segment = _Segment(path, handle, path.stat().st_size, open_for_append=False)
+                # Adopted segments go first: they are older than anything this process appended.
+                self._segments.insert(adopted, segment)
+                self._index_segment(segment)
+                adopted += 1
+        if adopted:
+            log.info("adopted %d spool segments (%d records pending)", adopted, self.pending())
+        return adopted
+
+    def _candidates(self) -> Iterator[Path]:
+        for pattern in _SEGMENT_PATTERNS:
+            yield from self.directory.glob(pattern)
+
+    def _index_segment(self, segment: _Segment) -> None:
+        offset = 0
+        with open(segment.path, "rb") as handle:
+            for raw in handle:
+                if not raw.endswith(b"\n"):
+                    break
+                with contextlib.suppress(ValueError, KeyError, TypeError):  # replay quarantines it
+                    record = SpoolRecord.from_line(raw.decode("utf-8"))
+                    self._index(record, _Location(segment.path, offset, len(raw)))
+                offset += len(raw)
+
+    def close(self) -> None:
+        """Release the segments (still on disk if not replayed: the next start adopts them)."""
+        with self._lock:
+            for segment in self._segments:
+                segment.handle.close()
+            self._segments.clear()
+            self._decisions.clear()
+            self._events.clear()
+            self._outcomes.clear()

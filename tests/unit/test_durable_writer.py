@@ -1,0 +1,230 @@
+"""The durable write path (storage/writer.py, storage/spool.py) under the faults users meet: a refused
+record, a stalled database, an outage with retries and outcomes, a restart in the middle of it all."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from decision_platform.storage.database import make_engine, migrate
+from decision_platform.storage.repository import OutcomeStatus, Repository
+from decision_platform.storage.spool import QUARANTINE_FILE, Spool
+from decision_platform.storage.writer import DUPLICATE, SPOOLED, STORED, DecisionWriter
+from tests.conftest import decision_row
+
+
+class FlakyRepository(Repository):
+    """A real SQLite repository that can be made to refuse connections or to hang like a frozen server."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        super().__init__(engine)
+        self.refusing = False
+        self.thawed = threading.Event()
+        self.thawed.set()
+
+    def _gate(self) -> None:
+        if self.refusing:
+            raise sa.exc.OperationalError("INSERT", {}, ConnectionRefusedError("refused"))
+        self.thawed.wait(timeout=30)
+
+    def insert_decisions(self, rows):  # type: ignore[no-untyped-def]
+        self._gate()
+        return super().insert_decisions(rows)
+
+    def ping(self) -> None:
+        self._gate()
+        super().ping()
+
+
+@pytest.fixture
+def repository(tmp_path: Path) -> FlakyRepository:
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    migrate(engine)
+    return FlakyRepository(engine)
+
+
+def stored_ids(repository: Repository) -> list[int]:
+    with repository.engine.connect() as connection:
+        return [r[0] for r in connection.execute(sa.text("SELECT id FROM decisions ORDER BY id"))]
+
+
+def writer_for(repository: Repository, spool_dir: Path, **options: float) -> DecisionWriter:
+    defaults = {"write_timeout_s": 0.3, "read_timeout_s": 0.3, "probe_interval_s": 0.05}
+    return DecisionWriter(repository, Spool(spool_dir), batch_size=16, **{**defaults, **options})
+
+
+def test_a_refused_record_is_quarantined_and_never_blocks_the_others(
+    repository: FlakyRepository, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    writer = writer_for(repository, tmp_path / "spool")
+    repository.refusing = True
+    rows = [decision_row(i) for i in range(1, 8)]
+    rows[3] = decision_row(4, proposed_action=2**70)  # SQLite cannot hold it: a record error, not an outage
+    assert writer.write_many(rows) == [SPOOLED] * 7
+    with caplog.at_level(logging.ERROR, logger="decision_platform.storage.writer"):
+        repository.refusing = False
+        assert writer.wait_replayed(10)
+    assert stored_ids(repository) == [1, 2, 3, 5, 6, 7]
+    assert "decision 4" in caplog.text  # the log line names the refused decision
+    quarantine = (tmp_path / "spool" / QUARANTINE_FILE).read_text()
+    assert '"id":4' in quarantine and "1180591620717411303424" in quarantine  # kept intact, with why
+    assert writer.status().quarantined == 1
+    # The writer goes on as if nothing happened.
+    assert writer.write(decision_row(9)) == STORED
+    writer.close()
+
+
+def test_a_refused_record_in_a_live_batch_is_spooled_then_isolated(
+    repository: FlakyRepository, tmp_path: Path
+) -> None:
+    writer = writer_for(repository, tmp_path / "spool")
+    rows = [decision_row(1), decision_row(2, proposed_action=2**70), decision_row(3)]
+    assert writer.write_many(rows) == [SPOOLED] * 3  # one transaction refused: all kept durable
+    assert writer.wait_replayed(10)
+    assert stored_ids(repository) == [1, 3]
+    assert writer.database_up  # a refused record is not an outage
+    writer.close()
+
+
+def test_a_stalled_database_is_spooled_within_the_write_timeout(
+    repository: FlakyRepository, tmp_path: Path
+) -> None:
+    writer = writer_for(repository, tmp_path / "spool")
+    repository.thawed.clear()  # every call now hangs, like a frozen server
+    started = time.monotonic()
+    assert writer.write(decision_row(1)) == SPOOLED
+    assert time.monotonic() - started < 2.0  # bounded by write_timeout_s (0.3 s), not by the freeze
+    started = time.monotonic()
+    assert writer.write_many([decision_row(i) for i in range(2, 50)]) == [SPOOLED] * 48
+    assert time.monotonic() - started < 0.5  # known down: straight to the spool, no waiting
+    assert not writer.database_up
+    assert writer.find_decision(7)["id"] == 7  # readable from the spool during the freeze
+    repository.thawed.set()
+    assert writer.wait_replayed(10)
+    assert stored_ids(repository) == list(range(1, 50))
+    writer.close()
+
+
+def test_the_spool_cost_does_not_grow_with_the_outage(repository: FlakyRepository, tmp_path: Path) -> None:
+    writer = writer_for(repository, tmp_path / "spool")
+    repository.refusing = True
+    for i in range(1, 301):
+        assert writer.write(decision_row(i)) == SPOOLED
+    assert len(list((tmp_path / "spool").glob("segment-*.jsonl"))) == 1  # one segment, not one per batch
+    assert writer.status().pending == 300
+    repository.refusing = False
+    assert writer.wait_replayed(10)
+    assert stored_ids(repository) == list(range(1, 301))
+    assert not list((tmp_path / "spool").glob("segment-*.jsonl"))
+    writer.close()
+
+
+def test_a_retried_event_gets_its_first_decision_in_every_state(
+    repository: FlakyRepository, tmp_path: Path
+) -> None:
+    writer = writer_for(repository, tmp_path / "spool")
+    repository.refusing = True
+    assert writer.write(decision_row(1, event_id="ev-1")) == SPOOLED
+    assert writer.write(decision_row(2, event_id="ev-1")) == DUPLICATE  # retried during the outage
+    assert writer.find_decision_by_event("ev-1")["id"] == 1
+    # Two copies of one event in one batch: one decision.
+    assert writer.write_many([decision_row(3, event_id="ev-2"), decision_row(4, event_id="ev-2")]) == [
+        SPOOLED,
+        DUPLICATE,
+    ]
+    repository.refusing = False
+    assert writer.wait_replayed(10)
+    assert writer.write(decision_row(5, event_id="ev-1")) == DUPLICATE  # and after recovery
+    assert writer.find_decision_by_event("ev-1")["id"] == 1
+    assert stored_ids(repository) == [1, 3]
+    writer.close()
+
+
+def test_outcomes_of_spooled_decisions_are_spooled_behind_them(
+    repository: FlakyRepository, tmp_path: Path
+) -> None:
+    writer = writer_for(repository, tmp_path / "spool")
+    repository.refusing = True
+    assert writer.write(decision_row(1)) == SPOOLED
+    first = writer.record_outcome(1, "fraud", -20.0)
+    assert first.status is OutcomeStatus.CREATED
+    assert writer.record_outcome(1, "fraud", -20.0).status is OutcomeStatus.DUPLICATE
+    assert writer.record_outcome(1, "success", 1.0).status is OutcomeStatus.CONFLICT
+    repository.refusing = False
+    assert writer.wait_replayed(10)
+    stored = repository.get_outcome(1)
+    assert stored is not None and (stored.outcome, stored.reward) == ("fraud", -20.0)
+    # Same rules once in the database.
+    assert writer.record_outcome(1, "success", 1.0).status is OutcomeStatus.CONFLICT
+    writer.close()
+
+
+def test_a_restart_adopts_the_spool_and_ignores_a_torn_last_line(
+    repository: FlakyRepository, tmp_path: Path
+) -> None:
+    repository.refusing = True
+    first = writer_for(repository, tmp_path / "spool")
+    assert first.write_many([decision_row(1, event_id="a"), decision_row(2)]) == [SPOOLED, SPOOLED]
+    first.close()  # as if the process died: the files stay
+    (segment,) = (tmp_path / "spool").glob("segment-*.jsonl")
+    with open(segment, "a") as handle:
+        handle.write('{"kind":"decision","row":{"id":3')  # a write that never reached its fsync
+    second = writer_for(repository, tmp_path / "spool")
+    assert second.status().pending == 2
+    assert second.find_decision_by_event("a")["id"] == 1  # the index is rebuilt from the segments
+    repository.refusing = False
+    assert second.wait_replayed(10)
+    assert stored_ids(repository) == [1, 2]
+    assert second.status().quarantined == 0
+    second.close()
+
+
+def test_a_segment_held_by_a_live_process_is_left_alone(repository: FlakyRepository, tmp_path: Path) -> None:
+    spool_dir = tmp_path / "spool"
+    repository.refusing = True
+    owner = writer_for(repository, spool_dir)
+    assert owner.write(decision_row(1)) == SPOOLED
+    # The owner still holds its segment's lock, as a live process would.
+    (segment,) = spool_dir.glob("segment-*.jsonl")
+    with open(segment, "ab") as probe, pytest.raises(BlockingIOError):
+        fcntl.flock(probe.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    other = Spool(spool_dir)
+    assert other.pending() == 0  # not adopted while its owner lives
+    other.close()
+    owner.close()
+    adopted = Spool(spool_dir)
+    assert adopted.pending() == 1  # its owner is gone: adopted
+    adopted.close()
+
+
+def test_a_start_while_the_database_is_down_migrates_when_it_answers(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'later.sqlite'}")
+    repository = FlakyRepository(engine)
+    repository.refusing = True
+    migrated = threading.Event()
+
+    def recover() -> None:
+        repository.ping()  # still refused: the writer keeps spooling and probing
+        migrate(engine)
+        migrated.set()
+
+    writer = DecisionWriter(
+        repository,
+        Spool(tmp_path / "spool"),
+        write_timeout_s=0.3,
+        probe_interval_s=0.05,
+        on_recover=recover,
+    )
+    assert not writer.database_up
+    assert writer.write(decision_row(1)) == SPOOLED
+    repository.refusing = False
+    assert migrated.wait(10)
+    assert writer.wait_replayed(10)
+    assert stored_ids(repository) == [1]
+    writer.close()
