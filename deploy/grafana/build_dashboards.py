@@ -119,6 +119,17 @@ OVERVIEW = Dashboard(
             note="Spooled decisions are durable on local disk and replayed when the database is back.",
         ),
         lines(
+            "Spool: acknowledged, not yet in the database",
+            [
+                ("sum(dp_spool_pending_records)", "pending records"),
+                (f"sum(rate(dp_spool_replayed_total[{R}]))", "replayed / s"),
+                ("sum(dp_spool_quarantined_total)", "quarantined (total)"),
+                ("min(dp_database_up)", "database up (1) / spooling (0)"),
+            ],
+            note="Pending drains in the background once the database answers; a quarantined record was "
+            "refused by the database for good and waits in the spool's quarantine.jsonl (alert).",
+        ),
+        lines(
             "Targets up",
             [('sum by (job) (up{job=~"decision-api|decision-worker"})', "{{job}}")],
             note="Processes answering the scrape, per job.",

@@ -31,6 +31,7 @@ from decision_platform.features.store import DEFAULT_KEY_PREFIX
 from decision_platform.observability.local_prometheus import DEPLOY_DIR, binaries, dashboard_queries, query
 from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.repository import Repository
+from decision_platform.storage.spool import QUARANTINE_FILE
 from tests.conftest import CONFIG_DIR, PG_URL, copy_registry, service_unavailable
 
 pytestmark = pytest.mark.integration
@@ -208,17 +209,23 @@ def scalar(prometheus: str, expr: str) -> float:
 
 
 def database_outage(stack: Stack, client: httpx.Client, traffic: Traffic) -> None:
-    """The decisions table refuses a row for a moment: the decision is spooled, acknowledged, replayed."""
+    """The decisions table refuses a row: the decision is spooled and acknowledged, then quarantined (kept,
+    with why) by the background replay, and the decisions after it are stored as usual."""
     constraint = f'ALTER TABLE "{stack.schema}".decisions'
+    quarantine = Path(stack.env["DP_SPOOL_DIR"]) / QUARANTINE_FILE
     with psycopg.connect(PG_URL, autocommit=True) as connection:
         connection.execute(f"{constraint} ADD CONSTRAINT obs_outage CHECK (entity_id <> 'db-down') NOT VALID")
         try:
             response = client.post("/decide", json={"entity_id": "db-down"})
             assert response.status_code == 200, response.text
             traffic.api_decisions += 1
+            refused = str(response.json()["decision_id"])
+            wait_for(
+                lambda: quarantine.exists() and refused in quarantine.read_text(), 10, "the quarantined row"
+            )
         finally:
             connection.execute(f"{constraint} DROP CONSTRAINT obs_outage")
-    assert client.post("/decide", json={"entity_id": "db-back"}).status_code == 200  # replays the spool
+    assert client.post("/decide", json={"entity_id": "db-back"}).status_code == 200
     traffic.api_decisions += 1
 
 
