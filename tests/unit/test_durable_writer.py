@@ -25,6 +25,8 @@ class FlakyRepository(Repository):
     def __init__(self, engine: sa.Engine) -> None:
         super().__init__(engine)
         self.refusing = False
+        #: Rows with these ids are refused like a CHECK constraint would refuse them.
+        self.refused_ids: set[int] = set()
         self.thawed = threading.Event()
         self.thawed.set()
 
@@ -35,6 +37,8 @@ class FlakyRepository(Repository):
 
     def insert_decisions(self, rows):  # type: ignore[no-untyped-def]
         self._gate()
+        if any(row["id"] in self.refused_ids for row in rows):
+            raise sa.exc.IntegrityError("INSERT", {}, ValueError("CHECK constraint failed"))
         return super().insert_decisions(rows)
 
     def ping(self) -> None:
@@ -227,4 +231,22 @@ def test_a_start_while_the_database_is_down_migrates_when_it_answers(tmp_path: P
     assert migrated.wait(10)
     assert writer.wait_replayed(10)
     assert stored_ids(repository) == [1]
+    writer.close()
+
+
+def test_quarantined_records_can_be_requeued_once_the_cause_is_fixed(
+    repository: FlakyRepository, tmp_path: Path
+) -> None:
+    writer = writer_for(repository, tmp_path / "spool")
+    repository.refused_ids = {2}
+    assert writer.write_many([decision_row(1), decision_row(2), decision_row(3)]) == [SPOOLED] * 3
+    assert writer.wait_replayed(10)
+    assert stored_ids(repository) == [1, 3]
+    (entry,) = writer.spool.quarantine_entries()
+    assert entry.decision_id == 2 and "CHECK constraint failed" in entry.error
+    repository.refused_ids = set()  # the operator fixed the constraint
+    assert writer.spool.requeue_quarantined() == 1
+    assert writer.wait_replayed(10)
+    assert stored_ids(repository) == [1, 2, 3]
+    assert writer.status().quarantined == 0
     writer.close()

@@ -112,6 +112,20 @@ class SpoolRecord:
         return cls(DECISION, decision=row)
 
 
+@dataclass(frozen=True)
+class QuarantineEntry:
+    """A record the database refused, with when and why."""
+
+    quarantined_at: str
+    error: str
+    record: dict[str, Any] | str  # the spool line as JSON, or the raw text of a line that did not parse
+    decision_id: int | None
+
+    def to_line(self) -> str:
+        body = {"quarantined_at": self.quarantined_at, "error": self.error, "record": self.record}
+        return json.dumps(body, default=str, separators=(",", ":")) + "\n"
+
+
 @dataclass
 class _Segment:
     path: Path
@@ -295,8 +309,7 @@ class Spool:
     def quarantine(self, payload: dict[str, Any] | str, error: str) -> None:
         """Keep a record the database refuses for good, with why, where an operator can find it."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        entry = {"quarantined_at": datetime.now().astimezone().isoformat(), "error": error, "record": payload}
-        line = json.dumps(entry, default=str, separators=(",", ":")) + "\n"
+        line = QuarantineEntry(datetime.now().astimezone().isoformat(), error, payload, None).to_line()
         with self._lock, open(self.directory / QUARANTINE_FILE, "a", encoding="utf-8") as handle:
             handle.write(line)
             handle.flush()
@@ -308,6 +321,38 @@ class Spool:
             return 0
         with open(path, "rb") as handle:
             return sum(1 for _ in handle)
+
+    def quarantine_entries(self) -> list[QuarantineEntry]:
+        """What the quarantine holds, oldest first."""
+        path = self.directory / QUARANTINE_FILE
+        if not path.exists():
+            return []
+        entries = []
+        for line in path.read_text("utf-8").splitlines():
+            body = json.loads(line)
+            record = body["record"]
+            decision_id = None
+            if isinstance(record, dict):
+                inner = record.get("row") or record.get("outcome") or {}
+                decision_id = inner.get("id", inner.get("decision_id"))
+            entries.append(QuarantineEntry(body["quarantined_at"], body["error"], record, decision_id))
+        return entries
+
+    def requeue_quarantined(self) -> int:
+        """Move quarantined records back into a segment, to be replayed again (after the cause was fixed,
+        e.g. a constraint dropped). Lines that never parsed stay in quarantine. Returns how many moved."""
+        with self._lock:
+            entries = self.quarantine_entries()
+            movable = [e for e in entries if isinstance(e.record, dict)]
+            if not movable:
+                return 0
+            self.append([SpoolRecord.from_line(json.dumps(e.record)) for e in movable])
+            kept = [e for e in entries if not isinstance(e.record, dict)]
+            path = self.directory / QUARANTINE_FILE
+            staging = path.with_name(f".{QUARANTINE_FILE}.{os.getpid()}")
+            staging.write_text("".join(e.to_line() for e in kept), "utf-8")
+            staging.replace(path)
+        return len(movable)
 
     # --- other processes' segments
     def adopt_orphans(self, min_interval_s: float = 0.0) -> int:
