@@ -129,3 +129,24 @@ def test_postgresql_outage_spools_then_replays_into_postgresql(pg_schema: str, t
         ids = [r[0] for r in connection.execute(sa.text("SELECT id FROM decisions ORDER BY id"))]
     assert ids == [42, 43]
     live.dispose()
+
+
+def test_rows_postgresql_refuses_are_quarantined_and_the_rest_stored(pg_schema: str, tmp_path: Path) -> None:
+    """Defence in depth behind the API's validation: what PostgreSQL cannot hold never blocks the others."""
+    live = make_engine(PG_URL, pg_schema)
+    migrate(live, pg_schema)
+    writer = DecisionWriter(Repository(live), Spool(tmp_path / "spool"), probe_interval_s=0.05)
+    rows = [
+        decision_row(1, event_id="ok-1"),
+        decision_row(2, event_id="nul", event_type="a\x00b"),  # text cannot hold NUL
+        decision_row(3, event_id="big", attributes={"n": 2**70}),  # JSONB numbers: 64-bit here
+        decision_row(4, event_id="sur", attributes={"k": "\ud800"}),  # not UTF-8
+        decision_row(5, event_id="ok-2"),
+    ]
+    assert writer.write_many(rows) == [SPOOLED] * 5
+    assert writer.wait_replayed(10)
+    assert writer.write(decision_row(6, event_id="after")) == STORED  # nothing is blocked behind them
+    assert sorted(e.decision_id for e in writer.spool.quarantine_entries()) == [2, 3, 4]
+    writer.close()
+    assert [r[0] for r in query(pg_schema, "SELECT id FROM decisions ORDER BY id")] == [1, 5, 6]
+    live.dispose()
