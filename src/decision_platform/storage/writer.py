@@ -162,8 +162,11 @@ class DecisionWriter:
             time.sleep(0.05)
         return True
 
-    def close(self) -> None:
-        """Finish the queued writes; what is still spooled stays on disk for the next start."""
+    def close(self, drain_s: float = 5.0) -> None:
+        """Finish the queued writes and, for up to ``drain_s``, the replay; what is still spooled stays on
+        disk for the next start."""
+        if self._up:
+            self.wait_replayed(drain_s)
         self._queue.put(None)
         self._thread.join(timeout=30)
         self._writes.close()
@@ -246,8 +249,9 @@ class DecisionWriter:
                 self._store(batch)  # type: ignore[arg-type]
             try:
                 self._background_step()
-            except Exception:  # never let the writer thread die: decisions depend on it
-                log.exception("spool replay step failed")
+            except Exception as exc:  # never let the writer thread die: decisions depend on it
+                log.exception("spool replay step failed; retrying after a pause")
+                self._mark_down(exc)  # backs off like an outage instead of spinning on the failure
 
     def _idle_wait(self) -> float | None:
         """How long the writer may sleep waiting for decisions before it has background work to do."""
