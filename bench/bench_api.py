@@ -315,6 +315,8 @@ class Generator:
     wrk_threads: int = 1
     #: Open-loop offered load in requests/s (Python generator only); 0 = closed loop.
     rate: float = 0.0
+    #: More loadgen.py options (Python generator only), e.g. ``--acked-event-ids`` (bench_outage.py).
+    extra_args: tuple[str, ...] = ()
 
     def run(
         self,
@@ -410,6 +412,7 @@ class Generator:
             str(seed),
             "--rate",
             str(self.rate),
+            *self.extra_args,
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=False)
         if proc.returncode != 0:
@@ -951,6 +954,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"measure a scenario again (up to N times) when other work took more than "
         f"{NOISY_CORES} cores during its window; the quietest attempt is kept",
     )
+    add_run_options(parser)
+    return parser
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Options every harness that trains and serves on the real backends shares (bench_outage.py too):
+    where PostgreSQL and Redis are, extra server settings, the model set, where results go."""
     parser.add_argument(
         "--database-url",
         default="postgresql://postgres@127.0.0.1:5432/test",
@@ -977,7 +987,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="JSON-lines file appended to")
     parser.add_argument("--no-save", action="store_true", help="print only; do not append to --results")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (server.log, train.log, db)")
-    return parser
+
+
+def save_run(run: dict[str, Any], args: argparse.Namespace) -> None:
+    """Append the run to ``--results`` as one JSON line, unless ``--no-save`` (see add_run_options)."""
+    if args.no_save:
+        return
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.results, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(run, default=str) + "\n")
+    console.print(f"appended to {args.results}")
+
+
+def finish_run(backends: Backends | None, workdir: Path, keep: bool) -> None:
+    """Drop the run's schema and Redis keys; remove its temp dir unless ``--keep``."""
+    if backends is not None:
+        backends.cleanup()
+    if keep:
+        console.print(f"kept {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _terminate(signum: int, _frame: Any) -> None:
@@ -1112,19 +1141,10 @@ def main(argv: list[str] | None = None) -> int:
             "server_log": server_log_problems(workdir),
         }
         print_results(run)
-        if not args.no_save:
-            args.results.parent.mkdir(parents=True, exist_ok=True)
-            with open(args.results, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(run, default=str) + "\n")
-            console.print(f"appended to {args.results}")
+        save_run(run, args)
         return 0
     finally:
-        if backends is not None:
-            backends.cleanup()
-        if args.keep:
-            console.print(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        finish_run(backends, workdir, args.keep)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import random
+import re
 import sys
 import time
 from array import array
@@ -31,7 +32,7 @@ MODES = ("health", "read", "event")
 #: Devices per entity: a small, stable set so distinct-device windows look like real users'.
 DEVICES_PER_ENTITY = 4
 #: Percentiles reported, in percent.
-PERCENTILES = (50.0, 75.0, 90.0, 99.0, 99.9, 99.99)
+PERCENTILES = (50.0, 75.0, 90.0, 95.0, 99.0, 99.9, 99.99)
 
 
 def request_factory(mode: str, host: str, entities: int, run_id: str, seed: int) -> Callable[[], bytes]:
@@ -118,6 +119,17 @@ class Tally:
     socket_errors: int = 0
     timeouts: int = 0
     statuses: dict[int, int] = field(default_factory=dict)
+    #: Raw requests answered 2xx, kept only when asked (``--acked-event-ids``): what the server promised.
+    acked: list[bytes] | None = None
+
+
+def acked_event_ids(requests: list[bytes]) -> list[str]:
+    """Event ids of the acknowledged ``event`` requests: bench_outage.py looks each one up in the database."""
+    found = (EVENT_ID.search(raw) for raw in requests)
+    return [match.group(1).decode() for match in found if match]
+
+
+EVENT_ID = re.compile(rb'"event_id":"([^"]+)"')
 
 
 async def worker(
@@ -178,6 +190,8 @@ async def worker(
             tally.statuses[status] = tally.statuses.get(status, 0) + 1
             if 200 <= status < 300:
                 tally.ok += 1
+                if tally.acked is not None:
+                    tally.acked.append(raw)
             else:
                 tally.status_errors += 1
             if not keep_alive:
@@ -233,13 +247,14 @@ async def run(
     seed: int,
     max_requests: int,
     rate: float = 0.0,
+    keep_acked: bool = False,
 ) -> dict[str, Any]:
     """Drive ``concurrency`` connections for ``seconds`` (or ``max_requests``) and summarize.
 
     With ``rate`` > 0 the connections share a fixed schedule of ``rate`` requests/s in total (open
     loop, each connection offset so the arrivals interleave evenly); otherwise each runs flat out.
     """
-    tally = Tally()
+    tally = Tally(acked=[] if keep_acked else None)
     budget = [max_requests]
     start = time.perf_counter()
     deadline = start + seconds
@@ -270,6 +285,8 @@ async def run(
             await task
     result = summarize(tally, time.perf_counter() - start)
     result["offered_rps"] = rate if rate > 0 else None
+    if tally.acked is not None:
+        result["acked_event_ids"] = acked_event_ids(tally.acked)
     return result
 
 
@@ -289,6 +306,11 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=0.0,
         help="open loop: total requests/s on a fixed schedule (0 = closed loop)",
+    )
+    parser.add_argument(
+        "--acked-event-ids",
+        action="store_true",
+        help="add the event ids of the requests answered 2xx to the result (mode event)",
     )
     args = parser.parse_args(argv)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -311,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             args.seed,
             args.max_requests,
             args.rate,
+            args.acked_event_ids,
         )
     )
     json.dump(result, sys.stdout)
