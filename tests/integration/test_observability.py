@@ -361,7 +361,7 @@ def test_every_dashboard_query_returns_data(stack: Stack, traffic: Traffic) -> N
 def test_alert_and_recording_rules_evaluate_on_live_data(stack: Stack, traffic: Traffic) -> None:
     groups = httpx.get(f"{stack.prometheus}/api/v1/rules", timeout=5).json()["data"]["groups"]
     rules = {r.get("name"): r for g in groups for r in g["rules"]}
-    assert len(rules) == 12
+    assert len(rules) == 13
     assert all(r["health"] == "ok" for r in rules.values()), {n: r.get("lastError") for n, r in rules.items()}
     slow_share = scalar(stack.prometheus, "dp:decision_slow:ratio_rate5m")
     assert 0.0 <= slow_share <= 1.0
@@ -373,6 +373,15 @@ def test_alert_and_recording_rules_evaluate_on_live_data(stack: Stack, traffic: 
         ),
         10,
         "the DecisionsSpooled alert",
+    )
+    # ... and the row the database refused is quarantined: that pages too.
+    wait_for(
+        lambda: any(
+            a["labels"]["alertname"] == "RecordsQuarantined"
+            for a in httpx.get(f"{stack.prometheus}/api/v1/alerts", timeout=5).json()["data"]["alerts"]
+        ),
+        10,
+        "the RecordsQuarantined alert",
     )
 
 
