@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -24,18 +25,24 @@ class SimulationSettings(BaseModel):
 
 
 class RewardTable(BaseModel):
-    """``reward(outcome, action, amount) = base + per_amount * amount`` for every (outcome, action)."""
+    """``reward(outcome, action, amount) = base + per_amount * amount`` for every possible (outcome, action).
+
+    An outcome that lists no reward for an action cannot follow that action (a blocked event cannot be a
+    ``success``): :meth:`possible` says so, and :meth:`reward` refuses the pair.
+    """
 
     model_config = ConfigDict(extra="forbid")
-    outcomes: dict[str, dict[str, RewardCell]]
+    outcomes: dict[str, dict[Literal["allow", "throttle", "block"], RewardCell]]
     simulation: SimulationSettings = SimulationSettings()
 
     @model_validator(mode="after")
-    def _every_action_priced(self) -> RewardTable:
+    def _every_action_has_an_outcome(self) -> RewardTable:
         for outcome, cells in self.outcomes.items():
-            missing = set(ACTION_NAMES) - set(cells)
-            if missing:
-                raise ValueError(f"rewards.yaml: outcome {outcome!r} has no reward for {sorted(missing)}")
+            if not cells:
+                raise ValueError(f"rewards.yaml: outcome {outcome!r} can follow no action")
+        for action in ACTION_NAMES:
+            if not any(action in cells for cells in self.outcomes.values()):
+                raise ValueError(f"rewards.yaml: no outcome can follow {action!r}")
         return self
 
     @classmethod
@@ -46,6 +53,18 @@ class RewardTable(BaseModel):
     def outcome_names(self) -> list[str]:
         return list(self.outcomes)
 
+    def possible(self, outcome: str, action: int) -> bool:
+        """Can ``outcome`` follow ``action`` (0 allow, 1 throttle, 2 block)? False for an unknown outcome."""
+        return ACTION_NAMES[action] in self.outcomes.get(outcome, {})
+
     def reward(self, outcome: str, action: int, amount: float | None) -> float:
-        cell = self.outcomes[outcome][ACTION_NAMES[action]]
+        """The reward of ``outcome`` after ``action``; KeyError for an unknown outcome, ValueError for an
+        outcome that cannot follow the action."""
+        cells = self.outcomes[outcome]
+        name = ACTION_NAMES[action]
+        if name not in cells:
+            raise ValueError(
+                f"outcome {outcome!r} cannot follow {name!r} (rewards.yaml lists no reward for it)"
+            )
+        cell = cells[name]
         return cell.base + cell.per_amount * float(amount or 0.0)

@@ -136,10 +136,12 @@ class PolicyReport:
 
 
 def reward_arrays(rewards: RewardTable) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(outcome names, base[o, a], per_amount[o, a]) for vectorised reward lookups."""
+    """(outcome names, base[o, a], per_amount[o, a]) for vectorised reward lookups; NaN for a pair that
+    cannot happen (so that using one by mistake shows in every sum it reaches)."""
     names = rewards.outcome_names
-    base = np.array([[rewards.outcomes[o][a].base for a in ACTION_NAMES] for o in names])
-    per_amount = np.array([[rewards.outcomes[o][a].per_amount for a in ACTION_NAMES] for o in names])
+    cells = [[rewards.outcomes[o].get(a) for a in ACTION_NAMES] for o in names]
+    base = np.array([[c.base if c is not None else np.nan for c in row] for row in cells])
+    per_amount = np.array([[c.per_amount if c is not None else np.nan for c in row] for row in cells])
     return names, base, per_amount
 
 
