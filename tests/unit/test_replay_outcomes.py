@@ -6,8 +6,6 @@ HTTP exactly as it does against `decision-platform serve`; the checks read the p
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,7 +14,6 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 import sqlalchemy as sa
-import uvicorn
 from typer.testing import CliRunner
 
 from decision_platform import cli
@@ -27,6 +24,7 @@ from decision_platform.events import replay as replaying
 from decision_platform.learning.rewards import RewardTable
 from decision_platform.services import Platform
 from decision_platform.storage.tables import decisions, outcomes
+from tests.live_server import serving
 
 REWARDS = RewardTable.load(PROJECT_ROOT / "config" / "rewards.yaml")
 DELAY_S = 0.2
@@ -54,27 +52,11 @@ class LiveApi:
 def live_api(
     make_settings: Callable[..., Settings], start_platform: Callable[[Settings], Platform]
 ) -> Iterator[LiveApi]:
-    """The API served by uvicorn on 127.0.0.1 (a socket bound here: no free-port race)."""
+    """The API served by uvicorn on 127.0.0.1."""
     settings = make_settings()
     platform = start_platform(settings)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(settings, platform), log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10.0
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield LiveApi(f"http://127.0.0.1:{port}", platform, settings)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10.0)
-        sock.close()
+    with serving(create_app(settings, platform)) as url:
+        yield LiveApi(url, platform, settings)
 
 
 def _as_seconds(value: datetime) -> float:

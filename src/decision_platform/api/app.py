@@ -1,13 +1,17 @@
-"""The FastAPI application: lifespan (build / close the platform), error shapes, body-size limit."""
+"""The FastAPI application: lifespan (build / close the platform), error answers, body-size limit."""
 
 from __future__ import annotations
 
 import gc
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import psycopg
+import redis
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -17,12 +21,18 @@ from decision_platform.api.admin import router as admin_router
 from decision_platform.api.routes import router
 from decision_platform.config import Settings, get_settings
 from decision_platform.services import Platform
+from decision_platform.storage.errors import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
 
 class BodySizeLimit:
-    """Refuse bodies over ``limit`` bytes with 413 before anything parses them."""
+    """Refuse bodies over ``limit`` bytes with 413 before anything parses them.
+
+    The body is read here, up to the limit, and replayed to the app: an error raised from inside the app's
+    ``receive()`` would reach FastAPI's body parsing, which answers 400 (a chunked body has no
+    content-length to refuse it by).
+    """
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -35,24 +45,27 @@ class BodySizeLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await _too_large(self.limit, send)
             return
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
+        body = bytearray()
+        while True:
             message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:
-                raise _BodyTooLarge
-            return message
+            if message["type"] != "http.request":  # the client went away: nothing to answer
+                return
+            body += message.get("body", b"")
+            if len(body) > self.limit:
+                await _too_large(self.limit, send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await _too_large(self.limit, send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: waits for the disconnect, as the server's would
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
 
-
-class _BodyTooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 async def _too_large(limit: int, send: Send) -> None:
@@ -64,20 +77,85 @@ async def _no_receive() -> Message:  # pragma: no cover - never called for a pla
     return {"type": "http.disconnect"}
 
 
+INTERNAL_ERROR = "internal error; it has been logged"
+
+
+class CatchUnexpected:
+    """Answer 500 for any exception the routes and handlers let through, and keep the connection.
+
+    An ``Exception`` handler would run in Starlette's ServerErrorMiddleware, which re-raises after
+    answering, and uvicorn then closes the keep-alive connection (the client's next request fails). This
+    middleware sits inside it and does not re-raise. It also gives every 503 a ``Retry-After``.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if message["status"] == 503 and not any(k == b"retry-after" for k, _ in message["headers"]):
+                    message = {**message, "headers": [*message["headers"], (b"retry-after", b"1")]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            log.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            if started:  # half a response is out: only closing the connection can tell the client
+                return
+            await JSONResponse({"detail": INTERNAL_ERROR}, status_code=500)(scope, receive, send)
+
+
+#: Dependency outages: retryable, answered 503 with Retry-After (storage.errors.is_outage says which).
+OUTAGE_ERRORS: tuple[type[Exception], ...] = (
+    DatabaseUnavailable,
+    TimeoutError,
+    OSError,
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.TimeoutError,
+    redis.ConnectionError,
+    redis.TimeoutError,
+)
+
+
+async def _dependency_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    what = "feature store" if isinstance(exc, redis.RedisError) else "database"
+    reason = exc.reason if isinstance(exc, DatabaseUnavailable) else exc.__class__.__name__
+    retry_after = max(1, math.ceil(getattr(exc, "retry_after_s", 1.0)))
+    # An outage is not a bug: one line per request, no traceback.
+    log.warning("%s %s: %s unavailable: %s: %s", request.method, request.url.path, what, reason, exc)
+    return JSONResponse(
+        {"detail": f"{what} unavailable ({reason}); retry"},
+        status_code=503,
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
+def _printable(text: str) -> str:
+    # A field name can be a client's dict key: NUL or a lone surrogate would break the JSON answer.
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _field(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p not in ("body",)]
+    parts = [_printable(str(p)) for p in loc if p not in ("body",)]
     return ".".join(parts) or "body"
 
 
 async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = [{"field": _field(e["loc"]), "message": e["msg"]} for e in exc.errors()]
+    errors = [{"field": _field(e["loc"]), "message": _printable(e["msg"])} for e in exc.errors()]
     summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
     return JSONResponse({"detail": summary, "errors": errors}, status_code=422)
-
-
-async def _unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error", exc_info=exc)
-    return JSONResponse({"detail": "internal error; it has been logged"}, status_code=500)
 
 
 def create_app(settings: Settings | None = None, platform: Platform | None = None) -> FastAPI:
@@ -110,9 +188,16 @@ def create_app(settings: Settings | None = None, platform: Platform | None = Non
         "risk models and a PPO policy under hard rules; every decision stored and explained.",
         lifespan=lifespan,
     )
-    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
-    app.add_exception_handler(Exception, _unexpected_error)
+    add_error_handling(app, settings.max_body_bytes)
     app.include_router(router)
     app.include_router(admin_router)
-    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     return app
+
+
+def add_error_handling(app: FastAPI, max_body_bytes: int) -> None:
+    """The error answers of DESIGN.md §11: 413, 422 naming the fields, 503 for outages, 500 for bugs."""
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    for error in OUTAGE_ERRORS:
+        app.add_exception_handler(error, _dependency_unavailable)
+    app.add_middleware(BodySizeLimit, limit=max_body_bytes)
+    app.add_middleware(CatchUnexpected)  # added last: outermost of ours, so it also covers BodySizeLimit
