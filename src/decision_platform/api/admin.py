@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, get_args
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.security import APIKeyHeader
+from pydantic import AfterValidator
 
+from decision_platform.api.schemas import error_responses
 from decision_platform.learning.compare import compare_logged
 from decision_platform.models.registry import (
     KINDS,
@@ -26,6 +28,24 @@ from decision_platform.models.registry import (
     UnknownVersionError,
 )
 from decision_platform.services import Platform
+
+#: Every parameter is bounded: anything else is a 422 here, never a 500 from the database or the registry.
+Kind = Literal["anomaly", "risk", "policy"]
+assert get_args(Kind) == KINDS, "Kind must list the registry's kinds"
+#: Versions are written by the registry as ``<kind>-<time>-<hash>`` (models.version is VARCHAR(64)).
+VERSION = {"min_length": 1, "max_length": 64, "pattern": r"^[A-Za-z0-9_.:\-]+$"}
+MAX_COMPARE_LIMIT = 1_000_000
+
+
+def _utc_representable(value: datetime | None) -> datetime | None:
+    # A time zone can push year 1 or 9999 out of datetime's range once converted to UTC (OverflowError).
+    if value is not None and value.tzinfo is not None:
+        try:
+            value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("out of range once converted to UTC") from None
+    return value
+
 
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="DP_API_KEY")
 
@@ -43,7 +63,12 @@ def require_admin(request: Request, key: str | None = Depends(_api_key)) -> None
         raise HTTPException(401, "missing or wrong X-API-Key")
 
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+router = APIRouter(
+    prefix="/admin",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    responses=error_responses(401, 403, 503),
+)
 
 
 def _registry_call(operation: Callable[[], Any]) -> Any:
@@ -70,8 +95,12 @@ def _model(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@router.get("/models", summary="Registered models, newest first, and what this process serves")
-def list_models(request: Request, kind: str | None = Query(None, description=" | ".join(KINDS))) -> Any:
+@router.get(
+    "/models",
+    summary="Registered models, newest first, and what this process serves",
+    responses=error_responses(422),
+)
+def list_models(request: Request, kind: Kind | None = Query(None, description=" | ".join(KINDS))) -> Any:
     platform = _platform(request)
     return {
         "models": [_model(r) for r in platform.registry.repository.list_models(kind)],
@@ -79,8 +108,12 @@ def list_models(request: Request, kind: str | None = Query(None, description=" |
     }
 
 
-@router.post("/models/rollback", summary="Make the previously promoted version(s) champion again")
-def rollback(request: Request, kind: str | None = Query(None, description="one kind; default all")) -> Any:
+@router.post(
+    "/models/rollback",
+    summary="Make the previously promoted version(s) champion again",
+    responses=error_responses(404, 409, 422),
+)
+def rollback(request: Request, kind: Kind | None = Query(None, description="one kind; default all")) -> Any:
     platform = _platform(request)
     plan = _registry_call(lambda: platform.registry.rollback(kind))
     return {
@@ -89,33 +122,55 @@ def rollback(request: Request, kind: str | None = Query(None, description="one k
     }
 
 
-@router.post("/models/{version}/promote", summary="Make VERSION the champion of its kind")
-def promote(version: str, request: Request) -> Any:
+@router.post(
+    "/models/{version}/promote",
+    summary="Make VERSION the champion of its kind",
+    responses=error_responses(404, 409, 422),
+)
+def promote(version: Annotated[str, Path(**VERSION)], request: Request) -> Any:
     platform = _platform(request)
     _registry_call(lambda: platform.registry.promote(version))
     return {"promoted": version, "serving": platform.reload_models().as_dict()}
 
 
-@router.post("/models/{version}/shadow", summary="Score VERSION (a policy) beside the champion, logged only")
-def shadow(version: str, request: Request) -> Any:
+@router.post(
+    "/models/{version}/shadow",
+    summary="Score VERSION (a policy) beside the champion, logged only",
+    responses=error_responses(404, 409, 422),
+)
+def shadow(version: Annotated[str, Path(**VERSION)], request: Request) -> Any:
     platform = _platform(request)
     replaced = _registry_call(lambda: platform.registry.shadow(version))
     return {"shadow": version, "replaced": replaced, "serving": platform.reload_models().as_dict()}
 
 
-@router.delete("/models/shadow", summary="Stop shadowing (the shadow goes back to challenger)")
+@router.delete(
+    "/models/shadow",
+    summary="Stop shadowing (the shadow goes back to challenger)",
+    responses=error_responses(404, 409, 422),
+)
 def unshadow(request: Request) -> Any:
     platform = _platform(request)
     removed = _registry_call(lambda: platform.registry.unshadow("policy"))
     return {"removed": removed, "serving": platform.reload_models().as_dict()}
 
 
-@router.get("/models/compare", summary="Champion vs shadow on logged decisions: agreement and value")
+@router.get(
+    "/models/compare",
+    summary="Champion vs shadow on logged decisions: agreement and value",
+    responses=error_responses(422),
+)
 def compare(
     request: Request,
-    since: datetime | None = Query(None, description="ISO 8601; decisions made since then"),
-    limit: int | None = Query(None, gt=0, description="at most the newest N shadowed decisions"),
-    version: str | None = Query(None, description="shadow version (default: the newest logged)"),
+    since: Annotated[
+        datetime | None,
+        Query(description="ISO 8601; decisions made since then"),
+        AfterValidator(_utc_representable),
+    ] = None,
+    limit: int | None = Query(
+        None, gt=0, le=MAX_COMPARE_LIMIT, description="at most the newest N shadowed decisions"
+    ),
+    version: str | None = Query(None, **VERSION, description="shadow version (default: the newest logged)"),
 ) -> Any:
     platform = _platform(request)
     settings = platform.settings

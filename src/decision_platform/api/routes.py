@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 
 from decision_platform.api.schemas import (
+    RETRY_AFTER_HEADER,
     DecideRequest,
+    DecisionRecord,
     DecisionResponse,
     EventBatch,
     EventsAccepted,
     ExplanationResponse,
     OutcomeRequest,
     OutcomeResponse,
+    error_responses,
 )
 from decision_platform.events.kafka import BrokerUnavailableError
 from decision_platform.events.messages import RawMessage
-from decision_platform.events.schema import Event
+from decision_platform.events.schema import INT64_MAX, Event
 from decision_platform.observability import metrics
 from decision_platform.services import Platform
 from decision_platform.storage.repository import OutcomeStatus
@@ -25,17 +28,27 @@ from decision_platform.storage.writer import DUPLICATE
 
 router = APIRouter()
 
+#: Ids are BIGINT in the database: a larger one names no decision (422, not a 500 from the driver).
+DecisionIdPath = Annotated[int, Path(gt=0, le=INT64_MAX)]
+
 
 def _platform(request: Request) -> Platform:
     return request.app.state.platform
 
 
-@router.get("/health", summary="The process is alive")
+@router.get("/health", summary="The process is alive", responses=error_responses())
 def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready", summary="State of each dependency")
+@router.get(
+    "/ready",
+    summary="State of each dependency",
+    responses={
+        **error_responses(),
+        503: {"description": "Degraded: the same body, naming what fails", "headers": RETRY_AFTER_HEADER},
+    },
+)
 def ready(request: Request, response: Response) -> dict[str, Any]:
     platform = _platform(request)
     checks: dict[str, Any] = {}
@@ -55,7 +68,12 @@ def ready(request: Request, response: Response) -> dict[str, Any]:
     return {"status": "ready" if healthy else "degraded", "checks": checks}
 
 
-@router.post("/decide", response_model=DecisionResponse, summary="Decide: allow, throttle or block")
+@router.post(
+    "/decide",
+    response_model=DecisionResponse,
+    summary="Decide: allow, throttle or block",
+    responses=error_responses(400, 413, 422, 503),
+)
 def decide(body: DecideRequest, request: Request) -> dict[str, Any]:
     try:
         decision = _platform(request).engine.decide(body.entity_id, body.event)
@@ -70,7 +88,15 @@ def decide(body: DecideRequest, request: Request) -> dict[str, Any]:
     return decision.response
 
 
-@router.post("/events", response_model=EventsAccepted, summary="Ingest events (one, or a batch)")
+@router.post(
+    "/events",
+    response_model=EventsAccepted,
+    summary="Ingest events (one, or a batch)",
+    responses={
+        **error_responses(400, 413, 422, 503),
+        202: {"model": EventsAccepted, "description": "Kafka mode: acknowledged by the broker"},
+    },
+)
 def ingest_events(body: Event | EventBatch, request: Request, response: Response) -> dict[str, Any]:
     platform = _platform(request)
     events = body.events if isinstance(body, EventBatch) else [body]
@@ -88,7 +114,15 @@ def ingest_events(body: Event | EventBatch, request: Request, response: Response
     return {"accepted": len(events), "mode": "in-process", "decision_ids": summary.decision_ids}
 
 
-@router.post("/outcome", response_model=OutcomeResponse, summary="Report what happened after a decision")
+@router.post(
+    "/outcome",
+    response_model=OutcomeResponse,
+    summary="Report what happened after a decision",
+    responses={
+        **error_responses(400, 404, 409, 413, 422, 503),
+        201: {"model": OutcomeResponse, "description": "Recorded"},
+    },
+)
 def outcome(body: OutcomeRequest, request: Request, response: Response) -> dict[str, Any]:
     platform = _platform(request)
     if body.outcome not in platform.rewards.outcomes:
@@ -120,8 +154,13 @@ def outcome(body: OutcomeRequest, request: Request, response: Response) -> dict[
     }
 
 
-@router.get("/decisions/{decision_id}", summary="A stored decision record")
-def get_decision(decision_id: int, request: Request) -> dict[str, Any]:
+@router.get(
+    "/decisions/{decision_id}",
+    response_model=DecisionRecord,
+    summary="A stored decision record",
+    responses=error_responses(404, 422, 503),
+)
+def get_decision(decision_id: DecisionIdPath, request: Request) -> dict[str, Any]:
     row = _platform(request).repository.get_decision(decision_id)
     if row is None:
         raise HTTPException(404, f"no decision {decision_id}")
@@ -133,10 +172,16 @@ def get_decision(decision_id: int, request: Request) -> dict[str, Any]:
     "/decisions/{decision_id}/explanation",
     response_model=ExplanationResponse,
     summary="The decision explained in words by a local LLM, from its facts only",
-    responses={202: {"description": "Still being written: the template narrative meanwhile"}},
+    responses={
+        **error_responses(404, 422, 503),
+        202: {
+            "model": ExplanationResponse,
+            "description": "Still being written: the template narrative meanwhile",
+        },
+    },
 )
 def get_explanation(
-    decision_id: int,
+    decision_id: DecisionIdPath,
     request: Request,
     response: Response,
     wait: bool = Query(False, description="wait for the narrative (up to DP_LLM_WAIT_TIMEOUT_S)"),

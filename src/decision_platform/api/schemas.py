@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from decision_platform.events.schema import Event, Identifier
+from decision_platform.events.schema import INT64_MAX, STORABLE, AttributeValue, Event, Identifier
+
+#: Ids are signed 64-bit in the database (BIGINT): a larger one can name no decision.
+DecisionId = Annotated[int, Field(gt=0, le=INT64_MAX)]
+
+
+class FieldError(BaseModel):
+    field: str = Field(description="dotted path of the offending field, e.g. event.attributes.k")
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error answer (4xx, 5xx)."""
+
+    detail: str
+
+
+class ValidationErrorBody(ErrorBody):
+    """422: what is wrong with the request, one entry per field."""
+
+    errors: list[FieldError] = Field(description="absent when the error is not about one field", default=[])
 
 
 class DecideRequest(BaseModel):
@@ -90,8 +110,8 @@ class DecisionResponse(BaseModel):
 
 class OutcomeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    decision_id: int = Field(gt=0)
-    outcome: str = Field(min_length=1, max_length=32)
+    decision_id: DecisionId
+    outcome: Annotated[str, StringConstraints(min_length=1, max_length=32), STORABLE]
 
 
 class OutcomeResponse(BaseModel):
@@ -134,3 +154,68 @@ class ExplanationResponse(BaseModel):
     grounding: dict[str, Any] | None = None
     facts: dict[str, Any]
     created_at: str | None = None
+
+
+class DecisionRecord(BaseModel):
+    """``GET /decisions/{id}``: the stored record (the ``decisions`` table), as written at decision time."""
+
+    id: int
+    entity_id: str
+    event_id: str | None
+    created_at: str = Field(description="ISO 8601")
+    features: dict[str, float] = Field(description="The exact vector the models saw.")
+    amount: float | None
+    anomaly: float | None
+    risk: float | None
+    probabilities: list[float] | None
+    proposed_action: int | None
+    action_mask: list[bool] = Field(description="Actions the rules allowed: [allow, throttle, block].")
+    action: int
+    propensity: float
+    decided_by: str
+    rules_fired: list[FiredRuleOut]
+    fallback: str | None
+    model_versions: dict[str, str]
+    reasons: list[Reason]
+    explanation: str
+    explanation_source: str
+    latency_ms: float
+    event_type: str | None
+    attributes: dict[str, AttributeValue] | None
+    shadow: dict[str, Any] | None = Field(
+        description="A shadow policy's choice: version, action, probabilities."
+    )
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "The body cannot be parsed: not UTF-8, or JSON nested too deeply",
+    401: "Missing or wrong X-API-Key",
+    403: "Admin API disabled: no DP_API_KEY configured",
+    404: "Not found",
+    409: "Conflict with the stored state",
+    413: "Request body larger than DP_MAX_BODY_BYTES",
+    422: "Invalid input; `errors` names each offending field",
+    500: "Internal error (logged)",
+    503: "A dependency (database, feature store, broker) is unavailable; retry after Retry-After seconds",
+}
+RETRY_AFTER_HEADER = {
+    "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` of a route: the error answers it really gives, with the app's real bodies.
+
+    Declaring 422 here also keeps FastAPI from documenting its own HTTPValidationError, which the app
+    never sends. 500 is added to all: any route can fail unexpectedly.
+    """
+    responses: dict[int | str, dict[str, Any]] = {}
+    for code in sorted({*codes, 500}):
+        entry: dict[str, Any] = {
+            "model": ValidationErrorBody if code == 422 else ErrorBody,
+            "description": _ERROR_DESCRIPTIONS[code],
+        }
+        if code == 503:
+            entry["headers"] = RETRY_AFTER_HEADER
+        responses[code] = entry
+    return responses

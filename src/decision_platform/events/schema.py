@@ -1,7 +1,9 @@
 """The event contract (DESIGN.md §4).
 
 Validation is strict and bounded so that one bad producer cannot hurt the platform: unknown fields,
-wrong types, oversize strings or maps are rejected with a message naming the field.
+wrong types, oversize strings or maps are rejected with a message naming the field. So is anything the
+stores cannot hold (issue 11: one such event once blocked every database write): NUL and lone surrogates
+in text, integers beyond signed 64 bits, non-finite floats.
 """
 
 from __future__ import annotations
@@ -11,16 +13,68 @@ import time
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
 
 MAX_ATTRIBUTES = 32
 MAX_ID_LENGTH = 128
 MAX_STRING_VALUE_LENGTH = 256
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def storable_text(value: Any) -> Any:
+    """``value`` unchanged, unless it is text PostgreSQL (text, JSONB) or UTF-8 cannot hold: ValueError."""
+    if not isinstance(value, str):
+        return value  # the type's own validation answers
+    if "\x00" in value:
+        raise ValueError("must not contain NUL (\\u0000): the database cannot store it")
+    try:
+        value.encode("utf-8")  # fails only on lone surrogates (\ud800-\udfff)
+    except UnicodeEncodeError:
+        raise ValueError("must not contain lone surrogates (\\ud800-\\udfff): not valid UTF-8") from None
+    return value
+
+
+def _storable_attribute(value: Any) -> Any:
+    # Checked before the union, for one clear message (not one per member) and because the union would
+    # silently turn an integer beyond 64 bits into a float.
+    if isinstance(value, str):
+        if len(value) > MAX_STRING_VALUE_LENGTH:
+            raise ValueError(f"text longer than {MAX_STRING_VALUE_LENGTH} characters")
+        storable_text(value)
+    elif isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError("integer outside the signed 64-bit range")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+#: Validates any client-supplied text that may be stored; put it after the type's own constraints, so it
+#: runs first and its message (not pydantic's "unable to parse raw data") is what the client reads:
+#: ``Annotated[str, StringConstraints(max_length=32), STORABLE]``.
+STORABLE = BeforeValidator(storable_text)
+#: Text every store can hold.
+StorableText = Annotated[str, STORABLE]
+StorableInt = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 
 Identifier = Annotated[
     str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH, pattern=r"^[A-Za-z0-9_.:@\-]+$")
 ]
-AttributeValue = bool | int | float | Annotated[str, StringConstraints(max_length=MAX_STRING_VALUE_LENGTH)]
+ShortText = Annotated[str, StringConstraints(min_length=1, max_length=64), STORABLE]
+# The members document the accepted values in the schema; _storable_attribute gives the error messages.
+AttributeValue = Annotated[
+    bool
+    | StorableInt
+    | Annotated[float, Field(allow_inf_nan=False)]
+    | Annotated[str, StringConstraints(max_length=MAX_STRING_VALUE_LENGTH)],
+    BeforeValidator(_storable_attribute),
+]
 
 
 class Event(BaseModel):
@@ -34,11 +88,9 @@ class Event(BaseModel):
         default_factory=time.time,
         description="Event time: RFC 3339 or epoch seconds. Windows use event time, not arrival time.",
     )
-    event_type: Annotated[str, StringConstraints(min_length=1, max_length=64)] = "event"
+    event_type: ShortText = "event"
     amount: float | None = Field(default=None, ge=0, le=1e12)
-    attributes: dict[Annotated[str, StringConstraints(min_length=1, max_length=64)], AttributeValue] = Field(
-        default_factory=dict, max_length=MAX_ATTRIBUTES
-    )
+    attributes: dict[ShortText, AttributeValue] = Field(default_factory=dict, max_length=MAX_ATTRIBUTES)
 
     @field_validator("timestamp", mode="before")
     @classmethod
@@ -70,12 +122,4 @@ class Event(BaseModel):
     def _finite_amount(cls, value: float | None) -> float | None:
         if value is not None and not math.isfinite(value):
             raise ValueError("amount must be a finite number")
-        return value
-
-    @field_validator("attributes")
-    @classmethod
-    def _finite_attributes(cls, value: dict[str, Any]) -> dict[str, Any]:
-        for key, item in value.items():
-            if isinstance(item, float) and not math.isfinite(item):
-                raise ValueError(f"attribute {key!r} must be a finite number")
         return value

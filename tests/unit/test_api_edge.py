@@ -1,0 +1,242 @@
+"""The API's edge (issue 11): what the stores cannot hold is a 422 naming the field, out-of-range values are
+422s not 500s, and the OpenAPI schema documents the answers the app really gives."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from decision_platform.api.app import create_app
+from decision_platform.api.schemas import ValidationErrorBody
+from decision_platform.config import Settings
+from decision_platform.events.schema import Event
+from decision_platform.services import Platform
+from decision_platform.storage.tables import decisions
+from tests.live_server import serving
+
+KEY = "edge-key"
+AUTH = {"X-API-Key": KEY}
+JSON = {"content-type": "application/json"}
+INT64_MAX = 2**63 - 1
+
+
+def _post_raw(client: TestClient, path: str, text: str) -> httpx.Response:
+    # Raw JSON text: \u escapes reach the server as written (json= would encode the characters).
+    return client.post(path, content=text.encode(), headers=JSON)
+
+
+def _fields(response: httpx.Response) -> list[str]:
+    assert response.status_code == 422, response.text
+    body = ValidationErrorBody.model_validate(response.json())  # the documented shape
+    return [e.field for e in body.errors]
+
+
+UNSTORABLE_EVENTS = [
+    ('"event_type": "pay\\u0000ment"', "event.event_type", "NUL"),
+    ('"event_type": "pay\\ud800"', "event.event_type", "surrogate"),
+    ('"attributes": {"k": "a\\u0000b"}', "event.attributes.k", "NUL"),
+    ('"attributes": {"k": "a\\udfffb"}', "event.attributes.k", "surrogate"),
+    ('"attributes": {"k\\u0000": 1}', "event.attributes.k\\x00.[key]", "NUL"),
+    # pydantic-core reports such a key with replacement characters: printable, and valid JSON.
+    ('"attributes": {"k\\ud800": 1}', "event.attributes.k\ufffd\ufffd\ufffd.[key]", "surrogate"),
+    ('"attributes": {"n": 1180591620717411303424}', "event.attributes.n", "64-bit"),
+    ('"attributes": {"n": 9223372036854775808}', "event.attributes.n", "64-bit"),
+    ('"attributes": {"n": -9223372036854775809}', "event.attributes.n", "64-bit"),
+    ('"attributes": {"x": 1e400}', "event.attributes.x", "finite"),
+]
+
+
+@pytest.mark.parametrize(("fragment", "field", "word"), UNSTORABLE_EVENTS)
+def test_what_the_database_cannot_store_is_422_naming_the_field(
+    client: TestClient, fragment: str, field: str, word: str
+) -> None:
+    response = _post_raw(
+        client, "/decide", f'{{"entity_id": "p1", "event": {{"event_id": "n1", {fragment}}}}}'
+    )
+    assert _fields(response) == [field]
+    assert word in response.json()["detail"]
+    # The poison never reached the write path: the next decision is stored and readable (issue 11, #1).
+    decision = client.post("/decide", json={"entity_id": "p1"}).json()
+    assert client.get(f"/decisions/{decision['decision_id']}").status_code == 200
+
+
+def test_unstorable_events_posted_to_events_are_422_too(client: TestClient) -> None:
+    response = _post_raw(client, "/events", '{"event_id": "e1", "entity_id": "p2", "event_type": "a\\u0000"}')
+    assert "Event.event_type" in _fields(response)  # the body is one event or a batch: both are reported
+    batch = '{"events": [{"event_id": "e2", "entity_id": "p2", "attributes": {"k": "\\ud800"}}]}'
+    assert "EventBatch.events.0.attributes.k" in _fields(_post_raw(client, "/events", batch))
+
+
+def test_the_64_bit_and_text_limits_themselves_are_accepted(client: TestClient) -> None:
+    attributes = {"max": INT64_MAX, "min": -(2**63), "text": "é ü 日本 🙂", "flag": True, "x": 1.5e308}
+    body = {
+        "entity_id": "p3",
+        "event": {"event_id": "ok-1", "event_type": "paymént", "attributes": attributes},
+    }
+    decision = client.post("/decide", json=body)
+    assert decision.status_code == 200, decision.text
+    stored = client.get(f"/decisions/{decision.json()['decision_id']}").json()
+    assert stored["attributes"] == attributes and stored["event_type"] == "paymént"
+
+
+@pytest.mark.parametrize(
+    ("raw", "word"),
+    [
+        (b'{"event_id": "k1", "entity_id": "e", "event_type": "a\\u0000"}', "NUL"),
+        (b'{"event_id": "k1", "entity_id": "e", "attributes": {"k\\u0000": 1}}', "NUL"),
+        (b'{"event_id": "k1", "entity_id": "e", "attributes": {"k": "\\ud800"}}', "surrogate"),
+        (b'{"event_id": "k1", "entity_id": "e", "event_type": "\\udfff"}', "surrogate"),
+        (b'{"event_id": "k1", "entity_id": "e", "attributes": {"n": 1180591620717411303424}}', "64-bit"),
+    ],
+)
+def test_kafka_messages_with_unstorable_values_are_refused(raw: bytes, word: str) -> None:
+    # The stream worker parses messages with model_validate_json (pydantic-core's JSON parser, not Python's).
+    with pytest.raises(ValidationError) as refused:
+        Event.model_validate_json(raw)
+    text = str(refused.value)
+    assert word in text or (word == "surrogate" and "json_invalid" in text), text
+
+
+def test_kafka_messages_at_the_limits_are_accepted() -> None:
+    event = Event.model_validate_json(
+        b'{"event_id": "k2", "entity_id": "e", "attributes": {"n": 9223372036854775807, "s": "\\u00e9"}}'
+    )
+    assert event.attributes == {"n": INT64_MAX, "s": "é"}
+
+
+# --- out-of-range values: 422, never a 500 from the database driver
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/decisions/9223372036854775808",
+        f"/decisions/{2**70}",
+        "/decisions/0",
+        "/decisions/-1",
+        "/decisions/9223372036854775808/explanation",
+        f"/decisions/{2**70}/explanation",
+    ],
+)
+def test_decision_ids_outside_bigint_are_422(client: TestClient, path: str) -> None:
+    assert _fields(client.get(path)) == ["path.decision_id"]
+
+
+def test_the_largest_bigint_id_is_a_plain_404(client: TestClient) -> None:
+    assert client.get(f"/decisions/{INT64_MAX}").status_code == 404
+
+
+def test_an_outcome_for_an_id_outside_bigint_is_422(client: TestClient) -> None:
+    response = client.post("/outcome", json={"decision_id": INT64_MAX + 1, "outcome": "success"})
+    assert _fields(response) == ["decision_id"]
+    response = _post_raw(client, "/outcome", '{"decision_id": 1, "outcome": "succ\\u0000ess"}')
+    assert _fields(response) == ["outcome"]
+
+
+@pytest.fixture
+def admin(
+    make_settings: Callable[..., Settings], start_platform: Callable[[Settings], Platform]
+) -> Iterator[TestClient]:
+    platform = start_platform(make_settings(api_key=KEY, model_refresh_s=0))
+    with TestClient(create_app(platform.settings, platform)) as client:
+        yield client
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "field"),
+    [
+        ("GET", "/admin/models?kind=a%00", "query.kind"),
+        ("GET", "/admin/models?kind=riskk", "query.kind"),
+        ("POST", "/admin/models/rollback?kind=a%00", "query.kind"),
+        ("GET", "/admin/models/compare?limit=99999999999999999999", "query.limit"),
+        ("GET", "/admin/models/compare?limit=0", "query.limit"),
+        ("GET", "/admin/models/compare?since=0001-01-01T00:00:00%2B01:00", "query.since"),
+        ("GET", "/admin/models/compare?since=9999-12-31T23:59:59-01:00", "query.since"),
+        ("GET", "/admin/models/compare?version=a%00", "query.version"),
+        ("POST", "/admin/models/a%00/promote", "path.version"),
+        ("POST", f"/admin/models/{'v' * 65}/shadow", "path.version"),
+    ],
+)
+def test_admin_parameters_are_bounded(admin: TestClient, method: str, url: str, field: str) -> None:
+    assert _fields(admin.request(method, url, headers=AUTH)) == [field]
+
+
+def test_admin_accepts_every_known_kind(admin: TestClient) -> None:
+    for kind in ("anomaly", "risk", "policy"):
+        response = admin.get(f"/admin/models?kind={kind}", headers=AUTH)
+        assert response.status_code == 200
+        assert {m["kind"] for m in response.json()["models"]} == {kind}
+
+
+# --- body size: chunked bodies too (no content-length to refuse them by)
+
+
+def _chunks(size: int, chunk: int = 16 * 1024) -> Iterator[bytes]:
+    yield b'{"entity_id": "c1", "event": {"event_id": "c1", "event_type": "x'
+    for _ in range(size // chunk):
+        yield b"a" * chunk
+    yield b'"}}'
+
+
+def test_a_chunked_body_over_the_limit_is_413_and_one_under_it_is_parsed(
+    make_settings: Callable[..., Settings], start_platform: Callable[[Settings], Platform]
+) -> None:
+    settings = make_settings()
+    with serving(create_app(settings, start_platform(settings))) as url, httpx.Client(timeout=10.0) as http:
+        big = http.post(f"{url}/decide", content=_chunks(1024 * 1024), headers=JSON)
+        assert big.request.headers.get("transfer-encoding") == "chunked"
+        assert big.status_code == 413 and "larger than" in big.json()["detail"]
+        small = http.post(f"{url}/decide", content=_chunks(0), headers=JSON)
+        assert small.request.headers.get("transfer-encoding") == "chunked"
+        assert small.status_code == 200, small.text
+
+
+# --- the OpenAPI schema tells the truth
+
+
+def _operations(client: TestClient) -> Iterator[tuple[str, str, dict]]:
+    for path, operations in client.get("/openapi.json").json()["paths"].items():
+        for method, operation in operations.items():
+            yield method.upper(), path, operation
+
+
+def _schema_ref(response: dict) -> str:
+    return response["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
+
+
+def test_every_documented_error_has_the_apps_real_body(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    for method, path, operation in _operations(client):
+        for code, response in operation["responses"].items():
+            if code == "422":
+                assert _schema_ref(response) == "ValidationErrorBody", (method, path)
+            elif code[0] in "45" and path != "/ready":
+                assert _schema_ref(response) == "ErrorBody", (method, path, code)
+            if code == "503":
+                assert response["headers"]["Retry-After"]["schema"] == {"type": "integer"}, (method, path)
+
+
+def test_each_route_documents_the_codes_it_answers(client: TestClient) -> None:
+    operations = {(m, p): op for m, p, op in _operations(client)}
+    codes = {key: set(op["responses"]) for key, op in operations.items()}
+    for method, path in codes:
+        if "requestBody" in operations[method, path]:
+            assert {"413", "422"} <= codes[method, path], path
+        if path.startswith("/admin"):
+            assert {"401", "403"} <= codes[method, path], path
+    assert {"404", "409", "503"} <= codes["POST", "/outcome"]
+    assert {"404", "422", "503"} <= codes["GET", "/decisions/{decision_id}"]
+    assert "503" in codes["POST", "/decide"] and "503" in codes["POST", "/events"]
+
+
+def test_the_decision_record_is_typed_with_the_tables_columns(client: TestClient) -> None:
+    documented = client.get("/openapi.json").json()["components"]["schemas"]["DecisionRecord"]
+    decision = client.post("/decide", json={"entity_id": "t1"}).json()
+    stored = client.get(f"/decisions/{decision['decision_id']}").json()
+    assert set(stored) == set(documented["properties"]) == set(decisions.columns.keys())
+    assert isinstance(stored["created_at"], str)
