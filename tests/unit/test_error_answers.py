@@ -24,6 +24,7 @@ from tests.live_server import serving
 FAILURES: dict[str, Callable[[], BaseException]] = {
     "bug": lambda: RuntimeError("a bug with a secret in it"),
     "down": lambda: DatabaseUnavailable("spooling: connection refused", retry_after_s=2.5),
+    "known-down": lambda: DatabaseUnavailable("database unavailable (OperationalError)", retry_after_s=0.2),
     "psycopg": lambda: psycopg.OperationalError("connection refused"),
     "sqlalchemy": lambda: sqlalchemy.exc.OperationalError("SELECT 1", {}, psycopg.OperationalError("gone")),
     "timeout": lambda: TimeoutError("statement timeout"),
@@ -70,6 +71,7 @@ def test_an_unexpected_error_is_a_500_logged_once_with_nothing_leaked(
     ("kind", "retry_after", "what"),
     [
         ("down", "3", "database unavailable (spooling: connection refused)"),
+        ("known-down", "1", "database unavailable (OperationalError)"),  # said once, not twice
         ("psycopg", "1", "database unavailable (OperationalError)"),
         ("sqlalchemy", "1", "database unavailable (OperationalError)"),
         ("timeout", "1", "database unavailable (TimeoutError)"),

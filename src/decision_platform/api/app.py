@@ -131,12 +131,17 @@ OUTAGE_ERRORS: tuple[type[Exception], ...] = (
 
 async def _dependency_unavailable(request: Request, exc: Exception) -> JSONResponse:
     what = "feature store" if isinstance(exc, redis.RedisError) else "database"
-    reason = exc.reason if isinstance(exc, DatabaseUnavailable) else exc.__class__.__name__
+    if isinstance(exc, DatabaseUnavailable):  # its reason may already say "database unavailable (...)"
+        summary = exc.reason if exc.reason.startswith(what) else f"{what} unavailable ({exc.reason})"
+        logged = summary
+    else:  # the class only in the answer; the message (hosts, ports) only in the log
+        summary = f"{what} unavailable ({exc.__class__.__name__})"
+        logged = f"{summary}: {exc}"
     retry_after = max(1, math.ceil(getattr(exc, "retry_after_s", 1.0)))
     # An outage is not a bug: one line per request, no traceback.
-    log.warning("%s %s: %s unavailable: %s: %s", request.method, request.url.path, what, reason, exc)
+    log.warning("%s %s answered 503: %s", request.method, request.url.path, logged)
     return JSONResponse(
-        {"detail": f"{what} unavailable ({reason}); retry"},
+        {"detail": f"{summary}; retry"},
         status_code=503,
         headers={"Retry-After": str(retry_after)},
     )
