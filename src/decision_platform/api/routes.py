@@ -21,8 +21,10 @@ from decision_platform.api.schemas import (
 from decision_platform.events.kafka import BrokerUnavailableError
 from decision_platform.events.messages import RawMessage
 from decision_platform.events.schema import INT64_MAX, Event
+from decision_platform.explain.reasons import ACTION_NAMES
 from decision_platform.observability import metrics
 from decision_platform.services import Platform
+from decision_platform.storage.errors import DatabaseUnavailable
 from decision_platform.storage.repository import OutcomeStatus
 from decision_platform.storage.writer import DUPLICATE
 
@@ -37,7 +39,9 @@ def _platform(request: Request) -> Platform:
 
 
 @router.get("/health", summary="The process is alive", responses=error_responses())
-def health() -> dict[str, str]:
+async def health() -> dict[str, str]:
+    # async: answered on the event loop, so it never waits for a threadpool busy with decisions, and it
+    # touches no dependency -- a liveness probe must not restart a process that is spooling decisions.
     return {"status": "ok"}
 
 
@@ -53,17 +57,19 @@ def ready(request: Request, response: Response) -> dict[str, Any]:
     platform = _platform(request)
     checks: dict[str, Any] = {}
     try:
-        platform.repository.count_decisions()
+        platform.writer.query(platform.repository.ping)  # bounded: a stalled database is "unavailable"
         checks["database"] = "ok"
-    except Exception as exc:
-        checks["database"] = f"error: {exc.__class__.__name__}"
+    except DatabaseUnavailable as exc:
+        checks["database"] = f"unavailable: {exc.reason}"
+    status = platform.writer.status()
+    checks["spool"] = {"pending": status.pending, "quarantined": status.quarantined}
     checks["feature_store"] = "ok" if platform.store.ping() else "unreachable"
     checks["models"] = {
         kind: platform.models.versions.get(kind) or f"missing: {platform.models.errors.get(kind)}"
         for kind in ("anomaly", "risk", "policy")
     }
     healthy = checks["database"] == "ok" and checks["feature_store"] == "ok" and platform.models.complete
-    # Not ready still serves decisions (fallbacks); 503 tells a load balancer to prefer a healthy peer.
+    # Not ready still serves decisions (fallbacks, spool); 503 tells a load balancer to prefer a healthy peer.
     response.status_code = 200 if healthy else 503
     return {"status": "ready" if healthy else "degraded", "checks": checks}
 
@@ -129,11 +135,20 @@ def outcome(body: OutcomeRequest, request: Request, response: Response) -> dict[
         raise HTTPException(
             422, f"unknown outcome {body.outcome!r}; expected one of {platform.rewards.outcome_names}"
         )
-    decision = platform.repository.get_decision(body.decision_id)
+    # Spool first, then the database: a decision acknowledged during an outage has outcomes too.
+    decision = platform.writer.find_decision(body.decision_id)
     if decision is None:
         raise HTTPException(404, f"no decision {body.decision_id}")
-    reward = platform.rewards.reward(body.outcome, decision["action"], decision["amount"])
-    result = platform.repository.record_outcome(body.decision_id, body.outcome, reward)
+    action = decision["action"]
+    if not platform.rewards.possible(body.outcome, action):
+        possible = [name for name in platform.rewards.outcomes if platform.rewards.possible(name, action)]
+        raise HTTPException(
+            422,
+            f"outcome {body.outcome!r} cannot follow a decision to {ACTION_NAMES[action]}; "
+            f"expected one of {possible}",
+        )
+    reward = platform.rewards.reward(body.outcome, action, decision["amount"])
+    result = platform.writer.record_outcome(body.decision_id, body.outcome, reward)
     if result.status is OutcomeStatus.NOT_FOUND:
         raise HTTPException(404, f"no decision {body.decision_id}")
     if result.status is OutcomeStatus.CONFLICT:
@@ -142,7 +157,7 @@ def outcome(body: OutcomeRequest, request: Request, response: Response) -> dict[
         )
     created = result.status is OutcomeStatus.CREATED
     if created:
-        metrics.OUTCOMES.labels(outcome=body.outcome, action=metrics.action_label(decision["action"])).inc()
+        metrics.OUTCOMES.labels(outcome=body.outcome, action=metrics.action_label(action)).inc()
         metrics.observe_reward(reward)
     response.status_code = 201 if created else 200
     return {
@@ -161,7 +176,7 @@ def outcome(body: OutcomeRequest, request: Request, response: Response) -> dict[
     responses=error_responses(404, 422, 503),
 )
 def get_decision(decision_id: DecisionIdPath, request: Request) -> dict[str, Any]:
-    row = _platform(request).repository.get_decision(decision_id)
+    row = _platform(request).writer.find_decision(decision_id)  # spooled decisions are readable too
     if row is None:
         raise HTTPException(404, f"no decision {decision_id}")
     row["created_at"] = row["created_at"].isoformat()

@@ -72,13 +72,13 @@ class _Lane:
         with self._lock:
             self._inflight = {f for f in self._inflight if not f.done()}
             if len(self._inflight) >= self.max_stalled:
-                raise DatabaseUnavailable("the database has not answered earlier calls yet")
+                raise DatabaseUnavailable("no answer to earlier calls yet")
             future = self._pool.submit(call)
             self._inflight.add(future)
         try:
             return future.result(timeout=timeout_s)
         except FutureTimeout:
-            raise DatabaseUnavailable(f"the database did not answer within {timeout_s:g} s") from None
+            raise DatabaseUnavailable(f"no answer within {timeout_s:g} s") from None
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -194,14 +194,14 @@ class DecisionWriter:
         """A database call for a request: fails fast while the database is known to be down, and within
         ``read_timeout_s`` when it stalls (both :class:`DatabaseUnavailable`, which the API answers 503)."""
         if not self._up:
-            raise DatabaseUnavailable(f"database unavailable ({self._last_error})", self.probe_interval_s * 2)
+            raise DatabaseUnavailable(self._last_error or "down", self.probe_interval_s * 2)
         try:
             return self._reads.run(call, self.read_timeout_s)
         except Exception as exc:
             if is_record_error(exc):
                 raise
             self._mark_down(exc)
-            raise DatabaseUnavailable(f"database unavailable ({exc.__class__.__name__})") from exc
+            raise DatabaseUnavailable(_describe(exc)) from exc
 
     # --- outcomes
     def record_outcome(self, decision_id: int, outcome: str, reward: float) -> OutcomeResult:

@@ -1,0 +1,76 @@
+"""What a caller of the API sees while the database is away, on the embedded backends (the same write
+path as PostgreSQL; the fault-injection suite in tests/e2e does it against the real services)."""
+
+from __future__ import annotations
+
+import time
+
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+
+from decision_platform.services import Platform
+
+
+def platform_of(client: TestClient) -> Platform:
+    return client.app.state.platform  # type: ignore[attr-defined]
+
+
+def take_the_decisions_table_away(platform: Platform, away: bool) -> None:
+    names = ("decisions", "decisions_away") if away else ("decisions_away", "decisions")
+    with platform.repository.engine.begin() as connection:
+        connection.execute(sa.text(f"ALTER TABLE {names[0]} RENAME TO {names[1]}"))
+
+
+def test_during_an_outage_spooled_decisions_are_readable_and_take_outcomes(client: TestClient) -> None:
+    platform = platform_of(client)
+    before = client.post("/decide", json={"entity_id": "o-0", "event": {"event_id": "o-ev-0"}}).json()
+    take_the_decisions_table_away(platform, True)
+    decided = client.post("/decide", json={"entity_id": "o-1", "event": {"event_id": "o-ev-1", "amount": 5}})
+    assert decided.status_code == 200
+    spooled = decided.json()
+
+    ready = client.get("/ready")
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["spool"]["pending"] == 1
+    assert ready.json()["checks"]["database"].startswith("unavailable")
+
+    # A spooled decision: served from the spool. One only the database knows: 503, never a false 404.
+    assert client.get(f"/decisions/{spooled['decision_id']}").json()["action"] == spooled["action"]
+    unknown = client.get(f"/decisions/{before['decision_id']}")
+    assert unknown.status_code == 503 and unknown.headers["retry-after"].isdigit()
+    assert "database unavailable" in unknown.json()["detail"]
+
+    # The same event retried during the outage: the first decision.
+    again = client.post("/decide", json={"entity_id": "o-1", "event": {"event_id": "o-ev-1", "amount": 5}})
+    assert again.json()["decision_id"] == spooled["decision_id"]
+
+    outcome = {"decision_id": spooled["decision_id"], "outcome": "fraud"}
+    assert client.post("/outcome", json=outcome).status_code == 201  # spooled behind its decision
+    assert client.post("/outcome", json=outcome).status_code == 200  # idempotent
+    assert client.post("/outcome", json={**outcome, "outcome": "chargeback"}).status_code == 409
+    answer = client.post("/outcome", json={"decision_id": before["decision_id"], "outcome": "fraud"})
+    assert answer.status_code == 503 and "retry-after" in answer.headers
+
+    take_the_decisions_table_away(platform, False)
+    deadline = time.monotonic() + 10
+    while platform.writer.status().pending and time.monotonic() < deadline:  # no request needed
+        time.sleep(0.05)
+    stored = platform.repository.get_decision(spooled["decision_id"])
+    assert stored is not None and stored["event_id"] == "o-ev-1"
+    landed = platform.repository.get_outcome(spooled["decision_id"])
+    assert landed is not None and landed.outcome == "fraud"
+    assert client.get("/ready").json()["checks"]["spool"] == {"pending": 0, "quarantined": 0}
+
+
+def test_an_outcome_that_cannot_follow_the_action_is_refused(client: TestClient) -> None:
+    body = {
+        "entity_id": "blk-1",
+        "event": {"event_id": "blk-ev", "attributes": {"device_id": "dev-known-stolen-0001"}},
+    }
+    blocked = client.post("/decide", json=body).json()
+    assert blocked["action"] == 2  # the deny-list rule
+    refused = client.post("/outcome", json={"decision_id": blocked["decision_id"], "outcome": "success"})
+    assert refused.status_code == 422
+    assert "cannot follow a decision to block" in refused.json()["detail"]
+    accepted = client.post("/outcome", json={"decision_id": blocked["decision_id"], "outcome": "fraud"})
+    assert accepted.status_code == 201
