@@ -229,6 +229,8 @@ class Answer:
     body: Any = None
     error: str | None = None
     decision_id: int | None = None
+    #: time.monotonic() when the request was sent: places slow answers within a fault.
+    sent_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -338,7 +340,7 @@ class ApiClient:
         phase = self.ledger.phase
         content = None if body is None else json.dumps(body).encode()
         headers = {"content-type": "application/json"} if body is not None else {}
-        start = time.perf_counter()
+        sent_at, start = time.monotonic(), time.perf_counter()
         try:
             response = self._client.request(method, path, content=content, headers=headers)
         except httpx.HTTPError as exc:
@@ -357,6 +359,7 @@ class ApiClient:
                 parsed,
             )
         answer.decision_id = decision_id
+        answer.sent_at = sent_at
         self.ledger.add(answer)
         return answer
 
