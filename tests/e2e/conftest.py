@@ -15,6 +15,7 @@ log is printed (pytest shows it when the test failed).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import itertools
 import json
 import math
@@ -40,7 +41,7 @@ from decision_platform.config import Settings
 from decision_platform.devtools.tansu import free_port
 from decision_platform.devtools.tcp_proxy import TcpProxy
 from decision_platform.learning.rewards import RewardTable
-from tests.conftest import CONFIG_DIR, PG_URL, REDIS_URL
+from tests.conftest import CONFIG_DIR, PG_URL, REDIS_URL, service_unavailable
 from tests.integration.conftest import pg_schema, query
 
 __all__ = ["pg_schema"]  # re-exported fixture: a private PostgreSQL schema per test
@@ -81,7 +82,10 @@ class Backends:
 def _flush_redis_db() -> None:
     client = redis.Redis(host=_REDIS.hostname, port=_REDIS.port or 6379, db=REDIS_DB, socket_timeout=3)
     with contextlib.closing(client):
-        client.flushdb()
+        try:
+            client.flushdb()
+        except redis.ConnectionError:
+            service_unavailable(f"Redis at {_REDIS.hostname}:{_REDIS.port}")
 
 
 @pytest.fixture
@@ -128,6 +132,7 @@ class ApiServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         deadline = time.monotonic() + timeout_s
         with httpx.Client(timeout=1.0) as client:
@@ -171,6 +176,16 @@ class ApiServer:
 
     def _failure(self, what: str) -> str:
         return f"server {self.base_url} {what}; log {self.log_path}:\n{self.tail()}"
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it if the test process dies (even by SIGKILL), so that no
+    server outlives an aborted run. Linux only; elsewhere teardown alone stops it."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def server_env(backends: Backends, model_dir: Path, spool_dir: Path, **overrides: str) -> dict[str, str]:
