@@ -59,6 +59,9 @@ _PG = urlsplit(PG_URL)
 _REDIS = urlsplit(REDIS_URL)
 REWARDS = RewardTable.load(CONFIG_DIR / "rewards.yaml")
 
+#: The server's DP_DB_WRITE_TIMEOUT_S: how long a stalled database may hold a batch before it is spooled.
+DB_WRITE_TIMEOUT_S = 1.0
+
 
 # ------------------------------------------------------------------------------------------- backends
 @dataclass
@@ -200,6 +203,8 @@ def server_env(backends: Backends, model_dir: Path, spool_dir: Path, **overrides
             "DP_SPOOL_DIR": str(spool_dir),
             "DP_CONFIG_DIR": str(CONFIG_DIR),
             "DP_POLICY_SEED": "0",
+            # A stall is detected within this; 1 s (default 2) leaves the p99 bound a margin on a busy box.
+            "DP_DB_WRITE_TIMEOUT_S": str(DB_WRITE_TIMEOUT_S),
             "PYTHONUNBUFFERED": "1",
         }
     )

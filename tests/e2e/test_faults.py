@@ -19,6 +19,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.e2e.conftest import (
+    DB_WRITE_TIMEOUT_S,
     ApiClient,
     ApiServer,
     Backends,
@@ -34,8 +35,9 @@ from tests.integration.conftest import query
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
-#: /decide while spooling: answered, and fast enough for a caller's timeout (generous: a shared 2-core box).
-SPOOLING_P99_S = 3.0
+#: /decide while spooling: answered, and fast enough for a caller's timeout: the stall detection
+#: (DB_WRITE_TIMEOUT_S) plus a generous 2 s for a shared 2-core box.
+SPOOLING_P99_S = DB_WRITE_TIMEOUT_S + 2.0
 #: A liveness probe's usual timeout: /health must never touch the database.
 HEALTH_MAX_S = 1.0
 #: GET of a decision acknowledged during an outage: from the spool or 503, never a hang.
