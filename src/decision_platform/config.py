@@ -110,12 +110,12 @@ class Settings(BaseSettings):
     #: Most decisions written in one transaction by the group-commit writer.
     db_batch_size: int = 256
     #: A database write may take this long before its batch is spooled and the database counted as down.
-    db_write_timeout_s: float = Field(2.0, gt=0)
+    db_write_timeout_s: float = Field(1.0, gt=0)
     #: A database read for a request (GET /decisions/{id}, POST /outcome) may take this long before 503.
     db_read_timeout_s: float = Field(2.0, gt=0)
     #: The server cancels a serving statement after this long (PostgreSQL statement_timeout).
     db_statement_timeout_s: float = Field(5.0, gt=0)
-    #: While the database is down, the writer checks it again after this long (doubling up to 5 s).
+    #: While the database is down, the writer checks it again after this long (doubling up to 1 s).
     db_probe_interval_s: float = Field(0.5, gt=0)
 
     # --- admin

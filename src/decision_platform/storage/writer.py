@@ -52,6 +52,10 @@ DUPLICATE = "duplicate"  # a decision for this event (or id) was already stored 
 
 T = TypeVar("T")
 
+#: Probes of a down database back off to this: a refused connect costs little, and the replay should
+#: start within about a second of the database answering again.
+MAX_PROBE_INTERVAL_S = 1.0
+
 
 class _Lane:
     """Runs database calls on its own threads so that a call that hangs can be given up after a deadline.
@@ -68,13 +72,18 @@ class _Lane:
         self._lock = threading.Lock()
         self.max_stalled = max_stalled
 
-    def run(self, call: Callable[[], T], timeout_s: float) -> T:
+    def submit(self, call: Callable[[], T]) -> Future[T]:
+        """Start a call without waiting for it (DatabaseUnavailable at once if the lane is stuck)."""
         with self._lock:
             self._inflight = {f for f in self._inflight if not f.done()}
             if len(self._inflight) >= self.max_stalled:
                 raise DatabaseUnavailable("no answer to earlier calls yet")
             future = self._pool.submit(call)
             self._inflight.add(future)
+        return future
+
+    def run(self, call: Callable[[], T], timeout_s: float) -> T:
+        future = self.submit(call)
         try:
             return future.result(timeout=timeout_s)
         except FutureTimeout:
@@ -102,7 +111,7 @@ class DecisionWriter:
         repository: Repository,
         spool: Spool,
         batch_size: int = 256,
-        write_timeout_s: float = 2.0,
+        write_timeout_s: float = 1.0,
         read_timeout_s: float = 2.0,
         probe_interval_s: float = 0.5,
         replay_chunk: int = 500,
@@ -125,6 +134,9 @@ class DecisionWriter:
         self._up = on_recover is None
         self._last_error: str | None = None if self._up else "not reached yet"
         self._next_probe = 0.0
+        #: The probe in flight: never waited for on the writer thread, which must keep spooling meanwhile
+        #: (a probe of a frozen server can hang for as long as the connect timeout).
+        self._probing: Future[None] | None = None
         self._backoff = probe_interval_s
         self._queue: queue.Queue[tuple[DecisionRow, Future[str]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="decision-writer", daemon=True)
@@ -257,6 +269,8 @@ class DecisionWriter:
         """How long the writer may sleep waiting for decisions before it has background work to do."""
         if self._up:
             return 0.0 if self.spool.has_work() else 1.0
+        if self._probing is not None:
+            return 0.02  # look again soon: the probe may answer any moment
         return max(0.0, self._next_probe - time.monotonic())
 
     def _store(self, batch: list[tuple[DecisionRow, Future[str]]]) -> None:
@@ -322,14 +336,22 @@ class DecisionWriter:
         self._set_gauges()
 
     def _probe(self) -> None:
-        """One bounded call to see whether the database is back (and to migrate it, the first time)."""
-        try:
-            self._writes.run(self._on_recover or self.repository.ping, self.write_timeout_s * 2)
-        except Exception as exc:
-            with self._state_lock:
-                self._last_error = _describe(exc)
-                self._backoff = min(self._backoff * 2, 5.0)
-                self._next_probe = time.monotonic() + self._backoff
+        """Start one call to see whether the database is back (and to migrate it, the first time), or
+        collect the answer of the one in flight. Never blocks the writer thread."""
+        if self._probing is None:
+            if time.monotonic() < self._next_probe:
+                return
+            try:
+                self._probing = self._writes.submit(self._on_recover or self.repository.ping)
+            except DatabaseUnavailable as exc:  # an earlier call is still stuck: the database is not back
+                self._probe_failed(exc)
+                return
+        if not self._probing.done():
+            return
+        probing, self._probing = self._probing, None
+        error = probing.exception()
+        if error is not None:
+            self._probe_failed(error)
             return
         self._on_recover = None
         with self._state_lock:
@@ -337,10 +359,15 @@ class DecisionWriter:
         log.info("database answers again; replaying %d spooled records", self.spool.pending())
         self._set_gauges()
 
+    def _probe_failed(self, exc: BaseException) -> None:
+        with self._state_lock:
+            self._last_error = _describe(exc)
+            self._backoff = min(self._backoff * 2, MAX_PROBE_INTERVAL_S)
+            self._next_probe = time.monotonic() + self._backoff
+
     def _background_step(self) -> None:
         if not self._up:
-            if time.monotonic() >= self._next_probe:
-                self._probe()
+            self._probe()
             return
         self.spool.adopt_orphans(min_interval_s=5.0)
         chunk = self.spool.next_chunk(self.replay_chunk)
