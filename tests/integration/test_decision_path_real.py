@@ -6,6 +6,7 @@ Same code as the embedded runs; only the URLs differ (DESIGN.md §5).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -149,4 +150,24 @@ def test_rows_postgresql_refuses_are_quarantined_and_the_rest_stored(pg_schema: 
     assert sorted(e.decision_id for e in writer.spool.quarantine_entries()) == [2, 3, 4]
     writer.close()
     assert [r[0] for r in query(pg_schema, "SELECT id FROM decisions ORDER BY id")] == [1, 5, 6]
+    live.dispose()
+
+
+def test_a_model_metric_that_is_nan_is_stored_as_null(pg_schema: str) -> None:
+    """A metric undefined on a split (ROC-AUC of one class) must not stop training on PostgreSQL."""
+    live = make_engine(PG_URL, pg_schema)
+    migrate(live, pg_schema)
+    row = {
+        "version": "anomaly-x",
+        "kind": "anomaly",
+        "artifact_path": "anomaly/anomaly-x",
+        "artifact_sha256": "0" * 64,
+        "data_window": {"events": 3},
+        "metrics": {"roc_auc_heldout": float("nan"), "trees": 30},
+        "status": "challenger",
+        "created_at": datetime.now(UTC),
+        "promoted_at": None,
+    }
+    Repository(live).insert_model(row)
+    assert Repository(live).get_model("anomaly-x")["metrics"] == {"roc_auc_heldout": None, "trees": 30}
     live.dispose()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import orjson
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
@@ -58,8 +59,20 @@ def make_engine(url: str, schema: str | None = None, statement_timeout_s: float 
     if options:
         connect_args["options"] = " ".join(options)
     return sa.create_engine(
-        url, pool_size=8, max_overflow=8, pool_timeout=2, pool_pre_ping=True, connect_args=connect_args
+        url,
+        pool_size=8,
+        max_overflow=8,
+        pool_timeout=2,
+        pool_pre_ping=True,
+        connect_args=connect_args,
+        # JSONB refuses NaN, which json.dumps writes (a model metric on a one-class split is NaN): orjson
+        # writes null, as the decision path's fast insert already does.
+        json_serializer=_json_dumps,
     )
+
+
+def _json_dumps(value: object) -> str:
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
 
 
 def migrate(engine: sa.Engine, schema: str | None = None) -> None:
