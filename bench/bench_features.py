@@ -14,7 +14,7 @@ import uuid
 
 import numpy as np
 
-from decision_platform.events.schema import Event
+from decision_platform.core.events import Event
 from decision_platform.features import FeatureSpec, RedisFeatureStore, compute_features, open_feature_store
 
 REDIS_URL = "redis://127.0.0.1:6379/13"

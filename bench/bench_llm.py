@@ -29,16 +29,16 @@ from typing import Any
 import numpy as np
 
 from decision_platform.config import PROJECT_ROOT, Settings
+from decision_platform.core.rewards import RewardTable
 from decision_platform.data import generate
 from decision_platform.explain.llama_server import READY_PREFIX
 from decision_platform.explain.llm import open_chat_client
 from decision_platform.explain.narrator import Explanation, Narrator
-from decision_platform.learning.rewards import RewardTable
 from decision_platform.models.registry import ModelRegistry
-from decision_platform.models.training import TrainConfig, train_all
-from decision_platform.services import Platform
+from decision_platform.serving.platform import Platform
 from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.repository import Repository
+from decision_platform.training.train import TrainConfig, train_all
 
 CONFIG = PROJECT_ROOT / "config"
 RESULTS = Path(__file__).with_name("llm_results.jsonl")

@@ -40,18 +40,21 @@ import numpy as np
 from rich.console import Console
 
 from decision_platform.config import PROJECT_ROOT, Settings, get_settings
+from decision_platform.core.rewards import RewardTable
 from decision_platform.data import LabelledEvents
-from decision_platform.learning.rewards import RewardTable
 from decision_platform.models.policy import serving_distribution
 from decision_platform.models.registry import ModelRegistry
-from decision_platform.models.simulator import (
+from decision_platform.storage.database import make_engine, migrate
+from decision_platform.storage.repository import Repository
+from decision_platform.training import PPO_TIMESTEPS
+from decision_platform.training.simulator import (
     EntityHistory,
     PolicyReport,
     evaluate_policy,
     group_histories,
     reward_arrays,
 )
-from decision_platform.models.training import (
+from decision_platform.training.train import (
     HeldOutRows,
     TrainConfig,
     TrainReport,
@@ -60,8 +63,6 @@ from decision_platform.models.training import (
     threshold_probabilities,
     train_all,
 )
-from decision_platform.storage.database import make_engine, migrate
-from decision_platform.storage.repository import Repository
 
 CONFIG = PROJECT_ROOT / "config"
 RESULTS = Path(__file__).with_name("policies_results.jsonl")
@@ -523,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--source", choices=("synthetic", "ulb"), default="synthetic")
-    parser.add_argument("--timesteps", type=int, default=50_000, help="PPO steps (train's default)")
+    parser.add_argument("--timesteps", type=int, default=PPO_TIMESTEPS, help="PPO steps (train's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--entities", type=int, default=3000, help="synthetic: entities")
     parser.add_argument("--days", type=float, default=14.0, help="synthetic: days")

@@ -27,17 +27,17 @@ from rich.console import Console
 from rich.table import Table
 
 from decision_platform.config import PROJECT_ROOT, Settings
+from decision_platform.core.rewards import RewardTable
 from decision_platform.data import generate
 from decision_platform.devtools.tansu import start_broker
 from decision_platform.events.kafka import KafkaSink, KafkaSource, ensure_topics
-from decision_platform.events.replay import shift_to_now
-from decision_platform.events.worker import StreamWorker
-from decision_platform.learning.rewards import RewardTable
+from decision_platform.learning.replay import shift_to_now
 from decision_platform.models.registry import ModelRegistry
-from decision_platform.models.training import TrainConfig, train_all
-from decision_platform.services import Platform
+from decision_platform.serving.platform import Platform
+from decision_platform.serving.worker import StreamWorker
 from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.repository import Repository
+from decision_platform.training.train import TrainConfig, train_all
 
 PG = "postgresql://postgres@127.0.0.1:5432/test"
 REDIS = "redis://127.0.0.1:6379/12"

@@ -13,13 +13,13 @@ from fastapi.testclient import TestClient
 
 from decision_platform.api.app import create_app
 from decision_platform.config import PROJECT_ROOT, Settings
+from decision_platform.core.rewards import RewardTable
 from decision_platform.data import generate
-from decision_platform.learning.rewards import RewardTable
 from decision_platform.models.registry import ModelRegistry
-from decision_platform.models.training import TrainConfig, train_all
-from decision_platform.services import Platform
+from decision_platform.serving.platform import Platform
 from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.repository import Repository
+from decision_platform.training.train import TrainConfig, train_all
 
 CONFIG_DIR = PROJECT_ROOT / "config"
 PG_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")

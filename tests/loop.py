@@ -10,14 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
+from decision_platform.core.rewards import RewardTable
 from decision_platform.data import generate
-from decision_platform.decision.engine import DecisionRequest
 from decision_platform.learning.config import GateSettings, LearningConfig, OutcomeSettings, TrainingSettings
-from decision_platform.learning.rewards import RewardTable
 from decision_platform.models.policy import ACTOR, PPO_ZIP, PolicyModel
 from decision_platform.models.registry import ModelRegistry
-from decision_platform.models.simulator import simulate_outcome
-from decision_platform.services import Platform
+from decision_platform.serving.engine import DecisionRequest
+from decision_platform.serving.platform import Platform
+from decision_platform.training.simulator import simulate_outcome
 
 ALLOW, THROTTLE, BLOCK = 0, 1, 2
 

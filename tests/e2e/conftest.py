@@ -38,9 +38,9 @@ import pytest
 import redis
 
 from decision_platform.config import Settings
+from decision_platform.core.rewards import RewardTable
 from decision_platform.devtools.tansu import free_port
 from decision_platform.devtools.tcp_proxy import TcpProxy
-from decision_platform.learning.rewards import RewardTable
 from tests.conftest import CONFIG_DIR, PG_URL, REDIS_URL, service_unavailable
 from tests.integration.conftest import pg_schema, query
 

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from decision_platform.api.app import create_app
 from decision_platform.config import Settings
-from decision_platform.services import Platform
+from decision_platform.serving.platform import Platform
 from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.repository import Repository
 from decision_platform.storage.spool import Spool

@@ -16,7 +16,7 @@ import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 
-from decision_platform.events.schema import Event
+from decision_platform.core.events import Event
 from decision_platform.features import (
     FeatureSpec,
     OfflineWindows,

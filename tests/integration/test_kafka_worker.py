@@ -19,12 +19,12 @@ import pytest
 from confluent_kafka import Consumer, Producer
 
 from decision_platform.config import Settings
+from decision_platform.core.events import Event
 from decision_platform.devtools.tansu import start_broker
 from decision_platform.events.kafka import KafkaSink, KafkaSource, ensure_topics
-from decision_platform.events.schema import Event
-from decision_platform.events.worker import StreamWorker
 from decision_platform.features import FeatureSpec, OfflineWindows, compute_features, open_feature_store
-from decision_platform.services import Platform
+from decision_platform.serving.platform import Platform
+from decision_platform.serving.worker import StreamWorker
 from tests.integration.conftest import query
 
 pytestmark = pytest.mark.integration

@@ -12,10 +12,10 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from decision_platform import cli
 from decision_platform.api.app import create_app
+from decision_platform.cli import main as cli
 from decision_platform.config import Settings
-from decision_platform.services import Platform
+from decision_platform.serving.platform import Platform
 from tests.conftest import PG_URL
 from tests.integration.conftest import query
 from tests.loop import register_allow_all_champion, serve_over_http
@@ -52,7 +52,7 @@ def test_outcomes_retrain_gate_promote_and_hot_reload_on_postgresql(
             update={"exploration_floor": 0.01, "explore_actions": (0, 1), "model_dir": settings.model_dir}
         )
         monkeypatch.setattr(cli, "get_settings", lambda: production)
-        monkeypatch.setattr("decision_platform.learning.cli.get_settings", lambda: production)
+        monkeypatch.setattr("decision_platform.cli.retrain.get_settings", lambda: production)
         learning = tmp_path / "config"
         learning.mkdir()
         for path in settings.config_dir.iterdir():

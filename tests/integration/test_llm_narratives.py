@@ -27,7 +27,7 @@ from decision_platform.devtools.tansu import free_port
 from decision_platform.explain.facts import Facts
 from decision_platform.explain.grounding import ACTION_PATTERNS, check
 from decision_platform.explain.llama_server import READY_PREFIX
-from decision_platform.services import Platform
+from decision_platform.serving.platform import Platform
 from tests.conftest import PG_URL, service_unavailable
 from tests.integration.conftest import query
 from tests.unit.test_explain_ollama import DENYLISTED, FakeLLM, fake_llm, opening_of

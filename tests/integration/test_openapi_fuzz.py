@@ -26,7 +26,7 @@ from schemathesis.specs.openapi.checks import (
 
 from decision_platform.api.app import create_app
 from decision_platform.config import Settings
-from decision_platform.services import Platform
+from decision_platform.serving.platform import Platform
 from tests.conftest import PG_URL
 from tests.live_server import serving
 

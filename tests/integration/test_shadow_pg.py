@@ -7,10 +7,10 @@ from collections.abc import Callable
 import pytest
 
 from decision_platform.config import Settings
-from decision_platform.decision.engine import DecisionRequest
-from decision_platform.events.schema import Event
+from decision_platform.core.events import Event
 from decision_platform.learning.compare import compare_logged
-from decision_platform.services import Platform
+from decision_platform.serving.engine import DecisionRequest
+from decision_platform.serving.platform import Platform
 from tests.conftest import PG_URL
 from tests.integration.conftest import query
 from tests.model_helpers import register_policy

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from decision_platform.api.app import create_app
 from decision_platform.config import Settings
-from decision_platform.services import Platform
+from decision_platform.serving.platform import Platform
 from tests.model_helpers import corrupt, register_policy
 
 KEY = "test-admin-key"

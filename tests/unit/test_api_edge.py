@@ -13,8 +13,8 @@ from pydantic import ValidationError
 from decision_platform.api.app import create_app
 from decision_platform.api.schemas import ValidationErrorBody
 from decision_platform.config import Settings
-from decision_platform.events.schema import Event
-from decision_platform.services import Platform
+from decision_platform.core.events import Event
+from decision_platform.serving.platform import Platform
 from decision_platform.storage.tables import decisions
 from tests.live_server import serving
 

@@ -8,7 +8,7 @@ import time
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
-from decision_platform.services import Platform
+from decision_platform.serving.platform import Platform
 
 
 def platform_of(client: TestClient) -> Platform:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from decision_platform.core.events import Event
 from decision_platform.data import LabelledEvents, generate
 from decision_platform.data.csv_import import (
     ULB_MAPPING,
@@ -17,7 +18,6 @@ from decision_platform.data.csv_import import (
     load_csv,
 )
 from decision_platform.data.synthetic import BASE_EPOCH, SCENARIOS
-from decision_platform.events.schema import Event
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
 

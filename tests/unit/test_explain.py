@@ -21,14 +21,14 @@ from decision_platform.explain.facts import Facts
 from decision_platform.explain.grounding import check, numbers_in
 from decision_platform.explain.llm import EmbeddedChat, OllamaChat, OpenAIChat, open_chat_client
 from decision_platform.explain.prompt import build_messages
-from decision_platform.explain.ranges import RANGES_FILE, FeatureRanges
 from decision_platform.features import FeatureSpec, compute_features
 from decision_platform.models.anomaly import AnomalyModel
+from decision_platform.models.artifacts import SPEC_FILE
 from decision_platform.models.preprocessing import signed_log
+from decision_platform.models.ranges import RANGES_FILE, FeatureRanges
 from decision_platform.models.registry import hash_directory
 from decision_platform.models.risk import RiskModel
-from decision_platform.models.training import SPEC_FILE
-from decision_platform.services import Platform
+from decision_platform.serving.platform import Platform
 
 _ids = itertools.count()
 
@@ -374,12 +374,12 @@ def test_cli_explain_prints_the_facts_and_the_narrative(
     from typer.testing import CliRunner
 
     from decision_platform import config
-    from decision_platform.explain.cli import explain
+    from decision_platform.cli.explain import explain
 
     body = burst(client, "cli-1", 21, device_id="d-cli")
     settings = client.app.state.platform.settings  # type: ignore[attr-defined]
     monkeypatch.setattr(config, "get_settings", lambda: settings)
-    monkeypatch.setattr("decision_platform.explain.cli.get_settings", lambda: settings)
+    monkeypatch.setattr("decision_platform.cli.explain.get_settings", lambda: settings)
     app = typer.Typer()
     app.command("explain")(explain)
     app.command("noop")(lambda: None)  # two commands: typer then expects the command name

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from decision_platform.api.app import create_app
 from decision_platform.config import Settings
 from decision_platform.explain.llm import OllamaChat
-from decision_platform.services import Platform
+from decision_platform.serving.platform import Platform
 
 DENYLISTED = "dev-known-stolen-0001"
 Reply = Callable[[dict[str, Any]], str]

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from decision_platform.api.app import create_app
 from decision_platform.config import Settings
 from decision_platform.models.registry import KINDS
-from decision_platform.services import Platform
+from decision_platform.serving.platform import Platform
 
 UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"
 

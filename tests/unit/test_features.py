@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from decision_platform.events.schema import Event
+from decision_platform.core.events import Event
 from decision_platform.features import (
     FeatureResult,
     FeatureSpec,

@@ -21,7 +21,7 @@ from decision_platform.learning.logged import load_logged
 from decision_platform.learning.outcomes import NO_OUTCOME, impute_missing_outcomes
 from decision_platform.learning.retrain import RetrainError, judge, retrain
 from decision_platform.models.policy import PolicyModel
-from decision_platform.services import Platform
+from decision_platform.serving.platform import Platform
 from decision_platform.storage.repository import OutcomeStatus
 from tests.conftest import decision_row
 from tests.loop import expected_reward, loop_config, register_allow_all_champion, serve_with_outcomes

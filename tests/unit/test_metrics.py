@@ -15,8 +15,8 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from decision_platform.core.actions import ACTION_NAMES
 from decision_platform.devtools.tansu import free_port
-from decision_platform.explain.reasons import ACTION_NAMES
 from decision_platform.observability import metrics
 from decision_platform.observability.multiprocess import ENV_VAR, prepare_multiprocess_dir
 

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from decision_platform.decision.rules import RuleSet, RulesFile, Tier, mask_for
 from decision_platform.models.policy import serving_distribution
+from decision_platform.rules.ruleset import RuleSet, RulesFile, Tier, mask_for
 
 tiers = st.sets(st.sampled_from(list(Tier)))
 probabilities = st.lists(st.floats(0.0, 1.0), min_size=3, max_size=3).filter(lambda p: sum(p) > 1e-6)

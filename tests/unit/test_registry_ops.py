@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from decision_platform.config import Settings
-from decision_platform.decision.engine import DecisionRequest
-from decision_platform.events.schema import Event
+from decision_platform.core.events import Event
 from decision_platform.models.registry import (
     InvalidOperationError,
     ModelRegistry,
@@ -18,7 +17,8 @@ from decision_platform.models.registry import (
     UnknownVersionError,
 )
 from decision_platform.observability import metrics
-from decision_platform.services import Platform
+from decision_platform.serving.engine import DecisionRequest
+from decision_platform.serving.platform import Platform
 from decision_platform.storage.database import make_engine
 from decision_platform.storage.repository import Repository
 from tests.model_helpers import corrupt, register_policy
@@ -261,7 +261,7 @@ def test_models_commands(
 ) -> None:
     from typer.testing import CliRunner
 
-    from decision_platform import cli
+    from decision_platform.cli import main as cli
 
     settings = make_settings()
     platform = start_platform(settings)

@@ -16,13 +16,13 @@ import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
-from decision_platform import cli
 from decision_platform.api.app import create_app
+from decision_platform.cli import main as cli
 from decision_platform.config import PROJECT_ROOT, Settings
+from decision_platform.core.rewards import RewardTable
 from decision_platform.data import generate
-from decision_platform.events import replay as replaying
-from decision_platform.learning.rewards import RewardTable
-from decision_platform.services import Platform
+from decision_platform.learning import replay as replaying
+from decision_platform.serving.platform import Platform
 from decision_platform.storage.tables import decisions, outcomes
 from tests.live_server import serving
 

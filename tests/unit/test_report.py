@@ -16,9 +16,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
+from decision_platform.cli.report import report
 from decision_platform.config import get_settings
 from decision_platform.reporting import parse_time, write_report
-from decision_platform.reporting.cli import report
 
 IMAGE = re.compile(r"<img alt='([^']+)' src='data:image/png;base64,([A-Za-z0-9+/=]+)'>")
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)

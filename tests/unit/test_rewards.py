@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from decision_platform.config import PROJECT_ROOT
-from decision_platform.learning.rewards import RewardTable
-from decision_platform.models.simulator import (
+from decision_platform.core.rewards import RewardTable
+from decision_platform.training.simulator import (
     EntityHistory,
     evaluate_policy,
     reward_arrays,

@@ -9,23 +9,23 @@ import pytest
 from rich.console import Console
 
 from decision_platform.config import PROJECT_ROOT
+from decision_platform.core.rewards import RewardTable
 from decision_platform.data import LabelledEvents, generate
 from decision_platform.data.dataset import make_event
-from decision_platform.decision.rules import RuleSet, RulesFile
 from decision_platform.features import FeatureSpec, compute_features
-from decision_platform.learning.rewards import RewardTable
 from decision_platform.models.policy import serving_distribution
 from decision_platform.models.registry import ModelRegistry
-from decision_platform.models.simulator import evaluate_policy, group_histories
-from decision_platform.models.training import (
+from decision_platform.rules.ruleset import RuleSet, RulesFile
+from decision_platform.storage.database import make_engine, migrate
+from decision_platform.storage.repository import Repository
+from decision_platform.training.simulator import evaluate_policy, group_histories
+from decision_platform.training.train import (
     RULES_ONLY,
     TrainConfig,
     TrainReport,
     rules_only_actions,
     train_all,
 )
-from decision_platform.storage.database import make_engine, migrate
-from decision_platform.storage.repository import Repository
 
 CONFIG_DIR = PROJECT_ROOT / "config"
 TESTERS = ("tester-0", "tester-1", "tester-2")

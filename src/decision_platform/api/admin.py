@@ -27,7 +27,7 @@ from decision_platform.models.registry import (
     RegistryConflictError,
     UnknownVersionError,
 )
-from decision_platform.services import Platform
+from decision_platform.serving.platform import Platform
 
 #: Every parameter is bounded: anything else is a 422 here, never a 500 from the database or the registry.
 Kind = Literal["anomaly", "risk", "policy"]

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from decision_platform.api.admin import router as admin_router
 from decision_platform.api.routes import router
 from decision_platform.config import Settings, get_settings
-from decision_platform.services import Platform
+from decision_platform.serving.platform import Platform
 from decision_platform.storage.errors import DatabaseUnavailable
 
 log = logging.getLogger(__name__)

@@ -18,12 +18,12 @@ from decision_platform.api.schemas import (
     OutcomeResponse,
     error_responses,
 )
+from decision_platform.core.actions import ACTION_NAMES
+from decision_platform.core.events import INT64_MAX, Event
 from decision_platform.events.kafka import BrokerUnavailableError
 from decision_platform.events.messages import RawMessage
-from decision_platform.events.schema import INT64_MAX, Event
-from decision_platform.explain.reasons import ACTION_NAMES
 from decision_platform.observability import metrics
-from decision_platform.services import Platform
+from decision_platform.serving.platform import Platform
 from decision_platform.storage.errors import DatabaseUnavailable
 from decision_platform.storage.repository import OutcomeStatus
 from decision_platform.storage.writer import DUPLICATE

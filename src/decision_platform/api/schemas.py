@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from decision_platform.events.schema import INT64_MAX, STORABLE, AttributeValue, Event, Identifier
+from decision_platform.core.events import INT64_MAX, STORABLE, AttributeValue, Event, Identifier
 
 #: Ids are signed 64-bit in the database (BIGINT): a larger one can name no decision.
 DecisionId = Annotated[int, Field(gt=0, le=INT64_MAX)]

@@ -40,8 +40,8 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from decision_platform.core.events import MAX_ATTRIBUTES, MAX_ID_LENGTH, MAX_STRING_VALUE_LENGTH, Event
 from decision_platform.data.dataset import LabelledEvents, make_event
-from decision_platform.events.schema import MAX_ATTRIBUTES, MAX_ID_LENGTH, MAX_STRING_VALUE_LENGTH, Event
 
 #: The event schema's bounds, checked here row by row (events are then built without re-validation).
 _ID_PATTERN = re.compile(rf"[A-Za-z0-9_.:@\-]{{1,{MAX_ID_LENGTH}}}")
@@ -625,8 +625,3 @@ def find_ulb_csv(cache_dir: Path) -> Path:
             )
         shutil.move(partial, target)
     return target
-
-
-def load_ulb(cache_dir: Path, config_dir: Path, *, progress: bool = False) -> LabelledEvents:
-    """The ULB credit-card data set as labelled events (downloaded into `cache_dir` on first use)."""
-    return load_csv(find_ulb_csv(cache_dir), Path(config_dir) / ULB_MAPPING, progress=progress)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from decision_platform.events.schema import Event
+from decision_platform.core.events import Event
 
 #: Fields every bulk-built event sets; shared so that a million events do not hold a million sets.
 EVENT_FIELDS = frozenset({"event_id", "entity_id", "timestamp", "event_type", "amount", "attributes"})

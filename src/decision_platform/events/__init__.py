@@ -1,5 +1,1 @@
-"""Events: the schema every producer must follow, and how events reach the feature store."""
-
-from decision_platform.events.schema import Event
-
-__all__ = ["Event"]
+"""Kafka: topics, the producer behind POST /events, the consumer source and decision sink of the worker."""

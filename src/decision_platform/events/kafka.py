@@ -16,8 +16,8 @@ from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from decision_platform.config import Settings
+from decision_platform.core.events import Event
 from decision_platform.events.messages import RawMessage
-from decision_platform.events.schema import Event
 from decision_platform.observability import metrics
 
 log = logging.getLogger(__name__)

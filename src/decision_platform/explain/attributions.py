@@ -22,12 +22,9 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import cel
 import numpy as np
 from torch import nn
 
-from decision_platform.decision.rules import FiredRule, RuleSet
-from decision_platform.explain.ranges import NO_RANGE, FeatureRanges
 from decision_platform.explain.reasons import (
     MIN_ANOMALY_WEIGHT,
     MIN_RISK_WEIGHT,
@@ -37,7 +34,9 @@ from decision_platform.explain.reasons import (
 )
 from decision_platform.models.anomaly import AnomalyModel
 from decision_platform.models.preprocessing import signed_log
+from decision_platform.models.ranges import NO_RANGE, FeatureRanges
 from decision_platform.models.risk import RiskModel
+from decision_platform.rules.ruleset import FiredRule, RuleSet
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +328,7 @@ def _rule_inputs(rules: RuleSet) -> dict[str, tuple[str, ...]]:
     """Per rule, the numeric facts and event attributes its expression reads (its evidence)."""
     found: dict[str, tuple[str, ...]] = {}
     for rule in rules.rules:
-        variables = [v for v in cel.compile(rule.when).variables() if v not in rules.lists]
+        variables = sorted(v for v in rules.variables_of(rule.name) if v not in rules.lists)
         names = [v for v in variables if v not in ("attributes", "entity_id", "event_type")]
         names += [f"attributes.{a}" for a in dict.fromkeys(re.findall(r"attributes\.(\w+)", rule.when))]
         found[rule.name] = tuple(names)

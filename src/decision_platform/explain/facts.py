@@ -16,15 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from decision_platform.explain.ranges import Typical, entity_typical
+from decision_platform.core.actions import ACTION_NAMES
 from decision_platform.explain.reasons import (
-    ACTION_NAMES,
     Wording,
     format_range,
     format_value,
     range_phrase,
     reason_text,
 )
+from decision_platform.models.ranges import Typical, entity_typical
 
 #: Attributes quoted into the prompt: at most this many, each value cut to this many characters.
 MAX_ATTRIBUTES = 8
@@ -69,13 +69,6 @@ class Facts:
         return cls(**{k: payload[k] for k in cls.__dataclass_fields__ if k in payload})
 
     # --- renderings
-    def reason_lines(self, kind: str, direction: str) -> list[str]:
-        return [
-            _reason_line(r)
-            for r in self.reasons
-            if r.get("kind", "risk") == kind and r["direction"] == direction
-        ]
-
     def rule_lines(self, listed: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
         lines = []
         for rule in self.rules:

@@ -24,8 +24,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from decision_platform.core.actions import ACTION_NAMES
 from decision_platform.explain.facts import Facts
-from decision_platform.explain.reasons import ACTION_NAMES, range_phrase
+from decision_platform.explain.reasons import range_phrase
 
 _NUMBER = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(\s?%|\s?percent)?(?![\w])")
 _WORD_NUMBERS = {

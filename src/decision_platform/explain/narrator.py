@@ -31,7 +31,7 @@ from decision_platform.explain.facts import Facts, build_facts
 from decision_platform.explain.grounding import check
 from decision_platform.explain.llm import ChatClient, LLMError, LLMTimeout
 from decision_platform.explain.prompt import build_messages, retry_messages, template
-from decision_platform.explain.ranges import FeatureRanges
+from decision_platform.models.ranges import FeatureRanges
 from decision_platform.observability import metrics
 from decision_platform.storage.errors import DatabaseUnavailable
 from decision_platform.storage.repository import Repository

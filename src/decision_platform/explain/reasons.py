@@ -13,11 +13,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
+from decision_platform.rules.ruleset import FiredRule
 
-from decision_platform.decision.rules import FiredRule
-
-ACTION_NAMES = ("allow", "throttle", "block")
 ACTION_VERBS = ("Allowed", "Throttled (step-up required)", "Blocked")
 _WINDOWS = {
     "1m": "the last minute",
@@ -160,30 +157,6 @@ def make_reason(
     return Wording(feature, dict(typical) if typical else None).reason(
         kind, float(value), float(weight), display
     )
-
-
-def top_reasons(
-    names: Sequence[str],
-    values: Sequence[float],
-    attributions: np.ndarray,
-    k: int = 3,
-    typical: Mapping[str, Mapping[str, Any]] | None = None,
-) -> list[dict[str, Any]]:
-    """The ``k`` inputs that moved the risk most, largest first (time of day counted once)."""
-    weights = dict(zip(names, np.asarray(attributions, dtype=np.float64).tolist(), strict=True))
-    row = dict(zip(names, (float(v) for v in values), strict=True))
-    display: dict[str, str] = {}
-    if "hour_sin" in weights and "hour_cos" in weights:
-        weights["time_of_day"] = weights.pop("hour_sin") + weights.pop("hour_cos")
-        row["time_of_day"] = 0.0
-        display["time_of_day"] = time_of_day(row["hour_sin"], row["hour_cos"])
-    order = sorted(weights, key=lambda n: -abs(weights[n]))[:k]
-    typical = typical or {}
-    return [
-        make_reason("risk", n, row[n], weights[n], typical.get(n), display.get(n))
-        for n in order
-        if abs(weights[n]) >= 1e-6
-    ]
 
 
 def template_sentence(

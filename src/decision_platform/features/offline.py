@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from decision_platform.events.schema import Event
+from decision_platform.core.events import Event
 from decision_platform.features.spec import MISSING, FeatureSpec, distinct_token
 
 STORED, DUPLICATE, LATE = 0, 1, 2

@@ -19,7 +19,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from decision_platform.events.schema import Event
+from decision_platform.core.events import Event
 
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_]{1,32}$")]
 Aggregation = Literal["count", "sum", "mean", "max"]

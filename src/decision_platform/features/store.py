@@ -25,7 +25,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from decision_platform.events.schema import Event
+from decision_platform.core.events import Event
 from decision_platform.features.spec import FeatureSpec
 
 DEFAULT_KEY_PREFIX = "dp:f:"

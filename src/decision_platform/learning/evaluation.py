@@ -13,14 +13,13 @@ from typing import Any
 
 import numpy as np
 
+from decision_platform.core.actions import ALLOW, BLOCK
 from decision_platform.learning.config import GateSettings
 from decision_platform.learning.logged import LoggedDecisions
 from decision_platform.learning.ope import Estimate, evaluate
 from decision_platform.models.anomaly import AnomalyModel
 from decision_platform.models.policy import PolicyModel, serving_distribution
 from decision_platform.models.risk import RiskModel
-
-ALLOW, BLOCK = 0, 2
 
 
 @dataclass(frozen=True)

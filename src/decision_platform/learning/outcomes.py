@@ -19,13 +19,13 @@ from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 
+from decision_platform.core.actions import BLOCK
+from decision_platform.core.rewards import RewardTable
 from decision_platform.learning.config import OutcomeSettings
-from decision_platform.learning.rewards import RewardTable
 from decision_platform.storage.repository import Repository
 from decision_platform.storage.tables import decisions, outcomes
 
 NO_OUTCOME = "no_outcome"
-BLOCK = 2
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from decision_platform.config import Settings
+from decision_platform.core.rewards import RewardTable
 from decision_platform.learning.config import LearningConfig
 from decision_platform.learning.evaluation import (
     GateResult,
@@ -38,20 +39,17 @@ from decision_platform.learning.evaluation import (
 from decision_platform.learning.logged import LoggedDecisions, load_logged
 from decision_platform.learning.ope import Estimate, evaluate_difference, fit_reward_model
 from decision_platform.learning.outcomes import impute_missing_outcomes
-from decision_platform.learning.rewards import RewardTable
+from decision_platform.models.artifacts import SPEC_FILE, save_artifact, save_policy_artifact
 from decision_platform.models.bundle import LoadedModels, load_champions
 from decision_platform.models.policy import PPO_ZIP, PolicyModel, imitate
 from decision_platform.models.registry import ModelRegistry
 from decision_platform.models.risk import RiskModel
-from decision_platform.models.simulator import FraudSimulatorEnv, group_histories
-from decision_platform.models.training import (
-    SPEC_FILE,
+from decision_platform.training.simulator import FraudSimulatorEnv, group_histories
+from decision_platform.training.train import (
     PPOProgress,
     best_threshold_policy,
     new_ppo,
     progress_bars,
-    save_artifact,
-    save_policy_artifact,
     threshold_probabilities,
 )
 

@@ -11,10 +11,10 @@ import numpy as np
 
 from decision_platform.features import FeatureSpec
 from decision_platform.models.anomaly import AnomalyModel
+from decision_platform.models.artifacts import SPEC_FILE
 from decision_platform.models.policy import PolicyModel
 from decision_platform.models.registry import KINDS, ModelRegistry
 from decision_platform.models.risk import RiskModel
-from decision_platform.models.training import SPEC_FILE
 from decision_platform.observability import metrics
 from decision_platform.storage.errors import is_outage
 

@@ -28,10 +28,3 @@ class Standardizer:
 
     def transform(self, x: np.ndarray) -> np.ndarray:
         return ((signed_log(np.asarray(x, dtype=np.float64)) - self.mean) / self.std).astype(np.float32)
-
-    def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
-        return {f"{prefix}_mean": self.mean, f"{prefix}_std": self.std}
-
-    @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray] | np.lib.npyio.NpzFile, prefix: str) -> Standardizer:
-        return cls(mean=np.asarray(arrays[f"{prefix}_mean"]), std=np.asarray(arrays[f"{prefix}_std"]))

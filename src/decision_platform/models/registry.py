@@ -23,12 +23,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from decision_platform.core.actions import MODEL_KINDS
 from decision_platform.storage.errors import is_outage
 from decision_platform.storage.repository import Repository
 
 log = logging.getLogger(__name__)
 
-KINDS = ("anomaly", "risk", "policy")
+KINDS = MODEL_KINDS
 #: Kinds that may have a shadow.
 SHADOW_KINDS = ("policy",)
 

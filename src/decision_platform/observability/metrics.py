@@ -27,9 +27,10 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-#: Label values of ``action``; the same names as the API's ``action_name`` (explain.reasons.ACTION_NAMES,
-#: not imported here because the rules module, which explain imports, imports this one).
-ACTION_LABELS = ("allow", "throttle", "block")
+from decision_platform.core.actions import ACTION_NAMES
+
+#: Label values of ``action``: the API's ``action_name``.
+ACTION_LABELS = ACTION_NAMES
 
 # Sub-millisecond resolution matters: the whole /decide budget is 5 ms (the SLO bucket is le="0.005").
 LATENCY_BUCKETS = (
@@ -68,6 +69,19 @@ RULE_HITS = Counter("dp_rule_hits_total", "Rules that fired.", ["rule", "tier"])
 RULE_ERRORS = Counter(
     "dp_rule_errors_total", "Rules that could not be evaluated (treated as not fired).", ["rule"]
 )
+
+
+class RuleMetrics:
+    """The rules' observer in serving (rules.RuleObserver): every hit and error into the counters above."""
+
+    def fired(self, rule: str, tier: str) -> None:
+        RULE_HITS.labels(rule=rule, tier=tier).inc()
+
+    def failed(self, rule: str) -> None:
+        RULE_ERRORS.labels(rule=rule).inc()
+
+
+RULE_METRICS = RuleMetrics()
 RISK_SCORE = Histogram("dp_risk_score", "Risk score distribution (P(bad)).", buckets=SCORE_BUCKETS)
 ANOMALY_SCORE = Histogram("dp_anomaly_score", "Anomaly score distribution.", buckets=SCORE_BUCKETS)
 # The version is a label; the value is always 1. "max" merges processes without a pid label.

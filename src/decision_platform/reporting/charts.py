@@ -13,7 +13,8 @@ import numpy as np
 from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
 from matplotlib.figure import Figure
 
-from decision_platform.reporting.data import ACTION_NAMES, ReportData
+from decision_platform.core.actions import ACTION_NAMES
+from decision_platform.reporting.data import ReportData
 
 ACTION_COLORS = ("#4caf50", "#ff9800", "#e53935")  # allow, throttle, block
 LATENCY_BUDGET_MS = 5.0  # DESIGN.md §10: p99 at steady load

@@ -16,7 +16,6 @@ import sqlalchemy as sa
 
 from decision_platform.storage.tables import decisions, outcomes
 
-ACTION_NAMES = ("allow", "throttle", "block")
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 

@@ -12,8 +12,9 @@ from html import escape
 
 import numpy as np
 
+from decision_platform.core.actions import ACTION_NAMES
 from decision_platform.reporting.charts import CHARTS, LATENCY_BUDGET_MS
-from decision_platform.reporting.data import ACTION_NAMES, ReportData
+from decision_platform.reporting.data import ReportData
 
 _STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 960px; color: #222; }

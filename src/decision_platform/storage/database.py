@@ -9,7 +9,19 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 
+from decision_platform.config import Settings
+
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+def open_database(settings: Settings) -> sa.Engine:
+    """The configured database, migrated to the latest schema: how every command line job starts.
+
+    (The serving platform starts on its own terms: it must also come up while the database is down.)
+    """
+    engine = make_engine(settings.database_url, settings.database_schema)
+    migrate(engine, settings.database_schema)
+    return engine
 
 
 def make_engine(url: str, schema: str | None = None, statement_timeout_s: float | None = None) -> sa.Engine:

@@ -18,15 +18,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import orjson
 from pydantic import ValidationError
 
 from decision_platform.config import Settings
-from decision_platform.decision.engine import DecisionEngine, DecisionRequest
+from decision_platform.core.events import Event
 from decision_platform.events.messages import RawMessage
-from decision_platform.events.schema import Event
 from decision_platform.features import FeatureStore
 from decision_platform.observability import metrics
+from decision_platform.serving.engine import DecisionEngine, DecisionRequest
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +170,3 @@ class InProcessSink:
 
     def flush(self) -> None:
         return None
-
-
-def to_json(response: dict[str, Any]) -> bytes:
-    return orjson.dumps(response)

@@ -21,19 +21,19 @@ from typing import Any
 import sqlalchemy as sa
 
 from decision_platform.config import Settings
-from decision_platform.decision.engine import DecisionEngine
-from decision_platform.decision.rules import RuleSet
+from decision_platform.core.rewards import RewardTable
 from decision_platform.events.kafka import EventProducer, ensure_topics
-from decision_platform.events.worker import InProcessSink, StreamWorker
 from decision_platform.explain.attributions import ReasonBuilder
 from decision_platform.explain.llm import open_chat_client
 from decision_platform.explain.narrator import Narrator
-from decision_platform.explain.ranges import ranges_of_model
 from decision_platform.features import FeatureSpec, FeatureStore, open_feature_store
-from decision_platform.learning.rewards import RewardTable
 from decision_platform.models.bundle import LoadedModels, load_champions
+from decision_platform.models.ranges import ranges_of_model
 from decision_platform.models.registry import ModelRegistry
 from decision_platform.observability import metrics
+from decision_platform.rules.ruleset import RuleSet
+from decision_platform.serving.engine import DecisionEngine
+from decision_platform.serving.worker import InProcessSink, StreamWorker
 from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.errors import is_outage
 from decision_platform.storage.repository import Repository
@@ -130,7 +130,7 @@ class Platform:
         models = load_champions(registry)
         spec = models.spec or FeatureSpec.load(settings.features_path)
         store = open_feature_store(settings.feature_store_url, spec, settings.feature_store_timeout_s)
-        rules = RuleSet.load(settings.rules_path, spec.names)
+        rules = RuleSet.load(settings.rules_path, spec.names, metrics.RULE_METRICS)
         rewards = RewardTable.load(settings.rewards_path)
         writer = DecisionWriter(
             repository,

@@ -21,17 +21,16 @@ def retrain(
     seed: int = typer.Option(0),
 ) -> None:
     """Retrain risk and policy from decisions ⋈ outcomes; promote only if the off-policy gate passes."""
+    from decision_platform.core.rewards import RewardTable
     from decision_platform.learning.config import LearningConfig
     from decision_platform.learning.retrain import RetrainError
     from decision_platform.learning.retrain import retrain as run
-    from decision_platform.learning.rewards import RewardTable
     from decision_platform.models.registry import ModelRegistry
-    from decision_platform.storage.database import make_engine, migrate
+    from decision_platform.storage.database import open_database
     from decision_platform.storage.repository import Repository
 
     settings = get_settings()
-    engine = make_engine(settings.database_url, settings.database_schema)
-    migrate(engine, settings.database_schema)
+    engine = open_database(settings)
     registry = ModelRegistry(Repository(engine), settings.model_dir)
     try:
         report = run(

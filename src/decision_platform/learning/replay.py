@@ -24,10 +24,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from decision_platform.config import Settings
+from decision_platform.core.events import Event
+from decision_platform.core.rewards import SimulationSettings
 from decision_platform.events.kafka import EventProducer, ensure_topics
-from decision_platform.events.schema import Event
-from decision_platform.learning.rewards import SimulationSettings
-from decision_platform.models.simulator import simulate_outcome
+from decision_platform.training.simulator import simulate_outcome
 
 
 @dataclass

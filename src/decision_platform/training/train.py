@@ -7,14 +7,12 @@ fit on the earlier part and judged on the later part of time only.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cel
 import numpy as np
 import torch
 from rich.console import Console
@@ -25,17 +23,18 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import DummyVecEnv
 
+from decision_platform.core.events import Event
+from decision_platform.core.rewards import RewardTable
 from decision_platform.data import LabelledEvents
-from decision_platform.decision.rules import BASE_VARIABLES, RuleSet, Tier, mask_for
-from decision_platform.events.schema import Event
-from decision_platform.explain.ranges import save_population_ranges
 from decision_platform.features import FeatureSpec, compute_features
-from decision_platform.learning.rewards import RewardTable
 from decision_platform.models.anomaly import AnomalyModel
-from decision_platform.models.policy import PPO_ZIP, PolicyModel, imitate
+from decision_platform.models.artifacts import save_artifact, save_policy_artifact
+from decision_platform.models.policy import PolicyModel, imitate
 from decision_platform.models.registry import ModelRegistry
 from decision_platform.models.risk import RiskModel
-from decision_platform.models.simulator import (
+from decision_platform.rules.ruleset import BASE_VARIABLES, RuleSet, RuleTally, Tier
+from decision_platform.training import PPO_TIMESTEPS
+from decision_platform.training.simulator import (
     EntityHistory,
     FraudSimulatorEnv,
     PolicyReport,
@@ -43,15 +42,13 @@ from decision_platform.models.simulator import (
     group_histories,
 )
 
-SPEC_FILE = "features.yaml"
-
 
 @dataclass(frozen=True)
 class TrainConfig:
     test_fraction: float = 0.3
     anomaly_trees: int = 100
     risk_epochs: int = 12
-    ppo_timesteps: int = 60_000
+    ppo_timesteps: int = PPO_TIMESTEPS
     seed: int = 0
 
 
@@ -145,30 +142,16 @@ def rules_only_actions(
     That is allow, unless a block rule fired (block) or a floor rule fired (throttle, the allowed action
     nearest to allow, as ``serving_distribution`` picks it); cap rules cannot change an allow. Each rule
     sees the facts ``DecisionEngine._decide_row`` gives it: every feature by name, amount, entity_id,
-    event_type, attributes, anomaly, risk, and the rule lists.
-
-    The CEL programs are the rule set's own expressions with ``RuleSet.evaluate``'s semantics (only
-    ``true`` fires, an evaluation error does not fire, ``mask_for`` combines tiers), run here directly
-    so that an offline evaluation does not count into the serving metrics (dp_rule_hits_total) of the
-    process; ``tests/unit/test_rules_only.py`` checks it agrees with ``RuleSet.evaluate``.
+    event_type, attributes, anomaly, risk (and the rule lists, which ``RuleSet.evaluate`` adds). Hits
+    and errors are tallied here, not in the serving metrics of the process.
     """
     n = len(events)
-    feature_columns = {name: j for j, name in enumerate(feature_names)}
-    programs = []
-    needed: set[str] = set()
-    for rule in rules.rules:
-        program = cel.compile(rule.when)
-        names = tuple(sorted(program.variables()))
-        programs.append((rule, program, names))
-        needed.update(names)
-    columns: dict[str, Sequence[Any]] = {}
-    for name in needed:
-        if name in BASE_VARIABLES:
-            continue  # below: event facts and scores win over a feature of the same name
-        if name in feature_columns:
-            columns[name] = features[:, feature_columns[name]].tolist()
-        elif name in rules.lists:
-            columns[name] = [rules.lists[name]] * n
+    needed = rules.variables
+    feature_columns = {
+        name: features[:, j].tolist()
+        for j, name in enumerate(feature_names)
+        if name in needed and name not in BASE_VARIABLES  # event facts and scores win over a feature
+    }
     event_facts: dict[str, Callable[[], Sequence[Any]]] = {
         "amount": lambda: [float(e.amount or 0.0) for e in events],
         "entity_id": lambda: [e.entity_id for e in events],
@@ -177,37 +160,25 @@ def rules_only_actions(
         "anomaly": lambda: np.asarray(anomaly, dtype=np.float64).tolist(),
         "risk": lambda: np.asarray(risk, dtype=np.float64).tolist(),
     }
-    for name in needed & BASE_VARIABLES:
-        columns[name] = event_facts[name]()
-    hits = dict.fromkeys((rule.name for rule in rules.rules), 0)
-    errors = dict(hits)
+    columns = {**feature_columns, **{name: event_facts[name]() for name in needed & BASE_VARIABLES}}
+    tally = RuleTally(rule.name for rule in rules.rules)
     actions = np.zeros(n, dtype=np.int8)
     step = 2000
     for i in range(n):
-        tiers = []
-        for rule, program, names in programs:
-            context = {name: columns[name][i] for name in names if name in columns}
-            try:
-                hit = program.execute(context) is True
-            except Exception:  # a missing fact or a type error: the rule cannot say yes
-                errors[rule.name] += 1
-                continue
-            if hit:
-                hits[rule.name] += 1
-                tiers.append(rule.tier)
-        if tiers:
-            mask = mask_for(tiers)
-            actions[i] = 0 if mask[0] else 1 if mask[1] else 2
+        mask = rules.evaluate({name: column[i] for name, column in columns.items()}, tally).mask
+        actions[i] = 0 if mask[0] else 1 if mask[1] else 2
         if on_progress is not None and (i + 1) % step == 0:
             on_progress(step)
     if on_progress is not None and n % step:
         on_progress(n % step)
+    scores = {"anomaly", "risk"}
     model_based = {
-        rule.name: sorted(set(names) & {"anomaly", "risk"})
-        for rule, _, names in programs
-        if {"anomaly", "risk"} & set(names) and rule.tier is not Tier.CAP
+        rule.name: sorted(names & scores)
+        for rule in rules.rules
+        for names in (rules.variables_of(rule.name),)
+        if names & scores and rule.tier is not Tier.CAP
     }
-    return RulesOnlyResult(actions, hits, errors, model_based)
+    return RulesOnlyResult(actions, tally.hits, tally.errors, model_based)
 
 
 def best_threshold_policy(
@@ -483,25 +454,6 @@ def train_all(
     }
     timings["total_s"] = time.perf_counter() - started
     return TrainReport(versions, risk_metrics, reports, timings, window, rules_info, heldout, training)
-
-
-def save_artifact(
-    model: AnomalyModel | RiskModel,
-    directory: Path,
-    spec_path: Path,
-    range_rows: np.ndarray | None = None,
-    range_labels: np.ndarray | None = None,
-) -> None:
-    model.save(directory)
-    shutil.copyfile(spec_path, directory / SPEC_FILE)
-    if isinstance(model, RiskModel) and range_rows is not None and range_labels is not None:
-        save_population_ranges(directory, range_rows, range_labels, [*model.input_names, "risk"])
-
-
-def save_policy_artifact(model: PolicyModel, ppo: PPO, directory: Path, spec_path: Path) -> None:
-    model.save(directory)
-    ppo.save(directory / PPO_ZIP)
-    shutil.copyfile(spec_path, directory / SPEC_FILE)
 
 
 def _report_dict(report: PolicyReport) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""``decision-platform report``: register with ``app.command("report")(report)`` in cli.py."""
+"""``decision-platform report``: registered with ``app.command("report")(report)`` in cli/main.py."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def report(
     """Write a static HTML page with charts of the decisions of a time range (from the database)."""
     from decision_platform.config import get_settings
     from decision_platform.reporting import parse_time, write_report
-    from decision_platform.storage.database import make_engine
+    from decision_platform.storage.database import open_database
 
     now = datetime.now(UTC)
     try:
@@ -30,7 +30,7 @@ def report(
             f"--since ({start:%Y-%m-%d %H:%M}) must be before --until ({end:%Y-%m-%d %H:%M})"
         )
     settings = get_settings()
-    engine = make_engine(settings.database_url, settings.database_schema)
+    engine = open_database(settings)
     try:
         data = write_report(engine, start, end, out)
     finally:

@@ -8,7 +8,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-ACTION_NAMES = ("allow", "throttle", "block")
+from decision_platform.core.actions import ACTION_NAMES
 
 
 class RewardCell(BaseModel):

@@ -10,17 +10,36 @@ import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import cel
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from decision_platform.observability import metrics
-
-ALLOW, THROTTLE, BLOCK = 0, 1, 2
 #: Facts every rule may use besides features and lists.
 BASE_VARIABLES = frozenset({"anomaly", "risk", "amount", "entity_id", "event_type", "attributes"})
+
+
+class RuleObserver(Protocol):
+    """Told about every evaluation: serving counts them in Prometheus, offline evaluations tally them."""
+
+    def fired(self, rule: str, tier: str) -> None: ...
+
+    def failed(self, rule: str) -> None: ...
+
+
+class RuleTally:
+    """A :class:`RuleObserver` that counts hits and errors per rule (offline evaluations, backtests)."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.hits = dict.fromkeys(names, 0)
+        self.errors = dict.fromkeys(self.hits, 0)
+
+    def fired(self, rule: str, tier: str) -> None:
+        self.hits[rule] += 1
+
+    def failed(self, rule: str) -> None:
+        self.errors[rule] += 1
 
 
 class Tier(enum.StrEnum):
@@ -75,10 +94,17 @@ def mask_for(tiers: Iterable[Tier]) -> tuple[bool, bool, bool]:
 
 
 class RuleSet:
-    """Compiled rules; ``evaluate`` is on the hot path."""
+    """Compiled rules; ``evaluate`` is on the hot path.
 
-    def __init__(self, config: RulesFile, known_variables: Iterable[str]) -> None:
+    ``observer`` hears about every rule that fires or fails to evaluate (serving: the Prometheus counters,
+    observability.metrics.RULE_METRICS); None: nobody, as in training and backtests.
+    """
+
+    def __init__(
+        self, config: RulesFile, known_variables: Iterable[str], observer: RuleObserver | None = None
+    ) -> None:
         self.config = config
+        self.observer = observer
         self.lists = dict(config.lists)
         known = set(known_variables) | BASE_VARIABLES | set(self.lists)
         self._compiled: list[tuple[RuleConfig, FiredRule, Any, tuple[str, ...]]] = []
@@ -100,16 +126,29 @@ class RuleSet:
             )
 
     @classmethod
-    def load(cls, path: Path, known_variables: Iterable[str]) -> RuleSet:
+    def load(
+        cls, path: Path, known_variables: Iterable[str], observer: RuleObserver | None = None
+    ) -> RuleSet:
         raw = yaml.safe_load(Path(path).read_text("utf-8")) or {}
-        return cls(RulesFile.model_validate(raw), known_variables)
+        return cls(RulesFile.model_validate(raw), known_variables, observer)
 
     @property
     def rules(self) -> list[RuleConfig]:
         return [rule for rule, _, _, _ in self._compiled]
 
-    def evaluate(self, facts: Mapping[str, Any]) -> RuleVerdict:
-        """Evaluate every rule on ``facts`` (features, scores, event fields)."""
+    @property
+    def variables(self) -> set[str]:
+        """Every name some rule reads."""
+        return {name for _, _, _, names in self._compiled for name in names}
+
+    def variables_of(self, rule_name: str) -> set[str]:
+        """The names one rule reads."""
+        return next(set(names) for rule, _, _, names in self._compiled if rule.name == rule_name)
+
+    def evaluate(self, facts: Mapping[str, Any], observer: RuleObserver | None = None) -> RuleVerdict:
+        """Evaluate every rule on ``facts`` (features, scores, event fields). ``observer``: instead of
+        the rule set's own, for this evaluation."""
+        observer = observer or self.observer
         scope = {**self.lists, **facts}
         fired = []
         for rule, fired_rule, program, names in self._compiled:
@@ -119,9 +158,11 @@ class RuleSet:
             try:
                 hit = program.execute(context) is True
             except Exception:  # missing fact or type error: the rule cannot say yes
-                metrics.RULE_ERRORS.labels(rule=rule.name).inc()
+                if observer is not None:
+                    observer.failed(rule.name)
                 continue
             if hit:
                 fired.append(fired_rule)
-                metrics.RULE_HITS.labels(rule=rule.name, tier=rule.tier.value).inc()
+                if observer is not None:
+                    observer.fired(rule.name, rule.tier.value)
         return RuleVerdict(tuple(fired), mask_for(r.tier for r in fired))

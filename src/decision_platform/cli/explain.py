@@ -1,6 +1,6 @@
 """``decision-platform explain DECISION_ID``: the facts of a decision and its narrative.
 
-Registered in cli.py with ``app.command("explain")(explain)``. It needs only the database, the risk
+Registered in cli/main.py with ``app.command("explain")(explain)``. It needs only the database, the risk
 model's ranges and the LLM (if configured): not the feature store or the other models, so it works
 against a production database from an analyst's laptop. A narrative already stored is shown as is (the
 one that was served); otherwise one is written now, checked, and stored, exactly as the API would.
@@ -26,14 +26,12 @@ def explain(
     from decision_platform.explain.facts import Facts
     from decision_platform.explain.llm import open_chat_client
     from decision_platform.explain.narrator import Explanation, Narrator
-    from decision_platform.explain.ranges import ranges_of_model
-    from decision_platform.storage.database import make_engine, migrate
+    from decision_platform.models.ranges import ranges_of_model
+    from decision_platform.storage.database import open_database
     from decision_platform.storage.repository import Repository
 
     settings = get_settings()
-    engine = make_engine(settings.database_url, settings.database_schema)
-    migrate(engine, settings.database_schema)
-    repository = Repository(engine)
+    repository = Repository(open_database(settings))
     try:
         row = repository.get_decision(decision_id)
         if row is None:
@@ -83,7 +81,7 @@ def explain(
                 f"[yellow]rejected[/yellow] {rejected['narrative']}\n  because: {rejected['problems']}"
             )
     finally:
-        engine.dispose()
+        repository.engine.dispose()
 
 
 def _facts_table(facts: object) -> Table:

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 import gymnasium as gym
 import numpy as np
 
-from decision_platform.learning.rewards import ACTION_NAMES, RewardTable, SimulationSettings
-
-ALLOW, THROTTLE, BLOCK = 0, 1, 2
+from decision_platform.core.actions import ACTION_NAMES, ALLOW, BLOCK, THROTTLE
+from decision_platform.core.rewards import RewardTable, SimulationSettings
 
 
 @dataclass(frozen=True)

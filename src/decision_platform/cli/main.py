@@ -14,10 +14,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from decision_platform.cli.explain import explain as explain_command
+from decision_platform.cli.report import report as report_command
+from decision_platform.cli.retrain import retrain as retrain_command
 from decision_platform.config import Settings, get_settings
-from decision_platform.explain.cli import explain as explain_command
-from decision_platform.learning.cli import retrain as retrain_command
-from decision_platform.reporting.cli import report as report_command
+from decision_platform.training import PPO_TIMESTEPS
 
 if TYPE_CHECKING:
     from decision_platform.data import LabelledEvents
@@ -46,12 +47,10 @@ class Source(enum.StrEnum):
 
 def _registry(settings: Settings) -> ModelRegistry:
     from decision_platform.models.registry import ModelRegistry
-    from decision_platform.storage.database import make_engine, migrate
+    from decision_platform.storage.database import open_database
     from decision_platform.storage.repository import Repository
 
-    engine = make_engine(settings.database_url, settings.database_schema)
-    migrate(engine, settings.database_schema)
-    return ModelRegistry(Repository(engine), settings.model_dir)
+    return ModelRegistry(Repository(open_database(settings)), settings.model_dir)
 
 
 def _train(
@@ -65,8 +64,8 @@ def _train(
     seed: int,
     promote: bool,
 ) -> None:
-    from decision_platform.learning.rewards import RewardTable
-    from decision_platform.models.training import TrainConfig, report_tables, train_all
+    from decision_platform.core.rewards import RewardTable
+    from decision_platform.training.train import TrainConfig, report_tables, train_all
 
     features_path = settings.features_path
     if source is Source.synthetic:
@@ -112,7 +111,7 @@ def train(
     mapping: Path | None = typer.Option(None, help="column mapping YAML (see config/datasets/)"),
     entities: int = typer.Option(3000, help="synthetic: number of entities"),
     days: float = typer.Option(14.0, help="synthetic: days of history"),
-    timesteps: int = typer.Option(50_000, help="PPO training steps"),
+    timesteps: int = typer.Option(PPO_TIMESTEPS, help="PPO training steps"),
     seed: int = typer.Option(0),
     promote: bool = typer.Option(True, help="make the new models the champions"),
 ) -> None:
@@ -191,7 +190,7 @@ def run() -> None:
     settings = get_settings()
     if not _registry(settings).has_champions():
         console.print("[bold]No models yet: training on the built-in synthetic data set.[/bold]")
-        _train(settings, Source.synthetic, None, None, 3000, 14.0, 50_000, 0, True)
+        _train(settings, Source.synthetic, None, None, 3000, 14.0, PPO_TIMESTEPS, 0, True)
     serve(None, None, 1)
 
 
@@ -224,8 +223,8 @@ def worker(
     import threading
 
     from decision_platform.events.kafka import KafkaSink, KafkaSource
-    from decision_platform.events.worker import StreamWorker
-    from decision_platform.services import Platform
+    from decision_platform.serving.platform import Platform
+    from decision_platform.serving.worker import StreamWorker
 
     settings = get_settings()
     if not settings.kafka_bootstrap_servers:
@@ -288,7 +287,7 @@ def replay(
     posted to /outcome --outcome-delay seconds after the decision. The replay ends once every outcome
     is posted. Kafka replays cannot do this: the decisions (and their ids) are made by the worker.
     """
-    from decision_platform.events import replay as replaying
+    from decision_platform.learning import replay as replaying
 
     if outcomes and to is not Target.http:
         raise typer.BadParameter(
@@ -308,7 +307,7 @@ def replay(
         send, chunk = replaying.kafka_sender(settings), 100
     else:
         if outcomes:
-            from decision_platform.learning.rewards import RewardTable
+            from decision_platform.core.rewards import RewardTable
 
             labels = {e.event_id: int(label) for e, label in zip(data.events, data.labels, strict=True)}
             reporter = replaying.OutcomeReporter(
@@ -447,7 +446,7 @@ def models_compare(
     version: str | None = typer.Option(None, help="the shadow version (default: the newest logged)"),
 ) -> None:
     """Champion vs shadow on logged decisions: agreement, who chose what, and value per decision."""
-    from decision_platform.explain.reasons import ACTION_NAMES
+    from decision_platform.core.actions import ACTION_NAMES
     from decision_platform.learning.compare import compare_logged
 
     try:

@@ -25,14 +25,15 @@ from typing import Any
 import numpy as np
 
 from decision_platform.config import Settings
-from decision_platform.decision.rules import RuleSet, RuleVerdict
-from decision_platform.events.schema import Event
+from decision_platform.core.actions import ACTION_NAMES
+from decision_platform.core.events import Event
 from decision_platform.explain.attributions import ReasonBuilder
-from decision_platform.explain.reasons import ACTION_NAMES, template_sentence
+from decision_platform.explain.reasons import template_sentence
 from decision_platform.features import FeatureResult, FeatureSpec, FeatureStore
 from decision_platform.models.bundle import LoadedModels
 from decision_platform.models.policy import serving_distribution
 from decision_platform.observability import metrics
+from decision_platform.rules.ruleset import RuleSet, RuleVerdict
 from decision_platform.storage.ids import DecisionIdGenerator
 from decision_platform.storage.repository import DecisionRow
 from decision_platform.storage.writer import DUPLICATE, DecisionWriter

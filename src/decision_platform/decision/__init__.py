@@ -1,1 +1,0 @@
-"""Turning scores into an action: rules, fallback, and the engine that composes every stage."""
