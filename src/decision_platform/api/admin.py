@@ -14,10 +14,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, get_args
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from fastapi.security import APIKeyHeader
 from pydantic import AfterValidator
 
+from decision_platform.api.deps import PlatformDep
 from decision_platform.api.schemas import error_responses
 from decision_platform.learning.compare import compare_logged
 from decision_platform.models.registry import (
@@ -27,7 +28,6 @@ from decision_platform.models.registry import (
     RegistryConflictError,
     UnknownVersionError,
 )
-from decision_platform.serving.platform import Platform
 
 #: Every parameter is bounded: anything else is a 422 here, never a 500 from the database or the registry.
 Kind = Literal["anomaly", "risk", "policy"]
@@ -50,13 +50,9 @@ def _utc_representable(value: datetime | None) -> datetime | None:
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="DP_API_KEY")
 
 
-def _platform(request: Request) -> Platform:
-    return request.app.state.platform
-
-
-def require_admin(request: Request, key: str | None = Depends(_api_key)) -> None:
+def require_admin(platform: PlatformDep, key: str | None = Depends(_api_key)) -> None:
     """403 when no key is configured (admin disabled), 401 for a missing or wrong key."""
-    expected = _platform(request).settings.api_key
+    expected = platform.settings.api_key
     if not expected:
         raise HTTPException(403, "admin API disabled: set DP_API_KEY")
     if key is None or not secrets.compare_digest(key.encode(), expected.encode()):
@@ -100,8 +96,7 @@ def _model(record: dict[str, Any]) -> dict[str, Any]:
     summary="Registered models, newest first, and what this process serves",
     responses=error_responses(422),
 )
-def list_models(request: Request, kind: Kind | None = Query(None, description=" | ".join(KINDS))) -> Any:
-    platform = _platform(request)
+def list_models(platform: PlatformDep, kind: Kind | None = Query(None, description=" | ".join(KINDS))) -> Any:
     return {
         "models": [_model(r) for r in platform.registry.repository.list_models(kind)],
         "serving": platform.serving().as_dict(),
@@ -113,8 +108,9 @@ def list_models(request: Request, kind: Kind | None = Query(None, description=" 
     summary="Make the previously promoted version(s) champion again",
     responses=error_responses(404, 409, 422),
 )
-def rollback(request: Request, kind: Kind | None = Query(None, description="one kind; default all")) -> Any:
-    platform = _platform(request)
+def rollback(
+    platform: PlatformDep, kind: Kind | None = Query(None, description="one kind; default all")
+) -> Any:
     plan = _registry_call(lambda: platform.registry.rollback(kind))
     return {
         "rolled_back": {k: {"from": old, "to": new} for k, (old, new) in plan.items()},
@@ -127,8 +123,7 @@ def rollback(request: Request, kind: Kind | None = Query(None, description="one 
     summary="Make VERSION the champion of its kind",
     responses=error_responses(404, 409, 422),
 )
-def promote(version: Annotated[str, Path(**VERSION)], request: Request) -> Any:
-    platform = _platform(request)
+def promote(version: Annotated[str, Path(**VERSION)], platform: PlatformDep) -> Any:
     _registry_call(lambda: platform.registry.promote(version))
     return {"promoted": version, "serving": platform.reload_models().as_dict()}
 
@@ -138,8 +133,7 @@ def promote(version: Annotated[str, Path(**VERSION)], request: Request) -> Any:
     summary="Score VERSION (a policy) beside the champion, logged only",
     responses=error_responses(404, 409, 422),
 )
-def shadow(version: Annotated[str, Path(**VERSION)], request: Request) -> Any:
-    platform = _platform(request)
+def shadow(version: Annotated[str, Path(**VERSION)], platform: PlatformDep) -> Any:
     replaced = _registry_call(lambda: platform.registry.shadow(version))
     return {"shadow": version, "replaced": replaced, "serving": platform.reload_models().as_dict()}
 
@@ -149,8 +143,7 @@ def shadow(version: Annotated[str, Path(**VERSION)], request: Request) -> Any:
     summary="Stop shadowing (the shadow goes back to challenger)",
     responses=error_responses(404, 409, 422),
 )
-def unshadow(request: Request) -> Any:
-    platform = _platform(request)
+def unshadow(platform: PlatformDep) -> Any:
     removed = _registry_call(lambda: platform.registry.unshadow("policy"))
     return {"removed": removed, "serving": platform.reload_models().as_dict()}
 
@@ -161,7 +154,7 @@ def unshadow(request: Request) -> Any:
     responses=error_responses(422),
 )
 def compare(
-    request: Request,
+    platform: PlatformDep,
     since: Annotated[
         datetime | None,
         Query(description="ISO 8601; decisions made since then"),
@@ -172,7 +165,6 @@ def compare(
     ),
     version: str | None = Query(None, **VERSION, description="shadow version (default: the newest logged)"),
 ) -> Any:
-    platform = _platform(request)
     settings = platform.settings
     result = compare_logged(
         platform.repository, settings.exploration_floor, settings.explore_actions, since, limit, version

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Path, Query, Response
 
+from decision_platform.api.deps import PlatformDep
 from decision_platform.api.schemas import (
     RETRY_AFTER_HEADER,
     DecideRequest,
@@ -18,24 +19,22 @@ from decision_platform.api.schemas import (
     OutcomeResponse,
     error_responses,
 )
-from decision_platform.core.actions import ACTION_NAMES
 from decision_platform.core.events import INT64_MAX, Event
 from decision_platform.events.kafka import BrokerUnavailableError
-from decision_platform.events.messages import RawMessage
 from decision_platform.observability import metrics
-from decision_platform.serving.platform import Platform
+from decision_platform.serving.outcomes import (
+    OutcomeConflictError,
+    UnknownDecisionError,
+    UnknownOutcomeError,
+    record_outcome,
+)
 from decision_platform.storage.errors import DatabaseUnavailable
-from decision_platform.storage.repository import OutcomeStatus
 from decision_platform.storage.writer import DUPLICATE
 
 router = APIRouter()
 
 #: Ids are BIGINT in the database: a larger one names no decision (422, not a 500 from the driver).
 DecisionIdPath = Annotated[int, Path(gt=0, le=INT64_MAX)]
-
-
-def _platform(request: Request) -> Platform:
-    return request.app.state.platform
 
 
 @router.get("/health", summary="The process is alive", responses=error_responses())
@@ -53,8 +52,7 @@ async def health() -> dict[str, str]:
         503: {"description": "Degraded: the same body, naming what fails", "headers": RETRY_AFTER_HEADER},
     },
 )
-def ready(request: Request, response: Response) -> dict[str, Any]:
-    platform = _platform(request)
+def ready(platform: PlatformDep, response: Response) -> dict[str, Any]:
     checks: dict[str, Any] = {}
     try:
         platform.writer.query(platform.repository.ping)  # bounded: a stalled database is "unavailable"
@@ -80,15 +78,15 @@ def ready(request: Request, response: Response) -> dict[str, Any]:
     summary="Decide: allow, throttle or block",
     responses=error_responses(400, 413, 422, 503),
 )
-def decide(body: DecideRequest, request: Request) -> dict[str, Any]:
+def decide(body: DecideRequest, platform: PlatformDep) -> dict[str, Any]:
     try:
-        decision = _platform(request).engine.decide(body.entity_id, body.event)
+        decision = platform.engine.decide(body.entity_id, body.event)
     except TimeoutError:
         raise HTTPException(503, "the decision could not be stored durably in time; retry") from None
     except OSError:
         # Neither the database nor the local spool could take the decision: do not acknowledge it.
         raise HTTPException(503, "the decision could not be stored durably; retry") from None
-    narrator = _platform(request).narrator
+    narrator = platform.narrator
     if narrator is not None and decision.storage != DUPLICATE:  # a queue append: never waits for the LLM
         narrator.submit(decision.row)
     return decision.response
@@ -103,8 +101,7 @@ def decide(body: DecideRequest, request: Request) -> dict[str, Any]:
         202: {"model": EventsAccepted, "description": "Kafka mode: acknowledged by the broker"},
     },
 )
-def ingest_events(body: Event | EventBatch, request: Request, response: Response) -> dict[str, Any]:
-    platform = _platform(request)
+def ingest_events(body: Event | EventBatch, platform: PlatformDep, response: Response) -> dict[str, Any]:
     events = body.events if isinstance(body, EventBatch) else [body]
     if platform.producer is not None:
         try:
@@ -115,8 +112,7 @@ def ingest_events(body: Event | EventBatch, request: Request, response: Response
         response.status_code = 202
         return {"accepted": len(events), "mode": "kafka", "decision_ids": None}
     # No broker: the stream worker's own logic, right here, before answering (nothing is queued).
-    messages = [RawMessage(e.model_dump_json().encode(), e.entity_id.encode()) for e in events]
-    summary = platform.inline_worker.process(messages)  # type: ignore[union-attr]
+    summary = platform.inline_worker.process_events(events)  # type: ignore[union-attr]
     return {"accepted": len(events), "mode": "in-process", "decision_ids": summary.decision_ids}
 
 
@@ -129,43 +125,22 @@ def ingest_events(body: Event | EventBatch, request: Request, response: Response
         201: {"model": OutcomeResponse, "description": "Recorded"},
     },
 )
-def outcome(body: OutcomeRequest, request: Request, response: Response) -> dict[str, Any]:
-    platform = _platform(request)
-    if body.outcome not in platform.rewards.outcomes:
-        raise HTTPException(
-            422, f"unknown outcome {body.outcome!r}; expected one of {platform.rewards.outcome_names}"
-        )
-    # Spool first, then the database: a decision acknowledged during an outage has outcomes too.
-    decision = platform.writer.find_decision(body.decision_id)
-    if decision is None:
-        raise HTTPException(404, f"no decision {body.decision_id}")
-    action = decision["action"]
-    if not platform.rewards.possible(body.outcome, action):
-        possible = [name for name in platform.rewards.outcomes if platform.rewards.possible(name, action)]
-        raise HTTPException(
-            422,
-            f"outcome {body.outcome!r} cannot follow a decision to {ACTION_NAMES[action]}; "
-            f"expected one of {possible}",
-        )
-    reward = platform.rewards.reward(body.outcome, action, decision["amount"])
-    result = platform.writer.record_outcome(body.decision_id, body.outcome, reward)
-    if result.status is OutcomeStatus.NOT_FOUND:
-        raise HTTPException(404, f"no decision {body.decision_id}")
-    if result.status is OutcomeStatus.CONFLICT:
-        raise HTTPException(
-            409, f"decision {body.decision_id} already has outcome {result.outcome!r}; outcomes are final"
-        )
-    created = result.status is OutcomeStatus.CREATED
-    if created:
-        metrics.OUTCOMES.labels(outcome=body.outcome, action=metrics.action_label(action)).inc()
-        metrics.observe_reward(reward)
-    response.status_code = 201 if created else 200
+def outcome(body: OutcomeRequest, platform: PlatformDep, response: Response) -> dict[str, Any]:
+    try:
+        recorded = record_outcome(platform.writer, platform.rewards, body.decision_id, body.outcome)
+    except UnknownOutcomeError as exc:
+        raise HTTPException(422, str(exc)) from None
+    except UnknownDecisionError as exc:
+        raise HTTPException(404, str(exc)) from None
+    except OutcomeConflictError as exc:
+        raise HTTPException(409, str(exc)) from None
+    response.status_code = 201 if recorded.created else 200
     return {
-        "decision_id": body.decision_id,
-        "outcome": result.outcome,
-        "reward": result.reward,
-        "received_at": result.received_at.isoformat() if result.received_at else "",
-        "created": created,
+        "decision_id": recorded.decision_id,
+        "outcome": recorded.outcome,
+        "reward": recorded.reward,
+        "received_at": recorded.received_at.isoformat() if recorded.received_at else "",
+        "created": recorded.created,
     }
 
 
@@ -175,8 +150,8 @@ def outcome(body: OutcomeRequest, request: Request, response: Response) -> dict[
     summary="A stored decision record",
     responses=error_responses(404, 422, 503),
 )
-def get_decision(decision_id: DecisionIdPath, request: Request) -> dict[str, Any]:
-    row = _platform(request).writer.find_decision(decision_id)  # spooled decisions are readable too
+def get_decision(decision_id: DecisionIdPath, platform: PlatformDep) -> dict[str, Any]:
+    row = platform.writer.find_decision(decision_id)  # spooled decisions are readable too
     if row is None:
         raise HTTPException(404, f"no decision {decision_id}")
     row["created_at"] = row["created_at"].isoformat()
@@ -197,12 +172,12 @@ def get_decision(decision_id: DecisionIdPath, request: Request) -> dict[str, Any
 )
 def get_explanation(
     decision_id: DecisionIdPath,
-    request: Request,
+    platform: PlatformDep,
     response: Response,
     wait: bool = Query(False, description="wait for the narrative (up to DP_LLM_WAIT_TIMEOUT_S)"),
     timeout: float | None = Query(None, gt=0, description="seconds to wait at most, with wait=true"),
 ) -> dict[str, Any]:
-    narrator = _platform(request).narrator
+    narrator = platform.narrator
     explanation = narrator.explanation(decision_id, wait, timeout) if narrator is not None else None
     if explanation is None:
         raise HTTPException(404, f"no decision {decision_id}")

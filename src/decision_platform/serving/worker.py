@@ -100,7 +100,24 @@ class StreamWorker:
                 self.sink.dead_letter(message, describe_error(exc))
                 metrics.EVENTS_DEAD_LETTERED.labels(reason=reason).inc()
                 summary.dead_lettered += 1
-        lap = self._lap("parse", started)
+        self._lap("parse", started)
+        self._apply(events, summary)
+        metrics.WORKER_BATCH_SECONDS.observe(time.perf_counter() - started)
+        return summary
+
+    def process_events(self, events: Sequence[Event]) -> BatchSummary:
+        """Apply already validated events (``POST /events`` with no broker: no serialise-then-parse)."""
+        started = time.perf_counter()
+        metrics.WORKER_BATCH_SIZE.observe(len(events))
+        metrics.EVENTS_CONSUMED.labels(topic=self.settings.kafka_events_topic).inc(len(events))
+        summary = BatchSummary(consumed=len(events))
+        self._apply(list(events), summary)
+        metrics.WORKER_BATCH_SECONDS.observe(time.perf_counter() - started)
+        return summary
+
+    def _apply(self, events: list[Event], summary: BatchSummary) -> None:
+        """Windows, decisions, publication of one batch's valid events."""
+        lap = time.perf_counter()
         if events:
             # Windows first, outside the engine's fallback: if Redis is down this raises, the batch is not
             # committed and is retried, instead of deciding without ever counting the events.
@@ -116,8 +133,6 @@ class StreamWorker:
                 summary.decision_ids = [d.response["decision_id"] for d in decisions]
         self.sink.flush()
         self._lap("publish", lap)
-        metrics.WORKER_BATCH_SECONDS.observe(time.perf_counter() - started)
-        return summary
 
     def run(self, source: EventSource, stop: threading.Event, poll_timeout_s: float = 0.5) -> int:
         """Consume until ``stop`` is set; returns the number of messages processed.
