@@ -17,10 +17,8 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-import sqlalchemy as sa
 
 from decision_platform.storage.repository import Repository
-from decision_platform.storage.tables import decisions, outcomes
 
 BAD_OUTCOMES = frozenset({"fraud", "chargeback"})
 GOOD_OUTCOMES = frozenset({"success", "abandoned", "false_positive"})
@@ -92,45 +90,14 @@ def load_logged(
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> LoggedDecisions:
-    """Decisions made in ``[since, until)`` (all by default) left-joined with their outcomes, oldest first.
-
-    Reads in one pass with a server-side cursor (``yield_per``), so a long window does not need the
-    whole result in the driver's memory twice.
-    """
-    query = (
-        sa.select(
-            decisions.c.id,
-            decisions.c.entity_id,
-            decisions.c.created_at,
-            decisions.c.features,
-            decisions.c.anomaly,
-            decisions.c.risk,
-            decisions.c.probabilities,
-            decisions.c.action_mask,
-            decisions.c.action,
-            decisions.c.propensity,
-            decisions.c.amount,
-            decisions.c.fallback,
-            decisions.c.shadow,
-            decisions.c.model_versions,
-            outcomes.c.outcome,
-            outcomes.c.reward,
-            outcomes.c.imputed,
-        )
-        .select_from(decisions.outerjoin(outcomes, outcomes.c.decision_id == decisions.c.id))
-        .order_by(decisions.c.created_at, decisions.c.id)
-    )
-    if since is not None:
-        query = query.where(decisions.c.created_at >= since)
-    if until is not None:
-        query = query.where(decisions.c.created_at < until)
-    with repository.engine.connect() as connection:
-        rows = list(connection.execution_options(yield_per=5000).execute(query).mappings())
+    """Decisions made in ``[since, until)`` (all by default) left-joined with their outcomes, oldest first
+    (read in one streaming pass: :meth:`Repository.logged_decisions`)."""
+    rows = repository.logged_decisions(since, until)
     return from_rows(rows, feature_names)
 
 
 def from_rows(rows: Sequence[Any], feature_names: Sequence[str]) -> LoggedDecisions:
-    """Column arrays of joined rows (mappings with the columns selected by ``load_logged``)."""
+    """Column arrays of joined rows (mappings with the columns of :meth:`Repository.logged_decisions`)."""
     names = list(feature_names)
     n = len(rows)
     nan3 = [np.nan] * 3

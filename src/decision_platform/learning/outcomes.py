@@ -9,7 +9,7 @@ A decision whose outcome is still missing ``horizon_hours`` after it was made ge
   "no news" is worth a known, configured amount). It gives the risk model no label.
 
 Imputed rows are marked (``outcomes.imputed``); a real outcome that arrives later replaces its imputed one
-(storage/repository.py), and the retraining report says how many of each it used.
+(storage/outcomes.py), and the retraining report says how many of each it used.
 """
 
 from __future__ import annotations
@@ -17,13 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-import sqlalchemy as sa
-
 from decision_platform.core.actions import BLOCK
 from decision_platform.core.rewards import RewardTable
 from decision_platform.learning.config import OutcomeSettings
 from decision_platform.storage.repository import Repository
-from decision_platform.storage.tables import decisions, outcomes
 
 NO_OUTCOME = "no_outcome"
 
@@ -47,31 +44,25 @@ def impute_missing_outcomes(
 ) -> ImputationSummary:
     """Give every decision older than the horizon that has no outcome an imputed one; returns the counts."""
     cutoff = (now or datetime.now(UTC)) - timedelta(hours=settings.horizon_hours)
-    missing = (
-        sa.select(decisions.c.id, decisions.c.action, decisions.c.risk, decisions.c.amount)
-        .select_from(decisions.outerjoin(outcomes, outcomes.c.decision_id == decisions.c.id))
-        .where(outcomes.c.decision_id.is_(None), decisions.c.created_at < cutoff)
-    )
     received_at = now or datetime.now(UTC)
     rows, counts = [], {"blocked_bad": 0, "blocked_good": 0, "default_reward": 0}
-    with repository.engine.connect() as connection:
-        for decision_id, action, risk, amount in connection.execute(missing):
-            if action == BLOCK and risk is not None:
-                bad = risk >= settings.blocked_label_threshold
-                outcome = "fraud" if bad else "false_positive"
-                reward = rewards.reward(outcome, BLOCK, amount)
-                counts["blocked_bad" if bad else "blocked_good"] += 1
-            else:
-                outcome, reward = NO_OUTCOME, settings.default_reward
-                counts["default_reward"] += 1
-            rows.append(
-                {
-                    "decision_id": decision_id,
-                    "outcome": outcome,
-                    "reward": reward,
-                    "received_at": received_at,
-                    "imputed": True,
-                }
-            )
+    for decision_id, action, risk, amount in repository.decisions_without_outcome(cutoff):
+        if action == BLOCK and risk is not None:
+            bad = risk >= settings.blocked_label_threshold
+            outcome = "fraud" if bad else "false_positive"
+            reward = rewards.reward(outcome, BLOCK, amount)
+            counts["blocked_bad" if bad else "blocked_good"] += 1
+        else:
+            outcome, reward = NO_OUTCOME, settings.default_reward
+            counts["default_reward"] += 1
+        rows.append(
+            {
+                "decision_id": decision_id,
+                "outcome": outcome,
+                "reward": reward,
+                "received_at": received_at,
+                "imputed": True,
+            }
+        )
     repository.insert_imputed_outcomes(rows)
     return ImputationSummary(**counts)

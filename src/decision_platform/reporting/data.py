@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
-import sqlalchemy as sa
 
-from decision_platform.storage.tables import decisions, outcomes
+from decision_platform.storage.repository import Repository
+from decision_platform.storage.sql import Engine
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -63,31 +63,9 @@ def _epoch(value: datetime) -> float:
     return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
 
 
-def _bound(engine: sa.Engine, value: datetime) -> datetime:
-    """SQLite compares the stored text: hand it a naive UTC time in the same format."""
-    if engine.dialect.name == "sqlite":
-        return value.astimezone(UTC).replace(tzinfo=None)
-    return value
-
-
-def load(engine: sa.Engine, since: datetime, until: datetime) -> ReportData:
+def load(engine: Engine, since: datetime, until: datetime) -> ReportData:
     """Read the range's decisions, streaming (a few columns per row; ~1M rows fit in ~50 MB)."""
-    in_range = sa.and_(
-        decisions.c.created_at >= _bound(engine, since), decisions.c.created_at < _bound(engine, until)
-    )
-    query = (
-        sa.select(
-            decisions.c.created_at,
-            decisions.c.action,
-            decisions.c.latency_ms,
-            decisions.c.risk,
-            decisions.c.decided_by,
-            decisions.c.fallback,
-            decisions.c.rules_fired,
-        )
-        .where(in_range)
-        .order_by(decisions.c.created_at)
-    )
+    repository = Repository(engine)
     times: list[float] = []
     actions: list[int] = []
     latency: list[float] = []
@@ -96,24 +74,18 @@ def load(engine: sa.Engine, since: datetime, until: datetime) -> ReportData:
     decided_by: Counter[str] = Counter()
     fallbacks: Counter[str] = Counter()
     rule_hits: Counter[str] = Counter()
-    with engine.connect() as connection:
-        for row in connection.execution_options(yield_per=10_000).execute(query):
-            times.append(_epoch(row.created_at))
-            actions.append(int(row.action))
-            latency.append(float(row.latency_ms))
-            risk.append(float("nan") if row.risk is None else float(row.risk))
-            fell_back.append(bool(row.fallback))
-            decided_by[row.decided_by] += 1
-            if row.fallback:
-                fallbacks[row.fallback] += 1
-            for rule in row.rules_fired or ():
-                rule_hits[rule["name"]] += 1
-        outcome_rows = connection.execute(
-            sa.select(outcomes.c.outcome, sa.func.count(), sa.func.avg(outcomes.c.reward))
-            .select_from(outcomes.join(decisions, outcomes.c.decision_id == decisions.c.id))
-            .where(in_range)
-            .group_by(outcomes.c.outcome)
-        ).all()
+    for row in repository.report_rows(since, until):
+        times.append(_epoch(row.created_at))
+        actions.append(int(row.action))
+        latency.append(float(row.latency_ms))
+        risk.append(float("nan") if row.risk is None else float(row.risk))
+        fell_back.append(bool(row.fallback))
+        decided_by[row.decided_by] += 1
+        if row.fallback:
+            fallbacks[row.fallback] += 1
+        for rule in row.rules_fired or ():
+            rule_hits[rule["name"]] += 1
+    outcome_rows = repository.outcome_totals(since, until)
     return ReportData(
         since=since,
         until=until,
