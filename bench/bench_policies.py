@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
+from decision_platform.cli.progress import RichProgress
+from decision_platform.cli.train import report_tables
 from decision_platform.config import PROJECT_ROOT, Settings, get_settings
 from decision_platform.core.rewards import RewardTable
 from decision_platform.data import LabelledEvents
@@ -59,7 +61,6 @@ from decision_platform.training.train import (
     TrainConfig,
     TrainReport,
     _report_dict,
-    report_tables,
     threshold_probabilities,
     train_all,
 )
@@ -540,17 +541,18 @@ def main(argv: list[str] | None = None) -> int:
         engine = make_engine(f"sqlite:///{Path(tmp) / 'registry.db'}")
         migrate(engine)
         try:
-            report = train_all(
-                data,
-                features_path,
-                rewards,
-                ModelRegistry(Repository(engine), Path(tmp) / "models"),
-                TrainConfig(ppo_timesteps=args.timesteps, seed=args.seed),
-                console=console,
-                promote=False,
-                source=args.source,
-                rules=CONFIG / "rules.yaml",
-            )
+            with RichProgress(console) as progress:
+                report = train_all(
+                    data,
+                    features_path,
+                    rewards,
+                    ModelRegistry(Repository(engine), Path(tmp) / "models"),
+                    TrainConfig(ppo_timesteps=args.timesteps, seed=args.seed),
+                    progress=progress,
+                    promote=False,
+                    source=args.source,
+                    rules=CONFIG / "rules.yaml",
+                )
         finally:
             engine.dispose()
     for table in report_tables(report):

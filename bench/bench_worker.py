@@ -93,7 +93,6 @@ def main() -> None:
                 RewardTable.load(PROJECT_ROOT / "config" / "rewards.yaml"),
                 ModelRegistry(Repository(engine), settings.model_dir),
                 TrainConfig(anomaly_trees=100, risk_epochs=3, ppo_timesteps=2048),
-                console=Console(quiet=True),
             )
         events = shift_to_now(generate(n_entities=max(200, args.events // 4), days=3, seed=11).events)
         events = events[: args.events]

@@ -13,7 +13,6 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
-from rich.console import Console
 
 from decision_platform.config import Settings
 from decision_platform.learning.evaluation import ServingModels
@@ -25,8 +24,6 @@ from decision_platform.serving.platform import Platform
 from decision_platform.storage.repository import OutcomeStatus
 from tests.conftest import decision_row
 from tests.loop import expected_reward, loop_config, register_allow_all_champion, serve_with_outcomes
-
-QUIET = Console(quiet=True)
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +149,7 @@ def test_retrain_promotes_a_better_policy_and_new_decisions_carry_it(
     production = settings.model_copy(update={"exploration_floor": 0.01, "explore_actions": (0, 1)})
     platform = Platform.start(settings)
     try:
-        report = retrain(production, platform.registry, loop_config(), platform.rewards, console=QUIET)
+        report = retrain(production, platform.registry, loop_config(), platform.rewards)
     finally:
         platform.close()
     assert report.data["with_outcome"] == report.data["decisions"] >= 2000
@@ -232,4 +229,4 @@ def test_retrain_without_outcomes_says_what_to_do(
     for i in range(20):
         platform.engine.decide(f"no-outcome-{i}")
     with pytest.raises(RetrainError, match=r"post outcomes|too little"):
-        retrain(settings, platform.registry, loop_config(), platform.rewards, console=QUIET)
+        retrain(settings, platform.registry, loop_config(), platform.rewards)

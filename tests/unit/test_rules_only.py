@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from rich.console import Console
 
 from decision_platform.config import PROJECT_ROOT
 from decision_platform.core.rewards import RewardTable
@@ -67,7 +66,6 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> TrainReport:
             RewardTable.load(CONFIG_DIR / "rewards.yaml"),
             ModelRegistry(Repository(engine), root / "models"),
             TrainConfig(anomaly_trees=50, risk_epochs=4, ppo_timesteps=2048, seed=1),
-            console=Console(quiet=True),
             rules=CONFIG_DIR / "rules.yaml",
         )
     finally:

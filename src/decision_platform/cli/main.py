@@ -64,8 +64,10 @@ def _train(
     seed: int,
     promote: bool,
 ) -> None:
+    from decision_platform.cli.progress import RichProgress
+    from decision_platform.cli.train import report_tables
     from decision_platform.core.rewards import RewardTable
-    from decision_platform.training.train import TrainConfig, report_tables, train_all
+    from decision_platform.training.train import TrainConfig, train_all
 
     features_path = settings.features_path
     if source is Source.synthetic:
@@ -89,16 +91,17 @@ def _train(
         candidate = Path(mapping).with_name(Path(mapping).stem + ".features.yaml")
         if candidate.exists():
             features_path = candidate
-    report = train_all(
-        data,
-        features_path,
-        RewardTable.load(settings.rewards_path),
-        _registry(settings),
-        TrainConfig(ppo_timesteps=timesteps, seed=seed),
-        console=console,
-        promote=promote,
-        source=source.value if path is None else f"{source.value}:{path.name}",
-    )
+    with RichProgress(console) as progress:
+        report = train_all(
+            data,
+            features_path,
+            RewardTable.load(settings.rewards_path),
+            _registry(settings),
+            TrainConfig(ppo_timesteps=timesteps, seed=seed),
+            progress=progress,
+            promote=promote,
+            source=source.value if path is None else f"{source.value}:{path.name}",
+        )
     for table in report_tables(report):
         console.print(table)
     console.print(f"trained in {report.timings['total_s']:.1f} s; artifacts in {settings.model_dir}")

@@ -21,6 +21,7 @@ def retrain(
     seed: int = typer.Option(0),
 ) -> None:
     """Retrain risk and policy from decisions ⋈ outcomes; promote only if the off-policy gate passes."""
+    from decision_platform.cli.progress import RichProgress
     from decision_platform.core.rewards import RewardTable
     from decision_platform.learning.config import LearningConfig
     from decision_platform.learning.retrain import RetrainError
@@ -33,18 +34,19 @@ def retrain(
     engine = open_database(settings)
     registry = ModelRegistry(Repository(engine), settings.model_dir)
     try:
-        report = run(
-            settings,
-            registry,
-            LearningConfig.load(settings.learning_path),
-            RewardTable.load(settings.rewards_path),
-            since=since,
-            until=until,
-            promote=promote,
-            timesteps=timesteps,
-            seed=seed,
-            console=console,
-        )
+        with RichProgress(console) as progress:
+            report = run(
+                settings,
+                registry,
+                LearningConfig.load(settings.learning_path),
+                RewardTable.load(settings.rewards_path),
+                since=since,
+                until=until,
+                promote=promote,
+                timesteps=timesteps,
+                seed=seed,
+                progress=progress,
+            )
     except RetrainError as exc:
         console.print(f"[red]cannot retrain:[/red] {exc}")
         raise typer.Exit(2) from None

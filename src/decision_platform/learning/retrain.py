@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
 from sklearn.metrics import average_precision_score, roc_auc_score
 from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import DummyVecEnv
@@ -44,12 +43,12 @@ from decision_platform.models.bundle import LoadedModels, load_champions
 from decision_platform.models.policy import PPO_ZIP, PolicyModel, imitate
 from decision_platform.models.registry import ModelRegistry
 from decision_platform.models.risk import RiskModel
+from decision_platform.training.progress import SILENT, Progress
 from decision_platform.training.simulator import FraudSimulatorEnv, group_histories
 from decision_platform.training.train import (
     PPOProgress,
     best_threshold_policy,
     new_ppo,
-    progress_bars,
     threshold_probabilities,
 )
 
@@ -155,7 +154,7 @@ def _train_policy(
     rewards: RewardTable,
     timesteps: int,
     seed: int,
-    console: Console,
+    progress: Progress = SILENT,
 ) -> tuple[PolicyModel, PPO]:
     """PPO warm-started from the champion's weights, trained in the simulator of the logged histories."""
     rows = train & (logged.labels >= 0)
@@ -178,9 +177,9 @@ def _train_policy(
         baseline = threshold_probabilities(risk_index, t_throttle, t_block)
         imitate(ppo, states[rows], baseline(states[rows]).argmax(axis=1), seed=seed)
     if timesteps > 0:
-        with progress_bars(console) as progress:
-            task = progress.add_task("policy: PPO from the champion, logged histories", total=timesteps)
-            ppo.learn(timesteps, callback=PPOProgress(lambda n: progress.advance(task, n)))
+        task = "policy: PPO from the champion, logged histories"
+        progress.start(task, timesteps)
+        ppo.learn(timesteps, callback=PPOProgress(lambda n: progress.advance(task, n)))
     candidate = PolicyModel.from_sb3(ppo, champion.state_names, champion.scaler_mean, champion.scaler_std)
     return candidate, ppo
 
@@ -240,30 +239,18 @@ def _reward_model(fit_states: np.ndarray, fit: LoggedDecisions, test_states: np.
     return fit_reward_model(both, actions, rewards)[len(fit_states) :]
 
 
-def retrain(
-    settings: Settings,
+def load_training_data(
     registry: ModelRegistry,
+    champions: LoadedModels,
     config: LearningConfig,
-    rewards: RewardTable,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    promote: bool = True,
-    timesteps: int | None = None,
-    seed: int = 0,
-    console: Console | None = None,
-) -> RetrainReport:
-    """The whole loop; see the module docstring. Raises RetrainError when it cannot start."""
-    console = console or Console()
-    started = time.perf_counter()
-    started_at = datetime.now(UTC)
-    timings: dict[str, float] = {}
-    repository = registry.repository
-
-    imputation = impute_missing_outcomes(repository, rewards, config.outcomes)
-    champions, champion_dir = _champions(registry)
-    assert champions.spec and champions.anomaly and champions.risk and champions.policy
-    with console.status("loading logged decisions and outcomes"):
-        logged = load_logged(repository, champions.spec.names, since, until)
+    since: datetime | None,
+    until: datetime | None,
+    progress: Progress = SILENT,
+) -> tuple[LoggedDecisions, np.ndarray, float]:
+    """Logged decisions with features, cut in time (train mask, cut); RetrainError when too few to learn."""
+    assert champions.spec is not None
+    with progress.status("loading logged decisions and outcomes"):
+        logged = load_logged(registry.repository, champions.spec.names, since, until)
     logged = logged.subset(np.all(np.isfinite(logged.features), axis=1))  # no features: fell back early
     if len(logged) < 10 or not (logged.labels >= 0).any():
         raise RetrainError(
@@ -271,47 +258,14 @@ def retrain(
             "too little to learn from (replay traffic with --outcomes, or widen --since/--until)"
         )
     train, cut = _time_split(logged, config.training.holdout_fraction)
-    holdout = ~train
-    timings["load_s"] = time.perf_counter() - started
+    return logged, train, cut
 
-    t0 = time.perf_counter()
-    anomaly = champions.anomaly.score(logged.features)
-    inputs = RiskModel.inputs(logged.features, anomaly)
-    risk_model, risk_info = _refit_risk(champions.risk, inputs, logged, train, holdout, config, seed)
-    timings["risk_s"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    states = champions.policy.state(logged.features, anomaly, risk_model.predict(inputs))
-    policy, ppo = _train_policy(
-        champions.policy,
-        champion_dir,
-        states,
-        logged,
-        train,
-        rewards,
-        config.training.ppo_timesteps if timesteps is None else timesteps,
-        seed,
-        console,
-    )
-    timings["policy_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    champion_set = ServingModels(champions.anomaly, champions.risk, champions.policy)
-    candidate_set = ServingModels(champions.anomaly, risk_model, policy)
-    champ_est, cand_est, difference, gate = judge(
-        champion_set,
-        candidate_set,
-        logged,
-        train,
-        holdout,
-        settings,
-        config,
-        (champions.versions["policy"], "candidate"),
-        seed,
-    )
-    timings["ope_s"] = time.perf_counter() - t0
-
-    window = {
+def _window(
+    logged: LoggedDecisions, train: np.ndarray, cut: float, since: datetime | None, until: datetime | None
+) -> dict[str, Any]:
+    """The data window the registry records for the candidate's models."""
+    return {
         "source": "logged decisions",
         "since": since.isoformat() if since else None,
         "until": until.isoformat() if until else None,
@@ -320,15 +274,25 @@ def retrain(
         "end": float(logged.created_at.max()),
         "train_until": cut,
         "train_rows": int(train.sum()),
-        "test_rows": int(holdout.sum()),
+        "test_rows": int((~train).sum()),
     }
+
+
+def _register_candidate(
+    registry: ModelRegistry,
+    champions: LoadedModels,
+    champion_dir: Path,
+    logged: LoggedDecisions,
+    train: np.ndarray,
+    window: dict[str, Any],
+    inputs: np.ndarray,
+    risk: tuple[RiskModel, dict[str, Any]],
+    policy: tuple[PolicyModel, PPO],
+    ope_metrics: dict[str, Any],
+) -> dict[str, str]:
+    """The refit risk model (only if refit) and the policy, as challengers; kind -> version."""
     spec_path = champion_dir / SPEC_FILE
-    ope_metrics = {
-        "ope": cand_est.as_dict(),
-        "champion_ope": champ_est.as_dict(),
-        "difference": {k: asdict(v) for k, v in difference.items()},
-        "gate": gate.as_dict(),
-    }
+    risk_model, risk_info = risk
     versions: dict[str, str] = {}
     if risk_info["refit"]:
         labelled = train & (logged.labels >= 0)
@@ -341,9 +305,83 @@ def retrain(
         )
     versions["policy"] = registry.register(
         "policy",
-        lambda d: save_policy_artifact(policy, ppo, d, spec_path),
+        lambda d: save_policy_artifact(policy[0], policy[1], d, spec_path),
         window,
         ope_metrics | {"risk_version": versions.get("risk", champions.versions["risk"])},
+    )
+    return versions
+
+
+def retrain(
+    settings: Settings,
+    registry: ModelRegistry,
+    config: LearningConfig,
+    rewards: RewardTable,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    promote: bool = True,
+    timesteps: int | None = None,
+    seed: int = 0,
+    progress: Progress = SILENT,
+) -> RetrainReport:
+    """The whole loop; see the module docstring. Raises RetrainError when it cannot start."""
+    started = time.perf_counter()
+    started_at = datetime.now(UTC)
+    timings: dict[str, float] = {}
+
+    imputation = impute_missing_outcomes(registry.repository, rewards, config.outcomes)
+    champions, champion_dir = _champions(registry)
+    assert champions.spec and champions.anomaly and champions.risk and champions.policy
+    logged, train, cut = load_training_data(registry, champions, config, since, until, progress)
+    holdout = ~train
+    timings["load_s"] = time.perf_counter() - started
+
+    t0 = time.perf_counter()
+    anomaly = champions.anomaly.score(logged.features)
+    inputs = RiskModel.inputs(logged.features, anomaly)
+    risk_model, risk_info = _refit_risk(champions.risk, inputs, logged, train, holdout, config, seed)
+    timings["risk_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    states = champions.policy.state(logged.features, anomaly, risk_model.predict(inputs))
+    steps = config.training.ppo_timesteps if timesteps is None else timesteps
+    policy, ppo = _train_policy(
+        champions.policy, champion_dir, states, logged, train, rewards, steps, seed, progress
+    )
+    timings["policy_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    champ_est, cand_est, difference, gate = judge(
+        ServingModels(champions.anomaly, champions.risk, champions.policy),
+        ServingModels(champions.anomaly, risk_model, policy),
+        logged,
+        train,
+        holdout,
+        settings,
+        config,
+        (champions.versions["policy"], "candidate"),
+        seed,
+    )
+    timings["ope_s"] = time.perf_counter() - t0
+
+    window = _window(logged, train, cut, since, until)
+    ope_metrics = {
+        "ope": cand_est.as_dict(),
+        "champion_ope": champ_est.as_dict(),
+        "difference": {k: asdict(v) for k, v in difference.items()},
+        "gate": gate.as_dict(),
+    }
+    versions = _register_candidate(
+        registry,
+        champions,
+        champion_dir,
+        logged,
+        train,
+        window,
+        inputs,
+        (risk_model, risk_info),
+        (policy, ppo),
+        ope_metrics,
     )
     cand_est = PolicyEstimate(**{**cand_est.__dict__, "version": versions["policy"]})
     promoted = promote and gate.passed

@@ -15,9 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
@@ -34,6 +31,7 @@ from decision_platform.models.registry import ModelRegistry
 from decision_platform.models.risk import RiskModel
 from decision_platform.rules.ruleset import BASE_VARIABLES, RuleSet, RuleTally, Tier
 from decision_platform.training import PPO_TIMESTEPS
+from decision_platform.training.progress import SILENT, Progress
 from decision_platform.training.simulator import (
     EntityHistory,
     FraudSimulatorEnv,
@@ -80,18 +78,9 @@ class HeldOutRows:
     probabilities: dict[str, np.ndarray]
 
 
-def progress_bars(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    )
-
-
 class PPOProgress(BaseCallback):
+    """SB3 callback that reports each environment step of ``learn`` as progress."""
+
     def __init__(self, advance: Callable[[int], None]) -> None:
         super().__init__()
         self._advance = advance
@@ -231,47 +220,91 @@ def new_ppo(env: DummyVecEnv, seed: int) -> PPO:
     )
 
 
-def train_all(
-    data: LabelledEvents,
-    spec_path: Path,
-    rewards: RewardTable,
-    registry: ModelRegistry,
-    config: TrainConfig = TrainConfig(),
-    console: Console | None = None,
-    promote: bool = True,
-    source: str = "synthetic",
-    rules: RuleSet | Path | None = None,
-) -> TrainReport:
-    """Fit anomaly, risk and policy; register them (as champions when ``promote``); report.
+@dataclass(frozen=True, eq=False)
+class Split:
+    """A data set's features and columns, cut in time: models fit on ``train``, are judged on ``test``."""
 
-    The held-out comparison has four policies: allow-all, the best fixed risk thresholds (fit on the
-    training part), rules only (``rules``: a rule set or rules file, by default the configured
-    rules.yaml) and the PPO policy.
-    """
-    console = console or Console()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    timings: dict[str, float] = {}
-    spec = FeatureSpec.load(spec_path)
-    if not isinstance(rules, RuleSet):
-        if rules is None:
-            from decision_platform.config import get_settings
+    events: list[Event]
+    features: np.ndarray
+    labels: np.ndarray
+    amounts: np.ndarray
+    entity_ids: np.ndarray
+    train: np.ndarray  # bool mask, the earlier part of time
+    test: np.ndarray  # bool mask, the later part
+    #: What the registry records as the data window of every model fit on it.
+    window: dict[str, Any]
 
-            rules = get_settings().rules_path
-        rules_source = str(rules)
-        rules = RuleSet.load(Path(rules), spec.names)
-    else:
-        rules_source = "RuleSet"
-    started = time.perf_counter()
 
+@dataclass(frozen=True, eq=False)
+class AnomalyFit:
+    model: AnomalyModel
+    scores: np.ndarray  # every row's anomaly score
+
+
+@dataclass(frozen=True, eq=False)
+class RiskFit:
+    model: RiskModel
+    inputs: np.ndarray  # features + anomaly, every row
+    scores: np.ndarray  # every row's risk
+    metrics: dict[str, float]  # held-out metrics, as registered
+
+
+@dataclass(frozen=True, eq=False)
+class PolicyStates:
+    """The policy's view of every row, and the entity histories the simulator replays."""
+
+    names: list[str]
+    states: np.ndarray
+    train_histories: list[EntityHistory]
+    test_histories: list[EntityHistory]
+
+    @property
+    def risk_index(self) -> int:
+        return len(self.names) - 1
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The best fixed throttle / block thresholds on the risk (fit on the training part)."""
+
+    throttle: float
+    block: float
+    risk_index: int
+
+    @property
+    def name(self) -> str:
+        return f"risk thresholds {self.throttle:.3g}/{self.block:.3g}"
+
+    def probabilities(self, states: np.ndarray) -> np.ndarray:
+        return threshold_probabilities(self.risk_index, self.throttle, self.block)(states)
+
+
+@dataclass(frozen=True, eq=False)
+class PolicyFit:
+    model: PolicyModel
+    ppo: PPO
+
+
+def _load_rules(rules: RuleSet | Path | None, names: Sequence[str]) -> tuple[RuleSet, str]:
+    """The rule set and where it came from (a path, or "RuleSet" when given one)."""
+    if isinstance(rules, RuleSet):
+        return rules, "RuleSet"
+    if rules is None:
+        from decision_platform.config import get_settings
+
+        rules = get_settings().rules_path
+    return RuleSet.load(Path(rules), names), str(rules)
+
+
+def split_in_time(
+    data: LabelledEvents, spec: FeatureSpec, test_fraction: float, source: str, progress: Progress = SILENT
+) -> Split:
+    """Offline features over the whole stream (held-out rows see their real history), then the time cut."""
     events = data.events
-    with console.status("computing features (offline, same definitions as the online store)"):
+    with progress.status("computing features (offline, same definitions as the online store)"):
         x = compute_features(events, spec)
-    timings["features_s"] = time.perf_counter() - started
-    y = np.asarray(data.labels, dtype=np.int8)
-    amounts = np.asarray([e.amount or 0.0 for e in events])
     timestamps = np.asarray([e.timestamp for e in events])
-    entity_ids = np.asarray([e.entity_id for e in events])
-    cut_time = float(np.quantile(timestamps, 1.0 - config.test_fraction))
+    cut_time = float(np.quantile(timestamps, 1.0 - test_fraction))
     train = timestamps < cut_time
     test = ~train
     window = {
@@ -283,177 +316,324 @@ def train_all(
         "train_rows": int(train.sum()),
         "test_rows": int(test.sum()),
     }
+    return Split(
+        events=events,
+        features=x,
+        labels=np.asarray(data.labels, dtype=np.int8),
+        amounts=np.asarray([e.amount or 0.0 for e in events]),
+        entity_ids=np.asarray([e.entity_id for e in events]),
+        train=train,
+        test=test,
+        window=window,
+    )
 
-    with progress_bars(console) as progress:
-        # --- anomaly
-        t0 = time.perf_counter()
-        task = progress.add_task("anomaly: isolation forest", total=1)
-        anomaly_model = AnomalyModel.fit(
-            x[train], spec.names, n_estimators=config.anomaly_trees, seed=config.seed
-        )
-        anomaly = anomaly_model.score(x)
-        progress.advance(task)
-        timings["anomaly_s"] = time.perf_counter() - t0
 
-        # --- risk
-        t0 = time.perf_counter()
-        epochs = RiskModel.effective_epochs(int(train.sum()), config.risk_epochs)
-        task = progress.add_task("risk: pytorch classifier", total=epochs)
-        risk_inputs = RiskModel.inputs(x, anomaly)
-        risk_model = RiskModel.fit(
-            risk_inputs[train],
-            y[train],
-            [*spec.names, "anomaly"],
-            epochs=config.risk_epochs,
-            seed=config.seed,
-            on_epoch=lambda _epoch, _loss: progress.advance(task),
-        )
-        risk = risk_model.predict(risk_inputs)
-        timings["risk_s"] = time.perf_counter() - t0
-        risk_metrics = {
-            "roc_auc": float(roc_auc_score(y[test], risk[test])) if len(set(y[test])) > 1 else float("nan"),
-            "pr_auc": float(average_precision_score(y[test], risk[test])) if y[test].any() else float("nan"),
-            "brier": float(brier_score_loss(y[test], risk[test])),
-            "anomaly_roc_auc": float(roc_auc_score(y[test], anomaly[test]))
-            if len(set(y[test])) > 1
-            else float("nan"),
-            "base_rate": float(y[test].mean()),
-            "temperature": risk_model.temperature,
-        }
+def fit_anomaly(
+    split: Split, names: Sequence[str], config: TrainConfig, progress: Progress = SILENT
+) -> AnomalyFit:
+    """The isolation forest on the training part; scores for every row (the risk model reads them)."""
+    task = "anomaly: isolation forest"
+    progress.start(task, 1)
+    model = AnomalyModel.fit(
+        split.features[split.train], list(names), n_estimators=config.anomaly_trees, seed=config.seed
+    )
+    scores = model.score(split.features)
+    progress.advance(task)
+    return AnomalyFit(model, scores)
 
-        # --- policy
-        t0 = time.perf_counter()
-        scaler = risk_model.scaler  # the policy sees features scaled exactly like the risk model does
-        state_names = [*spec.names, "anomaly", "risk"]
-        policy_stub = PolicyModel([], [], "Tanh", state_names, scaler.mean[:-1], scaler.std[:-1])
-        states = policy_stub.state(x, anomaly, risk)
-        train_histories = group_histories(entity_ids[train], states[train], y[train], amounts[train])
-        test_histories = group_histories(entity_ids[test], states[test], y[test], amounts[test])
-        risk_index = len(state_names) - 1
-        t_throttle, t_block = best_threshold_policy(train_histories, rewards, risk_index, config.seed)
-        baseline = threshold_probabilities(risk_index, t_throttle, t_block)
-        env = DummyVecEnv([lambda: FraudSimulatorEnv(train_histories, rewards) for _ in range(4)])
-        env.seed(config.seed)
-        ppo = new_ppo(env, config.seed)
-        imitate(ppo, states[train], baseline(states[train]).argmax(axis=1), seed=config.seed)
-        task = progress.add_task("policy: PPO in the simulator", total=config.ppo_timesteps)
-        ppo.learn(config.ppo_timesteps, callback=PPOProgress(lambda n: progress.advance(task, n)))
-        policy_model = PolicyModel.from_sb3(ppo, state_names, scaler.mean[:-1], scaler.std[:-1])
-        timings["policy_s"] = time.perf_counter() - t0
 
-        # --- the rules-only baseline: what the rules do to a policy that always proposes allow
-        t0 = time.perf_counter()
-        test_rows = np.flatnonzero(test)
-        task = progress.add_task("rules only: CEL rules on held-out events", total=len(test_rows))
-        rules_only = rules_only_actions(
-            rules,
-            [events[i] for i in test_rows],
-            x[test],
-            spec.names,
-            anomaly[test],
-            risk[test],
-            on_progress=lambda n: progress.advance(task, n),
-        )
-        timings["rules_s"] = time.perf_counter() - t0
-        # Same grouping as test_histories, so every policy meets the same random draws row by row.
-        rules_histories = group_histories(
-            entity_ids[test], rules_only.actions[:, None].astype(np.float32), y[test], amounts[test]
-        )
+def fit_risk(
+    split: Split, names: Sequence[str], anomaly: np.ndarray, config: TrainConfig, progress: Progress = SILENT
+) -> RiskFit:
+    """The calibrated risk classifier on the training part, with its held-out metrics."""
+    train, test, y = split.train, split.test, split.labels
+    task = "risk: pytorch classifier"
+    progress.start(task, RiskModel.effective_epochs(int(train.sum()), config.risk_epochs))
+    inputs = RiskModel.inputs(split.features, anomaly)
+    model = RiskModel.fit(
+        inputs[train],
+        y[train],
+        [*names, "anomaly"],
+        epochs=config.risk_epochs,
+        seed=config.seed,
+        on_epoch=lambda _epoch, _loss: progress.advance(task),
+    )
+    risk = model.predict(inputs)
+    return RiskFit(model, inputs, risk, risk_metrics(y[test], risk[test], anomaly[test], model.temperature))
 
-        # --- held-out comparison
-        task = progress.add_task("evaluating policies on held-out time", total=4)
-        progress.advance(task)
-        threshold_name = f"risk thresholds {t_throttle:.3g}/{t_block:.3g}"
-        reports = [
-            evaluate_policy(
-                "allow-all",
-                lambda s: np.tile([1.0, 0.0, 0.0], (len(s), 1)),
-                test_histories,
-                rewards,
-                seed=config.seed,
-            ),
-            evaluate_policy(
-                threshold_name,
-                threshold_probabilities(risk_index, t_throttle, t_block),
-                test_histories,
-                rewards,
-                seed=config.seed,
-            ),
-        ]
-        progress.advance(task)
-        reports.append(
-            evaluate_policy(
-                RULES_ONLY,
-                lambda s: np.eye(3)[s[:, 0].astype(np.int64)],
-                rules_histories,
-                rewards,
-                seed=config.seed,
-            )
+
+def risk_metrics(
+    labels: np.ndarray, risk: np.ndarray, anomaly: np.ndarray, temperature: float
+) -> dict[str, float]:
+    """Held-out ranking and calibration of the risk (and the anomaly score's ranking alone)."""
+    both = len(set(labels)) > 1
+    return {
+        "roc_auc": float(roc_auc_score(labels, risk)) if both else float("nan"),
+        "pr_auc": float(average_precision_score(labels, risk)) if labels.any() else float("nan"),
+        "brier": float(brier_score_loss(labels, risk)),
+        "anomaly_roc_auc": float(roc_auc_score(labels, anomaly)) if both else float("nan"),
+        "base_rate": float(labels.mean()),
+        "temperature": temperature,
+    }
+
+
+def policy_states(split: Split, names: Sequence[str], anomaly: np.ndarray, risk: RiskFit) -> PolicyStates:
+    """States scaled exactly as the risk model scales features, grouped into per-entity histories."""
+    scaler = risk.model.scaler
+    state_names = [*names, "anomaly", "risk"]
+    stub = PolicyModel([], [], "Tanh", state_names, scaler.mean[:-1], scaler.std[:-1])
+    states = stub.state(split.features, anomaly, risk.scores)
+    y, amounts, ids = split.labels, split.amounts, split.entity_ids
+    train, test = split.train, split.test
+    return PolicyStates(
+        state_names,
+        states,
+        group_histories(ids[train], states[train], y[train], amounts[train]),
+        group_histories(ids[test], states[test], y[test], amounts[test]),
+    )
+
+
+def fit_thresholds(states: PolicyStates, rewards: RewardTable, seed: int) -> Thresholds:
+    """The fixed-thresholds baseline, and the behaviour PPO is cloned from before it learns."""
+    t_throttle, t_block = best_threshold_policy(states.train_histories, rewards, states.risk_index, seed)
+    return Thresholds(t_throttle, t_block, states.risk_index)
+
+
+def fit_policy(
+    split: Split,
+    states: PolicyStates,
+    thresholds: Thresholds,
+    risk: RiskModel,
+    rewards: RewardTable,
+    config: TrainConfig,
+    progress: Progress = SILENT,
+) -> PolicyFit:
+    """PPO in the simulator of the training histories, starting from the thresholds cloned into its actor."""
+    train_states = states.states[split.train]
+    env = DummyVecEnv([lambda: FraudSimulatorEnv(states.train_histories, rewards) for _ in range(4)])
+    env.seed(config.seed)
+    ppo = new_ppo(env, config.seed)
+    imitate(ppo, train_states, thresholds.probabilities(train_states).argmax(axis=1), seed=config.seed)
+    task = "policy: PPO in the simulator"
+    progress.start(task, config.ppo_timesteps)
+    ppo.learn(config.ppo_timesteps, callback=PPOProgress(lambda n: progress.advance(task, n)))
+    scaler = risk.scaler
+    return PolicyFit(PolicyModel.from_sb3(ppo, states.names, scaler.mean[:-1], scaler.std[:-1]), ppo)
+
+
+def fit_rules_only(
+    rules: RuleSet,
+    split: Split,
+    names: Sequence[str],
+    anomaly: np.ndarray,
+    risk: np.ndarray,
+    progress: Progress = SILENT,
+) -> RulesOnlyResult:
+    """The rules-only baseline on the held-out events: what the rules do to a policy that proposes allow."""
+    test_rows = np.flatnonzero(split.test)
+    task = "rules only: CEL rules on held-out events"
+    progress.start(task, len(test_rows))
+    return rules_only_actions(
+        rules,
+        [split.events[i] for i in test_rows],
+        split.features[split.test],
+        names,
+        anomaly[split.test],
+        risk[split.test],
+        on_progress=lambda n: progress.advance(task, n),
+    )
+
+
+def evaluate_heldout(
+    split: Split,
+    states: PolicyStates,
+    thresholds: Thresholds,
+    rules_only: RulesOnlyResult,
+    policy: PolicyModel,
+    rewards: RewardTable,
+    seed: int,
+    progress: Progress = SILENT,
+) -> list[PolicyReport]:
+    """Allow-all, thresholds, rules only and PPO in the simulator of the held-out entities."""
+    test = split.test
+    # Same grouping as test_histories, so every policy meets the same random draws row by row.
+    rules_histories = group_histories(
+        split.entity_ids[test],
+        rules_only.actions[:, None].astype(np.float32),
+        split.labels[test],
+        split.amounts[test],
+    )
+    task = "evaluating policies on held-out time"
+    progress.start(task, 4)
+    progress.advance(task)
+    histories = states.test_histories
+    reports = [
+        evaluate_policy(
+            "allow-all", lambda s: np.tile([1.0, 0.0, 0.0], (len(s), 1)), histories, rewards, seed=seed
+        ),
+        evaluate_policy(thresholds.name, thresholds.probabilities, histories, rewards, seed=seed),
+    ]
+    progress.advance(task)
+    reports.append(
+        evaluate_policy(
+            RULES_ONLY, lambda s: np.eye(3)[s[:, 0].astype(np.int64)], rules_histories, rewards, seed=seed
         )
-        progress.advance(task)
-        reports.append(
-            evaluate_policy(
-                "PPO policy", policy_model.probabilities, test_histories, rewards, seed=config.seed
-            )
-        )
-        progress.advance(task)
-    heldout = HeldOutRows(
-        entity_ids=entity_ids[test],
-        labels=y[test],
-        amounts=amounts[test],
+    )
+    progress.advance(task)
+    reports.append(evaluate_policy("PPO policy", policy.probabilities, histories, rewards, seed=seed))
+    progress.advance(task)
+    return reports
+
+
+def heldout_rows(
+    split: Split,
+    anomaly: np.ndarray,
+    risk: np.ndarray,
+    states: PolicyStates,
+    thresholds: Thresholds,
+    rules_only: RulesOnlyResult,
+    policy: PolicyModel,
+) -> HeldOutRows:
+    """The held-out rows with the action probabilities of every compared policy."""
+    test = split.test
+    held_states = states.states[test]
+    return HeldOutRows(
+        entity_ids=split.entity_ids[test],
+        labels=split.labels[test],
+        amounts=split.amounts[test],
         anomaly=anomaly[test],
         risk=risk[test],
         probabilities={
             "allow-all": np.tile(np.array([1.0, 0.0, 0.0], dtype=np.float32), (int(test.sum()), 1)),
-            threshold_name: threshold_probabilities(risk_index, t_throttle, t_block)(states[test]),
+            thresholds.name: thresholds.probabilities(held_states),
             RULES_ONLY: np.eye(3, dtype=np.float32)[rules_only.actions],
-            "PPO policy": policy_model.probabilities(states[test]).astype(np.float32),
+            "PPO policy": policy.probabilities(held_states).astype(np.float32),
         },
     )
-    training = HeldOutRows(entity_ids[train], y[train], amounts[train], anomaly[train], risk[train], {})
-    rules_info = {
-        "source": rules_source,
-        "hits": rules_only.hits,
-        "errors": rules_only.errors,
-        "model_based": rules_only.model_based,
-        "rows": int(test.sum()),
-    }
 
-    policy_metrics = {r.name: _report_dict(r) for r in reports}
-    status = "champion" if promote else "challenger"
-    versions = {
+
+def register_models(
+    registry: ModelRegistry,
+    spec_path: Path,
+    split: Split,
+    anomaly: AnomalyFit,
+    risk: RiskFit,
+    policy: PolicyFit,
+    policy_metrics: dict[str, Any],
+    config: TrainConfig,
+    status: str,
+) -> dict[str, str]:
+    """The three artifacts in the registry, each with its held-out metrics; kind -> version."""
+    train, y = split.train, split.labels
+    return {
         "anomaly": registry.register(
             "anomaly",
-            lambda d: save_artifact(anomaly_model, d, spec_path),
-            window,
-            {"roc_auc_heldout": risk_metrics["anomaly_roc_auc"], "trees": config.anomaly_trees},
+            lambda d: save_artifact(anomaly.model, d, spec_path),
+            split.window,
+            {"roc_auc_heldout": risk.metrics["anomaly_roc_auc"], "trees": config.anomaly_trees},
             status,
         ),
         "risk": registry.register(
             "risk",
             # With the normal ranges of its inputs and of the risk itself, read by explanations.
             lambda d: save_artifact(
-                risk_model, d, spec_path, np.column_stack([risk_inputs, risk])[train], y[train]
+                risk.model, d, spec_path, np.column_stack([risk.inputs, risk.scores])[train], y[train]
             ),
-            window,
-            risk_metrics,
+            split.window,
+            risk.metrics,
             status,
         ),
         "policy": registry.register(
             "policy",
-            lambda d: save_policy_artifact(policy_model, ppo, d, spec_path),
-            window,
-            {
-                "heldout": policy_metrics,
-                "timesteps": config.ppo_timesteps,
-                "thresholds": {"throttle": t_throttle, "block": t_block},
-                "rules_only": {"source": rules_source, "hits": rules_only.hits},
-            },
+            lambda d: save_policy_artifact(policy.model, policy.ppo, d, spec_path),
+            split.window,
+            policy_metrics,
             status,
         ),
     }
-    timings["total_s"] = time.perf_counter() - started
-    return TrainReport(versions, risk_metrics, reports, timings, window, rules_info, heldout, training)
+
+
+def train_all(
+    data: LabelledEvents,
+    spec_path: Path,
+    rewards: RewardTable,
+    registry: ModelRegistry,
+    config: TrainConfig = TrainConfig(),
+    progress: Progress = SILENT,
+    promote: bool = True,
+    source: str = "synthetic",
+    rules: RuleSet | Path | None = None,
+) -> TrainReport:
+    """Fit anomaly, risk and policy; register them (as champions when ``promote``); report.
+
+    The held-out comparison has four policies: allow-all, the best fixed risk thresholds (fit on the
+    training part), rules only (``rules``: a rule set or rules file, by default the configured
+    rules.yaml) and the PPO policy.
+    """
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    spec = FeatureSpec.load(spec_path)
+    rule_set, rules_source = _load_rules(rules, spec.names)
+    timer = _Timer()
+    split = split_in_time(data, spec, config.test_fraction, source, progress)
+    timer.lap("features_s")
+    anomaly = fit_anomaly(split, spec.names, config, progress)
+    timer.lap("anomaly_s")
+    risk = fit_risk(split, spec.names, anomaly.scores, config, progress)
+    timer.lap("risk_s")
+    states = policy_states(split, spec.names, anomaly.scores, risk)
+    thresholds = fit_thresholds(states, rewards, config.seed)
+    policy = fit_policy(split, states, thresholds, risk.model, rewards, config, progress)
+    timer.lap("policy_s")
+    rules_only = fit_rules_only(rule_set, split, spec.names, anomaly.scores, risk.scores, progress)
+    timer.lap("rules_s")
+    reports = evaluate_heldout(
+        split, states, thresholds, rules_only, policy.model, rewards, config.seed, progress
+    )
+    policy_metrics = {
+        "heldout": {r.name: _report_dict(r) for r in reports},
+        "timesteps": config.ppo_timesteps,
+        "thresholds": {"throttle": thresholds.throttle, "block": thresholds.block},
+        "rules_only": {"source": rules_source, "hits": rules_only.hits},
+    }
+    status = "champion" if promote else "challenger"
+    versions = register_models(
+        registry, spec_path, split, anomaly, risk, policy, policy_metrics, config, status
+    )
+    timer.timings["total_s"] = time.perf_counter() - timer.started
+    rows = int(split.test.sum())
+    rules_info = {"source": rules_source, "hits": rules_only.hits, "errors": rules_only.errors}
+    rules_info |= {"model_based": rules_only.model_based, "rows": rows}
+    train = split.train
+    return TrainReport(
+        versions,
+        risk.metrics,
+        reports,
+        timer.timings,
+        split.window,
+        rules_info,
+        heldout_rows(split, anomaly.scores, risk.scores, states, thresholds, rules_only, policy.model),
+        HeldOutRows(
+            split.entity_ids[train],
+            split.labels[train],
+            split.amounts[train],
+            anomaly.scores[train],
+            risk.scores[train],
+            {},
+        ),
+    )
+
+
+class _Timer:
+    """Seconds per stage of a job, as the reports record them (``<stage>_s``)."""
+
+    def __init__(self) -> None:
+        self.started = self._last = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = now - self._last
+        self._last = now
 
 
 def _report_dict(report: PolicyReport) -> dict[str, float]:
@@ -467,51 +647,3 @@ def _report_dict(report: PolicyReport) -> dict[str, float]:
         "good_throttled": report.good_throttled,
         "decisions": report.decisions,
     }
-
-
-def report_tables(report: TrainReport) -> list[Table]:
-    """Rich tables of the training report: model metrics, then the policy comparison."""
-    models = Table(title="Models (held-out = the later part of time)")
-    models.add_column("model")
-    models.add_column("version")
-    models.add_column("held-out metrics")
-    rm = report.risk_metrics
-    models.add_row(
-        "anomaly", report.versions["anomaly"], f"ROC-AUC {rm['anomaly_roc_auc']:.3f} (unsupervised)"
-    )
-    models.add_row(
-        "risk",
-        report.versions["risk"],
-        f"ROC-AUC {rm['roc_auc']:.3f}  PR-AUC {rm['pr_auc']:.3f}  Brier {rm['brier']:.4f}  "
-        f"(base rate {rm['base_rate']:.3%})",
-    )
-    models.add_row("policy", report.versions["policy"], "see the comparison below")
-
-    policies = Table(
-        title="Expected reward per decision on held-out entities (simulator, rewards.yaml units)",
-        caption=f"{RULES_ONLY}: allow unless a rule blocks or steps up. At serving the rules apply on "
-        "top of every policy.",
-    )
-    for column in (
-        "policy",
-        "reward / decision",
-        "95% CI",
-        "fraud stopped",
-        "fraud $ lost",
-        "good blocked",
-        "good throttled",
-        "decisions",
-    ):
-        policies.add_column(column, justify="right" if column != "policy" else "left")
-    for r in report.policies:
-        policies.add_row(
-            r.name,
-            f"{r.reward_per_decision:.3f}",
-            f"[{r.ci_low:.3f}, {r.ci_high:.3f}]",
-            f"{r.fraud_stopped}/{r.fraud_events} ({r.fraud_caught_rate:.0%})",
-            f"{r.fraud_amount_lost:,.0f}",
-            str(r.good_blocked),
-            str(r.good_throttled),
-            str(r.decisions),
-        )
-    return [models, policies]
