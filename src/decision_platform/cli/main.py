@@ -290,6 +290,7 @@ def replay(
     posted to /outcome --outcome-delay seconds after the decision. The replay ends once every outcome
     is posted. Kafka replays cannot do this: the decisions (and their ids) are made by the worker.
     """
+    from decision_platform.cli.progress import RichProgress
     from decision_platform.learning import replay as replaying
 
     if outcomes and to is not Target.http:
@@ -323,7 +324,10 @@ def replay(
             )
         send, chunk = replaying.http_sender(url, outcomes=reporter), 1
     try:
-        summary = replaying.replay(events, send, rate, chunk, console, workers=concurrency, outcomes=reporter)
+        with RichProgress(console, notes=True) as progress:
+            summary = replaying.replay(
+                events, send, rate, chunk, progress, workers=concurrency, outcomes=reporter
+            )
     finally:
         if reporter is not None:  # replay() drained it; after Ctrl-C, do not wait out the delays
             reporter.close(drain=False)

@@ -20,13 +20,12 @@ from dataclasses import dataclass, field
 
 import httpx
 import numpy as np
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from decision_platform.config import Settings
 from decision_platform.core.events import Event
 from decision_platform.core.rewards import SimulationSettings
 from decision_platform.events.kafka import EventProducer, ensure_topics
+from decision_platform.training.progress import SILENT, Progress
 from decision_platform.training.simulator import simulate_outcome
 
 
@@ -224,7 +223,7 @@ def replay(
     send: Callable[[Sequence[Event]], None],
     rate: float,
     chunk: int,
-    console: Console | None = None,
+    progress: Progress = SILENT,
     workers: int = 1,
     outcomes: OutcomeReporter | None = None,
 ) -> ReplaySummary:
@@ -236,14 +235,6 @@ def replay(
     summary = ReplaySummary()
     lock = threading.Lock()
     started = time.perf_counter()
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[note]}"),
-        console=console or Console(),
-    )
 
     def deliver(batch: Sequence[Event]) -> None:
         try:
@@ -256,26 +247,31 @@ def replay(
                 summary.first_error = summary.first_error or f"{type(exc).__name__}: {exc}"
         elapsed = time.perf_counter() - started
         achieved = summary.acknowledged / elapsed if elapsed else 0.0
-        progress.update(task, advance=len(batch), note=f"{achieved:,.0f} ev/s")
+        progress.advance(task, len(batch), note=f"{achieved:,.0f} ev/s")
 
-    with progress:
-        task = progress.add_task("replaying", total=len(events), note="")
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = []
-            for batch in _paced(events, rate, chunk):
-                summary.sent += len(batch)
-                futures.append(pool.submit(deliver, batch))
-            for future in futures:
-                future.result()
-        summary.seconds = time.perf_counter() - started
-        if outcomes is not None:
-            # The last decisions' outcomes are still waiting out their delay: show them being posted.
-            note = f"posted {outcomes.delay_s:g} s after each decision"
-            waiting = progress.add_task("outcomes", total=outcomes.scheduled, note=note)
-            while not outcomes.drain(timeout=0.1):
-                progress.update(waiting, completed=outcomes.finished, total=outcomes.scheduled)
-            progress.update(waiting, completed=outcomes.finished, total=outcomes.scheduled)
-            outcomes.fill(summary)
+    task = "replaying"
+    progress.start(task, len(events))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = []
+        for batch in _paced(events, rate, chunk):
+            summary.sent += len(batch)
+            futures.append(pool.submit(deliver, batch))
+        for future in futures:
+            future.result()
+    summary.seconds = time.perf_counter() - started
+    if outcomes is not None:
+        # The last decisions' outcomes are still waiting out their delay: show them being posted.
+        # Every send is done, so no more are scheduled: the total is final.
+        waiting, shown = "outcomes", 0
+        progress.start(waiting, outcomes.scheduled, note=f"posted {outcomes.delay_s:g} s after each decision")
+        while True:
+            drained = outcomes.drain(timeout=0.1)
+            finished = outcomes.finished
+            progress.advance(waiting, finished - shown)
+            shown = finished
+            if drained:
+                break
+        outcomes.fill(summary)
     return summary
 
 
