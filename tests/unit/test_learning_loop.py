@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from decision_platform.config import Settings
-from decision_platform.learning.evaluation import ServingModels
 from decision_platform.learning.logged import load_logged
 from decision_platform.learning.outcomes import NO_OUTCOME, impute_missing_outcomes
 from decision_platform.learning.retrain import RetrainError, judge, retrain
 from decision_platform.models.policy import PolicyModel
+from decision_platform.models.scoring import ScoringChain
 from decision_platform.serving.platform import Platform
 from decision_platform.storage.repository import OutcomeStatus
 from tests.conftest import decision_row
@@ -82,8 +82,8 @@ def test_estimators_find_the_true_value_of_policies_on_served_decisions(
         logged = load_logged(platform.repository, models.spec.names)  # type: ignore[union-attr]
         assert len(logged) == len(truth) and logged.has_reward.all()
         train = logged.created_at < np.quantile(logged.created_at, 0.6)
-        champion = ServingModels(models.anomaly, models.risk, models.policy)  # type: ignore[arg-type]
-        cautious = ServingModels(models.anomaly, models.risk, _threshold_policy(models.policy, 0.1))  # type: ignore[arg-type]
+        champion = ScoringChain(models.anomaly, models.risk, models.policy)  # type: ignore[arg-type]
+        cautious = ScoringChain(models.anomaly, models.risk, _threshold_policy(models.policy, 0.1))  # type: ignore[arg-type]
         champ, cand, _, _ = judge(champion, cautious, logged, train, ~train, settings, loop_config())
         test = logged.subset(~train & ~logged.fell_back)
         for estimate, models_ in ((champ, champion), (cand, cautious)):
@@ -128,8 +128,8 @@ def test_a_worse_candidate_is_refused_with_the_reasons(served: tuple[Settings, d
         models = platform.models
         logged = load_logged(platform.repository, models.spec.names)  # type: ignore[union-attr]
         train = logged.created_at < np.quantile(logged.created_at, 0.6)
-        cautious = ServingModels(models.anomaly, models.risk, _threshold_policy(models.policy, 0.1))  # type: ignore[arg-type]
-        allow_all = ServingModels(models.anomaly, models.risk, models.policy)  # type: ignore[arg-type]
+        cautious = ScoringChain(models.anomaly, models.risk, _threshold_policy(models.policy, 0.1))  # type: ignore[arg-type]
+        allow_all = ScoringChain(models.anomaly, models.risk, models.policy)  # type: ignore[arg-type]
         # Judge the allow-all policy as a candidate against the cautious one as champion.
         _, _, _, gate = judge(cautious, allow_all, logged, train, ~train, settings, loop_config())
         assert not gate.passed

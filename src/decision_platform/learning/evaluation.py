@@ -17,34 +17,6 @@ from decision_platform.core.actions import ALLOW, BLOCK
 from decision_platform.learning.config import GateSettings
 from decision_platform.learning.logged import LoggedDecisions
 from decision_platform.learning.ope import Estimate, evaluate
-from decision_platform.models.anomaly import AnomalyModel
-from decision_platform.models.policy import PolicyModel, serving_distribution
-from decision_platform.models.risk import RiskModel
-
-
-@dataclass(frozen=True)
-class ServingModels:
-    """The three models that decide together (a champion set, or a candidate set)."""
-
-    anomaly: AnomalyModel
-    risk: RiskModel
-    policy: PolicyModel
-
-    def scores(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(anomaly, risk, policy state) for rows of features."""
-        anomaly = self.anomaly.score(features)
-        risk = self.risk.predict(RiskModel.inputs(features, anomaly))
-        return anomaly, risk, self.policy.state(features, anomaly, risk)
-
-    def serving_probabilities(
-        self, features: np.ndarray, masks: np.ndarray, floor: float, explore_actions: tuple[int, ...]
-    ) -> np.ndarray:
-        """(n, 3): the distribution these models would sample from on each logged decision."""
-        _, _, states = self.scores(features)
-        raw = self.policy.probabilities(states)
-        return np.array(
-            [serving_distribution(p, m, floor, explore_actions) for p, m in zip(raw, masks, strict=True)]
-        )
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,6 @@ from decision_platform.learning.config import LearningConfig
 from decision_platform.learning.evaluation import (
     GateResult,
     PolicyEstimate,
-    ServingModels,
     check_gate,
     estimate_policy,
 )
@@ -43,6 +42,7 @@ from decision_platform.models.bundle import LoadedModels, load_champions
 from decision_platform.models.policy import PPO_ZIP, PolicyModel, imitate
 from decision_platform.models.registry import ModelRegistry
 from decision_platform.models.risk import RiskModel
+from decision_platform.models.scoring import ScoringChain
 from decision_platform.training.progress import SILENT, Progress
 from decision_platform.training.simulator import FraudSimulatorEnv, group_histories
 from decision_platform.training.train import (
@@ -185,8 +185,8 @@ def _train_policy(
 
 
 def judge(
-    champion: ServingModels,
-    candidate: ServingModels,
+    champion: ScoringChain,
+    candidate: ScoringChain,
     logged: LoggedDecisions,
     train: np.ndarray,
     holdout: np.ndarray,
@@ -352,8 +352,8 @@ def retrain(
 
     t0 = time.perf_counter()
     champ_est, cand_est, difference, gate = judge(
-        ServingModels(champions.anomaly, champions.risk, champions.policy),
-        ServingModels(champions.anomaly, risk_model, policy),
+        ScoringChain(champions.anomaly, champions.risk, champions.policy),
+        ScoringChain(champions.anomaly, risk_model, policy),
         logged,
         train,
         holdout,
