@@ -262,10 +262,11 @@ def test_models_commands(
     from typer.testing import CliRunner
 
     from decision_platform.cli import main as cli
+    from decision_platform.cli import models as models_commands
 
     settings = make_settings()
     platform = start_platform(settings)
-    monkeypatch.setattr(cli, "get_settings", lambda: settings)
+    monkeypatch.setattr(models_commands, "get_settings", lambda: settings)
     runner = CliRunner()
 
     def run(*args: str) -> tuple[int, str]:

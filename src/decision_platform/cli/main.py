@@ -5,52 +5,33 @@ from __future__ import annotations
 import enum
 import json
 import logging
-from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from decision_platform.cli.common import console, open_registry
 from decision_platform.cli.explain import explain as explain_command
+from decision_platform.cli.models import models_app
 from decision_platform.cli.report import report as report_command
 from decision_platform.cli.retrain import retrain as retrain_command
+from decision_platform.cli.spool import spool_app
 from decision_platform.config import Settings, get_settings
 from decision_platform.training import PPO_TIMESTEPS
 
 if TYPE_CHECKING:
     from decision_platform.data import LabelledEvents
-    from decision_platform.models.registry import ModelRegistry
 
 app = typer.Typer(help="Real-time AI decision platform.", no_args_is_help=True, add_completion=False)
-models_app = typer.Typer(
-    help="The model registry: list, promote, roll back, shadow, compare.", no_args_is_help=True
-)
 app.add_typer(models_app, name="models")
-spool_app = typer.Typer(
-    help="The local spool: decisions and outcomes acknowledged while the database could not take them.",
-    no_args_is_help=True,
-)
 app.add_typer(spool_app, name="spool")
-T = TypeVar("T")
-# Piped output (make run | tee, CI logs) would wrap the report tables at 80 columns.
-console = Console() if Console().is_terminal else Console(width=140)
 
 
 class Source(enum.StrEnum):
     synthetic = "synthetic"
     csv = "csv"
     ulb = "ulb"
-
-
-def _registry(settings: Settings) -> ModelRegistry:
-    from decision_platform.models.registry import ModelRegistry
-    from decision_platform.storage.database import open_database
-    from decision_platform.storage.repository import Repository
-
-    return ModelRegistry(Repository(open_database(settings)), settings.model_dir)
 
 
 def _train(
@@ -96,7 +77,7 @@ def _train(
             data,
             features_path,
             RewardTable.load(settings.rewards_path),
-            _registry(settings),
+            open_registry(settings),
             TrainConfig(ppo_timesteps=timesteps, seed=seed),
             progress=progress,
             promote=promote,
@@ -191,7 +172,7 @@ def serve(
 def run() -> None:
     """The main job on the configured (by default embedded) backends: train if no models, then serve."""
     settings = get_settings()
-    if not _registry(settings).has_champions():
+    if not open_registry(settings).has_champions():
         console.print("[bold]No models yet: training on the built-in synthetic data set.[/bold]")
         _train(settings, Source.synthetic, None, None, 3000, 14.0, PPO_TIMESTEPS, 0, True)
     serve(None, None, 1)
@@ -372,174 +353,3 @@ def replay(
 app.command("report")(report_command)
 app.command("explain")(explain_command)
 app.command("retrain")(retrain_command)
-
-
-_STATUS_STYLE = {"champion": "bold green", "shadow": "bold magenta", "retired": "dim"}
-_REFRESH_NOTE = "running servers pick it up within DP_MODEL_REFRESH_S seconds"
-
-
-def _registry_command(operation: Callable[[], T]) -> T:
-    """Run a registry operation; its refusal is printed in red and exits 1."""
-    from decision_platform.models.registry import CorruptArtifactError, RegistryError
-
-    try:
-        return operation()
-    except (RegistryError, CorruptArtifactError) as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from None
-
-
-@models_app.command("list")
-def models_list(kind: str | None = typer.Option(None, help="anomaly, risk or policy")) -> None:
-    """Registered models, newest first; the champions in green, the shadow in magenta."""
-    table = Table(title="Model registry")
-    for column in ("version", "kind", "status", "created", "promoted", "data window", "key metric"):
-        table.add_column(column)
-    for row in _registry(get_settings()).repository.list_models(kind):
-        metrics = row["metrics"]
-        key = next((f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)), "")
-        window = row["data_window"]
-        style = _STATUS_STYLE.get(row["status"], "")
-        table.add_row(
-            row["version"],
-            row["kind"],
-            f"[{style}]{row['status']}[/{style}]" if style else row["status"],
-            f"{row['created_at']:%Y-%m-%d %H:%M}",
-            f"{row['promoted_at']:%Y-%m-%d %H:%M}" if row["promoted_at"] else "",
-            f"{window.get('source')} ({window.get('events')} events)",
-            key,
-        )
-    console.print(table)
-
-
-@models_app.command("promote")
-def models_promote(version: str) -> None:
-    """Make VERSION the champion of its kind (a shadow stops shadowing); the champion is retired."""
-    _registry_command(lambda: _registry(get_settings()).promote(version))
-    console.print(f"{version} is now the champion; {_REFRESH_NOTE}")
-
-
-@models_app.command("rollback")
-def models_rollback(
-    kind: str | None = typer.Option(None, help="anomaly, risk or policy (default: all three, together)"),
-) -> None:
-    """Make the previously promoted version the champion again and retire the current one."""
-    plan = _registry_command(lambda: _registry(get_settings()).rollback(kind))
-    for k, (old, new) in plan.items():
-        console.print(f"{k}: {old or '(none)'} -> [bold green]{new}[/bold green]")
-    console.print(f"rolled back; {_REFRESH_NOTE}")
-
-
-@models_app.command("shadow")
-def models_shadow(version: str) -> None:
-    """Serve VERSION (a policy) as the shadow: scored on every decision and logged, never applied."""
-    replaced = _registry_command(lambda: _registry(get_settings()).shadow(version))
-    if replaced:
-        console.print(f"{replaced} stopped shadowing (now a challenger)")
-    console.print(f"{version} is now the shadow policy; {_REFRESH_NOTE}")
-
-
-@models_app.command("unshadow")
-def models_unshadow() -> None:
-    """Stop shadowing: the shadow policy goes back to challenger."""
-    removed = _registry_command(lambda: _registry(get_settings()).unshadow("policy"))
-    console.print(f"{removed} is no longer the shadow" if removed else "there was no shadow policy")
-
-
-@models_app.command("compare")
-def models_compare(
-    since: str | None = typer.Option(None, help="ISO 8601: only decisions made since (naive: UTC)"),
-    limit: int | None = typer.Option(None, min=1, help="at most the newest N shadowed decisions"),
-    version: str | None = typer.Option(None, help="the shadow version (default: the newest logged)"),
-) -> None:
-    """Champion vs shadow on logged decisions: agreement, who chose what, and value per decision."""
-    from decision_platform.core.actions import ACTION_NAMES
-    from decision_platform.learning.compare import compare_logged
-
-    try:
-        start = datetime.fromisoformat(since) if since else None
-    except ValueError:
-        raise typer.BadParameter(f"not an ISO 8601 date/time: {since!r}", param_hint="'--since'") from None
-    settings = get_settings()
-    registry = _registry(settings)
-    result = compare_logged(
-        registry.repository, settings.exploration_floor, settings.explore_actions, start, limit, version
-    )
-    if not result.decisions:
-        console.print("no logged decisions with a shadow policy (set one with `models shadow VERSION`)")
-        raise typer.Exit(0)
-    champions = ", ".join(f"{v} ({n})" for v, n in result.champion_versions.items())
-    console.print(f"shadow [bold magenta]{result.shadow_version}[/bold magenta] vs champion {champions}")
-    if result.other_shadow_versions:
-        console.print(f"[dim]left out, other shadows: {result.other_shadow_versions}[/dim]")
-    console.print(f"{result.decisions} decisions, agreement {result.agreement or 0.0:.1%}")
-
-    table = Table(title="champion choice (rows) x shadow choice (columns)")
-    table.add_column("champion \\ shadow")
-    for name in ACTION_NAMES:
-        table.add_column(name, justify="right")
-    table.add_column("total", justify="right")
-    for action, counts in enumerate(result.confusion):
-        cells = [f"[bold]{n}[/bold]" if a == action else str(n) for a, n in enumerate(counts)]
-        table.add_row(ACTION_NAMES[action], *cells, str(sum(counts)))
-    console.print(table)
-
-    if result.champion_value is None:
-        console.print(
-            f"{result.with_outcome} of them have an outcome: too few for value estimates (need 2); "
-            "outcomes arrive with POST /outcome"
-        )
-        return
-    values = Table(
-        title=f"value per decision on the {result.with_outcome} with an outcome "
-        f"({result.imputed} imputed), 95% bootstrap CI",
-        caption=f"shadow: off-policy (effective sample size {result.effective_sample_size:.0f}, "
-        f"max weight {result.max_weight:.1f}); champion: on-policy mean (it chose the logged actions)",
-    )
-    for column in ("policy", "estimator", "value", "CI"):
-        values.add_column(column, justify="right" if column in ("value", "CI") else "left")
-    rows = [("champion", result.champion_value)]
-    rows += [("shadow", estimate) for estimate in result.shadow_values.values()]
-    if result.difference is not None:
-        rows.append(("shadow - champion", result.difference))
-    for policy, estimate in rows:
-        values.add_row(
-            policy, estimate.name, f"{estimate.value:.3f}", f"[{estimate.ci_low:.3f}, {estimate.ci_high:.3f}]"
-        )
-    console.print(values)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    app()
-
-
-@spool_app.command("status")
-def spool_status() -> None:
-    """Records waiting for the database, and the quarantine (records it refused), with why."""
-    from decision_platform.storage.spool import Spool
-
-    settings = get_settings()
-    spool = Spool(settings.spool_dir)  # adopts no segment a running process holds: those are its own
-    entries = spool.quarantine_entries()
-    console.print(
-        f"spool {settings.spool_dir}: {spool.pending()} records not owned by a running process pending, "
-        f"{len(entries)} quarantined"
-    )
-    spool.close()
-    if entries:
-        table = Table("quarantined at", "decision", "error")
-        for entry in entries[-50:]:
-            table.add_row(entry.quarantined_at, str(entry.decision_id or "?"), entry.error[:100])
-        console.print(table)
-
-
-@spool_app.command("requeue")
-def spool_requeue() -> None:
-    """Put the quarantined records back in the spool (after fixing why the database refused them): a
-    running server adopts them within seconds, or the next start does."""
-    from decision_platform.storage.spool import Spool
-
-    spool = Spool(get_settings().spool_dir)
-    moved = spool.requeue_quarantined()
-    spool.close()  # releases the segment: a running writer adopts it
-    console.print(f"{moved} records requeued for replay")
