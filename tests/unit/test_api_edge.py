@@ -235,7 +235,7 @@ def test_each_route_documents_the_codes_it_answers(client: TestClient) -> None:
 
 
 def test_the_decision_record_is_typed_with_the_tables_columns(client: TestClient) -> None:
-    documented = client.get("/openapi.json").json()["components"]["schemas"]["DecisionRecord"]
+    documented = client.get("/openapi.json").json()["components"]["schemas"]["StoredDecision"]
     decision = client.post("/decide", json={"entity_id": "t1"}).json()
     stored = client.get(f"/decisions/{decision['decision_id']}").json()
     assert set(stored) == set(documented["properties"]) == set(decisions.columns.keys())

@@ -10,13 +10,13 @@ from decision_platform.api.deps import PlatformDep
 from decision_platform.api.schemas import (
     RETRY_AFTER_HEADER,
     DecideRequest,
-    DecisionRecord,
     DecisionResponse,
     EventBatch,
     EventsAccepted,
     ExplanationResponse,
     OutcomeRequest,
     OutcomeResponse,
+    StoredDecision,
     error_responses,
 )
 from decision_platform.core.events import INT64_MAX, Event
@@ -146,7 +146,7 @@ def outcome(body: OutcomeRequest, platform: PlatformDep, response: Response) -> 
 
 @router.get(
     "/decisions/{decision_id}",
-    response_model=DecisionRecord,
+    response_model=StoredDecision,
     summary="A stored decision record",
     responses=error_responses(404, 422, 503),
 )

@@ -156,7 +156,7 @@ class ExplanationResponse(BaseModel):
     created_at: str | None = None
 
 
-class DecisionRecord(BaseModel):
+class StoredDecision(BaseModel):
     """``GET /decisions/{id}``: the stored record (the ``decisions`` table), as written at decision time."""
 
     id: int

@@ -27,6 +27,7 @@ import numpy as np
 from decision_platform.config import Settings
 from decision_platform.core.actions import ACTION_NAMES
 from decision_platform.core.events import Event
+from decision_platform.core.records import DecisionRecord
 from decision_platform.explain.attributions import ReasonBuilder
 from decision_platform.explain.reasons import template_sentence
 from decision_platform.features import FeatureResult, FeatureSpec, FeatureStore
@@ -65,11 +66,16 @@ class ServingSet:
 
 @dataclass
 class Decision:
-    """The engine's result: the API response and the stored row."""
+    """The engine's result: the record, the API response derived from it, and where it was stored."""
 
+    record: DecisionRecord
     response: dict[str, Any]
-    row: DecisionRow
     storage: str  # stored | spooled | duplicate (the event had been decided before: the stored decision)
+
+    @property
+    def row(self) -> DecisionRow:
+        """The record as a table row (what the narrator and the stream worker's sink read)."""
+        return self.record.to_row()
 
 
 class _Stopwatch:
@@ -80,30 +86,6 @@ class _Stopwatch:
         now = time.perf_counter()
         metrics.DECISION_LATENCY.labels(stage=stage).observe(now - self.last)
         self.last = now
-
-
-def response_from_row(row: DecisionRow) -> dict[str, Any]:
-    """The API response of a stored decision (used when an event is redelivered)."""
-    return {
-        "decision_id": row["id"],
-        "entity_id": row["entity_id"],
-        "action": row["action"],
-        "action_name": ACTION_NAMES[row["action"]],
-        "risk": row["risk"],
-        "anomaly": row["anomaly"],
-        "explanation": row["explanation"],
-        "reasons": row["reasons"],
-        "rules": row["rules_fired"],
-        "fallback": row["fallback"],
-        "policy": {
-            "proposed_action": row["proposed_action"],
-            "probabilities": row["probabilities"],
-            "propensity": row["propensity"],
-            "decided_by": row["decided_by"],
-        },
-        "model_versions": row["model_versions"],
-        "latency_ms": round(row["latency_ms"], 3),
-    }
 
 
 class DecisionEngine:
@@ -294,33 +276,32 @@ class DecisionEngine:
         watch = _Stopwatch()
         serving = self._serving  # read once: a reload meanwhile applies from the next batch
         scores = self._score(requests, watch, features, serving)
-        rows = [self._decide_row(i, request, scores, serving) for i, request in enumerate(requests)]
+        records = [self._decide(i, request, scores, serving) for i, request in enumerate(requests)]
         watch.lap("rules")
         decided_ms = (time.perf_counter() - watch.start) * 1000.0
-        for row in rows:
-            row["latency_ms"] = decided_ms  # time to decide, before storage (stored with the decision)
-        storage = self.writer.write_many(rows)
+        for record in records:
+            record.latency_ms = decided_ms  # time to decide, before storage (stored with the decision)
+        storage = self.writer.write_many([record.to_row() for record in records])
         watch.lap("store")
         metrics.DECISION_LATENCY.labels(stage="total").observe(time.perf_counter() - watch.start)
         total_ms = round((time.perf_counter() - watch.start) * 1000.0, 3)
         decisions = []
-        for row, stored in zip(rows, storage, strict=True):
-            if stored == DUPLICATE and row["event_id"] is not None:
+        for record, stored in zip(records, storage, strict=True):
+            if stored == DUPLICATE and record.event_id is not None:
                 # This event was decided before (a redelivery or a retry): answer with that decision,
                 # whether it is in the database or still in the spool.
-                existing = self.writer.find_decision_by_event(row["event_id"])
+                existing = self.writer.find_decision_by_event(record.event_id)
                 if existing is not None:
-                    decisions.append(Decision(response_from_row(existing), existing, DUPLICATE))
+                    first = DecisionRecord.from_row(existing)
+                    decisions.append(Decision(first, first.response(), DUPLICATE))
                     continue
-            metrics.DECISIONS.labels(action=ACTION_NAMES[row["action"]], decided_by=row["decided_by"]).inc()
-            response = response_from_row(row)
-            response["latency_ms"] = total_ms
-            decisions.append(Decision(response, row, stored))
+            metrics.DECISIONS.labels(action=ACTION_NAMES[record.action], decided_by=record.decided_by).inc()
+            decisions.append(Decision(record, record.response(total_ms), stored))
         return decisions
 
-    def _decide_row(
+    def _decide(
         self, i: int, request: DecisionRequest, scores: _Scores, serving: ServingSet
-    ) -> DecisionRow:
+    ) -> DecisionRecord:
         event = request.event
         fallback = scores.fallbacks[i]
         features = scores.features[i] if scores.features is not None else None
@@ -367,34 +348,34 @@ class DecisionEngine:
                 # disagreement between the policies.
                 champion_choice = int(np.argmax(distribution))
                 shadow = self._shadow_record(serving.models, scores.shadow[i], verdict.mask, champion_choice)
-        return {
-            "id": self.ids.next_id(),
-            "entity_id": request.entity_id,
-            "event_id": event.event_id if event else None,
-            "created_at": datetime.now(UTC),
-            "features": feature_map,
-            "amount": amount if event else None,
-            "anomaly": anomaly,
-            "risk": risk,
-            "probabilities": probabilities.tolist() if probabilities is not None else None,
-            "proposed_action": proposed,
-            "action_mask": list(verdict.mask),
-            "action": action,
-            "propensity": propensity,
-            "decided_by": decided_by,
-            "rules_fired": self._rules_fired(
+        return DecisionRecord(
+            id=self.ids.next_id(),
+            entity_id=request.entity_id,
+            event_id=event.event_id if event else None,
+            created_at=datetime.now(UTC),
+            features=feature_map,
+            amount=amount if event else None,
+            anomaly=anomaly,
+            risk=risk,
+            probabilities=probabilities.tolist() if probabilities is not None else None,
+            proposed_action=proposed,
+            action_mask=list(verdict.mask),
+            action=action,
+            propensity=propensity,
+            decided_by=decided_by,
+            rules_fired=self._rules_fired(
                 scores.builder if scores.builder is not None else serving.reasons, verdict, facts
             ),
-            "fallback": fallback,
-            "model_versions": dict(serving.models.versions),
-            "reasons": reasons,
-            "explanation": template_sentence(action, risk, reasons, verdict.fired, fallback),
-            "explanation_source": "template",
-            "latency_ms": 0.0,
-            "event_type": event.event_type if event else None,
-            "attributes": dict(event.attributes) if event else None,
-            "shadow": shadow,
-        }
+            fallback=fallback,
+            model_versions=dict(serving.models.versions),
+            reasons=reasons,
+            explanation=template_sentence(action, risk, reasons, verdict.fired, fallback),
+            explanation_source="template",
+            latency_ms=0.0,
+            event_type=event.event_type if event else None,
+            attributes=dict(event.attributes) if event else None,
+            shadow=shadow,
+        )
 
 
 class _Scores:

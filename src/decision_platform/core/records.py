@@ -1,0 +1,85 @@
+"""The decision record: what a decision is, typed, from the engine to the API and the database.
+
+One record per decision; its fields are exactly the columns of the ``decisions`` table (a test keeps them
+equal), so storage maps it with :meth:`DecisionRecord.to_row` / :meth:`DecisionRecord.from_row` and the
+API's answer is derived from it in one place (:meth:`DecisionRecord.response`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime
+from typing import Any
+
+from decision_platform.core.actions import ACTION_NAMES
+
+
+@dataclass(slots=True)
+class DecisionRecord:
+    id: int  # app-generated, time-ordered 64-bit (storage/ids.py)
+    entity_id: str
+    event_id: str | None
+    created_at: datetime
+    #: The exact vector the models saw: the point-in-time training row.
+    features: dict[str, float]
+    amount: float | None
+    anomaly: float | None  # None: the decision fell back before scoring
+    risk: float | None
+    probabilities: list[float] | None  # the policy's, before rules
+    proposed_action: int | None
+    action_mask: list[bool]  # which actions the rules allowed
+    action: int
+    #: Probability with which ``action`` was chosen: what off-policy evaluation needs.
+    propensity: float
+    decided_by: str  # policy | rule | fallback
+    rules_fired: list[dict[str, Any]]
+    fallback: str | None
+    model_versions: dict[str, str]
+    reasons: list[dict[str, Any]]
+    explanation: str
+    explanation_source: str
+    latency_ms: float  # time to decide, before storage
+    event_type: str | None
+    attributes: dict[str, Any] | None
+    #: A shadow policy's choice on the same state ({"version", "action", "probabilities"}); never applied.
+    shadow: dict[str, Any] | None
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> DecisionRecord:
+        """From a stored row (database or spool); a column an older row lacks is None."""
+        return cls(**{name: row.get(name) for name in cls.field_names()})
+
+    def to_row(self) -> dict[str, Any]:
+        """The row to store: one key per column of ``decisions``."""
+        return {name: getattr(self, name) for name in self.field_names()}
+
+    def response(self, latency_ms: float | None = None) -> dict[str, Any]:
+        """The ``POST /decide`` answer (``latency_ms``: end to end, storage included, when known)."""
+        return {
+            "decision_id": self.id,
+            "entity_id": self.entity_id,
+            "action": self.action,
+            "action_name": ACTION_NAMES[self.action],
+            "risk": self.risk,
+            "anomaly": self.anomaly,
+            "explanation": self.explanation,
+            "reasons": self.reasons,
+            "rules": self.rules_fired,
+            "fallback": self.fallback,
+            "policy": {
+                "proposed_action": self.proposed_action,
+                "probabilities": self.probabilities,
+                "propensity": self.propensity,
+                "decided_by": self.decided_by,
+            },
+            "model_versions": self.model_versions,
+            "latency_ms": round(self.latency_ms if latency_ms is None else latency_ms, 3),
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
