@@ -12,10 +12,10 @@ import sqlalchemy as sa
 from sklearn.ensemble import IsolationForest
 
 from decision_platform.config import PROJECT_ROOT
+from decision_platform.core.ids import DecisionIdGenerator, id_timestamp
 from decision_platform.core.rewards import RewardTable
 from decision_platform.models.anomaly import AnomalyModel
 from decision_platform.storage.database import make_engine, migrate
-from decision_platform.storage.ids import DecisionIdGenerator, id_timestamp
 from decision_platform.storage.repository import Repository
 from decision_platform.storage.spool import Spool
 from decision_platform.storage.writer import SPOOLED, STORED, DecisionWriter

@@ -20,6 +20,7 @@ from decision_platform.api.schemas import (
     error_responses,
 )
 from decision_platform.core.events import INT64_MAX, Event
+from decision_platform.core.records import DUPLICATE
 from decision_platform.events.kafka import BrokerUnavailableError
 from decision_platform.observability import metrics
 from decision_platform.serving.outcomes import (
@@ -29,7 +30,6 @@ from decision_platform.serving.outcomes import (
     record_outcome,
 )
 from decision_platform.storage.errors import DatabaseUnavailable
-from decision_platform.storage.writer import DUPLICATE
 
 router = APIRouter()
 

@@ -14,10 +14,15 @@ from typing import Any
 
 from decision_platform.core.actions import ACTION_NAMES
 
+#: Where a decision ended up once durable (what the writer answers for each row).
+STORED = "stored"
+SPOOLED = "spooled"  # in the local spool, on its way to the database
+DUPLICATE = "duplicate"  # its event was decided before (stored or spooled): nothing was written
+
 
 @dataclass(slots=True)
 class DecisionRecord:
-    id: int  # app-generated, time-ordered 64-bit (storage/ids.py)
+    id: int  # app-generated, time-ordered 64-bit (core/ids.py)
     entity_id: str
     event_id: str | None
     created_at: datetime

@@ -20,14 +20,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from decision_platform.config import Settings
 from decision_platform.core.actions import ACTION_NAMES
 from decision_platform.core.events import Event
-from decision_platform.core.records import DecisionRecord
+from decision_platform.core.ids import DecisionIdGenerator
+from decision_platform.core.records import DUPLICATE, DecisionRecord
 from decision_platform.explain.attributions import ReasonBuilder
 from decision_platform.explain.reasons import template_sentence
 from decision_platform.features import FeatureResult, FeatureSpec, FeatureStore
@@ -35,9 +36,6 @@ from decision_platform.models.bundle import LoadedModels
 from decision_platform.models.policy import serving_distribution
 from decision_platform.observability import metrics
 from decision_platform.rules.ruleset import RuleSet, RuleVerdict
-from decision_platform.storage.ids import DecisionIdGenerator
-from decision_platform.storage.repository import DecisionRow
-from decision_platform.storage.writer import DUPLICATE, DecisionWriter
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +46,15 @@ class StageError(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class DecisionSink(Protocol):
+    """Where decided records go (storage/writer.py's DecisionWriter): durable when ``write_many`` returns,
+    one status per row (stored | spooled | duplicate), and the first decision of an event on request."""
+
+    def write_many(self, rows: list[dict[str, Any]]) -> list[str]: ...
+
+    def find_decision_by_event(self, event_id: str) -> dict[str, Any] | None: ...
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,7 @@ class Decision:
     storage: str  # stored | spooled | duplicate (the event had been decided before: the stored decision)
 
     @property
-    def row(self) -> DecisionRow:
+    def row(self) -> dict[str, Any]:
         """The record as a table row (what the narrator and the stream worker's sink read)."""
         return self.record.to_row()
 
@@ -101,7 +108,7 @@ class DecisionEngine:
         store: FeatureStore,
         models: LoadedModels,
         rules: RuleSet,
-        writer: DecisionWriter,
+        writer: DecisionSink,
         ids: DecisionIdGenerator | None = None,
         reasons: ReasonBuilder | None = None,
     ) -> None:

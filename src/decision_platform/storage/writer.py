@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+from decision_platform.core.records import DUPLICATE, SPOOLED, STORED
 from decision_platform.observability import metrics
 from decision_platform.storage.errors import DatabaseUnavailable, is_record_error
 from decision_platform.storage.repository import DecisionRow, OutcomeResult, OutcomeStatus, Repository
@@ -46,9 +47,6 @@ from decision_platform.storage.spool import DECISION, OUTCOME, ReplayChunk, Spoo
 
 log = logging.getLogger(__name__)
 
-STORED = "stored"
-SPOOLED = "spooled"
-DUPLICATE = "duplicate"  # a decision for this event (or id) was already stored or spooled; nothing written
 
 T = TypeVar("T")
 
