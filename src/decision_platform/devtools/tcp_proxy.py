@@ -262,7 +262,9 @@ class TcpProxy:
         self._links.add(link)
         self._accepted += 1
         try:
-            if self._mode is Mode.DROP:
+            # REFUSE too: a connection accepted just before the listener closed, whose handler runs only
+            # now, must not get through to a "dead" server (a race the Redis outage test once hit).
+            if self._mode in (Mode.DROP, Mode.REFUSE):
                 self._reset_count += 1
                 self._reset_link(link)
                 return
@@ -273,6 +275,10 @@ class TcpProxy:
                 )
             except (OSError, TimeoutError):
                 self._upstream_failures += 1
+                self._reset_link(link)
+                return
+            if self._mode in (Mode.DROP, Mode.REFUSE):  # switched while connecting upstream
+                self._reset_count += 1
                 self._reset_link(link)
                 return
             link.pumps = [
