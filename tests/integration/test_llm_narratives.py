@@ -180,8 +180,9 @@ def test_seeded_bad_narratives_are_rejected_retried_then_replaced_by_the_templat
 ) -> None:
     fake = fake_llm(
         [
-            # a wrong number, then the wrong action: refused twice
-            "Blocked because the rule denylisted_device fired after 14 payments in the last minute.",
+            # a wrong number, then the wrong action: refused twice. (The number must be one no fact can
+            # hold: "14" failed this test when it ran at 14:xx UTC, the hour being a fact.)
+            "Blocked because the rule denylisted_device fired after 9137 payments in the last minute.",
             "Allowed because the rule denylisted_device fired.",
             # an invented reason, then the truth: refused once, then accepted
             "Blocked because the rule denylisted_device fired: a login from a new country.",
@@ -197,7 +198,7 @@ def test_seeded_bad_narratives_are_rejected_retried_then_replaced_by_the_templat
         fixed = client.get(f"/decisions/{second['decision_id']}/explanation", params={"wait": "true"}).json()
     assert refused["source"] == "template" and refused["reason"] == "grounding_rejected"
     problems = [p for r in refused["grounding"]["rejected"] for p in r["problems"]]
-    assert any("numbers not in the facts: 14" in p for p in problems)
+    assert any("numbers not in the facts: 9137" in p for p in problems)
     assert any("states allow first" in p for p in problems)
     assert counted("rejected") == rejected_before + 1
     # The retry is told why, and a grounded second answer is accepted.
