@@ -9,9 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import psycopg
 import redis
-import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -21,6 +19,7 @@ from decision_platform.api.admin import router as admin_router
 from decision_platform.api.routes import router
 from decision_platform.config import Settings, get_settings
 from decision_platform.serving.platform import Platform
+from decision_platform.storage.errors import OUTAGE_ERRORS as DATABASE_OUTAGES
 from decision_platform.storage.errors import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
@@ -114,16 +113,9 @@ class CatchUnexpected:
             await JSONResponse({"detail": INTERNAL_ERROR}, status_code=500)(scope, receive, send)
 
 
-#: Dependency outages: retryable, answered 503 with Retry-After (storage.errors.is_outage says which).
-OUTAGE_ERRORS: tuple[type[Exception], ...] = (
-    DatabaseUnavailable,
-    TimeoutError,
-    OSError,
-    psycopg.OperationalError,
-    psycopg.InterfaceError,
-    sqlalchemy.exc.OperationalError,
-    sqlalchemy.exc.InterfaceError,
-    sqlalchemy.exc.TimeoutError,
+#: Dependency outages, answered 503 with Retry-After: the database's (storage.errors) and the feature store's.
+DEPENDENCY_OUTAGES: tuple[type[Exception], ...] = (
+    *DATABASE_OUTAGES,
     redis.ConnectionError,
     redis.TimeoutError,
 )
@@ -202,7 +194,7 @@ def create_app(settings: Settings | None = None, platform: Platform | None = Non
 def add_error_handling(app: FastAPI, max_body_bytes: int) -> None:
     """The error answers of DESIGN.md §11: 413, 422 naming the fields, 503 for outages, 500 for bugs."""
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
-    for error in OUTAGE_ERRORS:
+    for error in DEPENDENCY_OUTAGES:
         app.add_exception_handler(error, _dependency_unavailable)
     app.add_middleware(BodySizeLimit, limit=max_body_bytes)
     app.add_middleware(CatchUnexpected)  # added last: outermost of ours, so it also covers BodySizeLimit

@@ -8,7 +8,7 @@ API's answer is derived from it in one place (:meth:`DecisionRecord.response`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
@@ -85,6 +85,3 @@ class DecisionRecord:
             "model_versions": self.model_versions,
             "latency_ms": round(self.latency_ms if latency_ms is None else latency_ms, 3),
         }
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)

@@ -50,16 +50,19 @@ def is_record_error(exc: BaseException) -> bool:
     return isinstance(exc, _RECORD_ERRORS)
 
 
+#: Failures of the database itself (see :func:`is_record_error`): the API answers them 503.
+OUTAGE_ERRORS: tuple[type[Exception], ...] = (
+    DatabaseUnavailable,
+    TimeoutError,
+    OSError,
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.TimeoutError,
+)
+
+
 def is_outage(exc: BaseException) -> bool:
-    """True for a failure of the database itself (see :func:`is_record_error`): the API answers 503."""
-    return isinstance(
-        exc,
-        DatabaseUnavailable
-        | TimeoutError
-        | OSError
-        | psycopg.OperationalError
-        | psycopg.InterfaceError
-        | sqlalchemy.exc.OperationalError
-        | sqlalchemy.exc.InterfaceError
-        | sqlalchemy.exc.TimeoutError,
-    )
+    """True for a failure of the database itself: retrying later can succeed."""
+    return isinstance(exc, OUTAGE_ERRORS)

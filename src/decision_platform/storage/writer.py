@@ -387,9 +387,7 @@ class DecisionWriter:
                 run = []
                 self._replay_outcome(record)
             self._replay_decisions(run)
-        except Exception as exc:
-            if is_record_error(exc):  # cannot happen: record errors are isolated below; be safe anyway
-                raise
+        except Exception as exc:  # record errors are isolated below: what reaches here is an outage
             metrics.DB_ERRORS.labels(operation="replay").inc()
             self._mark_down(exc)
             return
