@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint format bench clean prometheus stack stack-stop
+.PHONY: install run test lint format bench clean prometheus chromium stack stack-stop
 
 # Re-install when pyproject.toml changes. torch is pinned exactly (==2.13.0) in pyproject so pip takes the
 # local CPU wheel instead of downloading CUDA builds.
@@ -20,13 +20,17 @@ run: install
 	$(BIN)/decision-platform run
 
 ## Lint, then the whole suite: unit tests (embedded backends) and integration tests (real PostgreSQL, Redis).
-test: install prometheus
+test: install prometheus chromium
 	$(BIN)/ruff check src tests bench
 	$(BIN)/pytest
 
 ## Debian's prometheus + promtool, which the observability tests and `make stack` use (skips when not root).
 prometheus:
 	sh scripts/install-prometheus.sh
+
+## Debian's chromium + chromium-driver, which the analyst console's browser tests drive headless (skips when not root).
+chromium:
+	sh scripts/install-chromium.sh
 
 ## The full stack without Docker: tansu (Kafka), Prometheus, the API and the worker, on the running
 ## PostgreSQL and Redis. `make stack-stop` stops what it started, nothing else.
