@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 from pathlib import Path
 
@@ -212,6 +213,17 @@ def test_csv_import_maps_every_field(tmp_path: Path) -> None:
     assert t2.timestamp == 1709287201.0
     for event in data.events:
         assert Event.model_validate(event.model_dump()) == event
+
+
+def test_csv_import_reads_gzip_directly(tmp_path: Path) -> None:
+    plain, mapping = write(tmp_path, ROWS)
+    packed = tmp_path / "data.csv.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert load_csv(packed, mapping).events == load_csv(plain, mapping).events
+    broken = tmp_path / "broken.csv.gz"
+    broken.write_bytes(gzip.compress(plain.read_bytes())[:-12])  # cut short, as an interrupted copy is
+    with pytest.raises(DatasetError, match=r"broken\.csv\.gz: not a readable gzip file"):
+        load_csv(broken, mapping)
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import gc
+import gzip
 import hashlib
 import io
 import math
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -208,7 +210,8 @@ def load_csv(
     """Stream a CSV file into labelled events (sorted by time; scenario ``"csv"``).
 
     `progress` shows a progress bar by bytes read; `limit` stops after that many data rows.
-    Raises `DatasetError` naming the file, line and column of the first bad value.
+    A ``.gz`` file is decompressed as it is read. Raises `DatasetError` naming the file, line and column
+    of the first bad value.
     """
     path = Path(path)
     if not isinstance(mapping, ColumnMapping):
@@ -217,23 +220,29 @@ def load_csv(
         raw = open(path, "rb")  # noqa: SIM115  # closed below, after the text wrapper
     except OSError as exc:
         raise DatasetError(f"{path}: cannot open: {exc}") from exc
-    with raw, io.TextIOWrapper(raw, encoding=mapping.encoding, newline="") as text:
+    # Exports from real systems come compressed: a .gz file is read as it streams (progress counts
+    # compressed bytes, which is what the file size says).
+    stream = gzip.GzipFile(fileobj=raw) if path.suffix == ".gz" else raw
+    with raw, stream, io.TextIOWrapper(stream, encoding=mapping.encoding, newline="") as text:
         reader = csv.reader(text, delimiter=mapping.delimiter)
-        header = next(reader, None)
-        if header is None:
-            raise DatasetError(f"{path}: empty file, expected a header row")
-        loader = _RowLoader(mapping, [h.strip() for h in header], path)
-        size = os.fstat(raw.fileno()).st_size
-        with _progress(progress, size, path.name) as advance, _gc_paused():
-            for row in reader:
-                if limit is not None and len(loader.events) >= limit:
-                    break
-                if not row:  # blank line
-                    continue
-                loader.add(row, reader.line_num)
-                if len(loader.events) % 8192 == 0:
-                    advance(raw.tell())
-            advance(size)
+        try:
+            header = next(reader, None)
+            if header is None:
+                raise DatasetError(f"{path}: empty file, expected a header row")
+            loader = _RowLoader(mapping, [h.strip() for h in header], path)
+            size = os.fstat(raw.fileno()).st_size
+            with _progress(progress, size, path.name) as advance, _gc_paused():
+                for row in reader:
+                    if limit is not None and len(loader.events) >= limit:
+                        break
+                    if not row:  # blank line
+                        continue
+                    loader.add(row, reader.line_num)
+                    if len(loader.events) % 8192 == 0:
+                        advance(raw.tell())
+                advance(size)
+        except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+            raise DatasetError(f"{path}: not a readable gzip file ({exc})") from exc
     return loader.result()
 
 
