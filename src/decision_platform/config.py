@@ -122,6 +122,14 @@ class Settings(BaseSettings):
     #: DP_API_KEY: the key of the /admin endpoints (header X-API-Key); unset, they answer 403.
     api_key: str | None = None
 
+    # --- analyst console (/console)
+    #: DP_CONSOLE_PASSWORD: the console asks for it (DP_API_KEY serves when unset); neither: open, and
+    #: every page says so.
+    console_password: str | None = None
+    console_session_hours: float = Field(12.0, gt=0)
+    #: Most decisions one rule what-if replays from the console (the newest of the window); the CLI has none.
+    console_backtest_limit: int = Field(200_000, ge=1)
+
     @property
     def rules_path(self) -> Path:
         return self.config_dir / "rules.yaml"
