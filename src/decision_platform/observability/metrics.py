@@ -188,6 +188,13 @@ LLM_NARRATIVES = Counter(
     "is kept), error, timeout.",
     ["result"],
 )
+NARRATOR_ACTIVE = Gauge(
+    "dp_narrator_active",
+    "Which narrator writes narratives now (value 1): llm, starting (the template while the model is "
+    "fetched and loaded) or template.",
+    ["narrator", "model"],
+    multiprocess_mode="max",
+)
 LLM_LATENCY = Histogram(
     "dp_llm_narrative_duration_seconds",
     "Time of one LLM narrative call, whatever its result.",
