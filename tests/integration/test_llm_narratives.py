@@ -148,7 +148,9 @@ def test_a_narrative_is_written_after_the_decision_stored_in_postgresql_and_serv
     )
     assert (narrative, source) == (served["narrative"], served["source"])
     assert "smollm2" in model.lower()  # what the server reports: its model file
-    assert version == "narrative-v1" and latency > 0 and grounding["attempts"] in (1, 2)
+    assert version == "narrative-v2" and latency > 0 and grounding["attempts"] in (1, 2)
+    if source == "llm":  # the model chose facts (constrained to the schema); the platform wrote them
+        assert grounding["chosen"] and grounding["usage"]["completion_tokens"] > 0
 
 
 def test_an_injected_attribute_does_not_change_the_narrative(
@@ -162,7 +164,9 @@ def test_an_injected_attribute_does_not_change_the_narrative(
         )
     explanation = response.json()
     assert response.status_code == 200 and explanation["status"] == "ready"
-    assert explanation["facts"]["attributes"]["note"] == INJECTION  # it reached the prompt, as quoted data
+    assert (
+        explanation["facts"]["attributes"]["note"] == INJECTION
+    )  # a fact of the record, never sent to the model
     assert_served_is_grounded(explanation)
     narrative = explanation["narrative"].lower()
     assert first_action(narrative) == 2 and "say allowed" not in narrative and INJECTION not in narrative
@@ -189,7 +193,10 @@ def test_seeded_bad_narratives_are_rejected_retried_then_replaced_by_the_templat
             opening_of,
         ]
     )
-    settings = pg_settings(llm_url=f"openai://{fake.url.split('://')[1]}/v1")
+    # the free-text prompt: what the check refuses in free text (structured answers cannot say it)
+    settings = pg_settings(
+        llm_url=f"openai://{fake.url.split('://')[1]}/v1", llm_prompt_version="narrative-v1"
+    )
     rejected_before, accepted_before = counted("rejected"), counted("accepted")
     with TestClient(create_app(settings, start_platform(settings))) as client:
         first = block(client, "seeded-1")

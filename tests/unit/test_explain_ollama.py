@@ -30,6 +30,23 @@ def opening_of(request: dict[str, Any]) -> str:
     return prompt.rsplit('Begin with: "', 1)[1].split('"', 1)[0] + "."
 
 
+def schema_of(request: dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON schema a request constrains its answer to (Ollama ``format``, OpenAI ``response_format``)."""
+    if isinstance(request.get("format"), dict):
+        return request["format"]
+    response_format = request.get("response_format") or {}
+    return (response_format.get("json_schema") or {}).get("schema")
+
+
+def answer_of(request: dict[str, Any]) -> str:
+    """What a well-behaved model answers: the first fact the schema offers (structured prompt), else the
+    opening (free text)."""
+    schema = schema_of(request)
+    if schema is None:
+        return opening_of(request)
+    return json.dumps({"mention": schema["properties"]["mention"]["items"]["enum"][:1]})
+
+
 class FakeLLM:
     """A local HTTP server speaking Ollama's /api/chat and OpenAI's /v1/chat/completions.
 
@@ -37,7 +54,7 @@ class FakeLLM:
     ``delay_s`` makes every answer late (timeouts); requests are recorded for contract checks."""
 
     def __init__(self, replies: list[str | Reply] | None = None, delay_s: float = 0.0) -> None:
-        self.replies = list(replies or [opening_of])
+        self.replies = list(replies or [answer_of])
         self.delay_s = delay_s
         self.requests: list[tuple[str, dict[str, Any]]] = []
         fake = self
@@ -135,6 +152,19 @@ def test_ollama_client_speaks_the_native_chat_contract(fake_llm: Callable[..., F
     assert body["model"] == "qwen2.5:1.5b" and body["messages"] == messages
     assert body["stream"] is False  # one JSON object back, not a stream of chunks
     assert body["options"]["num_predict"] == 50 and body["options"]["temperature"] == 0.0
+    assert body.get("format") is None  # free text: no schema
+
+
+def test_ollama_client_sends_the_schema_as_format(fake_llm: Callable[..., FakeLLM]) -> None:
+    fake = fake_llm(['{"mention": ["risk"]}'])
+    client = OllamaChat(fake.url, "qwen2.5:1.5b", timeout_s=5, connect_timeout_s=1)
+    schema = {"type": "object", "properties": {"mention": {"type": "array"}}, "required": ["mention"]}
+    result = client.chat([{"role": "user", "content": "u"}], max_tokens=50, temperature=0.0, schema=schema)
+    client.close()
+    ((_, body),) = fake.requests
+    assert body["format"] == schema and "repeat_penalty" not in body["options"]
+    assert result.text == '{"mention": ["risk"]}'
+    assert (result.prompt_tokens, result.completion_tokens) == (100, 20)  # prompt_eval_count, eval_count
 
 
 def test_narratives_through_ollama_are_served_and_cached(
@@ -151,8 +181,13 @@ def test_narratives_through_ollama_are_served_and_cached(
         url = f"/decisions/{decided['decision_id']}/explanation"
         explanation = client.get(url, params={"wait": "true", "timeout": 10}).json()
         assert explanation["status"] == "ready" and explanation["source"] == "llm", explanation
-        assert explanation["narrative"] == "Blocked because the rule denylisted_device fired."
-        assert explanation["model"] == "qwen2.5:1.5b" and explanation["prompt_version"] == "narrative-v1"
+        # the model chose the first fact offered (the risk); the platform wrote the narrative
+        assert explanation["narrative"].startswith(
+            "Blocked because the rule denylisted_device (block tier) fired."
+        )
+        assert "The risk of fraud was" in explanation["narrative"]
+        assert explanation["grounding"]["chosen"] == ["risk"]
+        assert explanation["model"] == "qwen2.5:1.5b" and explanation["prompt_version"] == "narrative-v2"
         assert explanation["grounding"]["passed"] is True and explanation["latency_ms"] > 0
         assert client.get(url).json() == explanation  # cached: the model is not asked twice
         assert [path for path, _ in fake.requests] == ["/api/chat"]

