@@ -66,6 +66,9 @@ def ready(platform: PlatformDep, response: Response) -> dict[str, Any]:
         kind: platform.models.versions.get(kind) or f"missing: {platform.models.errors.get(kind)}"
         for kind in ("anomaly", "risk", "policy")
     }
+    # Which narrator writes narratives now (llm / starting / template): informative, never a reason for 503.
+    narrator = platform.narrator
+    checks["narrator"] = narrator.status() if narrator is not None else {"active": "template"}
     healthy = checks["database"] == "ok" and checks["feature_store"] == "ok" and platform.models.complete
     # Not ready still serves decisions (fallbacks, spool); 503 tells a load balancer to prefer a healthy peer.
     response.status_code = 200 if healthy else 503
