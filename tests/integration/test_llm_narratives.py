@@ -271,3 +271,33 @@ def test_the_real_server_past_its_timeout_gives_the_template(
             f"/decisions/{decided['decision_id']}/explanation", params={"wait": "true", "timeout": 10}
         ).json()
     assert explanation["source"] == "template" and explanation["reason"] == "llm_timeout"
+
+
+def test_run_defaults_to_the_llm_narrator_started_in_the_background(
+    monkeypatch: pytest.MonkeyPatch,
+    llama_server: str,  # only for its skip when xllamacpp or the weights are missing
+    pg_settings: Callable[..., Settings],
+    start_platform: Callable[[Settings], Platform],
+) -> None:
+    """`make run` with DP_LLM_URL unset: the embedded default URL, here with the tests' small model; the
+    platform serves at once, /ready and /metrics say which narrator writes, and it switches to the LLM."""
+    from decision_platform.cli.main import default_llm_url
+
+    monkeypatch.delenv("DP_LLM_URL", raising=False)
+    settings = pg_settings(llm_url=default_llm_url(), llm_model="smollm2", llm_start_timeout_s=120)
+    with TestClient(create_app(settings, start_platform(settings))) as client:
+        decided = block(client, "run-default")  # decisions never wait for the model
+        narrator = client.get("/ready").json()["checks"]["narrator"]
+        assert narrator["backend"] == "embedded" and narrator["model"] == "smollm2"
+        assert narrator["active"] in ("starting", "llm") and narrator["prompt_version"] == "narrative-v2"
+        deadline = time.monotonic() + 120
+        while client.get("/ready").json()["checks"]["narrator"]["active"] != "llm":
+            assert time.monotonic() < deadline, "the embedded LLM was not ready in 120 s"
+            time.sleep(0.2)
+        assert 'dp_narrator_active{model="smollm2",narrator="llm"} 1.0' in client.get("/metrics").text
+        explanation = client.get(
+            f"/decisions/{decided['decision_id']}/explanation", params={"wait": "true", "timeout": 60}
+        ).json()
+    assert explanation["status"] == "ready" and explanation["source"] == "llm", explanation
+    assert explanation["model"].startswith("smollm2") and explanation["grounding"]["attempts"] == 1
+    assert_served_is_grounded(explanation)

@@ -454,3 +454,16 @@ def test_an_llm_that_cannot_start_leaves_the_template_and_says_why(
     assert "could not fetch the weights" in narrator.status()["error"]
     explanation = narrator.explanation(facts.decision_id)
     assert explanation is not None and explanation.reason == "llm_unavailable"
+
+
+def test_run_turns_the_llm_on_by_default_and_none_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from decision_platform.cli.main import RUN_LLM_URL, default_llm_url
+    from decision_platform.explain.llm import EmbeddedChat, open_chat_client
+
+    monkeypatch.delenv("DP_LLM_URL", raising=False)
+    assert default_llm_url() == RUN_LLM_URL == "embedded://"
+    client = open_chat_client(Settings())  # what `run` then serves with: the embedded default model
+    assert isinstance(client, EmbeddedChat) and client.model == "qwen2.5-coder-1.5b"
+    client.close()
+    monkeypatch.setenv("DP_LLM_URL", "none")
+    assert default_llm_url() == "none" and open_chat_client(Settings()) is None

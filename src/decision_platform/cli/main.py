@@ -168,9 +168,23 @@ def serve(
     )
 
 
+#: What ``run`` explains with when DP_LLM_URL is unset: the default local model, fetched and started in
+#: the background (template narratives meanwhile). ``DP_LLM_URL=none`` turns the LLM off.
+RUN_LLM_URL = "embedded://"
+
+
+def default_llm_url() -> str:
+    """DP_LLM_URL for ``run``: as set, else the embedded default (the LLM narrator on by default)."""
+    import os
+
+    return os.environ.setdefault("DP_LLM_URL", RUN_LLM_URL)
+
+
 @app.command()
 def run() -> None:
-    """The main job on the configured (by default embedded) backends: train if no models, then serve."""
+    """The main job on the configured (by default embedded) backends: train if no models, then serve.
+    Narratives come from a local LLM unless DP_LLM_URL=none (see default_llm_url)."""
+    default_llm_url()
     settings = get_settings()
     if not open_registry(settings).has_champions():
         console.print("[bold]No models yet: training on the built-in synthetic data set.[/bold]")
