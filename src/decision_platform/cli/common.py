@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+import typer
 from rich.console import Console
 
 from decision_platform.config import Settings
@@ -22,3 +24,20 @@ def open_registry(settings: Settings) -> ModelRegistry:
     from decision_platform.storage.repository import Repository
 
     return ModelRegistry(Repository(open_database(settings)), settings.model_dir)
+
+
+def time_window(since: str, until: str) -> tuple[datetime, datetime]:
+    """``--since`` / ``--until`` (an age like 7d, ``now`` or an ISO time) as UTC times; a bad or empty
+    window is the user's error (exit 2 with the reason)."""
+    from decision_platform.reporting import parse_time
+
+    now = datetime.now(UTC)
+    try:
+        start, end = parse_time(since, now), parse_time(until, now)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if start >= end:
+        raise typer.BadParameter(
+            f"--since ({start:%Y-%m-%d %H:%M}) must be before --until ({end:%Y-%m-%d %H:%M})"
+        )
+    return start, end

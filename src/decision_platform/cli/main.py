@@ -16,6 +16,7 @@ from decision_platform.cli.explain import explain as explain_command
 from decision_platform.cli.models import models_app
 from decision_platform.cli.report import report as report_command
 from decision_platform.cli.retrain import retrain as retrain_command
+from decision_platform.cli.rules import rules_app
 from decision_platform.cli.spool import spool_app
 from decision_platform.config import Settings, get_settings
 from decision_platform.training import PPO_TIMESTEPS
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 app = typer.Typer(help="Real-time AI decision platform.", no_args_is_help=True, add_completion=False)
 app.add_typer(models_app, name="models")
 app.add_typer(spool_app, name="spool")
+app.add_typer(rules_app, name="rules")
 
 
 class Source(enum.StrEnum):

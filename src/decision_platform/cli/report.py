@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 
 import typer
@@ -16,19 +15,12 @@ def report(
     out: Path = typer.Option(Path("decision-report.html"), help="the HTML file to write"),
 ) -> None:
     """Write a static HTML page with charts of the decisions of a time range (from the database)."""
+    from decision_platform.cli.common import time_window
     from decision_platform.config import get_settings
-    from decision_platform.reporting import parse_time, write_report
+    from decision_platform.reporting import write_report
     from decision_platform.storage.database import open_database
 
-    now = datetime.now(UTC)
-    try:
-        start, end = parse_time(since, now), parse_time(until, now)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    if start >= end:
-        raise typer.BadParameter(
-            f"--since ({start:%Y-%m-%d %H:%M}) must be before --until ({end:%Y-%m-%d %H:%M})"
-        )
+    start, end = time_window(since, until)
     settings = get_settings()
     engine = open_database(settings)
     try:

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import cel
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 #: Facts every rule may use besides features and lists.
 BASE_VARIABLES = frozenset({"anomaly", "risk", "amount", "entity_id", "event_type", "attributes"})
@@ -40,6 +40,10 @@ class RuleTally:
 
     def failed(self, rule: str) -> None:
         self.errors[rule] += 1
+
+
+class RulesError(ValueError):
+    """A rules file that cannot be used; the message names the rule or the line (shown to users as is)."""
 
 
 class Tier(enum.StrEnum):
@@ -131,6 +135,42 @@ class RuleSet:
     ) -> RuleSet:
         raw = yaml.safe_load(Path(path).read_text("utf-8")) or {}
         return cls(RulesFile.model_validate(raw), known_variables, observer)
+
+    @classmethod
+    def from_text(
+        cls, text: str, known_variables: Iterable[str], observer: RuleObserver | None = None
+    ) -> RuleSet:
+        """Rules from a rules.yaml's text (the console's what-if editor, ``rules backtest``).
+
+        Raises :class:`RulesError` with one message naming what is wrong: the YAML line, the field of
+        the rule (``rules[2].tier``), or the rule whose CEL does not compile or uses unknown names.
+        """
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise RulesError(f"rules.yaml is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        if not isinstance(raw, dict):
+            raise RulesError("rules.yaml must be a mapping with `rules:` (and optionally `lists:`)")
+        try:
+            config = RulesFile.model_validate(raw)
+        except ValidationError as exc:
+            problems = []
+            for error in exc.errors()[:5]:
+                loc = error["loc"]
+                field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+                if len(loc) >= 2 and loc[0] == "rules" and isinstance(loc[1], int):
+                    rules = raw.get("rules") or []
+                    name = rules[loc[1]].get("name") if isinstance(rules[loc[1]], dict) else None
+                    if name:
+                        field += f" (rule {name!r})"
+                problems.append(f"{field}: {error['msg']}")
+            raise RulesError("; ".join(problems)) from None
+        try:
+            return cls(config, known_variables, observer)
+        except ValueError as exc:
+            raise RulesError(str(exc)) from None
 
     @property
     def rules(self) -> list[RuleConfig]:

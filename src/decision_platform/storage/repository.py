@@ -7,7 +7,9 @@ its engine:
   decisions, the logged decisions learning reads and the ranges reports read;
 - :class:`~decision_platform.storage.outcomes.OutcomeStore` (outcomes.py): reported and imputed outcomes;
 - :class:`~decision_platform.storage.explanations.ExplanationStore` (explanations.py): LLM narratives;
-- :class:`~decision_platform.storage.models.ModelStore` (models.py): the model registry's records.
+- :class:`~decision_platform.storage.models.ModelStore` (models.py): the model registry's records;
+- :class:`~decision_platform.storage.review.ReviewStore` (review.py): the analyst console's queue,
+  timelines and rule-backtest rows.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from decision_platform.storage.decisions import DecisionRow, DecisionStore
 from decision_platform.storage.explanations import ExplanationStore
 from decision_platform.storage.models import ModelStore
 from decision_platform.storage.outcomes import OutcomeResult, OutcomeStatus, OutcomeStore
+from decision_platform.storage.review import ReviewStore
 
 __all__ = ["DecisionRow", "OutcomeResult", "OutcomeStatus", "Repository"]
 
 
-class Repository(DecisionStore, OutcomeStore, ExplanationStore, ModelStore):
+class Repository(DecisionStore, OutcomeStore, ExplanationStore, ModelStore, ReviewStore):
     """Thin data access over one SQLAlchemy engine (PostgreSQL or SQLite)."""
 
     def ping(self) -> None:

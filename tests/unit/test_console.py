@@ -1,0 +1,281 @@
+"""The analyst console on the embedded backends (TestClient): access, CSRF, the queue's filters and keyset
+pages, the decision page (escaped attributes), labelling through POST /outcome's rules, the what-if, models.
+
+The browser tests on PostgreSQL are tests/e2e/test_console_browser.py.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+
+from decision_platform.api.app import create_app
+from decision_platform.config import Settings
+from decision_platform.core.ids import EPOCH_MS, NODE_BITS, SEQUENCE_BITS
+from decision_platform.core.rewards import RewardTable
+from decision_platform.serving.platform import Platform
+from tests.conftest import CONFIG_DIR, decision_row
+
+REWARDS = RewardTable.load(CONFIG_DIR / "rewards.yaml")
+HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+
+
+def make_id(moment: datetime, sequence: int) -> int:
+    """A decision id of ``moment`` (the layout of core/ids.py)."""
+    ms = int(moment.timestamp() * 1000) - EPOCH_MS
+    return (ms << (NODE_BITS + SEQUENCE_BITS)) | sequence
+
+
+def csrf_of(page: str) -> str:
+    match = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert match, "the page has no CSRF field"
+    return match.group(1)
+
+
+def ids_on(page: str) -> list[int]:
+    return [int(i) for i in re.findall(r'href="/console/decisions/(\d+)">\1<', page)]
+
+
+@pytest.fixture
+def console(
+    make_settings: Callable[..., Settings], start_platform: Callable[[Settings], Platform]
+) -> Iterator[tuple[TestClient, Platform, list[dict]]]:
+    """An open console over 12 stored decisions of the last hour, newest last in ``rows``."""
+    yield from _console(make_settings(), start_platform)
+
+
+def _console(settings: Settings, start_platform: Callable[[Settings], Platform]) -> Iterator:
+    platform = start_platform(settings)
+    now = datetime.now(UTC)
+    rows = []
+    for i in range(12):
+        at = now - timedelta(minutes=60 - 5 * i)
+        action = (1, 2, 0)[i % 3]
+        fired = (
+            [{"name": "velocity_step_up", "tier": "floor", "description": "", "inputs": []}]
+            if i % 3 == 0
+            else []
+        )
+        rows.append(
+            decision_row(
+                make_id(at, i),
+                created_at=at,
+                entity_id=f"ent-{i % 4}",
+                action=action,
+                action_mask=[i % 3 != 0, True, True],
+                risk=round(0.05 * i, 2),
+                amount=10.0 * (i + 1),
+                rules_fired=fired,
+                attributes={"note": HOSTILE, "country": "FR"},
+                event_type="payment",
+                features={"amount": 10.0 * (i + 1), "count_1m": float(i), "count_5m": float(i)},
+            )
+        )
+    platform.repository.insert_decisions(rows)
+    with TestClient(create_app(settings, platform)) as client:
+        yield client, platform, rows
+
+
+def test_open_console_says_so_on_every_page_and_sends_a_strict_csp(console) -> None:
+    client, _, rows = console
+    for path in (
+        "/console/queue",
+        f"/console/decisions/{rows[0]['id']}",
+        "/console/whatif",
+        "/console/models",
+    ):
+        answer = client.get(path)
+        assert answer.status_code == 200, (path, answer.text[:300])
+        assert 'id="open-banner"' in answer.text, path
+        assert "script-src 'self'" in answer.headers["content-security-policy"]
+        assert answer.headers["x-frame-options"] == "DENY"
+
+
+def test_queue_is_newest_first_keyset_paged_without_offset(console) -> None:
+    client, platform, rows = console
+    statements: list[tuple[str, tuple]] = []
+
+    def capture(_conn, _cursor, statement, parameters, *_args) -> None:  # type: ignore[no-untyped-def]
+        statements.append((statement, tuple(parameters)))
+
+    sa.event.listen(platform.repository.engine, "before_cursor_execute", capture)
+    try:
+        seen, url = [], "/console/queue?limit=3"
+        while url:
+            page = client.get(url).text
+            seen += ids_on(page)
+            found = re.search(r'href="([^"]+)" id="older"', page)
+            url = found.group(1).replace("&amp;", "&") if found else None
+    finally:
+        sa.event.remove(platform.repository.engine, "before_cursor_execute", capture)
+    review = sorted((r["id"] for r in rows if r["action"] in (1, 2)), reverse=True)
+    assert seen == review  # every throttle and block once, newest first, across pages
+    queue_sql = [(s, p) for s, p in statements if "ORDER BY decisions.id DESC" in s]
+    assert len(queue_sql) == 3  # 8 decisions to review, 3 a page
+    # SQLite's compiler always writes "LIMIT ? OFFSET ?": the offset must be 0 on every page.
+    assert all(p[-1] == 0 for s, p in queue_sql if "OFFSET" in s)
+    assert sum("decisions.id < ?" in s for s, _ in queue_sql) == 2  # pages 2 and 3: the keyset cursor
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("action=block", lambda r: r["action"] == 2),
+        ("action=any&entity=ent-1", lambda r: r["entity_id"] == "ent-1"),
+        ("action=any&rule=velocity_step_up", lambda r: bool(r["rules_fired"])),
+        ("action=any&risk_min=0.2&risk_max=0.4", lambda r: 0.2 <= r["risk"] <= 0.4),
+        ("action=any&since=31m", lambda r: r["created_at"] >= datetime.now(UTC) - timedelta(minutes=31)),
+    ],
+)
+def test_queue_filters(console, query: str, expected: Callable[[dict], bool]) -> None:
+    client, _, rows = console
+    page = client.get(f"/console/queue?{query}&limit=200")
+    assert page.status_code == 200
+    assert ids_on(page.text) == sorted((r["id"] for r in rows if expected(r)), reverse=True)
+
+
+def test_queue_refuses_bad_filters_naming_the_field(console) -> None:
+    client, _, _ = console
+    for query, field in [
+        ("risk_min=2", "risk_min"),
+        ("since=yesterday-ish", "since"),
+        ("action=maybe", "action"),
+        ("rule=DROP%20TABLE", "rule"),
+        ("before=-5", "before"),
+    ]:
+        answer = client.get(f"/console/queue?{query}")
+        assert answer.status_code == 422, query
+        assert f"{field}:" in answer.text, query
+
+
+def test_decision_page_shows_hostile_attributes_as_text(console) -> None:
+    client, _, rows = console
+    page = client.get(f"/console/decisions/{rows[3]['id']}").text
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in page
+    assert "<script>alert" not in page and "<img src=x" not in page
+    assert "velocity_step_up" in page  # rules fired
+    assert "ent-3" in page and 'class="timeline"' in page
+    assert client.get("/console/decisions/12345").status_code == 404
+    assert client.get("/console/decisions/0").status_code == 422
+
+
+def test_labelling_goes_through_the_outcome_rules(console) -> None:
+    client, platform, rows = console
+    row = rows[1]  # a block, amount 20
+    page = client.get(f"/console/decisions/{row['id']}").text
+    token = csrf_of(page)
+    assert 'value="success"' not in page  # success cannot follow a block: no button for it
+    url = f"/console/decisions/{row['id']}/outcome"
+    assert client.post(url, data={"outcome": "fraud"}).status_code == 403  # no CSRF token
+    assert client.post(url, data={"outcome": "fraud", "csrf": "forged"}).status_code == 403
+    assert client.post(url, data={"outcome": "success", "csrf": token}).status_code == 422
+    answer = client.post(url, data={"outcome": "fraud", "csrf": token}, follow_redirects=False)
+    assert answer.status_code == 303
+    stored = platform.repository.get_outcome(row["id"])
+    assert stored is not None and stored.outcome == "fraud"
+    assert stored.reward == REWARDS.reward("fraud", 2, row["amount"])
+    assert client.post(url, data={"outcome": "false_positive", "csrf": token}).status_code == 409
+    repeat = client.post(url, data={"outcome": "fraud", "csrf": token}, follow_redirects=False)
+    assert repeat.status_code == 303  # the same outcome again: idempotent
+    missing = client.post("/console/decisions/999/outcome", data={"outcome": "fraud", "csrf": token})
+    assert missing.status_code == 404
+    cross = client.post(
+        url, data={"outcome": "fraud", "csrf": token}, headers={"origin": "https://evil.example"}
+    )
+    assert cross.status_code == 403
+    labelled = client.get("/console/queue?unlabelled=1&limit=200").text
+    assert row["id"] not in ids_on(labelled) and rows[0]["id"] in ids_on(labelled)
+
+
+def test_whatif_counts_the_decisions_a_new_rule_changes(console) -> None:
+    client, platform, rows = console
+    # rows[11]: allowed, amount 120, a good customer: success after allow is worth 1 + 0.02 * 120.
+    platform.repository.record_outcome(rows[11]["id"], "success", REWARDS.reward("success", 0, 120.0))
+    token = csrf_of(client.get("/console/whatif").text)
+    # One rule only: big_amounts blocks amount >= 95 (rows 9, 10, 11), and velocity_step_up (the floor that
+    # fired on rows 0, 3, 6, 9) is gone. Rows 0, 3, 6: throttle -> allow (the policy's most likely action);
+    # row 9: throttle -> block; row 10 was blocked already; row 11: allow -> block.
+    rules = "rules:\n  - name: big_amounts\n    tier: block\n    when: amount >= 95.0\n"
+    answer = client.post("/console/whatif", data={"csrf": token, "rules_text": rules, "since": "2h"})
+    assert answer.status_code == 200, answer.text[:500]
+    page = answer.text
+    assert re.search(r'id="changed-count">(\d+)<', page).group(1) == "5"
+    assert re.search(r'id="replayed-count">(\d+)<', page).group(1) == "12"
+    impacts = dict(re.findall(r'data-rule="(\w+)">.*?class="num changed-by">(\d+)<', page, re.S))
+    assert impacts == {"big_amounts": "2", "velocity_step_up": "4"}
+    # The labelled changed decision: success after a block is a false_positive (-20), was 3.4.
+    assert "-23.40" in page and "4 changed decisions have no outcome" in page
+    bad = "rules:\n  - name: broken_rule\n    tier: block\n    when: amount >= \n"
+    refused = client.post("/console/whatif", data={"csrf": token, "rules_text": bad, "since": "2h"})
+    assert refused.status_code == 422 and "broken_rule" in refused.text
+    assert platform.engine.rules.rules[0].name == "denylisted_device"  # the live rules are untouched
+
+
+def test_login_when_a_password_is_set(
+    make_settings: Callable[..., Settings], start_platform: Callable[[Settings], Platform]
+) -> None:
+    settings = make_settings(console_password="s3cret")
+    with TestClient(create_app(settings, start_platform(settings))) as client:
+        answer = client.get("/console/queue?action=block", follow_redirects=False)
+        assert answer.status_code == 303 and answer.headers["location"].startswith("/console/login?next=")
+        form = client.get(answer.headers["location"]).text
+        assert 'id="open-banner"' not in form
+        token = csrf_of(form)
+        wrong = client.post(
+            "/console/login", data={"csrf": token, "password": "nope", "next": "/console/queue"}
+        )
+        assert wrong.status_code == 401
+        right = client.post(
+            "/console/login",
+            data={"csrf": token, "password": "s3cret", "next": "https://evil.example/"},
+            follow_redirects=False,
+        )
+        assert right.status_code == 303 and right.headers["location"] == "/console/queue"  # no open redirect
+        assert client.get("/console/queue").status_code == 200
+        client.cookies.set("dp_console_session", "9999999999.00.forged", path="/console")
+        assert client.get("/console/queue", follow_redirects=False).status_code == 303
+
+
+def test_models_page_is_read_only_without_the_admin_key(console) -> None:
+    client, _, _ = console
+    page = client.get("/console/models")
+    assert page.status_code == 200 and "champion" in page.text
+    assert "Read-only" in page.text and "/console/models/promote" not in page.text
+    token = csrf_of(client.get("/console/whatif").text)  # a valid token: refused all the same
+    refused = client.post("/console/models/promote", data={"csrf": token, "version": "v1", "admin_key": "x"})
+    assert refused.status_code == 403 and "DP_API_KEY" in refused.text
+
+
+def test_promote_from_the_console_needs_the_admin_key(
+    make_settings: Callable[..., Settings], start_platform: Callable[[Settings], Platform]
+) -> None:
+    # DP_API_KEY set and no console password: the API key is the console's password too.
+    for client, platform, _ in _console(make_settings(api_key="admin-key"), start_platform):
+        form = client.get("/console/login").text
+        client.post("/console/login", data={"csrf": csrf_of(form), "password": "admin-key"})
+        page = client.get("/console/models").text
+        token = csrf_of(page)
+        champion = next(
+            m for m in platform.registry.repository.list_models("risk") if m["status"] == "champion"
+        )
+        data = {"csrf": token, "version": champion["version"], "admin_key": "wrong"}
+        wrong = client.post("/console/models/promote", data=data)
+        assert wrong.status_code == 401 and "wrong X-API-Key" in wrong.text
+        data["version"] = "risk-does-not-exist"
+        data["admin_key"] = "admin-key"
+        missing = client.post("/console/models/promote", data=data)
+        assert missing.status_code == 404  # the registry's answer, through the admin API's code
+        data["version"] = champion["version"]
+        again = client.post("/console/models/promote", data=data)  # already champion: a no-op
+        assert again.status_code == 200 and f"promoted {champion['version']}" in again.text
+        # Rolling back with no earlier version: the console answers what the admin API answers.
+        api = client.post("/admin/models/rollback?kind=risk", headers={"X-API-Key": "admin-key"})
+        rollback = {"csrf": token, "kind": "risk", "admin_key": "admin-key"}
+        console_answer = client.post("/console/models/rollback", data=rollback)
+        assert 400 <= api.status_code < 500 and console_answer.status_code == api.status_code
+        assert api.json()["detail"] in console_answer.text.replace("&#39;", "'")
