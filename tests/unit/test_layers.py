@@ -31,6 +31,7 @@ FLOORS = (
     "training",
     "learning",
     "reporting",
+    "console",
     "api",
     "cli",
 )

@@ -15,9 +15,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from decision_platform.api import admin
 from decision_platform.api.admin import router as admin_router
 from decision_platform.api.routes import router
 from decision_platform.config import Settings, get_settings
+from decision_platform.console.routes import AdminActions, build_router
 from decision_platform.serving.platform import Platform
 from decision_platform.storage.errors import OUTAGE_ERRORS as DATABASE_OUTAGES
 from decision_platform.storage.errors import DatabaseUnavailable
@@ -188,6 +190,9 @@ def create_app(settings: Settings | None = None, platform: Platform | None = Non
     add_error_handling(app, settings.max_body_bytes)
     app.include_router(router)
     app.include_router(admin_router)
+    # The analyst console (/console); its promote / rollback are the admin API's own functions.
+    console_admin = AdminActions(admin.require_admin, admin.promote, admin.rollback)
+    app.include_router(build_router(settings, console_admin))
     return app
 
 

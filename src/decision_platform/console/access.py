@@ -1,0 +1,82 @@
+"""Who may use the console, and proof that a form was posted by the console's own page.
+
+- **Login**: when ``DP_CONSOLE_PASSWORD`` (or, failing it, ``DP_API_KEY``) is set, every page asks for it
+  once; the session is a signed, expiring cookie (HttpOnly, SameSite=Strict, path ``/console``). Unset,
+  the console is open and every page says so.
+- **CSRF**: signed double submit. A random nonce lives in a cookie; every form carries
+  HMAC(key, nonce); a POST is accepted only when the two agree and, if the browser sent an ``Origin``,
+  it is this server's. Nothing is kept on the server, so it works across ``--workers``.
+
+The signing key derives from the password, so sessions survive restarts and are shared by workers; an
+open console signs CSRF tokens with a per-process random key (a restart asks to reload the form).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+
+SESSION_COOKIE = "dp_console_session"
+CSRF_COOKIE = "dp_console_csrf"
+COOKIE_PATH = "/console"
+
+
+class ConsoleAccess:
+    """Session and CSRF tokens for one configured password (None: an open console)."""
+
+    def __init__(self, password: str | None, session_hours: float = 12.0) -> None:
+        self.password = password or None
+        self.session_s = session_hours * 3600.0
+        if self.password:
+            self._key = hashlib.sha256(b"decision-platform console v1\0" + self.password.encode()).digest()
+        else:
+            self._key = secrets.token_bytes(32)
+
+    @property
+    def open(self) -> bool:
+        """No password: anyone who reaches the server may use the console."""
+        return self.password is None
+
+    def _sign(self, purpose: str, value: str) -> str:
+        return hmac.new(self._key, f"{purpose}\0{value}".encode(), hashlib.sha256).hexdigest()
+
+    # --- login
+    def check_password(self, given: str) -> bool:
+        """Constant-time comparison with the configured password (False when the console is open)."""
+        if self.password is None:
+            return False
+        return secrets.compare_digest(given.encode(), self.password.encode())
+
+    def new_session(self, now: float | None = None) -> str:
+        expires = int((now or time.time()) + self.session_s)
+        nonce = secrets.token_hex(8)
+        return f"{expires}.{nonce}.{self._sign('session', f'{expires}.{nonce}')}"
+
+    def valid_session(self, token: str | None, now: float | None = None) -> bool:
+        """True for an open console, or a session token this key signed that has not expired."""
+        if self.open:
+            return True
+        if not token or token.count(".") != 2:
+            return False
+        expires, nonce, signature = token.split(".")
+        if not expires.isdigit() or not secrets.compare_digest(
+            signature, self._sign("session", f"{expires}.{nonce}")
+        ):
+            return False
+        return int(expires) > (now or time.time())
+
+    # --- CSRF
+    @staticmethod
+    def new_nonce() -> str:
+        return secrets.token_urlsafe(18)
+
+    def csrf_token(self, nonce: str) -> str:
+        """The token a form carries for the nonce in the browser's cookie."""
+        return self._sign("csrf", nonce)
+
+    def valid_csrf(self, nonce: str | None, token: str | None) -> bool:
+        if not nonce or not token:
+            return False
+        return secrets.compare_digest(token, self.csrf_token(nonce))
