@@ -130,6 +130,8 @@ def test_queue_is_newest_first_keyset_paged_without_offset(console) -> None:
         ("action=any&rule=velocity_step_up", lambda r: bool(r["rules_fired"])),
         ("action=any&risk_min=0.2&risk_max=0.4", lambda r: 0.2 <= r["risk"] <= 0.4),
         ("action=any&since=31m", lambda r: r["created_at"] >= datetime.now(UTC) - timedelta(minutes=31)),
+        ("action=any&until=0001-01-02", lambda r: False),
+        ("action=any&since=9999-12-30&until=9999-12-31", lambda r: False),
     ],
 )
 def test_queue_filters(console, query: str, expected: Callable[[dict], bool]) -> None:
