@@ -6,6 +6,7 @@ The browser tests on PostgreSQL are tests/e2e/test_console_browser.py.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -281,3 +282,37 @@ def test_promote_from_the_console_needs_the_admin_key(
         console_answer = client.post("/console/models/rollback", data=rollback)
         assert 400 <= api.status_code < 500 and console_answer.status_code == api.status_code
         assert api.json()["detail"] in console_answer.text.replace("&#39;", "'")
+
+
+def test_models_page_shows_retrain_reports_and_serves_only_their_files(console) -> None:
+    client, platform, _ = console
+    reports = platform.settings.reports_dir
+    reports.mkdir(parents=True, exist_ok=True)
+    name = "retrain-20261130T101500"
+    gate = {"passed": False, "checks": [{"name": "dr_lower_bound", "passed": False, "detail": "-0.02 < 0.0"}]}
+    (reports / f"{name}.json").write_text(
+        json.dumps({"started_at": "2026-11-30", "promoted": False, "gate": gate})
+    )
+    (reports / f"{name}.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    try:
+        page = client.get("/console/models").text
+        assert f"{name}.json" in page and "dr_lower_bound: -0.02 &lt; 0.0" in page
+        assert f'src="/console/reports/{name}.png"' in page
+        assert client.get(f"/console/reports/{name}.png").content.startswith(b"\x89PNG")
+        for bad in ("..%2F..%2Fetc%2Fpasswd", "retrain-x.png", "other.png"):
+            assert client.get(f"/console/reports/{bad}").status_code == 404, bad
+    finally:
+        for suffix in (".json", ".png"):
+            (reports / f"{name}{suffix}").unlink()
+
+
+def test_a_pending_narrative_is_shown_as_pending(console, monkeypatch: pytest.MonkeyPatch) -> None:
+    from decision_platform.explain.narrator import PENDING, Explanation
+
+    client, platform, rows = console
+    pending = Explanation(rows[0]["id"], PENDING, "Template meanwhile.", "template", "pending", {})
+    monkeypatch.setattr(platform.narrator, "explanation", lambda *_args, **_kw: pending)
+    page = client.get(f"/console/decisions/{rows[0]['id']}").text
+    assert 'data-status="pending"' in page and "pending: the LLM is writing it" in page
+    assert client.get("/console/static/console.js").headers["content-type"].startswith("text/javascript")
+    assert client.get("/console/static/../access.py").status_code == 404
