@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -61,11 +60,20 @@ ACTION_TIMEOUT_MS = 15_000
 def server(
     pg_schema: str, make_settings: Callable[..., Settings], trained: tuple[str, Path], tmp_path: Path
 ) -> Iterator[ApiServer]:
-    make_settings(database_url=PG_URL, database_schema=pg_schema)  # migrated schema + the champions
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DP_")}
-    env |= {
+    with console_server(pg_schema, make_settings, trained, tmp_path) as api:
+        yield api
+
+
+@contextlib.contextmanager
+def console_server(
+    schema: str, make_settings: Callable[..., Settings], trained: tuple[str, Path], tmp_path: Path, **env: str
+) -> Iterator[ApiServer]:
+    """``decision-platform serve`` on the test's schema (migrated, with the champions), no LLM."""
+    make_settings(database_url=PG_URL, database_schema=schema)
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("DP_")}
+    environment |= {
         "DP_DATABASE_URL": PG_URL,
-        "DP_DATABASE_SCHEMA": pg_schema,
+        "DP_DATABASE_SCHEMA": schema,
         "DP_FEATURE_STORE_URL": "memory://",
         "DP_MODEL_DIR": str(trained[1]),
         "DP_SPOOL_DIR": str(tmp_path / "spool"),
@@ -73,8 +81,9 @@ def server(
         "DP_POLICY_SEED": "0",
         "DP_LLM_URL": "none",
         "PYTHONUNBUFFERED": "1",
+        **env,
     }
-    api = ApiServer(env, tmp_path, "console")
+    api = ApiServer(environment, tmp_path, "console")
     try:
         yield api.start()
     finally:
@@ -245,21 +254,9 @@ def test_login_is_required_when_a_password_is_set(
     tmp_path: Path,
     browser_page,
 ) -> None:
-    make_settings(database_url=PG_URL, database_schema=pg_schema)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DP_")}
-    env |= {
-        "DP_DATABASE_URL": PG_URL,
-        "DP_DATABASE_SCHEMA": pg_schema,
-        "DP_FEATURE_STORE_URL": "memory://",
-        "DP_MODEL_DIR": str(trained[1]),
-        "DP_SPOOL_DIR": str(tmp_path / "spool"),
-        "DP_CONFIG_DIR": str(CONFIG_DIR),
-        "DP_LLM_URL": "none",
-        "DP_CONSOLE_PASSWORD": "correct horse",
-    }
-    api = ApiServer(env, tmp_path, "console-login")
-    try:
-        api.start()
+    with console_server(
+        pg_schema, make_settings, trained, tmp_path, DP_CONSOLE_PASSWORD="correct horse"
+    ) as api:
         page = browser_page
         page.goto(f"{api.base_url}/console/whatif")
         page.wait_for_url("**/console/login?next=*")
@@ -271,8 +268,3 @@ def test_login_is_required_when_a_password_is_set(
         page.click("form.login button")
         page.wait_for_url("**/console/whatif")
         assert page.locator("#rules-text").is_visible()
-    finally:
-        with contextlib.suppress(Exception):
-            api.stop()
-        api.kill()
-        shutil.rmtree(tmp_path / "spool", ignore_errors=True)
