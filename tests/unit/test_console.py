@@ -316,3 +316,24 @@ def test_a_pending_narrative_is_shown_as_pending(console, monkeypatch: pytest.Mo
     assert 'data-status="pending"' in page and "pending: the LLM is writing it" in page
     assert client.get("/console/static/console.js").headers["content-type"].startswith("text/javascript")
     assert client.get("/console/static/../access.py").status_code == 404
+
+
+def test_models_page_shows_the_shadow_agreement(console) -> None:
+    from decision_platform.learning.compare import compare_logged
+    from tests.model_helpers import register_policy
+
+    client, platform, _ = console
+    assert "No shadowed decisions logged" in client.get("/console/models").text
+    version = register_policy(platform.registry, 0)  # a policy that always proposes allow
+    platform.registry.shadow(version)
+    platform.reload_models()
+    for i in range(6):
+        event = {"event_id": f"shadowed-{i}", "amount": 5.0 + i, "event_type": "payment"}
+        assert client.post("/decide", json={"entity_id": f"s{i}", "event": event}).status_code == 200
+    settings = platform.settings
+    expected = compare_logged(platform.repository, settings.exploration_floor, settings.explore_actions)
+    page = client.get("/console/models").text
+    assert expected.decisions == 6 and expected.agreement is not None
+    assert f"Shadow <strong>{version}</strong> on the newest 6 shadowed decisions" in page
+    assert f"{100 * expected.agreement:.1f}%" in page
+    assert '<span class="pill shadow">shadow</span>' in page

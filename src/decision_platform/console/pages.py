@@ -232,9 +232,12 @@ def models_page(platform: Platform) -> dict[str, Any]:
     repository = platform.registry.repository
     by_kind = {kind: repository.list_models(kind)[:12] for kind in KINDS}
     settings = platform.settings
-    comparison = compare_logged(
-        platform.repository, settings.exploration_floor, settings.explore_actions, limit=5000
-    )
+    comparison = None
+    if any(m["status"] == "shadow" for m in by_kind["policy"]):
+        # Only with a shadow registered: finding shadowed decisions scans the table when there are none.
+        comparison = compare_logged(
+            platform.repository, settings.exploration_floor, settings.explore_actions, limit=5000
+        )
     return {
         "kinds": by_kind,
         "serving": platform.serving().as_dict(),
