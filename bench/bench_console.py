@@ -14,6 +14,10 @@ connection, one scenario at a time:
 * ``queue_filters``    throttles and blocks, risk band 0.5..1, no outcome yet, the last 24 h
 * ``queue_entity``     one entity's decisions
 * ``decision``         the decision page of a random decision (record, outcome, timeline, narrative facts)
+* ``models``           the models page (registry, serving set, reports; no shadow registered)
+
+Then, once, ``decision-platform rules backtest config/rules.yaml`` over the whole window (every decision),
+timed end to end: what a what-if of that size costs.
 
 Latency is the client's, request sent to body read, over keep-alive. The schema is dropped at the end,
 whatever happened. Results are printed and appended to ``bench/results.jsonl`` (``bench: console``).
@@ -28,6 +32,7 @@ import json
 import random
 import secrets
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +45,7 @@ import orjson
 from rich.table import Table
 
 from bench_api import (
+    REPO_ROOT,
     Backends,
     add_run_options,
     console,
@@ -225,6 +231,7 @@ def scenarios(rows_ids: list[int], rng: random.Random) -> dict[str, Any]:
         "queue_filters": lambda: "/console/queue?risk_min=0.5&risk_max=1&unlabelled=1&since=24h",
         "queue_entity": lambda: f"/console/queue?action=any&entity=e{rng.randrange(ENTITIES)}",
         "decision": lambda: f"/console/decisions/{rng.choice(rows_ids)}",
+        "models": lambda: "/console/models",
     }
 
 
@@ -311,6 +318,32 @@ def main(argv: list[str] | None = None) -> int:
                     (machine_busy_seconds() - busy0) / (time.monotonic() - t0), 2
                 )
                 results[name]["other_before_cores"] = round(other, 2)
+        started = time.perf_counter()
+        backtest = subprocess.run(
+            [
+                *cmd,
+                "rules",
+                "backtest",
+                str(REPO_ROOT / "config" / "rules.yaml"),
+                "--since",
+                f"{args.days + 1}d",
+                "--json",
+            ],
+            env=backends.env,
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            check=False,
+        )
+        backtest_s = time.perf_counter() - started
+        if backtest.returncode != 0:
+            raise SystemExit(f"rules backtest failed: {backtest.stderr[-2000:]}")
+        replayed = json.loads(backtest.stdout)
+        console.print(
+            f"rules backtest of {replayed['decisions']:,} decisions: {backtest_s:.1f} s "
+            f"({replayed['decisions'] / backtest_s:,.0f} decisions/s), {replayed['changed']:,} changed"
+        )
         table = Table(title=f"Console pages, {len(ids):,} decisions in PostgreSQL ({size}), one connection")
         for column in (
             "scenario",
@@ -344,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
             "table_size": size,
             "load": load,
             "results": results,
+            "backtest": {"decisions": replayed["decisions"], "seconds": round(backtest_s, 2)},
             "label": args.label,
         }
         save_run(run, args)

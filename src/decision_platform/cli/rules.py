@@ -6,6 +6,7 @@ that does not load (YAML, a field, CEL that does not compile) is printed with th
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -58,7 +59,8 @@ def backtest_command(
     try:
         choice = ServingChoice(settings.safe_action, settings.exploration_floor, settings.explore_actions)
         rewards = RewardTable.load(settings.rewards_path)
-        with console.status("replaying logged decisions"):
+        # --json: stdout carries the JSON alone (no spinner).
+        with contextlib.nullcontext() if as_json else console.status("replaying logged decisions"):
             result = backtest(Repository(engine), rules, rewards, start, end, choice, limit)
     finally:
         engine.dispose()
