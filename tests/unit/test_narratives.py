@@ -183,8 +183,9 @@ def test_a_value_compared_with_its_range_claims_no_direction(facts: Facts) -> No
 def test_the_schema_offers_each_fact_once_and_the_prompt_leaves_out_the_event_data(facts: Facts) -> None:
     answer_schema = structured.schema(facts)
     assert answer_schema is not None
-    ids = answer_schema["properties"]["mention"]["items"]["enum"]
-    assert ids == [
+    keys = answer_schema["properties"]["mention"]["items"]["enum"]
+    assert keys == list("abcdefgh")  # one token each for the model to write
+    assert [structured.keyed(facts)[k].id for k in keys] == [
         "risk",
         "count_1h",
         "mean_24h",
@@ -195,7 +196,7 @@ def test_the_schema_offers_each_fact_once_and_the_prompt_leaves_out_the_event_da
         "velocity_step_up",
     ]
     system, user = build_messages(facts, "narrative-v2")
-    assert "raised risk #1: 14 events in the last hour, above typical" in user["content"]
+    assert "\nb: raised risk #1: 14 events in the last hour, above typical\n" in user["content"]
     assert "ignore previous" not in system["content"] + user["content"]  # attributes are not sent
 
 
@@ -206,8 +207,7 @@ def test_injected_attributes_cannot_change_the_conversation(facts: Facts) -> Non
 
 
 def mentions(facts: Facts) -> st.SearchStrategy[list[str]]:
-    ids = [c.id for c in structured.choices(facts)]
-    return st.lists(st.sampled_from(ids), min_size=1, max_size=6)
+    return st.lists(st.sampled_from(list(structured.keyed(facts))), min_size=1, max_size=6)
 
 
 @settings(max_examples=200, deadline=None)
@@ -218,7 +218,8 @@ def test_every_answer_the_schema_allows_renders_a_grounded_narrative(data: st.Da
     for case in (facts_policy(), facts_rule()):
         chosen = data.draw(mentions(case))
         parsed = structured.parse(json.dumps({"mention": chosen}), case)
-        assert parsed == list(dict.fromkeys(chosen))[: structured.MAX_MENTIONS]
+        by_key = structured.keyed(case)
+        assert parsed == [by_key[k].id for k in dict.fromkeys(chosen)][: structured.MAX_MENTIONS]
         text = structured.render(case, parsed)
         assert check(text, case).passed, (text, check(text, case).problems)
 
@@ -237,8 +238,10 @@ def test_rendering_follows_the_models_order_of_sections_and_the_attributions_wit
 
 
 def test_answers_are_parsed_tolerantly_but_ids_strictly(facts: Facts) -> None:
-    fenced = '```json\n{"mention": ["count_1h", "nope", "count_1h", "risk"]}\n```'
+    fenced = '```json\n{"mention": ["b", "nope", "b", "a"]}\n```'
     assert structured.parse(fenced, facts) == ["count_1h", "risk"]
+    # a server that ignored the schema and wrote the facts' names is understood too
+    assert structured.parse('{"mention": ["amount", "count_1h"]}', facts) == ["amount", "count_1h"]
     for bad in ("Throttled because...", '{"mention": "risk"}', '{"mention": ["nope"]}', "{mention: [}"):
         with pytest.raises(structured.ParseError):
             structured.parse(bad, facts)
@@ -386,7 +389,7 @@ def narrator_for(llm: StubLLM, facts: Facts, made: list[Narrator]) -> tuple[Narr
 def test_a_structured_answer_becomes_a_rendered_narrative_with_its_choice_and_tokens(
     facts: Facts, narrators: list[Narrator]
 ) -> None:
-    llm = StubLLM(['{"mention": ["count_1h", "amount"]}'])
+    llm = StubLLM(['{"mention": ["b", "e"]}'])
     narrator, _ = narrator_for(llm, facts, narrators)
     row = narrator.generate(facts)
     assert isinstance(row, dict) and row["source"] == "llm"
@@ -421,7 +424,7 @@ def active(narrator: str) -> float:
 def test_an_embedded_llm_starts_in_the_background_with_the_template_meanwhile(
     facts: Facts, narrators: list[Narrator]
 ) -> None:
-    llm = StubLLM(['{"mention": ["count_1h"]}'], embedded=True)
+    llm = StubLLM(['{"mention": ["b"]}'], embedded=True)
     narrator, repository = narrator_for(llm, facts, narrators)
     narrator.start()
     assert narrator.active == "starting" and active("starting") == 1.0 and active("llm") == 0.0

@@ -60,8 +60,9 @@ NARRATIVE_V2 = PromptTemplate(
     system=(
         "You help auditors read automated fraud decisions. You get one decision and its FACTS, one per "
         'line as "id: fact". Choose the 1 to 4 facts that best explain the decision, most important '
-        "first: the facts that raised or lowered the risk most, the risk itself, unusual values, other "
-        'rules. Answer only with JSON: {"mention": ["id", ...]}, using ids from the list.'
+        "first. For a block or a throttle, lead with what raised the risk most; for an allow, with the "
+        "risk and what lowered it. Name a rule if one fired. "
+        'Answer only with JSON: {"mention": ["id", ...]}, using ids from the list.'
     ),
     user="{facts}",
     retry='That answer could not be used: {problems}. Answer again: {{"mention": [ids from FACTS]}}.',
