@@ -337,3 +337,19 @@ def test_models_page_shows_the_shadow_agreement(console) -> None:
     assert f"Shadow <strong>{version}</strong> on the newest 6 shadowed decisions" in page
     assert f"{100 * expected.agreement:.1f}%" in page
     assert '<span class="pill shadow">shadow</span>' in page
+
+
+def test_an_open_console_shares_its_csrf_key_between_processes(tmp_path) -> None:
+    from decision_platform.console.access import ConsoleAccess
+
+    first = ConsoleAccess(None, key_file=tmp_path / "console.key")
+    second = ConsoleAccess(None, key_file=tmp_path / "console.key")  # another uvicorn worker
+    nonce = first.new_nonce()
+    assert second.valid_csrf(nonce, first.csrf_token(nonce))
+    assert (tmp_path / "console.key").stat().st_mode & 0o777 == 0o600
+    other = ConsoleAccess(None, key_file=tmp_path / "elsewhere.key")
+    assert not other.valid_csrf(nonce, first.csrf_token(nonce))
+    with_password = ConsoleAccess("pw")
+    assert with_password.valid_session(with_password.new_session())
+    assert not with_password.valid_session(with_password.new_session(now=0.0))  # expired
+    assert not ConsoleAccess("other").valid_session(with_password.new_session())

@@ -8,15 +8,19 @@
   it is this server's. Nothing is kept on the server, so it works across ``--workers``.
 
 The signing key derives from the password, so sessions survive restarts and are shared by workers; an
-open console signs CSRF tokens with a per-process random key (a restart asks to reload the form).
+open console signs CSRF tokens with a random key kept in a 0600 file beside the spool (``console.key``), so
+that ``--workers N`` processes on one machine agree on it too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
+import os
 import secrets
 import time
+from pathlib import Path
 
 SESSION_COOKIE = "dp_console_session"
 CSRF_COOKIE = "dp_console_csrf"
@@ -26,13 +30,15 @@ COOKIE_PATH = "/console"
 class ConsoleAccess:
     """Session and CSRF tokens for one configured password (None: an open console)."""
 
-    def __init__(self, password: str | None, session_hours: float = 12.0) -> None:
+    def __init__(
+        self, password: str | None, session_hours: float = 12.0, key_file: Path | None = None
+    ) -> None:
         self.password = password or None
         self.session_s = session_hours * 3600.0
         if self.password:
             self._key = hashlib.sha256(b"decision-platform console v1\0" + self.password.encode()).digest()
         else:
-            self._key = secrets.token_bytes(32)
+            self._key = shared_key(key_file) if key_file is not None else secrets.token_bytes(32)
 
     @property
     def open(self) -> bool:
@@ -50,7 +56,7 @@ class ConsoleAccess:
         return secrets.compare_digest(given.encode(), self.password.encode())
 
     def new_session(self, now: float | None = None) -> str:
-        expires = int((now or time.time()) + self.session_s)
+        expires = int((time.time() if now is None else now) + self.session_s)
         nonce = secrets.token_hex(8)
         return f"{expires}.{nonce}.{self._sign('session', f'{expires}.{nonce}')}"
 
@@ -65,7 +71,7 @@ class ConsoleAccess:
             signature, self._sign("session", f"{expires}.{nonce}")
         ):
             return False
-        return int(expires) > (now or time.time())
+        return int(expires) > (time.time() if now is None else now)
 
     # --- CSRF
     @staticmethod
@@ -80,3 +86,18 @@ class ConsoleAccess:
         if not nonce or not token:
             return False
         return secrets.compare_digest(token, self.csrf_token(nonce))
+
+
+def shared_key(path: Path) -> bytes:
+    """The random key in ``path``, created (0600, exclusively: one process of several wins) if missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(secrets.token_hex(32))
+    for _ in range(50):  # another process may be between creating and writing it
+        text = path.read_text().strip()
+        if len(text) == 64:
+            return bytes.fromhex(text)
+        time.sleep(0.01)
+    raise RuntimeError(f"{path} does not hold a console key; delete it and restart")

@@ -67,7 +67,11 @@ PlatformDep = Annotated[Platform, Depends(_platform)]
 
 def build_router(settings: Settings, admin: AdminActions | None = None) -> APIRouter:
     """The ``/console`` routes for these settings (the password is read once, here)."""
-    access = ConsoleAccess(settings.console_password or settings.api_key, settings.console_session_hours)
+    access = ConsoleAccess(
+        settings.console_password or settings.api_key,
+        settings.console_session_hours,
+        settings.spool_dir.parent / "console.key",
+    )
     environment = jinja2.Environment(
         loader=jinja2.FileSystemLoader(HERE / "templates"),
         autoescape=True,  # every {{ }} is escaped; nothing in the templates is marked safe
