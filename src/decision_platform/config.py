@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     llm_url: str | None = None
 
     # --- explanations (explain/): attributions on the hot path, LLM narratives off it
-    #: Model name on the LLM server (Ollama default: qwen2.5:1.5b; embedded default: qwen2.5-coder-1.5b).
+    #: Model name on the LLM server (Ollama default: qwen2.5:1.5b; embedded default: qwen2.5-coder-0.5b).
     llm_model: str | None = None
     #: Bearer token for an OpenAI-compatible server that wants one (secrets only from the environment).
     llm_api_key: str | None = None

@@ -466,7 +466,7 @@ def test_run_turns_the_llm_on_by_default_and_none_turns_it_off(monkeypatch: pyte
     monkeypatch.delenv("DP_LLM_URL", raising=False)
     assert default_llm_url() == RUN_LLM_URL == "embedded://"
     client = open_chat_client(Settings())  # what `run` then serves with: the embedded default model
-    assert isinstance(client, EmbeddedChat) and client.model == "qwen2.5-coder-1.5b"
+    assert isinstance(client, EmbeddedChat) and client.model == "qwen2.5-coder-0.5b"
     client.close()
     monkeypatch.setenv("DP_LLM_URL", "none")
     assert default_llm_url() == "none" and open_chat_client(Settings()) is None

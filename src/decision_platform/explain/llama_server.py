@@ -27,7 +27,9 @@ READY_PREFIX = "LISTENING "
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2", help="smollm2, qwen2.5-coder-1.5b or a .gguf path")
+    parser.add_argument(
+        "--model", default="smollm2", help="smollm2, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b or a .gguf path"
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0: any free port (printed when ready)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for generation")
