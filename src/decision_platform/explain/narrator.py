@@ -273,12 +273,13 @@ class Narrator:
     # --- the worker
     def _run(self) -> None:
         if self.active == STARTING:
-            prepare = getattr(self.client, "prepare")  # noqa: B009 (checked by _needs_start)
+            client = self.client
+            assert client is not None
             started = time.monotonic()
-            log.info("narrator: starting the LLM (%s); template narratives meanwhile", self.client.model)  # type: ignore[union-attr]
+            log.info("narrator: starting the LLM (%s); template narratives meanwhile", client.model)
             try:
-                prepare()
-            except LLMError as exc:
+                client.prepare()  # type: ignore[attr-defined]  # checked by _needs_start
+            except Exception as exc:  # any failure to start leaves the template, said in /ready and the log
                 self.start_error = str(exc)[:300]
                 log.error("narrator: the LLM could not be started, template narratives only: %s", exc)
                 self._set_active(TEMPLATE)
