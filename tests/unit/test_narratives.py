@@ -171,6 +171,17 @@ def test_a_false_rank_is_rejected(facts: Facts, narrative: str, expected: str) -
     assert any(p.startswith(expected) for p in found), found
 
 
+def test_words_of_a_reasons_own_name_claim_no_rank(facts: Facts) -> None:
+    """ "largest amount in the last 24 hours" names an input; it does not say the reason was the largest
+    (a false rejection of rendered narratives found by the bench, rank #2 named without "most")."""
+    facts.reasons.append(reason("max_1h", 980.0, 0.6, "risk", "largest amount in the last hour", 10.0, 400.0))
+    text = OPENING + " The risk was raised by largest amount in the last hour 980.00."
+    assert problems(text, facts) == []
+    assert any(
+        p.startswith("wrong rank") for p in problems(text.replace("raised by", "raised most by"), facts)
+    )
+
+
 def test_a_value_compared_with_its_range_claims_no_direction(facts: Facts) -> None:
     """ "lower than the typical" compares; it does not say what the value did to the risk."""
     text = OPENING + " The amount of 12.50 was within the typical 3.10 to 236.00, lower than most."

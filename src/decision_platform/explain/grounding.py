@@ -346,8 +346,10 @@ def _claims(text: str, facts: Facts) -> list[list[tuple[int, str, str | None, bo
                     found.append((match.start(), feature))
         if not found:
             continue
-        words = [(m.start(), m.lastgroup) for m in _DIRECTION.finditer(clause)]
-        most = _MOST.search(clause) is not None
+        # Words of the reasons' own names claim nothing ("largest amount in the last hour" is no rank).
+        rest = "".join(" " if hidden else c for c, hidden in zip(clause, taken, strict=True))
+        words = [(m.start(), m.lastgroup) for m in _DIRECTION.finditer(rest)]
+        most = _MOST.search(rest) is not None
         claims = []
         for position, feature in sorted(found):
             nearest = min(words, key=lambda w: abs(w[0] - position), default=None)
