@@ -64,7 +64,7 @@ SCENARIO_LABELS = {
     "read": "decide (read)",
     "event": "decide + event",
 }
-STAGES = ("features", "anomaly", "risk", "policy", "rules", "store", "total")
+STAGES = ("features", "anomaly", "risk", "policy", "reasons", "rules", "store", "total")
 #: DESIGN.md §10: /decide p99 at steady load on real backends, and throughput relative to /health.
 P99_GOAL_MS = 5.0
 RATIO_GOAL = 0.5

@@ -41,6 +41,7 @@ from decision_platform.explain.llama_server import READY_PREFIX
 from decision_platform.explain.llm import open_chat_client
 from decision_platform.explain.narrator import Explanation, Narrator
 from decision_platform.models.registry import ModelRegistry
+from decision_platform.models.risk import RiskConfig
 from decision_platform.serving.platform import Platform
 from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.repository import Repository
@@ -84,7 +85,7 @@ def make_decisions(root: Path, n_events: int, seed: int) -> tuple[Platform, list
         CONFIG / "features.yaml",
         RewardTable.load(CONFIG / "rewards.yaml"),
         registry,
-        TrainConfig(anomaly_trees=100, risk_epochs=8, ppo_timesteps=4096, seed=seed),
+        TrainConfig(anomaly_trees=100, risk=RiskConfig(epochs=8), ppo_timesteps=4096, seed=seed),
     )
     engine.dispose()
     settings = Settings(
@@ -121,7 +122,8 @@ def time_attributions(platform: Platform, rows: list[dict[str, Any]]) -> dict[st
         for _ in range(7):
             t0 = time.perf_counter()
             for _ in range(max(1, 50 // n)):
-                builder.explain_batch(inputs[:n], anomaly[:n])
+                _, attributions = models.risk.explain(inputs[:n])
+                builder.reasons(inputs[:n], attributions, anomaly[:n])
             best = min(best, (time.perf_counter() - t0) / max(1, 50 // n) / n)
         out[f"us_per_decision_batch_{n}"] = round(best * 1e6, 1)
     return out

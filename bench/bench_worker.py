@@ -33,6 +33,7 @@ from decision_platform.devtools.tansu import start_broker
 from decision_platform.events.kafka import KafkaSink, KafkaSource, ensure_topics
 from decision_platform.learning.replay import shift_to_now
 from decision_platform.models.registry import ModelRegistry
+from decision_platform.models.risk import RiskConfig
 from decision_platform.serving.platform import Platform
 from decision_platform.serving.worker import StreamWorker
 from decision_platform.storage.database import make_engine, migrate
@@ -92,7 +93,7 @@ def main() -> None:
                 PROJECT_ROOT / "config" / "features.yaml",
                 RewardTable.load(PROJECT_ROOT / "config" / "rewards.yaml"),
                 ModelRegistry(Repository(engine), settings.model_dir),
-                TrainConfig(anomaly_trees=100, risk_epochs=3, ppo_timesteps=2048),
+                TrainConfig(anomaly_trees=100, risk=RiskConfig(epochs=3), ppo_timesteps=2048),
             )
         events = shift_to_now(generate(n_entities=max(200, args.events // 4), days=3, seed=11).events)
         events = events[: args.events]

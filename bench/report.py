@@ -18,7 +18,7 @@ from typing import Any
 
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results.jsonl"
 LABELS = {"health": "GET /health", "read": "POST /decide (read-only)", "event": "POST /decide + event"}
-STAGES = ("features", "anomaly", "risk", "policy", "rules", "store", "total")
+STAGES = ("features", "anomaly", "risk", "policy", "reasons", "rules", "store", "total")
 
 
 def _num(value: float | None, digits: int = 2) -> str:

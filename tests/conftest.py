@@ -16,6 +16,7 @@ from decision_platform.config import PROJECT_ROOT, Settings
 from decision_platform.core.rewards import RewardTable
 from decision_platform.data import generate
 from decision_platform.models.registry import ModelRegistry
+from decision_platform.models.risk import RiskConfig
 from decision_platform.serving.platform import Platform
 from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.repository import Repository
@@ -46,7 +47,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
         CONFIG_DIR / "features.yaml",
         RewardTable.load(CONFIG_DIR / "rewards.yaml"),
         registry,
-        TrainConfig(anomaly_trees=50, risk_epochs=4, ppo_timesteps=2048, seed=1),
+        TrainConfig(anomaly_trees=50, risk=RiskConfig(epochs=4), ppo_timesteps=2048, seed=1),
     )
     engine.dispose()
     return db_url, root / "models"

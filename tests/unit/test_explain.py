@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from decision_platform.api.app import create_app
 from decision_platform.config import Settings
 from decision_platform.data import generate
-from decision_platform.explain.attributions import AnomalyAttributor, RiskAttributor
+from decision_platform.explain.attributions import AnomalyAttributor
 from decision_platform.explain.facts import Facts
 from decision_platform.explain.grounding import check, numbers_in
 from decision_platform.explain.llm import EmbeddedChat, OllamaChat, OpenAIChat, open_chat_client
@@ -24,7 +24,6 @@ from decision_platform.explain.prompt import build_messages
 from decision_platform.features import FeatureSpec, compute_features
 from decision_platform.models.anomaly import AnomalyModel
 from decision_platform.models.artifacts import SPEC_FILE
-from decision_platform.models.preprocessing import signed_log
 from decision_platform.models.ranges import RANGES_FILE, FeatureRanges
 from decision_platform.models.registry import hash_directory
 from decision_platform.models.risk import RiskModel
@@ -71,22 +70,31 @@ def test_integrated_gradients_give_the_models_risk_and_add_up_to_the_logit_chang
 ) -> None:
     model = RiskModel.load(artifact(trained, "risk"))
     x = real_rows(trained)
-    risk, attributions = RiskAttributor(model, steps=32).explain(x)
+    risk, attributions = model.explain(x, steps=32)
     np.testing.assert_allclose(risk, model.predict(x), rtol=1e-5, atol=1e-9)
-    explainer = RiskAttributor(model, steps=32)
-    z = (signed_log(x) - explainer.mean) / explainer.std
-    change = explainer.logits(z) - explainer.baseline_logit()
+    change = model.logits(x) - model.reference_logit()
     # Completeness: what the attributions say moved the log-odds is what moved them (up to the Riemann
     # sum's error, which grows with the size of the move: a few % of the largest).
     np.testing.assert_allclose(attributions.sum(axis=1), change, rtol=0.03, atol=0.03 * np.abs(change).max())
 
 
-def test_zero_steps_is_the_models_own_gradient_times_input(trained: tuple[str, Path]) -> None:
+def test_zero_steps_is_the_models_own_gradient_times_the_move(trained: tuple[str, Path]) -> None:
+    """steps=0 is first order: torch's gradient of the logit at the input, times the input's move from
+    the reference in the encoded space, summed per input."""
+    import torch
+
     model = RiskModel.load(artifact(trained, "risk"))
     x = rows(model, 10)
-    _, attributions = RiskAttributor(model, steps=0).explain(x)
-    for row, got in zip(x, attributions, strict=True):
-        np.testing.assert_allclose(got, model.predict_explained(row).attributions, rtol=1e-6, atol=1e-9)
+    _, attributions = model.explain(x, steps=0)
+    encoded = torch.from_numpy(model.encoder.encode_numeric(x).astype(np.float64)).requires_grad_(True)
+    net = model.net.double()
+    logit = net.net(encoded).squeeze(-1) / model.temperature
+    logit.sum().backward()
+    move = encoded.grad.numpy() * (encoded.detach().numpy() - model._reference)
+    groups = np.repeat(model.encoder.numeric, model.encoder.bins)
+    expected = np.zeros_like(attributions)
+    np.add.at(expected.T, groups, move.T)
+    np.testing.assert_allclose(attributions, expected, rtol=1e-6, atol=1e-9)
 
 
 def test_training_stores_normal_ranges_of_legitimate_traffic(

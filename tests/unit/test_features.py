@@ -32,6 +32,7 @@ from decision_platform.features import (
     compute_features_with_flags,
     open_feature_store,
 )
+from decision_platform.features.spec import category_code
 
 ROOT = Path(__file__).resolve().parents[2]
 T0 = 1_767_571_200.0  # 2026-01-05T00:00:00Z
@@ -65,6 +66,15 @@ UNORDERED = FeatureSpec.model_validate(
         "distinct": [{"attribute": "device_id", "windows": ["5m", "10s"]}],
         "event_fields": {"amount": False, "hour_of_day": False},
         "retention": {"max_events_per_entity": 4},
+    }
+)
+
+#: Category codes and per-entity ratios on top of SMALL: both must agree online and offline as well.
+DERIVED = FeatureSpec.model_validate(
+    {
+        **SMALL.model_dump(),
+        "event_fields": {"numeric_attributes": ["items"], "categorical_attributes": ["device_id", "items"]},
+        "ratios": [{"of": "amount", "to": "mean_5m"}, {"of": "attr_items", "to": "max_1m"}],
     }
 )
 
@@ -120,6 +130,12 @@ class BruteForce:
         for name in spec.event_fields.numeric_attributes:
             value = event.attributes.get(name) if event else None
             out[f"attr_{name}"] = float(value) if isinstance(value, int | float) else 0.0
+        for name in spec.event_fields.categorical_attributes:
+            value = event.attributes.get(name) if event else None
+            out[f"code_{name}"] = category_code(value)
+        for ratio in spec.ratios:
+            denominator = out[ratio.to]
+            out[ratio.name] = out[ratio.of] / denominator if denominator else 0.0
         return out
 
 
@@ -269,7 +285,7 @@ def test_numeric_attributes_become_features() -> None:
 # --- the store against the brute force, and offline == store
 
 
-@pytest.mark.parametrize("spec", [SMALL, UNORDERED], ids=["small", "unordered"])
+@pytest.mark.parametrize("spec", [SMALL, UNORDERED, DERIVED], ids=["small", "unordered", "derived"])
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(events=event_streams())
 def test_store_and_offline_match_brute_force(spec: FeatureSpec, events: list[Event]) -> None:

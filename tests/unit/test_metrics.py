@@ -21,7 +21,7 @@ from decision_platform.observability import metrics
 from decision_platform.observability.multiprocess import ENV_VAR, prepare_multiprocess_dir
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-STAGES = ("features", "anomaly", "risk", "policy", "rules", "store", "total")
+STAGES = ("features", "anomaly", "risk", "policy", "reasons", "rules", "store", "total")
 
 
 def parse(text: str) -> Samples:

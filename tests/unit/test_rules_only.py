@@ -14,6 +14,7 @@ from decision_platform.data.dataset import make_event
 from decision_platform.features import FeatureSpec, compute_features
 from decision_platform.models.policy import serving_distribution
 from decision_platform.models.registry import ModelRegistry
+from decision_platform.models.risk import RiskConfig
 from decision_platform.rules.ruleset import RuleSet, RulesFile
 from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.repository import Repository
@@ -65,7 +66,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> TrainReport:
             CONFIG_DIR / "features.yaml",
             RewardTable.load(CONFIG_DIR / "rewards.yaml"),
             ModelRegistry(Repository(engine), root / "models"),
-            TrainConfig(anomaly_trees=50, risk_epochs=4, ppo_timesteps=2048, seed=1),
+            TrainConfig(anomaly_trees=50, risk=RiskConfig(epochs=4), ppo_timesteps=2048, seed=1),
             rules=CONFIG_DIR / "rules.yaml",
         )
     finally:

@@ -18,11 +18,10 @@ def report_tables(report: TrainReport) -> list[Table]:
         "anomaly", report.versions["anomaly"], f"ROC-AUC {rm['anomaly_roc_auc']:.3f} (unsupervised)"
     )
     models.add_row(
-        "risk",
-        report.versions["risk"],
-        f"ROC-AUC {rm['roc_auc']:.3f}  PR-AUC {rm['pr_auc']:.3f}  Brier {rm['brier']:.4f}  "
-        f"(base rate {rm['base_rate']:.3%})",
+        "risk", report.versions["risk"], _classifier_figures(rm) + f"  (base rate {rm['base_rate']:.3%})"
     )
+    if "baseline" in rm:
+        models.add_row("  baseline: gradient boosting", "not served", _classifier_figures(rm["baseline"]))
     models.add_row("policy", report.versions["policy"], "see the comparison below")
 
     policies = Table(
@@ -53,3 +52,11 @@ def report_tables(report: TrainReport) -> list[Table]:
             str(r.decisions),
         )
     return [models, policies]
+
+
+def _classifier_figures(metrics: dict) -> str:
+    """ROC-AUC, PR-AUC, Brier and the recall of a review queue of 1% / 5% of events."""
+    return (
+        f"ROC-AUC {metrics['roc_auc']:.3f}  PR-AUC {metrics['pr_auc']:.3f}  Brier {metrics['brier']:.4f}  "
+        f"recall@1% {metrics['recall_at_1%']:.1%}  recall@5% {metrics['recall_at_5%']:.1%}"
+    )

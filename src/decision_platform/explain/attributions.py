@@ -1,10 +1,9 @@
 """Attributions on the hot path: why the risk is what it is, and why the event looks unusual.
 
-Risk: integrated gradients (Sundararajan et al., 2017) of the calibrated risk logit, against the
-training mean (the origin of the standardised space: "an average event"), in numpy for a whole batch at
-once. Unlike gradient x input, the attributions add up to the logit difference from that average event
-(completeness), so "this input added +1.3 to the log-odds" is a statement an auditor can check. The
-same pass returns the risk itself, so the engine no longer runs one model call per row.
+Risk: the risk model's own integrated gradients (Sundararajan et al., 2017; ``RiskModel.explain``,
+computed in the same pass as the risk) say how much each input moved the log-odds away from an average
+event; unlike gradient x input they add up to that move (completeness), so "this input added +1.3 to
+the log-odds" is a statement an auditor can check. This module turns them into reason codes.
 
 Anomaly: exact Shapley values of the Isolation Forest score over the few inputs that are outside their
 normal range (at most ``max_candidates``), each replaced by its median. For k candidates that is 2^k
@@ -23,7 +22,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from torch import nn
 
 from decision_platform.explain.reasons import (
     MIN_ANOMALY_WEIGHT,
@@ -39,60 +37,8 @@ from decision_platform.models.risk import RiskModel
 from decision_platform.rules.ruleset import FiredRule, RuleSet
 
 log = logging.getLogger(__name__)
-
-
-class RiskAttributor:
-    """Risk and integrated-gradients attributions for rows of risk inputs (features + anomaly)."""
-
-    def __init__(self, model: RiskModel, steps: int = 8) -> None:
-        linear = [m for m in model.net.net if isinstance(m, nn.Linear)]
-        self.weights = [m.weight.detach().numpy().T.astype(np.float64) for m in linear]
-        self.biases = [m.bias.detach().numpy().astype(np.float64) for m in linear]
-        self.mean, self.std = model.scaler.mean, model.scaler.std
-        self.temperature = model.temperature
-        self.names = list(model.input_names)
-        self.steps = steps
-        # Midpoint rule on [0, 1]: no endpoint bias; the error shrinks as 1/steps^2 between ReLU kinks.
-        self.alphas = (np.arange(steps) + 0.5) / steps
-        self._out = self.weights[-1][:, 0] / self.temperature
-
-    def _forward(self, z: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        h, masks = z, []
-        for w, b in zip(self.weights[:-1], self.biases[:-1], strict=True):
-            pre = h @ w + b
-            masks.append(pre > 0)
-            h = pre * masks[-1]
-        return h @ self._out + self.biases[-1][0] / self.temperature, masks
-
-    def _backward(self, masks: list[np.ndarray]) -> np.ndarray:
-        grad = masks[-1] * self._out
-        for i in range(len(masks) - 1, 0, -1):
-            grad = (grad @ self.weights[i].T) * masks[i - 1]
-        return grad @ self.weights[0].T
-
-    def logits(self, z: np.ndarray) -> np.ndarray:
-        return self._forward(z)[0]
-
-    def explain(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(risk (n,), attributions (n, d)) in logit units; attributions sum to logit(x) - logit(mean)."""
-        x = np.atleast_2d(np.asarray(inputs, dtype=np.float64))
-        z = (signed_log(x) - self.mean) / self.std
-        n, d = z.shape
-        if self.steps == 0:  # gradient x input: first order only, exact for a linear model
-            logit, masks = self._forward(z)
-            return _sigmoid(logit), self._backward(masks) * z
-        # One forward pass over every point of every path, and the inputs themselves at the end.
-        path = (self.alphas[None, :, None] * z[:, None, :]).reshape(n * self.steps, d)
-        logit, masks = self._forward(np.vstack([path, z]))
-        grads = self._backward([m[: n * self.steps] for m in masks])
-        return _sigmoid(logit[n * self.steps :]), grads.reshape(n, self.steps, d).mean(axis=1) * z
-
-    def baseline_logit(self) -> float:
-        return float(self.logits(np.zeros((1, len(self.mean))))[0])
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+#: Features that are category codes (FeatureSpec.categorical_names).
+CATEGORY_PREFIX = "code_"
 
 
 def _shapley_matrix(k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -201,16 +147,14 @@ class ReasonBuilder:
         anomaly: AnomalyModel | None,
         ranges: FeatureRanges | None,
         rules: RuleSet | None = None,
-        steps: int = 8,
         max_up: int = 3,
         max_down: int = 2,
         max_anomaly: int = 3,
     ) -> None:
         self.model = risk
-        self.risk = RiskAttributor(risk, steps)
         self.anomaly = AnomalyAttributor(anomaly, ranges) if anomaly is not None and ranges else None
         self.ranges = ranges
-        self.names = self.risk.names
+        self.names = list(risk.input_names)
         self.max_up, self.max_down, self.max_anomaly = max_up, max_down, max_anomaly
         self._rule_inputs = _rule_inputs(rules) if rules is not None else {}
         # Time of day is two inputs (sin, cos) but one reason: their attributions are added up.
@@ -233,28 +177,35 @@ class ReasonBuilder:
         anomaly: AnomalyModel | None,
         ranges: FeatureRanges | None,
         rules: RuleSet,
-        steps: int,
     ) -> ReasonBuilder | None:
         """The builder for the serving models, or None (no risk model, or one it cannot read: then the
         engine's own risk stage fails and falls back, as for any model failure; serving still starts)."""
         if risk is None:
             return None
         try:
-            return cls(risk, anomaly, ranges, rules, steps)
+            return cls(risk, anomaly, ranges, rules)
         except Exception:
             log.exception("reason codes unavailable for this risk model")
             return None
 
     def typical(self, name: str) -> dict[str, Any] | None:
+        if name.startswith(CATEGORY_PREFIX):  # a code has no normal range
+            return None
         found = self.ranges.typical(name) if self.ranges is not None else None
         return found.as_dict() if found else None
 
-    def explain_batch(
-        self, inputs: np.ndarray, anomaly: np.ndarray | None = None
-    ) -> tuple[np.ndarray, list[list[dict[str, Any]]]]:
-        """Risk of each row of ``inputs`` (features + anomaly) and its reason codes."""
+    def reasons(
+        self,
+        inputs: np.ndarray,
+        attributions: np.ndarray,
+        anomaly: np.ndarray | None = None,
+        attributes: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> list[list[dict[str, Any]]]:
+        """Reason codes of each row of ``inputs`` (features + anomaly), from the risk model's
+        ``attributions`` of those rows (``RiskModel.explain``) and the anomaly's contributors.
+        ``attributes``: each row's event attributes, which name the value of a categorical reason."""
         inputs = np.atleast_2d(inputs)
-        risk, attributions = self.risk.explain(inputs)
+        rows_attributes = attributes if attributes is not None else [None] * len(inputs)
         merged = attributions[:, self._keep]
         if self._hour:
             merged = np.column_stack(
@@ -275,20 +226,27 @@ class ReasonBuilder:
                     break
                 bucket, limit = (up, self.max_up) if weight > 0 else (down, self.max_down)
                 if len(bucket) < limit:
-                    bucket.append(self._risk_reason(int(j), row, weight))
+                    bucket.append(self._risk_reason(int(j), row, weight, rows_attributes[i]))
             found = [
                 self._wording[self.names[c]].reason("anomaly", float(row[c]), w)
                 for c, w in contributors[i][: self.max_anomaly]
                 if w >= MIN_ANOMALY_WEIGHT
             ]
             reasons.append(up + down + found)
-        return risk, reasons
+        return reasons
 
-    def _risk_reason(self, j: int, row: np.ndarray, weight: float) -> dict[str, Any]:
+    def _risk_reason(
+        self, j: int, row: np.ndarray, weight: float, attributes: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
         name = self.reason_names[j]
         if name == "time_of_day" and self._hour:
             clock = time_of_day(float(row[self._hour[0]]), float(row[self._hour[1]]))
             return self._wording[name].reason("risk", 0.0, weight, clock)
+        if name.startswith(CATEGORY_PREFIX):
+            # A category's reason names its value (untrusted text, shortened), not its code.
+            value = (attributes or {}).get(name[len(CATEGORY_PREFIX) :])
+            shown = "absent" if value is None else repr(str(value)[:40])
+            return self._wording[name].reason("risk", float(row[self._column[name]]), weight, shown)
         return self._wording[name].reason("risk", float(row[self._column[name]]), weight)
 
     def rules_fired(self, fired: Sequence[FiredRule], facts: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -37,6 +37,8 @@ def describe_feature(name: str) -> str:
     match = re.fullmatch(r"(count|sum|mean|max)_(\w+)", name)
     if match and match.group(2) in _WINDOWS:
         return f"{_AGGREGATES[match.group(1)]} in {_WINDOWS[match.group(2)]}"
+    if name.startswith("code_"):  # a category (FeatureSpec.categorical_names): its attribute's name
+        return name.removeprefix("code_")
     match = re.fullmatch(r"distinct_(\w+)_(\w+)", name)
     if match and match.group(2) in _WINDOWS:
         return f"distinct {match.group(1).replace('_', ' ')}s in {_WINDOWS[match.group(2)]}"

@@ -52,6 +52,22 @@ class EventFields(BaseModel):
     amount: bool = True
     hour_of_day: bool = True
     numeric_attributes: list[Name] = Field(default_factory=list)
+    #: Attributes whose values are categories (a device, an email domain, a merchant code): each becomes
+    #: ``code_<attribute>``, a stable code of its value (0 when absent) that the risk model embeds.
+    categorical_attributes: list[Name] = Field(default_factory=list)
+
+
+class RatioSpec(BaseModel):
+    """A per-entity ratio of two features, e.g. the amount over the entity's 24 h mean amount."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    of: Name
+    to: Name
+
+    @property
+    def name(self) -> str:
+        return f"ratio_{self.of}_to_{self.to}"
 
 
 class Retention(BaseModel):
@@ -78,6 +94,9 @@ class FeatureSpec(BaseModel):
     )
     seconds_since_last: bool = True
     event_fields: EventFields = Field(default_factory=EventFields)
+    #: Ratios of two features (``of`` / ``to``; 0 where ``to`` is 0), computed where every vector is
+    #: assembled, so the online store and the offline twin cannot differ.
+    ratios: list[RatioSpec] = Field(default_factory=list)
     retention: Retention = Field(default_factory=Retention)
     #: None: the largest window.
     late_tolerance_seconds: float | None = Field(None, ge=0)
@@ -102,6 +121,11 @@ class FeatureSpec(BaseModel):
             raise ValueError("retention.ttl_seconds must be at least the largest window")
         if len(set(self.names)) != len(self.names):
             raise ValueError("feature names must be unique")
+        base = set(self._base_names)
+        for ratio in self.ratios:
+            unknown = [n for n in (ratio.of, ratio.to) if n not in base]
+            if unknown:
+                raise ValueError(f"ratio {ratio.name!r}: unknown features {unknown}")
         return self
 
     @classmethod
@@ -137,7 +161,11 @@ class FeatureSpec(BaseModel):
 
     @cached_property
     def names(self) -> list[str]:
-        """Feature names in vector order."""
+        """Feature names in vector order: windows, distinct counts, event fields, then ratios."""
+        return [*self._base_names, *(r.name for r in self.ratios)]
+
+    @cached_property
+    def _base_names(self) -> list[str]:
         names = [f"{agg}_{w}" for w in self.windows for agg in self.aggregations]
         names += [f"distinct_{d.attribute}_{w}" for d in self.distinct for w in d.windows]
         if self.seconds_since_last:
@@ -147,7 +175,13 @@ class FeatureSpec(BaseModel):
         if self.event_fields.hour_of_day:
             names += ["hour_sin", "hour_cos"]
         names += [f"attr_{a}" for a in self.event_fields.numeric_attributes]
+        names += [f"code_{a}" for a in self.event_fields.categorical_attributes]
         return names
+
+    @property
+    def categorical_names(self) -> list[str]:
+        """The features that are category codes: identities, not quantities (never scaled or ranged)."""
+        return [f"code_{a}" for a in self.event_fields.categorical_attributes]
 
     @property
     def dim(self) -> int:
@@ -185,8 +219,11 @@ class FeatureSpec(BaseModel):
             gather += [1 + 3 * nw + a * nw + window_index[w] for w in d.windows]
         if self.seconds_since_last:
             gather.append(0)
-        gather += range(n_raw + n_means, n_raw + n_means + self.dim - len(gather))
+        gather += range(n_raw + n_means, n_raw + n_means + len(self._base_names) - len(gather))
+        column = {n: i for i, n in enumerate(self._base_names)}
         return {
+            "ratio_of": np.asarray([column[r.of] for r in self.ratios], dtype=np.intp),
+            "ratio_to": np.asarray([column[r.to] for r in self.ratios], dtype=np.intp),
             "mean_count": np.asarray(mean_count, dtype=np.intp),
             "mean_sum": np.asarray(mean_sum, dtype=np.intp),
             "gather": np.asarray(gather, dtype=np.intp),
@@ -195,7 +232,12 @@ class FeatureSpec(BaseModel):
     @property
     def n_event_values(self) -> int:
         fields = self.event_fields
-        return int(fields.amount) + 2 * int(fields.hour_of_day) + len(fields.numeric_attributes)
+        return (
+            int(fields.amount)
+            + 2 * int(fields.hour_of_day)
+            + len(fields.numeric_attributes)
+            + len(fields.categorical_attributes)
+        )
 
     def assemble(self, raw: np.ndarray, event_values: np.ndarray) -> np.ndarray:
         """Feature matrix (n, dim) from raw aggregates (n, raw_width) and event-level values.
@@ -205,7 +247,12 @@ class FeatureSpec(BaseModel):
         plan = self._plan
         counts, sums = raw[:, plan["mean_count"]], raw[:, plan["mean_sum"]]
         means = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
-        return np.concatenate((raw, means, event_values), axis=1)[:, plan["gather"]]
+        vectors = np.concatenate((raw, means, event_values), axis=1)[:, plan["gather"]]
+        if not self.ratios:
+            return vectors
+        of, to = vectors[:, plan["ratio_of"]], vectors[:, plan["ratio_to"]]
+        ratios = np.divide(of, to, out=np.zeros_like(of), where=to != 0)
+        return np.concatenate((vectors, ratios), axis=1)
 
     def event_values(self, timestamps: Sequence[float], events: Sequence[Event] | None) -> np.ndarray:
         """Event-level fields (n, k); with no events (plain reads) amount and attributes are 0.
@@ -224,6 +271,8 @@ class FeatureSpec(BaseModel):
                 row += [math.sin(angle), math.cos(angle)]
             for name in fields.numeric_attributes:
                 row.append(_numeric(event.attributes.get(name)) if event is not None else 0.0)
+            for name in fields.categorical_attributes:
+                row.append(category_code(event.attributes.get(name)) if event is not None else 0.0)
             rows.append(row)
         return np.asarray(rows, dtype=np.float64).reshape(len(rows), self.n_event_values)
 
@@ -240,6 +289,23 @@ def _numeric(value: object) -> float:
         return float(value)
     except OverflowError:
         return 0.0
+
+
+@lru_cache(maxsize=65536, typed=True)
+def category_code(value: bool | int | float | str | None) -> float:
+    """A category's code: a 31-bit digest of its value, 0 when absent. Numbers are codes by value (a
+    merchant code sent as 5411 or 5411.0 is one category), text by its exact spelling. Exact in float64,
+    so it travels in the feature vector and its snapshot like any feature."""
+    if value is None:
+        return 0.0
+    if isinstance(value, bool):
+        text = f"bool:{value}"
+    elif isinstance(value, int | float):
+        text = f"num:{int(value)}" if math.isfinite(value) and float(value).is_integer() else f"num:{value!r}"
+    else:
+        text = f"str:{value}"
+    digest = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "big")
+    return float((digest & 0x7FFFFFFF) or 1)
 
 
 @lru_cache(maxsize=65536, typed=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -122,7 +122,8 @@ def _refit_risk(
             inputs[fit_rows],
             logged.labels[fit_rows],
             champion.input_names,
-            epochs=config.training.risk_epochs,
+            replace(champion.config, epochs=config.training.risk_epochs),
+            categorical=champion.encoder.categorical,
             seed=seed,
         )
         info["refit"] = True

@@ -8,6 +8,7 @@ exactly. The packed arrays are plain ``.npz``: loading a model never unpickles c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +40,20 @@ class AnomalyModel:
 
     @classmethod
     def fit(
-        cls, x: np.ndarray, feature_names: list[str], n_estimators: int = 100, seed: int = 0
+        cls,
+        x: np.ndarray,
+        feature_names: list[str],
+        n_estimators: int = 100,
+        seed: int = 0,
+        ignore: Sequence[int] = (),
     ) -> AnomalyModel:
+        """The forest on every column but ``ignore``d ones; the served model still reads whole rows."""
+        used = np.asarray([j for j in range(np.shape(x)[1]) if j not in set(ignore)], dtype=np.int64)
         forest = IsolationForest(n_estimators=n_estimators, max_samples=256, random_state=seed, n_jobs=1)
-        forest.fit(np.asarray(x, dtype=np.float32))
-        return cls.from_sklearn(forest, feature_names)
+        forest.fit(np.asarray(x, dtype=np.float32)[:, used])
+        model = cls.from_sklearn(forest, feature_names)
+        model.feature = used[model.feature]  # the forest's column j is the row's column used[j]
+        return model
 
     @classmethod
     def from_sklearn(cls, forest: IsolationForest, feature_names: list[str]) -> AnomalyModel:

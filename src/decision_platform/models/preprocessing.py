@@ -1,4 +1,4 @@
-"""Feature scaling shared by the risk model and the policy.
+"""Feature scaling of the policy's state.
 
 Counts and amounts are heavy-tailed (a card-testing burst has 100x the usual count), so every value is
 first squashed with a signed log, then standardised with statistics of the training rows.
@@ -6,6 +6,7 @@ first squashed with a signed log, then standardised with statistics of the train
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,10 +22,15 @@ class Standardizer:
     std: np.ndarray
 
     @classmethod
-    def fit(cls, x: np.ndarray) -> Standardizer:
+    def fit(cls, x: np.ndarray, ignore: Sequence[int] = ()) -> Standardizer:
+        """Statistics of the training rows; ``ignore``d columns always scale to 0 (an infinite std)."""
         z = signed_log(np.asarray(x, dtype=np.float64))
         std = z.std(axis=0)
-        return cls(mean=z.mean(axis=0), std=np.where(std < 1e-9, 1.0, std))
+        std = np.where(std < 1e-9, 1.0, std)
+        std[list(ignore)] = np.inf
+        mean = z.mean(axis=0)
+        mean[list(ignore)] = 0.0
+        return cls(mean=mean, std=std)
 
     def transform(self, x: np.ndarray) -> np.ndarray:
         return ((signed_log(np.asarray(x, dtype=np.float64)) - self.mean) / self.std).astype(np.float32)

@@ -59,7 +59,7 @@ DECISIONS = Counter(
 )
 DECISION_LATENCY = Histogram(
     "dp_decision_latency_seconds",
-    "Time per decision stage (features, anomaly, risk, policy, rules, store); "
+    "Time per decision stage (features, anomaly, risk, policy, reasons, rules, store); "
     "stage=total is end to end inside the engine, storage included.",
     ["stage"],
     buckets=LATENCY_BUCKETS,

@@ -175,9 +175,7 @@ class DecisionEngine:
     def _reason_builder(self, serving: ServingSet, risk_model: Any) -> ReasonBuilder:
         if serving.reasons is not None and serving.reasons.model is risk_model:
             return serving.reasons
-        builder = ReasonBuilder(
-            risk_model, serving.models.anomaly, None, self.rules, self.settings.attribution_steps
-        )
+        builder = ReasonBuilder(risk_model, serving.models.anomaly, None, self.rules)
         if self._serving is serving:  # kept for the next batches, unless a reload replaced the set
             self._serving = ServingSet(serving.models, builder)
         return builder
@@ -228,9 +226,8 @@ class DecisionEngine:
             watch.lap("anomaly")
             risk_model = self._require(serving, "risk")
             inputs = risk_model.inputs(scores.features, scores.anomaly)
-            # Risk and its attributions in one vectorised pass.
-            builder = scores.builder = self._reason_builder(serving, risk_model)
-            scores.risk, scores.reasons = builder.explain_batch(inputs, scores.anomaly)
+            # The risk and its attributions (what the reasons are made of) in one vectorised pass.
+            scores.risk, attributions = risk_model.explain(inputs, self.settings.attribution_steps)
             watch.lap("risk")
             policy = self._require(serving, "policy")
             scores.probabilities = policy.probabilities(
@@ -239,6 +236,10 @@ class DecisionEngine:
             # The shadow's time counts in the policy stage: it is part of what a decision costs.
             scores.shadow = self._shadow_probabilities(serving.models, scores)
             watch.lap("policy")
+            builder = scores.builder = self._reason_builder(serving, risk_model)
+            attributes = [r.event.attributes if r.event is not None else None for r in requests]
+            scores.reasons = builder.reasons(inputs, attributions, scores.anomaly, attributes)
+            watch.lap("reasons")
         except StageError as exc:
             scores.fail(exc.reason)
         except Exception as exc:  # a model raised: never let it become a 5xx

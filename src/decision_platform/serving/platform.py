@@ -144,9 +144,7 @@ class Platform:
         # Normal ranges stored with the risk model: reason codes say what is typical (older artifacts: none).
         risk_record = registry.serving_record(models.versions["risk"]) if models.risk else None
         ranges = ranges_of_model(settings.model_dir, risk_record)
-        reasons = ReasonBuilder.for_models(
-            models.risk, models.anomaly, ranges, rules, settings.attribution_steps
-        )
+        reasons = ReasonBuilder.for_models(models.risk, models.anomaly, ranges, rules)
         engine = DecisionEngine(settings, spec, store, models, rules, writer, reasons=reasons)
         narrator = Narrator(settings, repository, open_chat_client(settings), ranges, writer).start()
         if models.errors:
@@ -237,9 +235,7 @@ class Platform:
     def _reason_builder(self, models: LoadedModels) -> tuple[ReasonBuilder | None, Any]:
         risk_record = self.registry.serving_record(models.versions["risk"]) if models.risk else None
         ranges = ranges_of_model(self.settings.model_dir, risk_record)
-        builder = ReasonBuilder.for_models(
-            models.risk, models.anomaly, ranges, self.rules, self.settings.attribution_steps
-        )
+        builder = ReasonBuilder.for_models(models.risk, models.anomaly, ranges, self.rules)
         return builder, ranges
 
     @staticmethod

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
+from sklearn.metrics import roc_auc_score
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import DummyVecEnv
@@ -27,10 +27,12 @@ from decision_platform.features import FeatureSpec, compute_features
 from decision_platform.models.anomaly import AnomalyModel
 from decision_platform.models.artifacts import save_artifact, save_policy_artifact
 from decision_platform.models.policy import PolicyModel, imitate
+from decision_platform.models.preprocessing import Standardizer
 from decision_platform.models.registry import ModelRegistry
-from decision_platform.models.risk import RiskModel
+from decision_platform.models.risk import RiskConfig, RiskModel
 from decision_platform.rules.ruleset import BASE_VARIABLES, RuleSet, RuleTally, Tier
 from decision_platform.training import PPO_TIMESTEPS
+from decision_platform.training.baseline import classifier_metrics, fit_gradient_boosting
 from decision_platform.training.progress import SILENT, Progress
 from decision_platform.training.simulator import (
     EntityHistory,
@@ -45,7 +47,9 @@ from decision_platform.training.simulator import (
 class TrainConfig:
     test_fraction: float = 0.3
     anomaly_trees: int = 100
-    risk_epochs: int = 12
+    risk: RiskConfig = field(default_factory=RiskConfig)
+    #: Distil the risk model from the gradient-boosting baseline (soft targets mixed with the labels).
+    distill: bool = True
     ppo_timesteps: int = PPO_TIMESTEPS
     seed: int = 0
 
@@ -257,6 +261,8 @@ class PolicyStates:
     states: np.ndarray
     train_histories: list[EntityHistory]
     test_histories: list[EntityHistory]
+    #: How the features were scaled into the states (the served policy scales them the same way).
+    scaler: Standardizer
 
     @property
     def risk_index(self) -> int:
@@ -329,13 +335,22 @@ def split_in_time(
 
 
 def fit_anomaly(
-    split: Split, names: Sequence[str], config: TrainConfig, progress: Progress = SILENT
+    split: Split,
+    names: Sequence[str],
+    config: TrainConfig,
+    progress: Progress = SILENT,
+    categorical: Sequence[str] = (),
 ) -> AnomalyFit:
-    """The isolation forest on the training part; scores for every row (the risk model reads them)."""
+    """The isolation forest on the training part; scores for every row (the risk model reads them).
+    Category codes are identities, not quantities: the forest does not split on them."""
     task = "anomaly: isolation forest"
     progress.start(task, 1)
     model = AnomalyModel.fit(
-        split.features[split.train], list(names), n_estimators=config.anomaly_trees, seed=config.seed
+        split.features[split.train],
+        list(names),
+        n_estimators=config.anomaly_trees,
+        seed=config.seed,
+        ignore=[i for i, name in enumerate(names) if name in set(categorical)],
     )
     scores = model.score(split.features)
     progress.advance(task)
@@ -343,45 +358,62 @@ def fit_anomaly(
 
 
 def fit_risk(
-    split: Split, names: Sequence[str], anomaly: np.ndarray, config: TrainConfig, progress: Progress = SILENT
+    split: Split,
+    names: Sequence[str],
+    anomaly: np.ndarray,
+    config: TrainConfig,
+    progress: Progress = SILENT,
+    categorical: Sequence[str] = (),
 ) -> RiskFit:
-    """The calibrated risk classifier on the training part, with its held-out metrics."""
+    """The gradient-boosting baseline, then the calibrated PyTorch classifier taught by it, on the
+    training part; both judged on the held-out part with the same metrics."""
     train, test, y = split.train, split.test, split.labels
-    task = "risk: pytorch classifier"
-    progress.start(task, RiskModel.effective_epochs(int(train.sum()), config.risk_epochs))
     inputs = RiskModel.inputs(split.features, anomaly)
+    with progress.status("risk baseline: gradient boosting on the same inputs"):
+        baseline = fit_gradient_boosting(inputs[train], y[train], config.seed)
+        baseline_scores = baseline.predict_proba(inputs)[:, 1]
+    task = "risk: pytorch classifier"
+    progress.start(task, RiskModel.effective_epochs(int(train.sum()), config.risk.epochs))
     model = RiskModel.fit(
         inputs[train],
         y[train],
         [*names, "anomaly"],
-        epochs=config.risk_epochs,
+        config.risk,
+        categorical=[i for i, name in enumerate(names) if name in set(categorical)],
+        teacher=baseline_scores[train] if config.distill else None,
         seed=config.seed,
         on_epoch=lambda _epoch, _loss: progress.advance(task),
     )
+    progress.advance(task, RiskModel.effective_epochs(int(train.sum()), config.risk.epochs))
     risk = model.predict(inputs)
-    return RiskFit(model, inputs, risk, risk_metrics(y[test], risk[test], anomaly[test], model.temperature))
+    metrics = risk_metrics(y[test], risk[test], anomaly[test], model.temperature)
+    metrics["baseline"] = classifier_metrics(y[test], baseline_scores[test])
+    metrics["baseline"]["model"] = "HistGradientBoostingClassifier (scikit-learn defaults)"
+    return RiskFit(model, inputs, risk, metrics)
 
 
 def risk_metrics(
     labels: np.ndarray, risk: np.ndarray, anomaly: np.ndarray, temperature: float
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Held-out ranking and calibration of the risk (and the anomaly score's ranking alone)."""
     both = len(set(labels)) > 1
-    return {
-        "roc_auc": float(roc_auc_score(labels, risk)) if both else float("nan"),
-        "pr_auc": float(average_precision_score(labels, risk)) if labels.any() else float("nan"),
-        "brier": float(brier_score_loss(labels, risk)),
+    return classifier_metrics(labels, risk) | {
         "anomaly_roc_auc": float(roc_auc_score(labels, anomaly)) if both else float("nan"),
         "base_rate": float(labels.mean()),
         "temperature": temperature,
     }
 
 
-def policy_states(split: Split, names: Sequence[str], anomaly: np.ndarray, risk: RiskFit) -> PolicyStates:
-    """States scaled exactly as the risk model scales features, grouped into per-entity histories."""
-    scaler = risk.model.scaler
+def policy_states(
+    split: Split, names: Sequence[str], anomaly: np.ndarray, risk: RiskFit, categorical: Sequence[str] = ()
+) -> PolicyStates:
+    """States (features scaled on the training part, anomaly, risk) grouped into per-entity histories.
+    Codes of categorical attributes are no quantities: the policy reads them as 0 (their risk is in
+    the risk score)."""
+    ignore = [i for i, name in enumerate(names) if name in set(categorical)]
+    scaler = Standardizer.fit(split.features[split.train], ignore)
     state_names = [*names, "anomaly", "risk"]
-    stub = PolicyModel([], [], "Tanh", state_names, scaler.mean[:-1], scaler.std[:-1])
+    stub = PolicyModel([], [], "Tanh", state_names, scaler.mean, scaler.std)
     states = stub.state(split.features, anomaly, risk.scores)
     y, amounts, ids = split.labels, split.amounts, split.entity_ids
     train, test = split.train, split.test
@@ -390,6 +422,7 @@ def policy_states(split: Split, names: Sequence[str], anomaly: np.ndarray, risk:
         states,
         group_histories(ids[train], states[train], y[train], amounts[train]),
         group_histories(ids[test], states[test], y[test], amounts[test]),
+        scaler,
     )
 
 
@@ -403,7 +436,6 @@ def fit_policy(
     split: Split,
     states: PolicyStates,
     thresholds: Thresholds,
-    risk: RiskModel,
     rewards: RewardTable,
     config: TrainConfig,
     progress: Progress = SILENT,
@@ -417,8 +449,8 @@ def fit_policy(
     task = "policy: PPO in the simulator"
     progress.start(task, config.ppo_timesteps)
     ppo.learn(config.ppo_timesteps, callback=PPOProgress(lambda n: progress.advance(task, n)))
-    scaler = risk.scaler
-    return PolicyFit(PolicyModel.from_sb3(ppo, states.names, scaler.mean[:-1], scaler.std[:-1]), ppo)
+    scaler = states.scaler
+    return PolicyFit(PolicyModel.from_sb3(ppo, states.names, scaler.mean, scaler.std), ppo)
 
 
 def fit_rules_only(
@@ -576,13 +608,13 @@ def train_all(
     timer = _Timer()
     split = split_in_time(data, spec, config.test_fraction, source, progress)
     timer.lap("features_s")
-    anomaly = fit_anomaly(split, spec.names, config, progress)
+    anomaly = fit_anomaly(split, spec.names, config, progress, spec.categorical_names)
     timer.lap("anomaly_s")
-    risk = fit_risk(split, spec.names, anomaly.scores, config, progress)
+    risk = fit_risk(split, spec.names, anomaly.scores, config, progress, spec.categorical_names)
     timer.lap("risk_s")
-    states = policy_states(split, spec.names, anomaly.scores, risk)
+    states = policy_states(split, spec.names, anomaly.scores, risk, spec.categorical_names)
     thresholds = fit_thresholds(states, rewards, config.seed)
-    policy = fit_policy(split, states, thresholds, risk.model, rewards, config, progress)
+    policy = fit_policy(split, states, thresholds, rewards, config, progress)
     timer.lap("policy_s")
     rules_only = fit_rules_only(rule_set, split, spec.names, anomaly.scores, risk.scores, progress)
     timer.lap("rules_s")
