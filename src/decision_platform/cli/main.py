@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
-from rich.table import Table
 
 from decision_platform.cli.common import console, open_registry
 from decision_platform.cli.explain import explain as explain_command
 from decision_platform.cli.models import models_app
+from decision_platform.cli.replay import summary_tables
 from decision_platform.cli.report import report as report_command
 from decision_platform.cli.retrain import retrain as retrain_command
 from decision_platform.cli.rules import rules_app
@@ -328,41 +328,18 @@ def replay(
     finally:
         if reporter is not None:  # replay() drained it; after Ctrl-C, do not wait out the delays
             reporter.close(drain=False)
-    table = Table(title=f"replay to {to.value}")
-    for column in ("sent", "acknowledged", "errors", "seconds", "rate achieved (ev/s)"):
-        table.add_column(column, justify="right")
-    table.add_row(
-        str(summary.sent),
-        str(summary.acknowledged),
-        str(summary.errors),
-        f"{summary.seconds:.1f}",
-        f"{summary.rate:,.0f}",
-    )
-    console.print(table)
-    if reporter is not None:
-        posted = Table(title=f"outcomes ({outcome_delay:g} s after each decision)")
-        for column in ("posted", "conflicts (409)", "failed", *summary.outcomes):
-            posted.add_column(column, justify="right")
-        posted.add_row(
-            str(summary.outcomes_posted),
-            str(summary.outcomes_conflicts),
-            str(summary.outcomes_failed),
-            *(str(n) for n in summary.outcomes.values()),
+    for table in summary_tables(summary, to.value, outcome_delay if reporter is not None else None):
+        console.print(table)
+    if summary.outcomes_conflicts:
+        console.print(
+            "[yellow]conflicts:[/yellow] those decisions already had a different outcome (outcomes "
+            "are final); a replay with another --seed can draw another outcome for a throttle"
         )
-        console.print(posted)
-        if summary.outcomes_conflicts:
-            console.print(
-                "[yellow]conflicts:[/yellow] those decisions already had a different outcome (outcomes "
-                "are final); a replay with another --seed can draw another outcome for a throttle"
-            )
-    failed = False
-    if summary.first_error:
-        console.print(f"[red]first error:[/red] {summary.first_error}")
-        failed = True
-    if summary.first_outcome_error:
-        console.print(f"[red]first outcome error:[/red] {summary.first_outcome_error}")
-        failed = True
-    if failed:
+    errors = [("first error", summary.first_error), ("first outcome error", summary.first_outcome_error)]
+    for label, error in errors:
+        if error:
+            console.print(f"[red]{label}:[/red] {error}")
+    if any(error for _, error in errors):
         raise typer.Exit(1)
 
 
