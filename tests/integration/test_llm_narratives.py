@@ -286,7 +286,8 @@ def test_run_defaults_to_the_llm_narrator_started_in_the_background(
     platform serves at once, /ready and /metrics say which narrator writes, and it switches to the LLM."""
     from decision_platform.cli.main import default_llm_url
 
-    monkeypatch.delenv("DP_LLM_URL", raising=False)
+    monkeypatch.setenv("DP_LLM_URL", "")  # recorded, so that what default_llm_url() sets is undone
+    monkeypatch.delenv("DP_LLM_URL")
     settings = pg_settings(llm_url=default_llm_url(), llm_model="smollm2", llm_start_timeout_s=120)
     with TestClient(create_app(settings, start_platform(settings))) as client:
         decided = block(client, "run-default")  # decisions never wait for the model

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import threading
 import time
 import zipfile
@@ -28,6 +29,8 @@ from decision_platform.explain.llm import ChatResult, LLMError
 from decision_platform.explain.narrator import Narrator
 from decision_platform.explain.prompt import build_messages
 from decision_platform.explain.reasons import format_value
+
+LLM_URL_AT_IMPORT = os.environ.get("DP_LLM_URL")
 
 
 def reason(feature: str, value: float, weight: float, kind: str, description: str, low: float, high: float):
@@ -477,7 +480,8 @@ def test_run_turns_the_llm_on_by_default_and_none_turns_it_off(monkeypatch: pyte
     from decision_platform.cli.main import RUN_LLM_URL, default_llm_url
     from decision_platform.explain.llm import EmbeddedChat, open_chat_client
 
-    monkeypatch.delenv("DP_LLM_URL", raising=False)
+    monkeypatch.setenv("DP_LLM_URL", "")  # recorded, so that what default_llm_url() sets is undone
+    monkeypatch.delenv("DP_LLM_URL")
     assert default_llm_url() == RUN_LLM_URL == "embedded://"
     client = open_chat_client(Settings())  # what `run` then serves with: the embedded default model
     assert isinstance(client, EmbeddedChat) and client.model == "qwen2.5-coder-0.5b"
@@ -530,3 +534,9 @@ def test_weights_are_fetched_with_progress_verified_and_cached(
     steps.clear()
     assert llm_weights.model_path("fake", cache_dir=tmp_path, progress=steps.append) == path
     assert steps == [] and len(fetched) == 2  # cached: nothing fetched again
+
+
+def test_the_default_llm_url_does_not_leak_into_later_tests() -> None:
+    """Runs after the test above: what `run` set in the environment was undone with its monkeypatch (it
+    once leaked, and later tests' platforms started an embedded LLM)."""
+    assert os.environ.get("DP_LLM_URL") == LLM_URL_AT_IMPORT

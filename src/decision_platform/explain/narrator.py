@@ -361,6 +361,8 @@ class Narrator:
                     schema=answer_schema,
                 )
             except LLMError as exc:
+                if self._stopped:  # close() ended the call: nothing to say about the LLM or this decision
+                    return self._template(facts, READY, "llm_unavailable")
                 kind = "timeout" if isinstance(exc, LLMTimeout) else "error"
                 metrics.LLM_LATENCY.observe(time.perf_counter() - started)
                 metrics.LLM_NARRATIVES.labels(result=kind).inc()
