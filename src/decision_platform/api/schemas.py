@@ -145,8 +145,9 @@ class ExplanationResponse(BaseModel):
     narrative: str
     source: str = Field(description="llm | template")
     reason: str | None = Field(
-        description="why the template: no_llm, grounding_rejected, llm_timeout, llm_error, "
-        "llm_unavailable, queue_full, pending; null for an LLM narrative"
+        description="why the template: no_llm, llm_starting (the model is being fetched / started), "
+        "grounding_rejected, llm_timeout, llm_error, llm_unavailable, queue_full, pending, no_choice (no "
+        "fact the model could choose); null for an LLM narrative"
     )
     model: str | None = None
     prompt_version: str | None = None
