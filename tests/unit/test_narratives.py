@@ -540,3 +540,21 @@ def test_the_default_llm_url_does_not_leak_into_later_tests() -> None:
     """Runs after the test above: what `run` set in the environment was undone with its monkeypatch (it
     once leaked, and later tests' platforms started an embedded LLM)."""
     assert os.environ.get("DP_LLM_URL") == LLM_URL_AT_IMPORT
+
+
+def test_a_fallback_without_rules_offers_nothing_to_choose_and_asks_no_model(
+    facts: Facts, narrators: list[Narrator]
+) -> None:
+    facts.fallback, facts.decided_by, facts.rules = "feature_store_unavailable", "fallback", []
+    assert structured.choices(facts) == [] and structured.schema(facts) is None
+    llm = StubLLM(['{"mention": ["a"]}'])
+    narrator, _ = narrator_for(llm, facts, narrators)
+    row = narrator.generate(facts)
+    assert isinstance(row, dict) and llm.calls == []
+    assert (row["source"], row["grounding"]["reason"]) == ("template", "no_choice")
+    assert row["narrative"].startswith("Throttled as the safe default because the models could not be used")
+    # with a rule that fired, the rule is the one fact offered, and the opening names it
+    facts.rules = [{"name": "velocity_step_up", "tier": "floor", "description": "x", "inputs": []}]
+    text = structured.render(facts, structured.parse('{"mention": ["a"]}', facts))
+    assert text.startswith("Throttled as the safe default") and "velocity_step_up (floor tier)" in text
+    assert check(text, facts).passed, check(text, facts).problems
