@@ -239,6 +239,8 @@ def worker(
         update={
             "feature_store_timeout_s": settings.worker_feature_store_timeout_s,
             "db_batch_size": max(settings.db_batch_size, settings.worker_batch_size),
+            # The worker writes no narrative (the API's narrator does): no LLM to fetch or start here.
+            "llm_url": None,
         }
     )
     if metrics_port:
