@@ -10,9 +10,9 @@ Features are computed and split exactly as ``decision-platform train`` does (``s
 
 - the baseline: scikit-learn HistGradientBoosting with default settings (what ``train`` fits too);
 - the seed's model: one signed-log standardisation, a (64, 32) MLP, fixed epochs, no early stopping;
-- quantile transform only (PLE with 1 bin), then PLE with 8 bins, each with early stopping, dropout,
-  the (256, 128) net;
-- the default: PLE 8 bins + distillation from the baseline (soft targets, 30% labels);
+- quantile transform only (PLE with 1 bin) on the (256, 128) net with dropout, early stopping and refit;
+- + PLE with 8 bins; + distillation from the baseline (soft targets, 30% labels);
+- + integer-valued attributes embedded by value too: the default, as ``train`` fits it;
 - a few seeds of the default (``--seeds``): how much of a gap is noise.
 
 ``--categorical`` adds category codes of those attributes to the feature definitions for this run
@@ -44,7 +44,7 @@ from decision_platform.features import FeatureSpec
 from decision_platform.models.preprocessing import Standardizer
 from decision_platform.models.risk import RiskConfig, RiskModel
 from decision_platform.training.baseline import classifier_metrics, fit_gradient_boosting
-from decision_platform.training.train import TrainConfig, fit_anomaly, split_in_time
+from decision_platform.training.train import TrainConfig, fit_anomaly, split_in_time, value_inputs
 
 CONFIG = PROJECT_ROOT / "config"
 RESULTS = Path(__file__).with_name("risk_results.jsonl")
@@ -144,10 +144,21 @@ def main() -> None:
     teacher = baseline.predict_proba(x)[:, 1]
     record("gradient boosting (HistGB defaults) -- baseline", teacher[test], started)
 
-    def ours(name: str, config: RiskConfig, distill: bool, seed: int = 0) -> np.ndarray:
+    values = value_inputs(x[train], spec.names)
+
+    def ours(
+        name: str, config: RiskConfig, distill: bool, by_value: bool = True, seed: int = 0
+    ) -> np.ndarray:
         started = time.perf_counter()
         model = RiskModel.fit(
-            x[train], y[train], names, config, codes, teacher[train] if distill else None, seed=seed
+            x[train],
+            y[train],
+            names,
+            config,
+            codes,
+            teacher[train] if distill else None,
+            seed=seed,
+            values=values if by_value else [],
         )
         scores = model.predict(x)
         record(name, scores[test], started)
@@ -160,9 +171,11 @@ def main() -> None:
         with torch.no_grad():
             seed_scores = torch.sigmoid(net(torch.from_numpy(scaler.transform(x[test])))).numpy().ravel()
         record("seed model: signed-log + (64, 32) MLP", seed_scores, started)
-        ours("quantile transform (PLE 1 bin), early stopping", RiskConfig(bins=1), distill=False)
-        ours("PLE 8 bins, early stopping", RiskConfig(), distill=False)
-    default = [ours("PLE 8 bins + distillation (default)", RiskConfig(), distill=True)]
+        ours("quantile transform (PLE 1 bin), wider net, early stopping", RiskConfig(bins=1), False, False)
+        ours("+ PLE 8 bins", RiskConfig(), distill=False, by_value=False)
+        ours("+ distillation from the baseline", RiskConfig(), distill=True, by_value=False)
+    label = f"+ integer attributes embedded by value ({len(values)} inputs): default"
+    default = [ours(label, RiskConfig(), distill=True)]
     for seed in range(1, args.seeds):
         default.append(ours(f"  same, seed {seed}", RiskConfig(), distill=True, seed=seed))
     if len(default) > 1:

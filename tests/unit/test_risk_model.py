@@ -12,6 +12,7 @@ from decision_platform.features import FeatureSpec
 from decision_platform.features.spec import category_code
 from decision_platform.models.risk import InputEncoder, RiskConfig, RiskModel
 from decision_platform.training.baseline import classifier_metrics, recall_at_alert_rate
+from decision_platform.training.train import value_inputs
 
 SMALL = RiskConfig(hidden=(32, 16), bins=4, epochs=6, patience=2)
 
@@ -102,3 +103,23 @@ def test_recall_at_an_alert_rate_counts_the_bad_events_in_the_top_scores() -> No
     metrics = classifier_metrics(labels, scores)
     assert set(metrics) == {"roc_auc", "pr_auc", "brier", "recall_at_1%", "recall_at_5%"}
     assert np.isnan(recall_at_alert_rate(np.zeros(10), np.ones(10), 0.05))
+
+
+def test_integer_attributes_are_embedded_by_value_as_well_as_by_magnitude(tmp_path: Path) -> None:
+    """A code sent as a number (a card range): risk lives in one value, not in a range of them."""
+    rng = np.random.default_rng(2)
+    n = 6000
+    card = rng.choice([101, 102, 103, 104, 105, 106], size=n).astype(float)
+    y = (rng.random(n) < np.where(card == 104, 0.5, 0.02)).astype(np.int8)  # 104: between harmless ones
+    x = np.column_stack([card, rng.lognormal(size=n), rng.random(n), rng.random(n)])
+    names = ["attr_card", "amount", "seconds", "anomaly"]
+    assert value_inputs(x, names[:-1]) == [0]  # amount is not an integer, seconds not an attribute
+    model = RiskModel.fit(x, y, names, SMALL, values=[0], seed=0)
+    assert model.encoder.value_inputs == [0] and model.encoder.code_inputs == []
+    rows = np.column_stack([[103.0, 104.0, 105.0], np.ones(3), np.full(3, 0.5), np.full(3, 0.5)])
+    risk = model.predict(rows)
+    assert risk[1] > 3 * max(risk[0], risk[2])
+    _, attributions = model.explain(rows, steps=16)
+    assert attributions[1, 0] > 0.5  # the value's embedding and its magnitude: one attribution
+    model.save(tmp_path)
+    assert RiskModel.load(tmp_path).encoder.value_inputs == [0]

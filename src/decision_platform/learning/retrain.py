@@ -123,7 +123,8 @@ def _refit_risk(
             logged.labels[fit_rows],
             champion.input_names,
             replace(champion.config, epochs=config.training.risk_epochs),
-            categorical=champion.encoder.categorical,
+            categorical=champion.encoder.code_inputs,
+            values=champion.encoder.value_inputs,
             seed=seed,
         )
         info["refit"] = True

@@ -73,8 +73,10 @@ class InputEncoder:
     """Numeric inputs -> piecewise-linear encoding of their training quantile; codes -> vocabulary index.
 
     ``knots`` (d, KNOTS) are each numeric input's quantiles among the training rows (padded by repeating
-    the last one), ``levels`` the quantile of each knot. A categorical input's knots are unused; its
-    ``vocabularies`` entry maps a code to an index (0 missing, 1 rare or unseen, 2.. the vocabulary).
+    the last one), ``levels`` the quantile of each knot. An embedded input's ``vocabularies`` entry maps
+    its exact value to an index (0 missing (value 0), 1 rare or unseen, 2.. the vocabulary). ``numeric``
+    and ``categorical`` may share inputs: an integer attribute (a card range, an address code, a counter)
+    is read both as a magnitude and as a value.
     """
 
     def __init__(
@@ -84,30 +86,48 @@ class InputEncoder:
         bins: int,
         categorical: Sequence[int],
         vocabularies: Sequence[np.ndarray],
+        numeric: Sequence[int] | None = None,
     ) -> None:
         self.knots, self.levels, self.bins = knots, levels, bins
         self.categorical = list(categorical)
         self.vocabularies = [np.asarray(v, dtype=np.float64) for v in vocabularies]
-        self.numeric = [j for j in range(knots.shape[0]) if j not in set(self.categorical)]
+        if numeric is None:
+            numeric = [j for j in range(knots.shape[0]) if j not in set(self.categorical)]
+        self.numeric = list(numeric)
         self._edges = np.arange(bins, dtype=np.float64)
 
     @classmethod
-    def fit(cls, x: np.ndarray, bins: int, categorical: Sequence[int] = ()) -> InputEncoder:
+    def fit(
+        cls, x: np.ndarray, bins: int, categorical: Sequence[int] = (), values: Sequence[int] = ()
+    ) -> InputEncoder:
+        """``categorical``: codes, embedded only; ``values``: numeric inputs embedded by value as well."""
         x = np.asarray(x, dtype=np.float64)
         quantiles = np.linspace(0.0, 1.0, KNOTS)
         knots = np.empty((x.shape[1], KNOTS))
         levels = np.empty((x.shape[1], KNOTS))
         for j in range(x.shape[1]):
-            values, first = np.unique(np.quantile(x[:, j], quantiles), return_index=True)
+            points, first = np.unique(np.quantile(x[:, j], quantiles), return_index=True)
             # A knot repeated by many tied rows (a count of 0 in half the rows) takes the tie's top level.
-            level = np.append(quantiles[first[1:] - 1], 1.0) if len(values) > 1 else np.array([0.5])
-            knots[j] = np.pad(values, (0, KNOTS - len(values)), mode="edge")
+            level = np.append(quantiles[first[1:] - 1], 1.0) if len(points) > 1 else np.array([0.5])
+            knots[j] = np.pad(points, (0, KNOTS - len(points)), mode="edge")
             levels[j] = np.pad(level, (0, KNOTS - len(level)), mode="edge")
         vocabularies = []
-        for j in categorical:
+        embedded = [*categorical, *(j for j in values if j not in set(categorical))]
+        for j in embedded:
             codes, counts = np.unique(x[:, j][x[:, j] != 0], return_counts=True)
             vocabularies.append(codes[counts >= MIN_CATEGORY_COUNT])
-        return cls(knots, levels, bins, categorical, vocabularies)
+        numeric = [j for j in range(x.shape[1]) if j not in set(categorical)]
+        return cls(knots, levels, bins, embedded, vocabularies, numeric)
+
+    @property
+    def code_inputs(self) -> list[int]:
+        """Inputs read only through their embedding (category codes)."""
+        return [j for j in self.categorical if j not in set(self.numeric)]
+
+    @property
+    def value_inputs(self) -> list[int]:
+        """Numeric inputs also embedded by their exact value."""
+        return [j for j in self.categorical if j in set(self.numeric)]
 
     @property
     def cardinalities(self) -> list[int]:
@@ -165,13 +185,15 @@ class InputEncoder:
     def arrays(self) -> dict[str, np.ndarray]:
         arrays = {"knots": self.knots, "levels": self.levels, "bins": np.asarray(self.bins)}
         arrays["categorical"] = np.asarray(self.categorical, dtype=np.int64)
+        arrays["numeric"] = np.asarray(self.numeric, dtype=np.int64)
         return arrays | {f"vocabulary_{k}": v for k, v in enumerate(self.vocabularies)}
 
     @classmethod
     def from_arrays(cls, data: Mapping) -> InputEncoder:
         categorical = [int(j) for j in data["categorical"]]
         vocabularies = [data[f"vocabulary_{k}"] for k in range(len(categorical))]
-        return cls(data["knots"], data["levels"], int(data["bins"]), categorical, vocabularies)
+        numeric = [int(j) for j in data["numeric"]]
+        return cls(data["knots"], data["levels"], int(data["bins"]), categorical, vocabularies, numeric)
 
 
 class RiskNet(nn.Module):
@@ -326,13 +348,14 @@ class RiskModel:
         teacher: np.ndarray | None = None,
         seed: int = 0,
         on_epoch: Callable[[int, float], None] | None = None,
+        values: Sequence[int] = (),
     ) -> RiskModel:
         """Fit on time-ordered rows. The latest ``validation_fraction`` chooses the epoch count (best
         validation log loss) and calibrates the temperature of a net trained on the other rows; with
         ``config.refit`` the served net is then trained on every row for that many epochs.
         ``teacher``: another model's P(bad) for the rows, mixed into the targets (distillation)."""
         with _one_thread():
-            return cls._fit(x, y, input_names, config, categorical, teacher, seed, on_epoch)
+            return cls._fit(x, y, input_names, config, categorical, values, teacher, seed, on_epoch)
 
     @classmethod
     def _fit(
@@ -342,6 +365,7 @@ class RiskModel:
         input_names: list[str],
         config: RiskConfig,
         categorical: Sequence[int],
+        values: Sequence[int],
         teacher: np.ndarray | None,
         seed: int,
         on_epoch: Callable[[int, float], None] | None,
@@ -350,7 +374,7 @@ class RiskModel:
         x = np.asarray(x, dtype=np.float64)
         labels = np.asarray(y, dtype=np.float32)
         cut = max(1, min(len(x) - 1, int(len(x) * (1.0 - config.validation_fraction))))
-        encoder = InputEncoder.fit(x[:cut], config.bins, categorical)
+        encoder = InputEncoder.fit(x[:cut], config.bins, categorical, values)
         numeric = torch.from_numpy(encoder.encode_numeric_f32(x))
         categories = torch.from_numpy(encoder.categories(x))
         targets = labels

@@ -29,7 +29,7 @@ from decision_platform.models.artifacts import save_artifact, save_policy_artifa
 from decision_platform.models.policy import PolicyModel, imitate
 from decision_platform.models.preprocessing import Standardizer
 from decision_platform.models.registry import ModelRegistry
-from decision_platform.models.risk import RiskConfig, RiskModel
+from decision_platform.models.risk import MIN_CATEGORY_COUNT, RiskConfig, RiskModel
 from decision_platform.rules.ruleset import BASE_VARIABLES, RuleSet, RuleTally, Tier
 from decision_platform.training import PPO_TIMESTEPS
 from decision_platform.training.baseline import classifier_metrics, fit_gradient_boosting
@@ -50,6 +50,8 @@ class TrainConfig:
     risk: RiskConfig = field(default_factory=RiskConfig)
     #: Distil the risk model from the gradient-boosting baseline (soft targets mixed with the labels).
     distill: bool = True
+    #: Embed integer-valued event attributes by value as well as by magnitude (see value_inputs).
+    value_embeddings: bool = True
     ppo_timesteps: int = PPO_TIMESTEPS
     seed: int = 0
 
@@ -380,6 +382,7 @@ def fit_risk(
         [*names, "anomaly"],
         config.risk,
         categorical=[i for i, name in enumerate(names) if name in set(categorical)],
+        values=value_inputs(inputs[train], names) if config.value_embeddings else [],
         teacher=baseline_scores[train] if config.distill else None,
         seed=config.seed,
         on_epoch=lambda _epoch, _loss: progress.advance(task),
@@ -390,6 +393,25 @@ def fit_risk(
     metrics["baseline"] = classifier_metrics(y[test], baseline_scores[test])
     metrics["baseline"]["model"] = "HistGradientBoostingClassifier (scikit-learn defaults)"
     return RiskFit(model, inputs, risk, metrics)
+
+
+def value_inputs(x: np.ndarray, names: Sequence[str]) -> list[int]:
+    """Event attributes whose training values are all integers (``attr_*``), with at least two values
+    seen often enough to embed. Such an attribute is often a code -- a card range, an address, a
+    merchant category -- whose values mean something their order does not (a tree splits them finely;
+    an MLP on the magnitude cannot): the risk model embeds them by value too. Measured on the card data
+    set: ROC-AUC 0.868 -> 0.881 (bench/RISK.md)."""
+    found = []
+    for j, name in enumerate(names):
+        if not name.startswith("attr_"):
+            continue
+        column = x[:, j]
+        if not np.all(np.isfinite(column)) or not np.all(column == np.round(column)):
+            continue
+        _, counts = np.unique(column[column != 0], return_counts=True)
+        if int((counts >= MIN_CATEGORY_COUNT).sum()) >= 2:
+            found.append(j)
+    return found
 
 
 def risk_metrics(
