@@ -6,13 +6,14 @@ same trims apply. So a model trained on these rows sees what it will see at serv
 
 Per entity, events are kept sorted by (event time, event_id) in parallel lists; windows are found by
 bisection and aggregated with C-level builtins (sum, max, set) over slices, nested windows extending the
-previous one, so the cost per event is one pass over the largest window.
+previous one, so the cost per event is one pass over the largest window. A std needs Welford's update in
+the Lua order (newest first), a Python loop: paid only by the values whose std is asked for.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -25,13 +26,15 @@ STORED, DUPLICATE, LATE = 0, 1, 2
 class _Entity:
     """One entity's stored events, sorted by (ts, event_id) like the Redis sorted set."""
 
-    __slots__ = ("amounts", "ids", "known", "tokens", "ts")
+    __slots__ = ("amounts", "ids", "known", "tokens", "ts", "values")
 
-    def __init__(self, n_distinct: int) -> None:
+    def __init__(self, n_distinct: int, n_values: int) -> None:
         self.ts: list[float] = []
         self.ids: list[str] = []
         self.amounts: list[float] = []
         self.tokens: list[list[str]] = [[] for _ in range(n_distinct)]
+        #: Per windowed attribute, its value per event (None: the event contributes nothing).
+        self.values: list[list[float | None]] = [[] for _ in range(n_values)]
         self.known: set[str] = set()
 
     def position(self, ts: float, event_id: str) -> int:
@@ -41,19 +44,23 @@ class _Entity:
             pos -= 1
         return pos
 
-    def insert(self, pos: int, ts: float, event_id: str, amount: float, tokens: list[str]) -> None:
+    def insert(
+        self, pos: int, ts: float, event_id: str, amount: float, tokens: list[str], values: list[float | None]
+    ) -> None:
         self.ts.insert(pos, ts)
         self.ids.insert(pos, event_id)
         self.amounts.insert(pos, amount)
         for column, token in zip(self.tokens, tokens, strict=True):
             column.insert(pos, token)
+        for series, value in zip(self.values, values, strict=True):
+            series.insert(pos, value)
         self.known.add(event_id)
 
     def drop_oldest(self, k: int) -> None:
         if k <= 0:
             return
         self.known.difference_update(self.ids[:k])
-        for column in (self.ts, self.ids, self.amounts, *self.tokens):
+        for column in (self.ts, self.ids, self.amounts, *self.tokens, *self.values):
             del column[:k]
 
 
@@ -70,10 +77,21 @@ class OfflineWindows:
         windows = spec.window_seconds
         self._nd = len(spec.distinct)
         nw = len(windows)
+        layout = spec.raw_layout
+        self._nv = len(spec.attribute_windows)
+        #: Per windowed attribute, whether its M2 (for std) is computed.
+        self._value_std = [layout[f"attr_{b}_stride"] == 4 for b in range(self._nv)]
         # Per window, smallest first (each extends the previous one's slice): its length, the raw column
-        # of its count (sum and max follow), and the raw column of each attribute's distinct count.
+        # of its count (sum and max follow), the raw column of each attribute's distinct count, of the
+        # amount's M2 (-1: no std), and of each windowed attribute's count (sum, max, M2 follow).
         self._plan = [
-            (seconds, 1 + 3 * i, [1 + 3 * nw + a * nw + i for a in range(self._nd)])
+            (
+                seconds,
+                1 + 3 * i,
+                [layout["distinct"] + a * nw + i for a in range(self._nd)],
+                layout.get("amount_m2", -1 - i) + i,
+                [layout[f"attr_{b}"] + layout[f"attr_{b}_stride"] * i for b in range(self._nv)],
+            )
             for i, seconds in sorted(enumerate(windows), key=lambda item: item[1])
         ]
         self._raw_width = spec.raw_width
@@ -87,16 +105,25 @@ class OfflineWindows:
         t, eid = event.timestamp, event.event_id
         entity = self._entities.get(event.entity_id)
         if entity is None:
-            entity = self._entities[event.entity_id] = _Entity(self._nd)
+            entity = self._entities[event.entity_id] = _Entity(self._nd, self._nv)
         tokens = [distinct_token(event.attributes.get(a)) for a in self._attributes]
-        flag = self._store(entity, t, eid, float(event.amount or 0.0), tokens)
+        values = self.spec.window_values(event) if self._nv else []
+        flag = self._store(entity, t, eid, float(event.amount or 0.0), tokens, values)
         return self._raw(entity, t, "" if flag == LATE else eid), flag
 
     def read(self, entity_id: str, at: float) -> list[float]:
         """Raw aggregates at time ``at`` without an event (what FeatureStore.read computes)."""
-        return self._raw(self._entities.get(entity_id) or _Entity(self._nd), at, "")
+        return self._raw(self._entities.get(entity_id) or _Entity(self._nd, self._nv), at, "")
 
-    def _store(self, entity: _Entity, t: float, eid: str, amount: float, tokens: list[str]) -> int:
+    def _store(
+        self,
+        entity: _Entity,
+        t: float,
+        eid: str,
+        amount: float,
+        tokens: list[str],
+        values: list[float | None],
+    ) -> int:
         if eid in entity.known:
             return DUPLICATE
         newest = t
@@ -109,7 +136,7 @@ class OfflineWindows:
         n = len(entity.ts) + 1
         if n > self._cap and pos < n - self._cap:
             return LATE  # the oldest of a full entity: the cap would evict it at once
-        entity.insert(pos, t, eid, amount, tokens)
+        entity.insert(pos, t, eid, amount, tokens, values)
         entity.drop_oldest(bisect_left(entity.ts, newest - self._largest))
         entity.drop_oldest(len(entity.ts) - self._cap)
         return STORED
@@ -129,24 +156,64 @@ class OfflineWindows:
         seen: list[set[str]] = [set() for _ in tokens]
         distinct = [0] * len(tokens)
         prev, total, top = hi, 0.0, 0.0
-        for seconds, col, distinct_cols in self._plan:
+        amount_m2 = [0, 0.0, 0.0]  # Welford (n, mean, M2) of the amount
+        # Per windowed attribute: count, sum, max, and Welford (n, mean, M2).
+        state = [[0, 0.0, 0.0, 0, 0.0, 0.0] for _ in range(self._nv)]
+        for seconds, col, distinct_cols, m2_col, value_cols in self._plan:
             lo = bisect_right(ts, t - seconds, 0, prev)
             if lo < prev:
                 chunk = amounts[lo:prev]
                 # Newest first from the running total: Lua's addition order, so sums agree bit for bit.
                 total = sum(reversed(chunk), total)
                 top = max(top, max(chunk))
+                if m2_col >= 0:
+                    _welford(amount_m2, reversed(chunk))
                 for a, column in enumerate(tokens):
                     values = seen[a]
                     values.update(column[lo:prev])
                     distinct[a] = len(values) - (MISSING in values)
+                for b, series in enumerate(entity.values):
+                    present = [v for v in reversed(series[lo:prev]) if v is not None]
+                    if present:
+                        self._extend(state[b], present, self._value_std[b])
                 prev = lo
             raw[col] = hi - lo
             raw[col + 1] = total
             raw[col + 2] = top
+            if m2_col >= 0:
+                raw[m2_col] = amount_m2[2]
             for a, dcol in enumerate(distinct_cols):
                 raw[dcol] = distinct[a]
+            for b, vcol in enumerate(value_cols):
+                count, value_sum, value_max, _, _, m2 = state[b]
+                raw[vcol : vcol + 3] = count, value_sum, value_max
+                if self._value_std[b]:
+                    raw[vcol + 3] = m2
         return raw
+
+    @staticmethod
+    def _extend(state: list[float], present: list[float], with_std: bool) -> None:
+        """Add one window's extension (values newest first) to an attribute's running aggregates, as
+        windows.lua does: sum in that order, on ties the newer value is the max, Welford for M2."""
+        top = max(present)
+        state[2] = top if state[0] == 0 or top > state[2] else state[2]
+        state[0] += len(present)
+        state[1] = sum(present, state[1])
+        if with_std:
+            welford = state[3:6]
+            _welford(welford, present)
+            state[3:6] = welford
+
+
+def _welford(state: list[float], values: Iterable[float]) -> None:
+    """Welford's update of (n, mean, M2) in place, in windows.lua's exact operations and order."""
+    n, mean, m2 = state
+    for x in values:
+        n += 1
+        d = x - mean
+        mean = mean + d / n
+        m2 = m2 + d * (x - mean)
+    state[0], state[1], state[2] = n, mean, m2
 
 
 def compute_features_with_flags(

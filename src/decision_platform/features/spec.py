@@ -22,13 +22,16 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from decision_platform.core.events import Event
 
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_]{1,32}$")]
-Aggregation = Literal["count", "sum", "mean", "max"]
+Aggregation = Literal["count", "sum", "mean", "max", "std"]
 
 DAY_SECONDS = 86400.0
 #: Extra life of an entity's keys beyond the largest window, so a quiet entity is not forgotten early.
 DEFAULT_TTL_MARGIN_S = 3600.0
 #: Marks "no value" in the stored event payload; digests are hex, so it cannot collide.
 MISSING = "-"
+#: Largest magnitude of an attribute value that windows aggregate: beyond it a value counts as missing, so
+#: sums and Welford's squared deviations of up to 100k values (the cap's bound) stay finite (< 1e306).
+WINDOW_VALUE_LIMIT = 1e150
 
 
 def _default_windows() -> dict[str, float]:
@@ -41,6 +44,22 @@ class DistinctSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     attribute: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    windows: list[Name] = Field(min_length=1)
+
+
+class AttributeWindows(BaseModel):
+    """Aggregates of one numeric event attribute over some windows (``<agg>_<attribute>_<window>``).
+
+    Only events whose value is a number (bool as 0/1, finite, within WINDOW_VALUE_LIMIT) contribute:
+    ``count`` is how many did, ``mean``/``std`` are over those values, and every aggregate is 0 when no
+    event in the window has one. Unlike ``amount``, a missing value is not a 0, since 0 is a real value
+    of most attributes (a counter, a balance) and a default would drag means and deviations toward it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    attribute: Name
+    aggregations: list[Aggregation] = Field(min_length=1)
     windows: list[Name] = Field(min_length=1)
 
 
@@ -92,6 +111,8 @@ class FeatureSpec(BaseModel):
     distinct: list[DistinctSpec] = Field(
         default_factory=lambda: [DistinctSpec(attribute="device_id", windows=["1h", "24h"])]
     )
+    #: Numeric event attributes aggregated over windows, like ``amount`` but missing values left out.
+    attribute_windows: list[AttributeWindows] = Field(default_factory=list)
     seconds_since_last: bool = True
     event_fields: EventFields = Field(default_factory=EventFields)
     #: Ratios of two features (``of`` / ``to``; 0 where ``to`` is 0), computed where every vector is
@@ -112,6 +133,7 @@ class FeatureSpec(BaseModel):
             unknown = [w for w in item.windows if w not in self.windows]
             if unknown:
                 raise ValueError(f"distinct {item.attribute!r}: unknown windows {unknown}")
+        self._check_attribute_windows()
         # A later trim removes events older than (latest - largest window): accepting older ones would
         # store an event only to drop it at once.
         if self.late_tolerance_seconds is not None and self.late_tolerance_seconds > self.largest_window:
@@ -127,6 +149,26 @@ class FeatureSpec(BaseModel):
             if unknown:
                 raise ValueError(f"ratio {ratio.name!r}: unknown features {unknown}")
         return self
+
+    def _check_attribute_windows(self) -> None:
+        """Clear errors for attribute_windows mistakes (a repeated name would otherwise only surface as
+        "feature names must be unique")."""
+        seen: set[str] = set()
+        categorical = set(self.event_fields.categorical_attributes)
+        for item in self.attribute_windows:
+            where = f"attribute_windows {item.attribute!r}"
+            if item.attribute in seen:
+                raise ValueError(f"{where}: listed twice; put all its aggregations and windows in one entry")
+            seen.add(item.attribute)
+            if item.attribute in categorical:
+                raise ValueError(f"{where}: is a categorical attribute (codes are identities, not amounts)")
+            unknown = [w for w in item.windows if w not in self.windows]
+            if unknown:
+                raise ValueError(f"{where}: unknown windows {unknown}")
+            if len(set(item.windows)) != len(item.windows):
+                raise ValueError(f"{where}: windows must not repeat")
+            if len(set(item.aggregations)) != len(item.aggregations):
+                raise ValueError(f"{where}: aggregations must not repeat")
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureSpec:
@@ -160,13 +202,30 @@ class FeatureSpec(BaseModel):
         return [d.attribute for d in self.distinct]
 
     @cached_property
+    def window_attributes(self) -> list[str]:
+        """The attributes aggregated over windows, in the order of their raw columns and stored values."""
+        return [item.attribute for item in self.attribute_windows]
+
+    @property
+    def amount_std(self) -> bool:
+        return "std" in self.aggregations
+
+    @cached_property
     def names(self) -> list[str]:
-        """Feature names in vector order: windows, distinct counts, event fields, then ratios."""
+        """Feature names in vector order: amount windows, attribute windows, distinct counts, event
+        fields, then ratios. Specs without the later additions (attribute windows, std, ratios) keep the
+        names and order they always had, so trained artifacts read the same vectors."""
         return [*self._base_names, *(r.name for r in self.ratios)]
 
     @cached_property
     def _base_names(self) -> list[str]:
         names = [f"{agg}_{w}" for w in self.windows for agg in self.aggregations]
+        names += [
+            f"{agg}_{item.attribute}_{w}"
+            for item in self.attribute_windows
+            for w in item.windows
+            for agg in item.aggregations
+        ]
         names += [f"distinct_{d.attribute}_{w}" for d in self.distinct for w in d.windows]
         if self.seconds_since_last:
             names.append("seconds_since_last")
@@ -189,44 +248,89 @@ class FeatureSpec(BaseModel):
 
     # --- the raw aggregates (windows.lua's reply, offline.py's rows) and how a vector is assembled
 
+    @cached_property
+    def raw_layout(self) -> dict[str, int]:
+        """Where each block of the raw aggregates starts (windows.lua's reply, offline.py's rows):
+
+        - 0: seconds_since_last;
+        - ``amount``: (count, sum, max) per window;
+        - ``distinct``: the distinct count of each attribute over every window;
+        - ``amount_m2`` (only with std): the amount's sum of squared deviations per window;
+        - ``attr_<k>``: per window, (count, sum, max) of the k-th windowed attribute, plus its sum of
+          squared deviations when it has std (stride ``attr_<k>_stride``).
+
+        Every window is computed (config order throughout), whatever subset the features use: the
+        script stays one loop, and the features pick their columns in :attr:`_plan`.
+        """
+        nw, layout = len(self.windows), {"amount": 1}
+        col = 1 + 3 * nw
+        layout["distinct"] = col
+        col += len(self.distinct) * nw
+        if self.amount_std:
+            layout["amount_m2"] = col
+            col += nw
+        for k, item in enumerate(self.attribute_windows):
+            stride = 4 if "std" in item.aggregations else 3
+            layout[f"attr_{k}"], layout[f"attr_{k}_stride"] = col, stride
+            col += stride * nw
+        layout["width"] = col
+        return layout
+
     @property
     def raw_width(self) -> int:
-        """Columns of the raw aggregates: seconds_since_last, (count, sum, max) per window, then the
-        distinct count of each attribute over every window (config order throughout)."""
-        nw = len(self.windows)
-        return 1 + 3 * nw + len(self.distinct) * nw
+        """Columns of the raw aggregates (see :attr:`raw_layout`)."""
+        return self.raw_layout["width"]
 
     @cached_property
     def _plan(self) -> dict[str, np.ndarray]:
-        """How to assemble: the (count, sum) raw columns of each mean, and for every feature its column in
-        [raw aggregates | means | event-level values]."""
+        """How to assemble: the (count, sum) raw columns of each mean, the (count, sum of squared
+        deviations) columns of each std, and for every feature its column in
+        [raw aggregates | means | stds | event-level values]."""
         nw = len(self.windows)
         window_index = {w: i for i, w in enumerate(self.windows)}
-        n_raw = self.raw_width
-        n_means = sum(agg == "mean" for agg in self.aggregations) * nw
-        mean_count: list[int] = []
-        mean_sum: list[int] = []
-        gather: list[int] = []
+        layout, n_raw = self.raw_layout, self.raw_width
+        means: list[tuple[int, int]] = []
+        stds: list[tuple[int, int]] = []
+        # (feature, column) for means and stds; their derived columns are numbered once all are known.
+        gather: list[tuple[str, int]] = []
+
+        def add(agg: str, count_col: int, max_col: int, m2_col: int) -> None:
+            if agg == "mean":
+                gather.append(("mean", len(means)))
+                means.append((count_col, count_col + 1))
+            elif agg == "std":
+                gather.append(("std", len(stds)))
+                stds.append((count_col, m2_col))
+            else:
+                gather.append(("raw", {"count": count_col, "sum": count_col + 1, "max": max_col}[agg]))
+
         for i in range(nw):
             for agg in self.aggregations:
-                if agg == "mean":
-                    gather.append(n_raw + len(mean_count))
-                    mean_count.append(1 + 3 * i)
-                    mean_sum.append(2 + 3 * i)
-                else:
-                    gather.append(1 + 3 * i + ("count", "sum", "max").index(agg))
+                count_col = layout["amount"] + 3 * i
+                add(agg, count_col, count_col + 2, layout.get("amount_m2", -1) + i)
+        for k, item in enumerate(self.attribute_windows):
+            base, stride = layout[f"attr_{k}"], layout[f"attr_{k}_stride"]
+            for w in item.windows:
+                count_col = base + stride * window_index[w]
+                for agg in item.aggregations:
+                    add(agg, count_col, count_col + 2, count_col + 3)
         for a, d in enumerate(self.distinct):
-            gather += [1 + 3 * nw + a * nw + window_index[w] for w in d.windows]
+            gather += [("raw", layout["distinct"] + a * nw + window_index[w]) for w in d.windows]
         if self.seconds_since_last:
-            gather.append(0)
-        gather += range(n_raw + n_means, n_raw + n_means + len(self._base_names) - len(gather))
+            gather.append(("raw", 0))
+        offset = {"raw": 0, "mean": n_raw, "std": n_raw + len(means)}
+        columns = [offset[kind] + col for kind, col in gather]
+        first_event = n_raw + len(means) + len(stds)
+        columns += range(first_event, first_event + len(self._base_names) - len(columns))
         column = {n: i for i, n in enumerate(self._base_names)}
         return {
             "ratio_of": np.asarray([column[r.of] for r in self.ratios], dtype=np.intp),
             "ratio_to": np.asarray([column[r.to] for r in self.ratios], dtype=np.intp),
-            "mean_count": np.asarray(mean_count, dtype=np.intp),
-            "mean_sum": np.asarray(mean_sum, dtype=np.intp),
-            "gather": np.asarray(gather, dtype=np.intp),
+            "mean_count": np.asarray([c for c, _ in means], dtype=np.intp),
+            "mean_sum": np.asarray([s for _, s in means], dtype=np.intp),
+            "std_count": np.asarray([c for c, _ in stds], dtype=np.intp),
+            "std_m2": np.asarray([m for _, m in stds], dtype=np.intp),
+            "gather": np.asarray(columns, dtype=np.intp),
         }
 
     @property
@@ -242,12 +346,18 @@ class FeatureSpec(BaseModel):
     def assemble(self, raw: np.ndarray, event_values: np.ndarray) -> np.ndarray:
         """Feature matrix (n, dim) from raw aggregates (n, raw_width) and event-level values.
 
-        Both the store and offline.py end here, so means and event fields cannot differ between them.
+        Both the store and offline.py end here, so means, stds and event fields cannot differ between
+        them. A std is the population standard deviation sqrt(M2 / n) of the window's values, M2 being the
+        sum of squared deviations that both paths accumulate with Welford's update, newest event first:
+        no cancellation (unlike sumsq/n - mean^2), never negative, and the same operations in the same
+        order in Lua and Python, so the same bits.
         """
         plan = self._plan
         counts, sums = raw[:, plan["mean_count"]], raw[:, plan["mean_sum"]]
         means = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
-        vectors = np.concatenate((raw, means, event_values), axis=1)[:, plan["gather"]]
+        n, m2 = raw[:, plan["std_count"]], raw[:, plan["std_m2"]]
+        stds = np.sqrt(np.divide(m2, n, out=np.zeros_like(m2), where=n > 0))
+        vectors = np.concatenate((raw, means, stds, event_values), axis=1)[:, plan["gather"]]
         if not self.ratios:
             return vectors
         of, to = vectors[:, plan["ratio_of"]], vectors[:, plan["ratio_to"]]
@@ -279,6 +389,22 @@ class FeatureSpec(BaseModel):
     def distinct_tokens(self, event: Event) -> list[str]:
         """One short digest per distinct attribute (or MISSING): bounded memory whatever the value size."""
         return [distinct_token(event.attributes.get(a)) for a in self.distinct_attributes]
+
+    def window_values(self, event: Event) -> list[float | None]:
+        """The event's value of each windowed attribute, None where it contributes nothing."""
+        return [window_value(event.attributes.get(a)) for a in self.window_attributes]
+
+
+def window_value(value: object) -> float | None:
+    """An attribute value as windows aggregate it: a number (bool as 0/1) within WINDOW_VALUE_LIMIT, else
+    None (missing, text, non-finite or too large: it adds to no count, sum, max or std)."""
+    if not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if abs(number) <= WINDOW_VALUE_LIMIT else None  # False for nan too
 
 
 def _numeric(value: object) -> float:

@@ -26,7 +26,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from decision_platform.core.events import Event
-from decision_platform.features.spec import FeatureSpec
+from decision_platform.features.spec import MISSING, FeatureSpec
 
 DEFAULT_KEY_PREFIX = "dp:f:"
 SCRIPT_BODY = (
@@ -101,6 +101,7 @@ class RedisFeatureStore(FeatureStore):
         self.script = script_source(spec)
         self._sha = hashlib.sha1(self.script.encode()).hexdigest().encode()
         self._prefix = key_prefix.encode()
+        self._windowed = bool(spec.attribute_windows)
 
     def keys(self, entity_id: str) -> list[bytes]:
         """The entity's keys; the {hash tag} keeps them in one cluster slot, as a script requires."""
@@ -129,9 +130,12 @@ class RedisFeatureStore(FeatureStore):
     # --- internals
 
     def _update_args(self, event: Event) -> list[bytes]:
-        """The event as its sorted-set member: "event_id,ts,amount,token,..." (see windows.lua)."""
+        """The event as its sorted-set member: "event_id,ts,amount,token,...,value,..." (see windows.lua)."""
         ts, amount = _num(event.timestamp), _num(float(event.amount or 0.0))
-        return [",".join([event.event_id, ts, amount, *self.spec.distinct_tokens(event)]).encode()]
+        parts = [event.event_id, ts, amount, *self.spec.distinct_tokens(event)]
+        if self._windowed:
+            parts += [MISSING if v is None else _num(v) for v in self.spec.window_values(event)]
+        return [",".join(parts).encode()]
 
     def _run(self, calls: list[tuple[str, list[bytes]]]) -> list[bytes]:
         """EVALSHA every call (one pipeline for a batch, a plain call for one: a round trip either way);
@@ -186,6 +190,7 @@ def script_source(spec: FeatureSpec) -> str:
     order = sorted(range(len(seconds)), key=lambda i: seconds[i])
     ascending = ", ".join(_num(seconds[i]) for i in order)
     slots = ", ".join(str(i + 1) for i in order)
+    attr_std = ", ".join(_lua_bool("std" in item.aggregations) for item in spec.attribute_windows)
     header = (
         f"local LATE_TOLERANCE = {_num(spec.late_tolerance)}\n"
         f"local MAX_EVENTS = {spec.retention.max_events_per_entity}\n"
@@ -193,8 +198,15 @@ def script_source(spec: FeatureSpec) -> str:
         f"local N_DISTINCT = {len(spec.distinct)}\n"
         f"local ASCENDING = {{{ascending}}}\n"
         f"local SLOT = {{{slots}}}\n"
+        f"local AMOUNT_STD = {_lua_bool(spec.amount_std)}\n"
+        f"local N_ATTR = {len(spec.attribute_windows)}\n"
+        f"local ATTR_STD = {{{attr_std}}}\n"
     )
     return header + SCRIPT_BODY
+
+
+def _lua_bool(flag: bool) -> str:
+    return "true" if flag else "false"
 
 
 def _num(x: float) -> str:

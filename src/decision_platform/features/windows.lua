@@ -2,17 +2,26 @@
 -- offline.py implements the same semantics in Python; change both together.
 --
 -- The store prepends the spec's constants (store.py, script_source): LATE_TOLERANCE, MAX_EVENTS, TTL_MS,
--- N_DISTINCT, ASCENDING = window lengths, shortest first, SLOT = config position of each of them.
+-- N_DISTINCT, ASCENDING = window lengths, shortest first, SLOT = config position of each of them,
+-- AMOUNT_STD (the amount has std), N_ATTR (windowed numeric attributes), ATTR_STD[b] (attribute b has std).
 --
--- KEYS[1]  sorted set  member "event_id,ts,amount,token_1,...,token_n", score = ts. Ids hold no comma and
---          ',' sorts below every id character, so equal times are ordered by event_id bytes.
+-- KEYS[1]  sorted set  member "event_id,ts,amount,token_1,...,token_n,value_1,...,value_m", score = ts:
+--          a digest per distinct attribute, then each windowed attribute's number as exact text, "-" when
+--          it has none. Ids hold no comma and ',' sorts below every id character, so equal times are
+--          ordered by event_id bytes.
 -- KEYS[2]  hash        event_id -> "" (the dedupe index), plus "#max" -> latest event time stored
 -- ARGV[1]  update: the event's member (above); read: a time (no comma)
--- Returns  one string "flag,seconds_since_last,count_1,sum_1,max_1,...,distinct_a_i,...": flag 0 stored
---          (or read), 1 duplicate, 2 too late; then (count, sum, max) per window, then the distinct count
---          of each attribute a over each window i. Numbers go back as exact text ("%.17g", or an amount's
---          own text): Redis would truncate Lua floats to integers, and one bulk string parses far faster
---          than a 20-element array.
+-- Returns  one string "flag,seconds_since_last,count_1,sum_1,max_1,...,distinct_a_i,...,m2_i,...,
+--          count_b_i,sum_b_i,max_b_i[,m2_b_i],...": flag 0 stored (or read), 1 duplicate, 2 too late; then
+--          (count, sum, max) of the amount per window, the distinct count of each attribute a over each
+--          window i, with AMOUNT_STD the amount's sum of squared deviations (M2) per window, then per
+--          windowed attribute b and window i its (count, sum, max[, M2]) over the events that have it
+--          (FeatureSpec.raw_layout). Numbers go back as exact text ("%.17g", or a value's own text): Redis
+--          would truncate Lua floats to integers, and one bulk string parses far faster than an array.
+--
+-- M2 uses Welford's update, newest event first: d = x - mean; mean = mean + d / n; m2 = m2 + d * (x - mean).
+-- offline.py does the same operations in the same order, so both give the same bits; FeatureSpec.assemble
+-- turns M2 into sqrt(M2 / n).
 --
 -- Cost: O(events in the entity's largest window), at most MAX_EVENTS; every event is re-aggregated (exact,
 -- no float drift from subtracting). In Redis' Lua, number <-> text conversions dominate, hence the reuse.
@@ -63,30 +72,52 @@ local function features(flag, self_id, members, first)
     first = 1
   end
   -- Output text per config slot. Formatting dominates the cost, so equal values reuse their text and the
-  -- max (and a one-event sum) reuse the amount's own text from the member, which is exact.
-  local count, total, maxv, dcount = {}, {}, {}, {}
+  -- max (and a one-event sum) reuse the value's own text from the member, which is exact.
+  local count, total, maxv, dcount, spread, aout = {}, {}, {}, {}, {}, {}
   for a = 1, N_DISTINCT do dcount[a] = {} end
   local since = nil
 
   -- Newest first, with running totals: windows are nested, so when an event falls out of the smallest
   -- open window that window's totals are final. The first occurrence of a value is its newest, which lies
   -- in a window exactly when any occurrence does. The first other event gives seconds_since_last.
-  local n, sum, top, top_text, first_text = 0, 0, 0, '0', '0'
+  local n, sum, top, top_text, first_text, mean, m2 = 0, 0, 0, '0', '0', 0, 0
   local seen, distinct = {}, {}
   for a = 1, N_DISTINCT do seen[a], distinct[a] = {}, 0 end
-  local snap_n, snap_count, snap_sum = -1, nil, nil
+  -- Per windowed attribute: count, sum, max (and its text), the first value's text, Welford mean and M2.
+  local an, asum, atop, atop_text, afirst, amean, am2 = {}, {}, {}, {}, {}, {}, {}
+  local snap_an, snap_atext = {}, {}
+  for b = 1, N_ATTR do
+    an[b], asum[b], amean[b], am2[b], aout[b] = 0, 0, 0, 0, {}
+  end
+  local snap_n, snap_count, snap_sum, snap_m2 = -1, nil, nil, nil
   local snap_d, snap_dtext = {}, {}
 
   local function snapshot(w)
     if n ~= snap_n then
       snap_n, snap_count = n, fmt_int(n)
       snap_sum = (n == 1) and first_text or fmt(sum)
+      if AMOUNT_STD then snap_m2 = fmt(m2) end
     end
     local slot = SLOT[w]
     count[slot], total[slot], maxv[slot] = snap_count, snap_sum, top_text
+    if AMOUNT_STD then spread[slot] = snap_m2 end
     for a = 1, N_DISTINCT do
       if distinct[a] ~= snap_d[a] then snap_d[a], snap_dtext[a] = distinct[a], fmt_int(distinct[a]) end
       dcount[a][slot] = snap_dtext[a]
+    end
+    for b = 1, N_ATTR do
+      local k = an[b]
+      if k ~= snap_an[b] then
+        local text
+        if k == 0 then
+          text = ATTR_STD[b] and '0,0,0,0' or '0,0,0'
+        else
+          text = fmt_int(k) .. ',' .. ((k == 1) and afirst[b] or fmt(asum[b])) .. ',' .. atop_text[b]
+          if ATTR_STD[b] then text = text .. ',' .. fmt(am2[b]) end
+        end
+        snap_an[b], snap_atext[b] = k, text
+      end
+      aout[b][slot] = snap_atext[b]
     end
   end
 
@@ -110,6 +141,11 @@ local function features(flag, self_id, members, first)
     sum = sum + amount
     if n == 1 then first_text = amount_text end
     if amount > top then top, top_text = amount, amount_text end
+    if AMOUNT_STD then
+      local d = amount - mean
+      mean = mean + d / n
+      m2 = m2 + d * (amount - mean)
+    end
     for a = 1, N_DISTINCT do
       local c4 = find(m, ',', c3 + 1, true)
       local v = sub(m, c3 + 1, (c4 or 0) - 1)
@@ -117,6 +153,26 @@ local function features(flag, self_id, members, first)
       if v ~= '-' and not seen[a][v] then
         seen[a][v] = true
         distinct[a] = distinct[a] + 1
+      end
+    end
+    for b = 1, N_ATTR do
+      local c4 = find(m, ',', c3 + 1, true)
+      local v = sub(m, c3 + 1, (c4 or 0) - 1)
+      c3 = c4
+      if v ~= '-' then
+        local x = tonumber(v)
+        local j = an[b] + 1
+        an[b], asum[b] = j, asum[b] + x
+        if j == 1 then
+          afirst[b], atop[b], atop_text[b] = v, x, v
+        elseif x > atop[b] then
+          atop[b], atop_text[b] = x, v
+        end
+        if ATTR_STD[b] then
+          local d = x - amean[b]
+          local mu = amean[b] + d / j
+          amean[b], am2[b] = mu, am2[b] + d * (x - mu)
+        end
       end
     end
   end
@@ -130,6 +186,12 @@ local function features(flag, self_id, members, first)
   end
   for a = 1, N_DISTINCT do
     for i = 1, nw do out[#out + 1] = dcount[a][i] end
+  end
+  if AMOUNT_STD then
+    for i = 1, nw do out[#out + 1] = spread[i] end
+  end
+  for b = 1, N_ATTR do
+    for i = 1, nw do out[#out + 1] = aout[b][i] end
   end
   return table.concat(out, ',')
 end
