@@ -1,4 +1,5 @@
-"""The feature store on a real Redis (127.0.0.1:6379, db 13): the production Lua on the production server.
+"""The feature store on a real Redis (TEST_REDIS_URL, else 127.0.0.1:6379 db 13): the production Lua on the
+production server.
 
 Keys live under a prefix unique to this run and are deleted at the end; nothing else in the db is touched.
 The brute force and event streams are the unit tests'.
@@ -29,7 +30,7 @@ from tests.unit import test_features as helpers  # one oracle (brute force, stre
 
 pytestmark = pytest.mark.integration
 
-REDIS_URL = "redis://127.0.0.1:6379/13"
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 RUN_PREFIX = f"dp:test:features:{uuid.uuid4().hex[:12]}:"
 T0 = 1_767_571_200.0
 
@@ -66,10 +67,15 @@ def snapshot(store: RedisFeatureStore) -> dict[bytes, object]:
     return state
 
 
+@pytest.mark.parametrize(
+    "spec", [helpers.SMALL, helpers.UNORDERED, helpers.DERIVED], ids=["small", "unordered", "derived"]
+)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(events=helpers.event_streams())
-def test_redis_matches_brute_force_and_offline(client: redis.Redis, events: list[Event]) -> None:
-    helpers.check_against_brute_force(new_store(client), events)
+def test_redis_matches_brute_force_and_offline(
+    client: redis.Redis, spec: FeatureSpec, events: list[Event]
+) -> None:
+    helpers.check_against_brute_force(new_store(client, spec), events)
 
 
 def test_open_feature_store_by_url_round_trips() -> None:
@@ -104,6 +110,42 @@ def test_an_entity_keeps_at_most_the_cap_with_ttl_and_matches_offline(client: re
     np.testing.assert_allclose(
         compute_features(events, spec), np.stack([r.values for r in results]), rtol=1e-12, atol=0
     )
+
+
+def test_full_entity_with_attribute_windows_and_std_matches_offline_bit_for_bit(client: redis.Redis) -> None:
+    """A full entity (1000 events in the largest window) exercises Welford over long windows in Redis' Lua."""
+    spec = FeatureSpec.model_validate(
+        {
+            "aggregations": ["count", "sum", "mean", "max", "std"],
+            "attribute_windows": [
+                {
+                    "attribute": "balance",
+                    "aggregations": ["count", "sum", "mean", "max", "std"],
+                    "windows": ["1h", "24h"],
+                },
+                {"attribute": "C1", "aggregations": ["std"], "windows": ["5m"]},
+            ],
+        }
+    )
+    store = new_store(client, spec)
+    rng = np.random.default_rng(5)
+    balances = 1e6 + rng.normal(0, 50, 1200)
+    events = [
+        Event(
+            event_id=f"w{k:05d}",
+            entity_id="heavy",
+            timestamp=T0 + 30.0 * k,
+            amount=float(rng.gamma(2, 30)),
+            attributes={"balance": float(balances[k])} | ({"C1": int(k % 11) - 5} if k % 4 else {}),
+        )
+        for k in range(1200)
+    ]
+    results = store.update(events)
+    online = np.stack([r.values for r in results])
+    assert np.array_equal(compute_features(events, spec), online)
+    last = results[-1].as_dict()
+    assert last["std_balance_24h"] == pytest.approx(float(np.std(balances[200:])), rel=1e-9)
+    assert last["count_balance_24h"] == 1000
 
 
 def test_replay_changes_nothing_and_reports_duplicates(client: redis.Redis) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import socket
+import statistics
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -58,23 +59,40 @@ SMALL = FeatureSpec.model_validate(
     }
 )
 
-#: Windows out of length order, a subset of aggregations, no hour or amount field: the layout follows config.
+#: Windows out of length order, a subset of aggregations (with the amount's std), no hour or amount field,
+#: attribute windows listed out of order with subsets of aggregations: the layout follows config.
 UNORDERED = FeatureSpec.model_validate(
     {
         "windows": {"5m": 300, "10s": 10, "1m": 60},
-        "aggregations": ["max", "mean", "count"],
+        "aggregations": ["max", "std", "mean", "count"],
+        "attribute_windows": [
+            {"attribute": "items", "aggregations": ["std", "max", "count"], "windows": ["5m", "10s"]},
+            {"attribute": "score", "aggregations": ["mean", "sum"], "windows": ["1m"]},
+        ],
         "distinct": [{"attribute": "device_id", "windows": ["5m", "10s"]}],
         "event_fields": {"amount": False, "hour_of_day": False},
         "retention": {"max_events_per_entity": 4},
     }
 )
 
-#: Category codes and per-entity ratios on top of SMALL: both must agree online and offline as well.
+#: Category codes, every aggregation of an attribute and per-entity ratios (also of attribute windows) on
+#: top of SMALL: all must agree online and offline as well.
 DERIVED = FeatureSpec.model_validate(
     {
         **SMALL.model_dump(),
+        "attribute_windows": [
+            {
+                "attribute": "score",
+                "aggregations": ["count", "sum", "mean", "max", "std"],
+                "windows": ["10s", "5m"],
+            }
+        ],
         "event_fields": {"numeric_attributes": ["items"], "categorical_attributes": ["device_id", "items"]},
-        "ratios": [{"of": "amount", "to": "mean_5m"}, {"of": "attr_items", "to": "max_1m"}],
+        "ratios": [
+            {"of": "amount", "to": "mean_5m"},
+            {"of": "attr_items", "to": "max_1m"},
+            {"of": "max_score_10s", "to": "mean_score_5m"},
+        ],
     }
 )
 
@@ -109,10 +127,15 @@ class BruteForce:
         for name, seconds in spec.windows.items():
             inside = [e for e in events if t - seconds < e.timestamp <= t]
             amounts = [e.amount or 0.0 for e in inside]
-            values = {"count": len(inside), "sum": math.fsum(amounts), "max": max(amounts, default=0.0)}
-            values["mean"] = values["sum"] / len(inside) if inside else 0.0
             for agg in spec.aggregations:
-                out[f"{agg}_{name}"] = values[agg]
+                out[f"{agg}_{name}"] = _aggregate(agg, amounts)
+        for item in spec.attribute_windows:
+            for name in item.windows:
+                inside = [e for e in events if t - spec.windows[name] < e.timestamp <= t]
+                numbers = [_number(e.attributes.get(item.attribute)) for e in inside]
+                present = [x for x in numbers if x is not None]
+                for agg in item.aggregations:
+                    out[f"{agg}_{item.attribute}_{name}"] = _aggregate(agg, present)
         for d in spec.distinct:
             for name in d.windows:
                 inside = [e for e in events if t - spec.windows[name] < e.timestamp <= t]
@@ -137,6 +160,26 @@ class BruteForce:
             denominator = out[ratio.to]
             out[ratio.name] = out[ratio.of] / denominator if denominator else 0.0
         return out
+
+
+def _aggregate(agg: str, values: list[float]) -> float:
+    """An aggregate over a window's values, exactly (fsum, pstdev's rational arithmetic); 0 when empty."""
+    if not values:
+        return 0.0
+    return {
+        "count": lambda: float(len(values)),
+        "sum": lambda: math.fsum(values),
+        "mean": lambda: math.fsum(values) / len(values),
+        "max": lambda: max(values),
+        "std": lambda: statistics.pstdev(values),
+    }[agg]()
+
+
+def _number(value: object) -> float | None:
+    """What a windowed attribute contributes: numbers (true = 1) up to 1e150 in size, nothing otherwise."""
+    if isinstance(value, bool | int | float) and math.isfinite(float(value)) and abs(value) <= 1e150:
+        return float(value)
+    return None
 
 
 def _order(e: Event) -> tuple[float, str]:
@@ -177,6 +220,10 @@ def event_streams(draw: st.DrawFn, max_events: int = 40) -> list[Event]:
             attributes["device_id"] = device
         if draw(st.booleans()):
             attributes["items"] = draw(st.sampled_from([1, 2.5, True, "many"]))
+        # Negative values, 0, bool, text, a large int, and one beyond the limit (contributes nothing).
+        score = draw(st.sampled_from([None, -3.5, -0.25, 0, 0.1, 1, 2.5, 1e4, True, "high", 2**62, 1e200]))
+        if score is not None:
+            attributes["score"] = score
         amount = draw(st.one_of(st.none(), st.sampled_from([0.0, 0.1, 1.0, 9.99, 250.0, 1e9])))
         events.append(
             Event(
@@ -271,6 +318,40 @@ def test_shipped_config_defines_the_documented_default_features() -> None:
         ({"retention": {"ttl_seconds": 60}}, "ttl_seconds"),
         ({"aggregations": ["count", "median"]}, "aggregations"),
         ({"windows": {"1m": 60}, "surprise": 1}, "surprise"),
+        (
+            {"attribute_windows": [{"attribute": "C1", "aggregations": ["sum"], "windows": ["2h"]}]},
+            "unknown windows",
+        ),
+        (
+            {"attribute_windows": [{"attribute": "C1", "aggregations": ["median"], "windows": ["1m"]}]},
+            "median",
+        ),
+        (
+            {"attribute_windows": [{"attribute": "C1", "aggregations": ["sum", "sum"], "windows": ["1m"]}]},
+            "repeat",
+        ),
+        (
+            {"attribute_windows": [{"attribute": "C1", "aggregations": ["sum"], "windows": ["1m", "1m"]}]},
+            "repeat",
+        ),
+        ({"attribute_windows": [{"attribute": "C1", "aggregations": [], "windows": ["1m"]}]}, "at least 1"),
+        (
+            {
+                "attribute_windows": [
+                    {"attribute": "C1", "aggregations": ["sum"], "windows": ["1m"]},
+                    {"attribute": "C1", "aggregations": ["max"], "windows": ["1h"]},
+                ]
+            },
+            "listed twice",
+        ),
+        (
+            {
+                "attribute_windows": [{"attribute": "card", "aggregations": ["sum"], "windows": ["1m"]}],
+                "event_fields": {"categorical_attributes": ["card"]},
+            },
+            "categorical",
+        ),
+        ({"ratios": [{"of": "amount", "to": "mean_C1_1h"}]}, "unknown features"),
     ],
 )
 def test_invalid_spec_is_rejected_with_a_message(change: dict[str, object], message: str) -> None:
@@ -280,6 +361,22 @@ def test_invalid_spec_is_rejected_with_a_message(change: dict[str, object], mess
 
 def test_numeric_attributes_become_features() -> None:
     assert SMALL.names[-4:] == ["amount", "hour_sin", "hour_cos", "attr_items"]
+
+
+def test_attribute_windows_are_named_by_aggregation_attribute_and_window_after_the_amount_windows() -> None:
+    names = UNORDERED.names
+    amount = [f"{agg}_{w}" for w in ("5m", "10s", "1m") for agg in ("max", "std", "mean", "count")]
+    attributes = ["std_items_5m", "max_items_5m", "count_items_5m", "std_items_10s", "max_items_10s"]
+    attributes += ["count_items_10s", "mean_score_1m", "sum_score_1m"]
+    assert names == [
+        *amount,
+        *attributes,
+        "distinct_device_id_5m",
+        "distinct_device_id_10s",
+        "seconds_since_last",
+    ]
+    # Without attribute windows or std, the layout is the one trained artifacts carry.
+    assert SMALL.raw_width == 1 + 3 * 3 + 3
 
 
 # --- the store against the brute force, and offline == store
@@ -408,6 +505,48 @@ def test_missing_amount_counts_the_event_as_zero_and_values_compare_by_type() ->
     assert (values["count_10s"], values["sum_10s"], values["mean_10s"], values["max_10s"]) == (3, 4, 4 / 3, 4)
     assert values["distinct_device_id_1m"] == 2  # "7" and 7; the event without a device adds none
     assert values["amount"] == 0 and values["seconds_since_last"] == 1
+
+
+def test_attribute_windows_leave_out_missing_text_and_oversized_values_and_keep_negative_maxima() -> None:
+    store = fake_store(DERIVED)
+    scores: list[object] = [-3.5, "high", None, 1e200, True, -0.25]
+    events = [
+        make_event(k, T0 + k, **({} if score is None else {"score": score})) for k, score in enumerate(scores)
+    ]
+    values = store.update(events)[-1].as_dict()
+    present = [-3.5, 1.0, -0.25]
+    assert values["count_score_10s"] == 3 and values["count_10s"] == 6
+    assert values["sum_score_10s"] == pytest.approx(-2.75)
+    assert values["mean_score_10s"] == pytest.approx(-2.75 / 3)
+    assert values["max_score_10s"] == 1.0
+    assert values["std_score_10s"] == pytest.approx(statistics.pstdev(present), rel=1e-12)
+    later = [make_event(9, T0 + 100, score=-7.5), make_event(10, T0 + 101, score=-2)]
+    only_negative = store.update(later)[-1]
+    assert only_negative.as_dict()["max_score_10s"] == -2.0  # not 0: a max over the values present
+    assert only_negative.as_dict()["std_score_10s"] == pytest.approx(2.75)
+    empty = store.read("alice", T0 + 200).as_dict()
+    assert [empty[f"{agg}_score_10s"] for agg in ("count", "sum", "mean", "max", "std")] == [0, 0, 0, 0, 0]
+    np.testing.assert_array_equal(compute_features([*events, *later], DERIVED)[-1], only_negative.values)
+
+
+def test_std_has_no_cancellation_when_values_share_a_large_offset() -> None:
+    """sumsq/n - mean^2 would lose every digit here (squares near 1e18, ulp ~128); Welford keeps them."""
+    spec = FeatureSpec.model_validate(
+        {
+            "windows": {"1m": 60},
+            "aggregations": ["std"],
+            "distinct": [],
+            "attribute_windows": [{"attribute": "balance", "aggregations": ["std"], "windows": ["1m"]}],
+        }
+    )
+    offsets = [0.1, 0.2, 0.3, 0.4, 0.35]
+    events = [make_event(k, T0 + k, amount=1e9 + x, balance=-1e9 - x) for k, x in enumerate(offsets)]
+    last = fake_store(spec).update(events)[-1].as_dict()
+    exact = statistics.pstdev([1e9 + x for x in offsets])
+    assert last["std_1m"] == pytest.approx(exact, rel=1e-6)
+    assert last["std_balance_1m"] == pytest.approx(exact, rel=1e-6)
+    same = fake_store(spec).update([make_event(k, T0 + k, amount=250.0, balance=0.1) for k in range(4)])
+    assert (same[-1].as_dict()["std_1m"], same[-1].as_dict()["std_balance_1m"]) == (0.0, 0.0)  # exactly
 
 
 def test_seconds_since_last_ignores_the_event_itself_even_when_redelivered() -> None:
