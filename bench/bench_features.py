@@ -1,6 +1,9 @@
 """Feature store throughput: pipelined update batches of 1000 events, single reads, and offline.py.
 
-    .venv/bin/python bench/bench_features.py [--events 20000] [--entities 2000]
+    .venv/bin/python bench/bench_features.py [--events 20000] [--entities 2000] [--spec default,windowed]
+
+``default`` is config/features.yaml's spec; ``windowed`` adds the amount's std and two numeric attributes
+aggregated over the windows (every aggregation, std included), the cost of the attribute windows.
 
 Runs on fakeredis (memory://) and on redis://127.0.0.1:6379/13 when reachable. Uses its own key prefix
 and deletes its keys afterwards. Compare numbers from one run: the machine is shared.
@@ -29,6 +32,8 @@ def make_events(n: int, entities: int, seed: int = 0) -> list[Event]:
     owners = rng.integers(0, entities, n)
     amounts = rng.lognormal(3, 1, n)
     devices = rng.integers(0, 3, n)
+    balances = rng.normal(1000, 200, n)
+    counters = rng.integers(0, 30, n)
     return [
         Event.model_construct(
             event_id=f"b{k}",
@@ -36,10 +41,31 @@ def make_events(n: int, entities: int, seed: int = 0) -> list[Event]:
             timestamp=float(times[k]),
             event_type="payment",
             amount=float(amounts[k]),
-            attributes={"device_id": f"d{owners[k]}-{devices[k]}"},
+            attributes={
+                "device_id": f"d{owners[k]}-{devices[k]}",
+                "balance": float(balances[k]),
+                **({"C1": int(counters[k])} if k % 3 else {}),  # sometimes missing
+            },
         )
         for k in range(n)
     ]
+
+
+#: The default spec plus what attribute windows cost: the amount's std and two attributes over all windows.
+WINDOWED = FeatureSpec.model_validate(
+    {
+        "aggregations": ["count", "sum", "mean", "max", "std"],
+        "attribute_windows": [
+            {
+                "attribute": a,
+                "aggregations": ["count", "sum", "mean", "max", "std"],
+                "windows": ["1m", "5m", "1h", "24h"],
+            }
+            for a in ("balance", "C1")
+        ],
+    }
+)
+SPECS = {"default": FeatureSpec(), "windowed": WINDOWED}
 
 
 def bench_store(store: RedisFeatureStore, events: list[Event], label: str) -> None:
@@ -80,28 +106,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--entities", type=int, default=2_000)
+    parser.add_argument("--spec", default="default,windowed", help="comma-separated: default, windowed")
     args = parser.parse_args()
-    spec = FeatureSpec()
     events = make_events(args.events, args.entities)
-    prefix = f"dp:bench:{uuid.uuid4().hex[:8]}:"
 
-    for url, label in (("memory://bench", "fakeredis"), (REDIS_URL, "redis")):
-        store = open_feature_store(url, spec, timeout_s=5.0, key_prefix=prefix)
-        assert isinstance(store, RedisFeatureStore)
-        if not store.ping():
-            print(f"{label:10s} skipped: {url} unreachable")
-            continue
-        try:
-            # fakeredis is ~10x slower: a slice keeps the run short.
-            bench_store(store, events if label == "redis" else events[: max(BATCH, len(events) // 4)], label)
-        finally:
-            cleanup(store)
-            store.close()
+    for spec_name in args.spec.split(","):
+        spec = SPECS[spec_name]
+        print(f"spec {spec_name}: {spec.dim} features")
+        prefix = f"dp:bench:{uuid.uuid4().hex[:8]}:"
+        for url, label in (("memory://bench", "fakeredis"), (REDIS_URL, "redis")):
+            store = open_feature_store(url, spec, timeout_s=5.0, key_prefix=prefix)
+            assert isinstance(store, RedisFeatureStore)
+            if not store.ping():
+                print(f"{label:10s} skipped: {url} unreachable")
+                continue
+            try:
+                # fakeredis is ~10x slower: a slice keeps the run short.
+                sample = events if label == "redis" else events[: max(BATCH, len(events) // 4)]
+                bench_store(store, sample, label)
+            finally:
+                cleanup(store)
+                store.close()
 
-    start = time.perf_counter()
-    compute_features(events, spec)
-    elapsed = time.perf_counter() - start
-    print(f"{'offline':10s} compute {len(events) / elapsed:10,.0f} events/s")
+        start = time.perf_counter()
+        compute_features(events, spec)
+        elapsed = time.perf_counter() - start
+        print(f"{'offline':10s} compute {len(events) / elapsed:10,.0f} events/s")
 
 
 if __name__ == "__main__":

@@ -52,8 +52,9 @@ class _Entity:
         self.amounts.insert(pos, amount)
         for column, token in zip(self.tokens, tokens, strict=True):
             column.insert(pos, token)
-        for series, value in zip(self.values, values, strict=True):
-            series.insert(pos, value)
+        if values:
+            for series, value in zip(self.values, values, strict=True):
+                series.insert(pos, value)
         self.known.add(event_id)
 
     def drop_oldest(self, k: int) -> None:
@@ -81,19 +82,27 @@ class OfflineWindows:
         self._nv = len(spec.attribute_windows)
         #: Per windowed attribute, whether its M2 (for std) is computed.
         self._value_std = [layout[f"attr_{b}_stride"] == 4 for b in range(self._nv)]
+        order = sorted(enumerate(windows), key=lambda item: item[1])
         # Per window, smallest first (each extends the previous one's slice): its length, the raw column
-        # of its count (sum and max follow), the raw column of each attribute's distinct count, of the
-        # amount's M2 (-1: no std), and of each windowed attribute's count (sum, max, M2 follow).
+        # of its count (sum and max follow), and the raw column of each attribute's distinct count.
         self._plan = [
-            (
-                seconds,
-                1 + 3 * i,
-                [layout["distinct"] + a * nw + i for a in range(self._nd)],
-                layout.get("amount_m2", -1 - i) + i,
-                [layout[f"attr_{b}"] + layout[f"attr_{b}_stride"] * i for b in range(self._nv)],
-            )
-            for i, seconds in sorted(enumerate(windows), key=lambda item: item[1])
+            (seconds, 1 + 3 * i, [layout["distinct"] + a * nw + i for a in range(self._nd)])
+            for i, seconds in order
         ]
+        #: Same order, for the aggregates that need more than builtins (None: the spec has none): the raw
+        #: column of the amount's M2 (-1: no std), and of each windowed attribute's count (sum, max, M2
+        #: follow).
+        self._extra_plan = (
+            [
+                (
+                    layout["amount_m2"] + i if spec.amount_std else -1,
+                    [layout[f"attr_{b}"] + layout[f"attr_{b}_stride"] * i for b in range(self._nv)],
+                )
+                for i, _ in order
+            ]
+            if spec.amount_std or self._nv
+            else None
+        )
         self._raw_width = spec.raw_width
         self._largest = spec.largest_window
         self._tolerance = spec.late_tolerance
@@ -156,40 +165,52 @@ class OfflineWindows:
         seen: list[set[str]] = [set() for _ in tokens]
         distinct = [0] * len(tokens)
         prev, total, top = hi, 0.0, 0.0
-        amount_m2 = [0, 0.0, 0.0]  # Welford (n, mean, M2) of the amount
-        # Per windowed attribute: count, sum, max, and Welford (n, mean, M2).
-        state = [[0, 0.0, 0.0, 0, 0.0, 0.0] for _ in range(self._nv)]
-        for seconds, col, distinct_cols, m2_col, value_cols in self._plan:
+        for seconds, col, distinct_cols in self._plan:
             lo = bisect_right(ts, t - seconds, 0, prev)
             if lo < prev:
                 chunk = amounts[lo:prev]
                 # Newest first from the running total: Lua's addition order, so sums agree bit for bit.
                 total = sum(reversed(chunk), total)
                 top = max(top, max(chunk))
-                if m2_col >= 0:
-                    _welford(amount_m2, reversed(chunk))
                 for a, column in enumerate(tokens):
                     values = seen[a]
                     values.update(column[lo:prev])
                     distinct[a] = len(values) - (MISSING in values)
+                prev = lo
+            raw[col] = hi - lo
+            raw[col + 1] = total
+            raw[col + 2] = top
+            for a, dcol in enumerate(distinct_cols):
+                raw[dcol] = distinct[a]
+        if self._extra_plan is not None:
+            self._raw_extra(entity, raw, t, hi)
+        return raw
+
+    def _raw_extra(self, entity: _Entity, raw: list[float], t: float, hi: int) -> None:
+        """The amount's M2 and the windowed attributes' aggregates, window by window as in _raw (a pass
+        of its own, so specs without them pay nothing)."""
+        assert self._extra_plan is not None
+        ts, prev = entity.ts, hi
+        amount_m2 = [0, 0.0, 0.0]  # Welford (n, mean, M2) of the amount
+        # Per windowed attribute: count, sum, max, and Welford (n, mean, M2).
+        state: list[list[float]] = [[0, 0.0, 0.0, 0, 0.0, 0.0] for _ in range(self._nv)]
+        for (seconds, _, _), (m2_col, value_cols) in zip(self._plan, self._extra_plan, strict=True):
+            lo = bisect_right(ts, t - seconds, 0, prev)
+            if lo < prev:
+                if m2_col >= 0:
+                    _welford(amount_m2, reversed(entity.amounts[lo:prev]))
                 for b, series in enumerate(entity.values):
                     present = [v for v in reversed(series[lo:prev]) if v is not None]
                     if present:
                         self._extend(state[b], present, self._value_std[b])
                 prev = lo
-            raw[col] = hi - lo
-            raw[col + 1] = total
-            raw[col + 2] = top
             if m2_col >= 0:
                 raw[m2_col] = amount_m2[2]
-            for a, dcol in enumerate(distinct_cols):
-                raw[dcol] = distinct[a]
             for b, vcol in enumerate(value_cols):
                 count, value_sum, value_max, _, _, m2 = state[b]
                 raw[vcol : vcol + 3] = count, value_sum, value_max
                 if self._value_std[b]:
                     raw[vcol + 3] = m2
-        return raw
 
     @staticmethod
     def _extend(state: list[float], present: list[float], with_std: bool) -> None:
