@@ -27,6 +27,7 @@
 -- no float drift from subtracting). In Redis' Lua, number <-> text conversions dominate, hence the reuse.
 
 local zkey, hkey = KEYS[1], KEYS[2]
+local EXTRA = AMOUNT_STD or N_ATTR > 0
 local nw = #ASCENDING
 local largest = ASCENDING[nw]
 local format, find, sub = string.format, string.find, string.sub
@@ -73,7 +74,8 @@ local function features(flag, self_id, members, first)
   end
   -- Output text per config slot. Formatting dominates the cost, so equal values reuse their text and the
   -- max (and a one-event sum) reuse the value's own text from the member, which is exact.
-  local count, total, maxv, dcount, spread, aout = {}, {}, {}, {}, {}, {}
+  local count, total, maxv, dcount = {}, {}, {}, {}
+  local spread = AMOUNT_STD and {}
   for a = 1, N_DISTINCT do dcount[a] = {} end
   local since = nil
 
@@ -83,27 +85,24 @@ local function features(flag, self_id, members, first)
   local n, sum, top, top_text, first_text, mean, m2 = 0, 0, 0, '0', '0', 0, 0
   local seen, distinct = {}, {}
   for a = 1, N_DISTINCT do seen[a], distinct[a] = {}, 0 end
-  -- Per windowed attribute: count, sum, max (and its text), the first value's text, Welford mean and M2.
-  local an, asum, atop, atop_text, afirst, amean, am2 = {}, {}, {}, {}, {}, {}, {}
-  local snap_an, snap_atext = {}, {}
-  for b = 1, N_ATTR do
-    an[b], asum[b], amean[b], am2[b], aout[b] = 0, 0, 0, 0, {}
+  -- Per windowed attribute: count, sum, max (and its text), the first value's text, Welford mean and M2,
+  -- output text per slot. Allocated only when there are some: tables cost on every call.
+  local an, asum, atop, atop_text, afirst, amean, am2, snap_an, snap_atext, aout
+  if N_ATTR > 0 then
+    an, asum, atop, atop_text, afirst, amean, am2, snap_an, snap_atext, aout = {}, {}, {}, {}, {}, {}, {}, {}, {}, {}
+    for b = 1, N_ATTR do
+      an[b], asum[b], amean[b], am2[b], aout[b] = 0, 0, 0, 0, {}
+    end
   end
-  local snap_n, snap_count, snap_sum, snap_m2 = -1, nil, nil, nil
+  local snap_n, snap_count, snap_sum, snap_m2_n, snap_m2 = -1, nil, nil, -1, nil
   local snap_d, snap_dtext = {}, {}
 
-  local function snapshot(w)
-    if n ~= snap_n then
-      snap_n, snap_count = n, fmt_int(n)
-      snap_sum = (n == 1) and first_text or fmt(sum)
-      if AMOUNT_STD then snap_m2 = fmt(m2) end
-    end
-    local slot = SLOT[w]
-    count[slot], total[slot], maxv[slot] = snap_count, snap_sum, top_text
-    if AMOUNT_STD then spread[slot] = snap_m2 end
-    for a = 1, N_DISTINCT do
-      if distinct[a] ~= snap_d[a] then snap_d[a], snap_dtext[a] = distinct[a], fmt_int(distinct[a]) end
-      dcount[a][slot] = snap_dtext[a]
+  -- Std and attribute windows at a window's end; a closure of its own, made only when the spec has them,
+  -- so the default spec's snapshot (closed over on every call) stays as small as it was.
+  local snapshot_extra = EXTRA and function(slot)
+    if AMOUNT_STD then
+      if n ~= snap_m2_n then snap_m2_n, snap_m2 = n, fmt(m2) end
+      spread[slot] = snap_m2
     end
     for b = 1, N_ATTR do
       local k = an[b]
@@ -119,6 +118,20 @@ local function features(flag, self_id, members, first)
       end
       aout[b][slot] = snap_atext[b]
     end
+  end
+
+  local function snapshot(w)
+    if n ~= snap_n then
+      snap_n, snap_count = n, fmt_int(n)
+      snap_sum = (n == 1) and first_text or fmt(sum)
+    end
+    local slot = SLOT[w]
+    count[slot], total[slot], maxv[slot] = snap_count, snap_sum, top_text
+    for a = 1, N_DISTINCT do
+      if distinct[a] ~= snap_d[a] then snap_d[a], snap_dtext[a] = distinct[a], fmt_int(distinct[a]) end
+      dcount[a][slot] = snap_dtext[a]
+    end
+    if EXTRA then snapshot_extra(slot) end
   end
 
   local w, cut = 1, t - ASCENDING[1]
@@ -141,11 +154,6 @@ local function features(flag, self_id, members, first)
     sum = sum + amount
     if n == 1 then first_text = amount_text end
     if amount > top then top, top_text = amount, amount_text end
-    if AMOUNT_STD then
-      local d = amount - mean
-      mean = mean + d / n
-      m2 = m2 + d * (amount - mean)
-    end
     for a = 1, N_DISTINCT do
       local c4 = find(m, ',', c3 + 1, true)
       local v = sub(m, c3 + 1, (c4 or 0) - 1)
@@ -155,23 +163,30 @@ local function features(flag, self_id, members, first)
         distinct[a] = distinct[a] + 1
       end
     end
-    for b = 1, N_ATTR do
-      local c4 = find(m, ',', c3 + 1, true)
-      local v = sub(m, c3 + 1, (c4 or 0) - 1)
-      c3 = c4
-      if v ~= '-' then
-        local x = tonumber(v)
-        local j = an[b] + 1
-        an[b], asum[b] = j, asum[b] + x
-        if j == 1 then
-          afirst[b], atop[b], atop_text[b] = v, x, v
-        elseif x > atop[b] then
-          atop[b], atop_text[b] = x, v
-        end
-        if ATTR_STD[b] then
-          local d = x - amean[b]
-          local mu = amean[b] + d / j
-          amean[b], am2[b] = mu, am2[b] + d * (x - mu)
+    if EXTRA then  -- one test per event when the spec has neither std nor attribute windows
+      if AMOUNT_STD then
+        local d = amount - mean
+        mean = mean + d / n
+        m2 = m2 + d * (amount - mean)
+      end
+      for b = 1, N_ATTR do
+        local c4 = find(m, ',', c3 + 1, true)
+        local v = sub(m, c3 + 1, (c4 or 0) - 1)
+        c3 = c4
+        if v ~= '-' then
+          local x = tonumber(v)
+          local j = an[b] + 1
+          an[b], asum[b] = j, asum[b] + x
+          if j == 1 then
+            afirst[b], atop[b], atop_text[b] = v, x, v
+          elseif x > atop[b] then
+            atop[b], atop_text[b] = x, v
+          end
+          if ATTR_STD[b] then
+            local d = x - amean[b]
+            local mu = amean[b] + d / j
+            amean[b], am2[b] = mu, am2[b] + d * (x - mu)
+          end
         end
       end
     end
