@@ -549,6 +549,23 @@ def test_std_has_no_cancellation_when_values_share_a_large_offset() -> None:
     assert (same[-1].as_dict()["std_1m"], same[-1].as_dict()["std_balance_1m"]) == (0.0, 0.0)  # exactly
 
 
+def test_events_stored_before_attribute_windows_were_configured_contribute_no_values() -> None:
+    """After adding attribute windows to a live spec, the entity's older members have no value fields: the
+    script must not fail (every decision would fall back until the keys expire); they count as missing."""
+    server = fakeredis.FakeServer()
+    before = FeatureSpec.model_validate({"distinct": []})
+    after = FeatureSpec.model_validate(
+        {
+            "distinct": [],
+            "attribute_windows": [{"attribute": "x", "aggregations": ["count", "sum"], "windows": ["1h"]}],
+        }
+    )
+    RedisFeatureStore(fakeredis.FakeRedis(server=server), before).update([make_event(0, T0, x=5)])
+    result = RedisFeatureStore(fakeredis.FakeRedis(server=server), after).update([make_event(1, T0 + 1, x=7)])
+    values = result[0].as_dict()
+    assert (values["count_1h"], values["count_x_1h"], values["sum_x_1h"]) == (2, 1, 7)
+
+
 def test_seconds_since_last_ignores_the_event_itself_even_when_redelivered() -> None:
     store = fake_store()
     first = store.update([make_event(0, T0)])[0]

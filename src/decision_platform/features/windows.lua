@@ -170,6 +170,7 @@ local function features(flag, self_id, members, first)
         m2 = m2 + d * (amount - mean)
       end
       for b = 1, N_ATTR do
+        if not c3 then break end  -- stored under a spec without these values: they contribute nothing
         local c4 = find(m, ',', c3 + 1, true)
         local v = sub(m, c3 + 1, (c4 or 0) - 1)
         c3 = c4
