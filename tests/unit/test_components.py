@@ -101,7 +101,8 @@ def test_risk_fast_path_agrees_with_torch(trained: tuple[str, Path]) -> None:
     numeric = torch.from_numpy(model.encoder.encode_numeric(rows).astype(np.float32))
     categories = torch.from_numpy(model.encoder.categories(rows))
     with torch.no_grad():
-        expected = torch.sigmoid(model.net(numeric, categories) / model.temperature).numpy()
+        mean_logit = torch.stack([net(numeric, categories) for net in model.nets]).mean(dim=0)
+        expected = torch.sigmoid(mean_logit / model.temperature).numpy()
     np.testing.assert_allclose(model.predict(rows), expected, rtol=1e-4, atol=1e-6)
     for row, want in zip(rows, expected, strict=True):  # one row at a time: the serving case
         assert float(model.predict(row)[0]) == pytest.approx(float(want), rel=1e-4, abs=1e-6)

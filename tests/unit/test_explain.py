@@ -86,14 +86,15 @@ def test_zero_steps_is_the_models_own_gradient_times_the_move(trained: tuple[str
     model = RiskModel.load(artifact(trained, "risk"))
     x = rows(model, 10)
     _, attributions = model.explain(x, steps=0)
-    encoded = torch.from_numpy(model.encoder.encode_numeric(x).astype(np.float64)).requires_grad_(True)
-    net = model.net.double()
-    logit = net.net(encoded).squeeze(-1) / model.temperature
-    logit.sum().backward()
-    move = encoded.grad.numpy() * (encoded.detach().numpy() - model._reference)
-    groups = np.repeat(model.encoder.numeric, model.encoder.bins)
+    numeric = torch.from_numpy(model.encoder.encode_numeric(x))
+    categories = torch.from_numpy(model.encoder.categories(x))
     expected = np.zeros_like(attributions)
-    np.add.at(expected.T, groups, move.T)
+    for net, member in zip(model.nets, model._members, strict=True):  # the mean logit: each net's share
+        net = net.double()
+        encoded = net.embed(numeric, categories).detach().requires_grad_(True)
+        (net.net(encoded).sum() / (len(model.nets) * model.temperature)).backward()
+        move = encoded.grad.numpy() * (encoded.detach().numpy() - member.reference)
+        np.add.at(expected.T, model._groups, move.T)
     np.testing.assert_allclose(attributions, expected, rtol=1e-6, atol=1e-9)
 
 

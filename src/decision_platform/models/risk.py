@@ -67,6 +67,8 @@ class RiskConfig:
     validation_fraction: float = 0.2
     #: Then train again on all rows (validation slice included) for the chosen number of epochs.
     refit: bool = True
+    #: Nets from different seeds whose logits are averaged (each trained as above).
+    members: int = 2
 
 
 class InputEncoder:
@@ -222,112 +224,140 @@ class RiskNet(nn.Module):
         return self.net(self.embed(numeric, categories)).squeeze(-1)
 
 
+class _NumpyNet:
+    """One trained net as numpy arrays: the serving path (~10x faster than torch for a row)."""
+
+    def __init__(self, net: RiskNet, encoder: InputEncoder) -> None:
+        linear = [m for m in net.net if isinstance(m, nn.Linear)]
+        self.weights = [m.weight.detach().numpy().T.astype(np.float64) for m in linear]
+        self.biases = [m.bias.detach().numpy().astype(np.float64) for m in linear]
+        self.tables = [e.weight.detach().numpy().astype(np.float64) for e in net.embeddings]
+        # The "average event" attributions are measured from: every numeric input at its training
+        # median, every embedded input at its embeddings' mean over the vocabulary (not any one value).
+        median = np.full((1, len(encoder.numeric)), 0.5)
+        pieces = np.clip(median[:, :, None] * encoder.bins - encoder._edges, 0.0, 1.0).reshape(-1)
+        means = [t[2:].mean(axis=0) if len(t) > 2 else t.mean(axis=0) for t in self.tables]
+        self.reference = np.concatenate([pieces, *means])
+
+    def encode(self, numeric: np.ndarray, categories: np.ndarray) -> np.ndarray:
+        """(n, encoded width): what the MLP reads (the same numbers as RiskNet.embed)."""
+        if not self.tables:
+            return numeric
+        embedded = [table[categories[:, k]] for k, table in enumerate(self.tables)]
+        return np.concatenate([numeric, *embedded], axis=1)
+
+    def from_first_layer(self, pre: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The raw logit from the first layer's pre-activations, and each layer's ReLU mask."""
+        masks = [pre > 0]
+        h = pre * masks[0]
+        for w, b in zip(self.weights[1:-1], self.biases[1:-1], strict=True):
+            pre = h @ w + b
+            masks.append(pre > 0)
+            h = pre * masks[-1]
+        return h @ self.weights[-1][:, 0] + self.biases[-1][0], masks
+
+    def gradient_at_first_layer(self, masks: list[np.ndarray]) -> np.ndarray:
+        grad = masks[-1] * self.weights[-1][:, 0]
+        for i in range(len(masks) - 1, 0, -1):
+            grad = (grad @ self.weights[i].T) * masks[i - 1]
+        return grad
+
+    def explain(self, e: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """(raw logit (n,), integrated gradients per encoded column (n, width)) from the reference.
+
+        The first layer is linear in the encoded input, so the path's first-layer activations are
+        ``pre(ref) + alpha * delta @ W0``: one product per row, whatever ``steps``. ``steps=0`` gives
+        gradient x (input - reference) at the input itself (first order only).
+        """
+        delta = e - self.reference
+        base = self.reference @ self.weights[0] + self.biases[0]
+        moved = delta @ self.weights[0]
+        logit, masks = self.from_first_layer(base + moved)
+        n = len(e)
+        if steps == 0:
+            grad = self.gradient_at_first_layer(masks)
+        else:
+            # Midpoint rule on [0, 1]: no endpoint bias; the error shrinks as 1/steps^2 between kinks.
+            alphas = (np.arange(steps) + 0.5) / steps
+            path = base + alphas[None, :, None] * moved[:, None, :]
+            _, path_masks = self.from_first_layer(path.reshape(n * steps, -1))
+            grad = self.gradient_at_first_layer(path_masks).reshape(n, steps, -1).mean(axis=1)
+        return logit, (grad @ self.weights[0].T) * delta
+
+
 class RiskModel:
-    """P(bad) for rows of inputs: the feature vector plus the anomaly score (``inputs``)."""
+    """P(bad) for rows of inputs: the feature vector plus the anomaly score (``inputs``).
+
+    ``nets`` are trained alike from different seeds; the risk is the sigmoid of their mean logit over
+    one temperature. Averaging a few pays on real data (bench/RISK.md) at a few microseconds a net.
+    """
 
     def __init__(
         self,
-        net: RiskNet,
+        nets: Sequence[RiskNet],
         encoder: InputEncoder,
         temperature: float,
         input_names: list[str],
         config: RiskConfig = RiskConfig(),
     ) -> None:
-        self.net = net.eval()
+        self.nets = [net.eval() for net in nets]
         self.encoder = encoder
         self.temperature = temperature
         self.input_names = input_names
         self.config = config
-        linear = [m for m in net.net if isinstance(m, nn.Linear)]
-        self._weights = [m.weight.detach().numpy().T.astype(np.float64) for m in linear]
-        self._biases = [m.bias.detach().numpy().astype(np.float64) for m in linear]
-        self._tables = [e.weight.detach().numpy().astype(np.float64) for e in net.embeddings]
+        self._members = [_NumpyNet(net, encoder) for net in self.nets]
         # Which input each encoded column belongs to: attributions are summed per input.
         groups = [j for j in encoder.numeric for _ in range(encoder.bins)]
-        for j, table in zip(encoder.categorical, self._tables, strict=True):
+        for j, table in zip(encoder.categorical, self._members[0].tables, strict=True):
             groups += [j] * table.shape[1]
         self._groups = np.asarray(groups, dtype=np.int64)
-        self._reference = self._reference_point()
 
     # --- the shape of the inputs
     @staticmethod
     def inputs(features: np.ndarray, anomaly: np.ndarray) -> np.ndarray:
         return np.column_stack([np.atleast_2d(features), np.atleast_1d(anomaly)])
 
-    def _reference_point(self) -> np.ndarray:
-        """The "average event" attributions are measured from: every numeric input at its training
-        median, every categorical at its embeddings' mean over the vocabulary (not any one value)."""
-        median = np.full((1, len(self.encoder.numeric)), 0.5)
-        pieces = np.clip(median[:, :, None] * self.encoder.bins - self.encoder._edges, 0.0, 1.0).reshape(-1)
-        means = [table[2:].mean(axis=0) if len(table) > 2 else table.mean(axis=0) for table in self._tables]
-        return np.concatenate([pieces, *means])
-
-    def _encode(self, x: np.ndarray) -> np.ndarray:
-        """(n, encoded width): what the MLP reads, in numpy (the same numbers as RiskNet.embed)."""
-        numeric = self.encoder.encode_numeric(x)
-        if not self._tables:
-            return numeric
-        categories = self.encoder.categories(x)
-        embedded = [table[categories[:, k]] for k, table in enumerate(self._tables)]
-        return np.concatenate([numeric, *embedded], axis=1)
+    def _encoded(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = np.atleast_2d(x)
+        return self.encoder.encode_numeric(x), self.encoder.categories(x)
 
     # --- serving
-    def _logits_from_first_layer(self, pre: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        """The calibrated logit from the first layer's pre-activations, and each layer's ReLU mask."""
-        masks = [pre > 0]
-        h = pre * masks[0]
-        for w, b in zip(self._weights[1:-1], self._biases[1:-1], strict=True):
-            pre = h @ w + b
-            masks.append(pre > 0)
-            h = pre * masks[-1]
-        return (h @ self._weights[-1][:, 0] + self._biases[-1][0]) / self.temperature, masks
-
-    def _gradient_at_first_layer(self, masks: list[np.ndarray]) -> np.ndarray:
-        grad = masks[-1] * (self._weights[-1][:, 0] / self.temperature)
-        for i in range(len(masks) - 1, 0, -1):
-            grad = (grad @ self._weights[i].T) * masks[i - 1]
-        return grad
-
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Calibrated log-odds for rows of inputs."""
-        e = self._encode(np.atleast_2d(x))
-        return self._logits_from_first_layer(e @ self._weights[0] + self._biases[0])[0]
+        numeric, categories = self._encoded(x)
+        total = np.zeros(len(numeric))
+        for member in self._members:
+            e = member.encode(numeric, categories)
+            total += member.from_first_layer(e @ member.weights[0] + member.biases[0])[0]
+        return total / (len(self._members) * self.temperature)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """P(bad) for rows of inputs (features + anomaly)."""
         return _sigmoid(self.logits(x))
 
     def reference_logit(self) -> float:
-        """The log-odds of the reference event, which attributions are measured from."""
-        pre = self._reference[None, :] @ self._weights[0] + self._biases[0]
-        return float(self._logits_from_first_layer(pre)[0][0])
+        """The log-odds of the reference event(s), which attributions are measured from."""
+        total = 0.0
+        for member in self._members:
+            pre = member.reference[None, :] @ member.weights[0] + member.biases[0]
+            total += float(member.from_first_layer(pre)[0][0])
+        return total / (len(self._members) * self.temperature)
 
     def explain(self, x: np.ndarray, steps: int = 8) -> tuple[np.ndarray, np.ndarray]:
         """(risk (n,), attributions (n, inputs)) in log-odds: integrated gradients from the reference
-        event, summed per input, so each row's attributions add up to logit(x) - reference_logit().
-
-        The first layer is linear in the encoded input, so the path's first-layer activations are
-        ``pre(ref) + alpha * delta @ W0``: one product per row, whatever ``steps``. ``steps=0`` gives
-        gradient x (input - reference) at the input itself (first order only).
-        """
-        e = self._encode(np.atleast_2d(x))
-        delta = e - self._reference
-        base = self._reference @ self._weights[0] + self._biases[0]
-        moved = delta @ self._weights[0]
-        logit, masks = self._logits_from_first_layer(base + moved)
-        n = len(e)
-        if steps == 0:
-            grad = self._gradient_at_first_layer(masks)
-        else:
-            # Midpoint rule on [0, 1]: no endpoint bias; the error shrinks as 1/steps^2 between kinks.
-            alphas = (np.arange(steps) + 0.5) / steps
-            path = base + alphas[None, :, None] * moved[:, None, :]
-            _, path_masks = self._logits_from_first_layer(path.reshape(n * steps, -1))
-            grad = self._gradient_at_first_layer(path_masks).reshape(n, steps, -1).mean(axis=1)
-        per_column = (grad @ self._weights[0].T) * delta
+        event, summed per input, so each row's attributions add up to logit(x) - reference_logit()."""
+        numeric, categories = self._encoded(x)
+        n = len(numeric)
+        logit = np.zeros(n)
+        per_column = None
+        for member in self._members:
+            raw, columns = member.explain(member.encode(numeric, categories), steps)
+            logit += raw
+            per_column = columns if per_column is None else per_column + columns
+        scale = 1.0 / (len(self._members) * self.temperature)
         attributions = np.zeros((n, len(self.input_names)))
-        np.add.at(attributions.T, self._groups, per_column.T)
-        return _sigmoid(logit), attributions
+        np.add.at(attributions.T, self._groups, (per_column * scale).T)
+        return _sigmoid(logit * scale), attributions
 
     # --- training
     @staticmethod
@@ -385,10 +415,11 @@ class RiskModel:
         truth = torch.from_numpy(labels)
         validation = slice(cut, None)
 
-        def train(rows: int, epochs: int, stop_early: bool) -> tuple[RiskNet, int]:
+        def train(rows: int, epochs: int, stop_early: bool, member: int) -> tuple[RiskNet, int]:
             """A net trained on the first ``rows`` rows; with ``stop_early``, the best epoch on the
             validation slice's log loss (and that epoch's count), else exactly ``epochs``."""
-            torch.manual_seed(seed)
+            seed_of_member = seed + 1000 * member
+            torch.manual_seed(seed_of_member)
             net = RiskNet(encoder.numeric_width, encoder.cardinalities, config.hidden, config.dropout)
             # Start at the base rate: the first epochs then learn the ranking, not the rarity of fraud,
             # and early validation losses are comparable with later ones.
@@ -400,7 +431,7 @@ class RiskModel:
                 net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
             )
             loss_fn = nn.BCEWithLogitsLoss()
-            generator = torch.Generator().manual_seed(seed)
+            generator = torch.Generator().manual_seed(seed_of_member)
             best_loss, best_state, best_epochs, since_best = float("inf"), None, epochs, 0
             for epoch in range(epochs):
                 net.train()
@@ -429,19 +460,23 @@ class RiskModel:
                 net.load_state_dict(best_state)
             return net.eval(), best_epochs
 
-        net, epochs = train(cut, cls.effective_epochs(len(x), config.epochs), stop_early=True)
-        # Calibrated on rows it never trained on; the refit below keeps this temperature.
-        temperature = _fit_temperature(_logits(net, numeric[validation], categories[validation]), truth[cut:])
-        if config.refit:
-            # The latest rows are the most like the future: once they have chosen the epoch count, the
-            # net is trained again on every row for that many epochs.
-            net, _ = train(len(x), epochs, stop_early=False)
-        return cls(net, encoder, temperature, list(input_names), config)
+        nets, held = [], []
+        for member in range(config.members):
+            net, epochs = train(cut, cls.effective_epochs(len(x), config.epochs), True, member)
+            held.append(_logits(net, numeric[validation], categories[validation]))
+            if config.refit:
+                # The latest rows are the most like the future: once they have chosen the epoch count,
+                # the net is trained again on every row for that many epochs.
+                net, _ = train(len(x), epochs, False, member)
+            nets.append(net)
+        # One temperature for the mean logit, fitted on rows the nets it was measured on never saw.
+        temperature = _fit_temperature(torch.stack(held).mean(dim=0), truth[cut:])
+        return cls(nets, encoder, temperature, list(input_names), config)
 
     # --- artifacts
     def save(self, directory: Path) -> None:
         directory = Path(directory)
-        torch.save(self.net.state_dict(), directory / WEIGHTS)
+        torch.save({"members": [net.state_dict() for net in self.nets]}, directory / WEIGHTS)
         np.savez(directory / ENCODER, **self.encoder.arrays())
         meta = {
             "input_names": self.input_names,
@@ -449,6 +484,7 @@ class RiskModel:
             "hidden": list(self.config.hidden),
             "bins": self.encoder.bins,
             "dropout": self.config.dropout,
+            "members": len(self.nets),
         }
         (directory / META).write_text(json.dumps(meta, indent=2), "utf-8")
 
@@ -458,11 +494,20 @@ class RiskModel:
         meta = json.loads((directory / META).read_text("utf-8"))
         with np.load(directory / ENCODER, allow_pickle=False) as data:
             encoder = InputEncoder.from_arrays(data)
-        config = RiskConfig(hidden=tuple(meta["hidden"]), bins=int(meta["bins"]), dropout=meta["dropout"])
-        net = RiskNet(encoder.numeric_width, encoder.cardinalities, config.hidden, config.dropout)
+        config = RiskConfig(
+            hidden=tuple(meta["hidden"]),
+            bins=int(meta["bins"]),
+            dropout=meta["dropout"],
+            members=int(meta["members"]),
+        )
         # weights_only: a model file is data, never code.
-        net.load_state_dict(torch.load(directory / WEIGHTS, weights_only=True))
-        return cls(net, encoder, float(meta["temperature"]), meta["input_names"], config)
+        states = torch.load(directory / WEIGHTS, weights_only=True)["members"]
+        nets = []
+        for state in states:
+            net = RiskNet(encoder.numeric_width, encoder.cardinalities, config.hidden, config.dropout)
+            net.load_state_dict(state)
+            nets.append(net)
+        return cls(nets, encoder, float(meta["temperature"]), meta["input_names"], config)
 
 
 @contextmanager
