@@ -50,7 +50,7 @@ def test_quantile_encoding_is_monotone_and_bounded() -> None:
         assert np.all(np.diff(u, axis=0) >= -1e-12) and u.min() >= 0.0 and u.max() <= 1.0
     np.testing.assert_allclose(encoder.quantiles(grid[:10]), encoder.quantiles(grid)[:10])
     assert encoder.quantiles(np.array([[np.nan, 1.0]]))[0, 0] == 0.5  # a missing value is the median
-    assert encoder.encode_numeric(grid).shape == (400, 8)
+    assert encoder.encode_numeric(grid).shape == (400, 2 * (4 + 1))  # 4 pieces and the magnitude
 
 
 def _categorical_data(n: int = 6000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

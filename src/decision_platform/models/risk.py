@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from decision_platform.models.preprocessing import signed_log
+
 WEIGHTS = "risk.pt"
 META = "risk.json"
 ENCODER = "risk_encoder.npz"
@@ -48,6 +50,8 @@ KNOTS = 128
 #: A categorical value is in the vocabulary when seen at least this often in the training part.
 MIN_CATEGORY_COUNT = 20
 MAX_EMBEDDING = 16
+#: Bound of an input's standardised magnitude (in std): far beyond training, no input dominates alone.
+MAX_MAGNITUDE = 8.0
 
 
 @dataclass(frozen=True)
@@ -88,14 +92,16 @@ class InputEncoder:
         bins: int,
         categorical: Sequence[int],
         vocabularies: Sequence[np.ndarray],
-        numeric: Sequence[int] | None = None,
+        numeric: Sequence[int],
+        log_mean: np.ndarray,
+        log_std: np.ndarray,
     ) -> None:
         self.knots, self.levels, self.bins = knots, levels, bins
         self.categorical = list(categorical)
         self.vocabularies = [np.asarray(v, dtype=np.float64) for v in vocabularies]
-        if numeric is None:
-            numeric = [j for j in range(knots.shape[0]) if j not in set(self.categorical)]
         self.numeric = list(numeric)
+        #: Signed-log mean and std of each numeric input: its magnitude beside the pieces.
+        self.log_mean, self.log_std = np.asarray(log_mean), np.asarray(log_std)
         self._edges = np.arange(bins, dtype=np.float64)
 
     @classmethod
@@ -119,7 +125,10 @@ class InputEncoder:
             codes, counts = np.unique(x[:, j][x[:, j] != 0], return_counts=True)
             vocabularies.append(codes[counts >= MIN_CATEGORY_COUNT])
         numeric = [j for j in range(x.shape[1]) if j not in set(categorical)]
-        return cls(knots, levels, bins, embedded, vocabularies, numeric)
+        logs = signed_log(x[:, numeric])
+        spread = logs.std(axis=0)
+        std = np.where(spread < 1e-9, 1.0, spread)
+        return cls(knots, levels, bins, embedded, vocabularies, numeric, logs.mean(axis=0), std)
 
     @property
     def code_inputs(self) -> list[int]:
@@ -136,8 +145,13 @@ class InputEncoder:
         return [len(v) + 2 for v in self.vocabularies]
 
     @property
+    def width_per_input(self) -> int:
+        """Encoded columns of a numeric input: its ``bins`` pieces and its magnitude."""
+        return self.bins + 1
+
+    @property
     def numeric_width(self) -> int:
-        return len(self.numeric) * self.bins
+        return len(self.numeric) * self.width_per_input
 
     def quantiles(self, x: np.ndarray) -> np.ndarray:
         """(n, numeric) each numeric input's quantile among the training rows, interpolated between knots."""
@@ -163,8 +177,33 @@ class InputEncoder:
     def encode_numeric(self, x: np.ndarray) -> np.ndarray:
         """(n, numeric * bins): piece b of an input is how far its quantile is into the b-th of ``bins``
         equal quantile ranges (0 before, 1 past it) -- equal-frequency PLE."""
-        u = self.quantiles(x)
-        return np.clip(u[:, :, None] * self.bins - self._edges, 0.0, 1.0).reshape(len(u), -1)
+        return self._encode(self.quantiles(x), self.magnitudes(x))
+
+    def magnitudes(self, x: np.ndarray) -> np.ndarray:
+        """(n, numeric) standardised signed logs, bounded at 8 std: the pieces saturate at the training
+        extremes, so a card-testing burst 10x beyond any training count needs its magnitude as well."""
+        x = np.atleast_2d(np.asarray(x, dtype=np.float64))[:, self.numeric]
+        z = (signed_log(np.where(np.isfinite(x), x, 0.0)) - self.log_mean) / self.log_std
+        return np.clip(z, -MAX_MAGNITUDE, MAX_MAGNITUDE)
+
+    def _encode(self, u: np.ndarray, z: np.ndarray) -> np.ndarray:
+        pieces = np.clip(u[:, :, None] * self.bins - self._edges, 0.0, 1.0)
+        return np.concatenate([pieces, z[:, :, None]], axis=2).reshape(len(u), -1)
+
+    def reference(self) -> np.ndarray:
+        """(numeric_width,) the encoding of an event at every numeric input's training median."""
+        median = np.array(
+            [
+                np.interp(0.5, levels, knots)
+                for knots, levels in zip(self.knots[self.numeric], self.levels[self.numeric], strict=True)
+            ]
+        )
+        return self._encode(np.full((1, len(self.numeric)), 0.5), self.magnitudes_of(median))[0]
+
+    def magnitudes_of(self, values: np.ndarray) -> np.ndarray:
+        """Magnitudes of one value per numeric input (a (1, numeric) row)."""
+        z = (signed_log(np.asarray(values, dtype=np.float64)) - self.log_mean) / self.log_std
+        return np.clip(z, -MAX_MAGNITUDE, MAX_MAGNITUDE)[None, :]
 
     def encode_numeric_f32(self, x: np.ndarray, chunk: int = 32768) -> np.ndarray:
         """``encode_numeric`` of many rows as float32, a chunk at a time (training: bounded memory)."""
@@ -188,6 +227,7 @@ class InputEncoder:
         arrays = {"knots": self.knots, "levels": self.levels, "bins": np.asarray(self.bins)}
         arrays["categorical"] = np.asarray(self.categorical, dtype=np.int64)
         arrays["numeric"] = np.asarray(self.numeric, dtype=np.int64)
+        arrays["log_mean"], arrays["log_std"] = self.log_mean, self.log_std
         return arrays | {f"vocabulary_{k}": v for k, v in enumerate(self.vocabularies)}
 
     @classmethod
@@ -195,7 +235,16 @@ class InputEncoder:
         categorical = [int(j) for j in data["categorical"]]
         vocabularies = [data[f"vocabulary_{k}"] for k in range(len(categorical))]
         numeric = [int(j) for j in data["numeric"]]
-        return cls(data["knots"], data["levels"], int(data["bins"]), categorical, vocabularies, numeric)
+        return cls(
+            data["knots"],
+            data["levels"],
+            int(data["bins"]),
+            categorical,
+            vocabularies,
+            numeric,
+            data["log_mean"],
+            data["log_std"],
+        )
 
 
 class RiskNet(nn.Module):
@@ -234,10 +283,8 @@ class _NumpyNet:
         self.tables = [e.weight.detach().numpy().astype(np.float64) for e in net.embeddings]
         # The "average event" attributions are measured from: every numeric input at its training
         # median, every embedded input at its embeddings' mean over the vocabulary (not any one value).
-        median = np.full((1, len(encoder.numeric)), 0.5)
-        pieces = np.clip(median[:, :, None] * encoder.bins - encoder._edges, 0.0, 1.0).reshape(-1)
         means = [t[2:].mean(axis=0) if len(t) > 2 else t.mean(axis=0) for t in self.tables]
-        self.reference = np.concatenate([pieces, *means])
+        self.reference = np.concatenate([encoder.reference(), *means])
 
     def encode(self, numeric: np.ndarray, categories: np.ndarray) -> np.ndarray:
         """(n, encoded width): what the MLP reads (the same numbers as RiskNet.embed)."""
@@ -307,7 +354,7 @@ class RiskModel:
         self.config = config
         self._members = [_NumpyNet(net, encoder) for net in self.nets]
         # Which input each encoded column belongs to: attributions are summed per input.
-        groups = [j for j in encoder.numeric for _ in range(encoder.bins)]
+        groups = [j for j in encoder.numeric for _ in range(encoder.width_per_input)]
         for j, table in zip(encoder.categorical, self._members[0].tables, strict=True):
             groups += [j] * table.shape[1]
         self._groups = np.asarray(groups, dtype=np.int64)
