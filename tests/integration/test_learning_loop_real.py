@@ -65,6 +65,7 @@ def test_outcomes_retrain_gate_promote_and_hot_reload_on_postgresql(
             ("min_decisions: 300", "min_decisions: 200"),
             ("ppo_timesteps: 20000", "ppo_timesteps: 2048"),
             ("holdout_fraction: 0.3", "holdout_fraction: 0.4"),
+            ("max_fraud_allow_rate: 0.5", "max_fraud_allow_rate: 0.75"),  # as tests/loop.py says why
         ):
             assert old in config
             config = config.replace(old, new)

@@ -136,6 +136,11 @@ def test_a_worse_candidate_is_refused_with_the_reasons(served: tuple[Settings, d
         failed = {c.name for c in gate.checks if not c.passed}
         assert "better with confidence (DR)" in failed
         assert any("lower bound must exceed" in f for f in gate.failures)
+        # The absolute fraud limit refuses on its own (the loop tests run with a looser one: loop.py).
+        _, _, _, strict = judge(
+            cautious, allow_all, logged, train, ~train, settings, loop_config(max_fraud_allow_rate=0.01)
+        )
+        assert "fraud let through" in {c.name for c in strict.checks if not c.passed}
     finally:
         platform.close()
 
