@@ -50,6 +50,8 @@ KNOTS = 128
 #: A categorical value is in the vocabulary when seen at least this often in the training part.
 MIN_CATEGORY_COUNT = 20
 MAX_EMBEDDING = 16
+#: Rows scored at once by ``logits`` (bounds the memory of scoring a whole data set).
+PREDICT_CHUNK = 16384
 #: Bound of an input's standardised magnitude (in std): far beyond training, no input dominates alone.
 MAX_MAGNITUDE = 8.0
 
@@ -370,7 +372,13 @@ class RiskModel:
 
     # --- serving
     def logits(self, x: np.ndarray) -> np.ndarray:
-        """Calibrated log-odds for rows of inputs."""
+        """Calibrated log-odds for rows of inputs (many rows a chunk at a time: the encoded rows of a
+        whole data set at once would take several GB)."""
+        x = np.atleast_2d(x)
+        if len(x) > PREDICT_CHUNK:
+            return np.concatenate(
+                [self.logits(x[i : i + PREDICT_CHUNK]) for i in range(0, len(x), PREDICT_CHUNK)]
+            )
         numeric, categories = self._encoded(x)
         total = np.zeros(len(numeric))
         for member in self._members:
