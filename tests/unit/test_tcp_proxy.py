@@ -85,6 +85,16 @@ def assert_reset(sock: socket.socket) -> None:
         sock.recv(1)
 
 
+def assert_reset_on_connect(proxy: TcpProxy) -> None:
+    """A new connection is reset at once: so fast that connect() itself may already see the RST."""
+    try:
+        sock = connect(proxy)
+    except ConnectionResetError:
+        return
+    with sock:
+        assert_reset(sock)
+
+
 def test_forward_passes_bytes_both_ways_and_counts_them(proxy: TcpProxy) -> None:
     with connect(proxy) as sock:
         assert roundtrip(sock, b"hello") == b"hello"
@@ -146,14 +156,7 @@ def test_drop_resets_connections_and_every_new_one_while_accepting(proxy: TcpPro
         assert roundtrip(sock, b"a") == b"a"
         proxy.drop()
         assert_reset(sock)
-    # The port still accepts, and resets at once: so fast that connect() itself may see the RST.
-    try:
-        sock = connect(proxy)
-    except ConnectionResetError:
-        pass
-    else:
-        with sock:
-            assert_reset(sock)
+    assert_reset_on_connect(proxy)  # the port still accepts, and resets at once
     assert proxy.stats().reset == 2
     proxy.forward()
     with connect(proxy) as sock:
@@ -175,8 +178,8 @@ def test_reset_connections_cuts_current_connections_once(proxy: TcpProxy) -> Non
 def test_unreachable_upstream_resets_the_client_and_is_counted() -> None:
     with socket.create_server(("127.0.0.1", 0)) as probe:
         dead = probe.getsockname()  # nothing listens there once closed
-    with TcpProxy(dead) as proxy, connect(proxy) as sock:
-        assert_reset(sock)
+    with TcpProxy(dead) as proxy:
+        assert_reset_on_connect(proxy)
         assert proxy.stats().upstream_failures == 1
 
 
