@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.special import expit  # a sigmoid that does not overflow on large logits
 from torch import nn
 
 from decision_platform.models.preprocessing import signed_log
@@ -388,7 +389,7 @@ class RiskModel:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """P(bad) for rows of inputs (features + anomaly)."""
-        return _sigmoid(self.logits(x))
+        return expit(self.logits(x))
 
     def reference_logit(self) -> float:
         """The log-odds of the reference event(s), which attributions are measured from."""
@@ -412,7 +413,7 @@ class RiskModel:
         scale = 1.0 / (len(self._members) * self.temperature)
         attributions = np.zeros((n, len(self.input_names)))
         np.add.at(attributions.T, self._groups, (per_column * scale).T)
-        return _sigmoid(logit * scale), attributions
+        return expit(logit * scale), attributions
 
     # --- training
     @staticmethod
@@ -583,10 +584,6 @@ def _logits(net: RiskNet, numeric: torch.Tensor, categories: torch.Tensor) -> to
         return torch.cat(
             [net(numeric[i : i + 65536], categories[i : i + 65536]) for i in range(0, len(numeric), 65536)]
         )
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
 
 
 def _fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
