@@ -11,6 +11,7 @@ import pytest
 
 from decision_platform.core.events import Event
 from decision_platform.data import LabelledEvents, generate
+from decision_platform.data.columns import EventColumns
 from decision_platform.data.csv_import import (
     ULB_MAPPING,
     ColumnMapping,
@@ -199,6 +200,50 @@ def write(tmp_path: Path, rows: list[str], mapping: str = MAPPING) -> tuple[Path
     csv_path.write_text("\n".join(rows) + "\n")
     mapping_path.write_text(mapping)
     return csv_path, mapping_path
+
+
+def test_events_as_columns_rebuild_every_event_exactly() -> None:
+    """Data sets are held as columns; an event read back is the event put in: types, missing values,
+    exact floats, text codes, and an attribute whose type varies across events."""
+    events = [
+        Event(
+            event_id="a",
+            entity_id="u1",
+            timestamp=BASE_EPOCH,
+            amount=12.345678901234,
+            attributes={"device": "d1", "n": 3, "flag": True, "x": 0.1, "mixed": 1},
+        ),
+        Event(
+            event_id="b",
+            entity_id="u2",
+            timestamp=BASE_EPOCH + 1,
+            event_type="login",
+            attributes={"device": "d2", "x": -0.0, "mixed": "one"},
+        ),
+        Event(
+            event_id="c",
+            entity_id="u1",
+            timestamp=BASE_EPOCH + 2,
+            amount=0.0,
+            attributes={"n": -(2**63), "flag": False, "x": 1e300, "late": "only here"},
+        ),
+    ]
+    columns = EventColumns.from_events(events)
+    assert list(columns) == events and columns == events
+    assert [columns[i] for i in (-1, 0)] == [events[-1], events[0]]
+    assert columns[1].amount is None and columns[1].attributes == events[1].attributes
+    assert isinstance(columns[0].attributes["n"], int) and columns[0].attributes["flag"] is True
+    assert str(columns[1].attributes["x"]) == "-0.0"  # the same bits, sign of zero included
+    assert list(columns[1:]) == events[1:] and list(columns.take([2, 0])) == [events[2], events[0]]
+    assert columns.entity_ids().tolist() == ["u1", "u2", "u1"]
+    with pytest.raises(IndexError):
+        columns[3]
+
+
+def test_a_large_data_set_is_held_in_a_few_hundred_bytes_an_event(data: LabelledEvents) -> None:
+    assert isinstance(data.events, EventColumns)
+    assert data.events.nbytes / len(data) < 400
+    assert data.subset(np.arange(10)).events == [data.events[i] for i in range(10)]
 
 
 def test_csv_import_maps_every_field(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from decision_platform.data.dataset import make_event
+from decision_platform.data.columns import make_event
 from decision_platform.features import FeatureSpec
 from decision_platform.features.spec import category_code
 from decision_platform.models.risk import InputEncoder, RiskConfig, RiskModel
@@ -51,6 +51,20 @@ def test_quantile_encoding_is_monotone_and_bounded() -> None:
     np.testing.assert_allclose(encoder.quantiles(grid[:10]), encoder.quantiles(grid)[:10])
     assert encoder.quantiles(np.array([[np.nan, 1.0]]))[0, 0] == 0.5  # a missing value is the median
     assert encoder.encode_numeric(grid).shape == (400, 2 * (4 + 1))  # 4 pieces and the magnitude
+
+
+def test_training_expands_the_compact_encoding_into_what_serving_encodes() -> None:
+    """Training keeps 2 float32 numbers per input and expands the pieces per batch in torch; the net
+    must see the same numbers as the numpy encoding it is served with."""
+    import torch
+
+    rng = np.random.default_rng(1)
+    x = np.column_stack([rng.lognormal(size=3000), rng.integers(0, 5, size=3000), rng.normal(size=3000)])
+    encoder = InputEncoder.fit(x, bins=8)
+    rows = np.vstack([x[:500], [[1e9, -3.0, np.nan]]])  # beyond training, below, missing
+    quantiles, magnitudes = encoder.compact(rows, chunk=128)
+    expanded = encoder.expand(torch.from_numpy(quantiles), torch.from_numpy(magnitudes)).numpy()
+    np.testing.assert_allclose(expanded, encoder.encode_numeric(rows), rtol=1e-6, atol=1e-6)
 
 
 def _categorical_data(n: int = 6000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ import pytest
 from decision_platform.config import PROJECT_ROOT
 from decision_platform.core.rewards import RewardTable
 from decision_platform.data import LabelledEvents, generate
-from decision_platform.data.dataset import make_event
+from decision_platform.data.columns import make_event
 from decision_platform.features import FeatureSpec, compute_features
 from decision_platform.models.policy import serving_distribution
 from decision_platform.models.registry import ModelRegistry

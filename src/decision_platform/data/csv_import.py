@@ -31,6 +31,7 @@ import sys
 import tempfile
 import zipfile
 import zlib
+from array import array
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -42,8 +43,9 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from decision_platform.core.events import MAX_ATTRIBUTES, MAX_ID_LENGTH, MAX_STRING_VALUE_LENGTH, Event
-from decision_platform.data.dataset import LabelledEvents, make_event
+from decision_platform.core.events import MAX_ATTRIBUTES, MAX_ID_LENGTH, MAX_STRING_VALUE_LENGTH
+from decision_platform.data.columns import EventColumnsBuilder
+from decision_platform.data.dataset import LabelledEvents
 
 #: The event schema's bounds, checked here row by row (events are then built without re-validation).
 _ID_PATTERN = re.compile(rf"[A-Za-z0-9_.:@\-]{{1,{MAX_ID_LENGTH}}}")
@@ -296,8 +298,9 @@ class _RowLoader:
         self.label_of = _LabelReader(mapping.label)
         self.entity_cache: dict[tuple[str, ...], str] = {}  # hash_of values -> entity id
         self.seen_ids: set[str] = set()
-        self.events: list[Event] = []
-        self.labels: list[int] = []
+        #: Events go straight into columns: a loaded row leaves no Python object behind.
+        self.events = EventColumnsBuilder()
+        self.labels = array("b")
 
     def fail(self, line: int, column: int | None, message: str) -> DatasetError:
         where = f" column {self.header[column]!r}:" if column is not None else ""
@@ -327,24 +330,23 @@ class _RowLoader:
         if label is None:
             raise self.fail(line, self.label_col, f"unknown label value {row[self.label_col]!r}")
         self.events.append(
-            make_event(
-                self._event_id(row, line, n),
-                self._entity(row, line, n),
-                self._time(row, line),
-                self._event_type(row, line),
-                self._amount(row, line),
-                attributes,
-            )
+            self._event_id(row, line, n),
+            self._entity(row, line, n),
+            self._time(row, line),
+            self._event_type(row, line),
+            self._amount(row, line),
+            attributes,
         )
         self.labels.append(label)
 
     def result(self) -> LabelledEvents:
-        labels = np.asarray(self.labels, dtype=np.int8)
-        scenarios = np.full(len(self.events), "csv")
-        ts = np.fromiter((e.timestamp for e in self.events), dtype=np.float64, count=len(self.events))
+        events = self.events.build()
+        labels = np.frombuffer(self.labels, dtype=np.int8).copy()
+        scenarios = np.full(len(events), "csv")
+        ts = events.timestamps
         if len(ts) > 1 and np.any(np.diff(ts) < 0):
-            return LabelledEvents.from_unsorted(self.events, labels, scenarios)
-        return LabelledEvents(events=self.events, labels=labels, scenarios=scenarios)
+            return LabelledEvents.from_unsorted(events, labels, scenarios)
+        return LabelledEvents(events=events, labels=labels, scenarios=scenarios)
 
     # --- fields
 

@@ -9,6 +9,7 @@ what production traffic looks like.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -16,44 +17,24 @@ from typing import Any
 import numpy as np
 
 from decision_platform.core.events import Event
-
-#: Fields every bulk-built event sets; shared so that a million events do not hold a million sets.
-EVENT_FIELDS = frozenset({"event_id", "entity_id", "timestamp", "event_type", "amount", "attributes"})
-
-
-def make_event(
-    event_id: str,
-    entity_id: str,
-    timestamp: float,
-    event_type: str,
-    amount: float | None,
-    attributes: dict[str, bool | int | float | str],
-) -> Event:
-    """Build an `Event` without validation, for bulk paths whose values are already known valid.
-
-    Validation costs more than the rest of loading; callers guarantee the schema holds (and the tests
-    re-validate samples), so this is only a faster constructor, never a way around the contract.
-    """
-    return Event.model_construct(
-        EVENT_FIELDS,  # type: ignore[arg-type]  # pydantic only reads it
-        event_id=event_id,
-        entity_id=entity_id,
-        timestamp=timestamp,
-        event_type=event_type,
-        amount=amount,
-        attributes=attributes,
-    )
+from decision_platform.data.columns import EventColumns
 
 
 @dataclass(frozen=True, eq=False)
 class LabelledEvents:
-    """Events sorted by timestamp, with a label (int8, 1 = bad) and a scenario name for each."""
+    """Events sorted by timestamp, with a label (int8, 1 = bad) and a scenario name for each.
 
-    events: list[Event]
+    ``events`` is held as columns (`EventColumns`, ~300 bytes an event instead of ~4 KB of objects);
+    a list of events given is converted. It reads like a list: ``events[i]`` is an `Event`.
+    """
+
+    events: EventColumns
     labels: np.ndarray
     scenarios: np.ndarray
 
     def __post_init__(self) -> None:
+        if not isinstance(self.events, EventColumns):
+            object.__setattr__(self, "events", EventColumns.from_events(self.events))
         n = len(self.events)
         if self.labels.shape != (n,) or self.scenarios.shape != (n,):
             raise ValueError(
@@ -66,12 +47,14 @@ class LabelledEvents:
             raise ValueError("events must be sorted by timestamp")
 
     @classmethod
-    def from_unsorted(cls, events: list[Event], labels: np.ndarray, scenarios: np.ndarray) -> LabelledEvents:
+    def from_unsorted(
+        cls, events: EventColumns | Sequence[Event], labels: np.ndarray, scenarios: np.ndarray
+    ) -> LabelledEvents:
         """Sort by timestamp (stable: equal times keep their input order) and wrap."""
-        ts = np.fromiter((e.timestamp for e in events), dtype=np.float64, count=len(events))
-        order = np.argsort(ts, kind="stable")
+        columns = events if isinstance(events, EventColumns) else EventColumns.from_events(events)
+        order = np.argsort(columns.timestamps, kind="stable")
         return cls(
-            events=[events[i] for i in order],
+            events=columns.take(order),
             labels=np.asarray(labels, dtype=np.int8)[order],
             scenarios=np.asarray(scenarios, dtype=str)[order],
         )
@@ -81,18 +64,24 @@ class LabelledEvents:
 
     def timestamps(self) -> np.ndarray:
         """Event times (epoch seconds, float64), in order."""
-        return np.fromiter((e.timestamp for e in self.events), dtype=np.float64, count=len(self.events))
+        return self.events.timestamps
 
     def entity_ids(self) -> list[str]:
         """The distinct entity ids, sorted."""
-        return sorted({e.entity_id for e in self.events})
+        return sorted(str(e) for e in self.events.entities[np.unique(self.events.entity_codes)])
 
     def by_entity(self) -> dict[str, np.ndarray]:
         """Indices of each entity's events, in time order: one simulator episode per entity."""
-        groups: dict[str, list[int]] = {}
-        for i, event in enumerate(self.events):
-            groups.setdefault(event.entity_id, []).append(i)
-        return {entity: np.asarray(idx, dtype=np.int64) for entity, idx in groups.items()}
+        codes = self.events.entity_codes
+        order = np.argsort(codes, kind="stable")
+        present, starts = np.unique(codes[order], return_index=True)
+        groups = np.split(order.astype(np.int64), starts[1:]) if len(order) else []
+        # First-seen order, as a dict built by walking the events would have it.
+        first = [int(group[0]) for group in groups]
+        entities = self.events.entities
+        return {
+            str(entities[present[k]]): groups[k] for k in sorted(range(len(groups)), key=first.__getitem__)
+        }
 
     def subset(self, indices: np.ndarray | list[int]) -> LabelledEvents:
         """The events at `indices` (integer positions or a boolean mask), keeping time order."""
@@ -101,7 +90,7 @@ class LabelledEvents:
             idx = np.flatnonzero(idx)
         idx = np.sort(idx.astype(np.int64, copy=False))
         return LabelledEvents(
-            events=[self.events[i] for i in idx], labels=self.labels[idx], scenarios=self.scenarios[idx]
+            events=self.events.take(idx), labels=self.labels[idx], scenarios=self.scenarios[idx]
         )
 
     def time_split(self, fraction: float) -> tuple[LabelledEvents, LabelledEvents]:
@@ -124,16 +113,16 @@ class LabelledEvents:
         """Counts a person checks before training: size, time span, fraud rate, scenario mix."""
         n = len(self.events)
         fraud = int(self.labels.sum()) if n else 0
-        fraud_entities = {e.entity_id for e, y in zip(self.events, self.labels, strict=True) if y}
+        codes = self.events.entity_codes
         ts = self.timestamps()
         per_scenario: Counter[str] = Counter(self.scenarios.tolist())
         fraud_per_scenario: Counter[str] = Counter(self.scenarios[self.labels == 1].tolist())
         return {
             "events": n,
-            "entities": len({e.entity_id for e in self.events}),
+            "entities": len(np.unique(codes)),
             "fraud_events": fraud,
             "fraud_rate": fraud / n if n else 0.0,
-            "fraud_entities": len(fraud_entities),
+            "fraud_entities": len(np.unique(codes[self.labels == 1])),
             "start": _iso(ts[0]) if n else None,
             "end": _iso(ts[-1]) if n else None,
             "scenarios": dict(sorted(per_scenario.items())),

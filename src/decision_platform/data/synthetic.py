@@ -29,7 +29,8 @@ import math
 
 import numpy as np
 
-from decision_platform.data.dataset import LabelledEvents, make_event
+from decision_platform.data.columns import EventColumnsBuilder
+from decision_platform.data.dataset import LabelledEvents
 
 #: 2026-01-05T00:00:00Z, a Monday; all timestamps are this plus an offset (valid schema range).
 BASE_EPOCH = 1_767_571_200.0
@@ -434,24 +435,17 @@ def _to_events(
     countries = np.array(COUNTRIES)[r["country"]].tolist()
     categories = np.array(CATEGORIES)[r["category"]].tolist()
     amounts = np.maximum(np.round(r["amount"], 2), 0.01).tolist()
-    events = [
-        make_event(
-            f"s{seed}-{i:07d}",
-            entity_names[i],
-            ts,
-            "payment",
-            amounts[i],
-            {
-                "device_id": device_names[i],
-                "country": countries[i],
-                "merchant_category": categories[i],
-                "is_new_device": new,
-            },
-        )
-        for i, (ts, new) in enumerate(zip(t.tolist(), is_new.tolist(), strict=True))
-    ]
+    events = EventColumnsBuilder()
+    for i, (ts, new) in enumerate(zip(t.tolist(), is_new.tolist(), strict=True)):
+        attributes = {
+            "device_id": device_names[i],
+            "country": countries[i],
+            "merchant_category": categories[i],
+            "is_new_device": new,
+        }
+        events.append(f"s{seed}-{i:07d}", entity_names[i], ts, "payment", amounts[i], attributes)
     return LabelledEvents(
-        events=events,
+        events=events.build(),
         labels=r["label"].astype(np.int8),
         scenarios=np.array(SCENARIOS)[r["scenario"]],
     )

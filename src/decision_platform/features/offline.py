@@ -237,19 +237,29 @@ def _welford(state: list[float], values: Iterable[float]) -> None:
     state[0], state[1], state[2] = n, mean, m2
 
 
+#: Events whose raw aggregates are held at once: memory stays bounded whatever the data set's size.
+CHUNK = 16384
+
+
 def compute_features_with_flags(
     events: Sequence[Event], spec: FeatureSpec
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Feature matrix (n, dim) plus boolean ``duplicate`` and ``late`` masks, events in arrival order."""
+    """Feature matrix (n, dim) plus boolean ``duplicate`` and ``late`` masks, events in arrival order.
+
+    A chunk of events at a time: only the (n, dim) result grows with the data, so a million events
+    (held as columns, `data.EventColumns`) never exist as a million Python objects at once.
+    """
+    n = len(events)
     windows = OfflineWindows(spec)
-    raws: list[list[float]] = []
-    flags = np.empty(len(events), dtype=np.int8)
-    for k, event in enumerate(events):
-        raw, flags[k] = windows.update(event)
-        raws.append(raw)
-    raw_matrix = np.asarray(raws, dtype=np.float64).reshape(len(events), spec.raw_width)
-    timestamps = [e.timestamp for e in events]
-    features = spec.assemble(raw_matrix, spec.event_values(timestamps, events))
+    features = np.empty((n, spec.dim), dtype=np.float64)
+    flags = np.empty(n, dtype=np.int8)
+    raw = np.empty((min(n, CHUNK), spec.raw_width), dtype=np.float64)
+    for start in range(0, n, CHUNK):
+        batch = list(events[start : start + CHUNK])
+        for k, event in enumerate(batch):
+            raw[k], flags[start + k] = windows.update(event)
+        values = spec.event_values([e.timestamp for e in batch], batch)
+        features[start : start + len(batch)] = spec.assemble(raw[: len(batch)], values)
     return features, flags == DUPLICATE, flags == LATE
 
 

@@ -128,10 +128,11 @@ class InputEncoder:
             codes, counts = np.unique(x[:, j][x[:, j] != 0], return_counts=True)
             vocabularies.append(codes[counts >= MIN_CATEGORY_COUNT])
         numeric = [j for j in range(x.shape[1]) if j not in set(categorical)]
-        logs = signed_log(x[:, numeric])
-        spread = logs.std(axis=0)
+        # Column by column: a copy of one input at a time, not of the whole training set.
+        moments = np.array([(c.mean(), c.std()) for c in (signed_log(x[:, j]) for j in numeric)])
+        mean, spread = moments.reshape(-1, 2).T
         std = np.where(spread < 1e-9, 1.0, spread)
-        return cls(knots, levels, bins, embedded, vocabularies, numeric, logs.mean(axis=0), std)
+        return cls(knots, levels, bins, embedded, vocabularies, numeric, mean, std)
 
     @property
     def code_inputs(self) -> list[int]:
@@ -208,12 +209,22 @@ class InputEncoder:
         z = (signed_log(np.asarray(values, dtype=np.float64)) - self.log_mean) / self.log_std
         return np.clip(z, -MAX_MAGNITUDE, MAX_MAGNITUDE)[None, :]
 
-    def encode_numeric_f32(self, x: np.ndarray, chunk: int = 32768) -> np.ndarray:
-        """``encode_numeric`` of many rows as float32, a chunk at a time (training: bounded memory)."""
-        out = np.empty((len(x), self.numeric_width), dtype=np.float32)
-        for start in range(0, len(x), chunk):
-            out[start : start + chunk] = self.encode_numeric(x[start : start + chunk])
-        return out
+    def compact(self, x: np.ndarray, chunk: int = 32768) -> tuple[np.ndarray, np.ndarray]:
+        """(quantiles, magnitudes), each (n, numeric) float32, a chunk of rows at a time: what training
+        keeps per row. The pieces are expanded from the quantiles per batch (`expand`), so the training
+        set is held at 2 numbers per input instead of ``width_per_input``."""
+        n, width = len(x), len(self.numeric)
+        u, z = np.empty((n, width), dtype=np.float32), np.empty((n, width), dtype=np.float32)
+        for start in range(0, n, chunk):
+            rows = x[start : start + chunk]
+            u[start : start + chunk], z[start : start + chunk] = self.quantiles(rows), self.magnitudes(rows)
+        return u, z
+
+    def expand(self, u: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``encode_numeric`` in torch from `compact`'s two arrays (the same layout, in float32)."""
+        edges = torch.arange(self.bins, dtype=u.dtype)
+        pieces = torch.clamp(u.unsqueeze(2) * self.bins - edges, 0.0, 1.0)
+        return torch.cat([pieces, z.unsqueeze(2)], dim=2).reshape(len(u), -1)
 
     def categories(self, x: np.ndarray) -> np.ndarray:
         """(n, categorical) vocabulary indices: 0 missing (code 0), 1 rare or unseen, 2.. known values."""
@@ -461,8 +472,13 @@ class RiskModel:
         labels = np.asarray(y, dtype=np.float32)
         cut = max(1, min(len(x) - 1, int(len(x) * (1.0 - config.validation_fraction))))
         encoder = InputEncoder.fit(x[:cut], config.bins, categorical, values)
-        numeric = torch.from_numpy(encoder.encode_numeric_f32(x))
+        quantiles, magnitudes = (torch.from_numpy(a) for a in encoder.compact(x))
         categories = torch.from_numpy(encoder.categories(x))
+        n_rows = len(x)
+        del x  # the caller's array: only the compact encoding is needed from here on
+
+        def numeric(rows: torch.Tensor | slice) -> torch.Tensor:
+            return encoder.expand(quantiles[rows], magnitudes[rows])
         targets = labels
         if teacher is not None:
             w = config.label_weight
@@ -496,7 +512,7 @@ class RiskModel:
                 for start in range(0, rows, BATCH):
                     idx = order[start : start + BATCH]
                     optimiser.zero_grad()
-                    loss = loss_fn(net(numeric[idx], categories[idx]), t[idx])
+                    loss = loss_fn(net(numeric(idx), categories[idx]), t[idx])
                     loss.backward()
                     optimiser.step()
                     total += loss.item() * len(idx)
@@ -504,7 +520,7 @@ class RiskModel:
                     on_epoch(epoch, total / rows)
                 if not stop_early or epoch + 1 < min(warmup, epochs):
                     continue
-                held = float(loss_fn(_logits(net, numeric[validation], categories[validation]), truth[cut:]))
+                held = float(loss_fn(_logits(net, numeric, categories, validation), truth[cut:]))
                 if held < best_loss - 1e-5:
                     best_loss, best_epochs, since_best = held, epoch + 1, 0
                     best_state = {k: v.clone() for k, v in net.state_dict().items()}
@@ -518,12 +534,12 @@ class RiskModel:
 
         nets, held = [], []
         for member in range(config.members):
-            net, epochs = train(cut, cls.effective_epochs(len(x), config.epochs), True, member)
-            held.append(_logits(net, numeric[validation], categories[validation]))
+            net, epochs = train(cut, cls.effective_epochs(n_rows, config.epochs), True, member)
+            held.append(_logits(net, numeric, categories, validation))
             if config.refit:
                 # The latest rows are the most like the future: once they have chosen the epoch count,
                 # the net is trained again on every row for that many epochs.
-                net, _ = train(len(x), epochs, False, member)
+                net, _ = train(n_rows, epochs, False, member)
             nets.append(net)
         # One temperature for the mean logit, fitted on rows the nets it was measured on never saw.
         temperature = _fit_temperature(torch.stack(held).mean(dim=0), truth[cut:])
@@ -578,11 +594,18 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _logits(net: RiskNet, numeric: torch.Tensor, categories: torch.Tensor) -> torch.Tensor:
+def _logits(
+    net: RiskNet, numeric: Callable[[slice], torch.Tensor], categories: torch.Tensor, rows: slice
+) -> torch.Tensor:
+    """The net's logits for ``rows``, expanded and scored 65,536 rows at a time."""
     net.eval()
+    start, stop, _ = rows.indices(len(categories))
     with torch.no_grad():
         return torch.cat(
-            [net(numeric[i : i + 65536], categories[i : i + 65536]) for i in range(0, len(numeric), 65536)]
+            [
+                net(numeric(slice(i, min(i + 65536, stop))), categories[i : min(i + 65536, stop)])
+                for i in range(start, stop, 65536)
+            ]
         )
 
 

@@ -23,6 +23,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 from decision_platform.core.events import Event
 from decision_platform.core.rewards import RewardTable
 from decision_platform.data import LabelledEvents
+from decision_platform.data.columns import EventColumns
 from decision_platform.features import FeatureSpec, compute_features
 from decision_platform.models.anomaly import AnomalyModel
 from decision_platform.models.artifacts import save_artifact, save_policy_artifact
@@ -151,7 +152,8 @@ def rules_only_actions(
         "amount": lambda: [float(e.amount or 0.0) for e in events],
         "entity_id": lambda: [e.entity_id for e in events],
         "event_type": lambda: [e.event_type for e in events],
-        "attributes": lambda: [dict(e.attributes) for e in events],
+        # Read one row at a time: a dict per held-out event at once is what the events' columns avoid.
+        "attributes": lambda: _PerRow(lambda i: dict(events[i].attributes)),
         "anomaly": lambda: np.asarray(anomaly, dtype=np.float64).tolist(),
         "risk": lambda: np.asarray(risk, dtype=np.float64).tolist(),
     }
@@ -174,6 +176,16 @@ def rules_only_actions(
         if names & scores and rule.tier is not Tier.CAP
     }
     return RulesOnlyResult(actions, tally.hits, tally.errors, model_based)
+
+
+class _PerRow:
+    """A column whose row ``i`` is computed when read."""
+
+    def __init__(self, row: Callable[[int], Any]) -> None:
+        self._row = row
+
+    def __getitem__(self, i: int) -> Any:
+        return self._row(i)
 
 
 def best_threshold_policy(
@@ -230,7 +242,7 @@ def new_ppo(env: DummyVecEnv, seed: int) -> PPO:
 class Split:
     """A data set's features and columns, cut in time: models fit on ``train``, are judged on ``test``."""
 
-    events: list[Event]
+    events: EventColumns
     features: np.ndarray
     labels: np.ndarray
     amounts: np.ndarray
@@ -250,7 +262,6 @@ class AnomalyFit:
 @dataclass(frozen=True, eq=False)
 class RiskFit:
     model: RiskModel
-    inputs: np.ndarray  # features + anomaly, every row
     scores: np.ndarray  # every row's risk
     metrics: dict[str, float]  # held-out metrics, as registered
 
@@ -311,7 +322,7 @@ def split_in_time(
     events = data.events
     with progress.status("computing features (offline, same definitions as the online store)"):
         x = compute_features(events, spec)
-    timestamps = np.asarray([e.timestamp for e in events])
+    timestamps = events.timestamps
     cut_time = float(np.quantile(timestamps, 1.0 - test_fraction))
     train = timestamps < cut_time
     test = ~train
@@ -328,8 +339,8 @@ def split_in_time(
         events=events,
         features=x,
         labels=np.asarray(data.labels, dtype=np.int8),
-        amounts=np.asarray([e.amount or 0.0 for e in events]),
-        entity_ids=np.asarray([e.entity_id for e in events]),
+        amounts=events.amounts_or_zero(),
+        entity_ids=events.entity_ids(),
         train=train,
         test=test,
         window=window,
@@ -370,29 +381,46 @@ def fit_risk(
     """The gradient-boosting baseline, then the calibrated PyTorch classifier taught by it, on the
     training part; both judged on the held-out part with the same metrics."""
     train, test, y = split.train, split.test, split.labels
-    inputs = RiskModel.inputs(split.features, anomaly)
+    inputs = RiskModel.inputs(split.features[train], anomaly[train])
+
+    def every_row(score: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        return in_chunks(len(y), lambda rows: score(RiskModel.inputs(split.features[rows], anomaly[rows])))
+
     with progress.status("risk baseline: gradient boosting on the same inputs"):
-        baseline = fit_gradient_boosting(inputs[train], y[train], config.seed)
-        baseline_scores = baseline.predict_proba(inputs)[:, 1]
+        baseline = fit_gradient_boosting(inputs, y[train], config.seed)
+        baseline_scores = every_row(lambda x: baseline.predict_proba(x)[:, 1])
     task = "risk: pytorch classifier"
     progress.start(task, RiskModel.effective_epochs(int(train.sum()), config.risk.epochs))
     model = RiskModel.fit(
-        inputs[train],
+        inputs,
         y[train],
         [*names, "anomaly"],
         config.risk,
         categorical=[i for i, name in enumerate(names) if name in set(categorical)],
-        values=value_inputs(inputs[train], names) if config.value_embeddings else [],
+        values=value_inputs(inputs, names) if config.value_embeddings else [],
         teacher=baseline_scores[train] if config.distill else None,
         seed=config.seed,
         on_epoch=lambda _epoch, _loss: progress.advance(task),
     )
     progress.advance(task, RiskModel.effective_epochs(int(train.sum()), config.risk.epochs))
-    risk = model.predict(inputs)
+    del inputs
+    risk = every_row(model.predict)
     metrics = risk_metrics(y[test], risk[test], anomaly[test], model.temperature)
     metrics["baseline"] = classifier_metrics(y[test], baseline_scores[test])
     metrics["baseline"]["model"] = "HistGradientBoostingClassifier (scikit-learn defaults)"
-    return RiskFit(model, inputs, risk, metrics)
+    return RiskFit(model, risk, metrics)
+
+
+def in_chunks(n: int, compute: Callable[[slice], np.ndarray], chunk: int = 65536) -> np.ndarray:
+    """``compute(rows)`` for consecutive slices of ``n`` rows, into one array: scoring a whole data set
+    without whole-data-set temporaries (the inputs of a slice exist only while it is scored)."""
+    out: np.ndarray | None = None
+    for start in range(0, n, chunk):
+        part = compute(slice(start, min(start + chunk, n)))
+        if out is None:
+            out = np.empty((n, *part.shape[1:]), dtype=part.dtype)
+        out[start : start + len(part)] = part
+    return out if out is not None else compute(slice(0, 0))
 
 
 def value_inputs(x: np.ndarray, names: Sequence[str]) -> list[int]:
@@ -436,7 +464,9 @@ def policy_states(
     scaler = Standardizer.fit(split.features[split.train], ignore)
     state_names = [*names, "anomaly", "risk"]
     stub = PolicyModel([], [], "Tanh", state_names, scaler.mean, scaler.std)
-    states = stub.state(split.features, anomaly, risk.scores)
+    states = in_chunks(
+        len(split.labels), lambda rows: stub.state(split.features[rows], anomaly[rows], risk.scores[rows])
+    )
     y, amounts, ids = split.labels, split.amounts, split.entity_ids
     train, test = split.train, split.test
     return PolicyStates(
@@ -489,7 +519,7 @@ def fit_rules_only(
     progress.start(task, len(test_rows))
     return rules_only_actions(
         rules,
-        [split.events[i] for i in test_rows],
+        split.events.take(test_rows),
         split.features[split.test],
         names,
         anomaly[split.test],
@@ -591,7 +621,13 @@ def register_models(
             "risk",
             # With the normal ranges of its inputs and of the risk itself, read by explanations.
             lambda d: save_artifact(
-                risk.model, d, spec_path, np.column_stack([risk.inputs, risk.scores])[train], y[train]
+                risk.model,
+                d,
+                spec_path,
+                np.column_stack(
+                    [RiskModel.inputs(split.features[train], anomaly.scores[train]), risk.scores[train]]
+                ),
+                y[train],
             ),
             split.window,
             risk.metrics,
