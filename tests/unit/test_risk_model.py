@@ -137,3 +137,17 @@ def test_integer_attributes_are_embedded_by_value_as_well_as_by_magnitude(tmp_pa
     assert attributions[1, 0] > 0.5  # the value's embedding and its magnitude: one attribution
     model.save(tmp_path)
     assert RiskModel.load(tmp_path).encoder.value_inputs == [0]
+
+
+def test_codes_trained_in_float32_are_found_when_served_in_float64() -> None:
+    """Training keeps features in float32; serving reads float64. A 31-bit category code (not exact in
+    float32) seen in training must map to its own vocabulary entry at serving, not to 'unseen'."""
+    codes = np.array([category_code(f"device-{i}") for i in range(5)])
+    assert np.any(codes.astype(np.float32).astype(np.float64) != codes)  # float32 does round them
+    served = np.repeat(codes, 30)[:, None]
+    encoder = InputEncoder.fit(served.astype(np.float32), bins=4, categorical=[0])
+    indices = encoder.categories(served)[:, 0]
+    assert set(indices.tolist()) == {2, 3, 4, 5, 6}  # each code its own known entry
+    assert encoder.categories(np.array([[category_code("never seen")]]))[0, 0] == 1
+    saved = InputEncoder.from_arrays(encoder.arrays())
+    np.testing.assert_array_equal(saved.categories(served), encoder.categories(served))

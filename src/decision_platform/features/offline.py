@@ -242,16 +242,18 @@ CHUNK = 16384
 
 
 def compute_features_with_flags(
-    events: Sequence[Event], spec: FeatureSpec
+    events: Sequence[Event], spec: FeatureSpec, dtype: type[np.floating] = np.float64
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Feature matrix (n, dim) plus boolean ``duplicate`` and ``late`` masks, events in arrival order.
 
     A chunk of events at a time: only the (n, dim) result grows with the data, so a million events
-    (held as columns, `data.EventColumns`) never exist as a million Python objects at once.
+    (held as columns, `data.EventColumns`) never exist as a million Python objects at once. Features are
+    computed in float64 (the store's numbers, bit for bit); ``dtype`` is how the result is kept
+    (training keeps float32: half the memory, and what the models compute in anyway).
     """
     n = len(events)
     windows = OfflineWindows(spec)
-    features = np.empty((n, spec.dim), dtype=np.float64)
+    features = np.empty((n, spec.dim), dtype=dtype)
     flags = np.empty(n, dtype=np.int8)
     raw = np.empty((min(n, CHUNK), spec.raw_width), dtype=np.float64)
     for start in range(0, n, CHUNK):
@@ -263,6 +265,8 @@ def compute_features_with_flags(
     return features, flags == DUPLICATE, flags == LATE
 
 
-def compute_features(events: Sequence[Event], spec: FeatureSpec) -> np.ndarray:
-    """Feature matrix (n, dim), float64, spec order: row k is what the store returned for events[k]."""
-    return compute_features_with_flags(events, spec)[0]
+def compute_features(
+    events: Sequence[Event], spec: FeatureSpec, dtype: type[np.floating] = np.float64
+) -> np.ndarray:
+    """Feature matrix (n, dim), spec order: row k is what the store returned for events[k]."""
+    return compute_features_with_flags(events, spec, dtype)[0]

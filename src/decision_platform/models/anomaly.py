@@ -52,7 +52,11 @@ class AnomalyModel:
         """The forest on every column but ``ignore``d ones; the served model still reads whole rows."""
         used = np.asarray([j for j in range(np.shape(x)[1]) if j not in set(ignore)], dtype=np.int64)
         forest = IsolationForest(n_estimators=n_estimators, max_samples=256, random_state=seed, n_jobs=1)
-        forest.fit(np.asarray(x, dtype=np.float32)[:, used])
+        # One float32 copy of the used columns, column by column (no float64 temporary of the matrix).
+        train = np.empty((len(x), len(used)), dtype=np.float32)
+        for k, j in enumerate(used):
+            train[:, k] = x[:, j]
+        forest.fit(train)
         model = cls.from_sklearn(forest, feature_names)
         model.feature = used[model.feature]  # the forest's column j is the row's column used[j]
         return model

@@ -24,11 +24,13 @@ class Standardizer:
     @classmethod
     def fit(cls, x: np.ndarray, ignore: Sequence[int] = ()) -> Standardizer:
         """Statistics of the training rows; ``ignore``d columns always scale to 0 (an infinite std)."""
-        z = signed_log(np.asarray(x, dtype=np.float64))
-        std = z.std(axis=0)
+        x = np.atleast_2d(x)
+        # Column by column, in float64: no copy of the whole training set, float32 rows summed exactly.
+        columns = (signed_log(x[:, j].astype(np.float64)) for j in range(x.shape[1]))
+        moments = np.array([(z.mean(), z.std()) for z in columns]).reshape(-1, 2)
+        mean, std = moments[:, 0].copy(), moments[:, 1].copy()
         std = np.where(std < 1e-9, 1.0, std)
         std[list(ignore)] = np.inf
-        mean = z.mean(axis=0)
         mean[list(ignore)] = 0.0
         return cls(mean=mean, std=std)
 

@@ -47,11 +47,20 @@ class FeatureRanges:
         self.rows = rows
 
     @classmethod
-    def fit(cls, rows: np.ndarray, names: list[str]) -> FeatureRanges:
-        rows = np.asarray(rows, dtype=np.float64)
-        if rows.ndim != 2 or rows.shape[1] != len(names) or len(rows) == 0:
+    def fit(cls, rows: np.ndarray, names: list[str], where: np.ndarray | None = None) -> FeatureRanges:
+        """Percentiles of each column of ``rows`` (of the rows ``where`` is true, if given), one column
+        at a time: a training set is never copied whole."""
+        rows = np.asarray(rows)
+        if where is not None:
+            where = np.asarray(where, dtype=bool)
+        used = len(rows) if where is None else int(where.sum())
+        if rows.ndim != 2 or rows.shape[1] != len(names) or used == 0:
             raise ValueError("ranges: rows must be a non-empty (n, len(names)) matrix")
-        return cls(names, np.percentile(rows, PERCENTILES, axis=0).T, len(rows))
+        percentiles = [
+            np.percentile((rows[:, j] if where is None else rows[where, j]).astype(np.float64), PERCENTILES)
+            for j in range(rows.shape[1])
+        ]
+        return cls(names, np.array(percentiles), used)
 
     @property
     def medians(self) -> np.ndarray:
@@ -99,9 +108,8 @@ class FeatureRanges:
 
 def save_population_ranges(directory: Path, rows: np.ndarray, labels: np.ndarray, names: list[str]) -> None:
     """Write ``ranges.json`` from training rows: legitimate ones only (label 0), all if there are too few."""
-    rows = np.asarray(rows)
-    good = rows[np.asarray(labels) == 0]
-    FeatureRanges.fit(good if len(good) >= 20 else rows, names).save(directory)
+    good = np.asarray(labels) == 0
+    FeatureRanges.fit(rows, names, good if good.sum() >= 20 else None).save(directory)
 
 
 def entity_typical(history: np.ndarray) -> Typical | None:

@@ -51,8 +51,9 @@ KNOTS = 128
 #: A categorical value is in the vocabulary when seen at least this often in the training part.
 MIN_CATEGORY_COUNT = 20
 MAX_EMBEDDING = 16
-#: Rows scored at once by ``logits`` (bounds the memory of scoring a whole data set).
-PREDICT_CHUNK = 16384
+#: Rows scored at once (by ``logits``, and by the torch nets while training): a chunk's encoded rows
+#: and activations are ~1 KB a row each, so this bounds the memory of scoring a whole data set.
+PREDICT_CHUNK = 4096
 #: Bound of an input's standardised magnitude (in std): far beyond training, no input dominates alone.
 MAX_MAGNITUDE = 8.0
 
@@ -98,8 +99,12 @@ class InputEncoder:
         numeric: Sequence[int],
         log_mean: np.ndarray,
         log_std: np.ndarray,
+        float32_codes: bool = True,
     ) -> None:
         self.knots, self.levels, self.bins = knots, levels, bins
+        #: Values are matched to vocabularies rounded to float32 (`_as_code`); encoders saved before
+        #: training kept float32 features matched exact float64 values.
+        self.float32_codes = float32_codes
         self.categorical = list(categorical)
         self.vocabularies = [np.asarray(v, dtype=np.float64) for v in vocabularies]
         self.numeric = list(numeric)
@@ -125,7 +130,8 @@ class InputEncoder:
         vocabularies = []
         embedded = [*categorical, *(j for j in values if j not in set(categorical))]
         for j in embedded:
-            codes, counts = np.unique(x[:, j][x[:, j] != 0], return_counts=True)
+            column = _as_code(x[:, j])
+            codes, counts = np.unique(column[column != 0], return_counts=True)
             vocabularies.append(codes[counts >= MIN_CATEGORY_COUNT])
         numeric = [j for j in range(x.shape[1]) if j not in set(categorical)]
         # Column by column: a copy of one input at a time, not of the whole training set.
@@ -209,7 +215,7 @@ class InputEncoder:
         z = (signed_log(np.asarray(values, dtype=np.float64)) - self.log_mean) / self.log_std
         return np.clip(z, -MAX_MAGNITUDE, MAX_MAGNITUDE)[None, :]
 
-    def compact(self, x: np.ndarray, chunk: int = 32768) -> tuple[np.ndarray, np.ndarray]:
+    def compact(self, x: np.ndarray, chunk: int = PREDICT_CHUNK) -> tuple[np.ndarray, np.ndarray]:
         """(quantiles, magnitudes), each (n, numeric) float32, a chunk of rows at a time: what training
         keeps per row. The pieces are expanded from the quantiles per batch (`expand`), so the training
         set is held at 2 numbers per input instead of ``width_per_input``."""
@@ -231,7 +237,7 @@ class InputEncoder:
         x = np.atleast_2d(np.asarray(x, dtype=np.float64))
         out = np.zeros((len(x), len(self.categorical)), dtype=np.int64)
         for k, (j, vocabulary) in enumerate(zip(self.categorical, self.vocabularies, strict=True)):
-            codes = x[:, j]
+            codes = _as_code(x[:, j]) if self.float32_codes else x[:, j]
             at = np.searchsorted(vocabulary, codes)
             known = (at < len(vocabulary)) & (vocabulary[np.minimum(at, len(vocabulary) - 1)] == codes)
             out[:, k] = np.where(codes == 0, 0, np.where(known, at + 2, 1))
@@ -242,6 +248,7 @@ class InputEncoder:
         arrays["categorical"] = np.asarray(self.categorical, dtype=np.int64)
         arrays["numeric"] = np.asarray(self.numeric, dtype=np.int64)
         arrays["log_mean"], arrays["log_std"] = self.log_mean, self.log_std
+        arrays["float32_codes"] = np.asarray(self.float32_codes)
         return arrays | {f"vocabulary_{k}": v for k, v in enumerate(self.vocabularies)}
 
     @classmethod
@@ -258,7 +265,15 @@ class InputEncoder:
             numeric,
             data["log_mean"],
             data["log_std"],
+            bool(data["float32_codes"]) if "float32_codes" in data else False,
         )
+
+
+def _as_code(values: np.ndarray) -> np.ndarray:
+    """A value as the vocabularies hold it: rounded to float32 (training keeps its features in float32,
+    serving reads float64; both must find the same entry). Category codes are 31-bit digests, so two
+    categories whose codes round alike (1 in ~16M pairs) share an entry; integers below 2^24 are exact."""
+    return np.asarray(values, dtype=np.float32).astype(np.float64)
 
 
 class RiskNet(nn.Module):
@@ -479,6 +494,7 @@ class RiskModel:
 
         def numeric(rows: torch.Tensor | slice) -> torch.Tensor:
             return encoder.expand(quantiles[rows], magnitudes[rows])
+
         targets = labels
         if teacher is not None:
             w = config.label_weight
@@ -597,14 +613,17 @@ def _one_thread() -> Iterator[None]:
 def _logits(
     net: RiskNet, numeric: Callable[[slice], torch.Tensor], categories: torch.Tensor, rows: slice
 ) -> torch.Tensor:
-    """The net's logits for ``rows``, expanded and scored 65,536 rows at a time."""
+    """The net's logits for ``rows``, expanded and scored PREDICT_CHUNK rows at a time."""
     net.eval()
     start, stop, _ = rows.indices(len(categories))
     with torch.no_grad():
         return torch.cat(
             [
-                net(numeric(slice(i, min(i + 65536, stop))), categories[i : min(i + 65536, stop)])
-                for i in range(start, stop, 65536)
+                net(
+                    numeric(slice(i, min(i + PREDICT_CHUNK, stop))),
+                    categories[i : min(i + PREDICT_CHUNK, stop)],
+                )
+                for i in range(start, stop, PREDICT_CHUNK)
             ]
         )
 
