@@ -211,11 +211,14 @@ def against_baselines(
     holdout: np.ndarray,
     rewards: RewardTable,
     seed: int,
-) -> tuple[Verdict, Baselines]:
+) -> tuple[Verdict, Baselines] | None:
     """The PPO candidate and the same four baselines as ``train`` (allow-all, thresholds searched for
     total reward on the labelled training part, Bayes minimum risk, rules only as logged: the action the
-    rules' mask leaves to an allow), judged in the simulator of the labelled held-out histories."""
+    rules' mask leaves to an allow), judged in the simulator of the labelled held-out histories. None
+    when the held-out part has no labelled decision (nothing to replay: the OPE gate alone judges)."""
     fit = train & (logged.labels >= 0)
+    if not (holdout & (logged.labels >= 0)).any():
+        return None
     risk_index = champion.state_names.index("risk")
     replay = Replay.of(logged.entity_ids[fit], logged.labels[fit], logged.amounts[fit])
     t_throttle, t_block = best_thresholds(states[fit, risk_index], replay, rewards)
@@ -403,12 +406,13 @@ def retrain(
     ppo_policy, ppo = _train_policy(
         champions.policy, champion_dir, states, logged, train, rewards, steps, seed, progress
     )
-    verdict, baselines = against_baselines(
-        champions.policy, ppo_policy, states, logged, train, holdout, rewards, seed
-    )
+    judged = against_baselines(champions.policy, ppo_policy, states, logged, train, holdout, rewards, seed)
+    verdict = judged[0] if judged is not None else None
     # The candidate is PPO only when it earns at least the best baseline; else that baseline is.
-    policy: Policy = ppo_policy if verdict.ppo_promoted else baselines.served_as(verdict.served)
-    policy_zip = ppo if verdict.ppo_promoted else None
+    policy: Policy = ppo_policy
+    policy_zip: PPO | None = ppo
+    if judged is not None and not judged[0].ppo_promoted:
+        policy, policy_zip = judged[1].served_as(judged[0].served), None
     timings["policy_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -427,9 +431,9 @@ def retrain(
 
     window = _window(logged, train, cut, since, until)
     ope_metrics = {
-        "candidate": verdict.served,
-        "baselines": {name: c.as_dict() for name, c in verdict.comparisons.items()},
-        "best_baseline": verdict.best_baseline,
+        "candidate": verdict.served if verdict is not None else PPO_POLICY,
+        "baselines": {name: c.as_dict() for name, c in verdict.comparisons.items()} if verdict else {},
+        "best_baseline": verdict.best_baseline if verdict is not None else None,
         "ope": cand_est.as_dict(),
         "champion_ope": champ_est.as_dict(),
         "difference": {k: asdict(v) for k, v in difference.items()},
