@@ -1,22 +1,25 @@
-"""Policies compared on held-out (later) time: allow-all, best fixed risk thresholds, rules only, PPO.
+"""Policies on held-out time: allow-all, best thresholds, Bayes minimum risk, rules only, PPO.
 
     .venv/bin/python bench/bench_policies.py --source synthetic            # 3000 entities x 14 days
     .venv/bin/python bench/bench_policies.py --source ulb                  # ULB credit cards, 284,807 rows
+    .venv/bin/python bench/bench_policies.py --source csv --path ../shared/data/cards-dev.csv.gz \
+        --mapping ../shared/data/cards-dev.yaml                            # any labelled CSV + mapping
 
 What it does: trains exactly as ``decision-platform train`` does (``train_all``: models fit on the
 earlier 70% of time, judged on the later 30%) into a temporary registry (SQLite + model files in a temp
 dir: var/ is not touched, except that ``--source ulb`` caches the downloaded CSV in var/datasets), with
 the rules of config/rules.yaml for the "rules only" row. Then it looks at why the policies differ:
 
-- paired differences: every policy against the best threshold policy on the same bootstrap resamples
-  of held-out entities and the same simulator draws (a 95% CI on the difference, not two overlapping
-  CIs);
-- PPO greedy: the PPO policy's most likely action instead of a sample from it (the exploration cost:
-  what sampling from a not fully confident policy loses);
-- disagreements: the rows where the threshold policy and PPO (greedy) pick different actions, by true
-  label, with the expected immediate reward of each choice; and the entities with at least one such row,
-  replayed under both policies (so that what blocking or stepping up does to the rest of an episode
-  counts).
+- the training report's comparison (training/yardstick.py): every policy's exact expected total reward
+  per entity, paired to the best baseline on the same bootstrap resamples of held-out entities, and which
+  policy ``train`` would serve;
+- PPO greedy: the PPO policy's most likely action instead of a sample from it (what sampling from a not
+  fully confident policy loses);
+- the exploration cost: the served policy with the serving exploration floor against the same policy
+  without it (what the logged data for off-policy evaluation costs), and the floor's effective sample
+  size for evaluating the other policies off-policy on the data it logs;
+- disagreements: the rows where the best baseline and PPO (most likely action) differ, by true label,
+  with the exact split of the expected total reward difference.
 
 Output: the rich tables, a markdown summary on stdout (pasted into bench/POLICIES.md), and a JSON line in
 bench/policies_results.jsonl.
@@ -31,7 +34,6 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -44,38 +46,37 @@ from decision_platform.cli.train import report_tables
 from decision_platform.config import PROJECT_ROOT, Settings, get_settings
 from decision_platform.core.rewards import RewardTable
 from decision_platform.data import LabelledEvents
+from decision_platform.models.baseline_policy import BayesPolicy
 from decision_platform.models.policy import serving_distribution
 from decision_platform.models.registry import ModelRegistry
 from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.repository import Repository
 from decision_platform.training import PPO_TIMESTEPS
-from decision_platform.training.simulator import (
-    EntityHistory,
-    PolicyReport,
-    evaluate_policy,
-    group_histories,
-    reward_arrays,
-)
-from decision_platform.training.train import (
-    HeldOutRows,
-    TrainConfig,
-    TrainReport,
-    _report_dict,
-    threshold_probabilities,
-    train_all,
+from decision_platform.training.simulator import EntityHistory, evaluate_policy, group_histories
+from decision_platform.training.train import PPO_POLICY, HeldOutRows, TrainConfig, TrainReport, train_all
+from decision_platform.training.yardstick import (
+    Expectation,
+    Replay,
+    best_thresholds,
+    compare,
+    expectation,
+    threshold_grid,
 )
 
 CONFIG = PROJECT_ROOT / "config"
 RESULTS = Path(__file__).with_name("policies_results.jsonl")
 ACTIONS = ("allow", "throttle", "block")
-PPO = "PPO policy"
+PPO = PPO_POLICY
+SERVED_FLOOR = "served, with the exploration floor"
 PPO_GREEDY = "PPO greedy (most likely action)"
 ORACLE = "oracle thresholds"
 PPO_SERVED = "PPO as served (exploration floor)"
 SEEDS = 20  # simulator seeds of the sampled check
 
 
-def load_data(source: str, entities: int, days: float, seed: int) -> tuple[LabelledEvents, Path, str]:
+def load_data(
+    source: str, entities: int, days: float, seed: int, path: Path | None = None, mapping: Path | None = None
+) -> tuple[LabelledEvents, Path, str]:
     """(events, feature definitions, source label), as ``decision-platform train --source`` loads them."""
     if source == "synthetic":
         from decision_platform.data import generate
@@ -87,12 +88,16 @@ def load_data(source: str, entities: int, days: float, seed: int) -> tuple[Label
         )
     from decision_platform.data.csv_import import find_ulb_csv, load_csv
 
-    path = find_ulb_csv(get_settings().model_dir.parent / "datasets")
-    mapping = CONFIG / "datasets" / "ulb_creditcard.yaml"
+    if source == "ulb":
+        path = find_ulb_csv(get_settings().model_dir.parent / "datasets")
+        mapping = CONFIG / "datasets" / "ulb_creditcard.yaml"
+    if path is None or mapping is None:
+        raise SystemExit("--source csv needs --path and --mapping")
+    features = mapping.with_name(mapping.stem + ".features.yaml")
     return (
         load_csv(path, mapping, progress=True),
-        mapping.with_name("ulb_creditcard.features.yaml"),
-        f"ulb:{path.name}",
+        features if features.exists() else CONFIG / "features.yaml",
+        f"{source}:{path.name}",
     )
 
 
@@ -113,224 +118,91 @@ def greedy(probabilities: np.ndarray) -> np.ndarray:
     return np.eye(3, dtype=np.float32)[probabilities.argmax(axis=1)]
 
 
-def as_served(probabilities: np.ndarray) -> np.ndarray:
-    """What serving samples from with no rule firing: the policy plus the exploration floor."""
+def as_served(probabilities: np.ndarray, explore: np.ndarray | None = None) -> np.ndarray:
+    """What serving samples from with no rule firing: the policy plus the exploration floor (on the rows
+    where ``explore`` is true; every row by default)."""
     settings = Settings()
     mask = (True, True, True)
+    explore = np.ones(len(probabilities), dtype=bool) if explore is None else explore
     return np.array(
         [
-            serving_distribution(p, mask, settings.exploration_floor, settings.explore_actions)
-            for p in probabilities.astype(np.float64)
+            serving_distribution(p, mask, settings.exploration_floor if e else 0.0, settings.explore_actions)
+            for p, e in zip(probabilities.astype(np.float64), explore, strict=True)
         ]
     )
 
 
-def expected_immediate_reward(labels: np.ndarray, amounts: np.ndarray, rewards: RewardTable) -> np.ndarray:
-    """(n, 3): a row's expected reward for each action, over the simulator's chance, this step only."""
-    sim = rewards.simulation
-    names, base, per_amount = reward_arrays(rewards)
-    o = {n: i for i, n in enumerate(names)}
-    amounts = amounts[:, None]
-
-    def value(outcome: str) -> np.ndarray:  # (n, 3): the outcome's reward for each action
-        return base[o[outcome]][None, :] + per_amount[o[outcome]][None, :] * amounts
-
-    give_up, abandon = sim.fraud_gives_up_probability_on_throttle, sim.abandon_probability_on_throttle
-    fraud = value("chargeback")
-    fraud[:, 1] = give_up * value("fraud")[:, 1] + (1 - give_up) * value("chargeback")[:, 1]
-    fraud[:, 2] = value("fraud")[:, 2]
-    good = value("success")
-    good[:, 1] = abandon * value("abandoned")[:, 1] + (1 - abandon) * value("success")[:, 1]
-    good[:, 2] = value("false_positive")[:, 2]
-    return np.where(labels.astype(bool)[:, None], fraud, good)
+#: Adaptive floor: explore only where the two best actions' expected rewards (Bayes, from the calibrated
+#: risk and the amount) are within this many reward units of each other.
+CLOSE = (1.0, 3.0)
 
 
-@dataclass(frozen=True)
-class Layout:
-    """The replay order of the held-out rows: by entity, time order kept inside each (as the simulator)."""
-
-    order: np.ndarray  # replay position -> held-out row
-    group: np.ndarray  # replay position -> entity index
-    starts: np.ndarray
-    ends: np.ndarray
-
-    @classmethod
-    def of(cls, held: HeldOutRows) -> Layout:
-        order = np.argsort(held.entity_ids, kind="stable")
-        ids = held.entity_ids[order]
-        new = np.r_[True, ids[1:] != ids[:-1]]
-        starts = np.flatnonzero(new)
-        return cls(order, np.cumsum(new) - 1, starts, np.r_[starts[1:], len(ids)])
+def closeness(held: HeldOutRows, rewards: RewardTable) -> np.ndarray:
+    """Per row, the expected-reward gap between the best and the second-best action given the risk."""
+    bayes = BayesPolicy(rewards.expected_step_values(), ["risk"], np.zeros(0), np.zeros(0))
+    value = np.sort(bayes.expected_rewards(held.risk, held.amounts), axis=1)
+    return value[:, -1] - value[:, -2]
 
 
-@dataclass(frozen=True)
-class Expectation:
-    """A policy's exact expected outcomes in the simulator (no sampling noise), in replay order.
-
-    The replay is open-loop, so the only randomness is whether each step is reached: the product of
-    the earlier steps' chances not to end the episode (block: ends; throttle: a good user abandons, a
-    fraudster gives up, with the rewards.yaml probabilities). E[reward] = sum of P(reached) x E[step].
-    """
-
-    reached: np.ndarray  # (n,) P(the step happens)
-    step_reward: np.ndarray  # (n,) E[reward of the step | reached]
-    per_entity: dict[str, np.ndarray]  # expected totals per entity
-
-
-def expectation(
-    probabilities: np.ndarray, held: HeldOutRows, layout: Layout, rewards: RewardTable
-) -> Expectation:
-    sim = rewards.simulation
-    p = probabilities[layout.order].astype(np.float64)
-    p = p / p.sum(axis=1, keepdims=True)
-    bad = held.labels[layout.order].astype(bool)
-    amounts = held.amounts[layout.order]
-    immediate = expected_immediate_reward(bad, amounts, rewards)
-    give_up, abandon = sim.fraud_gives_up_probability_on_throttle, sim.abandon_probability_on_throttle
-    survive = np.where(bad[:, None], [1.0, 1.0 - give_up, 0.0], [1.0, 1.0 - abandon, 0.0])
-    step_reward = (p * immediate).sum(axis=1)
-    step_survive = (p * survive).sum(axis=1)
-    reached = np.empty_like(step_survive)
-    for a, b in zip(layout.starts, layout.ends, strict=True):
-        reached[a] = 1.0
-        reached[a + 1 : b] = np.cumprod(step_survive[a : b - 1])
-    good = ~bad
-    weights = {
-        "reward": reached * step_reward,
-        "decisions": reached,
-        "fraud_reached": reached * bad,
-        "fraud_stopped": reached * bad * (p[:, 2] + p[:, 1] * give_up),
-        "fraud_amount_lost": reached * bad * (p[:, 0] + p[:, 1] * (1 - give_up)) * amounts,
-        "good_throttled": reached * good * p[:, 1],
-        "good_blocked": reached * good * p[:, 2],
-        "good_abandoned": reached * good * p[:, 1] * abandon,
-    }
-    n = len(layout.starts)
-    return Expectation(
-        reached,
-        step_reward,
-        {k: np.bincount(layout.group, weights=w, minlength=n) for k, w in weights.items()},
-    )
-
-
-def compare(
-    expectations: dict[str, Expectation], reference: str, seed: int, n_bootstrap: int = 2000
-) -> dict[str, dict[str, float]]:
-    """Per policy: totals, reward per decision and per entity with 95% CIs (bootstrap over entities),
-    and the paired differences to ``reference`` (same resamples for every policy)."""
-    n = len(next(iter(expectations.values())).per_entity["reward"])
-    rng = np.random.default_rng(seed)
-    weights = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_bootstrap)])
-    weights = weights.astype(np.float64)
-
-    def metrics(ex: Expectation) -> tuple[np.ndarray, np.ndarray, float, float]:
-        reward, decisions = ex.per_entity["reward"], ex.per_entity["decisions"]
-        boot_reward, boot_decisions = weights @ reward, weights @ decisions
-        return boot_reward / boot_decisions, boot_reward / n, reward.sum() / decisions.sum(), reward.sum() / n
-
-    ref = metrics(expectations[reference])
-    out = {}
-    for name, ex in expectations.items():
-        per_decision, per_entity, point_decision, point_entity = metrics(ex)
-        row = {k: float(v.sum()) for k, v in ex.per_entity.items()}
-        for metric, boot, point, ref_boot, ref_point in (
-            ("per_decision", per_decision, point_decision, ref[0], ref[2]),
-            ("per_entity", per_entity, point_entity, ref[1], ref[3]),
-        ):
-            diff = boot - ref_boot
-            row |= {
-                metric: float(point),
-                f"{metric}_ci_low": float(np.percentile(boot, 2.5)),
-                f"{metric}_ci_high": float(np.percentile(boot, 97.5)),
-                f"{metric}_diff": float(point - ref_point),
-                f"{metric}_diff_ci_low": float(np.percentile(diff, 2.5)),
-                f"{metric}_diff_ci_high": float(np.percentile(diff, 97.5)),
-            }
-        out[name] = row
-    return out
-
-
-def threshold_grid(training_risk: np.ndarray) -> list[float]:
-    """The grid ``best_threshold_policy`` searches: fixed steps and upper quantiles of the training risk."""
-    quantiles = np.quantile(training_risk, [0.8, 0.9, 0.95, 0.98, 0.99, 0.995])
-    fixed = [0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
-    return [*sorted({float(v) for v in [*fixed, *quantiles]}), 1.01]
-
-
-def thresholds_by_total(rows: HeldOutRows, rewards: RewardTable, grid: list[float]) -> tuple[float, float]:
-    """The throttle / block thresholds with the most expected total reward on ``rows``."""
-    layout = Layout.of(rows)
-    states = rows.risk[:, None]
-    best, best_value = (1.01, 1.01), -np.inf
-    for t_throttle in grid:
-        for t_block in grid:
-            if t_block < t_throttle:
-                continue
-            probabilities = threshold_probabilities(0, t_throttle, t_block)(states)
-            value = expectation(probabilities, rows, layout, rewards).per_entity["reward"].sum()
-            if value > best_value:
-                best, best_value = (t_throttle, t_block), value
-    return best
+def support(target: np.ndarray, logging: np.ndarray) -> dict[str, float]:
+    """How well data logged by ``logging`` supports evaluating ``target`` off-policy (IPS weights
+    w = target(a) / logging(a), a drawn from ``logging``): the expected effective sample size
+    (sum w)^2 / sum w^2 in expectation, n mean(E[w])^2 / mean(E[w^2]), as a share of rows; and the
+    target's mean probability on actions the logger never takes (no estimator sees those)."""
+    logged = logging > 1e-12
+    first = np.where(logged, target, 0.0).sum(axis=1)
+    second = np.where(logged, target**2 / np.where(logged, logging, 1.0), 0.0).sum(axis=1)
+    ess_share = float(first.mean() ** 2 / second.mean()) if second.mean() > 0 else 0.0
+    return {"ess_share": ess_share, "unsupported": float(1.0 - first.mean())}
 
 
 def decompose(
     held: HeldOutRows,
-    layout: Layout,
-    reference: tuple[str, np.ndarray, Expectation],
-    other: tuple[str, np.ndarray, Expectation],
+    replay: Replay,
+    reference: tuple[np.ndarray, Expectation],
+    other: tuple[np.ndarray, Expectation],
 ) -> list[dict[str, Any]]:
     """The expected total reward difference other - reference, split exactly over the rows: rows where
     the two policies' most likely actions differ (by true label and the two actions), then the rows where
     they agree (which still differ in how likely they are to be reached, and by a stochastic policy's
     other actions). Each row: expected reward = P(reached) x E[step reward]."""
-    (_, p_ref, e_ref), (_, p_other, e_other) = reference, other
-    a_ref, a_other = p_ref[layout.order].argmax(axis=1), p_other[layout.order].argmax(axis=1)
-    bad = held.labels[layout.order].astype(bool)
-    risk = held.risk[layout.order]
+    (p_ref, e_ref), (p_other, e_other) = reference, other
+    a_ref, a_other = p_ref[replay.order].argmax(axis=1), p_other[replay.order].argmax(axis=1)
+    bad = replay.labels
+    risk = held.risk[replay.order]
     v_ref, v_other = e_ref.reached * e_ref.step_reward, e_other.reached * e_other.step_reward
-    cells = []
-    for label in (False, True):
-        for a in range(3):
-            for b in range(3):
-                sel = (bad == label) & (a_ref == a) & (a_other == b)
-                if a == b or not sel.any():
-                    continue
-                cells.append(
-                    {
-                        "label": "fraud" if label else "good",
-                        "reference": ACTIONS[a],
-                        "other": ACTIONS[b],
-                        "rows": int(sel.sum()),
-                        "mean_risk": float(risk[sel].mean()),
-                        "reached_reference": float(e_ref.reached[sel].sum()),
-                        "reached_other": float(e_other.reached[sel].sum()),
-                        "reward_reference": float(v_ref[sel].sum()),
-                        "reward_other": float(v_other[sel].sum()),
-                    }
-                )
-    for label in (False, True):
-        sel = (bad == label) & (a_ref == a_other)
-        cells.append(
-            {
-                "label": "fraud" if label else "good",
-                "reference": "same",
-                "other": "same",
-                "rows": int(sel.sum()),
-                "mean_risk": float(risk[sel].mean()) if sel.any() else 0.0,
-                "reached_reference": float(e_ref.reached[sel].sum()),
-                "reached_other": float(e_other.reached[sel].sum()),
-                "reward_reference": float(v_ref[sel].sum()),
-                "reward_other": float(v_other[sel].sum()),
-            }
-        )
+
+    def cell(sel: np.ndarray, label: bool, ref: str, oth: str) -> dict[str, Any]:
+        return {
+            "label": "fraud" if label else "good",
+            "reference": ref,
+            "other": oth,
+            "rows": int(sel.sum()),
+            "mean_risk": float(risk[sel].mean()) if sel.any() else 0.0,
+            "reached_reference": float(e_ref.reached[sel].sum()),
+            "reached_other": float(e_other.reached[sel].sum()),
+            "reward_reference": float(v_ref[sel].sum()),
+            "reward_other": float(v_other[sel].sum()),
+        }
+
+    cells = [
+        cell(sel, label, ACTIONS[a], ACTIONS[b])
+        for label in (False, True)
+        for a in range(3)
+        for b in range(3)
+        if a != b
+        for sel in ((bad == label) & (a_ref == a) & (a_other == b),)
+        if sel.any()
+    ]
+    cells += [cell((bad == label) & (a_ref == a_other), label, "same", "same") for label in (False, True)]
     return cells
 
 
 def sampled_check(
     held: HeldOutRows, policies: dict[str, np.ndarray], rewards: RewardTable, seeds: range
 ) -> dict[str, dict[str, float]]:
-    """The simulator's own (sampled) reward per decision over several seeds: mean and sd. Checks the
-    exact expectations above and shows how much one draw (the training report's) can move."""
+    """The simulator's own (sampled) total reward per entity over several seeds: mean and sd. Checks
+    the exact expectations and shows how much one draw can move."""
     histories = _row_histories(held)
     out = {}
     for name, probabilities in policies.items():
@@ -338,52 +210,58 @@ def sampled_check(
             evaluate_policy(name, _by_row(probabilities), histories, rewards, seed=seed, n_bootstrap=1)
             for seed in seeds
         ]
-        per_decision = [r.reward_per_decision for r in values]
-        out[name] = {"mean": float(np.mean(per_decision)), "sd": float(np.std(per_decision))}
+        per_entity = [r.reward_per_decision * r.decisions / len(histories) for r in values]
+        out[name] = {"mean": float(np.mean(per_entity)), "sd": float(np.std(per_entity))}
     return out
 
 
 def analyse(report: TrainReport, rewards: RewardTable, seed: int) -> dict[str, Any]:
-    held = report.heldout
-    assert held is not None
-    layout = Layout.of(held)
-    threshold_name = next(p.name for p in report.policies if p.name.startswith("risk thresholds"))
+    held, training = report.heldout, report.training
+    assert held is not None and training is not None
+    replay = Replay.of(held.entity_ids, held.labels, held.amounts)
     policies = dict(held.probabilities)
+    served = report.served
     policies[PPO_GREEDY] = greedy(policies[PPO])
-    policies[PPO_SERVED] = as_served(policies[PPO])
-    assert report.training is not None
-    grid = threshold_grid(report.training.risk)
-    # The same search as the training report's, but maximising total reward instead of reward per decision
-    # (fair: chosen on the training part); and the same on the held-out part itself (an upper bound).
-    by_total = "thresholds by total reward {:.3g}/{:.3g}".format(
-        *thresholds_by_total(report.training, rewards, grid)
-    )
-    oracle = "{} {:.3g}/{:.3g}".format(ORACLE, *thresholds_by_total(held, rewards, grid))
-    for name in (by_total, oracle):
-        t_throttle, t_block = (float(v) for v in name.rsplit(" ", 1)[1].split("/"))
-        policies[name] = threshold_probabilities(0, t_throttle, t_block)(held.risk[:, None])
-    expectations = {name: expectation(p, held, layout, rewards) for name, p in policies.items()}
-    ppo_p = policies[PPO]
+    # The best thresholds on the held-out part itself: an upper bound for fixed thresholds, not a policy.
+    grid = threshold_grid(training.risk)
+    oracle = "{} {:.3g}/{:.3g}".format(ORACLE, *best_thresholds(held.risk, replay, rewards, grid))
+    t_throttle, t_block = (float(v) for v in oracle.rsplit(" ", 1)[1].split("/"))
+    policies[oracle] = np.eye(3)[np.where(held.risk >= t_block, 2, np.where(held.risk >= t_throttle, 1, 0))]
+    served_p = policies[served]
+    policies[SERVED_FLOOR] = as_served(served_p)
+    gap = closeness(held, rewards)
+    adaptive = {f"{SERVED_FLOOR} where the gap < {d:g}": as_served(served_p, gap < d) for d in CLOSE}
+    expectations = {name: expectation(p, replay, rewards) for name, p in {**policies, **adaptive}.items()}
     action_share = {
         name: [float(v) for v in np.bincount(prob.argmax(axis=1), minlength=3) / len(prob)]
         for name, prob in policies.items()
     }
-    differ = policies[threshold_name].argmax(axis=1) != ppo_p.argmax(axis=1)
+    best = report.best_baseline
+    differ = policies[best].argmax(axis=1) != policies[PPO].argmax(axis=1)
+    ppo_p = policies[PPO]
     return {
-        "threshold_policy": threshold_name,
+        "best_baseline": best,
+        "served": served,
         "oracle_policy": oracle,
-        "thresholds_by_total": by_total,
-        "entities": len(layout.starts),
-        "expected": compare(expectations, threshold_name, seed),
-        "exploration_cost": compare(
-            {
-                PPO_GREEDY: expectations[PPO_GREEDY],
-                PPO: expectations[PPO],
-                PPO_SERVED: expectations[PPO_SERVED],
-            },
-            PPO_GREEDY,
-            seed,
-        ),
+        "entities": replay.entities,
+        "expected": {
+            k: c.as_dict() for k, c in compare({k: expectations[k] for k in policies}, best, seed).items()
+        },
+        "exploration_cost": {
+            k: c.as_dict()
+            for k, c in compare(
+                {k: expectations[k] for k in (served, SERVED_FLOOR, *adaptive)}, served, seed
+            ).items()
+        },
+        "explored_rows": {k: float((gap < d).mean()) for k, d in zip(adaptive, CLOSE, strict=True)},
+        "support": {
+            logger: {
+                name: support(np.asarray(p, dtype=np.float64), logged)
+                for name, p in policies.items()
+                if name not in (SERVED_FLOOR, served)
+            }
+            for logger, logged in {SERVED_FLOOR: policies[SERVED_FLOOR], **adaptive}.items()
+        },
         "ppo_confidence": {
             "mean_max_probability": float(ppo_p.max(axis=1).mean()),
             "rows_below_0.9": float((ppo_p.max(axis=1) < 0.9).mean()),
@@ -392,13 +270,13 @@ def analyse(report: TrainReport, rewards: RewardTable, seed: int) -> dict[str, A
         "disagreement_rows": int(differ.sum()),
         "disagreement_entities": len(np.unique(held.entity_ids[differ])),
         "decomposition": decompose(
-            held,
-            layout,
-            (threshold_name, policies[threshold_name], expectations[threshold_name]),
-            (PPO, ppo_p, expectations[PPO]),
+            held, replay, (policies[best], expectations[best]), (ppo_p, expectations[PPO])
         ),
         "sampled_check": sampled_check(
-            held, {k: v for k, v in policies.items() if k != PPO_SERVED}, rewards, range(seed, seed + SEEDS)
+            held,
+            {k: v for k, v in policies.items() if k in (best, PPO)},
+            rewards,
+            range(seed, seed + SEEDS),
         ),
     }
 
@@ -406,82 +284,78 @@ def analyse(report: TrainReport, rewards: RewardTable, seed: int) -> dict[str, A
 # --- output
 
 
-def _ci(value: float, low: float, high: float, signed: bool = False) -> str:
+def _ci(i: dict[str, float], signed: bool = False) -> str:
     f = "+.3f" if signed else ".3f"
-    return f"{value:{f}} [{low:{f}}, {high:{f}}]"
+    return f"{i['value']:{f}} [{i['low']:{f}}, {i['high']:{f}}]"
 
 
-def _diff(e: dict[str, float], metric: str = "per_entity") -> str:
-    return _ci(e[f"{metric}_diff"], e[f"{metric}_diff_ci_low"], e[f"{metric}_diff_ci_high"], signed=True)
-
-
-def markdown(run: dict[str, Any], reports: list[PolicyReport]) -> str:
+def markdown(run: dict[str, Any]) -> str:
     a = run["analysis"]
     rm = run["risk_metrics"]
+    best, served = a["best_baseline"], a["served"]
     lines = [
         f"**{run['data_label']}** · {run['data']['events']:,} events; trained on the first "
         f"{run['data']['train_rows']:,}, judged on the last {run['data']['test_rows']:,} (30% of time, "
         f"{a['entities']:,} entities) · risk model held-out ROC-AUC {rm['roc_auc']:.3f}, PR-AUC "
-        f"{rm['pr_auc']:.3f}, base rate {rm['base_rate']:.3%} · PPO {run['timesteps']:,} steps · seed "
-        f"{run['seed']} · run {run['wall_s'] / 60:.1f} min · commit `{run['git_commit']}`",
+        f"{rm['pr_auc']:.3f}, base rate {rm['base_rate']:.3%} · PPO {run['timesteps']:,} steps, warm start "
+        f"{run['warm_start']} · seed {run['seed']} · run {run['wall_s'] / 60:.1f} min · commit "
+        f"`{run['git_commit']}`",
         "",
-        "As the training report prints it (one simulator draw; CI: bootstrap over entities):",
+        f"Exact expected outcomes on held-out time; 95% CIs by bootstrap over entities; differences paired "
+        f"to the best baseline (**{best}**). `train` serves: **{served}**.",
         "",
-        "| policy | reward / decision [95% CI] | fraud caught / reached | fraud $ lost "
-        "| good users throttled | good users blocked | decisions |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in reports:
-        lines.append(
-            f"| {r.name} | {_ci(r.reward_per_decision, r.ci_low, r.ci_high)} "
-            f"| {r.fraud_stopped:,}/{r.fraud_events:,} ({r.fraud_caught_rate:.0%}) "
-            f"| {r.fraud_amount_lost:,.0f} | {r.good_throttled:,} | {r.good_blocked:,} | {r.decisions:,} |"
-        )
-    lines += [
-        "",
-        "Exact expectations (no simulator draw: every step weighted by its probability of being reached), "
-        "95% CIs by bootstrap over entities, differences to the best threshold policy paired (same "
-        "resamples):",
-        "",
-        "| policy | reward / decision | - best threshold | total reward / entity | - best threshold "
+        "| policy | total reward / entity | - best baseline | reward / decision | - best baseline "
         "| fraud caught / reached | fraud $ lost | good throttled | good blocked | good abandoned "
         "| decisions |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    names = [r.name for r in reports]
+    compared = [p["name"] for p in run["policies"]]
     for name, e in a["expected"].items():
-        label = name if name in names else f"{name} †"
-        diffs = [
-            "—" if name == a["threshold_policy"] else _diff(e, m) for m in ("per_decision", "per_entity")
-        ]
+        label = name if name in compared else f"{name} †"
+        if name == served:
+            label = f"**{label}** (served)"
+        diffs = ["—" if name == best else _ci(e[f"{m}_diff"], True) for m in ("per_entity", "per_decision")]
         caught = e["fraud_stopped"] / e["fraud_reached"] if e["fraud_reached"] else 0.0
         lines.append(
-            f"| {label} | {_ci(e['per_decision'], e['per_decision_ci_low'], e['per_decision_ci_high'])} "
-            f"| {diffs[0]} | {_ci(e['per_entity'], e['per_entity_ci_low'], e['per_entity_ci_high'])} "
-            f"| {diffs[1]} | {e['fraud_stopped']:,.1f}/{e['fraud_reached']:,.1f} ({caught:.0%}) "
+            f"| {label} | {_ci(e['per_entity'])} | {diffs[0]} | {_ci(e['per_decision'])} | {diffs[1]} "
+            f"| {e['fraud_stopped']:,.1f}/{e['fraud_reached']:,.1f} ({caught:.0%}) "
             f"| {e['fraud_amount_lost']:,.0f} | {e['good_throttled']:,.1f} | {e['good_blocked']:,.1f} "
             f"| {e['good_abandoned']:,.1f} | {e['decisions']:,.0f} |"
         )
     hits = ", ".join(f"{k} {v:,}" for k, v in run["rules"]["hits"].items() if v)
-    cost = a["exploration_cost"]
+    costs = "; ".join(
+        f"{k} {_ci(c['per_entity_diff'], True)}"
+        + (f" (explores {a['explored_rows'][k]:.1%} of rows)" if k in a["explored_rows"] else "")
+        for k, c in a["exploration_cost"].items()
+        if k != served
+    )
+    supports = [
+        f"logged by {logger}: "
+        + ", ".join(
+            f"{name} {v['ess_share']:.1%}"
+            + (f" ({v['unsupported']:.2%} of its mass unsupported)" if v["unsupported"] > 5e-5 else "")
+            for name, v in rows.items()
+        )
+        for logger, rows in a["support"].items()
+    ]
     lines += [
         "",
-        "† diagnostics, not among the four policies: PPO greedy = PPO's most likely action instead of a "
-        "sample; PPO as served = PPO with the serving exploration floor (no rule firing); thresholds by "
-        "total reward = the training report's threshold search on the same training part, maximising "
-        "expected total reward instead of reward per decision (a fair baseline); oracle thresholds = the "
-        "same search on the held-out part itself (an upper bound for fixed thresholds, not a fair "
-        "policy).",
+        f"† diagnostics, not among the compared policies: {PPO_GREEDY} = PPO's most likely action instead "
+        f"of a sample; {ORACLE} = the threshold search run on the held-out part itself (an upper bound for "
+        f"fixed thresholds, not a fair policy); {SERVED_FLOOR} = the served policy with the serving "
+        "exploration floor (no rule firing).",
         "",
-        f"- Rules that fired on held-out events (rules only; counted on every row, reached or not): "
-        f"{hits or 'none'}. Rules reading a model score: "
-        + (", ".join(f"{k} ({', '.join(v)})" for k, v in run["rules"]["model_based"].items()) or "none")
+        f"- Exploration cost (exact, per entity, paired to {served} without any floor): {costs}. The gap is "
+        "the expected-reward difference of the two best actions given the calibrated risk and the amount.",
+        "- Off-policy support (expected effective sample size of IPS as a share of rows, per target): "
+        + "; ".join(supports)
         + ".",
-        f"- Exploration cost (exact, per entity, paired): PPO sampled - PPO greedy {_diff(cost[PPO])}; "
-        f"PPO as served - PPO greedy {_diff(cost[PPO_SERVED])}. PPO's mean probability of its most likely "
-        f"action: {a['ppo_confidence']['mean_max_probability']:.3f} "
+        f"- Rules that fired on held-out events (rules only; counted on every row, reached or not): "
+        f"{hits or 'none'}.",
+        "- PPO's mean probability of its most likely action: "
+        f"{a['ppo_confidence']['mean_max_probability']:.3f} "
         f"({a['ppo_confidence']['rows_below_0.9']:.1%} of rows below 0.9).",
-        f"- Sampled check (the simulator's own replay, reward / decision over {SEEDS} seeds, mean ± sd): "
+        f"- Sampled check (the simulator's own replay, total reward / entity over {SEEDS} seeds, mean ± sd): "
         + "; ".join(f"{name} {v['mean']:.3f} ± {v['sd']:.3f}" for name, v in a["sampled_check"].items())
         + ".",
         "- Most likely action, share of held-out rows (allow / throttle / block): "
@@ -490,12 +364,12 @@ def markdown(run: dict[str, Any], reports: list[PolicyReport]) -> str:
         )
         + ".",
         "",
-        f"Where the best threshold policy and PPO differ ({a['disagreement_rows']:,} rows of "
-        f"{a['disagreement_entities']:,} entities disagree on the most likely action). Exact split of the "
-        "expected total reward difference; a row counts P(reached) x E[step reward]:",
+        f"Where {best} and PPO differ ({a['disagreement_rows']:,} rows of {a['disagreement_entities']:,} "
+        "entities disagree on the most likely action). Exact split of the expected total reward "
+        "difference; a row counts P(reached) x E[step reward]:",
         "",
-        "| true label | threshold | PPO | rows | mean risk | reached: threshold / PPO "
-        "| reward: threshold | reward: PPO | PPO - threshold |",
+        "| true label | best baseline | PPO | rows | mean risk | reached: baseline / PPO "
+        "| reward: baseline | reward: PPO | PPO - baseline |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     total = 0.0
@@ -524,7 +398,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--source", choices=("synthetic", "ulb"), default="synthetic")
+    parser.add_argument("--source", choices=("synthetic", "ulb", "csv"), default="synthetic")
+    parser.add_argument("--path", type=Path, help="csv: the labelled CSV (.gz is fine)")
+    parser.add_argument("--mapping", type=Path, help="csv: its column mapping (features file beside it)")
+    parser.add_argument(
+        "--warm-start", choices=("bayes", "thresholds", "none"), default="bayes", help="PPO's cloned start"
+    )
     parser.add_argument("--timesteps", type=int, default=PPO_TIMESTEPS, help="PPO steps (train's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--entities", type=int, default=3000, help="synthetic: entities")
@@ -534,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console(width=160)
     started = time.perf_counter()
-    data, features_path, label = load_data(args.source, args.entities, args.days, args.seed)
+    data, features_path, label = load_data(
+        args.source, args.entities, args.days, args.seed, args.path, args.mapping
+    )
     console.print(f"data: {data.summary()}")
     rewards = RewardTable.load(CONFIG / "rewards.yaml")
     with tempfile.TemporaryDirectory(prefix="bench-policies-") as tmp:
@@ -547,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
                     features_path,
                     rewards,
                     ModelRegistry(Repository(engine), Path(tmp) / "models"),
-                    TrainConfig(ppo_timesteps=args.timesteps, seed=args.seed),
+                    TrainConfig(ppo_timesteps=args.timesteps, seed=args.seed, warm_start=args.warm_start),
                     progress=progress,
                     promote=False,
                     source=args.source,
@@ -557,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             engine.dispose()
     for table in report_tables(report):
         console.print(table)
-    with console.status("analysing: paired bootstrap, PPO greedy, disagreements"):
+    with console.status("analysing: exploration cost, support, PPO greedy, disagreements"):
         t0 = time.perf_counter()
         analysis = analyse(report, rewards, args.seed)
         analysis_s = time.perf_counter() - t0
@@ -567,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         "source": args.source,
         "data_label": label,
         "timesteps": args.timesteps,
+        "warm_start": args.warm_start,
         "seed": args.seed,
         "git_commit": _git("rev-parse", "--short", "HEAD") or None,
         "git_dirty_files": len(dirty.splitlines()) if dirty else 0,
@@ -574,15 +456,14 @@ def main(argv: list[str] | None = None) -> int:
         "python": host.python_version(),
         "data": report.data,
         "risk_metrics": report.risk_metrics,
-        "policies": [
-            {"name": r.name, **_report_dict(r), "fraud_stopped": r.fraud_stopped} for r in report.policies
-        ],
+        "policies": [c.as_dict() for c in report.policies],
+        "served": report.served,
         "rules": report.rules,
         "analysis": analysis,
         "timings": report.timings | {"analysis_s": analysis_s},
         "wall_s": time.perf_counter() - started,
     }
-    text = markdown(run, report.policies)
+    text = markdown(run)
     console.print()
     print(text)
     if not args.no_save:

@@ -13,6 +13,7 @@ import numpy as np
 from decision_platform.core.rewards import RewardTable
 from decision_platform.data import generate
 from decision_platform.learning.config import GateSettings, LearningConfig, OutcomeSettings, TrainingSettings
+from decision_platform.models.baseline_policy import load_policy
 from decision_platform.models.policy import ACTOR, PPO_ZIP, PolicyModel
 from decision_platform.models.registry import ModelRegistry
 from decision_platform.serving.engine import DecisionRequest
@@ -47,7 +48,7 @@ def register_allow_all_champion(registry: ModelRegistry) -> str:
     record = registry.champion("policy")
     assert record is not None
     source = registry.verified_path(record)
-    current = PolicyModel.load(source)
+    current = load_policy(source)
     k = len(current.state_names)
     allow_all = PolicyModel(
         [np.zeros((k, 3))],

@@ -8,20 +8,20 @@ from pathlib import Path
 
 import numpy as np
 
+from decision_platform.models.baseline_policy import Policy, load_policy
 from decision_platform.models.policy import ACTOR, PolicyModel
 from decision_platform.models.registry import ModelRegistry
 
 
-def fixed_policy(template: PolicyModel, action: int) -> PolicyModel:
-    """``template``'s network and state (same state names, same scaler) with an output layer that
-    proposes ``action`` with probability ~1 whatever the state."""
-    head_w = np.zeros_like(template.weights[-1])
+def fixed_policy(template: Policy, action: int) -> PolicyModel:
+    """An actor with ``template``'s state (same state names, same scaler) that proposes ``action`` with
+    probability ~1 whatever the state. ``template`` may be a PPO actor or a baseline served as the policy."""
     head_b = np.full(3, -20.0)
     head_b[action] = 20.0
     return PolicyModel(
-        [*template.weights[:-1], head_w],
-        [*template.biases[:-1], head_b],
-        template.activation,
+        [np.zeros((len(template.state_names), 3))],
+        [head_b],
+        "Tanh",
         template.state_names,
         template.scaler_mean,
         template.scaler_std,
@@ -32,7 +32,7 @@ def register_policy(registry: ModelRegistry, action: int, status: str = "challen
     """Register a copy of the champion policy's artifact (features.yaml, ppo.zip...) whose actor always
     proposes ``action``; every call registers a distinct version."""
     source = registry.verified_path(registry.champion("policy"))  # type: ignore[arg-type]
-    actor = fixed_policy(PolicyModel.load(source), action)
+    actor = fixed_policy(load_policy(source), action)
 
     def write(directory: Path) -> None:
         for path in source.iterdir():

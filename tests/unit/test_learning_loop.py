@@ -18,6 +18,7 @@ from decision_platform.config import Settings
 from decision_platform.learning.logged import load_logged
 from decision_platform.learning.outcomes import NO_OUTCOME, impute_missing_outcomes
 from decision_platform.learning.retrain import RetrainError, judge, retrain
+from decision_platform.models.baseline_policy import Policy
 from decision_platform.models.policy import PolicyModel
 from decision_platform.models.scoring import ScoringChain
 from decision_platform.serving.platform import Platform
@@ -106,7 +107,7 @@ def test_estimators_find_the_true_value_of_policies_on_served_decisions(
         platform.close()
 
 
-def _threshold_policy(template: PolicyModel, throttle_above: float) -> PolicyModel:
+def _threshold_policy(template: Policy, throttle_above: float) -> PolicyModel:
     """Throttle when risk (the last state column) exceeds a threshold, else allow; a steep logistic."""
     k = len(template.state_names)
     w = np.zeros((k, 3))

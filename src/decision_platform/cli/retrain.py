@@ -115,9 +115,40 @@ def report_tables(report: object) -> list[Table]:
         f"{k} {e.value:+.3f} [{e.ci_low:+.3f}, {e.ci_high:+.3f}]" for k, e in d.items()
     )
 
+    tables = [data, risk_table]
+    if report.baselines is not None:
+        tables.append(baselines_table(report.baselines))
+
     gate = Table(title="Promotion gate (config/learning.yaml)")
     for column in ("check", "result", "detail"):
         gate.add_column(column)
     for check in report.gate.checks:
         gate.add_row(check.name, "[green]pass[/green]" if check.passed else "[red]fail[/red]", check.detail)
-    return [data, risk_table, ope, gate]
+    return [*tables, ope, gate]
+
+
+def baselines_table(verdict: object) -> Table:
+    """PPO against the baselines `train` uses, in the simulator of the labelled held-out histories."""
+    from decision_platform.training.train import PPO_POLICY, Verdict
+
+    assert isinstance(verdict, Verdict)
+    table = Table(
+        title="Candidate against the baselines: expected total reward per entity, labelled held-out rows",
+        caption=f"paired to the best baseline ({verdict.best_baseline}); the candidate is "
+        + (
+            "the PPO policy"
+            if verdict.served == PPO_POLICY
+            else f"{verdict.served}: PPO earned less than it, so the baseline is the candidate"
+        ),
+    )
+    for column in ("policy", "reward / entity [95% CI]", "- best baseline", "reward / decision"):
+        table.add_column(column, justify="right" if column != "policy" else "left")
+    for name, c in verdict.comparisons.items():
+        e, d = c.per_entity, c.per_entity_diff
+        table.add_row(
+            name + (" (candidate)" if name == verdict.served else ""),
+            f"{e.value:.3f} [{e.low:.3f}, {e.high:.3f}]",
+            "—" if name == verdict.best_baseline else f"{d.value:+.3f} [{d.low:+.3f}, {d.high:+.3f}]",
+            f"{c.per_decision.value:.3f}",
+        )
+    return table

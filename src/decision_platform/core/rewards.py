@@ -68,3 +68,38 @@ class RewardTable(BaseModel):
             )
         cell = cells[name]
         return cell.base + cell.per_amount * float(amount or 0.0)
+
+    def expected_step_values(self) -> tuple[list[float], list[float], list[float], list[float]]:
+        """Per action (allow, throttle, block), the expected reward of one step as ``base + per_amount *
+        amount``, for a good event and for a bad one: ``(good_base, good_per_amount, bad_base,
+        bad_per_amount)``.
+
+        The expectation is over the simulator's chance (the ``simulation`` settings), exactly as
+        ``training/simulator.py`` turns a label and an action into an outcome: a good event allowed is a
+        ``success``, stepped up it is ``abandoned`` with the abandon probability (else a ``success``),
+        blocked a ``false_positive``; a bad event allowed is a ``chargeback``, stepped up the fraudster
+        gives up (``fraud``) with the give-up probability (else a ``chargeback``), blocked a ``fraud``.
+        Both the Bayes-minimum-risk policy and the exact policy comparison read these numbers, so they
+        cannot price an action differently from the simulator.
+        """
+        sim = self.simulation
+        abandon, give_up = sim.abandon_probability_on_throttle, sim.fraud_gives_up_probability_on_throttle
+
+        def cell(outcome: str, action: str) -> tuple[float, float]:
+            c = self.outcomes[outcome][action]  # type: ignore[index]
+            return c.base, c.per_amount
+
+        def mix(p: float, a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+            return p * a[0] + (1 - p) * b[0], p * a[1] + (1 - p) * b[1]
+
+        good = [
+            cell("success", "allow"),
+            mix(abandon, cell("abandoned", "throttle"), cell("success", "throttle")),
+            cell("false_positive", "block"),
+        ]
+        bad = [
+            cell("chargeback", "allow"),
+            mix(give_up, cell("fraud", "throttle"), cell("chargeback", "throttle")),
+            cell("fraud", "block"),
+        ]
+        return [g[0] for g in good], [g[1] for g in good], [b[0] for b in bad], [b[1] for b in bad]

@@ -3,6 +3,9 @@
     impute missing outcomes -> load decisions ⋈ outcomes -> split in time
       -> refit the risk model on the labels outcomes reveal (earlier part)
       -> PPO warm-started from the champion, in a simulator built from the logged histories
+      -> PPO against the baselines `train` uses (allow-all, thresholds, Bayes minimum risk, rules only)
+         in total reward per entity on the labelled later part: the candidate is PPO only if it earns
+         at least the best of them, else that baseline
       -> IPS / SNIPS / DR of candidate and champion on the later part, with safety figures
       -> gate -> register the candidate (challenger), promote it only if the gate passes
 
@@ -38,6 +41,7 @@ from decision_platform.learning.logged import LoggedDecisions, load_logged
 from decision_platform.learning.ope import Estimate, evaluate_difference, fit_reward_model
 from decision_platform.learning.outcomes import impute_missing_outcomes
 from decision_platform.models.artifacts import SPEC_FILE, save_artifact, save_policy_artifact
+from decision_platform.models.baseline_policy import BayesPolicy, Policy, ThresholdPolicy
 from decision_platform.models.bundle import LoadedModels, load_champions
 from decision_platform.models.policy import PPO_ZIP, PolicyModel, imitate
 from decision_platform.models.registry import ModelRegistry
@@ -46,11 +50,18 @@ from decision_platform.models.scoring import ScoringChain
 from decision_platform.training.progress import SILENT, Progress
 from decision_platform.training.simulator import FraudSimulatorEnv, group_histories
 from decision_platform.training.train import (
+    ALLOW_ALL,
+    BAYES,
+    PPO_POLICY,
+    RULES_ONLY,
+    Baselines,
     PPOProgress,
-    best_threshold_policy,
+    RulesOnlyResult,
+    Verdict,
+    judge_policies,
     new_ppo,
-    threshold_probabilities,
 )
+from decision_platform.training.yardstick import Replay, best_thresholds
 
 
 class RetrainError(RuntimeError):
@@ -69,6 +80,8 @@ class RetrainReport:
     #: candidate - champion per estimator, paired bootstrap CI: what the gate reads.
     difference: dict[str, Estimate]
     gate: GateResult
+    #: PPO and the baselines in the simulator of the labelled held-out histories; which one is the candidate.
+    baselines: Verdict | None = None
     limits: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     promoted: bool = False
@@ -76,12 +89,18 @@ class RetrainReport:
     files: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        skip = ("champion", "candidate", "difference", "gate")
+        skip = ("champion", "candidate", "difference", "gate", "baselines")
         out = {k: v for k, v in self.__dict__.items() if k not in skip}
         out["difference"] = {k: asdict(v) for k, v in self.difference.items()}
         out["champion"] = self.champion.as_dict()
         out["candidate"] = self.candidate.as_dict()
         out["gate"] = self.gate.as_dict()
+        if self.baselines is not None:
+            out["baselines"] = {
+                "candidate": self.baselines.served,
+                "best_baseline": self.baselines.best_baseline,
+                "policies": {k: c.as_dict() for k, c in self.baselines.comparisons.items()},
+            }
         return out
 
 
@@ -148,7 +167,7 @@ def _refit_risk(
 
 
 def _train_policy(
-    champion: PolicyModel,
+    champion: Policy,
     champion_dir: Path,
     states: np.ndarray,
     logged: LoggedDecisions,
@@ -158,7 +177,7 @@ def _train_policy(
     seed: int,
     progress: Progress = SILENT,
 ) -> tuple[PolicyModel, PPO]:
-    """PPO warm-started from the champion's weights, trained in the simulator of the logged histories."""
+    """PPO warm-started from the champion, trained in the simulator of the logged histories."""
     rows = train & (logged.labels >= 0)
     histories = group_histories(
         logged.entity_ids[rows], states[rows], logged.labels[rows], logged.amounts[rows]
@@ -171,19 +190,56 @@ def _train_policy(
     if zip_path.is_file():
         ppo = PPO.load(zip_path, env=env, device="cpu", seed=seed)
     else:
-        # A champion without its SB3 zip (hand-made or imported) cannot be warm-started: start like
-        # `train` does, from the best fixed risk thresholds on these histories, cloned into the actor.
+        # A champion without its SB3 zip (a baseline served as the policy, or a hand-made one) cannot be
+        # warm-started from weights: its behaviour on these states is cloned into a new actor instead.
         ppo = new_ppo(env, seed)
-        risk_index = len(champion.state_names) - 1
-        t_throttle, t_block = best_threshold_policy(histories, rewards, risk_index, seed)
-        baseline = threshold_probabilities(risk_index, t_throttle, t_block)
-        imitate(ppo, states[rows], baseline(states[rows]).argmax(axis=1), seed=seed)
+        imitate(ppo, states[rows], champion.probabilities(states[rows]).argmax(axis=1), seed=seed)
     if timesteps > 0:
         task = "policy: PPO from the champion, logged histories"
         progress.start(task, timesteps)
         ppo.learn(timesteps, callback=PPOProgress(lambda n: progress.advance(task, n)))
     candidate = PolicyModel.from_sb3(ppo, champion.state_names, champion.scaler_mean, champion.scaler_std)
     return candidate, ppo
+
+
+def against_baselines(
+    champion: Policy,
+    candidate: PolicyModel,
+    states: np.ndarray,
+    logged: LoggedDecisions,
+    train: np.ndarray,
+    holdout: np.ndarray,
+    rewards: RewardTable,
+    seed: int,
+) -> tuple[Verdict, Baselines] | None:
+    """The PPO candidate and the same four baselines as ``train`` (allow-all, thresholds searched for
+    total reward on the labelled training part, Bayes minimum risk, rules only as logged: the action the
+    rules' mask leaves to an allow), judged in the simulator of the labelled held-out histories. None
+    when the held-out part has no labelled decision (nothing to replay: the OPE gate alone judges)."""
+    fit = train & (logged.labels >= 0)
+    if not (holdout & (logged.labels >= 0)).any():
+        return None
+    risk_index = champion.state_names.index("risk")
+    replay = Replay.of(logged.entity_ids[fit], logged.labels[fit], logged.amounts[fit])
+    t_throttle, t_block = best_thresholds(states[fit, risk_index], replay, rewards)
+    names, mean, std = champion.state_names, champion.scaler_mean, champion.scaler_std
+    thresholds = ThresholdPolicy(t_throttle, t_block, names, mean, std)
+    bayes = BayesPolicy(rewards.expected_step_values(), names, mean, std)
+    rows = holdout & (logged.labels >= 0)
+    masks = logged.masks[rows]
+    rules_actions = np.where(masks[:, 0], 0, np.where(masks[:, 1], 1, 2)).astype(np.int8)
+    held = states[rows]
+    probabilities = {
+        ALLOW_ALL: np.tile([1.0, 0.0, 0.0], (len(held), 1)),
+        thresholds.name: thresholds.probabilities(held),
+        BAYES: bayes.probabilities(held),
+        RULES_ONLY: np.eye(3)[rules_actions],
+        PPO_POLICY: candidate.probabilities(held),
+    }
+    verdict = judge_policies(
+        probabilities, logged.entity_ids[rows], logged.labels[rows], logged.amounts[rows], rewards, seed
+    )
+    return verdict, Baselines(thresholds, bayes, RulesOnlyResult(rules_actions, {}, {}, {}))
 
 
 def judge(
@@ -289,7 +345,7 @@ def _register_candidate(
     window: dict[str, Any],
     inputs: np.ndarray,
     risk: tuple[RiskModel, dict[str, Any]],
-    policy: tuple[PolicyModel, PPO],
+    policy: tuple[Policy, PPO | None],
     ope_metrics: dict[str, Any],
 ) -> dict[str, str]:
     """The refit risk model (only if refit) and the policy, as challengers; kind -> version."""
@@ -347,9 +403,16 @@ def retrain(
     t0 = time.perf_counter()
     states = champions.policy.state(logged.features, anomaly, risk_model.predict(inputs))
     steps = config.training.ppo_timesteps if timesteps is None else timesteps
-    policy, ppo = _train_policy(
+    ppo_policy, ppo = _train_policy(
         champions.policy, champion_dir, states, logged, train, rewards, steps, seed, progress
     )
+    judged = against_baselines(champions.policy, ppo_policy, states, logged, train, holdout, rewards, seed)
+    verdict = judged[0] if judged is not None else None
+    # The candidate is PPO only when it earns at least the best baseline; else that baseline is.
+    policy: Policy = ppo_policy
+    policy_zip: PPO | None = ppo
+    if judged is not None and not judged[0].ppo_promoted:
+        policy, policy_zip = judged[1].served_as(judged[0].served), None
     timings["policy_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -368,6 +431,9 @@ def retrain(
 
     window = _window(logged, train, cut, since, until)
     ope_metrics = {
+        "candidate": verdict.served if verdict is not None else PPO_POLICY,
+        "baselines": {name: c.as_dict() for name, c in verdict.comparisons.items()} if verdict else {},
+        "best_baseline": verdict.best_baseline if verdict is not None else None,
         "ope": cand_est.as_dict(),
         "champion_ope": champ_est.as_dict(),
         "difference": {k: asdict(v) for k, v in difference.items()},
@@ -382,7 +448,7 @@ def retrain(
         window,
         inputs,
         (risk_model, risk_info),
-        (policy, ppo),
+        (policy, policy_zip),
         ope_metrics,
     )
     cand_est = PolicyEstimate(**{**cand_est.__dict__, "version": versions["policy"]})
@@ -401,6 +467,7 @@ def retrain(
         candidate=cand_est,
         difference=difference,
         gate=gate,
+        baselines=verdict,
         limits={
             "good_block_rate": config.gate.max_good_block_rate,
             "fraud_allow_rate": config.gate.max_fraud_allow_rate,

@@ -13,7 +13,8 @@ from typing import Protocol
 import numpy as np
 
 from decision_platform.models.anomaly import AnomalyModel
-from decision_platform.models.policy import PPO_ZIP, PolicyModel
+from decision_platform.models.baseline_policy import Policy
+from decision_platform.models.policy import PPO_ZIP
 from decision_platform.models.ranges import save_population_ranges
 from decision_platform.models.risk import RiskModel
 
@@ -40,7 +41,10 @@ def save_artifact(
         save_population_ranges(directory, range_rows, range_labels, [*model.input_names, "risk"])
 
 
-def save_policy_artifact(model: PolicyModel, ppo: SavesZip, directory: Path, spec_path: Path) -> None:
+def save_policy_artifact(model: Policy, ppo: SavesZip | None, directory: Path, spec_path: Path) -> None:
+    """A policy artifact: the served policy, SB3's zip when it is a PPO actor (None for a baseline served
+    as the policy: retraining then clones its behaviour before fine-tuning), the feature definitions."""
     model.save(directory)
-    ppo.save(directory / PPO_ZIP)
+    if ppo is not None:
+        ppo.save(directory / PPO_ZIP)
     shutil.copyfile(spec_path, directory / SPEC_FILE)

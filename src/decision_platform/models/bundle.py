@@ -12,14 +12,14 @@ import numpy as np
 from decision_platform.features import FeatureSpec
 from decision_platform.models.anomaly import AnomalyModel
 from decision_platform.models.artifacts import SPEC_FILE
-from decision_platform.models.policy import PolicyModel
+from decision_platform.models.baseline_policy import Policy, load_policy
 from decision_platform.models.registry import KINDS, ModelRegistry
 from decision_platform.models.risk import RiskModel
 from decision_platform.observability import metrics
 from decision_platform.storage.errors import is_outage
 
 log = logging.getLogger(__name__)
-_LOADERS = {"anomaly": AnomalyModel.load, "risk": RiskModel.load, "policy": PolicyModel.load}
+_LOADERS = {"anomaly": AnomalyModel.load, "risk": RiskModel.load, "policy": load_policy}
 
 
 @dataclass
@@ -36,10 +36,10 @@ class LoadedModels:
     spec: FeatureSpec | None = None
     anomaly: AnomalyModel | None = None
     risk: RiskModel | None = None
-    policy: PolicyModel | None = None
+    policy: Policy | None = None
     versions: dict[str, str] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
-    shadow_policy: PolicyModel | None = None
+    shadow_policy: Policy | None = None
     shadow_version: str | None = None
     shadow_error: str | None = None
     registry_state: frozenset[tuple[str, str, str]] = frozenset()

@@ -24,6 +24,26 @@ _ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
+#: ``policy.json``'s ``type`` of a PPO actor (artifacts written before baselines could be served have none).
+PPO_ACTOR = "ppo"
+
+
+def scaled_state(
+    features: np.ndarray, anomaly: np.ndarray, risk: np.ndarray, mean: np.ndarray, std: np.ndarray
+) -> np.ndarray:
+    """Every policy's observation: signed-log features standardised on the training part, then the
+    anomaly and the risk. One function, so a served baseline and the PPO actor see the same state."""
+    x = np.atleast_2d(np.asarray(features, dtype=np.float64))
+    scaled = (np.sign(x) * np.log1p(np.abs(x)) - mean) / std
+    return np.column_stack([scaled, np.atleast_1d(anomaly), np.atleast_1d(risk)]).astype(np.float32)
+
+
+def unscaled_feature(states: np.ndarray, index: int, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """The raw value of feature ``index`` back from states (the inverse of :func:`scaled_state`)."""
+    v = np.asarray(states, dtype=np.float64)[:, index] * std[index] + mean[index]
+    return np.sign(v) * np.expm1(np.abs(v))
+
+
 class PolicyModel:
     """Action probabilities of the PPO actor for states ``[scaled features..., anomaly, risk]``."""
 
@@ -44,9 +64,7 @@ class PolicyModel:
 
     def state(self, features: np.ndarray, anomaly: np.ndarray, risk: np.ndarray) -> np.ndarray:
         """The policy's observation: scaled features, then the two scores."""
-        x = np.atleast_2d(np.asarray(features, dtype=np.float64))
-        scaled = (np.sign(x) * np.log1p(np.abs(x)) - self.scaler_mean) / self.scaler_std
-        return np.column_stack([scaled, np.atleast_1d(anomaly), np.atleast_1d(risk)]).astype(np.float32)
+        return scaled_state(features, anomaly, risk, self.scaler_mean, self.scaler_std)
 
     def probabilities(self, states: np.ndarray) -> np.ndarray:
         """(n, k) states -> (n, 3) action probabilities."""
@@ -83,7 +101,12 @@ class PolicyModel:
             f"b{i}": b for i, b in enumerate(self.biases)
         }
         np.savez(directory / ACTOR, scaler_mean=self.scaler_mean, scaler_std=self.scaler_std, **arrays)
-        meta = {"activation": self.activation, "layers": len(self.weights), "state_names": self.state_names}
+        meta = {
+            "type": PPO_ACTOR,
+            "activation": self.activation,
+            "layers": len(self.weights),
+            "state_names": self.state_names,
+        }
         (directory / META).write_text(json.dumps(meta, indent=2), "utf-8")
 
     @classmethod

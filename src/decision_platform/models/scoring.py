@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from decision_platform.models.anomaly import AnomalyModel
-from decision_platform.models.policy import PolicyModel, serving_distribution
+from decision_platform.models.baseline_policy import Policy
+from decision_platform.models.policy import serving_distribution
 from decision_platform.models.risk import RiskModel
 
 
@@ -31,7 +32,7 @@ class ScoringChain:
 
     anomaly: AnomalyModel
     risk: RiskModel
-    policy: PolicyModel
+    policy: Policy
 
     def score(self, features: np.ndarray) -> ChainScores:
         """Every intermediate score for rows of features."""

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from decision_platform.data.columns import EventColumns
 from decision_platform.features import FeatureSpec, compute_features
 from decision_platform.models.anomaly import AnomalyModel
 from decision_platform.models.artifacts import save_artifact, save_policy_artifact
+from decision_platform.models.baseline_policy import NEVER, BayesPolicy, Policy, ThresholdPolicy
 from decision_platform.models.policy import PolicyModel, imitate
 from decision_platform.models.preprocessing import Standardizer
 from decision_platform.models.registry import ModelRegistry
@@ -35,12 +36,13 @@ from decision_platform.rules.ruleset import BASE_VARIABLES, RuleSet, RuleTally, 
 from decision_platform.training import PPO_TIMESTEPS
 from decision_platform.training.baseline import classifier_metrics, fit_gradient_boosting
 from decision_platform.training.progress import SILENT, Progress
-from decision_platform.training.simulator import (
-    EntityHistory,
-    FraudSimulatorEnv,
-    PolicyReport,
-    evaluate_policy,
-    group_histories,
+from decision_platform.training.simulator import EntityHistory, FraudSimulatorEnv, group_histories
+from decision_platform.training.yardstick import (
+    PolicyComparison,
+    Replay,
+    best_thresholds,
+    compare,
+    expectation,
 )
 
 
@@ -54,6 +56,9 @@ class TrainConfig:
     #: Embed integer-valued event attributes by value as well as by magnitude (see value_inputs).
     value_embeddings: bool = True
     ppo_timesteps: int = PPO_TIMESTEPS
+    #: The behaviour PPO's actor is cloned from before it learns: "bayes" (the Bayes-minimum-risk
+    #: policy), "thresholds" (the best fixed thresholds) or "none" (PPO from scratch).
+    warm_start: Literal["bayes", "thresholds", "none"] = "bayes"
     seed: int = 0
 
 
@@ -61,7 +66,11 @@ class TrainConfig:
 class TrainReport:
     versions: dict[str, str]
     risk_metrics: dict[str, float]
-    policies: list[PolicyReport]
+    #: Every policy on held-out time (training/yardstick.py), differences paired to the best baseline.
+    policies: list[PolicyComparison]
+    #: The baseline with the most total reward per entity, and the policy registered as the policy.
+    best_baseline: str
+    served: str
     timings: dict[str, float] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     #: The rules-only baseline: rules file, events each rule fired on, rules reading model scores.
@@ -97,20 +106,10 @@ class PPOProgress(BaseCallback):
         return True
 
 
-def threshold_probabilities(
-    risk_index: int, t_throttle: float, t_block: float
-) -> Callable[[np.ndarray], np.ndarray]:
-    """A fixed two-threshold policy on the risk score (column ``risk_index`` of the state)."""
-
-    def probabilities(states: np.ndarray) -> np.ndarray:
-        risk = states[:, risk_index]
-        action = np.where(risk >= t_block, 2, np.where(risk >= t_throttle, 1, 0))
-        return np.eye(3)[action]
-
-    return probabilities
-
-
+ALLOW_ALL = "allow-all"
 RULES_ONLY = "rules only"
+BAYES = "Bayes minimum risk"
+PPO_POLICY = "PPO policy"
 
 
 @dataclass(frozen=True)
@@ -188,36 +187,6 @@ class _PerRow:
         return self._row(i)
 
 
-def best_threshold_policy(
-    histories: list[EntityHistory], rewards: RewardTable, risk_index: int, seed: int
-) -> tuple[float, float]:
-    """Grid-search the throttle / block thresholds that maximise reward on training histories.
-
-    The grid has fixed probabilities and the upper quantiles of the risk itself: a model that ranks well
-    but is calibrated on a different base rate may put every fraud below the first fixed step.
-    """
-    risk = np.concatenate([h.states[:, risk_index] for h in histories])
-    quantiles = np.quantile(risk, [0.8, 0.9, 0.95, 0.98, 0.99, 0.995]) if len(risk) else []
-    fixed = [0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
-    grid = [*sorted({float(v) for v in [*fixed, *quantiles]}), 1.01]
-    best, best_value = (1.01, 1.01), -np.inf
-    for t_throttle in grid:
-        for t_block in grid:
-            if t_block < t_throttle:
-                continue
-            report = evaluate_policy(
-                "threshold",
-                threshold_probabilities(risk_index, t_throttle, t_block),
-                histories,
-                rewards,
-                seed=seed,
-                n_bootstrap=1,
-            )
-            if report.reward_per_decision > best_value:
-                best, best_value = (t_throttle, t_block), report.reward_per_decision
-    return best
-
-
 def new_ppo(env: DummyVecEnv, seed: int) -> PPO:
     """PPO as the platform trains it: short rollouts and a small MLP (the state is ~20 numbers), a low
     learning rate because it starts from a behaviour-cloned or champion actor it should refine, not erase."""
@@ -280,22 +249,6 @@ class PolicyStates:
     @property
     def risk_index(self) -> int:
         return len(self.names) - 1
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """The best fixed throttle / block thresholds on the risk (fit on the training part)."""
-
-    throttle: float
-    block: float
-    risk_index: int
-
-    @property
-    def name(self) -> str:
-        return f"risk thresholds {self.throttle:.3g}/{self.block:.3g}"
-
-    def probabilities(self, states: np.ndarray) -> np.ndarray:
-        return threshold_probabilities(self.risk_index, self.throttle, self.block)(states)
 
 
 @dataclass(frozen=True, eq=False)
@@ -480,29 +433,41 @@ def policy_states(
     )
 
 
-def fit_thresholds(states: PolicyStates, rewards: RewardTable, seed: int) -> Thresholds:
-    """The fixed-thresholds baseline, and the behaviour PPO is cloned from before it learns."""
-    t_throttle, t_block = best_threshold_policy(states.train_histories, rewards, states.risk_index, seed)
-    return Thresholds(t_throttle, t_block, states.risk_index)
+def fit_thresholds(split: Split, states: PolicyStates, rewards: RewardTable) -> ThresholdPolicy:
+    """The best fixed thresholds, searched on the training part for expected total reward per entity."""
+    train = split.train
+    replay = Replay.of(split.entity_ids[train], split.labels[train], split.amounts[train])
+    t_throttle, t_block = best_thresholds(states.states[train, states.risk_index], replay, rewards)
+    return ThresholdPolicy(t_throttle, t_block, states.names, states.scaler.mean, states.scaler.std)
+
+
+def bayes_policy(states: PolicyStates, rewards: RewardTable) -> BayesPolicy:
+    """The Bayes-minimum-risk baseline: nothing to fit, it prices each action from rewards.yaml."""
+    return BayesPolicy(rewards.expected_step_values(), states.names, states.scaler.mean, states.scaler.std)
 
 
 def fit_policy(
     split: Split,
     states: PolicyStates,
-    thresholds: Thresholds,
+    start_from: Policy | None,
     rewards: RewardTable,
     config: TrainConfig,
     progress: Progress = SILENT,
 ) -> PolicyFit:
-    """PPO in the simulator of the training histories, starting from the thresholds cloned into its actor."""
+    """PPO in the simulator of the training histories, its actor first cloned from ``start_from`` (None:
+    from scratch). Cloning the Bayes policy starts PPO at the strongest simple policy, so its small
+    learning rate only has to find where the long term (an episode ended, a fraudster who gives up)
+    makes another action better."""
     train_states = states.states[split.train]
     env = DummyVecEnv([lambda: FraudSimulatorEnv(states.train_histories, rewards) for _ in range(4)])
     env.seed(config.seed)
     ppo = new_ppo(env, config.seed)
-    imitate(ppo, train_states, thresholds.probabilities(train_states).argmax(axis=1), seed=config.seed)
+    if start_from is not None:
+        imitate(ppo, train_states, start_from.probabilities(train_states).argmax(axis=1), seed=config.seed)
     task = "policy: PPO in the simulator"
     progress.start(task, config.ppo_timesteps)
-    ppo.learn(config.ppo_timesteps, callback=PPOProgress(lambda n: progress.advance(task, n)))
+    if config.ppo_timesteps > 0:
+        ppo.learn(config.ppo_timesteps, callback=PPOProgress(lambda n: progress.advance(task, n)))
     scaler = states.scaler
     return PolicyFit(PolicyModel.from_sb3(ppo, states.names, scaler.mean, scaler.std), ppo)
 
@@ -530,71 +495,86 @@ def fit_rules_only(
     )
 
 
-def evaluate_heldout(
-    split: Split,
-    states: PolicyStates,
-    thresholds: Thresholds,
-    rules_only: RulesOnlyResult,
-    policy: PolicyModel,
+@dataclass(frozen=True, eq=False)
+class Baselines:
+    """The four baselines PPO has to beat, and how to serve each one as the policy."""
+
+    thresholds: ThresholdPolicy
+    bayes: BayesPolicy
+    rules_only: RulesOnlyResult
+
+    def served_as(self, name: str) -> Policy:
+        """Baseline ``name`` as a policy artifact. Allow-all and rules only are both served as allow-all:
+        at serving the rules apply on top of any policy, which makes allow-all exactly rules only."""
+        if name == self.thresholds.name:
+            return self.thresholds
+        if name == BAYES:
+            return self.bayes
+        t = self.thresholds
+        label = f"{name} (allow-all under the rules)"
+        return ThresholdPolicy(NEVER, NEVER, t.state_names, t.scaler_mean, t.scaler_std, name=label)
+
+
+def heldout_probabilities(
+    split: Split, states: PolicyStates, baselines: Baselines, policy: PolicyModel
+) -> dict[str, np.ndarray]:
+    """(n, 3) action probabilities of every compared policy on the held-out rows, baselines first."""
+    held = states.states[split.test]
+    return {
+        ALLOW_ALL: np.tile(np.array([1.0, 0.0, 0.0], dtype=np.float32), (len(held), 1)),
+        baselines.thresholds.name: baselines.thresholds.probabilities(held).astype(np.float32),
+        BAYES: baselines.bayes.probabilities(held).astype(np.float32),
+        RULES_ONLY: np.eye(3, dtype=np.float32)[baselines.rules_only.actions],
+        PPO_POLICY: policy.probabilities(held).astype(np.float32),
+    }
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Which policy is served: PPO only when it is no worse than the best baseline on held-out time."""
+
+    comparisons: dict[str, PolicyComparison]
+    best_baseline: str
+    served: str
+
+    @property
+    def ppo_promoted(self) -> bool:
+        return self.served == PPO_POLICY
+
+
+def judge_policies(
+    probabilities: dict[str, np.ndarray],
+    entity_ids: np.ndarray,
+    labels: np.ndarray,
+    amounts: np.ndarray,
     rewards: RewardTable,
     seed: int,
-    progress: Progress = SILENT,
-) -> list[PolicyReport]:
-    """Allow-all, thresholds, rules only and PPO in the simulator of the held-out entities."""
-    test = split.test
-    # Same grouping as test_histories, so every policy meets the same random draws row by row.
-    rules_histories = group_histories(
-        split.entity_ids[test],
-        rules_only.actions[:, None].astype(np.float32),
-        split.labels[test],
-        split.amounts[test],
-    )
-    task = "evaluating policies on held-out time"
-    progress.start(task, 4)
-    progress.advance(task)
-    histories = states.test_histories
-    reports = [
-        evaluate_policy(
-            "allow-all", lambda s: np.tile([1.0, 0.0, 0.0], (len(s), 1)), histories, rewards, seed=seed
-        ),
-        evaluate_policy(thresholds.name, thresholds.probabilities, histories, rewards, seed=seed),
-    ]
-    progress.advance(task)
-    reports.append(
-        evaluate_policy(
-            RULES_ONLY, lambda s: np.eye(3)[s[:, 0].astype(np.int64)], rules_histories, rewards, seed=seed
-        )
-    )
-    progress.advance(task)
-    reports.append(evaluate_policy("PPO policy", policy.probabilities, histories, rewards, seed=seed))
-    progress.advance(task)
-    return reports
+    candidate: str = PPO_POLICY,
+) -> Verdict:
+    """Every policy's expected total reward per entity on these rows (time order), paired to the best
+    baseline (every policy but ``candidate``); the candidate is served only if its point estimate is at
+    least the best baseline's, else that baseline is."""
+    replay = Replay.of(entity_ids, labels, amounts)
+    expectations = {name: expectation(p, replay, rewards) for name, p in probabilities.items()}
+    baselines = [name for name in probabilities if name != candidate]
+    best = max(baselines, key=lambda name: expectations[name].per_entity["reward"].sum())
+    comparisons = compare(expectations, best, seed)
+    no_worse = comparisons[candidate].per_entity_diff.value >= 0.0
+    return Verdict(comparisons, best, candidate if no_worse else best)
 
 
 def heldout_rows(
-    split: Split,
-    anomaly: np.ndarray,
-    risk: np.ndarray,
-    states: PolicyStates,
-    thresholds: Thresholds,
-    rules_only: RulesOnlyResult,
-    policy: PolicyModel,
+    split: Split, anomaly: np.ndarray, risk: np.ndarray, probabilities: dict[str, np.ndarray]
 ) -> HeldOutRows:
     """The held-out rows with the action probabilities of every compared policy."""
     test = split.test
-    held_states = states.states[test]
     return HeldOutRows(
         entity_ids=split.entity_ids[test],
         labels=split.labels[test],
         amounts=split.amounts[test],
         anomaly=anomaly[test],
         risk=risk[test],
-        probabilities={
-            "allow-all": np.tile(np.array([1.0, 0.0, 0.0], dtype=np.float32), (int(test.sum()), 1)),
-            thresholds.name: thresholds.probabilities(held_states),
-            RULES_ONLY: np.eye(3, dtype=np.float32)[rules_only.actions],
-            "PPO policy": policy.probabilities(held_states).astype(np.float32),
-        },
+        probabilities=probabilities,
     )
 
 
@@ -604,7 +584,7 @@ def register_models(
     split: Split,
     anomaly: AnomalyFit,
     risk: RiskFit,
-    policy: PolicyFit,
+    policy: tuple[Policy, PPO | None],
     policy_metrics: dict[str, Any],
     config: TrainConfig,
     status: str,
@@ -637,7 +617,7 @@ def register_models(
         ),
         "policy": registry.register(
             "policy",
-            lambda d: save_policy_artifact(policy.model, policy.ppo, d, spec_path),
+            lambda d: save_policy_artifact(policy[0], policy[1], d, spec_path),
             split.window,
             policy_metrics,
             status,
@@ -658,9 +638,11 @@ def train_all(
 ) -> TrainReport:
     """Fit anomaly, risk and policy; register them (as champions when ``promote``); report.
 
-    The held-out comparison has four policies: allow-all, the best fixed risk thresholds (fit on the
-    training part), rules only (``rules``: a rule set or rules file, by default the configured
-    rules.yaml) and the PPO policy.
+    The held-out comparison has the PPO policy and four baselines: allow-all, the best fixed risk
+    thresholds (searched on the training part for total reward), the Bayes-minimum-risk policy, and rules
+    only (``rules``: a rule set or rules file, by default the configured rules.yaml). The policy artifact
+    registered is PPO only if it earns at least the best baseline in total reward per entity; otherwise
+    that baseline is registered as the policy (``TrainReport.served`` says which).
     """
     torch.set_num_threads(max(1, torch.get_num_threads()))
     spec = FeatureSpec.load(spec_path)
@@ -673,23 +655,42 @@ def train_all(
     risk = fit_risk(split, spec.names, anomaly.scores, config, progress, spec.categorical_names)
     timer.lap("risk_s")
     states = policy_states(split, spec.names, anomaly.scores, risk, spec.categorical_names)
-    thresholds = fit_thresholds(states, rewards, config.seed)
-    policy = fit_policy(split, states, thresholds, rewards, config, progress)
+    thresholds = fit_thresholds(split, states, rewards)
+    bayes = bayes_policy(states, rewards)
+    start_from = {"bayes": bayes, "thresholds": thresholds, "none": None}[config.warm_start]
+    ppo = fit_policy(split, states, start_from, rewards, config, progress)
     timer.lap("policy_s")
     rules_only = fit_rules_only(rule_set, split, spec.names, anomaly.scores, risk.scores, progress)
     timer.lap("rules_s")
-    reports = evaluate_heldout(
-        split, states, thresholds, rules_only, policy.model, rewards, config.seed, progress
+    baselines = Baselines(thresholds, bayes, rules_only)
+    probabilities = heldout_probabilities(split, states, baselines, ppo.model)
+    test = split.test
+    with progress.status("judging the policies on held-out time (total reward per entity)"):
+        verdict = judge_policies(
+            probabilities,
+            split.entity_ids[test],
+            split.labels[test],
+            split.amounts[test],
+            rewards,
+            config.seed,
+        )
+    timer.lap("judge_s")
+    served: tuple[Policy, PPO | None] = (
+        (ppo.model, ppo.ppo) if verdict.ppo_promoted else (baselines.served_as(verdict.served), None)
     )
     policy_metrics = {
-        "heldout": {r.name: _report_dict(r) for r in reports},
+        "heldout": {name: c.as_dict() for name, c in verdict.comparisons.items()},
+        "served": verdict.served,
+        "best_baseline": verdict.best_baseline,
+        "ppo_promoted": verdict.ppo_promoted,
         "timesteps": config.ppo_timesteps,
+        "warm_start": config.warm_start,
         "thresholds": {"throttle": thresholds.throttle, "block": thresholds.block},
         "rules_only": {"source": rules_source, "hits": rules_only.hits},
     }
     status = "champion" if promote else "challenger"
     versions = register_models(
-        registry, spec_path, split, anomaly, risk, policy, policy_metrics, config, status
+        registry, spec_path, split, anomaly, risk, served, policy_metrics, config, status
     )
     timer.timings["total_s"] = time.perf_counter() - timer.started
     rows = int(split.test.sum())
@@ -699,11 +700,13 @@ def train_all(
     return TrainReport(
         versions,
         risk.metrics,
-        reports,
+        list(verdict.comparisons.values()),
+        verdict.best_baseline,
+        verdict.served,
         timer.timings,
         split.window,
         rules_info,
-        heldout_rows(split, anomaly.scores, risk.scores, states, thresholds, rules_only, policy.model),
+        heldout_rows(split, anomaly.scores, risk.scores, probabilities),
         HeldOutRows(
             split.entity_ids[train],
             split.labels[train],
@@ -726,16 +729,3 @@ class _Timer:
         now = time.perf_counter()
         self.timings[name] = now - self._last
         self._last = now
-
-
-def _report_dict(report: PolicyReport) -> dict[str, float]:
-    return {
-        "reward_per_decision": report.reward_per_decision,
-        "ci_low": report.ci_low,
-        "ci_high": report.ci_high,
-        "fraud_caught_rate": report.fraud_caught_rate,
-        "fraud_amount_lost": report.fraud_amount_lost,
-        "good_blocked": report.good_blocked,
-        "good_throttled": report.good_throttled,
-        "decisions": report.decisions,
-    }

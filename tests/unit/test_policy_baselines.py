@@ -1,0 +1,246 @@
+"""The baselines PPO must beat, and serving one of them as the policy when PPO does not beat it."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from decision_platform.config import PROJECT_ROOT, Settings
+from decision_platform.core.rewards import RewardTable
+from decision_platform.data import generate
+from decision_platform.learning.logged import LoggedDecisions, load_logged
+from decision_platform.learning.retrain import against_baselines
+from decision_platform.models.baseline_policy import BayesPolicy, ThresholdPolicy, load_policy
+from decision_platform.models.policy import PPO_ZIP, serving_distribution
+from decision_platform.models.preprocessing import Standardizer
+from decision_platform.models.registry import ModelRegistry
+from decision_platform.models.risk import RiskConfig
+from decision_platform.models.scoring import ScoringChain
+from decision_platform.serving.engine import DecisionRequest
+from decision_platform.serving.platform import Platform
+from decision_platform.storage.database import make_engine, migrate
+from decision_platform.storage.repository import Repository
+from decision_platform.training.train import BAYES, PPO_POLICY, TrainConfig, TrainReport, train_all
+from decision_platform.training.yardstick import Replay, best_thresholds, compare, expectation
+
+CONFIG_DIR = PROJECT_ROOT / "config"
+REWARDS = RewardTable.load(CONFIG_DIR / "rewards.yaml")
+
+
+def test_expected_step_values_are_the_rewards_yaml_numbers() -> None:
+    # good: allow 1 + 0.02 A; throttle 0.1 x -20 + 0.9 x (0.5 + 0.02 A); block -20.
+    # bad: allow -15 - A; throttle 0.7 x 1 + 0.3 x (-15 - A); block 1.
+    g0, g1, b0, b1 = REWARDS.expected_step_values()
+    assert np.allclose(g0, [1.0, -1.55, -20.0]) and np.allclose(g1, [0.02, 0.018, 0.0])
+    assert np.allclose(b0, [-15.0, -3.8, 1.0]) and np.allclose(b1, [-1.0, -0.3, 0.0])
+
+
+def _bayes() -> BayesPolicy:
+    names = ["amount", "anomaly", "risk"]
+    scaler = Standardizer.fit(np.array([[1.0], [30.0], [500.0]]))
+    return BayesPolicy(REWARDS.expected_step_values(), names, scaler.mean, scaler.std)
+
+
+@pytest.mark.parametrize(
+    ("risk", "amount", "action"),
+    [
+        # allow: .95 x 1.2 - .05 x 25 = -0.11 > throttle .95 x -1.37 - .05 x 6.8 = -1.64 > block -18.95
+        (0.05, 10.0, 0),
+        # same risk, ten times the amount: allow -2.90 < throttle .95 x 0.25 - .05 x 33.8 = -1.45
+        (0.05, 100.0, 1),
+        # throttle .5 x -1.37 + .5 x -6.8 = -4.09 > block .5 x -20 + .5 = -9.5 > allow -11.9
+        (0.5, 10.0, 1),
+        # same risk, a large amount: throttle .5 x 2.05 - .5 x 63.8 = -30.9 < block -9.5
+        (0.5, 200.0, 2),
+        # block .1 x -20 + .9 = -1.1 > throttle -6.26 > allow -22.4
+        (0.9, 10.0, 2),
+    ],
+)
+def test_the_bayes_policy_takes_the_argmax_of_expected_reward(
+    risk: float, amount: float, action: int
+) -> None:
+    policy = _bayes()
+    states = policy.state(np.array([[amount]]), np.array([0.3]), np.array([risk]))
+    assert np.allclose(policy.amounts(states), [amount])
+    probabilities = policy.probabilities(states)
+    assert probabilities.tolist() == [np.eye(3)[action].tolist()]
+
+
+def test_baselines_round_trip_through_their_artifact(tmp_path: Path) -> None:
+    bayes = _bayes()
+    thresholds = ThresholdPolicy(0.1, 0.6, bayes.state_names, bayes.scaler_mean, bayes.scaler_std)
+    states = bayes.state(np.array([[5.0], [80.0], [400.0]]), np.zeros(3), np.array([0.02, 0.3, 0.8]))
+    for policy in (bayes, thresholds):
+        directory = tmp_path / type(policy).__name__
+        directory.mkdir()
+        policy.save(directory)
+        loaded = load_policy(directory)
+        assert type(loaded) is type(policy)
+        assert np.array_equal(loaded.probabilities(states), policy.probabilities(states))
+    assert thresholds.probabilities(states).argmax(axis=1).tolist() == [0, 1, 2]
+
+
+def test_expected_total_reward_counts_only_the_steps_an_episode_reaches() -> None:
+    # One good entity with three events: throttling the first means the rest is reached with p = 0.9.
+    replay = Replay.of(np.array(["a", "a", "a"]), np.array([0, 0, 0]), np.array([0.0, 0.0, 0.0]))
+    throttle_first = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    e = expectation(throttle_first, replay, REWARDS)
+    assert np.allclose(e.reached, [1.0, 0.9, 0.9])
+    assert np.isclose(e.per_entity["reward"][0], -1.55 + 0.9 * 2)
+    block_first = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    assert np.allclose(expectation(block_first, replay, REWARDS).reached, [1.0, 0.0, 0.0])
+
+
+def test_the_threshold_search_maximises_total_reward_per_entity() -> None:
+    # Frauds of 200 at risk 0.6, good events at risk 0.05 and 0.3: blocking at 0.5 and never throttling
+    # the good ones is best; a block threshold under 0.3 ends good customers' episodes.
+    ids = np.repeat(np.arange(40).astype(str), 5)
+    labels = np.tile([0, 0, 0, 0, 1], 40)
+    risk = np.tile([0.05, 0.05, 0.3, 0.05, 0.6], 40)
+    amounts = np.tile([10.0, 10.0, 10.0, 10.0, 200.0], 40)
+    replay = Replay.of(ids, labels, amounts)
+    t_throttle, t_block = best_thresholds(risk, replay, REWARDS, grid=[0.02, 0.2, 0.5, 1.01])
+    assert t_block == 0.5 and t_throttle >= 0.5
+    probabilities = {
+        "best": np.eye(3)[np.where(risk >= 0.5, 2, 0)],
+        "allow-all": np.tile([1.0, 0.0, 0.0], (len(risk), 1)),
+    }
+    rows = compare({k: expectation(p, replay, REWARDS) for k, p in probabilities.items()}, "best")
+    worse = rows["allow-all"].per_entity_diff
+    assert worse.value < 0 and worse.high < 0  # paired: the CI of the difference excludes zero
+    assert rows["best"].per_entity_diff.value == 0.0
+
+
+@pytest.fixture(scope="module")
+def under_trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainReport, str, Path]:
+    """``train`` with a PPO that never learned: no warm start, no PPO steps (a random actor)."""
+    root = tmp_path_factory.mktemp("under-trained")
+    db_url = f"sqlite:///{root / 'registry.db'}"
+    engine = make_engine(db_url)
+    migrate(engine)
+    try:
+        report = train_all(
+            generate(n_entities=150, days=3, seed=2),
+            CONFIG_DIR / "features.yaml",
+            REWARDS,
+            ModelRegistry(Repository(engine), root / "models"),
+            TrainConfig(
+                anomaly_trees=20, risk=RiskConfig(epochs=2), ppo_timesteps=0, warm_start="none", seed=2
+            ),
+        )
+    finally:
+        engine.dispose()
+    return report, db_url, root / "models"
+
+
+def test_train_serves_the_best_baseline_instead_of_a_worse_ppo(
+    under_trained: tuple[TrainReport, str, Path],
+) -> None:
+    report, db_url, model_dir = under_trained
+    rows = {c.name: c for c in report.policies}
+    assert rows[PPO_POLICY].per_entity_diff.value < 0  # the random actor earns less than the best baseline
+    assert report.served == report.best_baseline != PPO_POLICY
+    best = rows[report.best_baseline].per_entity.value
+    assert all(c.per_entity.value <= best for name, c in rows.items() if name != PPO_POLICY)
+    engine = make_engine(db_url)
+    try:
+        registry = ModelRegistry(Repository(engine), model_dir)
+        record = registry.champion("policy")
+        assert record is not None and record["metrics"]["ppo_promoted"] is False
+        assert record["metrics"]["served"] == report.served
+        path = registry.verified_path(record)
+    finally:
+        engine.dispose()
+    meta = json.loads((path / "policy.json").read_text())
+    assert meta["type"] != "ppo" and not (path / PPO_ZIP).exists()
+    assert isinstance(load_policy(path), BayesPolicy | ThresholdPolicy)
+
+
+def test_the_served_baseline_logs_the_propensities_ope_reconstructs(
+    under_trained: tuple[TrainReport, str, Path], tmp_path: Path
+) -> None:
+    _, db_url, model_dir = under_trained
+    settings = Settings(
+        database_url=db_url,
+        feature_store_url=f"memory://{uuid.uuid4().hex}",
+        model_dir=model_dir,
+        spool_dir=tmp_path / "spool",
+        config_dir=CONFIG_DIR,
+        policy_seed=0,
+    )
+    platform = Platform.start(settings)
+    try:
+        events = generate(n_entities=40, days=1, seed=7).events[:300]
+        platform.engine.decide_batch([DecisionRequest(e.entity_id, e) for e in events])
+        models = platform.models
+        assert isinstance(models.policy, BayesPolicy | ThresholdPolicy)
+        logged = load_logged(platform.repository, models.spec.names)  # type: ignore[union-attr]
+        logged = logged.subset(~logged.fell_back)
+        assert len(logged) == len(events)
+        chain = ScoringChain(models.anomaly, models.risk, models.policy)  # type: ignore[arg-type]
+        target = chain.serving_probabilities(
+            logged.features, logged.masks, settings.exploration_floor, settings.explore_actions
+        )
+        idx = np.arange(len(logged))
+        # What OPE divides by is what serving sampled with: the baseline's one-hot choice under the rules'
+        # mask with the exploration floor.
+        assert np.allclose(target[idx, logged.actions], logged.propensities, atol=1e-6)
+        for probabilities, mask, row in zip(logged.probabilities, logged.masks, target, strict=True):
+            assert np.allclose(
+                serving_distribution(
+                    probabilities, mask, settings.exploration_floor, settings.explore_actions
+                ),
+                row,
+                atol=1e-6,
+            )
+        assert (logged.propensities < 1).any()  # the floor explores: OPE has support beyond the choice
+    finally:
+        platform.close()
+
+
+def _logged(labels: np.ndarray) -> LoggedDecisions:
+    """Logged decisions of 4 entities x 5 events (risk rising over time), with the given labels."""
+    n = len(labels)
+    risk = np.tile(np.linspace(0.0, 0.9, 5), n // 5)
+    return LoggedDecisions(
+        feature_names=["amount"],
+        ids=np.arange(n, dtype=np.int64),
+        entity_ids=np.repeat(np.array(["a", "b", "c", "d"], dtype=object), n // 4),
+        created_at=np.arange(n, dtype=np.float64),
+        features=np.full((n, 1), 50.0),
+        anomaly=np.zeros(n),
+        risk=risk,
+        probabilities=np.tile([1.0, 0.0, 0.0], (n, 1)),
+        masks=np.ones((n, 3), dtype=bool),
+        actions=np.zeros(n, dtype=np.int64),
+        propensities=np.full(n, 0.98),
+        amounts=np.full(n, 50.0),
+        fell_back=np.zeros(n, dtype=bool),
+        outcomes=np.array([None] * n, dtype=object),
+        rewards=np.ones(n),
+        imputed=np.zeros(n, dtype=bool),
+        labels=labels.astype(np.int8),
+        shadow=np.array([None] * n, dtype=object),
+        policy_versions=np.array(["p"] * n, dtype=object),
+    )
+
+
+def test_retrain_judges_the_candidate_against_the_same_baselines() -> None:
+    champion = _bayes()
+    labels = np.tile([0, 0, 0, 1, 1], 4)
+    logged = _logged(labels)
+    states = champion.state(logged.features, logged.anomaly, logged.risk)
+    train = logged.entity_ids < "c"  # entities a, b fit the thresholds; c, d are judged
+    judged = against_baselines(champion, champion, states, logged, train, ~train, REWARDS, seed=0)
+    assert judged is not None
+    verdict, _ = judged
+    assert set(verdict.comparisons) >= {"allow-all", "Bayes minimum risk", "rules only", PPO_POLICY}
+    # A candidate that acts exactly like the Bayes baseline ties with it, so it is no worse than the best.
+    assert verdict.comparisons[PPO_POLICY].per_entity.value == verdict.comparisons[BAYES].per_entity.value
+    # Without a labelled held-out decision there is nothing to replay: the OPE gate alone judges.
+    unlabelled = _logged(np.where(train, labels, -1))
+    assert against_baselines(champion, champion, states, unlabelled, train, ~train, REWARDS, seed=0) is None
