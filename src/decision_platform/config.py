@@ -33,7 +33,8 @@ class Settings(BaseSettings):
     database_url: str = f"sqlite:///{PROJECT_ROOT / 'var' / 'decision_platform.db'}"
     #: Optional PostgreSQL schema for all tables (tests use their own).
     database_schema: str | None = None
-    #: ``memory://`` (fakeredis, running the same Lua) or ``redis://host:port/db``.
+    #: ``memory://`` (fakeredis, running the same Lua), ``redis://host:port/db`` or
+    #: ``redis+cluster://host:port[,host:port...]`` (a Redis Cluster; any reachable nodes as startup nodes).
     feature_store_url: str = "memory://"
     #: Seconds a feature-store call may take before the decision falls back.
     feature_store_timeout_s: float = 0.05
