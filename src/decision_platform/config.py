@@ -120,6 +120,10 @@ class Settings(BaseSettings):
     db_statement_timeout_s: float = Field(5.0, gt=0)
     #: While the database is down, the writer checks it again after this long (doubling up to 1 s).
     db_probe_interval_s: float = Field(0.5, gt=0)
+    #: PostgreSQL: day partitions of the decision log kept created ahead of today (at every start, and by
+    #: long-running processes every ``db_partition_check_s``; ``decision-platform db partitions`` too).
+    db_partitions_ahead_days: int = Field(7, ge=0, le=366)
+    db_partition_check_s: float = Field(3600.0, gt=0)
 
     # --- admin
     #: DP_API_KEY: the key of the /admin endpoints (header X-API-Key); unset, they answer 403.
