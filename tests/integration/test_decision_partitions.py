@@ -6,6 +6,7 @@ Each test has a schema of its own (``pg_schema``); nothing outside it is created
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -86,6 +87,30 @@ def test_days_are_created_ahead_once_and_ids_land_in_their_day(engine: sa.Engine
         rows[3]["id"]: DEFAULT_PARTITION,
     }
     assert repository.get_decision(rows[1]["id"])["created_at"] == last_ms
+
+
+def test_processes_starting_together_create_each_day_once(engine: sa.Engine, pg_schema: str) -> None:
+    """Every API and worker process creates days ahead at start; several at once must not fail."""
+    results: list[Any] = []
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        own = make_engine(PG_URL, pg_schema)
+        try:
+            results.append(ensure_partitions(own, ahead_days=5, today=DAY))
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            own.dispose()
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    made = sorted(name for result in results for name in result.created)
+    assert made == [f"decisions_p202603{d:02d}" for d in range(1, 7)]  # each day by exactly one of them
 
 
 def test_a_day_whose_rows_sit_in_the_default_is_left_there(engine: sa.Engine, pg_schema: str) -> None:

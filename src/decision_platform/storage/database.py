@@ -109,7 +109,8 @@ def migrate(
     if engine.dialect.name == "postgresql" and partitions_ahead_days is not None:
         try:
             result = ensure_partitions(engine, partitions_ahead_days)
-        except sa.exc.OperationalError as exc:  # e.g. the lock timeout on a busy table: next start or check
+        except sa.exc.DBAPIError as exc:  # e.g. a lock timeout on a busy table: the default partition
+            # takes the rows meanwhile, and the next start or periodic check (PartitionKeeper) tries again
             log.warning("could not create the decision log's partitions ahead now: %s", exc)
         else:
             if result.in_default:

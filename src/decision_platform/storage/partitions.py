@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 DEFAULT_PARTITION = "decisions_default"
 #: Longest a partition command waits for its lock: serving writes keep going, the next run tries again.
 LOCK_TIMEOUT = "5s"
+#: A transaction-scoped advisory lock per schema around partition changes (creation and retention).
+_SERIALIZE = "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.decisions partitions'))"
 _BOUND = re.compile(r"FOR VALUES FROM \((MINVALUE|'?-?\d+'?)\) TO \((MAXVALUE|'?-?\d+'?)\)")
 
 
@@ -143,6 +145,11 @@ def ensure_partitions(engine: sa.Engine, ahead_days: int, today: date | None = N
         try:
             with engine.begin() as connection:
                 connection.execute(sa.text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+                # Every API and worker process does this at start: one at a time per schema, and a day
+                # another process made meanwhile is seen here, not created twice.
+                connection.execute(sa.text(_SERIALIZE))
+                if connection.execute(sa.text("SELECT to_regclass(:name)"), {"name": name}).scalar():
+                    continue
                 bounds = f"FOR VALUES FROM ({low}) TO ({high})"
                 connection.execute(sa.text(f'CREATE TABLE "{name}" PARTITION OF decisions {bounds}'))
         except sa.exc.IntegrityError:
@@ -169,6 +176,7 @@ def drop_partitions_before(engine: sa.Engine, cutoff: datetime, *, dry_run: bool
         ids = {"low": low, "high": partition.high}
         with engine.begin() as connection:
             connection.execute(sa.text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+            connection.execute(sa.text(_SERIALIZE))
             for table in ("outcomes", "explanations", "decision_events"):
                 connection.execute(
                     sa.text(f"DELETE FROM {table} WHERE decision_id >= :low AND decision_id < :high"), ids
