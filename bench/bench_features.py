@@ -5,8 +5,9 @@
 ``default`` is config/features.yaml's spec; ``windowed`` adds the amount's std and two numeric attributes
 aggregated over the windows (every aggregation, std included), the cost of the attribute windows.
 
-Runs on fakeredis (memory://) and on redis://127.0.0.1:6379/13 when reachable. Uses its own key prefix
-and deletes its keys afterwards. Compare numbers from one run: the machine is shared.
+Runs on fakeredis (memory://) and on redis://127.0.0.1:6379/13 when reachable, and with ``--redis-cluster``
+on a local 3-master Redis Cluster started for the run (redis+cluster://). Uses its own key prefix and
+deletes its keys afterwards. Compare numbers from one run: the machine is shared.
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ import uuid
 import numpy as np
 
 from decision_platform.core.events import Event
-from decision_platform.features import FeatureSpec, RedisFeatureStore, compute_features, open_feature_store
+from decision_platform.features import (
+    FeatureSpec,
+    RedisClusterFeatureStore,
+    RedisFeatureStore,
+    compute_features,
+    open_feature_store,
+)
 
 REDIS_URL = "redis://127.0.0.1:6379/13"
 BATCH = 1000
@@ -69,12 +76,18 @@ SPECS = {"default": FeatureSpec(), "windowed": WINDOWED}
 
 
 def bench_store(store: RedisFeatureStore, events: list[Event], label: str) -> None:
-    # Same-run reference (the machine is shared): pipelined PINGs, the floor of any pipelined command.
+    # Same-run reference (the machine is shared): pipelined PINGs, the floor of any pipelined command. A
+    # cluster pipeline routes by key (no PING): an EXISTS of each event's entity key, split per node alike.
+    keyed = isinstance(store, RedisClusterFeatureStore)
+    floor = "EXISTS" if keyed else "PING"
     start = time.perf_counter()
-    for _ in range(0, len(events), BATCH):
+    for i in range(0, len(events), BATCH):
         pipe = store.client.pipeline(transaction=False)
-        for _ in range(BATCH):
-            pipe.ping()
+        for event in events[i : i + BATCH]:
+            if keyed:
+                pipe.exists(store.keys(event.entity_id)[0])
+            else:
+                pipe.ping()
         pipe.execute()
     ping_rate = len(events) / (time.perf_counter() - start)
 
@@ -84,7 +97,7 @@ def bench_store(store: RedisFeatureStore, events: list[Event], label: str) -> No
     rate = len(events) / (time.perf_counter() - start)
     print(
         f"{label:10s} update  {rate:10,.0f} events/s  (batches of {BATCH}; "
-        f"pipelined PING {ping_rate:,.0f}/s, ratio {rate / ping_rate:.2f})"
+        f"pipelined {floor} {ping_rate:,.0f}/s, ratio {rate / ping_rate:.2f})"
     )
 
     lat = []
@@ -107,14 +120,29 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--entities", type=int, default=2_000)
     parser.add_argument("--spec", default="default,windowed", help="comma-separated: default, windowed")
+    parser.add_argument("--redis-cluster", action="store_true", help="also a local 3-master Redis Cluster")
     args = parser.parse_args()
     events = make_events(args.events, args.entities)
+    backends = [("memory://bench", "fakeredis"), (REDIS_URL, "redis")]
+    cluster = None
+    if args.redis_cluster:
+        from decision_platform.devtools.redis_cluster import start_cluster
 
+        cluster = start_cluster(masters=3)
+        backends.append((cluster.url, "cluster"))
+    try:
+        run(args, events, backends)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+
+
+def run(args: argparse.Namespace, events: list[Event], backends: list[tuple[str, str]]) -> None:
     for spec_name in args.spec.split(","):
         spec = SPECS[spec_name]
         print(f"spec {spec_name}: {spec.dim} features")
         prefix = f"dp:bench:{uuid.uuid4().hex[:8]}:"
-        for url, label in (("memory://bench", "fakeredis"), (REDIS_URL, "redis")):
+        for url, label in backends:
             store = open_feature_store(url, spec, timeout_s=5.0, key_prefix=prefix)
             assert isinstance(store, RedisFeatureStore)
             if not store.ping():
@@ -122,7 +150,7 @@ def main() -> None:
                 continue
             try:
                 # fakeredis is ~10x slower: a slice keeps the run short.
-                sample = events if label == "redis" else events[: max(BATCH, len(events) // 4)]
+                sample = events if label != "fakeredis" else events[: max(BATCH, len(events) // 4)]
                 bench_store(store, sample, label)
             finally:
                 cleanup(store)

@@ -6,6 +6,9 @@ and prints events/s with the split of the time per stage. Backends: the machine'
 dropped at the end) and Redis (db 12, flushed at the end), or the embedded ones with --embedded.
 
     .venv/bin/python bench/bench_worker.py --events 20000 --batch 500
+    .venv/bin/python bench/bench_worker.py --events 20000 --batch 500 --processes 1,2 [--redis-cluster]
+
+``--processes``: N separate worker processes in one consumer group instead (bench/worker_scale.py).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from rich.table import Table
 from decision_platform.config import PROJECT_ROOT, Settings
 from decision_platform.core.rewards import RewardTable
 from decision_platform.data import generate
+from decision_platform.devtools.redis_cluster import start_cluster
 from decision_platform.devtools.tansu import start_broker
 from decision_platform.events.kafka import KafkaSink, KafkaSource, ensure_topics
 from decision_platform.learning.replay import shift_to_now
@@ -56,6 +60,12 @@ def main() -> None:
     )
     parser.add_argument("--no-decide", action="store_true", help="windows only (worker_decide=False)")
     parser.add_argument("--bootstrap", help="an existing broker instead of a fresh tansu")
+    parser.add_argument(
+        "--processes", help="e.g. 1,2: worker processes in one group, one run each (worker_scale.py)"
+    )
+    parser.add_argument(
+        "--redis-cluster", action="store_true", help="windows on a local 3-master Redis Cluster"
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="dp-bench-worker-"))
@@ -84,6 +94,10 @@ def main() -> None:
         db_batch_size=args.batch,
         worker_decide=not args.no_decide,
     )
+    cluster = None
+    if args.redis_cluster:
+        cluster = start_cluster(masters=3)
+        settings = settings.model_copy(update={"feature_store_url": cluster.url})
     try:
         engine = make_engine(settings.database_url, settings.database_schema)
         migrate(engine, settings.database_schema)
@@ -97,6 +111,9 @@ def main() -> None:
             )
         events = shift_to_now(generate(n_entities=max(200, args.events // 4), days=3, seed=11).events)
         events = events[: args.events]
+        if args.processes:
+            scale_out(settings, events, [int(n) for n in args.processes.split(",")], args, work)
+            return
         ensure_topics(settings)
         producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
         for event in events:
@@ -169,6 +186,8 @@ def main() -> None:
         with open(Path(__file__).parent / "results.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
     finally:
+        if cluster is not None:
+            cluster.stop()
         if broker is not None:
             broker.kill()
         if not args.embedded:
@@ -176,6 +195,51 @@ def main() -> None:
                 connection.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
             redis.Redis.from_url(REDIS).flushdb()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def scale_out(
+    settings: Settings, events: list, counts: list[int], args: argparse.Namespace, work: Path
+) -> None:
+    """events/s of 1, 2, ... worker processes on the same events, and the ratio to the first count."""
+    from worker_scale import run_processes
+
+    if settings.database_schema is None:
+        raise SystemExit("--processes needs PostgreSQL (not --embedded): the processes share the log")
+    results = [run_processes(settings, events, n, PG, work) for n in counts]
+    store = "Redis Cluster (3 masters)" if args.redis_cluster else "Redis"
+    table = Table(
+        title=f"stream worker processes, one group, 4 partitions: {len(events)} events, batch "
+        f"{args.batch}, PostgreSQL + {store}, tansu"
+    )
+    for column in ("processes", "events/s", "ratio", "seconds", "events per process"):
+        table.add_column(column, justify="right")
+    for result in results:
+        table.add_row(
+            str(result.processes),
+            f"{result.events_per_s:,.0f}",
+            f"{result.events_per_s / results[0].events_per_s:.2f}",
+            f"{result.seconds:.1f}",
+            " / ".join(f"{n:,}" for n in result.per_process),
+        )
+    console.print(table)
+    git = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    with open(Path(__file__).parent / "results.jsonl", "a") as handle:
+        for result in results:
+            record = {
+                "bench": "worker_processes",
+                "commit": git,
+                "processes": result.processes,
+                "events": result.events,
+                "batch": args.batch,
+                "feature_store": "redis-cluster" if args.redis_cluster else "redis",
+                "events_per_s": result.events_per_s,
+                "elapsed_s": result.seconds,
+                "per_process": result.per_process,
+                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            handle.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ class Settings(BaseSettings):
     database_url: str = f"sqlite:///{PROJECT_ROOT / 'var' / 'decision_platform.db'}"
     #: Optional PostgreSQL schema for all tables (tests use their own).
     database_schema: str | None = None
-    #: ``memory://`` (fakeredis, running the same Lua) or ``redis://host:port/db``.
+    #: ``memory://`` (fakeredis, running the same Lua), ``redis://host:port/db`` or
+    #: ``redis+cluster://host:port[,host:port...]`` (a Redis Cluster; any reachable nodes as startup nodes).
     feature_store_url: str = "memory://"
     #: Seconds a feature-store call may take before the decision falls back.
     feature_store_timeout_s: float = 0.05
@@ -119,6 +120,10 @@ class Settings(BaseSettings):
     db_statement_timeout_s: float = Field(5.0, gt=0)
     #: While the database is down, the writer checks it again after this long (doubling up to 1 s).
     db_probe_interval_s: float = Field(0.5, gt=0)
+    #: PostgreSQL: day partitions of the decision log kept created ahead of today (at every start, and by
+    #: long-running processes every ``db_partition_check_s``; ``decision-platform db partitions`` too).
+    db_partitions_ahead_days: int = Field(7, ge=0, le=366)
+    db_partition_check_s: float = Field(3600.0, gt=0)
 
     # --- admin
     #: DP_API_KEY: the key of the /admin endpoints (header X-API-Key); unset, they answer 403.

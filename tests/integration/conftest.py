@@ -1,4 +1,5 @@
-"""Fixtures of the integration tests: private corners of the machine's PostgreSQL and Redis."""
+"""Fixtures of the integration tests: private corners of the machine's PostgreSQL and Redis, and a
+Redis Cluster of our own (3 masters from the machine's redis-server, once per session)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import psycopg
 import pytest
 import redis
 
+from decision_platform.devtools.redis_cluster import LocalRedisCluster, start_cluster
 from tests.conftest import PG_URL, REDIS_URL, service_unavailable
 
 
@@ -35,6 +37,22 @@ def redis_db() -> Iterator[str]:
     yield REDIS_URL
     client.flushdb()
     client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalRedisCluster]:
+    """A 3-master Redis Cluster on free 127.0.0.1 ports, shared by the session (it forms in ~2 s).
+
+    Tests keep to key prefixes of their own; the cluster and its directory go away at the end.
+    """
+    try:
+        cluster = start_cluster(masters=3, timeout_s=30)
+    except FileNotFoundError as exc:
+        service_unavailable(f"a local Redis Cluster ({exc})")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def query(schema: str, sql: str) -> list[tuple]:

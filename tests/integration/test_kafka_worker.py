@@ -1,10 +1,12 @@
 """The stream worker against a real Kafka-protocol broker (tansu, or TEST_KAFKA_BOOTSTRAP_SERVERS),
-the running PostgreSQL and Redis: exact windows, poison messages, crashes, two workers in one group."""
+the running PostgreSQL and Redis: exact windows, poison messages, crashes, two worker processes in one
+group on a Redis Cluster."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,10 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 from confluent_kafka import Consumer, Producer
 
 from decision_platform.config import Settings
 from decision_platform.core.events import Event
+from decision_platform.devtools.redis_cluster import LocalRedisCluster
 from decision_platform.devtools.tansu import start_broker
 from decision_platform.events.kafka import KafkaSink, KafkaSource, ensure_topics
 from decision_platform.features import FeatureSpec, OfflineWindows, compute_features, open_feature_store
@@ -240,22 +244,52 @@ def test_a_killed_worker_loses_and_double_counts_nothing(kafka_settings: Setting
     assert_windows_exact(kafka_settings, events, in_flight=kafka_settings.worker_batch_size)
 
 
-def test_two_workers_share_the_partitions(kafka_settings: Settings, tmp_path: Path) -> None:
+def assigned(log: Path) -> list[int]:
+    """The partitions a worker process owns now: its last "assigned partitions [...]" log line."""
+    lines = re.findall(r"assigned partitions \[([\d, ]*)\]", log.read_text() if log.exists() else "")
+    return [int(p) for p in lines[-1].split(",") if p.strip()] if lines else []
+
+
+def test_two_worker_processes_on_a_redis_cluster_decide_every_event_once(
+    kafka_settings: Settings, redis_cluster: LocalRedisCluster, tmp_path: Path
+) -> None:
+    """Scale-out: two worker processes share the topic's 4 partitions (one consumer group) and the
+    windows live on a 3-master Redis Cluster: every event decided exactly once, windows exact."""
+    assert kafka_settings.kafka_events_partitions >= 2
+    settings = kafka_settings.model_copy(update={"feature_store_url": redis_cluster.url})
+    for node in redis_cluster.ports:  # this session's own cluster: clear what earlier tests left
+        redis.Redis(host="127.0.0.1", port=node).flushall()
+    ensure_topics(settings)
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    workers = [worker_process(kafka_settings, log) for log in logs]
+    workers = [worker_process(settings, log) for log in logs]
     try:
-        time.sleep(8)  # both join the group before the traffic arrives
+        # Both have joined and the group has settled when their assignments split the partitions.
+        wait_for(
+            lambda: (
+                sorted(assigned(logs[0]) + assigned(logs[1])) == list(range(4))
+                and all(assigned(log) for log in logs)
+            ),
+            60,
+            "the two workers to share the 4 partitions",
+        )
         events = make_events(2000, entities=60, seed=2)
-        produce(kafka_settings, events)
-        wait_for(lambda: decision_count(kafka_settings) >= 2000, 120, "2000 decisions from two workers")
+        produce(settings, events)
+        wait_for(lambda: decision_count(settings) >= 2000, 120, "2000 decisions from two workers")
     finally:
         for worker in workers:
             worker.terminate()
         codes = [worker.wait(30) for worker in workers]
     assert codes == [0, 0], [log.read_text()[-1500:] for log in logs]
     processed = [int(log.read_text().split("worker stopped after ")[1].split()[0]) for log in logs]
-    assert all(n > 0 for n in processed), processed  # both did part of the work
-    assert_windows_exact(kafka_settings, events)
+    assert all(n > 0 for n in processed) and sum(processed) >= 2000, processed  # both did part of it
+    counts = "SELECT count(*), count(DISTINCT event_id) FROM decisions"
+    ((rows, distinct),) = query(settings.database_schema, counts)
+    assert rows == distinct == 2000  # no event lost, none decided twice
+    assert_windows_exact(settings, events)
+    published = read_topic(settings, settings.kafka_decisions_topic, expected=2000)
+    assert {json.loads(m.value())["decision_id"] for m in published} == {
+        r[0] for r in query(settings.database_schema, "SELECT id FROM decisions")
+    }
 
 
 def test_post_events_is_acknowledged_by_the_broker_then_decided_by_the_worker(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 
 from decision_platform.api.app import create_app
@@ -13,6 +14,7 @@ from decision_platform.models.registry import KINDS
 from decision_platform.serving.platform import Platform
 
 UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"
+UNREACHABLE_CLUSTER = "redis+cluster://127.0.0.1:1,127.0.0.1:2"
 
 
 def metric(client: TestClient, prefix: str) -> float:
@@ -23,10 +25,11 @@ def metric(client: TestClient, prefix: str) -> float:
     )
 
 
+@pytest.mark.parametrize("url", [UNREACHABLE_REDIS, UNREACHABLE_CLUSTER], ids=["redis", "cluster"])
 def test_unreachable_feature_store_falls_back_to_the_safe_action(
-    make_settings: Callable[..., Settings], start_platform: Callable[[Settings], Platform]
+    make_settings: Callable[..., Settings], start_platform: Callable[[Settings], Platform], url: str
 ) -> None:
-    settings = make_settings(feature_store_url=UNREACHABLE_REDIS)
+    settings = make_settings(feature_store_url=url)
     with TestClient(create_app(settings, start_platform(settings))) as client:
         before = metric(client, 'dp_fallbacks_total{reason="feature_store_unavailable"}')
         response = client.post("/decide", json={"entity_id": "u1", "event": {"event_id": "f1", "amount": 5}})

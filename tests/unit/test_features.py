@@ -34,6 +34,7 @@ from decision_platform.features import (
     open_feature_store,
 )
 from decision_platform.features.spec import category_code
+from decision_platform.features.store import RedisClusterFeatureStore, parse_cluster_url
 
 ROOT = Path(__file__).resolve().parents[2]
 T0 = 1_767_571_200.0  # 2026-01-05T00:00:00Z
@@ -610,6 +611,44 @@ def test_unknown_url_is_rejected_without_leaking_the_password() -> None:
     with pytest.raises(ValueError, match="memory://") as info:
         open_feature_store("mongodb://user:secret@host/db", SMALL, 0.05)
     assert "secret" not in str(info.value)
+
+
+def test_cluster_url_names_its_startup_nodes_and_credentials() -> None:
+    address = parse_cluster_url("redis+cluster://ops:s3cret@10.0.0.1:7000,10.0.0.2:7001")
+    assert [(n.host, n.port) for n in address.nodes] == [("10.0.0.1", 7000), ("10.0.0.2", 7001)]
+    assert (address.username, address.password) == ("ops", "s3cret")
+    assert parse_cluster_url("redis+cluster://:pw@h:1").password == "pw"
+    store = open_feature_store("redis+cluster://h:1", SMALL, 0.05)  # connects on first use only
+    assert isinstance(store, RedisClusterFeatureStore)
+
+
+@pytest.mark.parametrize(
+    "url", ["redis+cluster://", "redis+cluster://host", "redis+cluster://h:1/3", "redis+cluster://:pw@h:x"]
+)
+def test_bad_cluster_urls_are_rejected_without_leaking_the_password(url: str) -> None:
+    with pytest.raises(ValueError, match=r"redis\+cluster|host:port|database 0") as info:
+        open_feature_store(url, SMALL, 0.05)
+    assert "pw" not in str(info.value)
+
+
+def test_a_key_prefix_with_braces_is_refused() -> None:
+    """The first {...} of a key is its cluster slot tag: a prefix holding one would put every entity of
+    a cluster in one slot (or split an entity's keys across slots)."""
+    with pytest.raises(ValueError, match="braces"):
+        RedisFeatureStore(fakeredis.FakeRedis(), SMALL, key_prefix="dp:{f}:")
+
+
+def test_unreachable_cluster_fails_fast_with_a_clear_error() -> None:
+    store = open_feature_store("redis+cluster://:hunter2@127.0.0.1:1,127.0.0.1:2", SMALL, timeout_s=0.2)
+    start = time.monotonic()
+    with pytest.raises(FeatureStoreError, match=r"127\.0\.0\.1:1") as info:
+        store.update([make_event(0, T0)])
+    assert "hunter2" not in str(info.value)
+    with pytest.raises(FeatureStoreError):
+        store.read("alice", T0)
+    assert time.monotonic() - start < 2.0
+    assert store.ping() is False
+    store.close()
 
 
 # --- failures: clear, fast, catchable

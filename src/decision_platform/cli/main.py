@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from decision_platform.cli.common import console, open_registry
+from decision_platform.cli.db import db_app
 from decision_platform.cli.explain import explain as explain_command
 from decision_platform.cli.models import models_app
 from decision_platform.cli.replay import summary_tables
@@ -28,6 +29,7 @@ app = typer.Typer(help="Real-time AI decision platform.", no_args_is_help=True, 
 app.add_typer(models_app, name="models")
 app.add_typer(spool_app, name="spool")
 app.add_typer(rules_app, name="rules")
+app.add_typer(db_app, name="db")
 
 
 class Source(enum.StrEnum):

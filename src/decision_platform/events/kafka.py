@@ -111,8 +111,12 @@ class KafkaSource:
     def __init__(self, settings: Settings) -> None:
         self.topic = settings.kafka_events_topic
         self._consumer = Consumer(consumer_config(settings))
-        self._consumer.subscribe([self.topic], on_revoke=self._on_revoke)
+        self._consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         self._last_lag_check = 0.0
+
+    def _on_assign(self, _consumer: Any, partitions: list[Any]) -> None:
+        # Operators (and the two-worker test and bench) see how the group shared the partitions.
+        log.info("assigned partitions %s of %s", sorted(p.partition for p in partitions), self.topic)
 
     def _on_revoke(self, consumer: Any, _partitions: list[Any]) -> None:
         # Batches are committed as soon as they are processed, so this only commits what is already

@@ -15,6 +15,7 @@ from decision_platform.features.store import (
     FeatureResult,
     FeatureStore,
     FeatureStoreError,
+    RedisClusterFeatureStore,
     RedisFeatureStore,
     open_feature_store,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "FeatureStore",
     "FeatureStoreError",
     "OfflineWindows",
+    "RedisClusterFeatureStore",
     "RedisFeatureStore",
     "compute_features",
     "compute_features_with_flags",

@@ -5,7 +5,9 @@ concurrent workers never see half an update and a redelivered event is never cou
 events goes out as one non-transactional pipeline: one round trip for the whole batch.
 
 ``memory://`` runs the very same script on fakeredis (Lua via lupa), so laptops and unit tests exercise
-the production code path.
+the production code path. ``redis+cluster://`` spreads entities over a Redis Cluster: an entity's keys
+share one hash slot (``{entity_id}`` tag), so each script call touches one slot of one node, and a batch
+pipeline is split per node by redis-py's cluster client.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from urllib.parse import urlsplit
 import numpy as np
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from decision_platform.core.events import Event
@@ -33,6 +37,9 @@ SCRIPT_BODY = (
     resources.files("decision_platform.features").joinpath("windows.lua").read_text(encoding="utf-8")
 )
 _FLAG_DUPLICATE, _FLAG_LATE = 1, 2
+#: What a Redis or Redis Cluster client raises when it cannot answer (the cluster client's own errors,
+#: e.g. no reachable startup node or an uncovered slot, do not derive from RedisError).
+_CLIENT_ERRORS = (redis.RedisError, RedisClusterException)
 
 
 class FeatureStoreError(RuntimeError):
@@ -88,14 +95,17 @@ class RedisFeatureStore(FeatureStore):
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: redis.Redis | RedisCluster | None,
         spec: FeatureSpec,
         *,
         key_prefix: str = DEFAULT_KEY_PREFIX,
         description: str = "redis",
     ) -> None:
         super().__init__(spec)
-        self.client = client
+        if "{" in key_prefix or "}" in key_prefix:
+            # The first {...} of a key is its cluster hash tag: it must be the entity's.
+            raise ValueError(f"feature store key prefix {key_prefix!r} may not contain braces")
+        self._client = client
         self.key_prefix = key_prefix
         self._description = description
         self.script = script_source(spec)
@@ -103,8 +113,15 @@ class RedisFeatureStore(FeatureStore):
         self._prefix = key_prefix.encode()
         self._windowed = bool(spec.attribute_windows)
 
+    @property
+    def client(self) -> redis.Redis | RedisCluster:
+        """The redis-py client (one Redis, fakeredis, or a cluster)."""
+        assert self._client is not None
+        return self._client
+
     def keys(self, entity_id: str) -> list[bytes]:
-        """The entity's keys; the {hash tag} keeps them in one cluster slot, as a script requires."""
+        """The entity's keys; the {hash tag} keeps them in one cluster slot, as a script requires (entity
+        ids hold no braces, core.events.Identifier, so the tag is the whole id)."""
         base = b"%s{%s}" % (self._prefix, entity_id.encode())
         return [base + b":z", base + b":h"]
 
@@ -121,11 +138,12 @@ class RedisFeatureStore(FeatureStore):
     def ping(self) -> bool:
         try:
             return bool(self.client.ping())
-        except redis.RedisError:
+        except _CLIENT_ERRORS:
             return False
 
     def close(self) -> None:
-        self.client.close()
+        if self._client is not None:
+            self._client.close()
 
     # --- internals
 
@@ -150,7 +168,7 @@ class RedisFeatureStore(FeatureStore):
                 self.client.script_load(self.script)
                 for i, reply in zip(missing, self._send([calls[i] for i in missing]), strict=True):
                     replies[i] = reply
-        except redis.RedisError as exc:
+        except _CLIENT_ERRORS as exc:
             raise FeatureStoreError(f"feature store ({self._description}) failed: {exc}") from exc
         for reply in replies:
             if isinstance(reply, Exception):
@@ -159,7 +177,7 @@ class RedisFeatureStore(FeatureStore):
 
     def _send(self, calls: list[tuple[str, list[bytes]]]) -> list[Any]:
         """Replies in call order; a script error is returned in its place, as a pipeline does."""
-        commands = [(b"EVALSHA", self._sha, b"2", *self.keys(entity_id), *args) for entity_id, args in calls]
+        commands = [("EVALSHA", self._sha, b"2", *self.keys(entity_id), *args) for entity_id, args in calls]
         if len(commands) == 1:
             try:
                 return [self.client.execute_command(*commands[0])]
@@ -182,6 +200,86 @@ class RedisFeatureStore(FeatureStore):
             )
             for row, flag in zip(features, table[:, 0].tolist(), strict=True)
         ]
+
+
+class RedisClusterFeatureStore(RedisFeatureStore):
+    """The same store on a Redis Cluster (``redis+cluster://host:port[,host:port...]``).
+
+    Every script call names the entity's two keys, which share the ``{entity_id}`` hash tag, so Redis
+    runs it on the one node that owns the slot: windows stay exact and atomic per entity, whatever the
+    number of nodes. The client is made on first use, because redis-py's cluster client reads the slot
+    map in its constructor: like ``redis://``, an unreachable cluster fails the first call (and /ready),
+    not the platform's start.
+    """
+
+    def __init__(
+        self,
+        address: ClusterAddress,
+        spec: FeatureSpec,
+        timeout_s: float,
+        *,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
+        description: str = "redis+cluster",
+    ) -> None:
+        super().__init__(None, spec, key_prefix=key_prefix, description=description)
+        self.address = address
+        self._timeout_s = timeout_s
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> RedisCluster:
+        with self._lock:
+            if self._client is None:
+                self._client = RedisCluster(
+                    startup_nodes=self.address.nodes,
+                    username=self.address.username,
+                    password=self.address.password,
+                    socket_timeout=self._timeout_s,
+                    socket_connect_timeout=self._timeout_s,
+                    # One retry, at once: after a failover the client re-reads the slot map and the call
+                    # goes to the new owner; more retries with backoff would blow the latency budget.
+                    retry=Retry(NoBackoff(), 1),
+                )
+            assert isinstance(self._client, RedisCluster)
+            return self._client
+
+    def ping(self) -> bool:
+        """True when every master answers: a lost master takes its slots' entities with it."""
+        try:
+            return bool(self.client.ping(target_nodes=RedisCluster.PRIMARIES))
+        except _CLIENT_ERRORS:
+            return False
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterAddress:
+    """What a ``redis+cluster://`` URL says: the startup nodes and the credentials (ACL user optional)."""
+
+    nodes: list[ClusterNode]
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_cluster_url(url: str) -> ClusterAddress:
+    """``redis+cluster://[[user]:password@]host:port[,host:port...]`` -> startup nodes and credentials."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    username = password = None
+    if "@" in netloc:
+        userinfo, netloc = netloc.rsplit("@", 1)
+        name, _, secret = userinfo.partition(":")
+        username, password = name or None, secret or None
+    nodes = []
+    for address in filter(None, netloc.split(",")):
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"bad Redis Cluster node {address!r} in {_redact(url)!r}: use host:port")
+        nodes.append(ClusterNode(host, int(port)))
+    if not nodes:
+        raise ValueError(f"{_redact(url)!r} names no node: use redis+cluster://host:port[,host:port...]")
+    if parts.path.strip("/") not in ("", "0"):
+        raise ValueError(f"{_redact(url)!r}: a Redis Cluster has only database 0")
+    return ClusterAddress(nodes, username, password)
 
 
 def script_source(spec: FeatureSpec) -> str:
@@ -222,9 +320,9 @@ _memory_lock = threading.Lock()
 def open_feature_store(
     url: str, spec: FeatureSpec, timeout_s: float, *, key_prefix: str = DEFAULT_KEY_PREFIX
 ) -> FeatureStore:
-    """The store for a URL: ``memory://[name]`` (fakeredis, one server per name per process) or
-    ``redis://host:port/db``. Nothing connects here: an unreachable Redis fails the first call, within
-    ``timeout_s``, with FeatureStoreError."""
+    """The store for a URL: ``memory://[name]`` (fakeredis, one server per name per process),
+    ``redis://host:port/db`` or ``redis+cluster://host:port[,host:port...]``. Nothing connects here: an
+    unreachable Redis fails the first call, within ``timeout_s`` per node tried, with FeatureStoreError."""
     scheme = urlsplit(url).scheme
     if scheme == "memory":
         import fakeredis  # only needed for the embedded backend
@@ -246,13 +344,23 @@ def open_feature_store(
             retry=Retry(NoBackoff(), 0),
         )
         return RedisFeatureStore(client, spec, key_prefix=key_prefix, description=_redact(url))
-    raise ValueError(f"unsupported feature store URL {_redact(url)!r}: use memory:// or redis://host:port/db")
+    if scheme == "redis+cluster":
+        return RedisClusterFeatureStore(
+            parse_cluster_url(url), spec, timeout_s, key_prefix=key_prefix, description=_redact(url)
+        )
+    raise ValueError(
+        f"unsupported feature store URL {_redact(url)!r}: use memory://, redis://host:port/db or "
+        "redis+cluster://host:port[,host:port...]"
+    )
 
 
 def _redact(url: str) -> str:
     """The URL without its password, for messages and logs."""
     parts = urlsplit(url)
-    if parts.password is None:
+    if "@" not in parts.netloc:
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    userinfo, hosts = parts.netloc.rsplit("@", 1)
+    if ":" not in userinfo:
+        return url
+    netloc = userinfo.split(":", 1)[0] + ":***@" + hosts
     return parts._replace(netloc=netloc).geturl()

@@ -36,6 +36,7 @@ from decision_platform.serving.engine import DecisionEngine
 from decision_platform.serving.worker import InProcessSink, StreamWorker
 from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.errors import is_outage
+from decision_platform.storage.partitions import PartitionKeeper
 from decision_platform.storage.repository import Repository
 from decision_platform.storage.spool import Spool
 from decision_platform.storage.writer import DecisionWriter
@@ -111,6 +112,8 @@ class Platform:
     narrator: Narrator | None = None
     #: Polls the registry and hot-reloads the models (start_model_refresh; the API and worker start it).
     refresher: ModelRefresher | None = None
+    #: PostgreSQL: keeps the decision log's day partitions created ahead as the days pass.
+    partitions: PartitionKeeper | None = None
     _reload_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     #: The registry state of the last reload attempt, applied or not (refresh_models compares with it).
     _attempted: frozenset[tuple[str, str, str]] | None = field(default=None, repr=False)
@@ -124,7 +127,7 @@ class Platform:
         database answers (storage/writer.py).
         """
         db = make_engine(settings.database_url, settings.database_schema, settings.db_statement_timeout_s)
-        migrated = _migrate_within(db, settings.database_schema, settings.db_write_timeout_s * 5)
+        migrated = _migrate_within(db, settings, settings.db_write_timeout_s * 5)
         repository = Repository(db)
         registry = ModelRegistry(repository, settings.model_dir, _serving_cache(settings))
         models = load_champions(registry)
@@ -139,7 +142,9 @@ class Platform:
             write_timeout_s=settings.db_write_timeout_s,
             read_timeout_s=settings.db_read_timeout_s,
             probe_interval_s=settings.db_probe_interval_s,
-            on_recover=None if migrated else lambda: migrate(db, settings.database_schema),
+            on_recover=None
+            if migrated
+            else lambda: migrate(db, settings.database_schema, settings.db_partitions_ahead_days),
         )
         # Normal ranges stored with the risk model: reason codes say what is typical (older artifacts: none).
         risk_record = registry.serving_record(models.versions["risk"]) if models.risk else None
@@ -175,6 +180,10 @@ class Platform:
             narrator,
         )
         platform._attempted = models.registry_state
+        if db.dialect.name == "postgresql":
+            platform.partitions = PartitionKeeper(
+                db, settings.db_partitions_ahead_days, settings.db_partition_check_s
+            ).start()
         return platform
 
     # --- hot reload of the models
@@ -267,6 +276,8 @@ class Platform:
 
     def close(self) -> None:
         self.stop_model_refresh()
+        if self.partitions is not None:
+            self.partitions.close()
         if self.narrator is not None:
             self.narrator.close()
         if self.producer is not None:
@@ -282,13 +293,13 @@ def _serving_cache(settings: Settings) -> Path:
     return settings.model_dir / f".serving-{key[:16]}.json"
 
 
-def _migrate_within(db: sa.Engine, schema: str | None, timeout_s: float) -> bool:
+def _migrate_within(db: sa.Engine, settings: Settings, timeout_s: float) -> bool:
     """Migrate unless the database is down or does not answer in time (then False: start degraded)."""
     failure: list[BaseException] = []
 
     def run() -> None:
         try:
-            migrate(db, schema)
+            migrate(db, settings.database_schema, settings.db_partitions_ahead_days)
         except BaseException as exc:
             failure.append(exc)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import orjson
@@ -10,8 +11,11 @@ from alembic import command
 from alembic.config import Config
 
 from decision_platform.config import Settings
+from decision_platform.storage.partitions import ensure_partitions
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+_AHEAD_DAYS: int = Settings.model_fields["db_partitions_ahead_days"].default
+log = logging.getLogger(__name__)
 
 
 def open_database(settings: Settings) -> sa.Engine:
@@ -20,7 +24,7 @@ def open_database(settings: Settings) -> sa.Engine:
     (The serving platform starts on its own terms: it must also come up while the database is down.)
     """
     engine = make_engine(settings.database_url, settings.database_schema)
-    migrate(engine, settings.database_schema)
+    migrate(engine, settings.database_schema, settings.db_partitions_ahead_days)
     return engine
 
 
@@ -87,8 +91,13 @@ def _json_dumps(value: object) -> str:
     return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
 
 
-def migrate(engine: sa.Engine, schema: str | None = None) -> None:
-    """Bring the database to the latest schema (idempotent; safe at every start)."""
+def migrate(
+    engine: sa.Engine, schema: str | None = None, partitions_ahead_days: int | None = _AHEAD_DAYS
+) -> None:
+    """Bring the database to the latest schema (idempotent; safe at every start), and on PostgreSQL
+    create the decision log's day partitions up to ``partitions_ahead_days`` ahead (storage/partitions.py;
+    None: leave them to the caller; a partition that cannot be made now is logged: its decisions go to
+    the default partition meanwhile)."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     with engine.begin() as connection:
@@ -97,3 +106,12 @@ def migrate(engine: sa.Engine, schema: str | None = None) -> None:
         config.attributes["connection"] = connection
         config.attributes["schema"] = schema if engine.dialect.name == "postgresql" else None
         command.upgrade(config, "head")
+    if engine.dialect.name == "postgresql" and partitions_ahead_days is not None:
+        try:
+            result = ensure_partitions(engine, partitions_ahead_days)
+        except sa.exc.DBAPIError as exc:  # e.g. a lock timeout on a busy table: the default partition
+            # takes the rows meanwhile, and the next start or periodic check (PartitionKeeper) tries again
+            log.warning("could not create the decision log's partitions ahead now: %s", exc)
+        else:
+            if result.in_default:
+                log.warning("decisions of %s stay in the default partition", ", ".join(result.in_default))

@@ -12,12 +12,12 @@ from psycopg.types.json import Jsonb
 
 from decision_platform.storage.sql import (
     Store,
+    decided_between,
     insert_ignoring_conflicts,
     is_postgresql,
     json_type,
-    time_bound,
 )
-from decision_platform.storage.tables import decisions, outcomes
+from decision_platform.storage.tables import decision_events, decisions, outcomes
 
 #: A decision row: the keys are the columns of ``tables.decisions``.
 DecisionRow = dict[str, Any]
@@ -96,6 +96,10 @@ class DecisionStore(Store):
             return {row[0] for row in connection.execute(query)}
 
     def get_decision_by_event(self, event_id: str) -> DecisionRow | None:
+        if is_postgresql(self.engine):
+            # The event's claim (migration 0005) names its decision: one partition is read, by id.
+            claimed = sa.select(decision_events.c.decision_id).where(decision_events.c.event_id == event_id)
+            return self._first(sa.select(decisions).where(decisions.c.id == claimed.scalar_subquery()))
         return self._first(sa.select(decisions).where(decisions.c.event_id == event_id))
 
     def get_decision(self, decision_id: int) -> DecisionRow | None:
@@ -139,7 +143,7 @@ class DecisionStore(Store):
             .order_by(decisions.c.id.desc())
         )
         if since is not None:
-            query = query.where(decisions.c.created_at >= since)
+            query = query.where(*decided_between(self.engine, since))
         if limit is not None:
             query = query.limit(limit)
         return self._all(query)
@@ -170,19 +174,13 @@ class DecisionStore(Store):
             .select_from(_WITH_OUTCOMES)
             .order_by(decisions.c.created_at, decisions.c.id)
         )
-        if since is not None:
-            query = query.where(decisions.c.created_at >= since)
-        if until is not None:
-            query = query.where(decisions.c.created_at < until)
+        query = query.where(*decided_between(self.engine, since, until))
         with self.engine.connect() as connection:
             return list(connection.execution_options(yield_per=5000).execute(query).mappings())
 
     # --- reports (reporting/data.py)
     def _in_range(self, since: datetime, until: datetime) -> sa.ColumnElement[bool]:
-        return sa.and_(
-            decisions.c.created_at >= time_bound(self.engine, since),
-            decisions.c.created_at < time_bound(self.engine, until),
-        )
+        return sa.and_(*decided_between(self.engine, since, until))
 
     def report_rows(self, since: datetime, until: datetime) -> Iterator[Any]:
         """The decisions of ``[since, until)`` in time order, streamed (a few columns per row: created_at,

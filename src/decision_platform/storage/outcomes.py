@@ -11,7 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from decision_platform.storage.sql import Store, insert_ignoring_conflicts
+from decision_platform.storage.sql import Store, decided_between, insert_ignoring_conflicts
 from decision_platform.storage.tables import decisions, outcomes
 
 
@@ -86,7 +86,7 @@ class OutcomeStore(Store):
         query = (
             sa.select(decisions.c.id, decisions.c.action, decisions.c.risk, decisions.c.amount)
             .select_from(decisions.outerjoin(outcomes, outcomes.c.decision_id == decisions.c.id))
-            .where(outcomes.c.decision_id.is_(None), decisions.c.created_at < before)
+            .where(outcomes.c.decision_id.is_(None), *decided_between(self.engine, until=before))
         )
         with self.engine.connect() as connection:
             return [tuple(row) for row in connection.execute(query)]

@@ -15,9 +15,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from decision_platform.core.events import INT64_MAX
-from decision_platform.core.ids import EPOCH_MS, NODE_BITS, SEQUENCE_BITS
-from decision_platform.storage.sql import Store, is_postgresql
+from decision_platform.storage.sql import Store, id_at, is_postgresql
 from decision_platform.storage.tables import decisions, outcomes
 
 #: Columns a queue row shows (the features snapshot and the reasons stay on the decision page).
@@ -34,13 +32,6 @@ _QUEUE_COLUMNS = (
     decisions.c.fallback,
     decisions.c.rules_fired,
 )
-
-
-def id_at(moment: datetime) -> int:
-    """The smallest decision id generated at or after ``moment`` (ids start with their millisecond),
-    clamped to what a BIGINT holds (a year-9999 bound must not overflow the database's comparison)."""
-    ms = max(0, int(moment.timestamp() * 1000) - EPOCH_MS)
-    return min(ms << (NODE_BITS + SEQUENCE_BITS), INT64_MAX)
 
 
 @dataclass(frozen=True)

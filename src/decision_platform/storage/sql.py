@@ -6,13 +6,30 @@ times compare); each store asks these helpers instead of reading ``engine.dialec
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
-__all__ = ["Engine", "Store", "insert_ignoring_conflicts", "is_postgresql", "json_type", "time_bound"]
+from decision_platform.core.events import INT64_MAX
+from decision_platform.core.ids import EPOCH_MS, NODE_BITS, SEQUENCE_BITS
+from decision_platform.storage.tables import decisions
+
+__all__ = [
+    "Engine",
+    "Store",
+    "decided_between",
+    "id_at",
+    "insert_ignoring_conflicts",
+    "is_postgresql",
+    "json_type",
+    "time_bound",
+]
+
+#: How far a decision's id time may be from its ``created_at``. Both are taken together (serving/engine.py);
+#: ids never go back when the wall clock does (core/ids.py), created_at does: minutes cover a clock step.
+ID_TIME_SLACK = timedelta(minutes=5)
 
 
 class Store:
@@ -58,3 +75,31 @@ def time_bound(engine: Engine, value: datetime) -> datetime:
     if is_postgresql(engine):
         return value
     return value.astimezone(UTC).replace(tzinfo=None)
+
+
+def id_at(moment: datetime) -> int:
+    """The smallest decision id generated at or after ``moment`` (ids start with their millisecond),
+    clamped to what a BIGINT holds (a year-9999 bound must not overflow the database's comparison)."""
+    ms = max(0, int(moment.timestamp() * 1000) - EPOCH_MS)
+    return min(ms << (NODE_BITS + SEQUENCE_BITS), INT64_MAX)
+
+
+def decided_between(
+    engine: Engine, since: datetime | None = None, until: datetime | None = None
+) -> list[sa.ColumnElement[bool]]:
+    """Conditions for decisions made in ``[since, until)`` (either end open when None).
+
+    The window is on ``created_at``; on PostgreSQL the same window on the id (the partition key of the
+    decision log, storage/partitions.py), widened by ID_TIME_SLACK, is added so the planner reads only the
+    partitions of the window. The id range contains the created_at range, so the rows are the same.
+    """
+    conditions: list[sa.ColumnElement[bool]] = []
+    if since is not None:
+        conditions.append(decisions.c.created_at >= time_bound(engine, since))
+        if is_postgresql(engine) and since - datetime.min.replace(tzinfo=since.tzinfo) > ID_TIME_SLACK:
+            conditions.append(decisions.c.id >= id_at(since - ID_TIME_SLACK))
+    if until is not None:
+        conditions.append(decisions.c.created_at < time_bound(engine, until))
+        if is_postgresql(engine) and datetime.max.replace(tzinfo=until.tzinfo) - until > ID_TIME_SLACK:
+            conditions.append(decisions.c.id < id_at(until + ID_TIME_SLACK))
+    return conditions

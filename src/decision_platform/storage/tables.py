@@ -1,4 +1,8 @@
-"""Table definitions (SQLAlchemy Core). Alembic migrations create them; see storage/migrations."""
+"""Table definitions (SQLAlchemy Core). Alembic migrations create them; see storage/migrations.
+
+On PostgreSQL ``decisions`` is range-partitioned on its id by day (migration 0005, storage/partitions.py)
+and "one decision per event" lives in ``decision_events``; SQLite keeps the one table described here.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,8 @@ decisions = sa.Table(
     metadata,
     sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
     sa.Column("entity_id", sa.String(128), nullable=False, index=True),
-    # Unique: one decision per event, so redelivered events are idempotent (migration 0002).
+    # One decision per event, so redelivered events are idempotent: a unique index on SQLite (migration
+    # 0002), the decision_events claim on partitioned PostgreSQL (migration 0005).
     sa.Column("event_id", sa.String(128), nullable=True),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
     # The exact vector the models saw: the point-in-time training row.
@@ -56,6 +61,16 @@ outcomes = sa.Table(
 )
 
 sa.Index("ux_decisions_event_id", decisions.c.event_id, unique=True)
+
+#: PostgreSQL only (migration 0005): which decision holds each event id. A BEFORE INSERT trigger on
+#: ``decisions`` claims the event id and skips a row whose event another decision already holds, because a
+#: partitioned table cannot have a unique index without its partition key (the id).
+decision_events = sa.Table(
+    "decision_events",
+    metadata,
+    sa.Column("event_id", sa.String(128), primary_key=True),
+    sa.Column("decision_id", sa.BigInteger, nullable=False, index=True),
+)
 
 models = sa.Table(
     "models",
