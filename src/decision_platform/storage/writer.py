@@ -136,7 +136,9 @@ class DecisionWriter:
         #: (a probe of a frozen server can hang for as long as the connect timeout).
         self._probing: Future[None] | None = None
         self._backoff = probe_interval_s
-        self._queue: queue.Queue[tuple[DecisionRow, Future[str]] | None] = queue.Queue()
+        # SimpleQueue (C, no Condition): a put from a deciding thread does not wake the writer through a
+        # Python-level lock (queue.Queue.put was 7% of a 500-row batch in cProfile).
+        self._queue: queue.SimpleQueue[tuple[DecisionRow, Future[str]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="decision-writer", daemon=True)
         self._set_gauges()
         self._thread.start()
