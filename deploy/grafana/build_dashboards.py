@@ -188,9 +188,11 @@ LATENCY = Dashboard(
         ),
         heatmap("End-to-end latency distribution", "dp_decision_latency_seconds", TOTAL, "s"),
         lines(
-            "Group commit size",
-            quantiles("dp_db_batch_size", "", (0.5, 0.99)),
-            note="Decisions written per database transaction: grows with concurrency.",
+            "Batch sizes",
+            [(q, f"group commit {name}") for q, name in quantiles("dp_db_batch_size", "", (0.5, 0.99))]
+            + [(q, f"API micro-batch {name}") for q, name in quantiles("dp_api_batch_size", "", (0.5, 0.99))],
+            note="Decisions written per database transaction, and POST /decide requests decided together "
+            "(serving/batcher.py): both grow with concurrency.",
         ),
     ],
 )

@@ -109,6 +109,12 @@ class Settings(BaseSettings):
     #: Seed of the serving sampler (None: from the OS); tests fix it.
     policy_seed: int | None = None
 
+    # --- API micro-batching (serving/batcher.py)
+    #: Most concurrent POST /decide requests decided together in one batch.
+    api_batch_max: int = Field(64, ge=1, le=1024)
+    #: How long the decider waits for more requests before deciding a batch (0: take what has queued).
+    api_batch_wait_ms: float = Field(0.0, ge=0.0, le=50.0)
+
     # --- storage write path
     #: Most decisions written in one transaction by the group-commit writer.
     db_batch_size: int = 256

@@ -9,8 +9,9 @@ from fastapi import Depends, Request
 from decision_platform.serving.platform import Platform
 
 
-def get_platform(request: Request) -> Platform:
-    """The running platform, built by the app's lifespan (api/app.py)."""
+async def get_platform(request: Request) -> Platform:
+    """The running platform, built by the app's lifespan (api/app.py). async: a sync dependency would cost
+    every request a threadpool hop, even an async route's."""
     return request.app.state.platform
 
 

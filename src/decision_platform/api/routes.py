@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, HTTPException, Path, Query, Response
 
 from decision_platform.api.deps import PlatformDep
@@ -23,6 +24,7 @@ from decision_platform.core.events import INT64_MAX, Event
 from decision_platform.core.records import DUPLICATE
 from decision_platform.events.kafka import BrokerUnavailableError
 from decision_platform.observability import metrics
+from decision_platform.serving.engine import DecisionRequest
 from decision_platform.serving.outcomes import (
     OutcomeConflictError,
     UnknownDecisionError,
@@ -81,9 +83,13 @@ def ready(platform: PlatformDep, response: Response) -> dict[str, Any]:
     summary="Decide: allow, throttle or block",
     responses=error_responses(400, 413, 422, 503),
 )
-def decide(body: DecideRequest, platform: PlatformDep) -> dict[str, Any]:
+async def decide(body: DecideRequest, platform: PlatformDep) -> Response:
+    # async: the request waits on the event loop for its micro-batch (serving/batcher.py), with no
+    # threadpool hop; the answer is the engine's dict as JSON, not re-validated (tests hold it to the schema).
+    batcher = platform.batcher
+    assert batcher is not None, "Platform.start builds the decider"
     try:
-        decision = platform.engine.decide(body.entity_id, body.event)
+        decision = await batcher.decide(DecisionRequest(body.entity_id, body.event))
     except TimeoutError:
         raise HTTPException(503, "the decision could not be stored durably in time; retry") from None
     except OSError:
@@ -92,7 +98,7 @@ def decide(body: DecideRequest, platform: PlatformDep) -> dict[str, Any]:
     narrator = platform.narrator
     if narrator is not None and decision.storage != DUPLICATE:  # a queue append: never waits for the LLM
         narrator.submit(decision.row)
-    return decision.response
+    return Response(orjson.dumps(decision.response), media_type="application/json")
 
 
 @router.post(

@@ -136,12 +136,15 @@ def _curl_examples(settings: Settings) -> str:
 def serve(
     host: str | None = typer.Option(None, help="default: DP_HOST"),
     port: int | None = typer.Option(None, help="default: DP_PORT"),
-    workers: int = typer.Option(1, help="uvicorn worker processes (needs a shared feature store: redis://)"),
+    workers: int = typer.Option(1, help="worker processes (needs a shared feature store: redis://)"),
+    server: str = typer.Option(
+        "uvicorn",
+        envvar="DP_HTTP_SERVER",
+        help="uvicorn (httptools + uvloop), or granian if installed (pip install granian); bench/API.md",
+    ),
 ) -> None:
     """Serve the HTTP API with the configured backends."""
     import os
-
-    import uvicorn
 
     settings = get_settings()
     if host:
@@ -161,8 +164,32 @@ def serve(
     # Several processes: each writes its metrics to files that /metrics merges (prometheus multiprocess mode).
     prepare_multiprocess_dir(workers, settings.model_dir.parent / "prometheus-multiproc")
     # A factory import string, so that every worker process builds its own platform from the environment.
+    target = "decision_platform.api.app:create_app"
+    if server == "granian":
+        try:
+            from granian.constants import Interfaces, Loops
+            from granian.server import Server
+        except ImportError:
+            raise typer.BadParameter(
+                "--server granian: granian is not installed (pip install granian)"
+            ) from None
+        Server(
+            target,
+            address=settings.host,
+            port=settings.port,
+            interface=Interfaces.ASGI,
+            workers=workers,
+            loop=Loops.uvloop,
+            factory=True,
+            log_enabled=False,
+        ).serve()
+        return
+    if server != "uvicorn":
+        raise typer.BadParameter(f"--server: uvicorn or granian, not {server!r}")
+    import uvicorn
+
     uvicorn.run(
-        "decision_platform.api.app:create_app",
+        target,
         factory=True,
         host=settings.host,
         port=settings.port,

@@ -52,16 +52,16 @@ class DecisionRecord:
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
+        return _FIELD_NAMES
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> DecisionRecord:
         """From a stored row (database or spool); a column an older row lacks is None."""
-        return cls(**{name: row.get(name) for name in cls.field_names()})
+        return cls(**{name: row.get(name) for name in _FIELD_NAMES})
 
     def to_row(self) -> dict[str, Any]:
         """The row to store: one key per column of ``decisions``."""
-        return {name: getattr(self, name) for name in self.field_names()}
+        return {name: getattr(self, name) for name in _FIELD_NAMES}
 
     def response(self, latency_ms: float | None = None) -> dict[str, Any]:
         """The ``POST /decide`` answer (``latency_ms``: end to end, storage included, when known)."""
@@ -85,3 +85,7 @@ class DecisionRecord:
             "model_versions": self.model_versions,
             "latency_ms": round(self.latency_ms if latency_ms is None else latency_ms, 3),
         }
+
+
+#: Computed once: ``dataclasses.fields`` on every row was 1.4% of a decision batch (cProfile).
+_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(DecisionRecord))

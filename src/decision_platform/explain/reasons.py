@@ -85,10 +85,18 @@ def range_phrase(name: str, value: float, low: float, high: float) -> str:
     """``above the typical 1 to 2``: the range and where the value stands, compared as they are written
     (so that the words and the numbers a reader sees always agree, and the grounding check with them)."""
     text = format_range(name, low, high)
-    bounds = [float(t.replace(",", "")) for t in text.split(" to ")]
-    shown = float(format_value(name, value).replace(",", ""))
-    where = "above" if shown > bounds[-1] else "below" if shown < bounds[0] else "within"
-    return f"{where} the typical {text}"
+    return _placed(format_value(name, value), text, _bounds(text))
+
+
+def _bounds(range_text: str) -> tuple[float, float]:
+    bounds = [float(t.replace(",", "")) for t in range_text.split(" to ")]
+    return bounds[0], bounds[-1]
+
+
+def _placed(shown: str, range_text: str, bounds: tuple[float, float]) -> str:
+    value = float(shown.replace(",", ""))
+    where = "above" if value > bounds[1] else "below" if value < bounds[0] else "within"
+    return f"{where} the typical {range_text}"
 
 
 def time_of_day(hour_sin: float, hour_cos: float) -> str:
@@ -123,6 +131,9 @@ class Wording:
         self.description = describe_feature(name)
         self.count_first = self.description.startswith(("events ", "distinct "))
         self.typical = typical
+        # The range's words and bounds do not change between decisions: written once, not per reason.
+        self._range = format_range(name, typical["low"], typical["high"]) if typical else ""
+        self._bounds = _bounds(self._range) if typical else (0.0, 0.0)
 
     def reason(self, kind: str, value: float, weight: float, display: str | None = None) -> dict[str, Any]:
         shown = display or format_value(self.name, value)
@@ -132,7 +143,7 @@ class Wording:
             direction = "raises_anomaly" if weight > 0 else "lowers_anomaly"
         phrase = f"{shown} {self.description}" if self.count_first else f"{self.description} {shown}"
         if self.typical and display is None:
-            phrase += f" ({range_phrase(self.name, value, self.typical['low'], self.typical['high'])})"
+            phrase += f" ({_placed(shown, self._range, self._bounds)})"
         return {
             "feature": self.name,
             "value": round(value, 4),

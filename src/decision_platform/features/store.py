@@ -81,6 +81,11 @@ class FeatureStore(ABC):
     def read(self, entity_id: str, at: float) -> FeatureResult:
         """Features at time ``at`` without writing (a decision without an event)."""
 
+    def read_many(self, entity_ids: Sequence[str], at: float) -> list[FeatureResult]:
+        """Features of several entities at ``at`` (a micro-batch of decisions without events): one round
+        trip where the backend can pipeline, else one read each."""
+        return [self.read(entity_id, at) for entity_id in entity_ids]
+
     @abstractmethod
     def ping(self) -> bool:
         """True when the backend answers (for /ready)."""
@@ -134,6 +139,13 @@ class RedisFeatureStore(FeatureStore):
     def read(self, entity_id: str, at: float) -> FeatureResult:
         replies = self._run([(entity_id, [_num(at).encode()])])
         return self._results(replies, [at], None)[0]
+
+    def read_many(self, entity_ids: Sequence[str], at: float) -> list[FeatureResult]:
+        if not entity_ids:
+            return []
+        now = _num(at).encode()
+        replies = self._run([(entity_id, [now]) for entity_id in entity_ids])
+        return self._results(replies, [at] * len(entity_ids), None)
 
     def ping(self) -> bool:
         try:

@@ -133,6 +133,11 @@ DB_ERRORS = Counter("dp_db_errors_total", "Database failures.", ["operation"])
 DB_BATCH_SIZE = Histogram(
     "dp_db_batch_size", "Decisions written per group commit.", buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500)
 )
+API_BATCH_SIZE = Histogram(
+    "dp_api_batch_size",
+    "POST /decide requests decided together in one micro-batch (serving/batcher.py).",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
 DECISIONS_SPOOLED = Counter(
     "dp_decisions_spooled_total", "Decisions written to the local spool because the database failed."
 )

@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
-from psycopg.types.json import Jsonb
+from sqlalchemy.dialects import postgresql
 
 from decision_platform.storage.sql import (
     Store,
@@ -22,11 +22,25 @@ from decision_platform.storage.tables import decision_events, decisions, outcome
 #: A decision row: the keys are the columns of ``tables.decisions``.
 DecisionRow = dict[str, Any]
 
-_DECISION_COLUMNS = [c.name for c in decisions.columns]
-_JSON_COLUMNS = {c.name for c in decisions.columns if isinstance(c.type, sa.JSON)}
-_INSERT_DECISION_SQL = (
-    f"INSERT INTO decisions ({', '.join(_DECISION_COLUMNS)}) "
-    f"VALUES ({', '.join(['%s'] * len(_DECISION_COLUMNS))}) ON CONFLICT DO NOTHING RETURNING id"
+#: Plain str (not quoted_name): orjson takes only exact str keys.
+_DECISION_COLUMNS = [str(c.name) for c in decisions.columns]
+
+
+def _recordset_type(column: sa.Column[Any]) -> str:
+    """A column's type in the batch's ``jsonb_to_recordset``: strings as text, so that the INSERT's
+    assignment cast refuses an over-long value (an explicit varchar(n) cast would truncate it)."""
+    if isinstance(column.type, sa.String):
+        return "text"
+    return column.type.compile(dialect=postgresql.dialect())
+
+
+_COLUMN_LIST = ", ".join(_DECISION_COLUMNS)
+#: A whole batch is one JSON array, parsed by the server: one orjson.dumps per batch instead of a
+#: parameter adaptation (and a Jsonb wrapper) per value per row.
+_INSERT_BATCH_SQL = (
+    f"INSERT INTO decisions ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM jsonb_to_recordset(%s::jsonb) "
+    f"AS batch({', '.join(f'{c.name} {_recordset_type(c)}' for c in decisions.columns)}) "
+    "ON CONFLICT DO NOTHING RETURNING id"
 )
 
 #: What a decision logged of the models' state and the policy's choice (the off-policy data of learning/).
@@ -41,10 +55,6 @@ _LOGGED_STATE = (
 )
 #: Decisions left-joined with their outcome (None columns without one).
 _WITH_OUTCOMES = decisions.outerjoin(outcomes, outcomes.c.decision_id == decisions.c.id)
-
-
-def _dumps(value: Any) -> str:
-    return orjson.dumps(value).decode()
 
 
 class DecisionStore(Store):
@@ -66,26 +76,18 @@ class DecisionStore(Store):
             return {row.id for row in connection.execute(statement, params)}
 
     def _insert_decisions_postgresql(self, rows: Sequence[DecisionRow]) -> set[int]:
-        # psycopg's executemany pipelines one prepared statement: ~60 us a row here, against ~250 us for
-        # SQLAlchemy's multi-VALUES statement, whose 20k placeholders psycopg must parse on every batch.
-        # .get: rows spooled by an older version lack the newer (nullable) columns; None stays SQL NULL.
-        params = [
-            tuple(
-                Jsonb(value, _dumps) if c in _JSON_COLUMNS and value is not None else value
-                for c in _DECISION_COLUMNS
-                for value in (row.get(c),)
-            )
-            for row in rows
-        ]
-        inserted: set[int] = set()
+        # One statement whose one parameter is the batch as a JSON array (jsonb_to_recordset): 7 us of
+        # client CPU a row, against 27 us for psycopg's pipelined executemany with a Jsonb adapter per
+        # JSON value (1,000-row batches; wall time 2-3x less too) -- CPU the writer thread took from the
+        # requests' GIL. A key a row lacks (a row spooled
+        # by an older version) is SQL NULL, as a JSON null is. What PostgreSQL cannot hold (NUL in text, an
+        # integer beyond 64 bits, a lone surrogate) fails the batch as a record error, as before: orjson
+        # or the server refuses it, and the writer isolates the row.
+        payload = orjson.dumps([{c: row.get(c) for c in _DECISION_COLUMNS} for row in rows]).decode()
         with self.engine.begin() as connection:
             cursor = connection.connection.cursor()
-            cursor.executemany(_INSERT_DECISION_SQL, params, returning=True)
-            while True:
-                inserted.update(r[0] for r in cursor.fetchall())
-                if not cursor.nextset():
-                    break
-        return inserted
+            cursor.execute(_INSERT_BATCH_SQL, (payload,), prepare=False)
+            return {r[0] for r in cursor.fetchall()}
 
     def existing_ids(self, ids: Sequence[int]) -> set[int]:
         """Which of these decision ids are stored."""
