@@ -114,6 +114,9 @@ def test_refuse_resets_open_connections_and_refuses_new_ones_until_forward(proxy
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(proxy.address, timeout=LOUD_S)
     assert proxy.stats().reset == 1
+    # The port stays reserved while refused: no other listener can take it and answer instead.
+    with socket.socket() as squatter, pytest.raises(OSError):
+        squatter.bind(proxy.address)
 
     proxy.forward()
     assert proxy.port == port  # clients keep their configured address

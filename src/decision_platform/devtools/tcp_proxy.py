@@ -6,7 +6,9 @@ Put it between a client and a server (``TcpProxy(("127.0.0.1", 5432))``, then po
 
 * ``forward``: bytes flow both ways, as if the proxy were not there.
 * ``refuse``: a dead server. The listening socket is closed (new connections are refused) and every
-  existing connection is reset (RST), so clients see "connection refused" / "connection reset".
+  existing connection is reset (RST), so clients see "connection refused" / "connection reset". The port
+  stays reserved by a bound, non-listening socket: no other program's ``bind(0)`` can take it (and
+  answer in the dead server's place) before the proxy listens there again.
 * ``freeze``: a stalled server or a network partition. Every socket stays open, nothing is forwarded in
   either direction (nor connection closes); new connections are accepted but not connected upstream.
   Clients block until their own timeouts fire. Back to ``forward``, the held bytes flow again.
@@ -77,6 +79,19 @@ class _Link:
     pumps: list[asyncio.Task[None]] = field(default_factory=list)
 
 
+def _reserve(host: str, port: int) -> socket.socket | None:
+    """A socket bound to ``(host, port)`` that never listens: the port refuses connections and stays
+    ours (None if the bind fails, e.g. another socket already holds the port: it is refused anyway)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
 def _reset(writer: asyncio.StreamWriter | None) -> None:
     """Close a connection abruptly (RST), whatever is buffered."""
     if writer is None:
@@ -109,6 +124,9 @@ class TcpProxy:
         self._mode = Mode.FORWARD
         self._links: set[_Link] = set()
         self._server: asyncio.Server | None = None
+        #: While refusing: a socket bound to the port without listening (connects get RST, the port
+        #: cannot be handed to anyone else).
+        self._reserved: socket.socket | None = None
         self._accepted = self._reset_count = self._upstream_failures = 0
         self._bytes = {"up": 0, "down": 0}
         self._closed = False
@@ -199,6 +217,9 @@ class TcpProxy:
         await self._listen()
 
     async def _listen(self) -> None:
+        if self._reserved is not None:
+            self._reserved.close()
+            self._reserved = None
         # reuse_address: the port is bound again after `refuse` although its old connections linger.
         self._server = await asyncio.start_server(self._handle, self.host, self._port, reuse_address=True)
         self._port = int(self._server.sockets[0].getsockname()[1])
@@ -207,6 +228,8 @@ class TcpProxy:
         if self._server is not None:
             self._server.close()  # stops accepting; the connections are handled by _reset_all
             self._server = None
+            if not self._closed:
+                self._reserved = _reserve(self.host, self._port)
 
     async def _apply(self, mode: Mode) -> None:
         if self._closed:
@@ -253,6 +276,9 @@ class TcpProxy:
 
     async def _shutdown(self) -> None:
         await self._unlisten()
+        if self._reserved is not None:
+            self._reserved.close()
+            self._reserved = None
         for link in list(self._links):
             self._reset_link(link)
         await asyncio.sleep(0)
