@@ -215,12 +215,15 @@ def default_llm_url() -> str:
 def run() -> None:
     """The main job on the configured (by default embedded) backends: train if no models, then serve.
     Narratives come from a local LLM unless DP_LLM_URL=none (see default_llm_url)."""
+    import os
+
     default_llm_url()
     settings = get_settings()
     if not open_registry(settings).has_champions():
         console.print("[bold]No models yet: training on the built-in synthetic data set.[/bold]")
         _train(settings, Source.synthetic, None, None, 3000, 14.0, PPO_TIMESTEPS, 0, True)
-    serve(None, None, 1)
+    # Every parameter explicitly: called as a function, typer's defaults would be OptionInfo objects.
+    serve(None, None, 1, os.environ.get("DP_HTTP_SERVER", "uvicorn"))
 
 
 class Target(enum.StrEnum):
