@@ -195,6 +195,38 @@ def test_labelling_goes_through_the_outcome_rules(console) -> None:
     assert row["id"] not in ids_on(labelled) and rows[0]["id"] in ids_on(labelled)
 
 
+def test_no_outcome_yet_counts_an_imputed_placeholder_as_none_and_a_label_replaces_it(console) -> None:
+    client, platform, rows = console
+    reported, imputed = rows[1], rows[4]  # two blocks, amounts 20 and 50
+    platform.repository.record_outcome(reported["id"], "fraud", REWARDS.reward("fraud", 2, 20.0))
+    placeholder = {
+        "decision_id": imputed["id"],
+        "outcome": "false_positive",  # what learning/outcomes.py imputes for a low-risk block
+        "reward": REWARDS.reward("false_positive", 2, 50.0),
+        "received_at": datetime.now(UTC),
+        "imputed": True,
+    }
+    platform.repository.insert_imputed_outcomes([placeholder])
+    blocks = sorted((r["id"] for r in rows if r["action"] == 2), reverse=True)
+    unlabelled = ids_on(client.get("/console/queue?action=block&unlabelled=1&limit=200").text)
+    assert unlabelled == [i for i in blocks if i != reported["id"]]  # the imputed one is still to review
+    assert ids_on(client.get("/console/queue?action=block&limit=200").text) == blocks
+    page = client.get(f"/console/decisions/{imputed['id']}").text
+    assert 'id="imputed"' in page and 'id="outcome"' not in page and 'data-outcome="fraud"' in page
+    answer = client.post(
+        f"/console/decisions/{imputed['id']}/outcome",
+        data={"outcome": "fraud", "csrf": csrf_of(page)},
+        follow_redirects=False,
+    )
+    assert answer.status_code == 303
+    stored = platform.repository.get_outcome(imputed["id"])
+    assert stored is not None and (stored.outcome, stored.imputed) == ("fraud", False)
+    assert stored.reward == REWARDS.reward("fraud", 2, 50.0)  # the reward of POST /outcome
+    assert imputed["id"] not in ids_on(client.get("/console/queue?action=block&unlabelled=1").text)
+    done = client.get(f"/console/decisions/{reported['id']}").text
+    assert 'id="outcome"' in done and "data-outcome=" not in done  # reported: final, no buttons
+
+
 def test_whatif_counts_the_decisions_a_new_rule_changes(console) -> None:
     client, platform, rows = console
     # rows[11]: allowed, amount 120, a good customer: success after allow is worth 1 + 0.02 * 120.

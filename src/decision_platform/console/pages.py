@@ -156,6 +156,10 @@ def decision_page(platform: Platform, decision_id: int) -> dict[str, Any] | None
     if row is None:
         return None
     outcome = platform.writer.query(lambda: platform.repository.get_outcome(decision_id))
+    # An imputed placeholder is no label: the queue lists it as "no outcome yet", and a reported outcome
+    # replaces it (storage/outcomes.py), so the page offers the buttons beside it.
+    imputed = outcome if outcome is not None and outcome.imputed else None
+    outcome = None if imputed is not None else outcome
     explanation = None
     if platform.narrator is not None:
         try:
@@ -178,6 +182,7 @@ def decision_page(platform: Platform, decision_id: int) -> dict[str, Any] | None
         "action_name": ACTION_NAMES[action],
         "proposed_name": None if proposed is None else ACTION_NAMES[proposed],
         "outcome": outcome,
+        "imputed": imputed,
         "labels": labels,
         "bars": _bars(list(row.get("reasons") or [])),
         "risk_typical": facts.get("risk_typical"),

@@ -28,6 +28,8 @@ class OutcomeResult:
     outcome: str | None = None
     reward: float | None = None
     received_at: datetime | None = None
+    #: A placeholder of the learning loop (learning/outcomes.py), not a reported outcome: one replaces it.
+    imputed: bool = False
 
 
 class OutcomeStore(Store):
@@ -37,7 +39,9 @@ class OutcomeStore(Store):
         row = self._first(sa.select(outcomes).where(outcomes.c.decision_id == decision_id))
         if row is None:
             return None
-        return OutcomeResult(OutcomeStatus.DUPLICATE, row["outcome"], row["reward"], row["received_at"])
+        return OutcomeResult(
+            OutcomeStatus.DUPLICATE, row["outcome"], row["reward"], row["received_at"], bool(row["imputed"])
+        )
 
     def record_outcome(
         self, decision_id: int, outcome: str, reward: float, received_at: datetime | None = None
