@@ -227,6 +227,57 @@ def test_no_outcome_yet_counts_an_imputed_placeholder_as_none_and_a_label_replac
     assert 'id="outcome"' in done and "data-outcome=" not in done  # reported: final, no buttons
 
 
+def test_every_post_form_carries_the_csrf_token_and_every_post_refuses_without_it(console) -> None:
+    client, _, rows = console
+    for path in ("/console/login", f"/console/decisions/{rows[0]['id']}", "/console/whatif"):
+        page = client.get(path).text
+        forms = re.findall(r'<form method="post".*?</form>', page, re.S)
+        assert forms and all('name="csrf" value="' in form for form in forms), path
+    posts = {
+        "/console/login": {"password": "x", "next": "/console/queue"},
+        "/console/logout": {},
+        f"/console/decisions/{rows[0]['id']}/outcome": {"outcome": "fraud"},
+        "/console/whatif": {"rules_text": "rules: []", "since": "2h"},
+        "/console/models/promote": {"version": "v1", "admin_key": "x"},
+        "/console/models/rollback": {"kind": "risk", "admin_key": "x"},
+    }
+    for path, data in posts.items():
+        for token in ({}, {"csrf": "forged"}):
+            answer = client.post(path, data=data | token, follow_redirects=False)
+            assert answer.status_code == 403 and "CSRF" in answer.text, (path, token, answer.text[:200])
+
+
+def test_event_text_in_any_field_is_shown_as_text(console) -> None:
+    client, platform, _ = console
+    at = datetime.now(UTC) - timedelta(minutes=1)
+    fired = {
+        "name": "velocity_step_up",
+        "tier": "floor",
+        "description": "Unusually many events in five minutes.",
+        "inputs": [{"feature": "count_5m", "value": 9.0, "display": "9", "typical": {"low": 1, "high": 4}}],
+    }
+    row = decision_row(
+        make_id(at, 99),
+        created_at=at,
+        entity_id=HOSTILE,
+        event_id=HOSTILE,
+        event_type=HOSTILE[:32],
+        action=1,
+        rules_fired=[fired],
+        attributes={HOSTILE: HOSTILE},
+    )
+    platform.repository.insert_decisions([row])
+    pages = [
+        client.get(f"/console/decisions/{row['id']}").text,
+        client.get("/console/queue", params={"action": "any", "entity": HOSTILE}).text,
+    ]
+    for page in pages:
+        assert "<script>alert" not in page and "<img src=x" not in page
+        assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in page
+    assert row["id"] in ids_on(pages[1])  # the entity filter found it
+    assert "count_5m = 9 (typical 1 to 4)" in pages[0]  # the rule with the input it tested
+
+
 def test_whatif_counts_the_decisions_a_new_rule_changes(console) -> None:
     client, platform, rows = console
     # rows[11]: allowed, amount 120, a good customer: success after allow is worth 1 + 0.02 * 120.
@@ -286,34 +337,58 @@ def test_models_page_is_read_only_without_the_admin_key(console) -> None:
     assert refused.status_code == 403 and "DP_API_KEY" in refused.text
 
 
-def test_promote_from_the_console_needs_the_admin_key(
+@pytest.fixture
+def admin_console(
     make_settings: Callable[..., Settings], start_platform: Callable[[Settings], Platform]
-) -> None:
-    # DP_API_KEY set and no console password: the API key is the console's password too.
+) -> Iterator[tuple[TestClient, Platform]]:
+    """DP_API_KEY set and no console password: the API key is the console's password too; logged in."""
     for client, platform, _ in _console(make_settings(api_key="admin-key"), start_platform):
         form = client.get("/console/login").text
         client.post("/console/login", data={"csrf": csrf_of(form), "password": "admin-key"})
-        page = client.get("/console/models").text
-        token = csrf_of(page)
-        champion = next(
-            m for m in platform.registry.repository.list_models("risk") if m["status"] == "champion"
-        )
-        data = {"csrf": token, "version": champion["version"], "admin_key": "wrong"}
-        wrong = client.post("/console/models/promote", data=data)
-        assert wrong.status_code == 401 and "wrong X-API-Key" in wrong.text
-        data["version"] = "risk-does-not-exist"
-        data["admin_key"] = "admin-key"
-        missing = client.post("/console/models/promote", data=data)
-        assert missing.status_code == 404  # the registry's answer, through the admin API's code
-        data["version"] = champion["version"]
-        again = client.post("/console/models/promote", data=data)  # already champion: a no-op
-        assert again.status_code == 200 and f"promoted {champion['version']}" in again.text
-        # Rolling back with no earlier version: the console answers what the admin API answers.
-        api = client.post("/admin/models/rollback?kind=risk", headers={"X-API-Key": "admin-key"})
-        rollback = {"csrf": token, "kind": "risk", "admin_key": "admin-key"}
-        console_answer = client.post("/console/models/rollback", data=rollback)
-        assert 400 <= api.status_code < 500 and console_answer.status_code == api.status_code
-        assert api.json()["detail"] in console_answer.text.replace("&#39;", "'")
+        yield client, platform
+
+
+def test_promote_from_the_console_needs_the_admin_key(admin_console) -> None:
+    client, platform = admin_console
+    page = client.get("/console/models").text
+    token = csrf_of(page)
+    champion = next(m for m in platform.registry.repository.list_models("risk") if m["status"] == "champion")
+    data = {"csrf": token, "version": champion["version"], "admin_key": "wrong"}
+    wrong = client.post("/console/models/promote", data=data)
+    assert wrong.status_code == 401 and "wrong X-API-Key" in wrong.text
+    data["version"] = "risk-does-not-exist"
+    data["admin_key"] = "admin-key"
+    missing = client.post("/console/models/promote", data=data)
+    assert missing.status_code == 404  # the registry's answer, through the admin API's code
+    data["version"] = champion["version"]
+    again = client.post("/console/models/promote", data=data)  # already champion: a no-op
+    assert again.status_code == 200 and f"promoted {champion['version']}" in again.text
+    # Rolling back with no earlier version: the console answers what the admin API answers.
+    api = client.post("/admin/models/rollback?kind=risk", headers={"X-API-Key": "admin-key"})
+    rollback = {"csrf": token, "kind": "risk", "admin_key": "admin-key"}
+    console_answer = client.post("/console/models/rollback", data=rollback)
+    assert 400 <= api.status_code < 500 and console_answer.status_code == api.status_code
+    assert api.json()["detail"] in console_answer.text.replace("&#39;", "'")
+
+
+def test_a_challenger_is_promoted_and_rolled_back_from_the_console(admin_console) -> None:
+    from tests.model_helpers import register_policy
+
+    client, platform = admin_console
+    champion = platform.registry.champion("policy")["version"]  # type: ignore[index]
+    challenger = register_policy(platform.registry, 2)
+    page = client.get("/console/models").text
+    assert f'name="version" value="{challenger}"' in page  # a promote form for the challenger
+    data = {"csrf": csrf_of(page), "version": challenger, "admin_key": "admin-key"}
+    promoted = client.post("/console/models/promote", data=data)
+    assert promoted.status_code == 200 and f"promoted {challenger}" in promoted.text
+    assert platform.registry.champion("policy")["version"] == challenger  # type: ignore[index]
+    assert platform.serving().versions["policy"] == challenger  # reloaded, as the admin API does
+    rollback = {"csrf": data["csrf"], "kind": "policy", "admin_key": "admin-key"}
+    rolled = client.post("/console/models/rollback", data=rollback)
+    assert rolled.status_code == 200 and "rolled back policy" in rolled.text
+    assert platform.registry.champion("policy")["version"] == champion  # type: ignore[index]
+    assert platform.serving().versions["policy"] == champion
 
 
 def test_models_page_shows_retrain_reports_and_serves_only_their_files(console) -> None:
