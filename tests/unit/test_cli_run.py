@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -11,9 +12,16 @@ from typer.testing import CliRunner
 from decision_platform.cli import main as cli
 
 
-def test_run_serves_with_uvicorn_when_models_exist(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("given", "narrates_with"), [(None, "embedded://"), ("none", "none")])
+def test_run_serves_with_uvicorn_when_models_exist(
+    monkeypatch: pytest.MonkeyPatch, given: str | None, narrates_with: str
+) -> None:
+    """`make run` with DP_LLM_URL unset serves with the embedded LLM narrator (the server, started later,
+    reads it from the environment); DP_LLM_URL=none keeps the template."""
     served: dict[str, Any] = {}
-    monkeypatch.setenv("DP_LLM_URL", "none")
+    monkeypatch.setenv("DP_LLM_URL", given or "")  # recorded, so that what `run` sets is undone
+    if given is None:
+        monkeypatch.delenv("DP_LLM_URL")
     monkeypatch.delenv("DP_HTTP_SERVER", raising=False)
 
     class Registry:
@@ -26,3 +34,4 @@ def test_run_serves_with_uvicorn_when_models_exist(monkeypatch: pytest.MonkeyPat
     assert result.exit_code == 0, result.output
     assert served["target"] == "decision_platform.api.app:create_app" and served["workers"] == 1
     assert "curl -s" in result.output  # how to call it
+    assert os.environ["DP_LLM_URL"] == narrates_with
