@@ -177,6 +177,24 @@ def test_a_false_rank_is_rejected(facts: Facts, narrative: str, expected: str) -
     assert any(p.startswith(expected) for p in found), found
 
 
+def test_rank_of_unusual_values_is_checked_too(facts: Facts) -> None:
+    """The third kind of reason (what made the anomaly score high) is held to its order as well."""
+    facts.reasons.append(reason("count_5m", 11, 0.09, "anomaly", "events in the last 5 minutes", 1, 4))
+    # anomaly attributions: count_5m 0.09, then max_24h 0.04
+    faithful = OPENING + (
+        " The event was unusual for its 11 events in the last 5 minutes and its largest amount in the "
+        "last 24 hours 980.00."
+    )
+    assert problems(faithful, facts) == []
+    swapped = OPENING + (
+        " The event was unusual for its largest amount in the last 24 hours 980.00 and its 11 events in "
+        "the last 5 minutes."
+    )
+    assert any(p.startswith("wrong rank: names largest amount") for p in problems(swapped, facts))
+    most = OPENING + " The event was most unusual for its largest amount in the last 24 hours 980.00."
+    assert any(p.startswith("wrong rank: says largest amount") for p in problems(most, facts))
+
+
 def test_words_of_a_reasons_own_name_claim_no_rank(facts: Facts) -> None:
     """ "largest amount in the last 24 hours" names an input; it does not say the reason was the largest
     (a false rejection of rendered narratives found by the bench, rank #2 named without "most")."""
