@@ -144,7 +144,9 @@ def pick(rows: list[dict[str, Any]], n: int, seed: int) -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2", help="smollm2 | qwen2.5-coder-1.5b | a .gguf path")
+    parser.add_argument(
+        "--model", default="smollm2", help="smollm2 | qwen2.5-coder-0.5b | qwen2.5-coder-1.5b | a .gguf path"
+    )
     parser.add_argument("--url", default=None, help="use this running server (DP_LLM_URL syntax) instead")
     parser.add_argument("--decisions", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)

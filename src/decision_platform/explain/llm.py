@@ -219,7 +219,7 @@ class OpenAIChat:
 class EmbeddedChat:
     """A llama.cpp server child process (see :mod:`llama_server`), started on first use.
 
-    Starting may fetch the weights (98 MB or 1.1 GB, once) and load them: it happens in the narrator's
+    Starting may fetch the weights (98 MB to 1.1 GB, once) and load them: it happens in the narrator's
     thread, never on a request path. A dead child is restarted on the next call.
     """
 
