@@ -169,9 +169,16 @@ class EventColumns(Sequence[Event]):
             [a.take(idx) for a in self.attributes],
         )
 
-    def entity_ids(self) -> np.ndarray:
-        """Each event's entity id (str array)."""
-        return self.entities[self.entity_codes]
+    def entity_ids(self, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """Each event's entity id (str array), of ``rows`` (a mask, indices or slice) or of all."""
+        return self.entities[self.entity_codes[rows]]
+
+    def entity_keys(self) -> np.ndarray:
+        """Each event's entity as an int32 key that sorts and compares as its id does: what grouping by
+        entity needs, in 4 bytes an event instead of a fixed-width string's 4 bytes a character."""
+        rank = np.empty(len(self.entities), dtype=np.int32)
+        rank[np.argsort(self.entities, kind="stable")] = np.arange(len(self.entities), dtype=np.int32)
+        return rank[self.entity_codes]
 
     def amounts_or_zero(self) -> np.ndarray:
         return np.nan_to_num(self.amounts, nan=0.0)

@@ -18,6 +18,8 @@ from torch import nn
 ACTOR = "policy.npz"
 PPO_ZIP = "ppo.zip"
 META = "policy.json"
+#: Rows of states the actor scores at once (scoring a data set).
+PROBABILITY_CHUNK = 8192
 _ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "Tanh": np.tanh,
     "ReLU": lambda v: np.maximum(v, 0.0),
@@ -40,7 +42,7 @@ def scaled_state(
 
 def unscaled_feature(states: np.ndarray, index: int, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """The raw value of feature ``index`` back from states (the inverse of :func:`scaled_state`)."""
-    v = np.asarray(states, dtype=np.float64)[:, index] * std[index] + mean[index]
+    v = np.asarray(states)[:, index].astype(np.float64) * std[index] + mean[index]
     return np.sign(v) * np.expm1(np.abs(v))
 
 
@@ -67,8 +69,13 @@ class PolicyModel:
         return scaled_state(features, anomaly, risk, self.scaler_mean, self.scaler_std)
 
     def probabilities(self, states: np.ndarray) -> np.ndarray:
-        """(n, k) states -> (n, 3) action probabilities."""
-        h = np.atleast_2d(np.asarray(states, dtype=np.float64))
+        """(n, k) states -> (n, 3) action probabilities (a chunk of rows at a time: a data set's states
+        in float64, and each hidden layer's, would be several times the float32 states)."""
+        states = np.atleast_2d(states)
+        if len(states) > PROBABILITY_CHUNK:
+            chunks = range(0, len(states), PROBABILITY_CHUNK)
+            return np.concatenate([self.probabilities(states[i : i + PROBABILITY_CHUNK]) for i in chunks])
+        h = np.asarray(states, dtype=np.float64)
         for w, b in zip(self.weights[:-1], self.biases[:-1], strict=True):
             h = self._act(h @ w + b)
         logits = h @ self.weights[-1] + self.biases[-1]
@@ -191,6 +198,10 @@ def imitate(ppo: object, states: np.ndarray, actions: np.ndarray, epochs: int = 
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-    with torch.no_grad():
-        predicted = policy.get_distribution(obs).distribution.probs.argmax(dim=1)
-    return float((predicted == target).float().mean())
+    right = 0
+    with torch.no_grad():  # a chunk at a time: every row's hidden layers at once would be GBs
+        for start in range(0, len(obs), PROBABILITY_CHUNK):
+            rows = slice(start, start + PROBABILITY_CHUNK)
+            predicted = policy.get_distribution(obs[rows]).distribution.probs.argmax(dim=1)
+            right += int((predicted == target[rows]).sum())
+    return right / max(1, len(obs))

@@ -117,12 +117,14 @@ class InputEncoder:
         cls, x: np.ndarray, bins: int, categorical: Sequence[int] = (), values: Sequence[int] = ()
     ) -> InputEncoder:
         """``categorical``: codes, embedded only; ``values``: numeric inputs embedded by value as well."""
-        x = np.asarray(x, dtype=np.float64)
+        # Column by column in float64: a copy of one input at a time, not of the whole training set.
+        x = np.asarray(x)
         quantiles = np.linspace(0.0, 1.0, KNOTS)
         knots = np.empty((x.shape[1], KNOTS))
         levels = np.empty((x.shape[1], KNOTS))
         for j in range(x.shape[1]):
-            points, first = np.unique(np.quantile(x[:, j], quantiles), return_index=True)
+            column = x[:, j].astype(np.float64)
+            points, first = np.unique(np.quantile(column, quantiles), return_index=True)
             # A knot repeated by many tied rows (a count of 0 in half the rows) takes the tie's top level.
             level = np.append(quantiles[first[1:] - 1], 1.0) if len(points) > 1 else np.array([0.5])
             knots[j] = np.pad(points, (0, KNOTS - len(points)), mode="edge")
@@ -134,8 +136,8 @@ class InputEncoder:
             codes, counts = np.unique(column[column != 0], return_counts=True)
             vocabularies.append(codes[counts >= MIN_CATEGORY_COUNT])
         numeric = [j for j in range(x.shape[1]) if j not in set(categorical)]
-        # Column by column: a copy of one input at a time, not of the whole training set.
-        moments = np.array([(c.mean(), c.std()) for c in (signed_log(x[:, j]) for j in numeric)])
+        columns = (signed_log(x[:, j].astype(np.float64)) for j in numeric)
+        moments = np.array([(c.mean(), c.std()) for c in columns])
         mean, spread = moments.reshape(-1, 2).T
         std = np.where(spread < 1e-9, 1.0, spread)
         return cls(knots, levels, bins, embedded, vocabularies, numeric, mean, std)
@@ -234,10 +236,10 @@ class InputEncoder:
 
     def categories(self, x: np.ndarray) -> np.ndarray:
         """(n, categorical) vocabulary indices: 0 missing (code 0), 1 rare or unseen, 2.. known values."""
-        x = np.atleast_2d(np.asarray(x, dtype=np.float64))
-        out = np.zeros((len(x), len(self.categorical)), dtype=np.int64)
+        x = np.atleast_2d(np.asarray(x))
+        out = np.zeros((len(x), len(self.categorical)), dtype=np.int32)  # embeddings take int32 too
         for k, (j, vocabulary) in enumerate(zip(self.categorical, self.vocabularies, strict=True)):
-            codes = _as_code(x[:, j]) if self.float32_codes else x[:, j]
+            codes = _as_code(x[:, j]) if self.float32_codes else x[:, j].astype(np.float64)
             at = np.searchsorted(vocabulary, codes)
             known = (at < len(vocabulary)) & (vocabulary[np.minimum(at, len(vocabulary) - 1)] == codes)
             out[:, k] = np.where(codes == 0, 0, np.where(known, at + 2, 1))
@@ -400,7 +402,10 @@ class RiskModel:
     # --- the shape of the inputs
     @staticmethod
     def inputs(features: np.ndarray, anomaly: np.ndarray) -> np.ndarray:
-        return np.column_stack([np.atleast_2d(features), np.atleast_1d(anomaly)])
+        """The features, then the anomaly score, in the features' precision (float64 serving, float32
+        training: a float64 copy of a training set is twice its size)."""
+        x = np.atleast_2d(features)
+        return np.column_stack([x, np.atleast_1d(anomaly).astype(x.dtype, copy=False)])
 
     def _encoded(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = np.atleast_2d(x)
@@ -492,7 +497,7 @@ class RiskModel:
         on_epoch: Callable[[int, float], None] | None,
     ) -> RiskModel:
         torch.manual_seed(seed)
-        x = np.asarray(x, dtype=np.float64)
+        x = np.asarray(x)  # float32 from training: the encoder reads a column or a chunk at a time
         labels = np.asarray(y, dtype=np.float32)
         cut = max(1, min(len(x) - 1, int(len(x) * (1.0 - config.validation_fraction))))
         encoder = InputEncoder.fit(x[:cut], config.bins, categorical, values)

@@ -30,20 +30,30 @@ class EntityHistory:
 
 
 def group_histories(
-    entity_ids: np.ndarray, states: np.ndarray, labels: np.ndarray, amounts: np.ndarray
+    entity_ids: np.ndarray,
+    states: np.ndarray,
+    labels: np.ndarray,
+    amounts: np.ndarray,
+    rows: np.ndarray | None = None,
 ) -> list[EntityHistory]:
-    """Split time-ordered rows into one history per entity (order inside each is kept)."""
+    """Split time-ordered rows into one history per entity (order inside each is kept). ``rows`` (a
+    mask or indices) takes a part of them. The histories are views of one entity-ordered copy: a copy
+    per entity would hold every state twice more (a part's copy, then the entities' copies)."""
     entity_ids = np.asarray(entity_ids)
-    order = np.argsort(entity_ids, kind="stable")
+    taken = np.arange(len(entity_ids)) if rows is None else np.asarray(rows)
+    if taken.dtype == bool:
+        taken = np.flatnonzero(taken)
+    if not len(taken):
+        return []
+    order = taken[np.argsort(entity_ids[taken], kind="stable")]
     sorted_ids = entity_ids[order]
     starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
     ends = np.r_[starts[1:], len(order)]
+    ordered_states = np.asarray(states[order], dtype=np.float32)
+    ordered_labels = np.asarray(labels[order], dtype=np.int8)
+    ordered_amounts = np.asarray(amounts[order], dtype=np.float64)
     return [
-        EntityHistory(
-            states=np.ascontiguousarray(states[order[s:e]], dtype=np.float32),
-            labels=np.asarray(labels[order[s:e]], dtype=np.int8),
-            amounts=np.asarray(amounts[order[s:e]], dtype=np.float64),
-        )
+        EntityHistory(ordered_states[s:e], ordered_labels[s:e], ordered_amounts[s:e])
         for s, e in zip(starts, ends, strict=True)
     ]
 

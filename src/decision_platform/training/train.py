@@ -215,7 +215,8 @@ class Split:
     features: np.ndarray
     labels: np.ndarray
     amounts: np.ndarray
-    entity_ids: np.ndarray
+    #: Int32 keys that sort and compare as the entity ids do (`EventColumns.entity_keys`).
+    entity_keys: np.ndarray
     train: np.ndarray  # bool mask, the earlier part of time
     test: np.ndarray  # bool mask, the later part
     #: What the registry records as the data window of every model fit on it.
@@ -295,7 +296,7 @@ def split_in_time(
         features=x,
         labels=np.asarray(data.labels, dtype=np.int8),
         amounts=events.amounts_or_zero(),
-        entity_ids=events.entity_ids(),
+        entity_keys=events.entity_keys(),
         train=train,
         test=test,
         window=window,
@@ -422,13 +423,12 @@ def policy_states(
     states = in_chunks(
         len(split.labels), lambda rows: stub.state(split.features[rows], anomaly[rows], risk.scores[rows])
     )
-    y, amounts, ids = split.labels, split.amounts, split.entity_ids
-    train, test = split.train, split.test
+    y, amounts, keys = split.labels, split.amounts, split.entity_keys
     return PolicyStates(
         state_names,
         states,
-        group_histories(ids[train], states[train], y[train], amounts[train]),
-        group_histories(ids[test], states[test], y[test], amounts[test]),
+        group_histories(keys, states, y, amounts, split.train),
+        group_histories(keys, states, y, amounts, split.test),
         scaler,
     )
 
@@ -436,7 +436,7 @@ def policy_states(
 def fit_thresholds(split: Split, states: PolicyStates, rewards: RewardTable) -> ThresholdPolicy:
     """The best fixed thresholds, searched on the training part for expected total reward per entity."""
     train = split.train
-    replay = Replay.of(split.entity_ids[train], split.labels[train], split.amounts[train])
+    replay = Replay.of(split.entity_keys[train], split.labels[train], split.amounts[train])
     t_throttle, t_block = best_thresholds(states.states[train, states.risk_index], replay, rewards)
     return ThresholdPolicy(t_throttle, t_block, states.names, states.scaler.mean, states.scaler.std)
 
@@ -569,13 +569,26 @@ def heldout_rows(
     """The held-out rows with the action probabilities of every compared policy."""
     test = split.test
     return HeldOutRows(
-        entity_ids=split.entity_ids[test],
+        entity_ids=split.events.entity_ids(test),
         labels=split.labels[test],
         amounts=split.amounts[test],
         anomaly=anomaly[test],
         risk=risk[test],
         probabilities=probabilities,
     )
+
+
+def range_rows(split: Split, anomaly: np.ndarray, risk: np.ndarray) -> np.ndarray:
+    """The training rows' risk inputs and risk, float32, built a chunk at a time (what the population
+    ranges of explanations are fitted on)."""
+    rows = np.flatnonzero(split.train)
+
+    def part(chunk: slice) -> np.ndarray:
+        at = rows[chunk]
+        inputs = RiskModel.inputs(split.features[at], anomaly[at])
+        return np.column_stack([inputs, risk[at].astype(inputs.dtype)])
+
+    return in_chunks(len(rows), part)
 
 
 def register_models(
@@ -606,9 +619,7 @@ def register_models(
                 risk.model,
                 d,
                 spec_path,
-                np.column_stack(
-                    [RiskModel.inputs(split.features[train], anomaly.scores[train]), risk.scores[train]]
-                ),
+                range_rows(split, anomaly.scores, risk.scores),
                 y[train],
             ),
             split.window,
@@ -668,7 +679,7 @@ def train_all(
     with progress.status("judging the policies on held-out time (total reward per entity)"):
         verdict = judge_policies(
             probabilities,
-            split.entity_ids[test],
+            split.entity_keys[test],
             split.labels[test],
             split.amounts[test],
             rewards,
@@ -708,7 +719,7 @@ def train_all(
         rules_info,
         heldout_rows(split, anomaly.scores, risk.scores, probabilities),
         HeldOutRows(
-            split.entity_ids[train],
+            split.events.entity_ids(train),
             split.labels[train],
             split.amounts[train],
             anomaly.scores[train],
