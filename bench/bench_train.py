@@ -9,11 +9,17 @@ default configuration) so that its peak RSS is its own: ``ru_maxrss`` of the fin
 should grow linearly with the events and stay bounded: the table gives MB and seconds per million
 events (the slope between the smallest and the largest size, which removes the fixed cost of the
 imports) and the peak extrapolated to ``--target`` events. A JSON line goes to bench/results.jsonl.
+
+``--grow-to N`` adds a size the file does not have: rows beyond its end are its rows again, later in
+time (the mapping's time column plus the file's span, ids suffixed), so the same entities carry on for
+another span. That is the memory and time of N events, not new information: use it for cost, never for
+model quality.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import gzip
 import json
 import os
@@ -26,6 +32,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -44,6 +51,34 @@ def head(path: Path, rows: int, out: Path) -> int:
             dst.write(line)
             written += 1
     return written
+
+
+def grown(path: Path, rows: int, out: Path, mapping: Path) -> int:
+    """The file's rows, then its rows again a time span later (ids suffixed) up to ``rows``, as gzip."""
+    spec = yaml.safe_load(mapping.read_text(encoding="utf-8"))
+    time_column, id_column = spec["time"]["column"], spec.get("id_column")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", newline="") as src:
+        reader = csv.reader(src)
+        header = next(reader)
+        data = list(reader)
+    at_time = header.index(time_column)
+    at_id = header.index(id_column) if id_column else None
+    times = [float(row[at_time]) for row in data]
+    span = max(times) - min(times) + 1.0
+    with gzip.open(out, "wt", newline="", compresslevel=1) as dst:
+        writer = csv.writer(dst)
+        writer.writerow(header)
+        for written in range(rows):
+            lap, at = divmod(written, len(data))
+            row = data[at]
+            if lap:
+                row = list(row)
+                row[at_time] = repr(float(row[at_time]) + lap * span)
+                if at_id is not None:
+                    row[at_id] = f"{row[at_id]}-{lap}"
+            writer.writerow(row)
+    return rows
 
 
 def count_rows(path: Path) -> int:
@@ -87,17 +122,27 @@ def main() -> None:
     parser.add_argument("--fractions", default="0.25,0.5,1", help="increasing fractions of the rows")
     parser.add_argument("--target", type=int, default=590_000, help="events to extrapolate the peak to")
     parser.add_argument("--timesteps", type=int, default=None, help="PPO steps (default: train's)")
+    parser.add_argument(
+        "--grow-to", type=int, default=None, help="add a run of this many events (the file repeated later)"
+    )
     args = parser.parse_args()
     fractions = sorted(float(f) for f in args.fractions.split(","))
     total = count_rows(args.path)
+    if args.grow_to is not None and args.grow_to > total:
+        fractions.append(args.grow_to / total)
     console = Console()
     rows: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="dp-bench-train-") as tmp:
         for fraction in fractions:
             workdir = Path(tmp) / f"f{fraction:g}"
             workdir.mkdir()
-            csv = workdir / args.path.name if args.path.suffix == ".gz" else workdir / f"{args.path.name}.gz"
-            events = head(args.path, round(total * fraction), csv)
+            name = args.path.name if args.path.suffix == ".gz" else f"{args.path.name}.gz"
+            data_file = workdir / name
+            wanted = round(total * fraction)
+            if wanted > total:
+                events = grown(args.path, wanted, data_file, args.mapping)
+            else:
+                events = head(args.path, wanted, data_file)
             # The features file is looked up beside the mapping under the mapping's own name.
             mapping = workdir / args.mapping.name
             mapping.write_bytes(args.mapping.read_bytes())
@@ -105,9 +150,9 @@ def main() -> None:
             if features.exists():
                 (workdir / features.name).write_bytes(features.read_bytes())
             console.print(f"training on {events:,} events ...")
-            peak, seconds = train_once(csv, mapping, workdir, args.timesteps)
+            peak, seconds = train_once(data_file, mapping, workdir, args.timesteps)
             rows.append({"events": events, "peak_rss_mb": peak, "seconds": seconds})
-            csv.unlink()
+            data_file.unlink()
     first, last = rows[0], rows[-1]
     span = max(1, last["events"] - first["events"])
     mb_per_million = (
