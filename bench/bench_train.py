@@ -87,8 +87,8 @@ def count_rows(path: Path) -> int:
         return sum(1 for _ in src) - 1
 
 
-def train_once(csv: Path, mapping: Path, workdir: Path, timesteps: int | None) -> tuple[float, float]:
-    """(peak RSS in MB, wall seconds) of one `train` process."""
+def train_once(csv: Path, mapping: Path, workdir: Path, timesteps: int | None) -> tuple[float, float, str]:
+    """(peak RSS in MB, wall seconds, what it printed) of one `train` process."""
     env = os.environ | {
         "DP_MODEL_DIR": str(workdir / "models"),
         "DP_DATABASE_URL": f"sqlite:///{workdir / 'registry.db'}",
@@ -110,7 +110,7 @@ def train_once(csv: Path, mapping: Path, workdir: Path, timesteps: int | None) -
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux; max over children
     if peak <= before:
         raise SystemExit("sizes must run from small to large: ru_maxrss is the largest child's so far")
-    return peak / 1024.0, seconds
+    return peak / 1024.0, seconds, result.stdout
 
 
 def main() -> None:
@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument(
         "--grow-to", type=int, default=None, help="add a run of this many events (the file repeated later)"
     )
+    parser.add_argument("--show-output", action="store_true", help="print each train's own tables")
     args = parser.parse_args()
     fractions = sorted(float(f) for f in args.fractions.split(","))
     total = count_rows(args.path)
@@ -150,7 +151,9 @@ def main() -> None:
             if features.exists():
                 (workdir / features.name).write_bytes(features.read_bytes())
             console.print(f"training on {events:,} events ...")
-            peak, seconds = train_once(data_file, mapping, workdir, args.timesteps)
+            peak, seconds, printed = train_once(data_file, mapping, workdir, args.timesteps)
+            if args.show_output:
+                console.print(printed, markup=False, highlight=False)
             rows.append({"events": events, "peak_rss_mb": peak, "seconds": seconds})
             data_file.unlink()
     first, last = rows[0], rows[-1]

@@ -337,14 +337,20 @@ def fit_risk(
     """The gradient-boosting baseline, then the calibrated PyTorch classifier taught by it, on the
     training part; both judged on the held-out part with the same metrics."""
     train, test, y = split.train, split.test, split.labels
-    inputs = RiskModel.inputs(split.features[train], anomaly[train])
 
-    def every_row(score: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-        return in_chunks(len(y), lambda rows: score(RiskModel.inputs(split.features[rows], anomaly[rows])))
+    def inputs_of(rows: np.ndarray | slice, dtype: type = np.float32) -> np.ndarray:
+        return RiskModel.inputs(split.features[rows].astype(dtype, copy=False), anomaly[rows])
+
+    def every_row(score: Callable[[np.ndarray], np.ndarray], dtype: type = np.float32) -> np.ndarray:
+        return in_chunks(len(y), lambda rows: score(inputs_of(rows, dtype)))
 
     with progress.status("risk baseline: gradient boosting on the same inputs"):
-        baseline = fit_gradient_boosting(inputs, y[train], config.seed)
-        baseline_scores = every_row(lambda x: baseline.predict_proba(x)[:, 1])
+        # Built in float64 (gradient boosting copies anything else into float64), then dropped.
+        baseline = fit_gradient_boosting(
+            training_rows(split, lambda at: inputs_of(at, np.float64)), y[train], config.seed
+        )
+        baseline_scores = every_row(lambda x: baseline.predict_proba(x)[:, 1], np.float64)
+    inputs = training_rows(split, inputs_of)
     task = "risk: pytorch classifier"
     progress.start(task, RiskModel.effective_epochs(int(train.sum()), config.risk.epochs))
     model = RiskModel.fit(
@@ -578,17 +584,22 @@ def heldout_rows(
     )
 
 
-def range_rows(split: Split, anomaly: np.ndarray, risk: np.ndarray) -> np.ndarray:
-    """The training rows' risk inputs and risk, float32, built a chunk at a time (what the population
-    ranges of explanations are fitted on)."""
+def training_rows(split: Split, columns: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``columns(rows)`` of the training rows, a chunk at a time into one array: no whole-set
+    temporaries (a fancy-indexed copy of the features, then a stacked copy of it)."""
     rows = np.flatnonzero(split.train)
+    return in_chunks(len(rows), lambda chunk: columns(rows[chunk]))
 
-    def part(chunk: slice) -> np.ndarray:
-        at = rows[chunk]
+
+def range_rows(split: Split, anomaly: np.ndarray, risk: np.ndarray) -> np.ndarray:
+    """The training rows' risk inputs and risk, float32 (what the population ranges of explanations
+    are fitted on)."""
+
+    def part(at: np.ndarray) -> np.ndarray:
         inputs = RiskModel.inputs(split.features[at], anomaly[at])
         return np.column_stack([inputs, risk[at].astype(inputs.dtype)])
 
-    return in_chunks(len(rows), part)
+    return training_rows(split, part)
 
 
 def register_models(
