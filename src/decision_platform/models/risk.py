@@ -195,7 +195,11 @@ class InputEncoder:
         """(n, numeric) standardised signed logs, bounded at 8 std: the pieces saturate at the training
         extremes, so a card-testing burst 10x beyond any training count needs its magnitude as well."""
         x = np.atleast_2d(np.asarray(x, dtype=np.float64))[:, self.numeric]
-        z = (signed_log(np.where(np.isfinite(x), x, 0.0)) - self.log_mean) / self.log_std
+        return self._magnitudes(np.where(np.isfinite(x), x, 0.0))
+
+    def _magnitudes(self, values: np.ndarray) -> np.ndarray:
+        """Magnitudes of (n, numeric) finite values."""
+        z = (signed_log(values) - self.log_mean) / self.log_std
         return np.clip(z, -MAX_MAGNITUDE, MAX_MAGNITUDE)
 
     def _encode(self, u: np.ndarray, z: np.ndarray) -> np.ndarray:
@@ -210,12 +214,7 @@ class InputEncoder:
                 for knots, levels in zip(self.knots[self.numeric], self.levels[self.numeric], strict=True)
             ]
         )
-        return self._encode(np.full((1, len(self.numeric)), 0.5), self.magnitudes_of(median))[0]
-
-    def magnitudes_of(self, values: np.ndarray) -> np.ndarray:
-        """Magnitudes of one value per numeric input (a (1, numeric) row)."""
-        z = (signed_log(np.asarray(values, dtype=np.float64)) - self.log_mean) / self.log_std
-        return np.clip(z, -MAX_MAGNITUDE, MAX_MAGNITUDE)[None, :]
+        return self._encode(np.full((1, len(self.numeric)), 0.5), self._magnitudes(median[None, :]))[0]
 
     def compact(self, x: np.ndarray, chunk: int = PREDICT_CHUNK) -> tuple[np.ndarray, np.ndarray]:
         """(quantiles, magnitudes), each (n, numeric) float32, a chunk of rows at a time: what training

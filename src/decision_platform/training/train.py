@@ -352,7 +352,17 @@ def fit_risk(
         baseline_scores = every_row(lambda x: baseline.predict_proba(x)[:, 1], np.float64)
     inputs = training_rows(split, inputs_of)
     task = "risk: pytorch classifier"
-    progress.start(task, RiskModel.effective_epochs(int(train.sum()), config.risk.epochs))
+    # Epochs at most (each net, then its refit): early stopping ends some sooner, the bar then jumps.
+    epochs = RiskModel.effective_epochs(int(train.sum()), config.risk.epochs)
+    most = epochs * config.risk.members * (2 if config.risk.refit else 1)
+    done = 0
+
+    def on_epoch(_epoch: int, _loss: float) -> None:
+        nonlocal done
+        done += 1
+        progress.advance(task)
+
+    progress.start(task, most)
     model = RiskModel.fit(
         inputs,
         y[train],
@@ -362,9 +372,9 @@ def fit_risk(
         values=value_inputs(inputs, names) if config.value_embeddings else [],
         teacher=baseline_scores[train] if config.distill else None,
         seed=config.seed,
-        on_epoch=lambda _epoch, _loss: progress.advance(task),
+        on_epoch=on_epoch,
     )
-    progress.advance(task, RiskModel.effective_epochs(int(train.sum()), config.risk.epochs))
+    progress.advance(task, max(0, most - done))
     del inputs
     risk = every_row(model.predict)
     metrics = risk_metrics(y[test], risk[test], anomaly[test], model.temperature)
