@@ -214,7 +214,7 @@ def test_seeded_bad_narratives_are_rejected_retried_then_replaced_by_the_templat
     # The retry is told why, and a grounded second answer is accepted.
     assert "rejected: invented reason (location)" in fake.requests[3][1]["messages"][-1]["content"]
     assert fixed["source"] == "llm" and fixed["grounding"]["attempts"] == 2
-    assert fixed["narrative"] == "Blocked because the rule denylisted_device fired."
+    assert fixed["narrative"] == "Blocked because the rule denylisted_device (block tier) fired."
     assert counted("accepted") == accepted_before + 1
     stored = query(settings.database_schema, "SELECT source FROM explanations ORDER BY created_at")
     assert [s for (s,) in stored] == ["template", "llm"]

@@ -289,6 +289,157 @@ def test_a_rule_decision_opens_with_its_rules_and_offers_none_of_them_again() ->
     assert text.startswith("Blocked because the rule card_testing_burst (block tier) fired.")
 
 
+# --- the opening says what each rule did: true for every combination of tiers fired and action taken
+
+FLOOR = {"name": "velocity_step_up", "tier": "floor", "description": "step up", "inputs": []}
+CAP = {"name": "trusted_merchant", "tier": "cap", "description": "trusted", "inputs": []}
+BLOCK = {"name": "card_testing_burst", "tier": "block", "description": "card testing", "inputs": []}
+
+
+def ruled(action: int, rules: list[dict[str, Any]], mask: list[bool] | None, proposed: int) -> Facts:
+    case = facts_rule()
+    case.action, case.proposed_action, case.rules, case.action_mask = action, proposed, rules, mask
+    return case
+
+
+@pytest.mark.parametrize(
+    ("action", "rules", "mask", "expected"),
+    [
+        (2, [BLOCK], [False, False, True], "Blocked because the rule card_testing_burst (block tier) fired."),
+        (
+            1,
+            [FLOOR],
+            [False, True, True],
+            "Throttled: the rule velocity_step_up (floor tier) ruled out allowing it, and the learned policy "
+            "chose throttle among the actions the rules allowed (throttle or block).",
+        ),
+        (
+            2,
+            [FLOOR],
+            [False, True, True],
+            "Blocked: the rule velocity_step_up (floor tier) ruled out allowing it, and the learned policy "
+            "chose block among the actions the rules allowed (throttle or block).",
+        ),
+        (
+            1,
+            [CAP],
+            [True, True, False],
+            "Throttled: the rule trusted_merchant (cap tier) ruled out blocking it, and the learned policy "
+            "chose throttle among the actions the rules allowed (allow or throttle).",
+        ),
+        (
+            0,
+            [CAP],
+            [True, True, False],
+            "Allowed: the rule trusted_merchant (cap tier) ruled out blocking it, and the learned policy "
+            "chose allow among the actions the rules allowed (allow or throttle).",
+        ),
+        (
+            1,
+            [FLOOR, CAP],
+            [False, True, False],
+            "Throttled because the rule velocity_step_up (floor tier) ruled out allowing it and the rule "
+            "trusted_merchant (cap tier) ruled out blocking it.",
+        ),
+        # an explanation stored before the mask was kept: derived from the tiers, the same sentence
+        (
+            2,
+            [FLOOR],
+            None,
+            "Blocked: the rule velocity_step_up (floor tier) ruled out allowing it, and the learned policy "
+            "chose block among the actions the rules allowed (throttle or block).",
+        ),
+    ],
+)
+def test_the_opening_says_what_each_rule_did_and_what_the_policy_chose(
+    action: int, rules: list[dict[str, Any]], mask: list[bool] | None, expected: str
+) -> None:
+    # the policy alone would have chosen an action the rules ruled out (decided_by "rule")
+    case = ruled(action, rules, mask, proposed=0 if action else 2)
+    for text in (case.template_narrative(), structured.render(case, ["risk", "count_1m"])):
+        assert text.startswith(expected + " "), text
+        assert check(text, case).passed, check(text, case).problems
+    stored = Facts.from_dict({k: v for k, v in case.to_dict().items() if k != "action_mask"})
+    assert stored.action_mask is None and stored.template_narrative().startswith(expected)
+
+
+def test_a_block_rule_decides_the_block_and_a_floor_rule_with_it_is_said_to_have_fired_too() -> None:
+    case = ruled(2, [FLOOR, BLOCK], [False, False, True], proposed=0)
+    text = case.template_narrative()
+    assert text.startswith("Blocked because the rule card_testing_burst (block tier) fired. ")
+    assert text.endswith("The rule velocity_step_up (floor tier) also fired.")
+    assert check(text, case).passed, check(text, case).problems
+
+
+def test_the_fallback_opening_is_unchanged_and_names_its_rules_as_having_fired() -> None:
+    case = ruled(1, [FLOOR], [False, True, True], proposed=0)
+    case.fallback, case.decided_by = "model_error", "fallback"
+    text = case.template_narrative()
+    assert text == (
+        "Throttled as the safe default because the models could not be used (model error). "
+        "The rule velocity_step_up (floor tier) also fired."
+    )
+    assert check(text, case).passed, check(text, case).problems
+
+
+@pytest.mark.parametrize(
+    ("action", "rules", "mask", "false", "problem"),
+    [
+        # the old opening: a floor rule does not cause a block, it only rules out allowing
+        (
+            2,
+            [FLOOR],
+            [False, True, True],
+            "Blocked because the rule velocity_step_up (floor tier) fired.",
+            "cause",
+        ),
+        (2, [FLOOR], None, "Blocked because the rule velocity_step_up fired.", "cause"),
+        (
+            0,
+            [CAP],
+            [True, True, False],
+            "Allowed because the rule trusted_merchant (cap tier) fired.",
+            "cause",
+        ),
+        (
+            2,
+            [FLOOR],
+            [False, True, True],
+            "Blocked due to velocity_step_up (floor tier), which ruled out allowing it.",
+            "cause",
+        ),
+        # a rule said to have ruled out what its tier does not
+        (
+            0,
+            [CAP],
+            [True, True, False],
+            "Allowed: the rule trusted_merchant (cap tier) ruled out throttling it, and the learned policy "
+            "chose allow.",
+            "rule effect",
+        ),
+        (
+            2,
+            [FLOOR],
+            [False, True, True],
+            "Blocked: the rule velocity_step_up (floor tier) ruled out blocking it, and the learned policy "
+            "chose block.",
+            "rule effect",
+        ),
+    ],
+)
+def test_a_narrative_crediting_a_rule_with_what_its_tier_does_not_do_is_rejected(
+    action: int, rules: list[dict[str, Any]], mask: list[bool] | None, false: str, problem: str
+) -> None:
+    case = ruled(action, rules, mask, proposed=0 if action else 2)
+    text = false + " The risk of fraud was 0.93."
+    result = check(text, case)
+    assert not result.passed and any(p.startswith(f"wrong {problem}") for p in result.problems), result
+    # the same words about a block-tier rule are true
+    if problem == "cause" and action == 2:
+        blocking = ruled(2, [{**rules[0], "tier": "block"}], [False, False, True], proposed=0)
+        assert check(text.replace("floor tier", "block tier"), blocking).passed
+
+
 def facts_policy() -> Facts:
     return Facts(
         decision_id=1,

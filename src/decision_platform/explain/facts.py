@@ -25,12 +25,15 @@ from decision_platform.explain.reasons import (
     reason_text,
 )
 from decision_platform.models.ranges import Typical, entity_typical
+from decision_platform.rules.ruleset import Tier, mask_for
 
 #: Attributes quoted into the prompt: at most this many, each value cut to this many characters.
 MAX_ATTRIBUTES = 8
 MAX_ATTRIBUTE_CHARS = 64
 ACTION_WORDS = ("Allowed", "Throttled", "Blocked")
 _DECIDED_BY = {"policy": "the learned policy", "rule": "the rules", "fallback": "the safe default (fallback)"}
+#: What a rule of each tier does to the action set, as the opening says it (mask_for is the truth).
+RULE_EFFECTS = {"block": "fired", "floor": "ruled out allowing it", "cap": "ruled out blocking it"}
 
 
 @dataclass
@@ -52,6 +55,9 @@ class Facts:
     anomaly_typical: dict[str, Any] | None = None
     #: How many earlier decisions of this entity the entity ranges come from.
     history: int = 0
+    #: The actions the rules left allowed ([allow, throttle, block]); None in explanations stored before
+    #: it was kept (``allowed`` then derives it from the tiers fired, as the engine did).
+    action_mask: list[bool] | None = None
 
     @property
     def action_name(self) -> str:
@@ -60,6 +66,20 @@ class Facts:
     @property
     def action_word(self) -> str:
         return ACTION_WORDS[self.action]
+
+    @property
+    def allowed(self) -> list[int]:
+        """The actions the rules allowed."""
+        mask = self.action_mask if self.action_mask is not None else mask_for(_tiers(self.rules))
+        return [a for a, ok in enumerate(mask) if ok]
+
+    def deciding_rules(self) -> list[dict[str, Any]]:
+        """The rules that constrained the decision (the opening names them): none unless the rules
+        decided; the block-tier ones when one fired (they alone decide the block); else every rule."""
+        if self.decided_by != "rule" or self.fallback:
+            return []
+        blocking = [r for r in self.rules if r.get("tier") == Tier.BLOCK.value]
+        return blocking or list(self.rules)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,6 +115,13 @@ class Facts:
         ):
             decided += f" (the policy alone would have chosen: {ACTION_NAMES[self.proposed_action]})"
         lines.append(f"Decided by: {decided}")
+        allowed = self.allowed
+        if len(allowed) < len(ACTION_NAMES):
+            ruled_out = [ACTION_NAMES[a] for a in range(len(ACTION_NAMES)) if a not in allowed]
+            lines.append(
+                f"Actions the rules left: {', '.join(ACTION_NAMES[a] for a in allowed)} "
+                f"(ruled out: {', '.join(ruled_out)})"
+            )
         if self.fallback:
             lines.append(f"Fallback: {self.fallback.replace('_', ' ')} (models not used)")
         if self.risk is not None:
@@ -127,21 +154,11 @@ class Facts:
     def template_narrative(self) -> str:
         """A deterministic narrative from the facts: what is served when no LLM is configured or its
         narrative failed the grounding check. It passes that check itself (a test holds it to that)."""
-        word = self.action_word
-        fired = [f"{r['name']} ({r['tier']} tier)" for r in self.rules]
-        risk = _scored("risk", self.risk, self.risk_typical) if self.risk is not None else None
-        if self.fallback:
-            cause = self.fallback.replace("_", " ").replace(":", ": ")
-            sentences = [f"{word} as the safe default because the models could not be used ({cause})."]
-        elif self.decided_by == "rule" and fired:
-            sentences = [f"{word} because the rule{'s' if len(fired) > 1 else ''} {_join(fired)} fired."]
-            if risk:
-                sentences.append(f"The risk of fraud was {risk}.")
-            fired = []
-        elif risk:
-            sentences = [f"{word} because the risk of fraud was {risk}."]
-        else:
-            sentences = [f"{word}."]
+        opened = {r["name"] for r in self.deciding_rules()}
+        fired = [f"{r['name']} ({r['tier']} tier)" for r in self.rules if r["name"] not in opened]
+        sentences = [opening(self)]
+        if self.risk is not None and not self.fallback:
+            sentences.append(f"The risk of fraud was {_scored('risk', self.risk, self.risk_typical)}.")
         if not self.fallback:
             raised = [reason_text(r) for r in self.reasons if r["direction"] == "raises_risk"][:2]
             lowered = [reason_text(r) for r in self.reasons if r["direction"] == "lowers_risk"][:1]
@@ -156,6 +173,41 @@ class Facts:
         if fired:
             sentences.append(f"The rule{'s' if len(fired) > 1 else ''} {_join(fired)} also fired.")
         return " ".join(sentences)
+
+
+def opening(facts: Facts) -> str:
+    """The first sentence: the action and what decided it, true by construction for every combination
+    of tiers fired and action taken (the template and the structured narratives both open with it).
+
+    A block-tier rule decides the block. A floor rule only rules out allowing, a cap rule only rules out
+    blocking: when they leave one action, they decided it; when they leave two, the learned policy chose
+    among them, and the sentence says so."""
+    word = facts.action_word
+    if facts.fallback:
+        cause = facts.fallback.replace("_", " ").replace(":", ": ")
+        return f"{word} as the safe default because the models could not be used ({cause})."
+    rules = facts.deciding_rules()
+    if rules:
+        effects = []
+        for tier in (Tier.BLOCK.value, Tier.FLOOR.value, Tier.CAP.value):
+            names = [f"{r['name']} ({tier} tier)" for r in rules if r["tier"] == tier]
+            if names:
+                effects.append(f"the rule{'s' if len(names) > 1 else ''} {_join(names)} {RULE_EFFECTS[tier]}")
+        allowed = facts.allowed
+        if len(allowed) <= 1:
+            return f"{word} because {' and '.join(effects)}."
+        left = " or ".join(ACTION_NAMES[a] for a in allowed)
+        return (
+            f"{word}: {' and '.join(effects)}, and the learned policy chose {facts.action_name} among the "
+            f"actions the rules allowed ({left})."
+        )
+    if facts.decided_by == "policy":
+        return f"{word} by the learned policy."
+    return f"{word}."
+
+
+def _tiers(rules: Sequence[Mapping[str, Any]]) -> list[Tier]:
+    return [Tier(r["tier"]) for r in rules if r.get("tier") in {t.value for t in Tier}]
 
 
 def _scored(name: str, value: float, typical: Mapping[str, Any] | None) -> str:
@@ -235,4 +287,5 @@ def build_facts(
         risk_typical=risk_typical,
         anomaly_typical=anomaly_typical,
         history=len(history),
+        action_mask=[bool(m) for m in row["action_mask"]] if row.get("action_mask") is not None else None,
     )

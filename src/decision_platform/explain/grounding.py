@@ -16,7 +16,10 @@ written from (``Facts.trusted_text``, never the untrusted event data):
 - direction: a reason said to raise the risk has a positive attribution, one said to lower it a negative
   one, one said to make the event unusual raised the anomaly score;
 - rank: reasons of one direction are named in the order of their attributions, and reasons said to
-  matter "most" (or "mainly"...) are the largest attributions, in order.
+  matter "most" (or "mainly"...) are the largest attributions, in order;
+- rules: rules said to have caused the action ("because the rule X fired") leave that action alone by
+  their tiers (a floor rule alone does not cause a block: it only rules out allowing), and a rule said
+  to have ruled out an action is of a tier that does.
 
 The checks are deliberately conservative (a correct narrative may be refused, then the template is
 served); they are cheap, deterministic, and each failure says why.
@@ -32,6 +35,7 @@ from typing import Any
 from decision_platform.core.actions import ACTION_NAMES
 from decision_platform.explain.facts import Facts
 from decision_platform.explain.reasons import describe_feature, format_value, range_phrase, reason_text
+from decision_platform.rules.ruleset import Tier, mask_for
 
 _NUMBER = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(\s?%|\s?percent)?(?![\w])")
 _WORD_NUMBERS = {
@@ -188,6 +192,17 @@ _MOST = re.compile(
 #: Where one claim ends and another begins within a sentence.
 _CLAUSE_END = re.compile(r"[.;!?](?:\s|$)|\b(?:while|although|though|whereas|but)\b|,\s+(?=which\b)", re.I)
 
+#: A claim that what follows in the clause caused the action.
+_CAUSE = re.compile(
+    r"\b(because|due to|as a result of|caused by|forced by|triggered by|owing to|on account of|"
+    r"thanks to|decided by)\b",
+    re.I,
+)
+#: "ruled out allowing": which action a rule is said to have taken away.
+_RULED_OUT = re.compile(r"\b(?:ruled out|excluded|prevented)\s+(?P<action>allow|throttl|block)\w*", re.I)
+#: The tiers that take each action away (mask_for).
+_RULES_OUT = {"allow": {"block", "floor"}, "throttl": {"block"}, "block": {"cap"}}
+
 
 @dataclass
 class Grounding:
@@ -310,7 +325,7 @@ def check(narrative: str, facts: Facts, max_chars: int = 700) -> Grounding:
     if level == "above" and _LOW_RISK.search(text):
         problems.append("calls the risk low, but it is above its typical range")
 
-    deciding = [r["name"] for r in facts.rules] if facts.decided_by == "rule" else []
+    deciding = [r["name"] for r in facts.deciding_rules()]
     if deciding and not any(name in text for name in deciding):
         problems.append(f"does not name the rule that decided ({', '.join(deciding)})")
     shown = [str(r.get("display") or "") for r in facts.reasons] + [r["name"] for r in facts.rules]
@@ -323,7 +338,49 @@ def check(narrative: str, facts: Facts, max_chars: int = 700) -> Grounding:
     if (facts.reasons or facts.rules) and not any(item and _mentions(text, item) for item in shown):
         problems.append("states no reason of the facts (no rule, no reason's value)")
     problems += direction_and_rank(text, facts)
+    problems += rule_claims(text, facts)
     return Grounding(not problems, problems)
+
+
+def rule_claims(text: str, facts: Facts) -> list[str]:
+    """Problems with what the narrative says the rules did (see the module docstring).
+
+    A clause with a causal word ("because", "due to"...) followed by rule names claims those rules
+    caused the action: by their tiers (mask_for) they must leave the action and nothing else. A rule
+    followed in its clause by "ruled out allowing / throttling / blocking" must be of a tier that does."""
+    tiers = {r["name"]: r.get("tier") for r in facts.rules}
+    if not tiers:
+        return []
+    problems: list[str] = []
+    bounds = [0, *(m.end() for m in _CLAUSE_END.finditer(text)), len(text)]
+    for start, end in itertools.pairwise(bounds):
+        clause = text[start:end]
+        named = sorted(
+            (m.start(), name)
+            for name in tiers
+            for m in re.finditer(rf"(?<![\w-]){re.escape(name)}(?![\w-])", clause)
+        )
+        if not named:
+            continue
+        cause = _CAUSE.search(clause)
+        causes = [name for position, name in named if cause and position > cause.start()]
+        if causes:
+            fired = [Tier(tiers[n]) for n in causes if tiers[n] in {t.value for t in Tier}]
+            left = [a for a, ok in enumerate(mask_for(fired)) if ok]
+            if left != [facts.action]:
+                said = ", ".join(f"{n} ({tiers[n]} tier)" for n in causes)
+                problems.append(
+                    f"wrong cause: says {said} caused the {facts.action_name}, but by their tiers the rules "
+                    f"left {' or '.join(ACTION_NAMES[a] for a in left)}"
+                )
+        for match in _RULED_OUT.finditer(clause):
+            before = [name for position, name in named if position < match.start()]
+            if before and tiers[before[-1]] not in _RULES_OUT[match.group("action").lower()]:
+                problems.append(
+                    f"wrong rule effect: says {before[-1]} ({tiers[before[-1]]} tier) "
+                    f"{match.group(0).lower()}, which a {tiers[before[-1]]} rule does not do"
+                )
+    return problems
 
 
 def _claims(text: str, facts: Facts) -> list[list[tuple[int, str, str | None, bool]]]:

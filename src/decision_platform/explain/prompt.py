@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from decision_platform.explain import structured
 from decision_platform.explain.facts import Facts
+from decision_platform.explain.facts import opening as facts_opening
 from decision_platform.explain.llm import Message
 from decision_platform.explain.reasons import format_value
 
@@ -81,11 +82,8 @@ def template(version: str) -> PromptTemplate:
 def opening(facts: Facts) -> str:
     """The first words, from the facts: what decided, so that the model does not have to guess it (small
     models otherwise invent a rule, or credit the risk for what a rule did)."""
-    names = [r["name"] for r in facts.rules]
-    if facts.decided_by == "rule" and names:
-        return (
-            f"{facts.action_word} because the rule{'s' if len(names) > 1 else ''} {' and '.join(names)} fired"
-        )
+    if facts.deciding_rules():  # what each rule did, and whether the policy chose among what they left
+        return facts_opening(facts).rstrip(".")
     if facts.fallback:
         return f"{facts.action_word} as the safe default because"
     if facts.risk is not None:

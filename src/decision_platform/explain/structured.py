@@ -7,7 +7,8 @@ constrained by a schema (llama.cpp's JSON-schema grammar, Ollama's ``format``, O
 ``response_format``) whose only field is the list of ids it wants mentioned, most important first: which
 facts, in which order. The narrative is then rendered here from the facts themselves:
 
-- the opening (the action, and what decided it) always comes from the facts;
+- the opening (the action, and what decided it) always comes from the facts (``facts.opening``, the
+  template narrative's own);
 - every number, name and "above / within / below the typical range" is the facts' own wording
   (:func:`~decision_platform.explain.reasons.reason_text`);
 - the direction of a reason ("raised" / "lowered" the risk, "unusual for") is the sign of its attribution;
@@ -27,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from decision_platform.explain.facts import Facts
+from decision_platform.explain.facts import RULE_EFFECTS, Facts, opening
 from decision_platform.explain.reasons import format_value, range_phrase, reason_text
 
 #: Most facts a narrative names besides its opening: more reads as a dump of the record.
@@ -44,11 +45,6 @@ class Choice:
     line: str
     reason: dict[str, Any] | None = None
     rank: int = 0  # order of the attribution within its section (0: the largest)
-
-
-def deciding_rules(facts: Facts) -> list[dict[str, Any]]:
-    """The rules the opening names: all fired rules when the rules decided, none otherwise."""
-    return list(facts.rules) if facts.decided_by == "rule" and not facts.fallback else []
 
 
 def ranked(facts: Facts, direction: str) -> list[dict[str, Any]]:
@@ -83,7 +79,7 @@ def choices(facts: Facts) -> list[Choice]:
     if facts.anomaly is not None and "anomaly" not in seen:
         line = "anomaly score " + _brief("anomaly", facts.anomaly, facts.anomaly_typical)
         out.append(Choice("anomaly", "anomaly", line))
-    opened = {r["name"] for r in deciding_rules(facts)}
+    opened = {r["name"] for r in facts.deciding_rules()}
     for rule in facts.rules:
         if rule["name"] not in opened:
             out.append(Choice(rule["name"], "rule", f"rule {rule['name']} ({rule['tier']} tier) also fired"))
@@ -122,9 +118,9 @@ def prompt_facts(facts: Facts) -> str:
         facts.decided_by, facts.decided_by or "the platform"
     )
     head = f"Decision: {facts.action_word.upper()}, decided by {decided}"
-    rules = deciding_rules(facts)
+    rules = facts.deciding_rules()
     if rules:
-        head += " (" + ", ".join(f"rule {r['name']} fired" for r in rules) + ")"
+        head += " (" + ", ".join(f"rule {r['name']} {RULE_EFFECTS[r['tier']]}" for r in rules) + ")"
     lines = [head, "FACTS (id: fact):"] + [f"{key}: {c.line}" for key, c in keyed(facts).items()]
     return "\n".join(lines)
 
@@ -159,21 +155,6 @@ def parse(text: str, facts: Facts) -> list[str]:
     if not chosen:
         raise ParseError("the answer names no fact of the list")
     return chosen[:MAX_MENTIONS]
-
-
-def opening(facts: Facts) -> str:
-    """The first sentence: the action and what decided it, from the facts alone."""
-    word = facts.action_word
-    if facts.fallback:
-        cause = facts.fallback.replace("_", " ").replace(":", ": ")
-        return f"{word} as the safe default because the models could not be used ({cause})."
-    rules = deciding_rules(facts)
-    if rules:
-        names = _join([f"{r['name']} ({r['tier']} tier)" for r in rules])
-        return f"{word} because the rule{'s' if len(rules) > 1 else ''} {names} fired."
-    if facts.decided_by == "policy":
-        return f"{word} by the learned policy."
-    return f"{word}."
 
 
 def render(facts: Facts, chosen: Sequence[str]) -> str:
