@@ -30,6 +30,7 @@ from decision_platform.explain.reasons import (
     format_value,
     time_of_day,
 )
+from decision_platform.features.spec import CATEGORY_PREFIX
 from decision_platform.models.anomaly import AnomalyModel
 from decision_platform.models.preprocessing import signed_log
 from decision_platform.models.ranges import NO_RANGE, FeatureRanges
@@ -37,8 +38,6 @@ from decision_platform.models.risk import RiskModel
 from decision_platform.rules.ruleset import FiredRule, RuleSet
 
 log = logging.getLogger(__name__)
-#: Features that are category codes (FeatureSpec.categorical_names).
-CATEGORY_PREFIX = "code_"
 
 
 def _shapley_matrix(k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from decision_platform.features.spec import CATEGORY_PREFIX
 from decision_platform.rules.ruleset import FiredRule
 
 ACTION_VERBS = ("Allowed", "Throttled (step-up required)", "Blocked")
@@ -37,8 +38,8 @@ def describe_feature(name: str) -> str:
     match = re.fullmatch(r"(count|sum|mean|max)_(\w+)", name)
     if match and match.group(2) in _WINDOWS:
         return f"{_AGGREGATES[match.group(1)]} in {_WINDOWS[match.group(2)]}"
-    if name.startswith("code_"):  # a category (FeatureSpec.categorical_names): its attribute's name
-        return name.removeprefix("code_")
+    if name.startswith(CATEGORY_PREFIX):  # a category (FeatureSpec.categorical_names): its attribute
+        return name.removeprefix(CATEGORY_PREFIX)
     match = re.fullmatch(r"distinct_(\w+)_(\w+)", name)
     if match and match.group(2) in _WINDOWS:
         return f"distinct {match.group(1).replace('_', ' ')}s in {_WINDOWS[match.group(2)]}"

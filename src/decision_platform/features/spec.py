@@ -29,6 +29,8 @@ DAY_SECONDS = 86400.0
 DEFAULT_TTL_MARGIN_S = 3600.0
 #: Marks "no value" in the stored event payload; digests are hex, so it cannot collide.
 MISSING = "-"
+#: Names the feature holding a categorical attribute's code (``code_<attribute>``).
+CATEGORY_PREFIX = "code_"
 #: Largest magnitude of an attribute value that windows aggregate: beyond it a value counts as missing, so
 #: sums and Welford's squared deviations of up to 100k values (the cap's bound) stay finite (< 1e306).
 WINDOW_VALUE_LIMIT = 1e150
@@ -234,13 +236,13 @@ class FeatureSpec(BaseModel):
         if self.event_fields.hour_of_day:
             names += ["hour_sin", "hour_cos"]
         names += [f"attr_{a}" for a in self.event_fields.numeric_attributes]
-        names += [f"code_{a}" for a in self.event_fields.categorical_attributes]
+        names += [f"{CATEGORY_PREFIX}{a}" for a in self.event_fields.categorical_attributes]
         return names
 
     @property
     def categorical_names(self) -> list[str]:
         """The features that are category codes: identities, not quantities (never scaled or ranged)."""
-        return [f"code_{a}" for a in self.event_fields.categorical_attributes]
+        return [f"{CATEGORY_PREFIX}{a}" for a in self.event_fields.categorical_attributes]
 
     @property
     def dim(self) -> int:
