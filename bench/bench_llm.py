@@ -102,7 +102,7 @@ def make_decisions(root: Path, n_events: int, seed: int) -> tuple[Platform, list
     rows = []
     for event in events:
         decision = platform.engine.decide(event.entity_id, event)
-        rows.append(decision.row)
+        rows.append(decision.record.to_row())
     return platform, rows
 
 

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from decision_platform.api.app import create_app
 from decision_platform.config import PROJECT_ROOT, Settings
+from decision_platform.core.records import DecisionRecord
 from decision_platform.core.rewards import RewardTable
 from decision_platform.data import generate
 from decision_platform.models.registry import ModelRegistry
@@ -112,8 +113,13 @@ def client(
 
 
 def decision_row(decision_id: int, **overrides: object) -> dict:
-    """A complete, valid decision record for storage tests."""
+    """A complete, valid decision row (the table's columns) for storage tests."""
     return {**_base_row(decision_id), **overrides}
+
+
+def decision_record(decision_id: int, **overrides: object) -> DecisionRecord:
+    """A complete, valid decision record: what the engine hands the writer."""
+    return DecisionRecord.from_row(decision_row(decision_id, **overrides))
 
 
 def _base_row(decision_id: int) -> dict:

@@ -101,11 +101,11 @@ def serve_with_outcomes(platform: Platform, entities: int = 150, days: float = 3
         chunk = events[start : start + 200]
         decisions = platform.engine.decide_batch([DecisionRequest(e.entity_id, e) for e in chunk])
         for event, label, decision in zip(chunk, labels[start : start + 200], decisions, strict=True):
-            row = decision.row
-            outcome, _ = simulate_outcome(int(label), row["action"], rng, platform.rewards.simulation)
-            reward = platform.rewards.reward(outcome, row["action"], event.amount)
-            platform.repository.record_outcome(row["id"], outcome, reward)
-            truth[row["id"]] = int(label)
+            record = decision.record
+            outcome, _ = simulate_outcome(int(label), record.action, rng, platform.rewards.simulation)
+            reward = platform.rewards.reward(outcome, record.action, event.amount)
+            platform.repository.record_outcome(record.id, outcome, reward)
+            truth[record.id] = int(label)
     return truth
 
 

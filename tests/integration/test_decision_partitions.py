@@ -86,7 +86,7 @@ def test_days_are_created_ahead_once_and_ids_land_in_their_day(engine: sa.Engine
         rows[2]["id"]: "decisions_p20260303",
         rows[3]["id"]: DEFAULT_PARTITION,
     }
-    assert repository.get_decision(rows[1]["id"])["created_at"] == last_ms
+    assert repository.get_decision(rows[1]["id"]).created_at == last_ms
 
 
 def test_processes_starting_together_create_each_day_once(engine: sa.Engine, pg_schema: str) -> None:
@@ -135,8 +135,8 @@ def test_one_decision_per_event_holds_across_partitions(engine: sa.Engine, pg_sc
     twins = [at(noon(DAY), k=1) | {"event_id": "evt-2"}, at(noon(DAY), k=2) | {"event_id": "evt-2"}]
     plain = at(noon(DAY), k=3)
     assert repository.insert_decisions([*twins, plain]) == {twins[0]["id"], plain["id"]}
-    assert repository.get_decision_by_event("evt-1")["id"] == first["id"]
-    assert repository.get_decision_by_event("evt-2")["id"] == twins[0]["id"]
+    assert repository.get_decision_by_event("evt-1").id == first["id"]
+    assert repository.get_decision_by_event("evt-2").id == twins[0]["id"]
     assert repository.get_decision_by_event("nope") is None
     assert query(pg_schema, "SELECT count(*) FROM decisions") == [(3,)]
 
@@ -208,7 +208,7 @@ def test_a_log_from_before_partitioning_keeps_its_rows_and_guarantees(pg_schema:
         names = [p.name for p in list_partitions(live)]
         assert names == ["decisions_legacy", "decisions_p20260106", DEFAULT_PARTITION]
         assert set(where_rows_are(pg_schema).values()) == {"decisions_legacy"}
-        assert repository.get_decision_by_event("old-1")["id"] == old[1]["id"]
+        assert repository.get_decision_by_event("old-1").id == old[1]["id"]
         # A legacy event decided again after the migration is still refused, and the outcome FK holds.
         assert repository.insert_decisions([at(noon(date(2026, 1, 6))) | {"event_id": "old-2"}]) == set()
         assert repository.record_outcome(old[0]["id"], "fraud", -1.0).status is OutcomeStatus.DUPLICATE

@@ -5,6 +5,7 @@ Same code as the embedded runs; only the URLs differ (DESIGN.md §5).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +22,7 @@ from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.repository import Repository
 from decision_platform.storage.spool import Spool
 from decision_platform.storage.writer import DUPLICATE, SPOOLED, STORED, DecisionWriter
-from tests.conftest import PG_URL, REDIS_URL, decision_row
+from tests.conftest import PG_URL, REDIS_URL, decision_record
 from tests.integration.conftest import query
 
 pytestmark = pytest.mark.integration
@@ -117,13 +118,13 @@ def test_postgresql_outage_spools_then_replays_into_postgresql(pg_schema: str, t
     down = DecisionWriter(
         Repository(make_engine("postgresql://postgres@127.0.0.1:1/test")), Spool(tmp_path / "spool")
     )
-    row = decision_row(42, event_id="x")
+    row = decision_record(42, event_id="x")
     assert down.write(row) == SPOOLED
     down.close()
     # A restart: the new process adopts the spool, and replays it in the background.
     up = DecisionWriter(Repository(live), Spool(tmp_path / "spool"))
-    assert up.write({**row, "id": 44}) == DUPLICATE  # event x was decided (spooled) already
-    assert up.write({**row, "id": 43, "event_id": "y"}) == STORED
+    assert up.write(dataclasses.replace(row, id=44)) == DUPLICATE  # event x was decided (spooled) already
+    assert up.write(dataclasses.replace(row, id=43, event_id="y")) == STORED
     assert up.wait_replayed(10)
     up.close()
     with live.connect() as connection:
@@ -138,15 +139,15 @@ def test_rows_postgresql_refuses_are_quarantined_and_the_rest_stored(pg_schema: 
     migrate(live, pg_schema)
     writer = DecisionWriter(Repository(live), Spool(tmp_path / "spool"), probe_interval_s=0.05)
     rows = [
-        decision_row(1, event_id="ok-1"),
-        decision_row(2, event_id="nul", event_type="a\x00b"),  # text cannot hold NUL
-        decision_row(3, event_id="big", attributes={"n": 2**70}),  # JSONB numbers: 64-bit here
-        decision_row(4, event_id="sur", attributes={"k": "\ud800"}),  # not UTF-8
-        decision_row(5, event_id="ok-2"),
+        decision_record(1, event_id="ok-1"),
+        decision_record(2, event_id="nul", event_type="a\x00b"),  # text cannot hold NUL
+        decision_record(3, event_id="big", attributes={"n": 2**70}),  # JSONB numbers: 64-bit here
+        decision_record(4, event_id="sur", attributes={"k": "\ud800"}),  # not UTF-8
+        decision_record(5, event_id="ok-2"),
     ]
     assert writer.write_many(rows) == [SPOOLED] * 5
     assert writer.wait_replayed(10)
-    assert writer.write(decision_row(6, event_id="after")) == STORED  # nothing is blocked behind them
+    assert writer.write(decision_record(6, event_id="after")) == STORED  # nothing is blocked behind them
     assert sorted(e.decision_id for e in writer.spool.quarantine_entries()) == [2, 3, 4]
     writer.close()
     assert [r[0] for r in query(pg_schema, "SELECT id FROM decisions ORDER BY id")] == [1, 5, 6]

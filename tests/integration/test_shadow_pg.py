@@ -40,15 +40,15 @@ def test_shadow_choices_are_stored_and_compared_on_postgresql(
     decisions = platform.engine.decide_batch(requests)
     for i, decision in enumerate(decisions[:30]):
         outcome = "fraud" if i % 6 == 0 else "success"
-        if not platform.rewards.possible(outcome, decision.row["action"]):
+        if not platform.rewards.possible(outcome, decision.record.action):
             outcome = "false_positive"  # a good customer blocked
-        reward = platform.rewards.reward(outcome, decision.row["action"], decision.row["amount"])
-        platform.repository.record_outcome(decision.row["id"], outcome, reward)
+        reward = platform.rewards.reward(outcome, decision.record.action, decision.record.amount)
+        platform.repository.record_outcome(decision.record.id, outcome, reward)
 
     rows = query(pg_schema, "SELECT jsonb_typeof(shadow), count(*) FROM decisions GROUP BY 1 ORDER BY 1")
     assert rows == [("object", 40), (None, 1)]
-    stored = query(pg_schema, f"SELECT shadow FROM decisions WHERE id = {decisions[0].row['id']}")[0][0]
-    assert stored == decisions[0].row["shadow"] and stored["version"] == shadow
+    stored = query(pg_schema, f"SELECT shadow FROM decisions WHERE id = {decisions[0].record.id}")[0][0]
+    assert stored == decisions[0].record.shadow and stored["version"] == shadow
 
     result = compare_logged(platform.repository, settings.exploration_floor, settings.explore_actions)
     assert result.shadow_version == shadow and result.decisions == 40
@@ -56,10 +56,10 @@ def test_shadow_choices_are_stored_and_compared_on_postgresql(
     assert sum(map(sum, result.confusion)) == 40
     assert result.agreement == pytest.approx(result.confusion[BLOCK][BLOCK] / 40)
     assert result.champion_versions == {platform.models.versions["policy"]: 40}
-    rewards = [d.row for d in decisions[:30]]
+    rewards = [d.record for d in decisions[:30]]
     assert result.champion_value is not None and result.difference is not None
     mean = sum(
-        platform.repository.get_outcome(r["id"]).reward
+        platform.repository.get_outcome(r.id).reward
         for r in rewards  # type: ignore[union-attr]
     ) / len(rewards)
     assert result.champion_value.value == pytest.approx(mean)

@@ -56,7 +56,7 @@ def test_during_an_outage_spooled_decisions_are_readable_and_take_outcomes(clien
     while platform.writer.status().pending and time.monotonic() < deadline:  # no request needed
         time.sleep(0.05)
     stored = platform.repository.get_decision(spooled["decision_id"])
-    assert stored is not None and stored["event_id"] == "o-ev-1"
+    assert stored is not None and stored.event_id == "o-ev-1"
     landed = platform.repository.get_outcome(spooled["decision_id"])
     assert landed is not None and landed.outcome == "fraud"
     assert client.get("/ready").json()["checks"]["spool"] == {"pending": 0, "quarantined": 0}

@@ -19,7 +19,7 @@ from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.repository import Repository
 from decision_platform.storage.spool import Spool
 from decision_platform.storage.writer import SPOOLED, STORED, DecisionWriter
-from tests.conftest import decision_row
+from tests.conftest import decision_record
 
 
 def test_vectorised_isolation_forest_matches_scikit_learn(tmp_path: Path) -> None:
@@ -58,21 +58,21 @@ def test_database_outage_spools_durably_and_replays_without_duplicates(tmp_path:
     migrate(engine)
     repository = Repository(engine)
     writer = DecisionWriter(repository, Spool(tmp_path / "spool"), batch_size=16, probe_interval_s=0.05)
-    assert writer.write(decision_row(1)) == STORED
+    assert writer.write(decision_record(1)) == STORED
 
     # The database goes away: writes land in the spool, and are still acknowledged.
     with engine.begin() as connection:
         connection.execute(sa.text("ALTER TABLE decisions RENAME TO decisions_away"))
-    assert writer.write(decision_row(2)) == SPOOLED
-    assert writer.write(decision_row(3)) == SPOOLED
+    assert writer.write(decision_record(2)) == SPOOLED
+    assert writer.write(decision_record(3)) == SPOOLED
     assert list((tmp_path / "spool").glob("segment-*.jsonl"))
-    assert writer.find_decision(2)["id"] == 2  # readable from the spool meanwhile
+    assert writer.find_decision(2).id == 2  # readable from the spool meanwhile
 
     # It comes back: the spool is replayed in the background, once, with no new write to trigger it.
     with engine.begin() as connection:
         connection.execute(sa.text("ALTER TABLE decisions_away RENAME TO decisions"))
     assert writer.wait_replayed(10)
-    assert writer.write(decision_row(4)) == STORED
+    assert writer.write(decision_record(4)) == STORED
     writer.close()
     with engine.connect() as connection:
         ids = [r[0] for r in connection.execute(sa.text("SELECT id FROM decisions ORDER BY id"))]

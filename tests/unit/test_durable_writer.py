@@ -16,7 +16,7 @@ from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.repository import OutcomeStatus, Repository
 from decision_platform.storage.spool import QUARANTINE_FILE, Spool
 from decision_platform.storage.writer import DUPLICATE, SPOOLED, STORED, DecisionWriter
-from tests.conftest import decision_row
+from tests.conftest import decision_record
 
 
 class FlakyRepository(Repository):
@@ -68,8 +68,10 @@ def test_a_refused_record_is_quarantined_and_never_blocks_the_others(
 ) -> None:
     writer = writer_for(repository, tmp_path / "spool")
     repository.refusing = True
-    rows = [decision_row(i) for i in range(1, 8)]
-    rows[3] = decision_row(4, proposed_action=2**70)  # SQLite cannot hold it: a record error, not an outage
+    rows = [decision_record(i) for i in range(1, 8)]
+    rows[3] = decision_record(
+        4, proposed_action=2**70
+    )  # SQLite cannot hold it: a record error, not an outage
     assert writer.write_many(rows) == [SPOOLED] * 7
     with caplog.at_level(logging.ERROR, logger="decision_platform.storage.writer"):
         repository.refusing = False
@@ -80,7 +82,7 @@ def test_a_refused_record_is_quarantined_and_never_blocks_the_others(
     assert '"id":4' in quarantine and "1180591620717411303424" in quarantine  # kept intact, with why
     assert writer.status().quarantined == 1
     # The writer goes on as if nothing happened.
-    assert writer.write(decision_row(9)) == STORED
+    assert writer.write(decision_record(9)) == STORED
     writer.close()
 
 
@@ -88,7 +90,7 @@ def test_a_refused_record_in_a_live_batch_is_spooled_then_isolated(
     repository: FlakyRepository, tmp_path: Path
 ) -> None:
     writer = writer_for(repository, tmp_path / "spool")
-    rows = [decision_row(1), decision_row(2, proposed_action=2**70), decision_row(3)]
+    rows = [decision_record(1), decision_record(2, proposed_action=2**70), decision_record(3)]
     assert writer.write_many(rows) == [SPOOLED] * 3  # one transaction refused: all kept durable
     assert writer.wait_replayed(10)
     assert stored_ids(repository) == [1, 3]
@@ -102,13 +104,13 @@ def test_a_stalled_database_is_spooled_within_the_write_timeout(
     writer = writer_for(repository, tmp_path / "spool")
     repository.thawed.clear()  # every call now hangs, like a frozen server
     started = time.monotonic()
-    assert writer.write(decision_row(1)) == SPOOLED
+    assert writer.write(decision_record(1)) == SPOOLED
     assert time.monotonic() - started < 2.0  # bounded by write_timeout_s (0.3 s), not by the freeze
     started = time.monotonic()
-    assert writer.write_many([decision_row(i) for i in range(2, 50)]) == [SPOOLED] * 48
+    assert writer.write_many([decision_record(i) for i in range(2, 50)]) == [SPOOLED] * 48
     assert time.monotonic() - started < 0.5  # known down: straight to the spool, no waiting
     assert not writer.database_up
-    assert writer.find_decision(7)["id"] == 7  # readable from the spool during the freeze
+    assert writer.find_decision(7).id == 7  # readable from the spool during the freeze
     repository.thawed.set()
     assert writer.wait_replayed(10)
     assert stored_ids(repository) == list(range(1, 50))
@@ -119,7 +121,7 @@ def test_the_spool_cost_does_not_grow_with_the_outage(repository: FlakyRepositor
     writer = writer_for(repository, tmp_path / "spool")
     repository.refusing = True
     for i in range(1, 301):
-        assert writer.write(decision_row(i)) == SPOOLED
+        assert writer.write(decision_record(i)) == SPOOLED
     assert len(list((tmp_path / "spool").glob("segment-*.jsonl"))) == 1  # one segment, not one per batch
     assert writer.status().pending == 300
     repository.refusing = False
@@ -134,18 +136,18 @@ def test_a_retried_event_gets_its_first_decision_in_every_state(
 ) -> None:
     writer = writer_for(repository, tmp_path / "spool")
     repository.refusing = True
-    assert writer.write(decision_row(1, event_id="ev-1")) == SPOOLED
-    assert writer.write(decision_row(2, event_id="ev-1")) == DUPLICATE  # retried during the outage
-    assert writer.find_decision_by_event("ev-1")["id"] == 1
+    assert writer.write(decision_record(1, event_id="ev-1")) == SPOOLED
+    assert writer.write(decision_record(2, event_id="ev-1")) == DUPLICATE  # retried during the outage
+    assert writer.find_decision_by_event("ev-1").id == 1
     # Two copies of one event in one batch: one decision.
-    assert writer.write_many([decision_row(3, event_id="ev-2"), decision_row(4, event_id="ev-2")]) == [
+    assert writer.write_many([decision_record(3, event_id="ev-2"), decision_record(4, event_id="ev-2")]) == [
         SPOOLED,
         DUPLICATE,
     ]
     repository.refusing = False
     assert writer.wait_replayed(10)
-    assert writer.write(decision_row(5, event_id="ev-1")) == DUPLICATE  # and after recovery
-    assert writer.find_decision_by_event("ev-1")["id"] == 1
+    assert writer.write(decision_record(5, event_id="ev-1")) == DUPLICATE  # and after recovery
+    assert writer.find_decision_by_event("ev-1").id == 1
     assert stored_ids(repository) == [1, 3]
     writer.close()
 
@@ -155,7 +157,7 @@ def test_outcomes_of_spooled_decisions_are_spooled_behind_them(
 ) -> None:
     writer = writer_for(repository, tmp_path / "spool")
     repository.refusing = True
-    assert writer.write(decision_row(1)) == SPOOLED
+    assert writer.write(decision_record(1)) == SPOOLED
     first = writer.record_outcome(1, "fraud", -20.0)
     assert first.status is OutcomeStatus.CREATED
     assert writer.record_outcome(1, "fraud", -20.0).status is OutcomeStatus.DUPLICATE
@@ -174,14 +176,14 @@ def test_a_restart_adopts_the_spool_and_ignores_a_torn_last_line(
 ) -> None:
     repository.refusing = True
     first = writer_for(repository, tmp_path / "spool")
-    assert first.write_many([decision_row(1, event_id="a"), decision_row(2)]) == [SPOOLED, SPOOLED]
+    assert first.write_many([decision_record(1, event_id="a"), decision_record(2)]) == [SPOOLED, SPOOLED]
     first.close()  # as if the process died: the files stay
     (segment,) = (tmp_path / "spool").glob("segment-*.jsonl")
     with open(segment, "a") as handle:
         handle.write('{"kind":"decision","row":{"id":3')  # a write that never reached its fsync
     second = writer_for(repository, tmp_path / "spool")
     assert second.status().pending == 2
-    assert second.find_decision_by_event("a")["id"] == 1  # the index is rebuilt from the segments
+    assert second.find_decision_by_event("a").id == 1  # the index is rebuilt from the segments
     repository.refusing = False
     assert second.wait_replayed(10)
     assert stored_ids(repository) == [1, 2]
@@ -193,7 +195,7 @@ def test_a_segment_held_by_a_live_process_is_left_alone(repository: FlakyReposit
     spool_dir = tmp_path / "spool"
     repository.refusing = True
     owner = writer_for(repository, spool_dir)
-    assert owner.write(decision_row(1)) == SPOOLED
+    assert owner.write(decision_record(1)) == SPOOLED
     # The owner still holds its segment's lock, as a live process would.
     (segment,) = spool_dir.glob("segment-*.jsonl")
     with open(segment, "ab") as probe, pytest.raises(BlockingIOError):
@@ -226,7 +228,7 @@ def test_a_start_while_the_database_is_down_migrates_when_it_answers(tmp_path: P
         on_recover=recover,
     )
     assert not writer.database_up
-    assert writer.write(decision_row(1)) == SPOOLED
+    assert writer.write(decision_record(1)) == SPOOLED
     repository.refusing = False
     assert migrated.wait(10)
     assert writer.wait_replayed(10)
@@ -239,7 +241,7 @@ def test_quarantined_records_can_be_requeued_once_the_cause_is_fixed(
 ) -> None:
     writer = writer_for(repository, tmp_path / "spool")
     repository.refused_ids = {2}
-    assert writer.write_many([decision_row(1), decision_row(2), decision_row(3)]) == [SPOOLED] * 3
+    assert writer.write_many([decision_record(1), decision_record(2), decision_record(3)]) == [SPOOLED] * 3
     assert writer.wait_replayed(10)
     assert stored_ids(repository) == [1, 3]
     (entry,) = writer.spool.quarantine_entries()

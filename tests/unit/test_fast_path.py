@@ -32,15 +32,15 @@ class _Recorder:
     """A sink that is durable at once: this test compares decisions, not storage."""
 
     def __init__(self) -> None:
-        self.rows: list[dict[str, Any]] = []
+        self.records: list[DecisionRecord] = []
 
-    def submit(self, row: dict[str, Any]) -> Future[str]:
-        self.rows.append(row)
+    def submit(self, record: DecisionRecord) -> Future[str]:
+        self.records.append(record)
         future: Future[str] = Future()
         future.set_result(STORED)
         return future
 
-    def find_decision_by_event(self, event_id: str) -> dict[str, Any] | None:
+    def find_decision_by_event(self, event_id: str) -> DecisionRecord | None:
         return None
 
 
@@ -63,7 +63,7 @@ def _engine(platform: Platform, sink: _Recorder) -> DecisionEngine:
 
 
 def _records(sink: _Recorder) -> list[DecisionRecord]:
-    return [DecisionRecord.from_row(row) for row in sink.rows]
+    return list(sink.records)
 
 
 def _same_reasons(fast: list[dict[str, Any]], slow: list[dict[str, Any]]) -> None:

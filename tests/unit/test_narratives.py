@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from decision_platform.config import Settings
+from decision_platform.core.records import DecisionRecord
 from decision_platform.explain import structured
 from decision_platform.explain.facts import Facts
 from decision_platform.explain.grounding import check
@@ -524,15 +525,15 @@ class StubLLM:
 
 
 class StubRepository:
-    def __init__(self, row: dict[str, Any]) -> None:
+    def __init__(self, row: DecisionRecord) -> None:
         self.row = row
         self.stored: list[dict[str, Any]] = []
 
     def get_explanation(self, decision_id: int) -> dict[str, Any] | None:
         return next((r for r in self.stored if r["decision_id"] == decision_id), None)
 
-    def get_decision(self, decision_id: int) -> dict[str, Any] | None:
-        return self.row if decision_id == self.row["id"] else None
+    def get_decision(self, decision_id: int) -> DecisionRecord | None:
+        return self.row if decision_id == self.row.id else None
 
     def recent_features(self, entity_id: str, decision_id: int) -> list[dict[str, float]]:
         return []
@@ -541,20 +542,22 @@ class StubRepository:
         self.stored.append(row)
 
 
-def row_of(facts: Facts) -> dict[str, Any]:
-    return {
-        "id": facts.decision_id,
-        "entity_id": facts.entity_id,
-        "action": facts.action,
-        "decided_by": facts.decided_by,
-        "proposed_action": facts.proposed_action,
-        "risk": facts.risk,
-        "anomaly": facts.anomaly,
-        "fallback": facts.fallback,
-        "reasons": facts.reasons,
-        "rules_fired": facts.rules,
-        "amount": facts.amount,
-    }
+def row_of(facts: Facts) -> DecisionRecord:
+    return DecisionRecord.from_row(
+        {
+            "id": facts.decision_id,
+            "entity_id": facts.entity_id,
+            "action": facts.action,
+            "decided_by": facts.decided_by,
+            "proposed_action": facts.proposed_action,
+            "risk": facts.risk,
+            "anomaly": facts.anomaly,
+            "fallback": facts.fallback,
+            "reasons": facts.reasons,
+            "rules_fired": facts.rules,
+            "amount": facts.amount,
+        }
+    )
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ def test_sqlite_keeps_one_table_and_its_unique_event_index(make_settings: Callab
     repository = Repository(engine)
     assert repository.insert_decisions([decision_row(1, event_id="e")]) == {1}
     assert repository.insert_decisions([decision_row(2, event_id="e")]) == set()
-    assert repository.get_decision_by_event("e")["id"] == 1
+    assert repository.get_decision_by_event("e").id == 1
 
 
 @pytest.mark.parametrize("args", [["db", "partitions"], ["db", "retention", "--keep", "90d"]])

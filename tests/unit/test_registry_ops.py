@@ -54,13 +54,13 @@ def test_rollback_restores_the_previous_champion_and_decisions_carry_it(
     blocker = register_policy(registry, BLOCK)
     registry.promote(blocker)
     assert platform.reload_models().versions["policy"] == blocker
-    assert platform.engine.decide("rb1").row["model_versions"]["policy"] == blocker
+    assert platform.engine.decide("rb1").record.model_versions["policy"] == blocker
     assert _status(registry, original) == "retired"
 
     assert registry.rollback("policy") == {"policy": (blocker, original)}
     result = platform.reload_models()
     assert result.applied and result.versions["policy"] == original
-    assert platform.engine.decide("rb1").row["model_versions"]["policy"] == original
+    assert platform.engine.decide("rb1").record.model_versions["policy"] == original
     rolled_back = registry.repository.get_model(blocker)
     assert rolled_back is not None
     assert rolled_back["status"] == "retired" and rolled_back["promoted_at"] is None  # promotion undone
@@ -134,7 +134,7 @@ def test_shadow_decisions_are_logged_and_never_change_the_applied_decision(
 
     assert calls == [len(requests)]  # vectorised: one call for the batch
     for without, with_shadow in zip(plain, shadowed, strict=True):
-        a, b = without.row, with_shadow.row
+        a, b = without.record, with_shadow.record
         # Same seed, same events: the shadow changes nothing of what is applied.
         for field in (
             "action",
@@ -144,20 +144,20 @@ def test_shadow_decisions_are_logged_and_never_change_the_applied_decision(
             "action_mask",
             "decided_by",
         ):
-            assert a[field] == b[field], field
-        assert a["shadow"] is None
-        record = b["shadow"]
-        assert record["version"] == shadow and record["version"] != b["model_versions"]["policy"]
-        mask = b["action_mask"]
+            assert getattr(a, field) == getattr(b, field), field
+        assert a.shadow is None
+        record = b.shadow
+        assert record["version"] == shadow and record["version"] != b.model_versions["policy"]
+        mask = b.action_mask
         assert mask[record["action"]], "the shadow's choice respects the rules"
         probabilities = np.array(record["probabilities"])
         assert probabilities.sum() == pytest.approx(1.0)
         assert all(p == 0.0 for p, allowed in zip(probabilities, mask, strict=True) if not allowed)
         # An always-block policy blocks wherever the rules allow it, else takes the nearest allowed action.
         assert record["action"] == (BLOCK if mask[BLOCK] else THROTTLE)
-        stored = platform.repository.get_decision(b["id"])
-        assert stored is not None and stored["shadow"] == record
-    assert any(not d.row["action_mask"][BLOCK] for d in shadowed)  # the allow-listed entity was there
+        stored = platform.repository.get_decision(b.id)
+        assert stored is not None and stored.shadow == record
+    assert any(not d.record.action_mask[BLOCK] for d in shadowed)  # the allow-listed entity was there
     moved = sum(metrics.SHADOW_DECISIONS.labels(agrees=a)._value.get() - before[a] for a in before)
     assert moved == len(requests)
 
@@ -168,8 +168,8 @@ def test_a_fallback_decision_logs_no_shadow(
     platform = start_platform(make_settings(feature_store_url="redis://127.0.0.1:1/0"))
     platform.registry.shadow(register_policy(platform.registry, BLOCK))
     platform.reload_models()
-    row = platform.engine.decide("fb1").row
-    assert row["fallback"] == "feature_store_unavailable" and row["shadow"] is None
+    row = platform.engine.decide("fb1").record
+    assert row.fallback == "feature_store_unavailable" and row.shadow is None
 
 
 def test_a_corrupt_shadow_is_left_out_and_serving_goes_on(
@@ -188,8 +188,8 @@ def test_a_corrupt_shadow_is_left_out_and_serving_goes_on(
     assert platform.models.complete and platform.models.shadow_policy is None
     assert "hash" in (platform.models.shadow_error or "")
     assert metrics.SHADOW_ERRORS.labels(stage="load")._value.get() == errors + 1
-    row = platform.engine.decide("cs1").row
-    assert row["fallback"] is None and row["shadow"] is None
+    row = platform.engine.decide("cs1").record
+    assert row.fallback is None and row.shadow is None
 
 
 def test_a_reload_keeps_the_current_set_when_a_new_champion_cannot_be_loaded(
@@ -205,8 +205,8 @@ def test_a_reload_keeps_the_current_set_when_a_new_champion_cannot_be_loaded(
     result = platform.reload_models()
     assert not result.applied and "cannot all be loaded" in (result.reason or "")
     assert result.versions["policy"] == serving
-    row = platform.engine.decide("kc1").row
-    assert row["fallback"] is None and row["model_versions"]["policy"] == serving
+    row = platform.engine.decide("kc1").record
+    assert row.fallback is None and row.model_versions["policy"] == serving
     assert platform.refresh_models() is None  # a failed attempt is not retried until the registry changes
 
 
@@ -226,8 +226,8 @@ def test_decisions_in_flight_finish_with_the_set_they_started_with(
 
     policy.probabilities = reload_midway  # type: ignore[method-assign]
     decisions = platform.engine.decide_batch(_requests(3, "fl"))
-    assert {d.row["model_versions"]["policy"] for d in decisions} == {old}
-    assert platform.engine.decide("fl").row["model_versions"]["policy"] != old
+    assert {d.record.model_versions["policy"] for d in decisions} == {old}
+    assert platform.engine.decide("fl").record.model_versions["policy"] != old
 
 
 def test_a_promotion_from_another_process_reaches_a_running_platform(
@@ -250,8 +250,8 @@ def test_a_promotion_from_another_process_reaches_a_running_platform(
     assert platform.engine.models.versions["policy"] == new
     assert platform.engine.models.shadow_version == shadow
     assert platform.models is platform.engine.models
-    row = platform.engine.decide("rf1").row
-    assert row["model_versions"]["policy"] == new and row["shadow"]["version"] == shadow
+    row = platform.engine.decide("rf1").record
+    assert row.model_versions["policy"] == new and row.shadow["version"] == shadow
     platform.close()
     assert platform.refresher is None
 
@@ -287,7 +287,7 @@ def test_models_commands(
     platform.reload_models()
     decisions = platform.engine.decide_batch(_requests(12, "cli"))
     for i, decision in enumerate(decisions):
-        platform.repository.record_outcome(decision.row["id"], "success", 1.0 if i % 3 else -5.0)
+        platform.repository.record_outcome(decision.record.id, "success", 1.0 if i % 3 else -5.0)
     code, out = run("compare", "--limit", "100", "--since", "2000-01-01")
     assert code == 0, out
     assert f"shadow {shadow}" in out and "12 decisions, agreement" in out

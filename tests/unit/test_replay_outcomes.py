@@ -178,7 +178,7 @@ def test_repeated_events_conflicts_and_unlabelled_events_are_counted_not_fatal(l
     assert kept is not None and kept.outcome == wrong  # outcomes are final
     repeated = repository.get_decision_by_event(second.event_id)
     assert repeated is not None
-    posted = repository.get_outcome(repeated["id"])
+    posted = repository.get_outcome(repeated.id)
     assert posted is not None and posted.outcome in summary.outcomes
     assert repository.get_decision_by_event(unlabelled.event_id) is not None
 

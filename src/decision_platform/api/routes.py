@@ -97,7 +97,7 @@ async def decide(body: DecideRequest, platform: PlatformDep) -> Response:
         raise HTTPException(503, "the decision could not be stored durably; retry") from None
     narrator = platform.narrator
     if narrator is not None and decision.storage != DUPLICATE:  # a queue append: never waits for the LLM
-        narrator.submit(decision.row)
+        narrator.submit(decision.record)
     return Response(orjson.dumps(decision.response), media_type="application/json")
 
 
@@ -160,10 +160,11 @@ def outcome(body: OutcomeRequest, platform: PlatformDep, response: Response) -> 
     responses=error_responses(404, 422, 503),
 )
 def get_decision(decision_id: DecisionIdPath, platform: PlatformDep) -> dict[str, Any]:
-    row = platform.writer.find_decision(decision_id)  # spooled decisions are readable too
-    if row is None:
+    record = platform.writer.find_decision(decision_id)  # spooled decisions are readable too
+    if record is None:
         raise HTTPException(404, f"no decision {decision_id}")
-    row["created_at"] = row["created_at"].isoformat()
+    row = record.to_row()
+    row["created_at"] = record.created_at.isoformat()
     return row
 
 

@@ -33,11 +33,11 @@ def explain(
     settings = get_settings()
     repository = Repository(open_database(settings))
     try:
-        row = repository.get_decision(decision_id)
-        if row is None:
+        record = repository.get_decision(decision_id)
+        if record is None:
             console.print(f"[red]no decision {decision_id}[/red]")
             raise typer.Exit(1)
-        version = (row.get("model_versions") or {}).get("risk")
+        version = (record.model_versions or {}).get("risk")
         ranges = ranges_of_model(settings.model_dir, repository.get_model(version)) if version else None
         client = open_chat_client(settings) if generate else None
         narrator = Narrator(settings, repository, client, ranges)
@@ -46,7 +46,7 @@ def explain(
             if stored is not None:
                 explanation = Explanation.from_row(stored)
             else:
-                facts = narrator.facts_for(row)
+                facts = narrator.facts_for(record)
                 if client is None:
                     explanation = Explanation(
                         decision_id,

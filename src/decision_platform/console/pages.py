@@ -152,8 +152,8 @@ def _bars(reasons: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def decision_page(platform: Platform, decision_id: int) -> dict[str, Any] | None:
     """Everything the decision page shows; None: no such decision (database or spool)."""
-    row = platform.writer.find_decision(decision_id)
-    if row is None:
+    record = platform.writer.find_decision(decision_id)
+    if record is None:
         return None
     outcome = platform.writer.query(lambda: platform.repository.get_outcome(decision_id))
     # An imputed placeholder is no label: the queue lists it as "no outcome yet", and a reported outcome
@@ -168,28 +168,28 @@ def decision_page(platform: Platform, decision_id: int) -> dict[str, Any] | None
             explanation = None
     facts = explanation.facts if explanation is not None else {}
     timeline = platform.writer.query(
-        lambda: platform.repository.entity_timeline(row["entity_id"], decision_id)
+        lambda: platform.repository.entity_timeline(record.entity_id, decision_id)
     )
     rewards = platform.rewards
-    action, proposed = row["action"], row.get("proposed_action")
+    action, proposed = record.action, record.proposed_action
     labels = [
-        {"outcome": name, "reward": rewards.reward(name, action, row.get("amount"))}
+        {"outcome": name, "reward": rewards.reward(name, action, record.amount)}
         for name in rewards.outcome_names
         if rewards.possible(name, action)
     ]
     return {
-        "d": row,
+        "d": record,
         "action_name": ACTION_NAMES[action],
         "proposed_name": None if proposed is None else ACTION_NAMES[proposed],
         "outcome": outcome,
         "imputed": imputed,
         "labels": labels,
-        "bars": _bars(list(row.get("reasons") or [])),
+        "bars": _bars(list(record.reasons or [])),
         "risk_typical": facts.get("risk_typical"),
         "anomaly_typical": facts.get("anomaly_typical"),
         "explanation": explanation,
         "timeline": _timeline(timeline, decision_id),
-        "attributes": sorted((row.get("attributes") or {}).items()),
+        "attributes": sorted((record.attributes or {}).items()),
     }
 
 

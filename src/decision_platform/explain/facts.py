@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from decision_platform.core.actions import ACTION_NAMES
+from decision_platform.core.records import DecisionRecord
 from decision_platform.explain.reasons import (
     Wording,
     format_range,
@@ -249,15 +250,15 @@ def _quoted_attributes(attributes: Mapping[str, Any]) -> dict[str, str]:
 
 
 def build_facts(
-    row: Mapping[str, Any],
+    record: DecisionRecord,
     history: Sequence[Mapping[str, float]] = (),
     ranges: Any = None,
     attributes: Mapping[str, Any] | None = None,
     event_type: str = "",
 ) -> Facts:
-    """Facts of a stored decision row. ``history``: feature snapshots of this entity's earlier decisions
+    """Facts of a stored decision. ``history``: feature snapshots of this entity's earlier decisions
     (newest first); ``ranges``: the population ranges (explain.ranges.FeatureRanges) for risk/anomaly."""
-    reasons = [dict(r) for r in row.get("reasons") or ()]
+    reasons = [dict(r) for r in record.reasons or ()]
     if history:
         for reason in reasons:
             values = [h[reason["feature"]] for h in history if reason["feature"] in h]
@@ -271,21 +272,21 @@ def build_facts(
         found = ranges.typical("anomaly")
         anomaly_typical = found.as_dict() if found else None
     return Facts(
-        decision_id=int(row["id"]),
-        entity_id=str(row["entity_id"]),
-        action=int(row["action"]),
-        decided_by=str(row.get("decided_by") or ""),
-        proposed_action=row.get("proposed_action"),
-        risk=row.get("risk"),
-        anomaly=row.get("anomaly"),
-        fallback=row.get("fallback"),
+        decision_id=int(record.id),
+        entity_id=str(record.entity_id),
+        action=int(record.action),
+        decided_by=str(record.decided_by or ""),
+        proposed_action=record.proposed_action,
+        risk=record.risk,
+        anomaly=record.anomaly,
+        fallback=record.fallback,
         reasons=reasons,
-        rules=[dict(r) for r in row.get("rules_fired") or ()],
+        rules=[dict(r) for r in record.rules_fired or ()],
         event_type=event_type,
-        amount=row.get("amount"),
+        amount=record.amount,
         attributes=_quoted_attributes(attributes or {}),
         risk_typical=risk_typical,
         anomaly_typical=anomaly_typical,
         history=len(history),
-        action_mask=[bool(m) for m in row["action_mask"]] if row.get("action_mask") is not None else None,
+        action_mask=[bool(m) for m in record.action_mask] if record.action_mask is not None else None,
     )

@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from decision_platform.config import Settings
+from decision_platform.core.records import DecisionRecord
 from decision_platform.explain import structured
 from decision_platform.explain.facts import Facts, build_facts
 from decision_platform.explain.grounding import check
@@ -130,7 +131,7 @@ class Narrator:
         self._cond = threading.Condition()
         self._urgent: deque[int] = deque()
         self._eager: deque[int] = deque()
-        self._rows: dict[int, Mapping[str, Any]] = {}
+        self._records: dict[int, DecisionRecord] = {}
         self._inflight: dict[int, threading.Event] = {}
         self._transient: OrderedDict[int, Explanation] = OrderedDict()
         self._down_until = 0.0
@@ -173,39 +174,39 @@ class Narrator:
             self._thread.join(timeout=5)
 
     # --- the hot path's only call
-    def submit(self, row: Mapping[str, Any]) -> bool:
+    def submit(self, record: DecisionRecord) -> bool:
         """Queue a just-made decision for an eager narrative; never blocks. False if not queued."""
-        decision_id = int(row["id"])
+        decision_id = record.id
         with self._cond:
-            if self.client is None or row["action"] not in self.settings.llm_eager_actions:
+            if self.client is None or record.action not in self.settings.llm_eager_actions:
                 return False
             if len(self._eager) >= self.settings.llm_queue_size or decision_id in self._inflight:
                 return False
             self._eager.append(decision_id)
-            self._rows[decision_id] = row
+            self._records[decision_id] = record
             self._inflight[decision_id] = threading.Event()
             self._cond.notify()
         return True
 
     # --- reads
-    def facts_for(self, row: Mapping[str, Any]) -> Facts:
-        decision_id = int(row["id"])
+    def facts_for(self, record: DecisionRecord) -> Facts:
+        decision_id = record.id
         # The event as stored with the decision (older records: only what a rule tested).
-        attributes = dict(row.get("attributes") or {})
-        for rule in row.get("rules_fired") or ():  # attributes a rule tested are in the record itself
+        attributes = dict(record.attributes or {})
+        for rule in record.rules_fired or ():  # attributes a rule tested are in the record itself
             for item in rule.get("inputs") or ():
                 if item["feature"].startswith("attributes."):
                     attributes.setdefault(item["feature"].split(".", 1)[1], item["value"])
         try:
 
             def recent() -> list[dict[str, float]]:
-                return self.repository.recent_features(str(row["entity_id"]), decision_id)
+                return self.repository.recent_features(record.entity_id, decision_id)
 
             history = self.writer.query(recent) if self.writer else recent()
         except Exception as exc:  # entity ranges are a nicety: never fail an explanation for them
             log.warning("no entity history for %s: %s", decision_id, exc.__class__.__name__)
             history = []
-        return build_facts(row, history, self.ranges, attributes, row.get("event_type") or "")
+        return build_facts(record, history, self.ranges, attributes, record.event_type or "")
 
     def explanation(
         self, decision_id: int, wait: bool = False, timeout_s: float | None = None
@@ -215,14 +216,14 @@ class Narrator:
         stored = self._stored(decision_id)
         if stored is not None:
             return Explanation.from_row(stored)
-        row = (
+        record = (
             self.writer.find_decision(decision_id)
             if self.writer
             else self.repository.get_decision(decision_id)
         )
-        if row is None:
+        if record is None:
             return None
-        facts = self.facts_for(row)
+        facts = self.facts_for(record)
         if self.client is None:
             return self._template(facts, READY, "no_llm")
         if self.active != LLM:  # being fetched / started, or it failed to: the template now, not a wait
@@ -240,7 +241,7 @@ class Narrator:
                 if len(self._urgent) >= MAX_URGENT:
                     return self._template(facts, PENDING, "queue_full")
                 done = self._inflight[decision_id] = threading.Event()
-                self._rows[decision_id] = row
+                self._records[decision_id] = record
                 self._urgent.append(decision_id)
                 self._cond.notify()
             elif decision_id in self._eager:  # asked for: move it ahead of the eager ones
@@ -295,9 +296,9 @@ class Narrator:
                 if self._stopped:
                     return
                 decision_id = (self._urgent or self._eager).popleft()
-                row = self._rows.pop(decision_id, None)
+                record = self._records.pop(decision_id, None)
             try:
-                self._process(decision_id, row)
+                self._process(decision_id, record)
             except Exception:
                 log.exception("narrative of decision %s failed", decision_id)
             finally:
@@ -306,13 +307,13 @@ class Narrator:
                 if done is not None:
                     done.set()
 
-    def _process(self, decision_id: int, row: Mapping[str, Any] | None) -> None:
+    def _process(self, decision_id: int, record: DecisionRecord | None) -> None:
         if self.repository.get_explanation(decision_id) is not None:
             return
-        row = row or self.repository.get_decision(decision_id)
-        if row is None:
+        record = record or self.repository.get_decision(decision_id)
+        if record is None:
             return
-        facts = self.facts_for(row)
+        facts = self.facts_for(record)
         if time.monotonic() < self._down_until:
             self._keep_transient(self._template(facts, READY, "llm_unavailable"))
             return

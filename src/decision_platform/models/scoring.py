@@ -1,13 +1,14 @@
 """The scoring chain: features -> anomaly -> risk -> policy state -> action probabilities.
 
-Every place that scores rows the way serving does (off-policy evaluation, retraining, the champion vs.
-shadow comparison) goes through this one object, so the order of the stages and what each one sees
-cannot drift apart. The serving engine runs the same stages one at a time (serving/engine.py), because
-it times each stage, falls back per stage, and computes the risk together with its attributions.
+Every place that scores rows the way serving does (the serving engine, off-policy evaluation, retraining,
+the champion vs. shadow comparison) goes through this one object, so the order of the stages and what
+each one sees cannot drift apart. Serving asks for the risk's attributions too (the reasons are made of
+them, computed in the same pass) and times each stage through ``lap``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,8 @@ class ChainScores:
     risk_inputs: np.ndarray  # (n, features + 1): what the risk model reads
     risk: np.ndarray  # (n,) P(bad)
     states: np.ndarray  # (n, state): what the policy reads
+    #: (n, risk inputs): each input's share of the risk (integrated gradients), when asked for.
+    attributions: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -34,12 +37,28 @@ class ScoringChain:
     risk: RiskModel
     policy: Policy
 
-    def score(self, features: np.ndarray) -> ChainScores:
-        """Every intermediate score for rows of features."""
+    def score(
+        self,
+        features: np.ndarray,
+        attribution_steps: int | None = None,
+        lap: Callable[[str], None] | None = None,
+    ) -> ChainScores:
+        """Every intermediate score for rows of features. ``attribution_steps``: also the risk's
+        attributions, with that many integrated-gradient steps; ``lap(stage)`` is called as each of the
+        anomaly and risk stages ends (serving's per-stage latency)."""
         anomaly = self.anomaly.score(features)
+        if lap is not None:
+            lap("anomaly")
         inputs = RiskModel.inputs(features, anomaly)
-        risk = self.risk.predict(inputs)
-        return ChainScores(anomaly, inputs, risk, self.policy.state(features, anomaly, risk))
+        attributions = None
+        if attribution_steps is None:
+            risk = self.risk.predict(inputs)
+        else:
+            risk, attributions = self.risk.explain(inputs, attribution_steps)
+        if lap is not None:
+            lap("risk")
+        states = self.policy.state(features, anomaly, risk)
+        return ChainScores(anomaly, inputs, risk, states, attributions)
 
     def scores(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(anomaly, risk, policy state) for rows of features."""

@@ -35,6 +35,7 @@ from decision_platform.explain.reasons import template_sentence
 from decision_platform.features import FeatureResult, FeatureSpec, FeatureStore
 from decision_platform.models.bundle import LoadedModels
 from decision_platform.models.policy import serving_distribution
+from decision_platform.models.scoring import ScoringChain
 from decision_platform.observability import metrics
 from decision_platform.rules.ruleset import RuleSet, RuleVerdict
 
@@ -50,13 +51,13 @@ class StageError(Exception):
 
 
 class DecisionSink(Protocol):
-    """Where decided records go (storage/writer.py's DecisionWriter): ``submit`` hands a row to the group
-    commit and returns at once; its future resolves (stored | spooled | duplicate) once the row is durable,
-    or fails when it could not be made durable. ``find_decision_by_event``: the first decision of an event."""
+    """Where decided records go (storage/writer.py's DecisionWriter): ``submit`` hands a record to the group
+    commit and returns at once; its future resolves (stored | spooled | duplicate) once it is durable, or
+    fails when it could not be made durable. ``find_decision_by_event``: the first decision of an event."""
 
-    def submit(self, row: dict[str, Any]) -> Future[str]: ...
+    def submit(self, record: DecisionRecord) -> Future[str]: ...
 
-    def find_decision_by_event(self, event_id: str) -> dict[str, Any] | None: ...
+    def find_decision_by_event(self, event_id: str) -> DecisionRecord | None: ...
 
 
 @dataclass(frozen=True)
@@ -80,11 +81,6 @@ class Decision:
     record: DecisionRecord
     response: dict[str, Any]
     storage: str  # stored | spooled | duplicate (the event had been decided before: the stored decision)
-
-    @property
-    def row(self) -> dict[str, Any]:
-        """The record as a table row (what the narrator and the stream worker's sink read)."""
-        return self.record.to_row()
 
 
 @dataclass
@@ -266,23 +262,24 @@ class DecisionEngine:
                 for i in np.flatnonzero(~finite):
                     scores.fallbacks[i] = "invalid_features"
                 scores.features = np.where(finite[:, None], scores.features, 0.0)
-            scores.anomaly = self._require(serving, "anomaly").score(scores.features)
-            watch.lap("anomaly")
-            risk_model = self._require(serving, "risk")
-            inputs = risk_model.inputs(scores.features, scores.anomaly)
-            # The risk and its attributions (what the reasons are made of) in one vectorised pass.
-            scores.risk, attributions = risk_model.explain(inputs, self.settings.attribution_steps)
-            watch.lap("risk")
-            policy = self._require(serving, "policy")
-            scores.probabilities = policy.probabilities(
-                policy.state(scores.features, scores.anomaly, scores.risk)
+            chain = ScoringChain(
+                self._require(serving, "anomaly"),
+                self._require(serving, "risk"),
+                self._require(serving, "policy"),
             )
+            # The risk and its attributions (what the reasons are made of) in one vectorised pass.
+            scored = chain.score(scores.features, self.settings.attribution_steps, watch.lap)
+            scores.anomaly, scores.risk = scored.anomaly, scored.risk
+            scores.probabilities = chain.policy.probabilities(scored.states)
             # The shadow's time counts in the policy stage: it is part of what a decision costs.
             scores.shadow = self._shadow_probabilities(serving.models, scores)
             watch.lap("policy")
-            builder = scores.builder = self._reason_builder(serving, risk_model)
+            builder = scores.builder = self._reason_builder(serving, chain.risk)
             attributes = [r.event.attributes if r.event is not None else None for r in requests]
-            scores.reasons = builder.reasons(inputs, attributions, scores.anomaly, attributes)
+            assert scored.attributions is not None
+            scores.reasons = builder.reasons(
+                scored.risk_inputs, scored.attributions, scores.anomaly, attributes
+            )
             watch.lap("reasons")
         except StageError as exc:
             scores.fail(exc.reason)
@@ -343,7 +340,7 @@ class DecisionEngine:
         pending = []
         for record in records:
             record.latency_ms = decided_ms  # time to decide, before storage (stored with the decision)
-            future = self.writer.submit(record.to_row())
+            future = self.writer.submit(record)
             future.add_done_callback(clock.done)
             pending.append(PendingDecision(record, future, clock))
         return pending
@@ -356,9 +353,8 @@ class DecisionEngine:
         stored = pending.storage.result(timeout=timeout_s)
         pending.clock.report()  # the batch's last row to be durable reports it (no-op for the others)
         if stored == DUPLICATE and record.event_id is not None:
-            existing = self.writer.find_decision_by_event(record.event_id)
-            if existing is not None:
-                first = DecisionRecord.from_row(existing)
+            first = self.writer.find_decision_by_event(record.event_id)
+            if first is not None:
                 return Decision(first, first.response(), DUPLICATE)
         metrics.DECISIONS.labels(action=ACTION_NAMES[record.action], decided_by=record.decided_by).inc()
         total_ms = round((time.perf_counter() - pending.clock.started) * 1000.0, 3)

@@ -54,14 +54,14 @@ def record_outcome(
     decision = writer.find_decision(decision_id)  # the spool first, then the database
     if decision is None:
         raise UnknownDecisionError(f"no decision {decision_id}")
-    action = decision["action"]
+    action = decision.action
     if not rewards.possible(outcome, action):
         possible = [name for name in rewards.outcomes if rewards.possible(name, action)]
         raise UnknownOutcomeError(
             f"outcome {outcome!r} cannot follow a decision to {ACTION_NAMES[action]}; "
             f"expected one of {possible}"
         )
-    reward = rewards.reward(outcome, action, decision["amount"])
+    reward = rewards.reward(outcome, action, decision.amount)
     result = writer.record_outcome(decision_id, outcome, reward)
     if result.status is OutcomeStatus.NOT_FOUND:
         raise UnknownDecisionError(f"no decision {decision_id}")

@@ -10,6 +10,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
+from decision_platform.core.records import DecisionRecord
 from decision_platform.storage.sql import (
     Store,
     decided_between,
@@ -19,7 +20,8 @@ from decision_platform.storage.sql import (
 )
 from decision_platform.storage.tables import decision_events, decisions, outcomes
 
-#: A decision row: the keys are the columns of ``tables.decisions``.
+#: A decision row: the keys are the columns of ``tables.decisions``. Storage's own representation (what
+#: the spool and the batch insert carry); what goes in and comes out of storage is a ``DecisionRecord``.
 DecisionRow = dict[str, Any]
 
 #: Plain str (not quoted_name): orjson takes only exact str keys.
@@ -97,15 +99,19 @@ class DecisionStore(Store):
             query = sa.select(decisions.c.id).where(decisions.c.id.in_(list(ids)))
             return {row[0] for row in connection.execute(query)}
 
-    def get_decision_by_event(self, event_id: str) -> DecisionRow | None:
+    def get_decision_by_event(self, event_id: str) -> DecisionRecord | None:
         if is_postgresql(self.engine):
             # The event's claim (migration 0005) names its decision: one partition is read, by id.
             claimed = sa.select(decision_events.c.decision_id).where(decision_events.c.event_id == event_id)
-            return self._first(sa.select(decisions).where(decisions.c.id == claimed.scalar_subquery()))
-        return self._first(sa.select(decisions).where(decisions.c.event_id == event_id))
+            return self._record(sa.select(decisions).where(decisions.c.id == claimed.scalar_subquery()))
+        return self._record(sa.select(decisions).where(decisions.c.event_id == event_id))
 
-    def get_decision(self, decision_id: int) -> DecisionRow | None:
-        return self._first(sa.select(decisions).where(decisions.c.id == decision_id))
+    def get_decision(self, decision_id: int) -> DecisionRecord | None:
+        return self._record(sa.select(decisions).where(decisions.c.id == decision_id))
+
+    def _record(self, query: sa.Select[Any]) -> DecisionRecord | None:
+        row = self._first(query)
+        return DecisionRecord.from_row(row) if row is not None else None
 
     def count_decisions(self) -> int:
         with self.engine.connect() as connection:

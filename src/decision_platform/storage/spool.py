@@ -38,6 +38,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from decision_platform.core.records import DecisionRecord
+
 log = logging.getLogger(__name__)
 
 DECISION: Literal["decision"] = "decision"
@@ -191,8 +193,8 @@ class Spool:
         with self._lock:
             return decision_id in self._decisions
 
-    def get_decision(self, decision_id: int) -> dict[str, Any] | None:
-        """A spooled decision row, read back from its segment (None if not spooled, or replayed meanwhile)."""
+    def get_decision(self, decision_id: int) -> DecisionRecord | None:
+        """A spooled decision, read back from its segment (None if not spooled, or replayed meanwhile)."""
         with self._lock:
             location = self._decisions.get(decision_id)
         if location is None:
@@ -203,7 +205,8 @@ class Spool:
                 line = handle.read(location.length).decode("utf-8")
         except FileNotFoundError:  # replayed and deleted between the lookup and the read
             return None
-        return SpoolRecord.from_line(line).decision
+        row = SpoolRecord.from_line(line).decision
+        return DecisionRecord.from_row(row) if row is not None else None
 
     # --- writing
     def append(self, records: list[SpoolRecord]) -> None:

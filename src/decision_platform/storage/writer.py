@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from decision_platform.core.records import DUPLICATE, SPOOLED, STORED
+from decision_platform.core.records import DUPLICATE, SPOOLED, STORED, DecisionRecord
 from decision_platform.observability import metrics
 from decision_platform.storage.errors import DatabaseUnavailable, is_record_error
 from decision_platform.storage.repository import DecisionRow, OutcomeResult, OutcomeStatus, Repository
@@ -150,18 +150,20 @@ class DecisionWriter:
         self._thread.start()
 
     # --- the API of the write path
-    def submit(self, row: DecisionRow) -> Future[str]:
+    def submit(self, record: DecisionRecord) -> Future[str]:
+        """Hand a decision to the group commit; the future resolves once it is durable."""
         future: Future[str] = Future()
-        self._queue.put((row, future))
+        # The one place a record becomes a table row: the queue, the spool and the insert carry rows.
+        self._queue.put((record.to_row(), future))
         return future
 
-    def write(self, row: DecisionRow, timeout: float = 30.0) -> str:
+    def write(self, record: DecisionRecord, timeout: float = 30.0) -> str:
         """Store one decision; returns ``stored``, ``spooled`` or ``duplicate`` once it is durable."""
-        return self.submit(row).result(timeout=timeout)
+        return self.submit(record).result(timeout=timeout)
 
-    def write_many(self, rows: list[DecisionRow], timeout: float = 60.0) -> list[str]:
-        """Store several decisions (they share group commits); one result per row, in order."""
-        futures = [self.submit(row) for row in rows]
+    def write_many(self, records: list[DecisionRecord], timeout: float = 60.0) -> list[str]:
+        """Store several decisions (they share group commits); one result per record, in order."""
+        futures = [self.submit(record) for record in records]
         return [future.result(timeout=timeout) for future in futures]
 
     @property
@@ -192,14 +194,14 @@ class DecisionWriter:
         self.spool.close()
 
     # --- reads that know about the spool
-    def find_decision(self, decision_id: int) -> DecisionRow | None:
+    def find_decision(self, decision_id: int) -> DecisionRecord | None:
         """The decision, from the spool if it is still there, else from the database (bounded wait)."""
         spooled = self.spool.get_decision(decision_id)
         if spooled is not None:
             return spooled
         return self.query(lambda: self.repository.get_decision(decision_id))
 
-    def find_decision_by_event(self, event_id: str) -> DecisionRow | None:
+    def find_decision_by_event(self, event_id: str) -> DecisionRecord | None:
         """The decision made for an event: spooled or stored."""
         decision_id = self.spool.decision_for_event(event_id)
         if decision_id is not None:
