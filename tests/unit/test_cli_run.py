@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,6 +13,7 @@ import uvicorn
 from typer.testing import CliRunner
 
 from decision_platform.cli import main as cli
+from decision_platform.config import Settings
 
 
 @pytest.mark.parametrize(("given", "narrates_with"), [(None, "embedded://"), ("none", "none")])
@@ -24,14 +28,48 @@ def test_run_serves_with_uvicorn_when_models_exist(
         monkeypatch.delenv("DP_LLM_URL")
     monkeypatch.delenv("DP_HTTP_SERVER", raising=False)
 
-    class Registry:
-        def has_champions(self) -> bool:
-            return True
-
-    monkeypatch.setattr(cli, "open_registry", lambda settings: Registry())
+    monkeypatch.setattr(cli, "_why_train_first", lambda settings: None)
     monkeypatch.setattr(uvicorn, "run", lambda target, **kwargs: served.update(target=target, **kwargs))
     result = CliRunner().invoke(cli.app, ["run"])
     assert result.exit_code == 0, result.output
     assert served["target"] == "decision_platform.api.app:create_app" and served["workers"] == 1
     assert "curl -s" in result.output  # how to call it
     assert os.environ["DP_LLM_URL"] == narrates_with
+
+
+def test_run_trains_first_when_the_champions_cannot_be_served(monkeypatch: pytest.MonkeyPatch) -> None:
+    trained: list[str] = []
+    monkeypatch.setenv("DP_LLM_URL", "none")
+    monkeypatch.setattr(cli, "_why_train_first", lambda settings: "The registered champions cannot be served")
+    monkeypatch.setattr(cli, "_train", lambda settings, source, *args: trained.append(source.value))
+    monkeypatch.setattr(uvicorn, "run", lambda target, **kwargs: None)
+    result = CliRunner().invoke(cli.app, ["run"])
+    assert result.exit_code == 0, result.output
+    assert trained == ["synthetic"]
+    assert "cannot be served: training on the built-in synthetic data set" in " ".join(result.output.split())
+
+
+def test_why_train_first_names_a_champion_that_does_not_load(
+    make_settings: Callable[..., Settings], trained: tuple[str, Path], tmp_path: Path
+) -> None:
+    """Servable champions: no reason; an altered artifact (or an older format): the kind and why; none
+    registered: no models yet."""
+    models = tmp_path / "models"
+    shutil.copytree(trained[1], models)
+    settings = make_settings(model_dir=models)
+    assert cli._why_train_first(settings) is None
+
+    risk_artifact = next(p for p in (models / "risk").rglob("*") if p.is_file())
+    risk_artifact.write_bytes(risk_artifact.read_bytes() + b"x")
+    why = cli._why_train_first(settings)
+    assert why is not None and "risk:" in why and "CorruptArtifactError" in why
+    assert "anomaly:" not in why and "policy:" not in why
+
+    empty = make_settings(database_url=f"sqlite:///{tmp_path / 'empty.db'}")
+    from decision_platform.storage.database import make_engine
+
+    engine = make_engine(empty.database_url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("DELETE FROM models")
+    engine.dispose()
+    assert cli._why_train_first(empty) == "No models yet"

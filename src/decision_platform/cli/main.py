@@ -219,11 +219,31 @@ def run() -> None:
 
     default_llm_url()
     settings = get_settings()
-    if not open_registry(settings).has_champions():
-        console.print("[bold]No models yet: training on the built-in synthetic data set.[/bold]")
+    why = _why_train_first(settings)
+    if why is not None:
+        console.print(f"[bold]{why}: training on the built-in synthetic data set.[/bold]")
         _train(settings, Source.synthetic, None, None, 3000, 14.0, PPO_TIMESTEPS, 0, True)
     # Every parameter explicitly: called as a function, typer's defaults would be OptionInfo objects.
     serve(None, None, 1, os.environ.get("DP_HTTP_SERVER", "uvicorn"))
+
+
+def _why_train_first(settings: Settings) -> str | None:
+    """Why ``run`` trains before serving; None when the registered champions load and can serve.
+
+    Champions that exist but cannot be loaded (an artifact of an older format, a missing or altered file)
+    would make every decision a fallback: ``run`` is the laptop command, so it trains a servable set
+    instead. A registry that cannot be reached is not a reason (training would fail the same way; the
+    server decides by fallback until it answers)."""
+    from decision_platform.models.bundle import load_champions
+
+    registry = open_registry(settings)
+    if not registry.has_champions():
+        return "No models yet"
+    loaded = load_champions(registry, shadow=False)
+    if loaded.complete or any(e.startswith("registry unavailable") for e in loaded.errors.values()):
+        return None
+    problems = "; ".join(f"{kind}: {error}" for kind, error in sorted(loaded.errors.items()))
+    return f"The registered champions cannot be served ({problems})"
 
 
 class Target(enum.StrEnum):
