@@ -4,6 +4,7 @@ record, a stalled database, an outage with retries and outcomes, a restart in th
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import threading
 import time
@@ -149,6 +150,53 @@ def test_a_retried_event_gets_its_first_decision_in_every_state(
     assert writer.write(decision_record(5, event_id="ev-1")) == DUPLICATE  # and after recovery
     assert writer.find_decision_by_event("ev-1").id == 1
     assert stored_ids(repository) == [1, 3]
+    writer.close()
+
+
+def test_a_retry_on_another_process_during_an_outage_gets_the_first_decision(
+    repository: FlakyRepository, tmp_path: Path
+) -> None:
+    """Two --workers processes share the spool directory; a client retries an event and the retry reaches
+    the other process while the database is away: one decision, the first, in every state."""
+    spool_dir = tmp_path / "spool"
+    repository.refusing = True
+    first, second = writer_for(repository, spool_dir), writer_for(repository, spool_dir)
+    assert first.write(decision_record(1, event_id="x")) == SPOOLED
+    assert second.write(decision_record(2, event_id="x")) == DUPLICATE
+    answered = second.find_decision_by_event("x")  # read from the first process's segment
+    assert answered is not None and answered.id == 1
+    assert second.write(decision_record(3, event_id="y")) == SPOOLED  # other events are its own
+    assert first.write(decision_record(4, event_id="y")) == DUPLICATE
+    assert second.status().pending == 1 and first.status().pending == 1
+    repository.refusing = False
+    assert first.wait_replayed(10) and second.wait_replayed(10)
+    assert stored_ids(repository) == [1, 3]
+    assert first.status().quarantined == 0
+    assert not list((spool_dir / "events").iterdir())  # claims are released once replayed
+    assert second.write(decision_record(5, event_id="x")) == DUPLICATE  # the database's index now
+    first.close()
+    second.close()
+
+
+def test_a_claim_left_by_a_process_that_died_before_its_fsync_is_taken_over(
+    repository: FlakyRepository, tmp_path: Path
+) -> None:
+    spool_dir = tmp_path / "spool"
+    repository.refusing = True
+    writer = writer_for(repository, spool_dir)
+    claims = spool_dir / "events"
+    claims.mkdir(parents=True)
+    for event_id, segment in (
+        ("gone", spool_dir / "segment-1-1-1.jsonl"),
+        ("torn", spool_dir / "torn.jsonl"),
+    ):
+        path = writer.spool._claim_path(event_id)
+        body = {"event_id": event_id, "decision_id": 99, "segment": str(segment), "offset": 0, "length": 50}
+        path.write_text(json.dumps(body))
+    (spool_dir / "torn.jsonl").write_text('{"kind":"decision","row":{"id":99')  # no live owner holds it
+    assert writer.write(decision_record(1, event_id="gone")) == SPOOLED
+    assert writer.write(decision_record(2, event_id="torn")) == SPOOLED
+    assert writer.find_decision_by_event("torn").id == 2
     writer.close()
 
 

@@ -4,6 +4,7 @@ Layout of ``spool_dir``::
 
     segment-<pid>-<ns>.jsonl    append-only JSON lines, one record each, fsynced before acknowledging
     quarantine.jsonl            records the database refused for good (never replayed automatically)
+    events/<hash>.json          which spooled decision holds an event (shared by the processes)
 
 Why it looks like this (each point was a measured failure of the earlier one-file-per-batch spool):
 
@@ -18,6 +19,13 @@ Why it looks like this (each point was a measured failure of the earlier one-fil
   database has it. The index is rebuilt from the segments at start-up.
 - Replay reads a segment in order, a chunk at a time, through a cursor: the writer inserts a chunk,
   then calls :meth:`Spool.consume`, and a fully replayed segment is deleted.
+- One decision per event across processes: the API's ``--workers`` share the directory, and a retried
+  event may reach another process than its first try while the database is away. A spooled decision
+  with an event id claims it in ``events/`` (a complete file linked into place: atomic, first one wins);
+  another process that would spool the same event finds the claim and answers with the claimed decision,
+  read from the claimant's segment. A claim is released when its decision is replayed; one left behind
+  by a crash is recognised as stale (its segment is gone, or it does not hold the decision and no live
+  process owns the segment) and taken over.
 
 The spool only stores; what is replayed when, and how refused records are isolated, is the writer's
 business (storage/writer.py).
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -49,6 +58,7 @@ RecordKind = Literal["decision", "outcome"]
 #: Segment files, and the names earlier versions of the spool used (adopted and replayed the same way).
 _SEGMENT_PATTERNS = ("segment-*.jsonl", "decisions-*.jsonl", "decisions-*.jsonl.replaying-*")
 QUARANTINE_FILE = "quarantine.jsonl"
+CLAIMS_DIR = "events"
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,13 @@ class SpoolRecord:
             return self.outcome.decision_id
         assert self.decision is not None
         return int(self.decision["id"])
+
+    @property
+    def event_id(self) -> str | None:
+        """The event a decision was made for (None: an outcome, or a decision without an event)."""
+        if self.decision is None or not self.decision.get("event_id"):
+            return None
+        return str(self.decision["event_id"])
 
     def to_line(self) -> str:
         if self.kind == OUTCOME:
@@ -167,6 +184,9 @@ class Spool:
         self._decisions: dict[int, _Location] = {}
         self._events: dict[str, int] = {}
         self._outcomes: dict[int, SpooledOutcome] = {}
+        #: Decisions of other processes this one answered a retried event with: where to read them.
+        self._foreign: dict[int, _Location] = {}
+        self._claims = self.directory / CLAIMS_DIR
         self._counter = 0
         self._last_adopt = 0.0
         self.adopt_orphans()
@@ -181,9 +201,27 @@ class Spool:
         with self._lock:
             return any(s.cursor < s.size for s in self._segments)
 
-    def decision_for_event(self, event_id: str) -> int | None:
+    def decision_for_event(self, event_id: str, others: bool = True) -> int | None:
+        """The spooled decision of an event: this process's, or (``others``) one another process claimed."""
         with self._lock:
-            return self._events.get(event_id)
+            own = self._events.get(event_id)
+        if own is not None or not others:
+            return own
+        claim = _read_claim(self._claim_path(event_id))
+        if claim is None or not claim.holds_its_decision(wait_s=0.5):
+            return None
+        with self._lock:
+            self._foreign[claim.decision_id] = claim.location
+        return claim.decision_id
+
+    def others_hold_events(self) -> bool:
+        """Whether any process's spool claims an event now (one directory read: asked once a batch, so
+        that a healthy write path pays no file look-up per event)."""
+        try:
+            with os.scandir(self._claims) as entries:
+                return next(entries, None) is not None
+        except FileNotFoundError:
+            return False
 
     def outcome_for(self, decision_id: int) -> SpooledOutcome | None:
         with self._lock:
@@ -196,7 +234,7 @@ class Spool:
     def get_decision(self, decision_id: int) -> DecisionRecord | None:
         """A spooled decision, read back from its segment (None if not spooled, or replayed meanwhile)."""
         with self._lock:
-            location = self._decisions.get(decision_id)
+            location = self._decisions.get(decision_id) or self._foreign.get(decision_id)
         if location is None:
             return None
         try:
@@ -209,21 +247,79 @@ class Spool:
         return DecisionRecord.from_row(row) if row is not None else None
 
     # --- writing
-    def append(self, records: list[SpoolRecord]) -> None:
-        """Append records durably (fsync) and index them; raises OSError when the disk cannot take them."""
+    def append(self, records: list[SpoolRecord]) -> set[int]:
+        """Append records durably (fsync) and index them; raises OSError when the disk cannot take them.
+
+        Returns the positions of decisions *not* appended: their event is claimed by a decision another
+        process spooled (:meth:`decision_for_event` names it)."""
         if not records:
-            return
-        lines = [record.to_line().encode("utf-8") for record in records]
+            return set()
         with self._lock:
             segment = self._writable_segment()
             offset = segment.size
-            segment.handle.write(b"".join(lines))
-            segment.handle.flush()
-            os.fsync(segment.handle.fileno())
-            for record, line in zip(records, lines, strict=True):
-                self._index(record, _Location(segment.path, offset, len(line)))
+            kept: list[tuple[SpoolRecord, bytes, _Location]] = []
+            claimed: list[tuple[str, int]] = []
+            skipped: set[int] = set()
+            for i, record in enumerate(records):
+                line = record.to_line().encode("utf-8")
+                location = _Location(segment.path, offset, len(line))
+                event_id = record.event_id
+                if event_id is not None and event_id not in self._events:
+                    if not self._claim(event_id, record.decision_id, location):
+                        skipped.add(i)
+                        continue
+                    claimed.append((event_id, record.decision_id))
+                kept.append((record, line, location))
                 offset += len(line)
+            if not kept:
+                return skipped
+            try:
+                segment.handle.write(b"".join(line for _, line, _ in kept))
+                segment.handle.flush()
+                os.fsync(segment.handle.fileno())
+            except OSError:
+                for event_id, decision_id in claimed:
+                    self._release(event_id, decision_id)
+                raise
+            for record, _, location in kept:
+                self._index(record, location)
             segment.size = offset
+        return skipped
+
+    # --- event claims shared by the processes
+    def _claim_path(self, event_id: str) -> Path:
+        digest = hashlib.sha256(event_id.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+        return self._claims / f"{digest}.json"
+
+    def _claim(self, event_id: str, decision_id: int, location: _Location) -> bool:
+        """Claim the event for this decision; False if a live claim of another decision holds it."""
+        path = self._claim_path(event_id)
+        self._claims.mkdir(parents=True, exist_ok=True)
+        staging = self._claims / f".{os.getpid()}-{threading.get_ident()}.tmp"
+        body = _Claim(event_id, decision_id, location).to_json()
+        staging.write_text(body, "utf-8")
+        try:
+            for _ in range(3):
+                try:
+                    os.link(staging, path)  # atomic and complete: no reader ever sees a half claim
+                    return True
+                except FileExistsError:
+                    holder = _read_claim(path)
+                    if holder is not None and holder.decision_id == decision_id:
+                        return True
+                    if holder is not None and holder.holds_its_decision(wait_s=0.0):
+                        return False
+                    # Stale: its decision was replayed meanwhile, or its process died before the fsync.
+                    path.unlink(missing_ok=True)
+            return True  # claims keep vanishing under us: the database's unique index still holds
+        finally:
+            staging.unlink(missing_ok=True)
+
+    def _release(self, event_id: str, decision_id: int) -> None:
+        path = self._claim_path(event_id)
+        holder = _read_claim(path)
+        if holder is not None and holder.decision_id == decision_id:
+            path.unlink(missing_ok=True)
 
     def _writable_segment(self) -> _Segment:
         current = self._segments[-1] if self._segments else None
@@ -261,9 +357,10 @@ class Spool:
         assert record.decision is not None
         decision_id = int(record.decision["id"])
         self._decisions.pop(decision_id, None)
-        event_id = record.decision.get("event_id")
-        if event_id and self._events.get(str(event_id)) == decision_id:
-            del self._events[str(event_id)]
+        event_id = record.event_id
+        if event_id is not None and self._events.get(event_id) == decision_id:
+            del self._events[event_id]
+            self._release(event_id, decision_id)
 
     # --- replay
     def next_chunk(self, max_records: int) -> ReplayChunk | None:
@@ -415,3 +512,66 @@ class Spool:
             self._decisions.clear()
             self._events.clear()
             self._outcomes.clear()
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """Which spooled decision holds an event, and where it lies."""
+
+    event_id: str
+    decision_id: int
+    location: _Location
+
+    def to_json(self) -> str:
+        where = self.location
+        return json.dumps(
+            {
+                "event_id": self.event_id,
+                "decision_id": self.decision_id,
+                "segment": str(where.segment),
+                "offset": where.offset,
+                "length": where.length,
+            }
+        )
+
+    def holds_its_decision(self, wait_s: float) -> bool:
+        """Whether the claimed decision is in its segment (waiting up to ``wait_s`` for an append in
+        flight), or its segment is still owned by a live process that may be appending it right now."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                with open(self.location.segment, "rb") as handle:
+                    handle.seek(self.location.offset)
+                    line = handle.read(self.location.length).decode("utf-8", errors="replace")
+            except FileNotFoundError:
+                return False  # a replayed segment is deleted: the decision is in the database
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                if line.endswith("\n") and SpoolRecord.from_line(line).decision_id == self.decision_id:
+                    return True
+            if time.monotonic() >= deadline:
+                return _owned_by_a_live_process(self.location.segment)
+            time.sleep(0.01)
+
+
+def _read_claim(path: Path) -> _Claim | None:
+    try:
+        body = json.loads(path.read_text("utf-8"))
+        where = _Location(Path(body["segment"]), int(body["offset"]), int(body["length"]))
+        return _Claim(str(body["event_id"]), int(body["decision_id"]), where)
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _owned_by_a_live_process(segment: Path) -> bool:
+    """A segment is flock'ed by its owner for as long as the owner lives (see :class:`Spool`)."""
+    try:
+        handle = open(segment, "rb")  # noqa: SIM115 - closed below; a shared probe of the owner's lock
+    except FileNotFoundError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        return False

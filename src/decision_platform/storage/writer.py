@@ -284,9 +284,10 @@ class DecisionWriter:
     def _store(self, batch: list[tuple[DecisionRow, Future[str]]]) -> None:
         fresh: list[tuple[DecisionRow, Future[str]]] = []
         seen: set[str] = set()
+        others = self.spool.others_hold_events()  # once a batch: no file look-ups when none is spooled
         for row, future in batch:
             event_id = row.get("event_id")
-            if event_id and (event_id in seen or self.spool.decision_for_event(event_id) is not None):
+            if event_id and (event_id in seen or self.spool.decision_for_event(event_id, others) is not None):
                 future.set_result(
                     DUPLICATE
                 )  # a retry of an event whose decision is spooled (or in this batch)
@@ -320,17 +321,20 @@ class DecisionWriter:
     def _spool(self, batch: list[tuple[DecisionRow, Future[str]]]) -> None:
         try:
             with self._spool_lock:
-                self.spool.append([SpoolRecord(DECISION, decision=row) for row, _ in batch])
+                # Skipped: another process spooled a decision of the same event (a retry that reached
+                # another --workers process during the outage); that first decision is the answer.
+                skipped = self.spool.append([SpoolRecord(DECISION, decision=row) for row, _ in batch])
         except Exception as exc:  # nowhere durable to put them: the callers must not acknowledge
             log.error("cannot spool %d decisions: %s", len(batch), exc)
             for _, future in batch:
                 future.set_exception(exc)
             return
-        metrics.DECISIONS_SPOOLED.inc(len(batch))
-        metrics.SPOOL_APPENDED.labels(kind=DECISION).inc(len(batch))
+        spooled = len(batch) - len(skipped)
+        metrics.DECISIONS_SPOOLED.inc(spooled)
+        metrics.SPOOL_APPENDED.labels(kind=DECISION).inc(spooled)
         self._set_gauges()
-        for _, future in batch:
-            future.set_result(SPOOLED)
+        for i, (_, future) in enumerate(batch):
+            future.set_result(DUPLICATE if i in skipped else SPOOLED)
 
     # --- health
     def _mark_down(self, exc: BaseException) -> None:
