@@ -34,7 +34,7 @@ from decision_platform.explain.attributions import ReasonBuilder
 from decision_platform.explain.reasons import template_sentence
 from decision_platform.features import FeatureResult, FeatureSpec, FeatureStore
 from decision_platform.models.bundle import LoadedModels
-from decision_platform.models.policy import serving_distribution
+from decision_platform.models.policy import serving_distribution, serving_distributions
 from decision_platform.observability import metrics
 from decision_platform.rules.ruleset import BatchFacts, RuleSet, RuleVerdict
 
@@ -242,6 +242,19 @@ class DecisionEngine:
                 return action
         return max(a for a in range(3) if distribution[a] > 0)
 
+    def _sample_many(self, distributions: np.ndarray) -> list[int]:
+        """:meth:`_sample` of each row, in order: the same rng draws and the same comparisons."""
+        with self._rng_lock:
+            draws = self._rng.random(len(distributions))
+        first = distributions[:, 0]
+        second = first + distributions[:, 1]
+        third = second + distributions[:, 2]  # distribution.sum() of three: left to right
+        u = draws * third
+        actions = np.where(u < first, 0, np.where(u < second, 1, np.where(u < third, 2, -1))).tolist()
+        for k in [k for k, a in enumerate(actions) if a < 0]:
+            actions[k] = max(a for a in range(3) if distributions[k, a] > 0)
+        return actions
+
     def _fallback_action(self, verdict: RuleVerdict) -> int:
         """The safe action, moved to the nearest action the rules allow (block rules still block)."""
         safe = self.settings.safe_action
@@ -404,6 +417,21 @@ class DecisionEngine:
             np.argmax(scores.probabilities, axis=1).tolist() if scores.probabilities is not None else None
         )
         versions = serving.models.versions
+        # The served distributions and the sampled actions of the scored rows, over columns (the same
+        # numbers as serving_distribution and _sample row by row, and the same draws from the rng).
+        live = [i for i in range(n) if not fallbacks[i]] if scores.probabilities is not None else []
+        served: dict[int, tuple[list[float], int, np.ndarray]] = {}
+        if live:
+            assert scores.probabilities is not None
+            distributions = serving_distributions(
+                scores.probabilities[live],
+                np.array([verdicts[i].mask for i in live], dtype=bool),
+                self.settings.exploration_floor,
+                self.settings.explore_actions,
+            )
+            actions = self._sample_many(distributions)
+            for k, i in enumerate(live):
+                served[i] = (distributions[k].tolist(), actions[k], distributions[k])
         records = []
         for i, request in enumerate(requests):
             event, fallback, verdict = events[i], fallbacks[i], verdicts[i]
@@ -423,18 +451,12 @@ class DecisionEngine:
                 action, propensity, decided_by = self._fallback_action(verdict), 1.0, "fallback"
             else:
                 proposed = proposed_all[i]
-                distribution = serving_distribution(
-                    probabilities,
-                    verdict.mask,
-                    self.settings.exploration_floor,
-                    self.settings.explore_actions,
-                )
-                action = self._sample(distribution)
-                propensity = float(distribution[action])
+                distribution, action, row = served[i]
+                propensity = distribution[action]
                 forced = verdict.forced_action is not None or not verdict.mask[proposed]
                 decided_by = "rule" if forced else "policy"
                 if scores.shadow is not None:
-                    champion_choice = int(np.argmax(distribution))
+                    champion_choice = int(np.argmax(row))
                     shadow = self._shadow_record(
                         serving.models, scores.shadow[i], verdict.mask, champion_choice
                     )
