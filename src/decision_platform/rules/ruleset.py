@@ -259,7 +259,15 @@ class RuleSet:
                     observer.fired(rule.name, rule.tier.value)
         if not fired.any():
             return [self._verdict(())] * n
-        return [self._verdict(tuple(np.flatnonzero(row).tolist())) for row in fired]
+        if fired.shape[1] > 62:
+            return [self._verdict(tuple(np.flatnonzero(row).tolist())) for row in fired]
+        # Each row's fired rules as one integer (bit k: rule k), then one verdict per distinct integer.
+        codes = (fired.astype(np.int64) << np.arange(fired.shape[1], dtype=np.int64)).sum(axis=1)
+        verdicts = {
+            code: self._verdict(tuple(k for k in range(fired.shape[1]) if code >> k & 1))
+            for code in set(codes.tolist())
+        }
+        return [verdicts[code] for code in codes.tolist()]
 
     def _verdict(self, fired: tuple[int, ...]) -> RuleVerdict:
         """One verdict per distinct set of fired rules (immutable, shared by the rows that have it)."""
