@@ -1,9 +1,11 @@
 """The fast path decides exactly what the straightforward one does, on a few thousand recorded requests.
 
 Fast: requests decided in micro-batches (what the API's decider and the stream worker do) with the
-integrated-gradient path in float32. Straightforward: one request at a time, and the attributions
-recomputed here in float64 the plain way. Same inputs, same seed: the same action probabilities, rules,
-reasons, propensities and sentences; reason weights (4 decimals) may differ by float noise only.
+integrated-gradient path in float32, the rules over the batch's columns. Straightforward: one request at
+a time, each row's rules by CEL on a dict of all its facts (``DecisionEngine.batched = False``), and the
+attributions recomputed here in float64 the plain way. Same inputs, same seed: the same action
+probabilities, rules, reasons, propensities and sentences; reason weights (4 decimals) may differ by
+float noise only.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ def test_batched_decisions_equal_one_at_a_time(
 
     batched, single = _Recorder(), _Recorder()
     fast, slow = _engine(platform, batched), _engine(platform, single)
+    slow.batched = False  # row by row: a facts dict of every feature, each rule by CEL
     for start in range(0, len(requests), BATCH):
         fast.decide_batch(requests[start : start + BATCH], features=features[start : start + BATCH])
     for request, result in zip(requests, features, strict=True):

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from decision_platform.models.policy import serving_distribution
+from decision_platform.models.policy import serving_distribution, serving_distributions
 from decision_platform.rules.ruleset import RuleSet, RulesFile, Tier, mask_for
 
 tiers = st.sets(st.sampled_from(list(Tier)))
@@ -42,6 +42,29 @@ def test_final_action_is_always_one_the_rules_allow(p: list[float], fired: set[T
         restricted = np.where(mask, p, 0.0)
         if restricted.sum() > 1e-12:
             assert dist[2] <= restricted[2] / restricted.sum() + 1e-9
+
+
+@pytest.mark.parametrize("explore_actions", [(0, 1), (0, 1, 2), (1,), ()])
+@pytest.mark.parametrize("floor", [0.0, 0.01, 0.05, 0.3])
+def test_the_batch_distribution_is_the_per_row_one_bit_for_bit(
+    floor: float, explore_actions: tuple[int, ...]
+) -> None:
+    rng = np.random.default_rng(int(floor * 100) + len(explore_actions))
+    n = 3000
+    p = rng.dirichlet([0.3, 0.3, 0.3], size=n)
+    # Edges: mass only where the rules forbid, exact zeros, ties, values at the floor, tiny totals.
+    p[:100] = [0.0, 0.0, 1.0]
+    p[100:200] = [floor, 1.0 - 2 * floor, floor]
+    p[200:300] = [1e-13, 1e-14, 1.0 - 1e-13]
+    p[300:400] = [1 / 3, 1 / 3, 1 / 3]
+    p[400:500] = [0.5, 0.5, 0.0]
+    fired = [(), (Tier.FLOOR,), (Tier.CAP,), (Tier.BLOCK,), (Tier.FLOOR, Tier.CAP)]
+    masks = np.array([mask_for(fired[k]) for k in rng.integers(0, len(fired), n)])
+    got = serving_distributions(p, masks, floor, explore_actions)
+    expected = np.array(
+        [serving_distribution(row, mask, floor, explore_actions) for row, mask in zip(p, masks, strict=True)]
+    )
+    assert np.array_equal(got, expected)
 
 
 def test_a_capped_block_becomes_a_throttle_not_a_coin_toss() -> None:

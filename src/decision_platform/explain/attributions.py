@@ -215,38 +215,42 @@ class ReasonBuilder:
         if self.anomaly is not None and anomaly is not None:
             contributors = self.anomaly.explain(inputs[:, :-1], anomaly)
         reasons = []
-        for i in range(len(inputs)):
-            row, weights = inputs[i], merged[i]
+        # Python lists once per batch: indexing numpy arrays per reason cost more than the reason.
+        rows, weight_rows, top_rows = inputs.tolist(), merged.tolist(), top.tolist()
+        max_up, max_down, max_anomaly = self.max_up, self.max_down, self.max_anomaly
+        for i, row in enumerate(rows):
+            weights = weight_rows[i]
             up: list[dict[str, Any]] = []
             down: list[dict[str, Any]] = []
-            for j in top[i]:
-                weight = float(weights[j])
+            for j in top_rows[i]:
+                weight = weights[j]
                 if abs(weight) < MIN_RISK_WEIGHT:
                     break
-                bucket, limit = (up, self.max_up) if weight > 0 else (down, self.max_down)
+                bucket, limit = (up, max_up) if weight > 0 else (down, max_down)
                 if len(bucket) < limit:
-                    bucket.append(self._risk_reason(int(j), row, weight, rows_attributes[i]))
+                    bucket.append(self._risk_reason(j, row, weight, rows_attributes[i]))
             found = [
-                self._wording[self.names[c]].reason("anomaly", float(row[c]), w)
-                for c, w in contributors[i][: self.max_anomaly]
+                self._wording[self.names[c]].reason("anomaly", row[c], w)
+                for c, w in contributors[i][:max_anomaly]
                 if w >= MIN_ANOMALY_WEIGHT
             ]
             reasons.append(up + down + found)
         return reasons
 
     def _risk_reason(
-        self, j: int, row: np.ndarray, weight: float, attributes: Mapping[str, Any] | None
+        self, j: int, row: Sequence[float], weight: float, attributes: Mapping[str, Any] | None
     ) -> dict[str, Any]:
+        """Row's reason for input j (``row``: the inputs as Python floats)."""
         name = self.reason_names[j]
         if name == "time_of_day" and self._hour:
-            clock = time_of_day(float(row[self._hour[0]]), float(row[self._hour[1]]))
+            clock = time_of_day(row[self._hour[0]], row[self._hour[1]])
             return self._wording[name].reason("risk", 0.0, weight, clock)
         if name.startswith(CATEGORY_PREFIX):
             # A category's reason names its value (untrusted text, shortened), not its code.
             value = (attributes or {}).get(name[len(CATEGORY_PREFIX) :])
             shown = "absent" if value is None else repr(str(value)[:40])
-            return self._wording[name].reason("risk", float(row[self._column[name]]), weight, shown)
-        return self._wording[name].reason("risk", float(row[self._column[name]]), weight)
+            return self._wording[name].reason("risk", row[self._column[name]], weight, shown)
+        return self._wording[name].reason("risk", row[self._column[name]], weight)
 
     def rules_fired(self, fired: Sequence[FiredRule], facts: Mapping[str, Any]) -> list[dict[str, Any]]:
         """The fired rules as stored and returned, each with the inputs it tested and their ranges."""

@@ -124,6 +124,10 @@ def reason_text(reason: Mapping[str, Any]) -> str:
     return text
 
 
+#: Distinct values whose words a Wording keeps (counts repeat a lot; amounts hardly: then it starts over).
+WORDS_CACHE = 4096
+
+
 class Wording:
     """What does not change between decisions, per input: its words and its normal range."""
 
@@ -135,19 +139,36 @@ class Wording:
         # The range's words and bounds do not change between decisions: written once, not per reason.
         self._range = format_range(name, typical["low"], typical["high"]) if typical else ""
         self._bounds = _bounds(self._range) if typical else (0.0, 0.0)
+        #: value -> (value rounded, its display, the phrase): the same value is worded once.
+        self._words: dict[float, tuple[float, str, str]] = {}
+
+    def _worded(self, value: float) -> tuple[float, str, str]:
+        words = self._words.get(value) if value != 0.0 else None  # 0.0 == -0.0, but "-0" != "0"
+        if words is None:
+            shown = format_value(self.name, value)
+            phrase = f"{shown} {self.description}" if self.count_first else f"{self.description} {shown}"
+            if self.typical:
+                phrase += f" ({_placed(shown, self._range, self._bounds)})"
+            words = (round(value, 4), shown, phrase)
+            if value != 0.0:
+                if len(self._words) >= WORDS_CACHE:
+                    self._words = {}
+                self._words[value] = words
+        return words
 
     def reason(self, kind: str, value: float, weight: float, display: str | None = None) -> dict[str, Any]:
-        shown = display or format_value(self.name, value)
         if kind == "risk":
             direction = "raises_risk" if weight > 0 else "lowers_risk"
         else:
             direction = "raises_anomaly" if weight > 0 else "lowers_anomaly"
-        phrase = f"{shown} {self.description}" if self.count_first else f"{self.description} {shown}"
-        if self.typical and display is None:
-            phrase += f" ({_placed(shown, self._range, self._bounds)})"
+        if display is not None:  # words given (a clock time, a category's value): no range after them
+            rounded, shown = round(value, 4), display or format_value(self.name, value)
+            phrase = f"{shown} {self.description}" if self.count_first else f"{self.description} {shown}"
+        else:
+            rounded, shown, phrase = self._worded(value)
         return {
             "feature": self.name,
-            "value": round(value, 4),
+            "value": rounded,
             "direction": direction,
             "weight": round(weight, 4),
             "description": self.description,

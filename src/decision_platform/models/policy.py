@@ -170,6 +170,37 @@ def serving_distribution(
     return np.array([floor if short[a] else p[a] - need * room[a] / total_room for a in range(3)])
 
 
+def serving_distributions(
+    probabilities: np.ndarray, masks: np.ndarray, floor: float, explore_actions: Sequence[int]
+) -> np.ndarray:
+    """:func:`serving_distribution` of every row of (n, 3) ``probabilities`` and boolean ``masks``, over
+    columns: the same floating-point operations in the same order, so the same numbers bit for bit
+    (tests/unit/test_policy_and_rules.py). Rows where the rules leave the policy (almost) no mass take
+    the per-row function."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    allowed = np.asarray(masks, dtype=bool)
+    p = np.where(allowed, probabilities, 0.0)
+    total = p[:, 0] + p[:, 1] + p[:, 2]  # sum() of three floats, left to right
+    empty = total <= 1e-12
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = p / total[:, None]
+    if floor > 0:
+        explorable = allowed & np.isin(np.arange(3), list(explore_actions))[None, :]
+        short = explorable & (p < floor)
+        adjust = (allowed.sum(axis=1) > 1) & short.any(axis=1)
+        # need: the shortfalls added in action order (0.0 where not short adds nothing exactly).
+        gap = np.where(short, floor - p, 0.0)
+        need = gap[:, 0] + gap[:, 1] + gap[:, 2]
+        room = np.where(short | ~allowed, 0.0, np.maximum(np.where(explorable, p - floor, p), 0.0))
+        total_room = room[:, 0] + room[:, 1] + room[:, 2]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            floored = np.where(short, floor, p - need[:, None] * room / total_room[:, None])
+        p = np.where(adjust[:, None], floored, p)
+    for i in np.flatnonzero(empty):
+        p[i] = serving_distribution(probabilities[i], allowed[i], floor, explore_actions)
+    return p
+
+
 def imitate(ppo: object, states: np.ndarray, actions: np.ndarray, epochs: int = 5, seed: int = 0) -> float:
     """Warm-start the PPO actor by imitating a baseline policy's actions (behaviour cloning).
 

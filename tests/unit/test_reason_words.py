@@ -1,0 +1,42 @@
+"""The words of a value are written once per distinct value (``Wording``'s cache): a cached reason is the
+reason written afresh, for every kind of input, the zeros of both signs, and values given their words."""
+
+from __future__ import annotations
+
+import random
+
+from decision_platform.explain import reasons as reasons_module
+from decision_platform.explain.reasons import Wording
+
+NAMES = [
+    "count_1m",
+    "distinct_device_1h",
+    "seconds_since_last",
+    "amount",
+    "sum_1h",
+    "mean_24h",
+    "anomaly",
+    "risk",
+    "attr_balance",
+    "code_country",
+    "hour_sin",
+]
+TYPICAL = [None, {"low": 0.0, "high": 2.0}, {"low": 1.5, "high": 1234.567}, {"low": -3.0, "high": 0.25}]
+
+
+def test_cached_words_are_the_words_written_afresh(monkeypatch) -> None:
+    monkeypatch.setattr(reasons_module, "WORDS_CACHE", 50)  # and starting over keeps them right
+    rng = random.Random(3)
+    wordings = {(n, k): Wording(n, t) for n in NAMES for k, t in enumerate(TYPICAL)}
+    values = [0.0, -0.0, 1.0, 2.0, 2.0000001, 1e-5, -1e-5, 0.004, 0.1, 1234.567, 1234.5671, 5000.0, -2.5]
+    for _ in range(6000):
+        (name, k), wording = rng.choice(list(wordings.items()))
+        value = rng.choice(
+            [*values, round(rng.uniform(-10, 3000), rng.randrange(5)), float(rng.randrange(30))]
+        )
+        weight = rng.choice([-0.3, 0.0, 0.05, 1.23456789])
+        kind = rng.choice(["risk", "anomaly"])
+        display = rng.choice([None, None, None, "", "03:15 UTC", "'FR'"])
+        fresh = Wording(name, TYPICAL[k]).reason(kind, value, weight, display)
+        assert wording.reason(kind, value, weight, display) == fresh
+        assert str(wording.reason(kind, value, weight, display)["value"]) == str(fresh["value"])  # -0.0
