@@ -70,6 +70,8 @@ class TrainConfig:
     warm_start: Literal["improved", "bayes", "thresholds", "none"] = "improved"
     #: Steps of fitted policy iteration from the Bayes policy behind the "improved" warm start.
     improvement_iterations: int = 2
+    #: PPO's learning rate while fine-tuning a cloned actor.
+    ppo_learning_rate: float = 1e-4
     #: PPO's discount while fine-tuning (the yardstick is the undiscounted total over an episode).
     ppo_gamma: float = 0.99
     #: PPO learns in this many rounds; after each the actor is judged on the validation episodes (the
@@ -214,7 +216,7 @@ class _PerRow:
         return self._row(i)
 
 
-def new_ppo(env: DummyVecEnv, seed: int, gamma: float = 0.95) -> PPO:
+def new_ppo(env: DummyVecEnv, seed: int, gamma: float = 0.95, learning_rate: float = 1e-4) -> PPO:
     """PPO as the platform trains it: short rollouts and a small MLP (the state is ~20 numbers), a low
     learning rate because it starts from a behaviour-cloned or champion actor it should refine, not erase."""
     return PPO(
@@ -225,7 +227,7 @@ def new_ppo(env: DummyVecEnv, seed: int, gamma: float = 0.95) -> PPO:
         n_epochs=5,
         gamma=gamma,
         gae_lambda=0.9,
-        learning_rate=1e-4,
+        learning_rate=learning_rate,
         ent_coef=0.001,
         policy_kwargs={"net_arch": [64, 64]},
         seed=seed,
@@ -600,7 +602,7 @@ def fit_policy(
     learn_states = states.states[learn_rows]
     env = DummyVecEnv([lambda: FraudSimulatorEnv(states.train_histories, rewards) for _ in range(4)])
     env.seed(config.seed)
-    ppo = new_ppo(env, config.seed, gamma=config.ppo_gamma)
+    ppo = new_ppo(env, config.seed, gamma=config.ppo_gamma, learning_rate=config.ppo_learning_rate)
     info: dict[str, Any] = {"gamma": config.ppo_gamma, "rounds": config.ppo_rounds}
     if start_from is not None:
         start = start_from.probabilities(learn_states)
