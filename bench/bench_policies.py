@@ -52,8 +52,16 @@ from decision_platform.models.registry import ModelRegistry
 from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.repository import Repository
 from decision_platform.training import PPO_TIMESTEPS
+from decision_platform.training.improvement import IMPROVED
 from decision_platform.training.simulator import EntityHistory, evaluate_policy, group_histories
-from decision_platform.training.train import PPO_POLICY, HeldOutRows, TrainConfig, TrainReport, train_all
+from decision_platform.training.train import (
+    PPO_CLONE,
+    PPO_POLICY,
+    HeldOutRows,
+    TrainConfig,
+    TrainReport,
+    train_all,
+)
 from decision_platform.training.yardstick import (
     Expectation,
     Replay,
@@ -220,6 +228,8 @@ def analyse(report: TrainReport, rewards: RewardTable, seed: int) -> dict[str, A
     assert held is not None and training is not None
     replay = Replay.of(held.entity_ids, held.labels, held.amounts)
     policies = dict(held.probabilities)
+    # The warm start's teacher (fitted policy iteration) and the cloned actor before any PPO update.
+    policies.update(report.diagnostics)
     served = report.served
     policies[PPO_GREEDY] = greedy(policies[PPO])
     # The best thresholds on the held-out part itself: an upper bound for fixed thresholds, not a policy.
@@ -289,6 +299,20 @@ def _ci(i: dict[str, float], signed: bool = False) -> str:
     return f"{i['value']:{f}} [{i['low']:{f}}, {i['high']:{f}}]"
 
 
+def _fine_tuning(info: dict[str, Any]) -> str:
+    if not info:
+        return "not recorded"
+    parts = []
+    if "clone_accuracy" in info:
+        parts.append(f"cloning accuracy {info['clone_accuracy']:.1%}")
+    if "start_validation" in info:
+        parts.append(f"warm start's teacher {info['start_validation']:.2f} per validation episode")
+    if "validation" in info:
+        values = ", ".join(f"{v:.2f}" for v in info["validation"])
+        parts.append(f"actor after each round (0 = the clone) {values}; kept round {info['kept_round']}")
+    return "; ".join(parts)
+
+
 def markdown(run: dict[str, Any]) -> str:
     a = run["analysis"]
     rm = run["risk_metrics"]
@@ -341,9 +365,11 @@ def markdown(run: dict[str, Any]) -> str:
     lines += [
         "",
         f"† diagnostics, not among the compared policies: {PPO_GREEDY} = PPO's most likely action instead "
-        f"of a sample; {ORACLE} = the threshold search run on the held-out part itself (an upper bound for "
-        f"fixed thresholds, not a fair policy); {SERVED_FLOOR} = the served policy with the serving "
-        "exploration floor (no rule firing).",
+        f"of a sample; {IMPROVED} = PPO's teacher, the Bayes policy improved by fitted policy iteration "
+        f"(continuation values, not servable); {PPO_CLONE} = the PPO actor cloned from its warm start "
+        f"before any PPO update; {ORACLE} = the threshold search run on the held-out part itself (an "
+        f"upper bound for fixed thresholds, not a fair policy); {SERVED_FLOOR} = the served policy with "
+        "the serving exploration floor (no rule firing).",
         "",
         f"- Exploration cost (exact, per entity, paired to {served} without any floor): {costs}. The gap is "
         "the expected-reward difference of the two best actions given the calibrated risk and the amount.",
@@ -352,6 +378,8 @@ def markdown(run: dict[str, Any]) -> str:
         + ".",
         f"- Rules that fired on held-out events (rules only; counted on every row, reached or not): "
         f"{hits or 'none'}.",
+        "- PPO fine-tuning (validation episodes: the last training window of 30% of the entities, never "
+        "trained on): " + _fine_tuning(run.get("fine_tuning", {})) + ".",
         "- PPO's mean probability of its most likely action: "
         f"{a['ppo_confidence']['mean_max_probability']:.3f} "
         f"({a['ppo_confidence']['rows_below_0.9']:.1%} of rows below 0.9).",
@@ -402,7 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--path", type=Path, help="csv: the labelled CSV (.gz is fine)")
     parser.add_argument("--mapping", type=Path, help="csv: its column mapping (features file beside it)")
     parser.add_argument(
-        "--warm-start", choices=("bayes", "thresholds", "none"), default="bayes", help="PPO's cloned start"
+        "--warm-start",
+        choices=("improved", "bayes", "thresholds", "none"),
+        default="improved",
+        help="PPO's cloned start (improved: Bayes + fitted policy iteration, train's default)",
     )
     parser.add_argument("--timesteps", type=int, default=PPO_TIMESTEPS, help="PPO steps (train's default)")
     parser.add_argument("--seed", type=int, default=0)
@@ -449,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         "data_label": label,
         "timesteps": args.timesteps,
         "warm_start": args.warm_start,
+        "fine_tuning": report.ppo,
         "seed": args.seed,
         "git_commit": _git("rev-parse", "--short", "HEAD") or None,
         "git_dirty_files": len(dirty.splitlines()) if dirty else 0,

@@ -244,3 +244,35 @@ def test_retrain_judges_the_candidate_against_the_same_baselines() -> None:
     # Without a labelled held-out decision there is nothing to replay: the OPE gate alone judges.
     unlabelled = _logged(np.where(train, labels, -1))
     assert against_baselines(champion, champion, states, unlabelled, train, ~train, REWARDS, seed=0) is None
+
+
+def test_train_warm_starts_ppo_from_the_improved_policy_and_keeps_its_best_round(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'registry.db'}")
+    migrate(engine)
+    try:
+        report = train_all(
+            generate(n_entities=120, days=4, seed=3),
+            CONFIG_DIR / "features.yaml",
+            REWARDS,
+            ModelRegistry(Repository(engine), tmp_path / "models"),
+            TrainConfig(
+                anomaly_trees=20,
+                risk=RiskConfig(epochs=2),
+                ppo_timesteps=2048,
+                ppo_rounds=2,
+                clone_epochs=1,
+                seed=3,
+            ),
+        )
+    finally:
+        engine.dispose()
+    assert TrainConfig().warm_start == "improved"
+    assert set(report.diagnostics) == {"fitted-Q improved policy", "PPO cloned start (no PPO update)"}
+    info = report.ppo
+    assert 0.0 <= info["clone_accuracy"] <= 1.0
+    # The clone (round 0) and both PPO rounds are judged on the validation episodes; the best is kept.
+    assert len(info["validation"]) == 3
+    assert info["validation"][info["kept_round"]] == max(info["validation"])
+    # The served policy is still decided on held-out time against the baselines.
+    rows = {c.name: c for c in report.policies}
+    assert report.served == PPO_POLICY or rows[PPO_POLICY].per_entity_diff.value < 0

@@ -24,6 +24,7 @@ from decision_platform.models.policy import (
     ACTOR,
     META,
     PPO_ACTOR,
+    RISK_LOGIT,
     PolicyModel,
     scaled_state,
     unscaled_feature,
@@ -59,7 +60,9 @@ class _Scaled:
         self.risk_index = self.state_names.index("risk")
 
     def state(self, features: np.ndarray, anomaly: np.ndarray, risk: np.ndarray) -> np.ndarray:
-        return scaled_state(features, anomaly, risk, self.scaler_mean, self.scaler_std)
+        return scaled_state(
+            features, anomaly, risk, self.scaler_mean, self.scaler_std, RISK_LOGIT in self.state_names
+        )
 
     def _save(self, directory: Path, meta: dict[str, Any]) -> None:
         directory = Path(directory)

@@ -30,14 +30,29 @@ _ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 PPO_ACTOR = "ppo"
 
 
+#: The optional last state column: the risk's log-odds (clipped to +-10). A policy whose thresholds sit
+#: at risks of 0.02 or 0.05 reads them on this scale far more easily than on the risk itself.
+RISK_LOGIT = "risk_logit"
+
+
 def scaled_state(
-    features: np.ndarray, anomaly: np.ndarray, risk: np.ndarray, mean: np.ndarray, std: np.ndarray
+    features: np.ndarray,
+    anomaly: np.ndarray,
+    risk: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
+    risk_logit: bool = False,
 ) -> np.ndarray:
     """Every policy's observation: signed-log features standardised on the training part, then the
-    anomaly and the risk. One function, so a served baseline and the PPO actor see the same state."""
+    anomaly and the risk (and, with ``risk_logit``, the risk's log-odds). One function, so a served
+    baseline and the PPO actor see the same state."""
     x = np.atleast_2d(np.asarray(features, dtype=np.float64))
     scaled = (np.sign(x) * np.log1p(np.abs(x)) - mean) / std
-    return np.column_stack([scaled, np.atleast_1d(anomaly), np.atleast_1d(risk)]).astype(np.float32)
+    columns = [scaled, np.atleast_1d(anomaly), np.atleast_1d(risk)]
+    if risk_logit:
+        p = np.clip(np.atleast_1d(np.asarray(risk, dtype=np.float64)), 1e-12, 1 - 1e-12)
+        columns.append(np.clip(np.log(p) - np.log1p(-p), -10.0, 10.0))
+    return np.column_stack(columns).astype(np.float32)
 
 
 def unscaled_feature(states: np.ndarray, index: int, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
@@ -47,7 +62,8 @@ def unscaled_feature(states: np.ndarray, index: int, mean: np.ndarray, std: np.n
 
 
 class PolicyModel:
-    """Action probabilities of the PPO actor for states ``[scaled features..., anomaly, risk]``."""
+    """Action probabilities of the PPO actor for states ``[scaled features..., anomaly, risk]`` (and
+    ``risk_logit`` when its state names end with it)."""
 
     def __init__(
         self,
@@ -65,8 +81,10 @@ class PolicyModel:
         self._act = _ACTIVATIONS[activation]
 
     def state(self, features: np.ndarray, anomaly: np.ndarray, risk: np.ndarray) -> np.ndarray:
-        """The policy's observation: scaled features, then the two scores."""
-        return scaled_state(features, anomaly, risk, self.scaler_mean, self.scaler_std)
+        """The policy's observation: scaled features, then the two scores (and the risk's log-odds)."""
+        return scaled_state(
+            features, anomaly, risk, self.scaler_mean, self.scaler_std, RISK_LOGIT in self.state_names
+        )
 
     def probabilities(self, states: np.ndarray) -> np.ndarray:
         """(n, k) states -> (n, 3) action probabilities (a chunk of rows at a time: a data set's states
@@ -201,12 +219,20 @@ def serving_distributions(
     return p
 
 
-def imitate(ppo: object, states: np.ndarray, actions: np.ndarray, epochs: int = 5, seed: int = 0) -> float:
+def imitate(
+    ppo: object,
+    states: np.ndarray,
+    actions: np.ndarray,
+    epochs: int = 5,
+    seed: int = 0,
+    weights: np.ndarray | None = None,
+) -> float:
     """Warm-start the PPO actor by imitating a baseline policy's actions (behaviour cloning).
 
     Fraud is rare, so PPO from scratch spends most of its budget finding out that blocking everyone is
     bad. Starting from the best threshold policy, PPO only has to learn where long-term effects (a lost
-    customer, a fraudster who gives up) make a different action better. Returns the final accuracy.
+    customer, a fraudster who gives up) make a different action better. ``weights`` (per row, e.g. what
+    a wrong action costs there) replace the default partial class balancing. Returns the final accuracy.
     """
     import torch
 
@@ -215,8 +241,11 @@ def imitate(ppo: object, states: np.ndarray, actions: np.ndarray, epochs: int = 
     obs = torch.as_tensor(states, dtype=torch.float32)
     target = torch.as_tensor(actions, dtype=torch.long)
     # Partly balance classes (square root): the rare actions matter, but full balancing over-blocks.
-    counts = torch.bincount(target, minlength=3).clamp(min=1).float()
-    weights = (1.0 / counts.sqrt())[target]
+    if weights is None:
+        counts = torch.bincount(target, minlength=3).clamp(min=1).float()
+        row_weights = (1.0 / counts.sqrt())[target]
+    else:
+        row_weights = torch.as_tensor(np.asarray(weights), dtype=torch.float32)
     optimiser = torch.optim.Adam(policy.parameters(), lr=1e-3)
     # At least ~300 gradient steps: on a few thousand logged rows, a handful of epochs is only a dozen.
     epochs = max(epochs, -(-300 // max(1, -(-len(obs) // 1024))))
@@ -225,7 +254,7 @@ def imitate(ppo: object, states: np.ndarray, actions: np.ndarray, epochs: int = 
         for start in range(0, len(obs), 1024):
             idx = order[start : start + 1024]
             log_prob = policy.get_distribution(obs[idx]).log_prob(target[idx])
-            loss = -(log_prob * weights[idx]).sum() / weights[idx].sum()
+            loss = -(log_prob * row_weights[idx]).sum() / row_weights[idx].sum().clamp(min=1e-12)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()

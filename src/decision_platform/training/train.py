@@ -7,6 +7,8 @@ fit on the earlier part and judged on the later part of time only.
 
 from __future__ import annotations
 
+import copy
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,13 +30,19 @@ from decision_platform.features import FeatureSpec, compute_features
 from decision_platform.models.anomaly import AnomalyModel
 from decision_platform.models.artifacts import save_artifact, save_policy_artifact
 from decision_platform.models.baseline_policy import NEVER, BayesPolicy, Policy, ThresholdPolicy
-from decision_platform.models.policy import PolicyModel, imitate
+from decision_platform.models.policy import RISK_LOGIT, PolicyModel, imitate
 from decision_platform.models.preprocessing import Standardizer
 from decision_platform.models.registry import ModelRegistry
 from decision_platform.models.risk import MIN_CATEGORY_COUNT, RiskConfig, RiskModel
 from decision_platform.rules.ruleset import BASE_VARIABLES, RuleSet, RuleTally, Tier
 from decision_platform.training import PPO_TIMESTEPS
 from decision_platform.training.baseline import classifier_metrics, fit_gradient_boosting
+from decision_platform.training.improvement import (
+    ImprovedPolicy,
+    episode_keys,
+    policy_iteration,
+    return_to_go,
+)
 from decision_platform.training.progress import SILENT, Progress
 from decision_platform.training.simulator import EntityHistory, FraudSimulatorEnv, group_histories
 from decision_platform.training.yardstick import (
@@ -56,9 +64,24 @@ class TrainConfig:
     #: Embed integer-valued event attributes by value as well as by magnitude (see value_inputs).
     value_embeddings: bool = True
     ppo_timesteps: int = PPO_TIMESTEPS
-    #: The behaviour PPO's actor is cloned from before it learns: "bayes" (the Bayes-minimum-risk
-    #: policy), "thresholds" (the best fixed thresholds) or "none" (PPO from scratch).
-    warm_start: Literal["bayes", "thresholds", "none"] = "bayes"
+    #: The behaviour PPO's actor is cloned from before it learns: "improved" (the Bayes policy improved
+    #: by fitted policy iteration with continuation values, training/improvement.py), "bayes" (the
+    #: Bayes-minimum-risk policy), "thresholds" (the best fixed thresholds) or "none" (PPO from scratch).
+    warm_start: Literal["improved", "bayes", "thresholds", "none"] = "improved"
+    #: Steps of fitted policy iteration from the Bayes policy behind the "improved" warm start.
+    improvement_iterations: int = 2
+    #: PPO's learning rate while fine-tuning a cloned actor.
+    ppo_learning_rate: float = 1e-4
+    #: PPO's discount while fine-tuning (the yardstick is the undiscounted total over an episode).
+    ppo_gamma: float = 0.99
+    #: PPO learns in this many rounds; after each the actor is judged on the validation episodes (the
+    #: last training window of a share of the entities, which PPO never trains on) and the best actor,
+    #: the cloned start included, is kept.
+    ppo_rounds: int = 5
+    #: Epochs of behaviour cloning of the warm start (at least ~300 gradient steps).
+    clone_epochs: int = 20
+    #: Share of the entities whose last training window is the validation part.
+    validation_entities: float = 0.3
     seed: int = 0
 
 
@@ -79,6 +102,10 @@ class TrainReport:
     heldout: HeldOutRows | None = None
     #: The training rows (time order; no probabilities), e.g. to fit other baselines the same way.
     training: HeldOutRows | None = None
+    #: Held-out (n, 3) probabilities of policies shown beside the compared ones but not compared (the
+    #: warm start's teacher, the cloned actor before PPO), and what PPO's fine-tuning did on validation.
+    diagnostics: dict[str, np.ndarray] = field(default_factory=dict)
+    ppo: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, eq=False)
@@ -110,6 +137,8 @@ ALLOW_ALL = "allow-all"
 RULES_ONLY = "rules only"
 BAYES = "Bayes minimum risk"
 PPO_POLICY = "PPO policy"
+#: The PPO actor right after cloning its warm start, before any PPO update (a diagnostic).
+PPO_CLONE = "PPO cloned start (no PPO update)"
 
 
 @dataclass(frozen=True)
@@ -187,7 +216,7 @@ class _PerRow:
         return self._row(i)
 
 
-def new_ppo(env: DummyVecEnv, seed: int) -> PPO:
+def new_ppo(env: DummyVecEnv, seed: int, gamma: float = 0.95, learning_rate: float = 1e-4) -> PPO:
     """PPO as the platform trains it: short rollouts and a small MLP (the state is ~20 numbers), a low
     learning rate because it starts from a behaviour-cloned or champion actor it should refine, not erase."""
     return PPO(
@@ -196,9 +225,9 @@ def new_ppo(env: DummyVecEnv, seed: int) -> PPO:
         n_steps=512,
         batch_size=256,
         n_epochs=5,
-        gamma=0.95,
+        gamma=gamma,
         gae_lambda=0.9,
-        learning_rate=1e-4,
+        learning_rate=learning_rate,
         ent_coef=0.001,
         policy_kwargs={"net_arch": [64, 64]},
         seed=seed,
@@ -242,20 +271,30 @@ class PolicyStates:
 
     names: list[str]
     states: np.ndarray
+    #: The histories PPO learns in: the training rows but the validation ones, an episode being one
+    #: entity in one window of the held-out part's length (``episodes``).
     train_histories: list[EntityHistory]
     test_histories: list[EntityHistory]
     #: How the features were scaled into the states (the served policy scales them the same way).
     scaler: Standardizer
+    #: (n,) episode key of every training row (training/improvement.py, ``episode_keys``).
+    episodes: np.ndarray
+    #: (n,) bool: the validation rows (the last training window of a share of the entities).
+    validation: np.ndarray
 
     @property
     def risk_index(self) -> int:
-        return len(self.names) - 1
+        return self.names.index("risk")
 
 
 @dataclass(frozen=True, eq=False)
 class PolicyFit:
     model: PolicyModel
     ppo: PPO
+    #: What the fine-tuning did: cloning accuracy, validation value per round, the round kept.
+    info: dict[str, Any] = field(default_factory=dict)
+    #: The actor right after cloning, before any PPO update (None without a warm start).
+    clone: PolicyModel | None = None
 
 
 def _load_rules(rules: RuleSet | Path | None, names: Sequence[str]) -> tuple[RuleSet, str]:
@@ -427,25 +466,49 @@ def risk_metrics(
 
 
 def policy_states(
-    split: Split, names: Sequence[str], anomaly: np.ndarray, risk: RiskFit, categorical: Sequence[str] = ()
+    split: Split,
+    names: Sequence[str],
+    anomaly: np.ndarray,
+    risk: RiskFit,
+    categorical: Sequence[str] = (),
+    validation_entities: float = 0.3,
+    seed: int = 0,
+    risk_logit: bool = True,
 ) -> PolicyStates:
-    """States (features scaled on the training part, anomaly, risk) grouped into per-entity histories.
-    Codes of categorical attributes are no quantities: the policy reads them as 0 (their risk is in
-    the risk score)."""
+    """States (features scaled on the training part, anomaly, risk) grouped into episodes. Codes of
+    categorical attributes are no quantities: the policy reads them as 0 (their risk is in the risk
+    score). Training episodes are cut like the held-out one (one entity in one window of the held-out
+    part's length); the last training window of ``validation_entities`` of the entities is kept apart
+    for validation."""
     ignore = [i for i, name in enumerate(names) if name in set(categorical)]
     scaler = Standardizer.fit(split.features[split.train], ignore)
-    state_names = [*names, "anomaly", "risk"]
+    state_names = [*names, "anomaly", "risk", *([RISK_LOGIT] if risk_logit else [])]
     stub = PolicyModel([], [], "Tanh", state_names, scaler.mean, scaler.std)
     states = in_chunks(
         len(split.labels), lambda rows: stub.state(split.features[rows], anomaly[rows], risk.scores[rows])
     )
     y, amounts, keys = split.labels, split.amounts, split.entity_keys
+    timestamps = split.events.timestamps
+    window = split.window
+    train_length = window["train_until"] - window["start"]
+    held_length = max(window["end"] - window["train_until"], 1e-9)
+    episodes = np.zeros(len(y), dtype=np.int64)
+    episodes[split.train] = episode_keys(
+        keys[split.train], timestamps[split.train], window["train_until"], held_length
+    )
+    last_window = split.train & (timestamps >= window["train_until"] - held_length)
+    chosen = np.random.default_rng(seed).random(int(keys.max(initial=0)) + 1) < validation_entities
+    validation = last_window & chosen[keys] if train_length > held_length else np.zeros(len(y), dtype=bool)
+    if validation.sum() == split.train.sum():
+        validation[:] = False
     return PolicyStates(
         state_names,
         states,
-        group_histories(keys, states, y, amounts, split.train),
+        group_histories(episodes, states, y, amounts, split.train & ~validation),
         group_histories(keys, states, y, amounts, split.test),
         scaler,
+        episodes,
+        validation,
     )
 
 
@@ -462,30 +525,141 @@ def bayes_policy(states: PolicyStates, rewards: RewardTable) -> BayesPolicy:
     return BayesPolicy(rewards.expected_step_values(), states.names, states.scaler.mean, states.scaler.std)
 
 
+def teacher_policy(
+    split: Split, states: PolicyStates, bayes: BayesPolicy, rewards: RewardTable, config: TrainConfig
+) -> ImprovedPolicy:
+    """The Bayes policy improved by ``config.improvement_iterations`` steps of fitted policy iteration
+    (training/improvement.py), fitted on the training rows PPO learns on (not the validation ones)."""
+    rows = split.train & ~states.validation
+    return policy_iteration(
+        states.states[rows],
+        split.labels[rows],
+        split.amounts[rows],
+        states.episodes[rows],
+        bayes,
+        rewards,
+        config.improvement_iterations,
+        config.seed,
+    )
+
+
+def validation_value(
+    policy: Policy | ImprovedPolicy, split: Split, states: PolicyStates, rewards: RewardTable
+) -> float:
+    """Expected total reward per validation episode of a policy (exact, training/yardstick.py)."""
+    rows = states.validation
+    replay = Replay.of(states.episodes[rows], split.labels[rows], split.amounts[rows])
+    value = expectation(policy.probabilities(states.states[rows]), replay, rewards)
+    return float(value.per_entity["reward"].mean())
+
+
+def regret_weights(q: np.ndarray, floor: float = 0.05) -> np.ndarray:
+    """Per row, the value lost by the second-best action (at least ``floor``, at most the 99.9th
+    percentile: a few huge frauds must not be all the cloning sees)."""
+    ordered = np.sort(np.asarray(q, dtype=np.float64), axis=1)
+    gap = ordered[:, -1] - ordered[:, -2]
+    return np.clip(gap, floor, max(floor, float(np.quantile(gap, 0.999))))
+
+
+def pretrain_critic(
+    ppo: PPO, states: np.ndarray, targets: np.ndarray, epochs: int = 5, seed: int = 0
+) -> float:
+    """Fit PPO's value network to ``targets`` (the cloned policy's discounted return-to-go, in the
+    simulator's reward scale), so the first PPO updates of a cloned actor see advantages of that actor
+    instead of a random critic's. Returns the final mean squared error."""
+    policy = ppo.policy
+    generator = torch.Generator().manual_seed(seed)
+    obs = torch.as_tensor(states, dtype=torch.float32)
+    target = torch.as_tensor(targets, dtype=torch.float32)
+    params = [*policy.mlp_extractor.value_net.parameters(), *policy.value_net.parameters()]
+    optimiser = torch.optim.Adam(params, lr=1e-3)
+    epochs = max(epochs, -(-300 // max(1, -(-len(obs) // 1024))))
+    loss = torch.tensor(0.0)
+    for _ in range(epochs):
+        order = torch.randperm(len(obs), generator=generator)
+        for start in range(0, len(obs), 1024):
+            idx = order[start : start + 1024]
+            loss = torch.nn.functional.mse_loss(policy.predict_values(obs[idx]).flatten(), target[idx])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    return float(loss.detach())
+
+
 def fit_policy(
     split: Split,
     states: PolicyStates,
-    start_from: Policy | None,
+    start_from: Policy | ImprovedPolicy | None,
     rewards: RewardTable,
     config: TrainConfig,
     progress: Progress = SILENT,
 ) -> PolicyFit:
-    """PPO in the simulator of the training histories, its actor first cloned from ``start_from`` (None:
-    from scratch). Cloning the Bayes policy starts PPO at the strongest simple policy, so its small
-    learning rate only has to find where the long term (an episode ended, a fraudster who gives up)
-    makes another action better."""
-    train_states = states.states[split.train]
+    """PPO in the simulator of the training episodes, its actor first cloned from ``start_from`` (None:
+    from scratch) and its critic fitted to the cloned policy's return-to-go. PPO learns in
+    ``config.ppo_rounds`` rounds; when there are validation episodes, the actor with the most expected
+    total reward on them is kept (the cloned start counts: PPO must earn its updates there)."""
+    learn_rows = split.train & ~states.validation
+    learn_states = states.states[learn_rows]
     env = DummyVecEnv([lambda: FraudSimulatorEnv(states.train_histories, rewards) for _ in range(4)])
     env.seed(config.seed)
-    ppo = new_ppo(env, config.seed)
+    ppo = new_ppo(env, config.seed, gamma=config.ppo_gamma, learning_rate=config.ppo_learning_rate)
+    info: dict[str, Any] = {"gamma": config.ppo_gamma, "rounds": config.ppo_rounds}
     if start_from is not None:
-        imitate(ppo, train_states, start_from.probabilities(train_states).argmax(axis=1), seed=config.seed)
+        start = start_from.probabilities(learn_states)
+        # A policy with action values is cloned cost-sensitively: each row weighs what taking the
+        # second-best action there would lose (a row where the actions are worth the same is free).
+        weights = (
+            regret_weights(start_from.q_values(learn_states))
+            if isinstance(start_from, ImprovedPolicy)
+            else None
+        )
+        info["clone_accuracy"] = imitate(
+            ppo, learn_states, start.argmax(axis=1), config.clone_epochs, config.seed, weights
+        )
+        replay = Replay.of(states.episodes[learn_rows], split.labels[learn_rows], split.amounts[learn_rows])
+        here, _ = return_to_go(start, replay, rewards, config.ppo_gamma)
+        info["critic_mse"] = pretrain_critic(
+            ppo, learn_states, here * rewards.simulation.reward_scale, seed=config.seed
+        )
+    scaler = states.scaler
+
+    def actor() -> PolicyModel:
+        return PolicyModel.from_sb3(ppo, states.names, scaler.mean, scaler.std)
+
+    clone = actor() if start_from is not None else None
+
+    validate = bool(states.validation.any())
+    best_value, best_round, best_weights = -np.inf, 0, None
+    values: list[float] = []
+    if validate:
+        if start_from is not None:
+            info["start_validation"] = validation_value(start_from, split, states, rewards)
+        best_value = validation_value(actor(), split, states, rewards)
+        values.append(best_value)
+        best_weights = copy.deepcopy(ppo.policy.state_dict())
     task = "policy: PPO in the simulator"
     progress.start(task, config.ppo_timesteps)
-    if config.ppo_timesteps > 0:
-        ppo.learn(config.ppo_timesteps, callback=PPOProgress(lambda n: progress.advance(task, n)))
-    scaler = states.scaler
-    return PolicyFit(PolicyModel.from_sb3(ppo, states.names, scaler.mean, scaler.std), ppo)
+    rounds = max(1, config.ppo_rounds)
+    done = 0
+    for r in range(rounds):
+        steps = config.ppo_timesteps * (r + 1) // rounds - done
+        if steps <= 0:
+            continue
+        ppo.learn(
+            steps,
+            callback=PPOProgress(lambda n: progress.advance(task, n)),
+            reset_num_timesteps=r == 0,
+        )
+        done += steps
+        if validate:
+            value = validation_value(actor(), split, states, rewards)
+            values.append(value)
+            if value > best_value:
+                best_value, best_round, best_weights = value, r + 1, copy.deepcopy(ppo.policy.state_dict())
+    if validate and best_weights is not None:
+        ppo.policy.load_state_dict(best_weights)
+        info |= {"validation": values, "kept_round": best_round}
+    return PolicyFit(actor(), ppo, info, clone)
 
 
 def fit_rules_only(
@@ -686,10 +860,24 @@ def train_all(
     timer.lap("anomaly_s")
     risk = fit_risk(split, spec.names, anomaly.scores, config, progress, spec.categorical_names)
     timer.lap("risk_s")
-    states = policy_states(split, spec.names, anomaly.scores, risk, spec.categorical_names)
+    states = policy_states(
+        split,
+        spec.names,
+        anomaly.scores,
+        risk,
+        spec.categorical_names,
+        config.validation_entities,
+        config.seed,
+    )
     thresholds = fit_thresholds(split, states, rewards)
     bayes = bayes_policy(states, rewards)
-    start_from = {"bayes": bayes, "thresholds": thresholds, "none": None}[config.warm_start]
+    teacher = None
+    if config.warm_start == "improved":
+        with progress.status("policy: fitted policy iteration (continuation values) for the warm start"):
+            teacher = teacher_policy(split, states, bayes, rewards, config)
+    start_from = {"improved": teacher, "bayes": bayes, "thresholds": thresholds, "none": None}[
+        config.warm_start
+    ]
     ppo = fit_policy(split, states, start_from, rewards, config, progress)
     timer.lap("policy_s")
     rules_only = fit_rules_only(rule_set, split, spec.names, anomaly.scores, risk.scores, progress)
@@ -717,6 +905,7 @@ def train_all(
         "ppo_promoted": verdict.ppo_promoted,
         "timesteps": config.ppo_timesteps,
         "warm_start": config.warm_start,
+        "fine_tuning": _jsonable(ppo.info),
         "thresholds": {"throttle": thresholds.throttle, "block": thresholds.block},
         "rules_only": {"source": rules_source, "hits": rules_only.hits},
     }
@@ -729,6 +918,12 @@ def train_all(
     rules_info = {"source": rules_source, "hits": rules_only.hits, "errors": rules_only.errors}
     rules_info |= {"model_based": rules_only.model_based, "rows": rows}
     train = split.train
+    held = states.states[test]
+    diagnostics = {}
+    if teacher is not None:
+        diagnostics[teacher.name] = teacher.probabilities(held).astype(np.float32)
+    if ppo.clone is not None:
+        diagnostics[PPO_CLONE] = ppo.clone.probabilities(held).astype(np.float32)
     return TrainReport(
         versions,
         risk.metrics,
@@ -747,7 +942,14 @@ def train_all(
             risk.scores[train],
             {},
         ),
+        diagnostics,
+        _jsonable(ppo.info),
     )
+
+
+def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
+    """Numbers as plain floats / ints (the registry stores metrics as JSON)."""
+    return json.loads(json.dumps(info, default=float))
 
 
 class _Timer:
