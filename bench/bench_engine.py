@@ -22,12 +22,11 @@ import time
 import uuid
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
 
 import psycopg
 
 from decision_platform.config import PROJECT_ROOT, Settings
-from decision_platform.core.records import STORED
+from decision_platform.core.records import STORED, DecisionRecord
 from decision_platform.core.rewards import RewardTable
 from decision_platform.data import generate
 from decision_platform.learning.replay import shift_to_now
@@ -66,12 +65,12 @@ engine_module._Stopwatch = _CpuStopwatch  # type: ignore[misc]
 class InstantSink:
     """Durable at once: the engine's own cost, without the group commit."""
 
-    def submit(self, row: dict[str, Any]) -> Future[str]:
+    def submit(self, record: DecisionRecord) -> Future[str]:
         future: Future[str] = Future()
         future.set_result(STORED)
         return future
 
-    def find_decision_by_event(self, event_id: str) -> dict[str, Any] | None:
+    def find_decision_by_event(self, event_id: str) -> DecisionRecord | None:
         return None
 
 

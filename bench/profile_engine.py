@@ -17,49 +17,19 @@ import io
 import pstats
 import tempfile
 import time
-from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
 
+from bench_engine import STAGE_CPU, InstantSink  # also times the engine's stages in CPU
 from decision_platform.config import PROJECT_ROOT, Settings
-from decision_platform.core.records import STORED
 from decision_platform.core.rewards import RewardTable
 from decision_platform.data import generate
 from decision_platform.learning.replay import shift_to_now
 from decision_platform.models.registry import ModelRegistry
-from decision_platform.serving import engine as engine_module
 from decision_platform.serving.engine import DecisionEngine, DecisionRequest
 from decision_platform.serving.platform import Platform
 from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.repository import Repository
 from decision_platform.training.train import TrainConfig, train_all
-
-STAGE_CPU: dict[str, float] = {}
-
-
-class _CpuStopwatch(engine_module._Stopwatch):
-    def __init__(self) -> None:
-        super().__init__()
-        self.cpu = time.thread_time()
-
-    def lap(self, stage: str) -> None:
-        super().lap(stage)
-        now = time.thread_time()
-        STAGE_CPU[stage] = STAGE_CPU.get(stage, 0.0) + now - self.cpu
-        self.cpu = now
-
-
-engine_module._Stopwatch = _CpuStopwatch  # type: ignore[misc]
-
-
-class InstantSink:
-    def submit(self, row: Any) -> Future[str]:
-        future: Future[str] = Future()
-        future.set_result(STORED)
-        return future
-
-    def find_decision_by_event(self, event_id: str) -> dict[str, Any] | None:
-        return None
 
 
 def start(cache: Path) -> Platform:

@@ -476,34 +476,75 @@ class DecisionEngine:
                     facts["risk"] = risk
                 rules_fired = self._rules_fired(builder, verdict, facts)
             records.append(
-                DecisionRecord(
-                    id=self.ids.next_id(),
-                    entity_id=request.entity_id,
-                    event_id=event.event_id if event else None,
-                    created_at=datetime.now(UTC),
+                self._record(
+                    request,
+                    verdict,
                     features=feature_maps[i],
-                    amount=amounts[i] if event else None,
+                    amount=amounts[i],
                     anomaly=anomaly,
                     risk=risk,
-                    probabilities=probabilities.tolist() if probabilities is not None else None,
-                    proposed_action=proposed,
-                    action_mask=list(verdict.mask),
+                    probabilities=probabilities,
+                    proposed=proposed,
                     action=action,
                     propensity=propensity,
                     decided_by=decided_by,
                     rules_fired=rules_fired,
                     fallback=fallback,
-                    model_versions=dict(versions),
+                    versions=versions,
                     reasons=reasons,
-                    explanation=template_sentence(action, risk, reasons, verdict.fired, fallback),
-                    explanation_source="template",
-                    latency_ms=0.0,
-                    event_type=event.event_type if event else None,
-                    attributes=dict(event.attributes) if event else None,
                     shadow=shadow,
                 )
             )
         return records
+
+    def _record(
+        self,
+        request: DecisionRequest,
+        verdict: RuleVerdict,
+        *,
+        features: dict[str, float],
+        amount: float,
+        anomaly: float | None,
+        risk: float | None,
+        probabilities: np.ndarray | None,
+        proposed: int | None,
+        action: int,
+        propensity: float,
+        decided_by: str,
+        rules_fired: list[dict[str, Any]],
+        fallback: str | None,
+        versions: dict[str, str],
+        reasons: list[dict[str, Any]],
+        shadow: dict[str, Any] | None,
+    ) -> DecisionRecord:
+        """The record of one decided request (both paths build it here: the same fields, the same way)."""
+        event = request.event
+        return DecisionRecord(
+            id=self.ids.next_id(),
+            entity_id=request.entity_id,
+            event_id=event.event_id if event else None,
+            created_at=datetime.now(UTC),
+            features=features,
+            amount=amount if event else None,
+            anomaly=anomaly,
+            risk=risk,
+            probabilities=probabilities.tolist() if probabilities is not None else None,
+            proposed_action=proposed,
+            action_mask=list(verdict.mask),
+            action=action,
+            propensity=propensity,
+            decided_by=decided_by,
+            rules_fired=rules_fired,
+            fallback=fallback,
+            model_versions=dict(versions),
+            reasons=reasons,
+            explanation=template_sentence(action, risk, reasons, verdict.fired, fallback),
+            explanation_source="template",
+            latency_ms=0.0,
+            event_type=event.event_type if event else None,
+            attributes=dict(event.attributes) if event else None,
+            shadow=shadow,
+        )
 
     def _batch_facts(
         self,
@@ -588,18 +629,15 @@ class DecisionEngine:
                 # disagreement between the policies.
                 champion_choice = int(np.argmax(distribution))
                 shadow = self._shadow_record(serving.models, scores.shadow[i], verdict.mask, champion_choice)
-        return DecisionRecord(
-            id=self.ids.next_id(),
-            entity_id=request.entity_id,
-            event_id=event.event_id if event else None,
-            created_at=datetime.now(UTC),
+        return self._record(
+            request,
+            verdict,
             features=feature_map,
-            amount=amount if event else None,
+            amount=amount,
             anomaly=anomaly,
             risk=risk,
-            probabilities=probabilities.tolist() if probabilities is not None else None,
-            proposed_action=proposed,
-            action_mask=list(verdict.mask),
+            probabilities=probabilities,
+            proposed=proposed,
             action=action,
             propensity=propensity,
             decided_by=decided_by,
@@ -607,13 +645,8 @@ class DecisionEngine:
                 scores.builder if scores.builder is not None else serving.reasons, verdict, facts
             ),
             fallback=fallback,
-            model_versions=dict(serving.models.versions),
+            versions=serving.models.versions,
             reasons=reasons,
-            explanation=template_sentence(action, risk, reasons, verdict.fired, fallback),
-            explanation_source="template",
-            latency_ms=0.0,
-            event_type=event.event_type if event else None,
-            attributes=dict(event.attributes) if event else None,
             shadow=shadow,
         )
 

@@ -59,6 +59,8 @@ RecordKind = Literal["decision", "outcome"]
 _SEGMENT_PATTERNS = ("segment-*.jsonl", "decisions-*.jsonl", "decisions-*.jsonl.replaying-*")
 QUARANTINE_FILE = "quarantine.jsonl"
 CLAIMS_DIR = "events"
+#: How long a read of another process's claimed decision waits for its append to reach the disk.
+FOREIGN_READ_WAIT_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -208,7 +210,7 @@ class Spool:
         if own is not None or not others:
             return own
         claim = _read_claim(self._claim_path(event_id))
-        if claim is None or not claim.holds_its_decision(wait_s=0.5):
+        if claim is None or not claim.is_live():
             return None
         with self._lock:
             self._foreign[claim.decision_id] = claim.location
@@ -234,16 +236,12 @@ class Spool:
     def get_decision(self, decision_id: int) -> DecisionRecord | None:
         """A spooled decision, read back from its segment (None if not spooled, or replayed meanwhile)."""
         with self._lock:
-            location = self._decisions.get(decision_id) or self._foreign.get(decision_id)
+            own = self._decisions.get(decision_id)
+            location = own or self._foreign.get(decision_id)
         if location is None:
             return None
-        try:
-            with open(location.segment, "rb") as handle:
-                handle.seek(location.offset)
-                line = handle.read(location.length).decode("utf-8")
-        except FileNotFoundError:  # replayed and deleted between the lookup and the read
-            return None
-        row = SpoolRecord.from_line(line).decision
+        # Another process's decision may still be on its way to the disk (claimed, not yet fsynced).
+        row = _read_decision(location, wait_s=0.0 if own else FOREIGN_READ_WAIT_S)
         return DecisionRecord.from_row(row) if row is not None else None
 
     # --- writing
@@ -307,7 +305,7 @@ class Spool:
                     holder = _read_claim(path)
                     if holder is not None and holder.decision_id == decision_id:
                         return True
-                    if holder is not None and holder.holds_its_decision(wait_s=0.0):
+                    if holder is not None and holder.is_live():
                         return False
                     # Stale: its decision was replayed meanwhile, or its process died before the fsync.
                     path.unlink(missing_ok=True)
@@ -534,23 +532,33 @@ class _Claim:
             }
         )
 
-    def holds_its_decision(self, wait_s: float) -> bool:
-        """Whether the claimed decision is in its segment (waiting up to ``wait_s`` for an append in
-        flight), or its segment is still owned by a live process that may be appending it right now."""
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                with open(self.location.segment, "rb") as handle:
-                    handle.seek(self.location.offset)
-                    line = handle.read(self.location.length).decode("utf-8", errors="replace")
-            except FileNotFoundError:
-                return False  # a replayed segment is deleted: the decision is in the database
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                if line.endswith("\n") and SpoolRecord.from_line(line).decision_id == self.decision_id:
-                    return True
-            if time.monotonic() >= deadline:
-                return _owned_by_a_live_process(self.location.segment)
-            time.sleep(0.01)
+    def is_live(self) -> bool:
+        """Whether the claimed decision is in its segment, or the segment is still owned by a live process
+        that may be appending it right now. Never waits: the writer thread asks this. (A replayed segment
+        is deleted: its decisions are in the database, and its claims are stale.)"""
+        row = _read_decision(self.location)
+        if row is not None and int(row["id"]) == self.decision_id:
+            return True
+        return _owned_by_a_live_process(self.location.segment)
+
+
+def _read_decision(location: _Location, wait_s: float = 0.0) -> dict[str, Any] | None:
+    """The decision row at ``location``; None if its segment is gone (replayed) or no complete decision
+    line is there, after waiting up to ``wait_s`` for one being appended."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with open(location.segment, "rb") as handle:
+                handle.seek(location.offset)
+                line = handle.read(location.length).decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return None
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            if line.endswith("\n"):
+                return SpoolRecord.from_line(line).decision
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.01)
 
 
 def _read_claim(path: Path) -> _Claim | None:
