@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import psycopg
 import pytest
 import redis
 
 from decision_platform.devtools.redis_cluster import LocalRedisCluster, start_cluster
-from tests.conftest import PG_URL, REDIS_URL, service_unavailable
+from decision_platform.storage.database import make_engine, migrate
+from decision_platform.storage.repository import Repository
+from tests.conftest import PG_URL, REDIS_URL, copy_registry, service_unavailable
 
 
 @pytest.fixture
@@ -53,6 +57,29 @@ def redis_cluster() -> Iterator[LocalRedisCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@contextmanager
+def schema_with_models(trained: tuple[str, Path], prefix: str, redis_url: str) -> Iterator[str]:
+    """A fresh PostgreSQL schema, migrated and holding the session's trained models, and an empty Redis
+    database, for a server started in another process; both cleared afterwards."""
+    try:
+        psycopg.connect(PG_URL, connect_timeout=3).close()
+        redis.Redis.from_url(redis_url, socket_connect_timeout=2).ping()
+    except (psycopg.OperationalError, redis.ConnectionError) as exc:
+        service_unavailable(f"PostgreSQL / Redis ({exc})")
+    schema = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    engine = make_engine(PG_URL, schema)
+    migrate(engine, schema)
+    copy_registry(trained[0], Repository(engine))
+    engine.dispose()
+    redis.Redis.from_url(redis_url).flushdb()
+    try:
+        yield schema
+    finally:
+        redis.Redis.from_url(redis_url).flushdb()
+        with psycopg.connect(PG_URL, autocommit=True) as connection:
+            connection.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 def query(schema: str, sql: str) -> list[tuple]:

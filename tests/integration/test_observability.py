@@ -29,10 +29,9 @@ from decision_platform.config import PROJECT_ROOT
 from decision_platform.devtools.tansu import free_port
 from decision_platform.features.store import DEFAULT_KEY_PREFIX
 from decision_platform.observability.local_prometheus import DEPLOY_DIR, binaries, dashboard_queries, query
-from decision_platform.storage.database import make_engine, migrate
-from decision_platform.storage.repository import Repository
 from decision_platform.storage.spool import QUARANTINE_FILE
-from tests.conftest import CONFIG_DIR, PG_URL, copy_registry, service_unavailable
+from tests.conftest import CONFIG_DIR, PG_URL, service_unavailable
+from tests.integration.conftest import schema_with_models
 
 pytestmark = pytest.mark.integration
 
@@ -138,18 +137,11 @@ def logs(stack_dir: Path) -> str:
 def stack(
     tools: tuple[str, str], trained: tuple[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
-    try:
-        psycopg.connect(PG_URL, connect_timeout=3).close()
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
-    except (psycopg.OperationalError, redis.ConnectionError) as exc:
-        service_unavailable(f"PostgreSQL / Redis ({exc})")
-    root = tmp_path_factory.mktemp("stack")
-    schema = f"dp_obs_{uuid.uuid4().hex[:8]}"
-    engine = make_engine(PG_URL, schema)
-    migrate(engine, schema)
-    copy_registry(trained[0], Repository(engine))
-    engine.dispose()
-    redis.Redis.from_url(REDIS_URL).flushdb()
+    with schema_with_models(trained, "dp_obs", REDIS_URL) as schema:
+        yield from _run_stack(schema, trained[1], tmp_path_factory.mktemp("stack"))
+
+
+def _run_stack(schema: str, model_dir: Path, root: Path) -> Iterator[Stack]:
     api_port, prometheus_port = free_port(), free_port()
     topic = f"events-obs-{uuid.uuid4().hex[:6]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DP_", "STACK_", "PROMETHEUS_"))}
@@ -157,7 +149,7 @@ def stack(
         DP_DATABASE_URL=PG_URL,
         DP_DATABASE_SCHEMA=schema,
         DP_FEATURE_STORE_URL=REDIS_URL,
-        DP_MODEL_DIR=str(trained[1]),
+        DP_MODEL_DIR=str(model_dir),
         DP_CONFIG_DIR=str(CONFIG_DIR),
         DP_SPOOL_DIR=str(root / "spool"),
         DP_HOST="127.0.0.1",
@@ -189,9 +181,6 @@ def stack(
         )
     finally:
         run_stack(env, "stop")
-        redis.Redis.from_url(REDIS_URL).flushdb()
-        with psycopg.connect(PG_URL, autocommit=True) as connection:
-            connection.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:

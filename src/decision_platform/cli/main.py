@@ -159,12 +159,18 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     console.print(_curl_examples(settings), soft_wrap=True)
+    from decision_platform.api.server import APP_FACTORY, ensure_port_free
+    from decision_platform.api.server import serve as serve_api
     from decision_platform.observability.multiprocess import prepare_multiprocess_dir
 
+    try:
+        ensure_port_free(settings.host, settings.port)
+    except OSError as exc:  # say so in one line, before any worker starts and fails the same way
+        raise typer.BadParameter(
+            f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}"
+        ) from None
     # Several processes: each writes its metrics to files that /metrics merges (prometheus multiprocess mode).
     prepare_multiprocess_dir(workers, settings.model_dir.parent / "prometheus-multiproc")
-    # A factory import string, so that every worker process builds its own platform from the environment.
-    target = "decision_platform.api.app:create_app"
     if server == "granian":
         try:
             from granian.constants import Interfaces, Loops
@@ -174,7 +180,7 @@ def serve(
                 "--server granian: granian is not installed (pip install granian)"
             ) from None
         Server(
-            target,
+            APP_FACTORY,
             address=settings.host,
             port=settings.port,
             interface=Interfaces.ASGI,
@@ -186,17 +192,7 @@ def serve(
         return
     if server != "uvicorn":
         raise typer.BadParameter(f"--server: uvicorn or granian, not {server!r}")
-    import uvicorn
-
-    uvicorn.run(
-        target,
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=workers,
-        log_level="warning",
-        http="httptools",
-    )
+    raise typer.Exit(serve_api(settings.host, settings.port, workers))
 
 
 #: What ``run`` explains with when DP_LLM_URL is unset: the default local model, fetched and started in
