@@ -118,6 +118,9 @@ class Settings(BaseSettings):
     # --- storage write path
     #: Most decisions written in one transaction by the group-commit writer.
     db_batch_size: int = 256
+    #: Writer threads taking batches concurrently: one commits while the next batch is gathered and sent
+    #: (a request then waits for about one commit, not the rest of another's plus its own).
+    db_writer_threads: int = Field(2, ge=1, le=16)
     #: A database write may take this long before its batch is spooled and the database counted as down.
     db_write_timeout_s: float = Field(1.0, gt=0)
     #: A database read for a request (GET /decisions/{id}, POST /outcome) may take this long before 503.

@@ -147,6 +147,7 @@ class Platform:
             write_timeout_s=settings.db_write_timeout_s,
             read_timeout_s=settings.db_read_timeout_s,
             probe_interval_s=settings.db_probe_interval_s,
+            threads=settings.db_writer_threads,
             on_recover=None
             if migrated
             else lambda: migrate(db, settings.database_schema, settings.db_partitions_ahead_days),

@@ -249,7 +249,7 @@ class Spool:
         """Append records durably (fsync) and index them; raises OSError when the disk cannot take them.
 
         Returns the positions of decisions *not* appended: their event is claimed by a decision another
-        process spooled (:meth:`decision_for_event` names it)."""
+        process (or writer thread) spooled first (:meth:`decision_for_event` names it)."""
         if not records:
             return set()
         with self._lock:
@@ -262,7 +262,11 @@ class Spool:
                 line = record.to_line().encode("utf-8")
                 location = _Location(segment.path, offset, len(line))
                 event_id = record.event_id
-                if event_id is not None and event_id not in self._events:
+                own = self._events.get(event_id) if event_id is not None else None
+                if own is not None and own != record.decision_id:
+                    skipped.add(i)  # another writer thread spooled this event's decision a moment ago
+                    continue
+                if event_id is not None and own is None:
                     if not self._claim(event_id, record.decision_id, location):
                         skipped.add(i)
                         continue

@@ -120,6 +120,7 @@ class DecisionWriter:
         probe_interval_s: float = 0.5,
         replay_chunk: int = 500,
         on_recover: Callable[[], None] | None = None,
+        threads: int = 2,
     ) -> None:
         self.repository = repository
         self.spool = spool
@@ -130,7 +131,10 @@ class DecisionWriter:
         self.replay_chunk = replay_chunk
         #: Run once when the database first answers (e.g. migrations after a start while it was down).
         self._on_recover = on_recover
-        self._writes = _Lane("db-write")  # one call at a time: any call still running is stuck
+        # One lane per writer thread, one call at a time on each: any call still running is stuck. The
+        # first thread's lane also carries the probes and the replay.
+        self._lanes = [_Lane(f"db-write{i}") for i in range(max(1, threads))]
+        self._writes = self._lanes[0]
         self._reads = _Lane("db-read", threads=4, max_stalled=4, stall_after_s=read_timeout_s)
         self._state_lock = threading.Lock()
         #: Serialises "is an outcome spooled for it?" with appending one.
@@ -145,9 +149,17 @@ class DecisionWriter:
         # SimpleQueue (C, no Condition): a put from a deciding thread does not wake the writer through a
         # Python-level lock (queue.Queue.put was 7% of a 500-row batch in cProfile).
         self._queue: queue.SimpleQueue[tuple[DecisionRow, Future[str]] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="decision-writer", daemon=True)
+        # Several writer threads take batches off the one queue: while one waits for its commit (an fsync,
+        # ~4 ms here), the next batch is already on its way, so a request waits for about one commit instead
+        # of the rest of the one in flight plus its own (PostgreSQL flushes concurrent commits together).
+        # Only the first thread probes a down database and replays the spool.
+        self._threads = [
+            threading.Thread(target=self._run, args=(lane, i == 0), name=f"decision-writer-{i}", daemon=True)
+            for i, lane in enumerate(self._lanes)
+        ]
         self._set_gauges()
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     # --- the API of the write path
     def submit(self, record: DecisionRecord) -> Future[str]:
@@ -187,9 +199,12 @@ class DecisionWriter:
         disk for the next start."""
         if self._up:
             self.wait_replayed(drain_s)
-        self._queue.put(None)
-        self._thread.join(timeout=30)
-        self._writes.close()
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout=30)
+        for lane in self._lanes:
+            lane.close()
         self._reads.close()
         self.spool.close()
 
@@ -246,11 +261,11 @@ class DecisionWriter:
         return self.query(lambda: self.repository.record_outcome(decision_id, outcome, reward))
 
     # --- the writer thread
-    def _run(self) -> None:
+    def _run(self, lane: _Lane, primary: bool) -> None:
         stopping = False
         while not stopping:
             try:
-                first = self._queue.get(timeout=self._idle_wait())
+                first = self._queue.get(timeout=self._idle_wait() if primary else None)
             except queue.Empty:
                 first = _IDLE
             if first is None:
@@ -266,7 +281,9 @@ class DecisionWriter:
                     break
                 batch.append(item)
             if batch:
-                self._store(batch)  # type: ignore[arg-type]
+                self._store(batch, lane)  # type: ignore[arg-type]
+            if not primary:
+                continue
             try:
                 self._background_step()
             except Exception as exc:  # never let the writer thread die: decisions depend on it
@@ -281,7 +298,7 @@ class DecisionWriter:
             return 0.02  # look again soon: the probe may answer any moment
         return max(0.0, self._next_probe - time.monotonic())
 
-    def _store(self, batch: list[tuple[DecisionRow, Future[str]]]) -> None:
+    def _store(self, batch: list[tuple[DecisionRow, Future[str]]], lane: _Lane) -> None:
         fresh: list[tuple[DecisionRow, Future[str]]] = []
         seen: set[str] = set()
         others = self.spool.others_hold_events()  # once a batch: no file look-ups when none is spooled
@@ -300,7 +317,7 @@ class DecisionWriter:
         rows = [row for row, _ in fresh]
         if self._up:
             try:
-                inserted = self._insert(rows)
+                inserted = self._insert(rows, lane)
             except Exception as exc:
                 metrics.DB_ERRORS.labels(operation="insert_decisions").inc()
                 if is_record_error(exc):
@@ -315,8 +332,9 @@ class DecisionWriter:
                 return
         self._spool(fresh)
 
-    def _insert(self, rows: list[DecisionRow]) -> set[int]:
-        return self._writes.run(lambda: self.repository.insert_decisions(rows), self.write_timeout_s)
+    def _insert(self, rows: list[DecisionRow], lane: _Lane | None = None) -> set[int]:
+        insert = lambda: self.repository.insert_decisions(rows)  # noqa: E731
+        return (lane or self._writes).run(insert, self.write_timeout_s)
 
     def _spool(self, batch: list[tuple[DecisionRow, Future[str]]]) -> None:
         try:
