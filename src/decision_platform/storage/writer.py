@@ -1,8 +1,9 @@
 """Group commit with a durable spool: how a decision is acknowledged without ever being lost.
 
 Single-row commits cap PostgreSQL at ~2.6k rows/s on these machines; batches of a few hundred reach
-~24-60k. So concurrent requests hand their rows to one writer thread that inserts whatever has queued up
-in one transaction, and each request waits for *its* batch to be durable before answering.
+~24-60k. So concurrent requests hand their rows to the writer threads (two by default: one commits while
+the next batch is sent), each inserting whatever has queued up in one transaction, and each request waits
+for *its* batch to be durable before answering.
 
 What "durable" means under each fault (README, "What is promised under faults"):
 
