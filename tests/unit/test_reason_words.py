@@ -40,3 +40,17 @@ def test_cached_words_are_the_words_written_afresh(monkeypatch) -> None:
         fresh = Wording(name, TYPICAL[k]).reason(kind, value, weight, display)
         assert wording.reason(kind, value, weight, display) == fresh
         assert str(wording.reason(kind, value, weight, display)["value"]) == str(fresh["value"])  # -0.0
+
+
+def test_a_count_of_one_is_singular() -> None:
+    """``1 event``, never ``1 events``; every other count plural -- in the sentence and the reason alike."""
+    typical = {"low": 2.0, "high": 6.0}
+    assert Wording("count_1m", typical).reason("risk", 1.0, 0.4)["text"] == (
+        "1 event in the last minute (below the typical 2 to 6)"
+    )
+    assert Wording("count_1m", None).reason("risk", 3.0, 0.4)["text"] == "3 events in the last minute"
+    assert Wording("count_1m", None).reason("risk", 0.0, 0.4)["text"] == "0 events in the last minute"
+    assert Wording("distinct_device_1h", None).reason("risk", 1.0, 0.4)["text"] == (
+        "1 distinct device in the last hour"
+    )
+    assert reasons_module.reason_text({"feature": "count_1h", "value": 1.0}) == "1 event in the last hour"

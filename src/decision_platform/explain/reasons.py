@@ -54,6 +54,14 @@ def describe_feature(name: str) -> str:
     }.get(name, name.replace("_", " "))
 
 
+def count_phrase(shown: str, description: str) -> str:
+    """A count before its words, in the right number: ``1 event in the last minute``, ``3 events ...``."""
+    if shown == "1":
+        head, sep, rest = description.partition(" in ")
+        description = head.removesuffix("s") + sep + rest
+    return f"{shown} {description}"
+
+
 def _is_count(name: str) -> bool:
     return name.startswith(("count_", "distinct_")) or name == "seconds_since_last"
 
@@ -113,7 +121,7 @@ def reason_text(reason: Mapping[str, Any]) -> str:
     description = reason.get("description") or describe_feature(reason["feature"])
     display = reason.get("display") or format_value(reason["feature"], float(reason["value"]))
     if description.startswith(("events ", "distinct ")):
-        text = f"{display} {description}"
+        text = count_phrase(display, description)
     else:
         text = f"{description} {display}"
     typical = reason.get("typical")
@@ -146,7 +154,7 @@ class Wording:
         words = self._words.get(value) if value != 0.0 else None  # 0.0 == -0.0, but "-0" != "0"
         if words is None:
             shown = format_value(self.name, value)
-            phrase = f"{shown} {self.description}" if self.count_first else f"{self.description} {shown}"
+            phrase = self._phrase(shown)
             if self.typical:
                 phrase += f" ({_placed(shown, self._range, self._bounds)})"
             words = (round(value, 4), shown, phrase)
@@ -156,6 +164,9 @@ class Wording:
                 self._words[value] = words
         return words
 
+    def _phrase(self, shown: str) -> str:
+        return count_phrase(shown, self.description) if self.count_first else f"{self.description} {shown}"
+
     def reason(self, kind: str, value: float, weight: float, display: str | None = None) -> dict[str, Any]:
         if kind == "risk":
             direction = "raises_risk" if weight > 0 else "lowers_risk"
@@ -163,7 +174,7 @@ class Wording:
             direction = "raises_anomaly" if weight > 0 else "lowers_anomaly"
         if display is not None:  # words given (a clock time, a category's value): no range after them
             rounded, shown = round(value, 4), display or format_value(self.name, value)
-            phrase = f"{shown} {self.description}" if self.count_first else f"{self.description} {shown}"
+            phrase = self._phrase(shown)
         else:
             rounded, shown, phrase = self._worded(value)
         return {
