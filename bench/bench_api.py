@@ -663,6 +663,7 @@ def measure(
         {
             "scenario": scenario,
             "concurrency": concurrency,
+            "rate": gen.rate,
             "server_cpu_cores": (cpu_after - cpu_before) / wall if wall else None,
             "generator_cpu_cores": generator_cpu / wall if wall else None,
             "other_cpu_cores": max(0.0, other_cpu) / wall if wall else None,
@@ -698,10 +699,10 @@ def summarize(results: list[dict[str, Any]], closed_loop: bool = True) -> list[d
     The throughput ratio only means capacity in a closed loop; at a fixed offered rate it is left out.
     """
     out = []
-    for concurrency in sorted({r["concurrency"] for r in results}):
-        level = {r["scenario"]: r for r in results if r["concurrency"] == concurrency}
+    for key in sorted({level_key(r) for r in results}):
+        level = {r["scenario"]: r for r in results if level_key(r) == key}
         health = level.get("health")
-        row: dict[str, Any] = {"concurrency": concurrency}
+        row: dict[str, Any] = {"concurrency": key[0], "rate": key[1]}
         for scenario in ("read", "event"):
             r = level.get(scenario)
             if r is None:
@@ -718,6 +719,27 @@ def summarize(results: list[dict[str, Any]], closed_loop: bool = True) -> list[d
             row[scenario]["ratio_meets_goal"] = None if ratio is None else ratio >= RATIO_GOAL
         out.append(row)
     return out
+
+
+def level_key(result: dict[str, Any]) -> tuple[int, float]:
+    """A measured level: its concurrency and its offered rate (0: closed loop)."""
+    return result["concurrency"], result.get("rate", 0.0)
+
+
+def level_text(result: dict[str, Any]) -> str:
+    concurrency, rate = level_key(result)
+    return f"{concurrency} @{rate:,.0f}/s" if rate else str(concurrency)
+
+
+def highest_rate_within_goal(summary: list[dict[str, Any]], scenario: str) -> float | None:
+    """The highest offered rate at which the scenario's p99 met the goal, if all lower rates met it too:
+    where p99 crosses the goal lies between it and the next rate measured."""
+    best = None
+    for row in sorted((r for r in summary if r.get("rate") and scenario in r), key=lambda r: r["rate"]):
+        if not row[scenario]["p99_meets_goal"]:
+            break
+        best = row["rate"]
+    return best
 
 
 def fmt(value: float | None, digits: int = 2) -> str:
@@ -759,7 +781,7 @@ def print_results(run: dict[str, Any]) -> None:
         table.add_column(column, justify="left" if column == "scenario" else "right")
     for r in results:
         health = next(
-            (h for h in results if h["concurrency"] == r["concurrency"] and h["scenario"] == "health"), None
+            (h for h in results if level_key(h) == level_key(r) and h["scenario"] == "health"), None
         )
         ratio = (
             r["rps"] / health["rps"]
@@ -774,7 +796,7 @@ def print_results(run: dict[str, Any]) -> None:
         ratio_text = "" if ratio is None else f"[{'green' if ratio >= RATIO_GOAL else 'red'}]{ratio:.0%}[/]"
         fallbacks = int(sum(r["server"]["fallbacks"].values()))
         table.add_row(
-            str(r["concurrency"]),
+            level_text(r),
             SCENARIO_LABELS[r["scenario"]],
             f"{r['requests']:,}",
             f"[red]{r['errors']:,}[/]" if r["errors"] else "0",
@@ -818,7 +840,7 @@ def print_results(run: dict[str, Any]) -> None:
         engine_mean = split["total"]["mean_ms"]
         outside = http_mean - engine_mean if http_mean is not None and engine_mean is not None else None
         stages.add_row(
-            str(r["concurrency"]),
+            level_text(r),
             SCENARIO_LABELS[r["scenario"]],
             *cells,
             fmt(http_mean, 3),
@@ -835,8 +857,9 @@ def print_results(run: dict[str, Any]) -> None:
             ok = "[green]meets[/]" if s["p99_meets_goal"] else "[red]misses[/]"
             ok_ratio = "[green]meets[/]" if s["ratio_meets_goal"] else "[red]misses[/]"
             label = SCENARIO_LABELS[scenario]
+            at = f" @{row['rate']:,.0f}/s" if row.get("rate") else ""
             line = (
-                f"c={row['concurrency']:>3} {label:<14} p99 {fmt(s['p99_ms'])} ms {ok} the "
+                f"c={row['concurrency']:>3}{at} {label:<14} p99 {fmt(s['p99_ms'])} ms {ok} the "
                 f"{P99_GOAL_MS:g} ms goal"
             )
             if s["rps_vs_health"] is not None:
@@ -844,6 +867,13 @@ def print_results(run: dict[str, Any]) -> None:
                     f"; throughput {s['rps_vs_health']:.0%} of /health {ok_ratio} the {RATIO_GOAL:.0%} goal"
                 )
             console.print(line)
+    if len({r["rate"] for r in run["summary"] if r.get("rate")}) > 1:
+        for scenario in [s for s in ("read", "event") if any(s in row for row in run["summary"])]:
+            within = highest_rate_within_goal(run["summary"], scenario)
+            console.print(
+                f"{SCENARIO_LABELS[scenario]}: p99 within {P99_GOAL_MS:g} ms up to "
+                + (f"{within:,.0f} req/s offered" if within else "none of the rates measured")
+            )
     if any((r["other_cpu_cores"] or 0) > NOISY_CORES for r in results):
         console.print(
             f"[yellow]note: rows with 'other CPU' above {NOISY_CORES} cores shared the machine "
@@ -874,6 +904,13 @@ def print_results(run: dict[str, Any]) -> None:
             "note: open loop: with a fixed offered load the 'vs /health' column compares offered "
             "rates, not capacities; it is only meaningful in closed-loop runs."
         )
+
+
+def parse_rates(text: str) -> list[float]:
+    rates = [float(part) for part in text.split(",") if part.strip()]
+    if not rates or any(r < 0 for r in rates) or (len(rates) > 1 and 0 in rates):
+        raise argparse.ArgumentTypeError("rates >= 0, and 0 (closed loop) only alone")
+    return sorted(rates)
 
 
 def parse_concurrency(text: str) -> list[int]:
@@ -924,10 +961,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--rate",
-        type=float,
-        default=0.0,
+        type=parse_rates,
+        default=[0.0],
         help="open loop at this many requests/s per scenario (Python generator; latency "
-        "counted from each request's due time). 0: closed loop at full speed",
+        "counted from each request's due time); a comma-separated list measures each rate in one run "
+        "and reports the highest whose p99 meets the goal. 0: closed loop at full speed",
     )
     parser.add_argument(
         "--wrk-threads",
@@ -1023,7 +1061,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--seconds >= 1, --warmup >= 0, --entities >= 1")
     signal.signal(signal.SIGTERM, _terminate)
 
-    gen = pick_generator(args.generator, args.wrk_threads, args.rate)
+    gen = pick_generator(args.generator, args.wrk_threads, max(args.rate))
     machine = machine_info()
     if machine["loadavg_start"][0] > 0.5 * (machine["nproc"] or 1):
         console.print(
@@ -1064,7 +1102,8 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"server ready on {base_url}: {ready['checks']['models']}")
             # Events first in the warm-up, so read-only decisions later find entities with history.
             warm_order = [s for s in ("event", "read", "health") if s in scenarios]
-            for level, concurrency in enumerate(args.concurrency):
+            levels = [(c, rate) for rate in args.rate for c in args.concurrency]
+            for level, (concurrency, gen.rate) in enumerate(levels):
                 if args.warmup:
                     with console.status(f"warming up at concurrency {concurrency}"):
                         for scenario in warm_order:
@@ -1120,6 +1159,7 @@ def main(argv: list[str] | None = None) -> int:
         options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         options["server_env"] = dict(args.server_env)
         options["scenarios"] = scenarios
+        rates = ", ".join(f"{r:g}" for r in args.rate)
         run: dict[str, Any] = {
             # results.jsonl is shared with the other bench/ scripts; this tags the API harness's lines.
             "bench": "api",
@@ -1131,7 +1171,7 @@ def main(argv: list[str] | None = None) -> int:
                 "kind": gen.kind,
                 "version": gen.version,
                 "threads": gen.wrk_threads if gen.kind == "wrk" else 1,
-                "mode": f"open loop at {gen.rate:g} req/s" if gen.rate else "closed loop",
+                "mode": f"open loop at {rates} req/s" if gen.rate else "closed loop",
             },
             "backends": backends.describe(),
             "models": ready["checks"]["models"],
