@@ -246,12 +246,26 @@ def mentions(facts: Facts) -> st.SearchStrategy[list[str]]:
     return st.lists(st.sampled_from(list(structured.keyed(facts))), min_size=1, max_size=6)
 
 
+def counts_of_one(facts: Facts) -> Facts:
+    """The same facts with every count at 1: written in the singular ("1 event in the last hour")."""
+    facts = copy.deepcopy(facts)
+    for r in facts.reasons:
+        if r["feature"].startswith(("count_", "distinct_")):
+            r.update(value=1.0, display="1")
+            r.pop("text", None)
+    for rule in facts.rules:
+        for item in rule.get("inputs", []):
+            if item["feature"].startswith(("count_", "distinct_")):
+                item.update(value=1, display="1")
+    return facts
+
+
 @settings(max_examples=200, deadline=None)
 @given(data=st.data())
 def test_every_answer_the_schema_allows_renders_a_grounded_narrative(data: st.DataObject) -> None:
     """Whatever the model chooses, in whatever order (repeats included), the narrative passes the check:
-    grounded by construction, the check being the last gate."""
-    for case in (facts_policy(), facts_rule()):
+    grounded by construction, the check being the last gate -- counts of one (singular words) included."""
+    for case in (facts_policy(), facts_rule(), counts_of_one(facts_policy()), counts_of_one(facts_rule())):
         chosen = data.draw(mentions(case))
         parsed = structured.parse(json.dumps({"mention": chosen}), case)
         by_key = structured.keyed(case)

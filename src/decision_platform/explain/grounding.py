@@ -34,7 +34,13 @@ from typing import Any
 
 from decision_platform.core.actions import ACTION_NAMES
 from decision_platform.explain.facts import Facts
-from decision_platform.explain.reasons import describe_feature, format_value, range_phrase, reason_text
+from decision_platform.explain.reasons import (
+    describe_feature,
+    description_pattern,
+    format_value,
+    range_phrase,
+    reason_text,
+)
 from decision_platform.rules.ruleset import Tier, mask_for
 
 _NUMBER = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(\s?%|\s?percent)?(?![\w])")
@@ -386,7 +392,8 @@ def rule_claims(text: str, facts: Facts) -> list[str]:
 def _claims(text: str, facts: Facts) -> list[list[tuple[int, str, str | None, bool]]]:
     """Per clause, the reasons it names in order: (position, feature, direction claimed or None, "most").
 
-    A reason is found by its description ("events in the last minute"), longest first so that "amount"
+    A reason is found by its description ("events in the last minute", or "event" for a count of one),
+    longest first so that "amount"
     is not found inside "average amount in the last 24 hours"; its claimed direction is the direction
     word nearest to it in the clause."""
     names = {r["feature"]: str(r.get("description") or describe_feature(r["feature"])) for r in facts.reasons}
@@ -397,7 +404,7 @@ def _claims(text: str, facts: Facts) -> list[list[tuple[int, str, str | None, bo
         taken = [False] * len(clause)
         found: list[tuple[int, str]] = []
         for feature, name in sorted(names.items(), key=lambda item: -len(item[1])):
-            for match in re.finditer(rf"(?<![\w-]){re.escape(name)}(?![\w-])", clause, re.I):
+            for match in re.finditer(rf"(?<![\w-]){description_pattern(name)}(?![\w-])", clause, re.I):
                 if not any(taken[match.start() : match.end()]):
                     taken[match.start() : match.end()] = [True] * (match.end() - match.start())
                     found.append((match.start(), feature))

@@ -62,6 +62,14 @@ def count_phrase(shown: str, description: str) -> str:
     return f"{shown} {description}"
 
 
+def description_pattern(description: str) -> str:
+    """A regular expression for a reason's words as :func:`count_phrase` may write them (either number)."""
+    head, sep, rest = description.partition(" in ")
+    if sep and head.startswith(("events", "distinct ")) and head.endswith("s"):
+        return re.escape(head.removesuffix("s")) + "s?" + re.escape(sep + rest)
+    return re.escape(description)
+
+
 def _is_count(name: str) -> bool:
     return name.startswith(("count_", "distinct_")) or name == "seconds_since_last"
 
