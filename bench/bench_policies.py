@@ -305,8 +305,17 @@ def _fine_tuning(info: dict[str, Any]) -> str:
     parts = []
     if "clone_accuracy" in info:
         parts.append(f"cloning accuracy {info['clone_accuracy']:.1%}")
-    if "start_validation" in info:
+    if "warm_start_validation" in info:
+        values = info["warm_start_validation"]
+        parts.append(
+            f"warm start: fitted-Q teacher {values['teacher']:.2f} vs Bayes {values['bayes']:.2f} per "
+            f"validation episode, cloned from the {info['warm_start_used']}"
+        )
+    elif "start_validation" in info:
         parts.append(f"warm start's teacher {info['start_validation']:.2f} per validation episode")
+    if "sharpening" in info:
+        values = ", ".join(f"{v:.2f}" for v in info["sharpening_validation"])
+        parts.append(f"clone's logits x 1 / 2 / 4 / 8 / 16: {values}; kept x{info['sharpening']:g}")
     if "validation" in info:
         values = ", ".join(f"{v:.2f}" for v in info["validation"])
         parts.append(f"actor after each round (0 = the clone) {values}; kept round {info['kept_round']}")

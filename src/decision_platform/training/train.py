@@ -30,7 +30,7 @@ from decision_platform.features import FeatureSpec, compute_features
 from decision_platform.models.anomaly import AnomalyModel
 from decision_platform.models.artifacts import save_artifact, save_policy_artifact
 from decision_platform.models.baseline_policy import NEVER, BayesPolicy, Policy, ThresholdPolicy
-from decision_platform.models.policy import RISK_LOGIT, PolicyModel, imitate
+from decision_platform.models.policy import RISK_LOGIT, PolicyModel, imitate, sharpen
 from decision_platform.models.preprocessing import Standardizer
 from decision_platform.models.registry import ModelRegistry
 from decision_platform.models.risk import MIN_CATEGORY_COUNT, RiskConfig, RiskModel
@@ -80,6 +80,9 @@ class TrainConfig:
     ppo_rounds: int = 5
     #: Epochs of behaviour cloning of the warm start (at least ~300 gradient steps).
     clone_epochs: int = 20
+    #: Factors the cloned actor's logits may be multiplied by; the one earning the most on the
+    #: validation episodes is kept (1 first: a tie keeps the clone as it is).
+    sharpening: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
     #: Share of the entities whose last training window is the validation part.
     validation_entities: float = 0.3
     seed: int = 0
@@ -543,6 +546,27 @@ def teacher_policy(
     )
 
 
+def teacher_or_bayes(
+    teacher: ImprovedPolicy,
+    bayes: BayesPolicy,
+    split: Split,
+    states: PolicyStates,
+    rewards: RewardTable,
+) -> tuple[ImprovedPolicy | BayesPolicy, dict[str, Any]]:
+    """The warm start PPO is cloned from: the fitted-Q teacher only if it earns more than the Bayes policy
+    on the validation episodes (continuation values fitted on one period need not hold on the next:
+    on cards-dev the teacher lost to Bayes on held-out time); without validation episodes, the teacher."""
+    if not states.validation.any():
+        return teacher, {}
+    values = {
+        "teacher": validation_value(teacher, split, states, rewards),
+        "bayes": validation_value(bayes, split, states, rewards),
+    }
+    chosen = "teacher" if values["teacher"] > values["bayes"] else "bayes"
+    info = {"warm_start_validation": values, "warm_start_used": chosen}
+    return (teacher if chosen == "teacher" else bayes), info
+
+
 def validation_value(
     policy: Policy | ImprovedPolicy, split: Split, states: PolicyStates, rewards: RewardTable
 ) -> float:
@@ -551,6 +575,21 @@ def validation_value(
     replay = Replay.of(states.episodes[rows], split.labels[rows], split.amounts[rows])
     value = expectation(policy.probabilities(states.states[rows]), replay, rewards)
     return float(value.per_entity["reward"].mean())
+
+
+def sharpen_on_validation(ppo: PPO, value: Callable[[], float], factors: Sequence[float]) -> dict[str, Any]:
+    """Multiply the actor's logits by the factor of ``factors`` whose actor ``value()`` (its expected
+    total reward on the validation episodes) rates best, the first on a tie. A clone of a deterministic
+    teacher keeps a little mass on every action, and sampling it over a whole episode costs more than
+    the rows it gets wrong (bench/POLICIES.md); how sharp to be is judged, not assumed."""
+    values, current = [], 1.0
+    for factor in factors:
+        sharpen(ppo, factor / current)
+        current = factor
+        values.append(value())
+    best = list(factors)[int(np.argmax(values))]
+    sharpen(ppo, best / current)
+    return {"sharpening": best, "sharpening_validation": values}
 
 
 def regret_weights(q: np.ndarray, floor: float = 0.05) -> np.ndarray:
@@ -626,9 +665,13 @@ def fit_policy(
     def actor() -> PolicyModel:
         return PolicyModel.from_sb3(ppo, states.names, scaler.mean, scaler.std)
 
+    validate = bool(states.validation.any())
+    if validate and start_from is not None and config.sharpening:
+        info |= sharpen_on_validation(
+            ppo, lambda: validation_value(actor(), split, states, rewards), config.sharpening
+        )
     clone = actor() if start_from is not None else None
 
-    validate = bool(states.validation.any())
     best_value, best_round, best_weights = -np.inf, 0, None
     values: list[float] = []
     if validate:
@@ -878,7 +921,11 @@ def train_all(
     start_from = {"improved": teacher, "bayes": bayes, "thresholds": thresholds, "none": None}[
         config.warm_start
     ]
+    choice: dict[str, Any] = {}
+    if teacher is not None:
+        start_from, choice = teacher_or_bayes(teacher, bayes, split, states, rewards)
     ppo = fit_policy(split, states, start_from, rewards, config, progress)
+    ppo.info.update(choice)
     timer.lap("policy_s")
     rules_only = fit_rules_only(rule_set, split, spec.names, anomaly.scores, risk.scores, progress)
     timer.lap("rules_s")
