@@ -306,10 +306,11 @@ def _fine_tuning(info: dict[str, Any]) -> str:
     if "clone_accuracy" in info:
         parts.append(f"cloning accuracy {info['clone_accuracy']:.1%}")
     if "warm_start_validation" in info:
-        values = info["warm_start_validation"]
+        values, diff = info["warm_start_validation"], info["warm_start_diff"]
         parts.append(
             f"warm start: fitted-Q teacher {values['teacher']:.2f} vs Bayes {values['bayes']:.2f} per "
-            f"validation episode, cloned from the {info['warm_start_used']}"
+            f"validation episode (paired {diff[0]:+.2f} [{diff[1]:+.2f}, {diff[2]:+.2f}]), cloned from the "
+            f"{info['warm_start_used']}"
         )
     elif "start_validation" in info:
         parts.append(f"warm start's teacher {info['start_validation']:.2f} per validation episode")

@@ -114,9 +114,18 @@ def test_the_teacher_is_cloned_only_if_it_beats_bayes_on_the_validation_episodes
     chosen, info = judged_on(labels, everyone)
     assert chosen is teacher and info["warm_start_used"] == "teacher"
     assert info["warm_start_validation"]["teacher"] > info["warm_start_validation"]["bayes"]
-    # A later period where no opening is a burst: the teacher blocks customers for nothing, Bayes.
+    # A later period where no opening is a burst: the teacher blocks every customer for nothing, a loss
+    # on every episode (the CI is below zero): Bayes.
     chosen, info = judged_on(np.zeros_like(labels), everyone)
     assert chosen is bayes and info["warm_start_used"] == "bayes"
+    assert info["warm_start_diff"][2] < 0
+    # Five bursts in 60 episodes: the teacher is still worse on average (it blocks 55 customers to stop
+    # five bursts) but by less than the bootstrap spread (how many bursts a resample holds): a loss that
+    # is not clear keeps the teacher.
+    five_bursts = np.where(entities < 10, labels, 0)
+    chosen, info = judged_on(five_bursts, entities < 60)
+    assert info["warm_start_diff"][0] < 0 < info["warm_start_diff"][2]
+    assert chosen is teacher
     # Without validation episodes there is nothing to judge on: the teacher, no record.
     chosen, info = judged_on(labels, np.zeros(len(labels), dtype=bool))
     assert chosen is teacher and info == {}

@@ -278,10 +278,13 @@ def test_train_warm_starts_ppo_from_the_improved_policy_and_keeps_its_best_round
     assert set(report.diagnostics) == {"fitted-Q improved policy", "PPO cloned start (no PPO update)"}
     info = report.ppo
     assert 0.0 <= info["clone_accuracy"] <= 1.0
-    # The teacher is cloned only if it beats Bayes on the validation episodes; the clone's logits are
+    # The teacher is cloned unless it is clearly worse than Bayes on the validation episodes; the clone's
+    # logits are
     # sharpened by the factor that earns the most there.
     values = info["warm_start_validation"]
-    assert info["warm_start_used"] == ("teacher" if values["teacher"] > values["bayes"] else "bayes")
+    low, high = info["warm_start_diff"][1:]
+    assert low <= values["teacher"] - values["bayes"] <= high
+    assert info["warm_start_used"] == ("bayes" if high < 0 else "teacher")
     sharpened = info["sharpening_validation"]
     assert len(sharpened) == len(TrainConfig().sharpening)
     assert info["sharpening"] == TrainConfig().sharpening[int(np.argmax(sharpened))]
