@@ -377,6 +377,7 @@ def markdown(run: dict[str, Any]) -> str:
         f"† diagnostics, not among the compared policies: {PPO_GREEDY} = PPO's most likely action instead "
         f"of a sample; {IMPROVED} = PPO's teacher, the Bayes policy improved by fitted policy iteration "
         f"(continuation values, not servable); {PPO_CLONE} = the PPO actor cloned from its warm start "
+        f"(logits sharpened as chosen on validation) "
         f"before any PPO update; {ORACLE} = the threshold search run on the held-out part itself (an "
         f"upper bound for fixed thresholds, not a fair policy); {SERVED_FLOOR} = the served policy with "
         "the serving exploration floor (no rule firing).",

@@ -140,7 +140,7 @@ ALLOW_ALL = "allow-all"
 RULES_ONLY = "rules only"
 BAYES = "Bayes minimum risk"
 PPO_POLICY = "PPO policy"
-#: The PPO actor right after cloning its warm start, before any PPO update (a diagnostic).
+#: The PPO actor right after cloning its warm start (and sharpening it), before any PPO update (a diagnostic).
 PPO_CLONE = "PPO cloned start (no PPO update)"
 
 
@@ -296,7 +296,7 @@ class PolicyFit:
     ppo: PPO
     #: What the fine-tuning did: cloning accuracy, validation value per round, the round kept.
     info: dict[str, Any] = field(default_factory=dict)
-    #: The actor right after cloning, before any PPO update (None without a warm start).
+    #: The actor right after cloning (and sharpening), before any PPO update (None without a warm start).
     clone: PolicyModel | None = None
 
 
