@@ -305,8 +305,18 @@ def _fine_tuning(info: dict[str, Any]) -> str:
     parts = []
     if "clone_accuracy" in info:
         parts.append(f"cloning accuracy {info['clone_accuracy']:.1%}")
-    if "start_validation" in info:
+    if "warm_start_validation" in info:
+        values, diff = info["warm_start_validation"], info["warm_start_diff"]
+        parts.append(
+            f"warm start: fitted-Q teacher {values['teacher']:.2f} vs Bayes {values['bayes']:.2f} per "
+            f"validation episode (paired {diff[0]:+.2f} [{diff[1]:+.2f}, {diff[2]:+.2f}]), cloned from the "
+            f"{info['warm_start_used']}"
+        )
+    elif "start_validation" in info:
         parts.append(f"warm start's teacher {info['start_validation']:.2f} per validation episode")
+    if "sharpening" in info:
+        values = ", ".join(f"{v:.2f}" for v in info["sharpening_validation"])
+        parts.append(f"clone's logits x 1 / 2 / 4 / 8 / 16: {values}; kept x{info['sharpening']:g}")
     if "validation" in info:
         values = ", ".join(f"{v:.2f}" for v in info["validation"])
         parts.append(f"actor after each round (0 = the clone) {values}; kept round {info['kept_round']}")
@@ -367,6 +377,7 @@ def markdown(run: dict[str, Any]) -> str:
         f"† diagnostics, not among the compared policies: {PPO_GREEDY} = PPO's most likely action instead "
         f"of a sample; {IMPROVED} = PPO's teacher, the Bayes policy improved by fitted policy iteration "
         f"(continuation values, not servable); {PPO_CLONE} = the PPO actor cloned from its warm start "
+        f"(logits sharpened as chosen on validation) "
         f"before any PPO update; {ORACLE} = the threshold search run on the held-out part itself (an "
         f"upper bound for fixed thresholds, not a fair policy); {SERVED_FLOOR} = the served policy with "
         "the serving exploration floor (no rule firing).",

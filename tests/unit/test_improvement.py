@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -15,6 +17,7 @@ from decision_platform.training.improvement import (
     q_targets,
     return_to_go,
 )
+from decision_platform.training.train import teacher_or_bayes
 from decision_platform.training.yardstick import Replay, total_reward
 
 REWARDS = RewardTable.load(PROJECT_ROOT / "config" / "rewards.yaml")
@@ -95,3 +98,34 @@ def test_one_improvement_step_is_never_worse_and_prices_what_follows() -> None:
     # Zero iterations is the Bayes policy itself.
     same = policy_iteration(states, labels, amounts, entities, bayes, REWARDS, iterations=0)
     assert np.array_equal(same.probabilities(states), start)
+
+
+def test_the_teacher_is_cloned_only_if_it_beats_bayes_on_the_validation_episodes() -> None:
+    states, labels, amounts, entities, bayes = _suspicious_openings()
+    teacher = improve(bayes.probabilities(states), states, labels, amounts, entities, bayes, REWARDS)
+
+    def judged_on(validation_labels: np.ndarray, validation: np.ndarray) -> tuple[object, dict]:
+        split = SimpleNamespace(labels=validation_labels, amounts=amounts)
+        view = SimpleNamespace(states=states, episodes=entities, validation=validation)
+        return teacher_or_bayes(teacher, bayes, split, view, REWARDS)  # type: ignore[arg-type]
+
+    everyone = np.ones(len(labels), dtype=bool)
+    # Validation like training (half the openings are bursts): blocking the opening pays, the teacher.
+    chosen, info = judged_on(labels, everyone)
+    assert chosen is teacher and info["warm_start_used"] == "teacher"
+    assert info["warm_start_validation"]["teacher"] > info["warm_start_validation"]["bayes"]
+    # A later period where no opening is a burst: the teacher blocks every customer for nothing, a loss
+    # on every episode (the CI is below zero): Bayes.
+    chosen, info = judged_on(np.zeros_like(labels), everyone)
+    assert chosen is bayes and info["warm_start_used"] == "bayes"
+    assert info["warm_start_diff"][2] < 0
+    # Five bursts in 60 episodes: the teacher is still worse on average (it blocks 55 customers to stop
+    # five bursts) but by less than the bootstrap spread (how many bursts a resample holds): a loss that
+    # is not clear keeps the teacher.
+    five_bursts = np.where(entities < 10, labels, 0)
+    chosen, info = judged_on(five_bursts, entities < 60)
+    assert info["warm_start_diff"][0] < 0 < info["warm_start_diff"][2]
+    assert chosen is teacher
+    # Without validation episodes there is nothing to judge on: the teacher, no record.
+    chosen, info = judged_on(labels, np.zeros(len(labels), dtype=bool))
+    assert chosen is teacher and info == {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from decision_platform.data import generate
 from decision_platform.learning.logged import LoggedDecisions, load_logged
 from decision_platform.learning.retrain import against_baselines
 from decision_platform.models.baseline_policy import BayesPolicy, ThresholdPolicy, load_policy
-from decision_platform.models.policy import PPO_ZIP, serving_distribution
+from decision_platform.models.policy import PPO_ZIP, serving_distribution, sharpen
 from decision_platform.models.preprocessing import Standardizer
 from decision_platform.models.registry import ModelRegistry
 from decision_platform.models.risk import RiskConfig
@@ -24,7 +25,14 @@ from decision_platform.serving.engine import DecisionRequest
 from decision_platform.serving.platform import Platform
 from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.repository import Repository
-from decision_platform.training.train import BAYES, PPO_POLICY, TrainConfig, TrainReport, train_all
+from decision_platform.training.train import (
+    BAYES,
+    PPO_POLICY,
+    TrainConfig,
+    TrainReport,
+    sharpen_on_validation,
+    train_all,
+)
 from decision_platform.training.yardstick import Replay, best_thresholds, compare, expectation
 
 CONFIG_DIR = PROJECT_ROOT / "config"
@@ -270,9 +278,62 @@ def test_train_warm_starts_ppo_from_the_improved_policy_and_keeps_its_best_round
     assert set(report.diagnostics) == {"fitted-Q improved policy", "PPO cloned start (no PPO update)"}
     info = report.ppo
     assert 0.0 <= info["clone_accuracy"] <= 1.0
+    # The teacher is cloned unless it is clearly worse than Bayes on the validation episodes; the clone's
+    # logits are
+    # sharpened by the factor that earns the most there.
+    values = info["warm_start_validation"]
+    low, high = info["warm_start_diff"][1:]
+    assert low <= values["teacher"] - values["bayes"] <= high
+    assert info["warm_start_used"] == ("bayes" if high < 0 else "teacher")
+    sharpened = info["sharpening_validation"]
+    assert len(sharpened) == len(TrainConfig().sharpening)
+    assert info["sharpening"] == TrainConfig().sharpening[int(np.argmax(sharpened))]
+    assert info["validation"][0] == pytest.approx(max(sharpened))
     # The clone (round 0) and both PPO rounds are judged on the validation episodes; the best is kept.
     assert len(info["validation"]) == 3
     assert info["validation"][info["kept_round"]] == max(info["validation"])
     # The served policy is still decided on held-out time against the baselines.
     rows = {c.name: c for c in report.policies}
     assert report.served == PPO_POLICY or rows[PPO_POLICY].per_entity_diff.value < 0
+
+
+def _actor_head() -> SimpleNamespace:
+    """A stand-in for a PPO model: what ``sharpen`` touches is ``policy.action_net``."""
+    import torch
+
+    torch.manual_seed(0)
+    return SimpleNamespace(policy=SimpleNamespace(action_net=torch.nn.Linear(4, 3)))
+
+
+def test_sharpening_keeps_the_most_likely_action_and_raises_its_probability() -> None:
+    import torch
+
+    ppo = _actor_head()
+    x = torch.randn(50, 4)
+    before = torch.softmax(ppo.policy.action_net(x), dim=1).detach()
+    sharpen(ppo, 4.0)
+    after = torch.softmax(ppo.policy.action_net(x), dim=1).detach()
+    assert torch.equal(before.argmax(dim=1), after.argmax(dim=1))
+    assert (after.max(dim=1).values >= before.max(dim=1).values - 1e-7).all()
+    assert after.max(dim=1).values.mean() > before.max(dim=1).values.mean()
+    with pytest.raises(ValueError):
+        sharpen(ppo, 0.0)
+
+
+def test_sharpening_is_chosen_on_validation_and_left_applied() -> None:
+    ppo = _actor_head()
+    original = ppo.policy.action_net.weight.detach().clone()
+
+    def scale() -> float:
+        return float(ppo.policy.action_net.weight.detach()[0, 0] / original[0, 0])
+
+    # A validation value that peaks at x4: the search must try every factor and leave the head at 4x.
+    info = sharpen_on_validation(ppo, lambda: -((scale() - 4.0) ** 2), (1.0, 2.0, 4.0, 8.0))
+    assert info["sharpening"] == 4.0
+    assert info["sharpening_validation"] == pytest.approx([-9.0, -4.0, 0.0, -16.0])
+    assert scale() == pytest.approx(4.0)
+    # On a tie the first factor (the clone as it is) wins.
+    ppo = _actor_head()
+    original = ppo.policy.action_net.weight.detach().clone()
+    info = sharpen_on_validation(ppo, lambda: 1.0, (1.0, 2.0, 4.0))
+    assert info["sharpening"] == 1.0 and scale() == pytest.approx(1.0)
