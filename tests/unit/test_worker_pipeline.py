@@ -8,10 +8,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
+from confluent_kafka import TopicPartition
 
 from decision_platform.config import Settings
 from decision_platform.data import generate
-from decision_platform.events.kafka import commit_offsets
+from decision_platform.events.kafka import KafkaSource, commit_offsets
 from decision_platform.events.messages import RawMessage
 from decision_platform.learning.replay import shift_to_now
 from decision_platform.serving.platform import Platform
@@ -151,3 +152,30 @@ def test_commit_offsets_are_each_partitions_next_offset_and_skip_revoked_partiti
     batch = [RawMessage(b"", None, "t", p, o) for p, o in [(0, 5), (1, 9), (0, 7), (0, 6), (2, 1)]]
     offsets = commit_offsets(batch, assigned={("t", 0), ("t", 1)})
     assert sorted((tp.partition, tp.offset) for tp in offsets) == [(0, 8), (1, 10)]
+
+
+class RecordingConsumer:
+    """Stands in for confluent_kafka's Consumer: records what is committed."""
+
+    def __init__(self) -> None:
+        self.commits: list[list[tuple[int, int]]] = []
+
+    def commit(self, offsets: list[TopicPartition] | None = None, asynchronous: bool = True) -> None:
+        assert offsets is not None, "a bare commit() commits the consumer's position, past batches in flight"
+        self.commits.append(sorted((tp.partition, tp.offset) for tp in offsets))
+
+    def close(self) -> None:
+        return None
+
+
+def test_a_revoke_commits_nothing_and_a_later_commit_skips_the_revoked_partitions() -> None:
+    source = KafkaSource(Settings(kafka_bootstrap_servers="127.0.0.1:9", kafka_events_topic="t"))
+    source._consumer.close()
+    consumer = RecordingConsumer()
+    source._consumer = consumer  # type: ignore[assignment]
+    source._on_assign(consumer, [TopicPartition("t", 0), TopicPartition("t", 1)])
+    in_flight = [RawMessage(b"", None, "t", 0, 3), RawMessage(b"", None, "t", 1, 4)]
+    source._on_revoke(consumer, [TopicPartition("t", 1)])  # a rebalance while the batch is in flight
+    assert consumer.commits == []
+    source.commit(in_flight)
+    assert consumer.commits == [[(0, 4)]]  # partition 1's next owner gets offset 4 again

@@ -376,7 +376,7 @@ class DecisionEngine:
     def finish_batch(self, pending: Sequence[PendingDecision], timeout_s: float = 60.0) -> list[Decision]:
         """:meth:`finish` of every decision of a batch, in order, with the decision counter incremented
         once per (action, decided_by) instead of once a row (a labelled increment a row was ~6% of the
-        stream worker's CPU in py-spy)."""
+        stream worker thread's py-spy samples)."""
         decisions = [self._answer(p, timeout_s) for p in pending]
         counts: dict[tuple[int, str], int] = {}
         for p, decision in zip(pending, decisions, strict=True):
