@@ -26,7 +26,7 @@ from pathlib import Path
 import psycopg
 
 from decision_platform.config import PROJECT_ROOT, Settings
-from decision_platform.core.records import STORED, DecisionRecord
+from decision_platform.core.records import STORED, DecisionRecord, RowStatus
 from decision_platform.core.rewards import RewardTable
 from decision_platform.data import generate
 from decision_platform.learning.replay import shift_to_now
@@ -65,9 +65,9 @@ engine_module._Stopwatch = _CpuStopwatch  # type: ignore[misc]
 class InstantSink:
     """Durable at once: the engine's own cost, without the group commit."""
 
-    def submit(self, record: DecisionRecord) -> Future[str]:
-        future: Future[str] = Future()
-        future.set_result(STORED)
+    def submit_many(self, records: list[DecisionRecord]) -> Future[list[RowStatus]]:
+        future: Future[list[RowStatus]] = Future()
+        future.set_result([STORED] * len(records))
         return future
 
     def find_decision_by_event(self, event_id: str) -> DecisionRecord | None:

@@ -327,3 +327,36 @@ def test_quarantined_records_can_be_requeued_once_the_cause_is_fixed(
     assert stored_ids(repository) == [1, 2, 3]
     assert writer.status().quarantined == 0
     writer.close()
+
+
+def test_one_future_answers_a_batch_row_by_row(
+    repository: FlakyRepository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``submit_many``: one future for the batch, and each row still gets its own answer -- including
+    the rows that could not be made durable anywhere, which must not be acknowledged."""
+    writer = writer_for(repository, tmp_path / "spool")
+    assert writer.write(decision_record(1, event_id="ev-1")) == STORED
+    batch = [
+        decision_record(2, event_id="ev-1"),  # already stored: the database skips it
+        decision_record(3, event_id="ev-2"),
+        decision_record(4, event_id="ev-2"),  # twice in one batch: one decision
+        decision_record(5),
+    ]
+    assert writer.submit_many(batch).result(timeout=10) == [DUPLICATE, STORED, DUPLICATE, STORED]
+    assert stored_ids(repository) == [1, 3, 5]
+
+    def full_disk(_records: object) -> None:
+        raise OSError("no space left on device")
+
+    repository.refusing = True
+    monkeypatch.setattr(writer.spool, "append", full_disk)
+    statuses = writer.submit_many(
+        [decision_record(6, event_id="ev-3"), decision_record(7, event_id="ev-3")]
+    ).result(timeout=10)
+    assert isinstance(statuses[0], OSError) and statuses[1] == DUPLICATE
+    with pytest.raises(OSError):
+        writer.write_many([decision_record(8)])
+    with pytest.raises(OSError):
+        writer.write(decision_record(9))
+    assert not writer.spool.has_work()  # nothing of the refused rows was kept anywhere
+    writer.close()

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from decision_platform.config import Settings
-from decision_platform.core.records import STORED, DecisionRecord
+from decision_platform.core.records import STORED, DecisionRecord, RowStatus
 from decision_platform.data import generate
 from decision_platform.features import FeatureResult
 from decision_platform.learning.replay import shift_to_now
@@ -36,10 +36,10 @@ class _Recorder:
     def __init__(self) -> None:
         self.records: list[DecisionRecord] = []
 
-    def submit(self, record: DecisionRecord) -> Future[str]:
-        self.records.append(record)
-        future: Future[str] = Future()
-        future.set_result(STORED)
+    def submit_many(self, records: list[DecisionRecord]) -> Future[list[RowStatus]]:
+        self.records.extend(records)
+        future: Future[list[RowStatus]] = Future()
+        future.set_result([STORED] * len(records))
         return future
 
     def find_decision_by_event(self, event_id: str) -> DecisionRecord | None:

@@ -18,6 +18,8 @@ from decision_platform.core.actions import ACTION_NAMES
 STORED = "stored"
 SPOOLED = "spooled"  # in the local spool, on its way to the database
 DUPLICATE = "duplicate"  # its event was decided before (stored or spooled): nothing was written
+#: What the group commit answers for one row of a batch: one of the above, or why it is not durable.
+RowStatus = str | BaseException
 
 
 @dataclass(slots=True)

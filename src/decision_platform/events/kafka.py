@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from decision_platform.config import Settings
@@ -113,19 +113,20 @@ class KafkaSource:
         self._consumer = Consumer(consumer_config(settings))
         self._consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         self._last_lag_check = 0.0
+        #: (topic, partition) owned now: a batch completed after its partitions were revoked commits nothing
+        #: for them (the group's new owner has them from the last commit on).
+        self._assigned: set[tuple[str, int]] = set()
 
     def _on_assign(self, _consumer: Any, partitions: list[Any]) -> None:
         # Operators (and the two-worker test and bench) see how the group shared the partitions.
         log.info("assigned partitions %s of %s", sorted(p.partition for p in partitions), self.topic)
+        self._assigned |= {(p.topic, p.partition) for p in partitions}
 
-    def _on_revoke(self, consumer: Any, _partitions: list[Any]) -> None:
-        # Batches are committed as soon as they are processed, so this only commits what is already
-        # durable: the next owner of the partitions starts where we stopped.
-        try:
-            consumer.commit(asynchronous=False)
-        except KafkaException as exc:
-            if "NO_OFFSET" not in str(exc):
-                log.warning("commit on revoke failed: %s", exc)
+    def _on_revoke(self, _consumer: Any, partitions: list[Any]) -> None:
+        # Nothing is committed here: every completed batch was committed with its own offsets already, and
+        # the consumer's position may be past a batch still in flight (the worker pipelines one batch
+        # deep), whose messages the next owner must get again. Its later commit skips these partitions.
+        self._assigned -= {(p.topic, p.partition) for p in partitions}
 
     def poll(self, max_messages: int, timeout_s: float) -> list[Any]:
         messages = self._consumer.consume(max_messages, timeout_s)
@@ -142,12 +143,12 @@ class KafkaSource:
         self._maybe_report_lag()
         return out
 
-    def commit(self) -> None:
-        try:
-            self._consumer.commit(asynchronous=False)
-        except KafkaException as exc:
-            if "NO_OFFSET" not in str(exc):  # nothing consumed since the last commit
-                raise
+    def commit(self, messages: Sequence[RawMessage]) -> None:
+        """Commit exactly these messages as processed (the offset after each partition's last one), not the
+        consumer's position, which may already be past a later batch still in flight."""
+        offsets = commit_offsets(messages, self._assigned)
+        if offsets:
+            self._consumer.commit(offsets=offsets, asynchronous=False)
 
     def _maybe_report_lag(self, every_s: float = 5.0) -> None:
         now = time.monotonic()
@@ -210,3 +211,13 @@ class KafkaSink:
         errors, self._errors = self._errors, []
         if remaining or errors:
             raise BrokerUnavailableError(f"{remaining} messages unacknowledged, {len(errors)} failed")
+
+
+def commit_offsets(messages: Sequence[RawMessage], assigned: set[tuple[str, int]]) -> list[TopicPartition]:
+    """The offsets that mark ``messages`` processed: one per partition still assigned, after its last."""
+    last: dict[tuple[str, int], int] = {}
+    for message in messages:
+        key = (message.topic, message.partition)
+        if key in assigned and message.offset >= last.get(key, -1):
+            last[key] = message.offset
+    return [TopicPartition(topic, partition, offset + 1) for (topic, partition), offset in last.items()]

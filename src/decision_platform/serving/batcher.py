@@ -6,8 +6,8 @@ thread per request pays all of it sixteen times and fights the others for the GI
 their request on a queue and await a future; one decider thread takes whatever has queued (up to
 ``max_batch``; waiting up to ``max_wait_s`` for more when it is set), decides it with
 :meth:`DecisionEngine.submit_batch` and goes straight on to the next batch while this one's group commit
-runs. Each request's future resolves from the writer thread only when its own row is durable (stored or
-spooled), so an acknowledged decision is exactly as durable as before; a write that fails (nothing
+runs. Each request's future resolves from the writer thread only when its batch is durable (its own row
+stored or spooled), so an acknowledged decision is exactly as durable as before; a write that fails (nothing
 durable) fails its request, which the route answers 503.
 
 Under light load a batch is one request and nothing waits for company (``max_wait_s`` is 0 by default):
@@ -17,12 +17,16 @@ batches grow by themselves while the decider is busy, which is exactly when they
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
+from typing import Any
 
+from decision_platform.core.records import RowStatus
 from decision_platform.observability import metrics
 from decision_platform.serving.engine import Decision, DecisionEngine, DecisionRequest, PendingDecision
 
@@ -97,32 +101,32 @@ class DecisionBatcher:
             for _, loop, future in batch:
                 loop.call_soon_threadsafe(_fail, future, exc)
             return
-        for (_, loop, future), decision in zip(batch, pending, strict=True):
-            decision.storage.add_done_callback(_Resolver(loop, future, decision))
+        if pending:  # one future for the whole batch: one callback answers every request of it
+            pending[0].storage.add_done_callback(_Resolver(batch, pending))
 
 
 class _Resolver:
-    """Called (writer thread) once a row is durable: wakes its request's coroutine on its own loop."""
+    """Called (writer thread) once the batch is durable: wakes each request's coroutine on its own loop,
+    with its decision or with what kept that decision from being durable."""
 
-    __slots__ = ("decision", "future", "loop")
+    __slots__ = ("batch", "pending")
 
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        future: asyncio.Future[PendingDecision],
-        decision: PendingDecision,
-    ) -> None:
-        self.loop, self.future, self.decision = loop, future, decision
+    def __init__(self, batch: list[_Item], pending: list[PendingDecision]) -> None:
+        self.batch, self.pending = batch, pending
 
-    def __call__(self, storage: Future[str]) -> None:
-        error = storage.exception()
-        try:
-            if error is not None:
-                self.loop.call_soon_threadsafe(_fail, self.future, error)
+    def __call__(self, _storage: Future[list[RowStatus]]) -> None:
+        for (_, loop, future), decision in zip(self.batch, self.pending, strict=True):
+            try:
+                decision.status()
+            except BaseException as error:
+                _call(loop, _fail, future, error)
             else:
-                self.loop.call_soon_threadsafe(_succeed, self.future, self.decision)
-        except RuntimeError:  # the loop is closed: the request is gone with it
-            pass
+                _call(loop, _succeed, future, decision)
+
+
+def _call(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: the request is gone with it
+        loop.call_soon_threadsafe(callback, *args)
 
 
 def _succeed(future: asyncio.Future[PendingDecision], decision: PendingDecision) -> None:

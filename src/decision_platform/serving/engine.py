@@ -29,7 +29,7 @@ from decision_platform.config import Settings
 from decision_platform.core.actions import ACTION_NAMES
 from decision_platform.core.events import Event
 from decision_platform.core.ids import DecisionIdGenerator
-from decision_platform.core.records import DUPLICATE, DecisionRecord
+from decision_platform.core.records import DUPLICATE, DecisionRecord, RowStatus
 from decision_platform.explain.attributions import ReasonBuilder
 from decision_platform.explain.reasons import template_sentence
 from decision_platform.features import FeatureResult, FeatureSpec, FeatureStore
@@ -56,11 +56,12 @@ class StageError(Exception):
 
 
 class DecisionSink(Protocol):
-    """Where decided records go (storage/writer.py's DecisionWriter): ``submit`` hands a record to the group
-    commit and returns at once; its future resolves (stored | spooled | duplicate) once it is durable, or
-    fails when it could not be made durable. ``find_decision_by_event``: the first decision of an event."""
+    """Where decided records go (storage/writer.py's DecisionWriter): ``submit_many`` hands a batch's records
+    to the group commit and returns at once; its one future resolves once all are durable, with each
+    record's status (stored | spooled | duplicate) or the exception that kept it from being durable.
+    ``find_decision_by_event``: the first decision of an event."""
 
-    def submit(self, record: DecisionRecord) -> Future[str]: ...
+    def submit_many(self, records: list[DecisionRecord]) -> Future[list[RowStatus]]: ...
 
     def find_decision_by_event(self, event_id: str) -> DecisionRecord | None: ...
 
@@ -94,33 +95,38 @@ class PendingDecision:
     has it. Nothing may be answered before that (:meth:`DecisionEngine.finish`)."""
 
     record: DecisionRecord
-    storage: Future[str]
+    storage: Future[list[RowStatus]]  # the batch's, shared by its decisions
+    index: int  # this record's place in the batch
     clock: _BatchClock
+
+    def status(self, timeout_s: float | None = None) -> str:
+        """stored | spooled | duplicate once durable (waits); raises what kept the record from it."""
+        status = self.storage.result(timeout=timeout_s)[self.index]
+        if isinstance(status, BaseException):
+            raise status
+        return status
 
     @property
     def needs_lookup(self) -> bool:
         """A duplicate event: finishing it reads the first decision (a database or spool read)."""
-        return self.record.event_id is not None and self.storage.result() == DUPLICATE
+        return self.record.event_id is not None and self.status() == DUPLICATE
 
 
 class _BatchClock:
-    """The store and total stages of one batch: each row's future calls ``done`` from the writer thread,
-    which only notes the time the last one was durable; ``report`` observes the histograms once, from a
-    finishing thread. (Observing on the writer thread made it and the decider contend for the histogram's
-    lock: a holder preempted by the GIL kept the other waiting for a whole switch interval, 5 ms.)"""
+    """The store and total stages of one batch: the batch's future calls ``done`` from the writer thread,
+    which only notes the time it was durable; ``report`` observes the histograms once, from a finishing
+    thread. (Observing on the writer thread made it and the decider contend for the histogram's lock: a
+    holder preempted by the GIL kept the other waiting for a whole switch interval, 5 ms.)"""
 
-    def __init__(self, started: float, stored_from: float, rows: int) -> None:
+    def __init__(self, started: float, stored_from: float) -> None:
         self.started, self.stored_from = started, stored_from
         self.durable_at: float | None = None
-        self._left = rows
         self._reported = False
         self._lock = threading.Lock()
 
-    def done(self, _future: Future[str]) -> None:
+    def done(self, _future: Future[list[RowStatus]]) -> None:
         with self._lock:
-            self._left -= 1
-            if self._left == 0:
-                self.durable_at = time.perf_counter()
+            self.durable_at = time.perf_counter()
 
     def report(self) -> None:
         with self._lock:
@@ -341,7 +347,7 @@ class DecisionEngine:
         """Decide every request and wait until each is durable. ``features``: already applied results of
         the requests' events (the stream worker updates windows itself, so that a feature-store outage
         retries the batch)."""
-        return [self.finish(pending) for pending in self.submit_batch(requests, features)]
+        return self.finish_batch(self.submit_batch(requests, features))
 
     def submit_batch(
         self, requests: Sequence[DecisionRequest], features: Sequence[FeatureResult] | None = None
@@ -354,27 +360,41 @@ class DecisionEngine:
         records = self._decide(requests, scores, serving)
         watch.lap("rules")
         decided_ms = (time.perf_counter() - watch.start) * 1000.0
-        clock = _BatchClock(watch.start, time.perf_counter(), len(records))
-        pending = []
+        clock = _BatchClock(watch.start, time.perf_counter())
         for record in records:
             record.latency_ms = decided_ms  # time to decide, before storage (stored with the decision)
-            future = self.writer.submit(record)
-            future.add_done_callback(clock.done)
-            pending.append(PendingDecision(record, future, clock))
-        return pending
+        future = self.writer.submit_many(records)
+        future.add_done_callback(clock.done)
+        return [PendingDecision(record, future, i, clock) for i, record in enumerate(records)]
 
     def finish(self, pending: PendingDecision, timeout_s: float = 60.0) -> Decision:
         """The answer for a durable decision (waits for it; raises what the write path raised: nothing
         durable, nothing acknowledged). A duplicate event is answered with its first decision, whether it
         is in the database or still in the spool."""
+        return self.finish_batch([pending], timeout_s)[0]
+
+    def finish_batch(self, pending: Sequence[PendingDecision], timeout_s: float = 60.0) -> list[Decision]:
+        """:meth:`finish` of every decision of a batch, in order, with the decision counter incremented
+        once per (action, decided_by) instead of once a row (a labelled increment a row was ~6% of the
+        stream worker thread's py-spy samples)."""
+        decisions = [self._answer(p, timeout_s) for p in pending]
+        counts: dict[tuple[int, str], int] = {}
+        for p, decision in zip(pending, decisions, strict=True):
+            if decision.record is p.record:  # not a retried event answered with its first decision
+                key = (decision.record.action, decision.record.decided_by)
+                counts[key] = counts.get(key, 0) + 1
+        for (action, decided_by), n in counts.items():
+            metrics.DECISIONS.labels(action=ACTION_NAMES[action], decided_by=decided_by).inc(n)
+        return decisions
+
+    def _answer(self, pending: PendingDecision, timeout_s: float) -> Decision:
         record = pending.record
-        stored = pending.storage.result(timeout=timeout_s)
-        pending.clock.report()  # the batch's last row to be durable reports it (no-op for the others)
+        stored = pending.status(timeout_s)
+        pending.clock.report()  # the batch's first row to be finished reports it (no-op for the others)
         if stored == DUPLICATE and record.event_id is not None:
             first = self.writer.find_decision_by_event(record.event_id)
             if first is not None:
                 return Decision(first, first.response(), DUPLICATE)
-        metrics.DECISIONS.labels(action=ACTION_NAMES[record.action], decided_by=record.decided_by).inc()
         total_ms = round((time.perf_counter() - pending.clock.started) * 1000.0, 3)
         return Decision(record, record.response(total_ms), stored)
 

@@ -11,6 +11,7 @@ configured, in-process behind ``POST /events``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -22,17 +23,18 @@ from pydantic import ValidationError
 
 from decision_platform.config import Settings
 from decision_platform.core.events import Event
+from decision_platform.core.records import DUPLICATE
 from decision_platform.events.messages import RawMessage
 from decision_platform.features import FeatureStore
 from decision_platform.observability import metrics
-from decision_platform.serving.engine import DecisionEngine, DecisionRequest
+from decision_platform.serving.engine import DecisionEngine, DecisionRequest, PendingDecision
 
 log = logging.getLogger(__name__)
 
 
 class EventSource(Protocol):
     def poll(self, max_messages: int, timeout_s: float) -> list[RawMessage]: ...
-    def commit(self) -> None: ...
+    def commit(self, messages: Sequence[RawMessage]) -> None: ...
     def close(self) -> None: ...
 
 
@@ -78,7 +80,9 @@ class StreamWorker:
         self.store = store
         self.sink = sink
         #: Cumulative seconds per stage (parse, features, decide, publish): where a worker's time goes.
-        self.stage_seconds: dict[str, float] = dict.fromkeys(("parse", "features", "decide", "publish"), 0.0)
+        self.stage_seconds: dict[str, float] = dict.fromkeys(
+            ("parse", "features", "decide", "store", "publish"), 0.0
+        )
 
     def _lap(self, stage: str, since: float) -> float:
         now = time.perf_counter()
@@ -87,12 +91,19 @@ class StreamWorker:
 
     def process(self, messages: Sequence[RawMessage]) -> BatchSummary:
         """Apply one batch; raises (so nothing gets committed) if an effect could not be made durable."""
+        return self.complete(self.begin(messages))
+
+    def begin(self, messages: Sequence[RawMessage]) -> InFlight:
+        """Parse, update windows and decide one batch, handing its decisions to the group commit without
+        waiting for them to be durable (:meth:`complete` waits). Raises if the windows could not be
+        updated: nothing of the batch is then decided."""
         started = time.perf_counter()
         metrics.WORKER_BATCH_SIZE.observe(len(messages))
         summary = BatchSummary(consumed=len(messages))
         events: list[Event] = []
+        consumed: dict[str, int] = {}
         for message in messages:
-            metrics.EVENTS_CONSUMED.labels(topic=message.topic).inc()
+            consumed[message.topic] = consumed.get(message.topic, 0) + 1
             try:
                 events.append(parse(message))
             except (ValueError, ValidationError) as exc:  # poison: park it, never stop on it
@@ -100,10 +111,10 @@ class StreamWorker:
                 self.sink.dead_letter(message, describe_error(exc))
                 metrics.EVENTS_DEAD_LETTERED.labels(reason=reason).inc()
                 summary.dead_lettered += 1
+        for topic, count in consumed.items():  # one labelled increment a topic, not one a message
+            metrics.EVENTS_CONSUMED.labels(topic=topic).inc(count)
         self._lap("parse", started)
-        self._apply(events, summary)
-        metrics.WORKER_BATCH_SECONDS.observe(time.perf_counter() - started)
-        return summary
+        return self._begin_events(events, summary, started)
 
     def process_events(self, events: Sequence[Event]) -> BatchSummary:
         """Apply already validated events (``POST /events`` with no broker: no serialise-then-parse)."""
@@ -111,13 +122,12 @@ class StreamWorker:
         metrics.WORKER_BATCH_SIZE.observe(len(events))
         metrics.EVENTS_CONSUMED.labels(topic=self.settings.kafka_events_topic).inc(len(events))
         summary = BatchSummary(consumed=len(events))
-        self._apply(list(events), summary)
-        metrics.WORKER_BATCH_SECONDS.observe(time.perf_counter() - started)
-        return summary
+        return self.complete(self._begin_events(list(events), summary, started))
 
-    def _apply(self, events: list[Event], summary: BatchSummary) -> None:
-        """Windows, decisions, publication of one batch's valid events."""
+    def _begin_events(self, events: list[Event], summary: BatchSummary, started: float) -> InFlight:
+        """Windows, then decisions handed to the group commit, of one batch's valid events."""
         lap = time.perf_counter()
+        pending: list[PendingDecision] = []
         if events:
             # Windows first, outside the engine's fallback: if Redis is down this raises, the batch is not
             # committed and is retried, instead of deciding without ever counting the events.
@@ -125,44 +135,118 @@ class StreamWorker:
             lap = self._lap("features", lap)
             if self.settings.worker_decide:
                 requests = [DecisionRequest(e.entity_id, e) for e in events]
-                decisions = self.engine.decide_batch(requests, features=features)
-                lap = self._lap("decide", lap)
-                self.sink.decisions([d.response for d in decisions])
-                summary.decided = len(decisions)
-                summary.duplicates = sum(d.storage == "duplicate" for d in decisions)
-                summary.decision_ids = [d.response["decision_id"] for d in decisions]
+                pending = self.engine.submit_batch(requests, features=features)
+                self._lap("decide", lap)
+        return InFlight(summary, pending, started)
+
+    def complete(self, batch: InFlight) -> BatchSummary:
+        """Wait until the batch's decisions are durable, then publish them (and its dead letters) and wait
+        for the broker's acknowledgement; raises if any of that failed (nothing may be committed then)."""
+        lap = time.perf_counter()
+        summary = batch.summary
+        if batch.pending:
+            decisions = self.engine.finish_batch(batch.pending)
+            lap = self._lap("store", lap)
+            self.sink.decisions([d.response for d in decisions])
+            summary.decided = len(decisions)
+            summary.duplicates = sum(d.storage == DUPLICATE for d in decisions)
+            summary.decision_ids = [d.response["decision_id"] for d in decisions]
         self.sink.flush()
         self._lap("publish", lap)
+        metrics.WORKER_BATCH_SECONDS.observe(time.perf_counter() - batch.started)
+        return summary
 
     def run(self, source: EventSource, stop: threading.Event, poll_timeout_s: float = 0.5) -> int:
         """Consume until ``stop`` is set; returns the number of messages processed.
 
-        On a failed batch the worker backs off and re-processes the same messages (effects are idempotent)
-        until they succeed or it is stopped; their offsets stay uncommitted meanwhile.
+        Pipelined, one batch deep: batch k+1 is polled, its windows updated and its decisions handed to
+        the group commit while batch k's commit runs (PostgreSQL's time, on another core, overlaps this
+        process's CPU); then batch k is completed (durable, published, acknowledged) and only then are
+        *its* offsets committed, explicitly. The writer stores batches in the order they were handed over,
+        so a redelivered event in batch k+1 finds batch k's decision as its first.
+
+        On a failed batch the worker settles what is in flight in order, one batch at a time: it backs off
+        and re-processes the same messages (effects are idempotent) until they succeed or it is stopped;
+        their offsets stay uncommitted meanwhile.
         """
         processed = 0
+        inflight: tuple[list[RawMessage], InFlight] | None = None
         try:
             while not stop.is_set():
-                batch = source.poll(self.settings.worker_batch_size, poll_timeout_s)
-                if not batch:
-                    continue
-                backoff = 0.1
-                while True:
-                    try:
-                        self.process(batch)
-                        break
-                    except Exception as exc:
-                        log.warning(
-                            "batch failed (%s: %s); retrying in %.1f s", type(exc).__name__, exc, backoff
-                        )
-                        if stop.wait(backoff):
-                            return processed  # stopping: leave the offsets uncommitted; redelivered later
-                        backoff = min(backoff * 2, 5.0)
-                source.commit()
-                processed += len(batch)
+                # With a batch in flight, take only what has already arrived: waiting for more would hold
+                # back the in-flight batch's answers (and offsets) for up to a poll timeout.
+                timeout_s = poll_timeout_s if inflight is None else 0.0
+                batch = source.poll(self.settings.worker_batch_size, timeout_s)
+                started = self._try_begin(batch) if batch else None
+                if inflight is not None:
+                    messages, previous = inflight
+                    inflight = None
+                    if not self._try_complete(previous, messages, source):
+                        _abandon(started)  # settled below, after the batch before it
+                        started = None
+                        if not self._settle(messages, source, stop):
+                            return processed
+                    processed += len(messages)
+                if batch and started is None:
+                    if not self._settle(batch, source, stop):
+                        return processed
+                    processed += len(batch)
+                elif batch and started is not None:
+                    inflight = (batch, started)
+            if inflight is not None and self._try_complete(inflight[1], inflight[0], source):
+                processed += len(inflight[0])  # else: left uncommitted, redelivered later
         finally:
             source.close()
         return processed
+
+    def _try_begin(self, messages: list[RawMessage]) -> InFlight | None:
+        try:
+            return self.begin(messages)
+        except Exception as exc:
+            log.warning("batch failed (%s: %s); retrying it on its own", type(exc).__name__, exc)
+            return None
+
+    def _try_complete(self, batch: InFlight, messages: list[RawMessage], source: EventSource) -> bool:
+        try:
+            self.complete(batch)
+            source.commit(messages)
+        except Exception as exc:
+            log.warning("batch failed (%s: %s); retrying it on its own", type(exc).__name__, exc)
+            return False
+        return True
+
+    def _settle(self, messages: list[RawMessage], source: EventSource, stop: threading.Event) -> bool:
+        """Process one batch until it succeeds, then commit it; False if stopped first (not committed)."""
+        backoff = 0.1
+        while True:
+            try:
+                self.process(messages)
+                source.commit(messages)
+                return True
+            except Exception as exc:
+                log.warning("batch failed (%s: %s); retrying in %.1f s", type(exc).__name__, exc, backoff)
+                if stop.wait(backoff):
+                    return False  # stopping: leave the offsets uncommitted; redelivered later
+                backoff = min(backoff * 2, 5.0)
+
+
+@dataclass
+class InFlight:
+    """A batch whose decisions are on their way to durability (:meth:`StreamWorker.begin`)."""
+
+    summary: BatchSummary
+    pending: list[PendingDecision]
+    started: float
+
+
+def _abandon(batch: InFlight | None) -> None:
+    """Wait for a begun batch's writes before it is processed again (its retry then sees them as
+    duplicates, in order); their outcome does not matter, the retry decides what is durable."""
+    if batch is None:
+        return
+    if batch.pending:  # one future answers the whole batch
+        with contextlib.suppress(Exception):  # the retry will find out again
+            batch.pending[0].storage.result(timeout=60.0)
 
 
 class InProcessSink:

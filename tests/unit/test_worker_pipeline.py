@@ -1,0 +1,181 @@
+"""The stream worker's pipelined run loop (serving/worker.py): batch k+1 is decided while batch k's group
+commit runs, and batch k's offsets are committed only once its decisions are durable and published."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+from confluent_kafka import TopicPartition
+
+from decision_platform.config import Settings
+from decision_platform.data import generate
+from decision_platform.events.kafka import KafkaSource, commit_offsets
+from decision_platform.events.messages import RawMessage
+from decision_platform.learning.replay import shift_to_now
+from decision_platform.serving.platform import Platform
+from decision_platform.serving.worker import InProcessSink, StreamWorker
+
+BATCH = 40
+
+
+class BatchSource:
+    """Hands out fixed batches, then nothing; records every poll and commit, in order, and checks at each
+    commit that the committed batch's decisions are durable and published."""
+
+    def __init__(self, batches: list[list[RawMessage]], worker: StreamWorker, stop: threading.Event) -> None:
+        self.batches, self.worker, self.stop = list(batches), worker, stop
+        self.log: list[tuple[str, int]] = []  # ("poll" | "commit", first offset of the batch)
+        self.expected = len(batches)
+        self.committed = 0
+
+    def poll(self, max_messages: int, timeout_s: float) -> list[RawMessage]:
+        if not self.batches:
+            return []
+        batch = self.batches.pop(0)
+        self.log.append(("poll", batch[0].offset))
+        return batch
+
+    def commit(self, messages: Sequence[RawMessage]) -> None:
+        published = {d["entity_id"] for d in self.worker.sink.published}  # type: ignore[attr-defined]
+        writer = self.worker.engine.writer
+        for message in messages:
+            event_id = message.key.decode()  # type: ignore[union-attr]
+            decision = writer.find_decision_by_event(event_id)
+            assert decision is not None, f"offset {message.offset} committed before its decision is durable"
+            assert decision.entity_id in published
+        self.log.append(("commit", messages[0].offset))
+        self.committed += 1
+        if self.committed == self.expected:
+            self.stop.set()
+
+    def close(self) -> None:
+        return None
+
+
+class FlakySink(InProcessSink):
+    """Fails the first ``failures`` flushes, like a broker that does not acknowledge."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__(keep=10_000)
+        self.failures = failures
+
+    def flush(self) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise OSError("broker did not acknowledge")
+
+
+def messages(count: int) -> list[RawMessage]:
+    events = shift_to_now(generate(n_entities=40, days=1, seed=5).events)[:count]
+    assert len(events) == count
+    return [
+        RawMessage(e.model_dump_json().encode(), e.event_id.encode(), "events", 0, offset)
+        for offset, e in enumerate(events)
+    ]
+
+
+def batches_of(items: list[RawMessage]) -> list[list[RawMessage]]:
+    return [items[i : i + BATCH] for i in range(0, len(items), BATCH)]
+
+
+def run_worker(platform: Platform, batches: list[list[RawMessage]], sink: InProcessSink) -> BatchSource:
+    worker = StreamWorker(platform.settings, platform.engine, platform.store, sink)
+    stop = threading.Event()
+    source = BatchSource(batches, worker, stop)
+    thread = threading.Thread(target=worker.run, args=(source, stop, 0.01), daemon=True)
+    thread.start()
+    thread.join(120)
+    assert not thread.is_alive(), "the worker did not finish"
+    return source
+
+
+@pytest.fixture
+def platform_for(
+    make_settings: Callable[..., Settings],
+    start_platform: Callable[[Settings], Platform],
+    tmp_path: Any,
+) -> Callable[[str], Platform]:
+    return lambda name: start_platform(make_settings(spool_dir=tmp_path / name))
+
+
+def test_the_next_batch_is_decided_before_the_last_is_committed_and_commits_stay_in_order(
+    platform_for: Callable[[str], Platform],
+) -> None:
+    source = run_worker(platform_for("a"), batches_of(messages(3 * BATCH)), InProcessSink(keep=10_000))
+    # Pipelined: batch 2 is polled (and decided) before batch 1 is committed; each commit after its poll.
+    assert source.log == [
+        ("poll", 0),
+        ("poll", BATCH),
+        ("commit", 0),
+        ("poll", 2 * BATCH),
+        ("commit", BATCH),
+        ("commit", 2 * BATCH),
+    ]
+
+
+def test_a_failed_batch_is_retried_before_the_next_and_every_event_is_decided_once(
+    platform_for: Callable[[str], Platform],
+) -> None:
+    items = messages(3 * BATCH)
+    platform = platform_for("b")
+    sink = FlakySink(failures=1)  # the first batch's publication fails once
+    source = run_worker(platform, batches_of(items), sink)
+    assert [offset for kind, offset in source.log if kind == "commit"] == [0, BATCH, 2 * BATCH]
+    writer = platform.engine.writer
+    decisions = [writer.find_decision_by_event(m.key.decode()) for m in items]  # type: ignore[union-attr]
+    assert all(d is not None for d in decisions)
+    assert platform.engine.writer.repository.count_decisions() == len(items)  # one decision per event
+
+
+def test_pipelined_decisions_equal_batch_by_batch_ones(platform_for: Callable[[str], Platform]) -> None:
+    """Same inputs, same decisions: the pipelined loop against ``process`` one batch after the other."""
+    items = messages(3 * BATCH)
+    pipelined = platform_for("c")
+    run_worker(pipelined, batches_of(items), InProcessSink(keep=10_000))
+    sequential = platform_for("d")
+    worker = StreamWorker(sequential.settings, sequential.engine, sequential.store, InProcessSink())
+    for batch in batches_of(items):
+        worker.process(batch)
+
+    def decided(platform: Platform) -> list[tuple[Any, ...]]:
+        writer = platform.engine.writer
+        records = [writer.find_decision_by_event(m.key.decode()) for m in items]  # type: ignore[union-attr]
+        return [(r.action, r.propensity, r.risk, r.anomaly, r.features) for r in records]  # type: ignore[union-attr]
+
+    assert decided(pipelined) == decided(sequential)
+
+
+def test_commit_offsets_are_each_partitions_next_offset_and_skip_revoked_partitions() -> None:
+    batch = [RawMessage(b"", None, "t", p, o) for p, o in [(0, 5), (1, 9), (0, 7), (0, 6), (2, 1)]]
+    offsets = commit_offsets(batch, assigned={("t", 0), ("t", 1)})
+    assert sorted((tp.partition, tp.offset) for tp in offsets) == [(0, 8), (1, 10)]
+
+
+class RecordingConsumer:
+    """Stands in for confluent_kafka's Consumer: records what is committed."""
+
+    def __init__(self) -> None:
+        self.commits: list[list[tuple[int, int]]] = []
+
+    def commit(self, offsets: list[TopicPartition] | None = None, asynchronous: bool = True) -> None:
+        assert offsets is not None, "a bare commit() commits the consumer's position, past batches in flight"
+        self.commits.append(sorted((tp.partition, tp.offset) for tp in offsets))
+
+    def close(self) -> None:
+        return None
+
+
+def test_a_revoke_commits_nothing_and_a_later_commit_skips_the_revoked_partitions() -> None:
+    source = KafkaSource(Settings(kafka_bootstrap_servers="127.0.0.1:9", kafka_events_topic="t"))
+    source._consumer.close()
+    consumer = RecordingConsumer()
+    source._consumer = consumer  # type: ignore[assignment]
+    source._on_assign(consumer, [TopicPartition("t", 0), TopicPartition("t", 1)])
+    in_flight = [RawMessage(b"", None, "t", 0, 3), RawMessage(b"", None, "t", 1, 4)]
+    source._on_revoke(consumer, [TopicPartition("t", 1)])  # a rebalance while the batch is in flight
+    assert consumer.commits == []
+    source.commit(in_flight)
+    assert consumer.commits == [[(0, 4)]]  # partition 1's next owner gets offset 4 again
