@@ -33,6 +33,7 @@ REQUESTS_PER_CONNECTION = 5
 class Server:
     process: subprocess.Popen[bytes]
     url: str
+    port: int
     multiproc_dir: Path
     log: Path
 
@@ -43,6 +44,17 @@ def worker_pids(supervisor: int) -> set[int]:
         ["pgrep", "-P", str(supervisor), "-f", "spawn_main"], capture_output=True, text=True, check=False
     )
     return {int(pid) for pid in found.stdout.split()}
+
+
+def listeners(port: int) -> int:
+    """How many sockets listen on the port (each worker's, once its application has started)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            for line in list(lines)[1:]:
+                local, state = line.split()[1], line.split()[3]
+                count += local.endswith(f":{port:04X}") and state == "0A"
+    return count
 
 
 def wait_for(predicate: object, timeout_s: float, what: str) -> None:
@@ -106,10 +118,10 @@ def _serve(schema: str, model_dir: Path, root: Path) -> Iterator[Server]:
 
         def up() -> bool:
             assert process.poll() is None, log.read_text()[-3000:]
-            return healthy(url) and len(worker_pids(process.pid)) == 2
+            return listeners(port) == 2 and healthy(url)
 
         wait_for(up, 120, f"the server ({log})")
-        yield Server(process, url, root / "metrics", log)
+        yield Server(process, url, port, root / "metrics", log)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
@@ -168,7 +180,8 @@ def test_a_killed_worker_is_replaced_while_the_other_answers(server: Server) -> 
     answered = sum(healthy(server.url) for _ in range(10))  # the survivor answers meanwhile
     assert answered >= 8, f"{answered} of 10 health checks answered during the restart"
     wait_for(lambda: len(worker_pids(server.process.pid) - {victim}) == 2, 90, "a replacement worker")
-    wait_for(lambda: all(healthy(server.url) for _ in range(8)), 60, "both workers answering")
+    wait_for(lambda: listeners(server.port) == 2, 90, "the replacement listening")
+    assert all(healthy(server.url) for _ in range(8))
     assert "restarting" in server.log.read_text()
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from decision_platform.api.server import WorkerSupervisor, ensure_port_free, listening_socket
+from decision_platform.api.server import WorkerSupervisor, bound_socket, ensure_port_free
 from decision_platform.cli.main import app
 from decision_platform.config import get_settings
 from decision_platform.devtools.tansu import free_port
@@ -31,8 +31,8 @@ def die_at_start(host: str, port: int) -> None:
 
 
 def listen_and_record(host: str, port: int) -> None:
-    """A worker that joins the port's SO_REUSEPORT group, leaves its pid in a file, and waits for SIGTERM."""
-    sock = listening_socket(host, port, reuse_port=True)
+    """A worker that binds into the port's SO_REUSEPORT group, leaves its pid in a file, waits for SIGTERM."""
+    sock = bound_socket(host, port, reuse_port=True)
     Path(os.environ["SUPERVISOR_TEST_DIR"], str(os.getpid())).touch()
     time.sleep(600)  # until SIGTERM ends it
     sock.close()

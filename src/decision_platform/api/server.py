@@ -50,8 +50,13 @@ def reuseport_balances() -> bool:
     return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
 
-def listening_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
-    """A TCP socket bound to ``host:port`` and listening, optionally in a SO_REUSEPORT group."""
+def bound_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
+    """A TCP socket bound to ``host:port``, optionally in a SO_REUSEPORT group, not listening yet.
+
+    A worker's socket starts listening only when uvicorn serves on it, after the application's startup
+    (models loaded, stores connected): the kernel hands connections only to listening sockets, so none
+    waits in the queue of a worker that is still starting (or restarting).
+    """
     family, kind, proto, _, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
@@ -60,8 +65,6 @@ def listening_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind(address)
-    sock.listen(2048)
-    sock.set_inheritable(True)
     return sock
 
 
@@ -71,7 +74,7 @@ def ensure_port_free(host: str, port: int) -> None:
     SO_REUSEPORT would otherwise let the workers join the group of a *stale* server of the same user and
     share its traffic; a plain bind refuses whenever any socket holds the port.
     """
-    listening_socket(host, port, reuse_port=False).close()
+    bound_socket(host, port, reuse_port=False).close()
 
 
 def serve_one_process(host: str, port: int) -> None:
@@ -82,10 +85,11 @@ def serve_one_process(host: str, port: int) -> None:
 
 
 def _worker_main(host: str, port: int) -> None:
-    """One worker process: its own SO_REUSEPORT socket, one uvicorn server on it."""
+    """One worker process: its own SO_REUSEPORT socket, one uvicorn server on it (which listens once the
+    application has started)."""
     import uvicorn
 
-    sock = listening_socket(host, port, reuse_port=True)
+    sock = bound_socket(host, port, reuse_port=True)
     server = uvicorn.Server(uvicorn.Config(APP_FACTORY, **UVICORN_OPTIONS))  # type: ignore[arg-type]
     server.run(sockets=[sock])
 
