@@ -74,6 +74,19 @@ class InstantSink:
         return None
 
 
+def instant_engine(platform: Platform) -> DecisionEngine:
+    """The platform's engine (same models, rules, reasons) writing to an :class:`InstantSink`."""
+    return DecisionEngine(
+        platform.settings,
+        platform.engine.spec,
+        platform.store,
+        platform.models,
+        platform.rules,
+        InstantSink(),
+        reasons=platform.engine.reasons,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -109,15 +122,7 @@ def main() -> None:
         events = shift_to_now(generate(n_entities=500, days=3, seed=11).events)[: args.decisions]
         events = [e.model_copy(update={"entity_id": f"bench-{run}-{e.entity_id}"}) for e in events]
         features = platform.store.update(events)
-        engine = DecisionEngine(
-            settings,
-            platform.engine.spec,
-            platform.store,
-            platform.models,
-            platform.rules,
-            InstantSink(),
-            reasons=platform.engine.reasons,
-        )
+        engine = instant_engine(platform)
         print(
             f"{len(events)} decisions per batch size; µs per decision: CPU and wall of the whole, "
             "CPU of the deciding thread by stage"

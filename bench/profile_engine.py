@@ -19,13 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_engine import STAGE_CPU, InstantSink  # also times the engine's stages in CPU
+from bench_engine import STAGE_CPU, instant_engine  # also times the engine's stages in CPU
 from decision_platform.config import PROJECT_ROOT, Settings
 from decision_platform.core.rewards import RewardTable
 from decision_platform.data import generate
 from decision_platform.learning.replay import shift_to_now
 from decision_platform.models.registry import ModelRegistry
-from decision_platform.serving.engine import DecisionEngine, DecisionRequest
+from decision_platform.serving.engine import DecisionRequest
 from decision_platform.serving.platform import Platform
 from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.repository import Repository
@@ -69,15 +69,7 @@ def main() -> None:
     platform = start(args.cache)
     events = shift_to_now(generate(n_entities=500, days=3, seed=11).events)[: args.decisions]
     features = platform.store.update(events)
-    engine = DecisionEngine(
-        platform.settings,
-        platform.engine.spec,
-        platform.store,
-        platform.models,
-        platform.rules,
-        InstantSink(),
-        reasons=platform.engine.reasons,
-    )
+    engine = instant_engine(platform)
     requests = [DecisionRequest(e.entity_id, e) for e in events]
     engine.decide_batch(requests[:64], features=features[:64])  # warm
     n = len(requests)

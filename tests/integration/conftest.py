@@ -3,6 +3,7 @@ Redis Cluster of our own (3 masters from the machine's redis-server, once per se
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,7 +16,7 @@ import redis
 from decision_platform.devtools.redis_cluster import LocalRedisCluster, start_cluster
 from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.repository import Repository
-from tests.conftest import PG_URL, REDIS_URL, copy_registry, service_unavailable
+from tests.conftest import CONFIG_DIR, PG_URL, REDIS_URL, copy_registry, service_unavailable
 
 
 @pytest.fixture
@@ -80,6 +81,21 @@ def schema_with_models(trained: tuple[str, Path], prefix: str, redis_url: str) -
         redis.Redis.from_url(redis_url).flushdb()
         with psycopg.connect(PG_URL, autocommit=True) as connection:
             connection.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def process_env(schema: str, model_dir: Path, redis_url: str, spool_dir: Path) -> dict[str, str]:
+    """The environment of a platform process started by a test: this machine's environment without any
+    DP_, STACK_ or PROMETHEUS_ setting, then the schema, the Redis database and the session's models."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DP_", "STACK_", "PROMETHEUS_"))}
+    env.update(
+        DP_DATABASE_URL=PG_URL,
+        DP_DATABASE_SCHEMA=schema,
+        DP_FEATURE_STORE_URL=redis_url,
+        DP_MODEL_DIR=str(model_dir),
+        DP_CONFIG_DIR=str(CONFIG_DIR),
+        DP_SPOOL_DIR=str(spool_dir),
+    )
+    return env
 
 
 def query(schema: str, sql: str) -> list[tuple]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import threading
@@ -30,8 +29,8 @@ from decision_platform.devtools.tansu import free_port
 from decision_platform.features.store import DEFAULT_KEY_PREFIX
 from decision_platform.observability.local_prometheus import DEPLOY_DIR, binaries, dashboard_queries, query
 from decision_platform.storage.spool import QUARANTINE_FILE
-from tests.conftest import CONFIG_DIR, PG_URL, service_unavailable
-from tests.integration.conftest import schema_with_models
+from tests.conftest import PG_URL, service_unavailable
+from tests.integration.conftest import process_env, schema_with_models
 
 pytestmark = pytest.mark.integration
 
@@ -144,14 +143,8 @@ def stack(
 def _run_stack(schema: str, model_dir: Path, root: Path) -> Iterator[Stack]:
     api_port, prometheus_port = free_port(), free_port()
     topic = f"events-obs-{uuid.uuid4().hex[:6]}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DP_", "STACK_", "PROMETHEUS_"))}
+    env = process_env(schema, model_dir, REDIS_URL, root / "spool")
     env.update(
-        DP_DATABASE_URL=PG_URL,
-        DP_DATABASE_SCHEMA=schema,
-        DP_FEATURE_STORE_URL=REDIS_URL,
-        DP_MODEL_DIR=str(model_dir),
-        DP_CONFIG_DIR=str(CONFIG_DIR),
-        DP_SPOOL_DIR=str(root / "spool"),
         DP_HOST="127.0.0.1",
         DP_PORT=str(api_port),
         DP_KAFKA_EVENTS_TOPIC=topic,

@@ -19,8 +19,7 @@ import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from decision_platform.devtools.tansu import free_port
-from tests.conftest import CONFIG_DIR, PG_URL
-from tests.integration.conftest import schema_with_models
+from tests.integration.conftest import process_env, schema_with_models
 
 pytestmark = pytest.mark.integration
 
@@ -81,17 +80,8 @@ def server(trained: tuple[str, Path], tmp_path_factory: pytest.TempPathFactory) 
 
 def _serve(schema: str, model_dir: Path, root: Path) -> Iterator[Server]:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DP_", "PROMETHEUS_"))}
-    env.update(
-        DP_DATABASE_URL=PG_URL,
-        DP_DATABASE_SCHEMA=schema,
-        DP_FEATURE_STORE_URL=REDIS_URL,
-        DP_MODEL_DIR=str(model_dir),
-        DP_CONFIG_DIR=str(CONFIG_DIR),
-        DP_SPOOL_DIR=str(root / "spool"),
-        DP_LLM_URL="none",
-        PROMETHEUS_MULTIPROC_DIR=str(root / "metrics"),
-    )
+    env = process_env(schema, model_dir, REDIS_URL, root / "spool")
+    env.update(DP_LLM_URL="none", PROMETHEUS_MULTIPROC_DIR=str(root / "metrics"))
     (root / "metrics").mkdir()
     log = root / "server.log"
     with log.open("wb") as out:

@@ -142,16 +142,10 @@ def improve(
     labels = np.asarray(labels).astype(bool)
     replay = Replay.of(episodes, labels, amounts)
     _, after = return_to_go(start, replay, rewards)
-    fitted = []
-    for label in (False, True):
-        rows = labels == label
-        if rows.sum() < 2:
-            fitted.append(None)
-            continue
-        fitted.append(_regressor(seed).fit(states[rows], after[rows]))
-    if fitted[0] is None or fitted[1] is None:
+    if min((~labels).sum(), labels.sum()) < 2:  # a label (nearly) absent: no values to fit, Bayes stays
         return ImprovedPolicy(bayes, None, None, rewards)
-    return ImprovedPolicy(bayes, fitted[0], fitted[1], rewards)
+    good, bad = (_regressor(seed).fit(states[rows], after[rows]) for rows in (~labels, labels))
+    return ImprovedPolicy(bayes, good, bad, rewards)
 
 
 def policy_iteration(
