@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from decision_platform.api import admin
 from decision_platform.api.admin import router as admin_router
+from decision_platform.api.decide_lane import DecideLane
 from decision_platform.api.routes import router
 from decision_platform.config import Settings, get_settings
 from decision_platform.console.routes import AdminActions, build_router
@@ -201,5 +202,6 @@ def add_error_handling(app: FastAPI, max_body_bytes: int) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     for error in DEPENDENCY_OUTAGES:
         app.add_exception_handler(error, _dependency_unavailable)
+    app.add_middleware(DecideLane)  # innermost of ours: it reads the body BodySizeLimit has bounded
     app.add_middleware(BodySizeLimit, limit=max_body_bytes)
     app.add_middleware(CatchUnexpected)  # added last: outermost of ours, so it also covers BodySizeLimit

@@ -31,6 +31,7 @@ from decision_platform.serving.outcomes import (
     UnknownOutcomeError,
     record_outcome,
 )
+from decision_platform.serving.platform import Platform
 from decision_platform.storage.errors import DatabaseUnavailable
 
 router = APIRouter()
@@ -84,6 +85,13 @@ def ready(platform: PlatformDep, response: Response) -> dict[str, Any]:
     responses=error_responses(400, 413, 422, 503),
 )
 async def decide(body: DecideRequest, platform: PlatformDep) -> Response:
+    # api/decide_lane.py answers well-formed requests before FastAPI sees them; this route documents the
+    # contract and answers the rest (bodies that do not validate, other content types) with its errors.
+    return Response(await decided(platform, body), media_type="application/json")
+
+
+async def decided(platform: Platform, body: DecideRequest) -> bytes:
+    """The JSON answer to ``POST /decide`` once the decision is durable; HTTPException 503 when it is not."""
     # async: the request waits on the event loop for its micro-batch (serving/batcher.py), with no
     # threadpool hop; the answer is the engine's dict as JSON, not re-validated (tests hold it to the schema).
     batcher = platform.batcher
@@ -98,7 +106,7 @@ async def decide(body: DecideRequest, platform: PlatformDep) -> Response:
     narrator = platform.narrator
     if narrator is not None and decision.storage != DUPLICATE:  # a queue append: never waits for the LLM
         narrator.submit(decision.record)
-    return Response(orjson.dumps(decision.response), media_type="application/json")
+    return orjson.dumps(decision.response)
 
 
 @router.post(

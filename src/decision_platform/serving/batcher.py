@@ -22,7 +22,6 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -32,7 +31,7 @@ from decision_platform.serving.engine import Decision, DecisionEngine, DecisionR
 
 log = logging.getLogger(__name__)
 
-_Item = tuple[DecisionRequest, asyncio.AbstractEventLoop, "asyncio.Future[PendingDecision]"]
+_Item = tuple[DecisionRequest, asyncio.AbstractEventLoop, "asyncio.Future[Decision | PendingDecision]"]
 
 
 class DecisionBatcher:
@@ -53,13 +52,13 @@ class DecisionBatcher:
         if self._closed:
             raise RuntimeError("the decider is closed")
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[PendingDecision] = loop.create_future()
+        future: asyncio.Future[Decision | PendingDecision] = loop.create_future()
         self._queue.put((request, loop, future))
         async with asyncio.timeout(timeout_s):
-            pending = await future
-        if pending.needs_lookup:  # a retried event: its first decision is read (rare; off the loop)
-            return await asyncio.to_thread(self.engine.finish, pending)
-        return self.engine.finish(pending)
+            answer = await future
+        if isinstance(answer, PendingDecision):  # a retried event: its first decision is read, off the loop
+            return await asyncio.to_thread(self.engine.first_decision, answer)
+        return answer
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Decide what is queued, then stop the thread."""
@@ -102,38 +101,43 @@ class DecisionBatcher:
                 loop.call_soon_threadsafe(_fail, future, exc)
             return
         if pending:  # one future for the whole batch: one callback answers every request of it
-            pending[0].storage.add_done_callback(_Resolver(batch, pending))
+            pending[0].storage.add_done_callback(_Resolver(self.engine, batch, pending))
 
 
 class _Resolver:
-    """Called (writer thread) once the batch is durable: wakes each request's coroutine on its own loop,
-    with its decision or with what kept that decision from being durable."""
+    """Called (writer thread) once the batch is durable: one callback per event loop (one per process when
+    served) answers that loop's requests of the batch -- each with its decision or with what kept it from
+    being durable. One wake-up a batch, not one a request; the answers are built on the loop."""
 
-    __slots__ = ("batch", "pending")
+    __slots__ = ("batch", "engine", "pending")
 
-    def __init__(self, batch: list[_Item], pending: list[PendingDecision]) -> None:
-        self.batch, self.pending = batch, pending
+    def __init__(self, engine: DecisionEngine, batch: list[_Item], pending: list[PendingDecision]) -> None:
+        self.engine, self.batch, self.pending = engine, batch, pending
 
     def __call__(self, _storage: Future[list[RowStatus]]) -> None:
-        for (_, loop, future), decision in zip(self.batch, self.pending, strict=True):
-            try:
-                decision.status()
-            except BaseException as error:
-                _call(loop, _fail, future, error)
+        rows_of: dict[asyncio.AbstractEventLoop, list[int]] = {}
+        for i, (_, loop, _) in enumerate(self.batch):
+            rows_of.setdefault(loop, []).append(i)
+        for loop, rows in rows_of.items():
+            with contextlib.suppress(RuntimeError):  # the loop is closed: its requests are gone with it
+                loop.call_soon_threadsafe(self._answer, rows)
+
+    def _answer(self, rows: list[int]) -> None:  # on the requests' event loop
+        try:
+            answers: list[Any] = self.engine.answers([self.pending[i] for i in rows])
+        except BaseException as error:  # a bug: its requests get a 500, not a wait for the timeout
+            log.exception("answering a batch of %d failed", len(rows))
+            answers = [error] * len(rows)
+        for i, answer in zip(rows, answers, strict=True):
+            future = self.batch[i][2]
+            if future.done():  # cancelled: the client went away or the request timed out
+                continue
+            if isinstance(answer, BaseException):
+                future.set_exception(answer)
             else:
-                _call(loop, _succeed, future, decision)
+                future.set_result(answer)
 
 
-def _call(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
-    with contextlib.suppress(RuntimeError):  # the loop is closed: the request is gone with it
-        loop.call_soon_threadsafe(callback, *args)
-
-
-def _succeed(future: asyncio.Future[PendingDecision], decision: PendingDecision) -> None:
-    if not future.done():  # cancelled: the client went away or the request timed out
-        future.set_result(decision)
-
-
-def _fail(future: asyncio.Future[PendingDecision], error: BaseException) -> None:
+def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
     if not future.done():
         future.set_exception(error)

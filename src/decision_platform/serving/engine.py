@@ -106,11 +106,6 @@ class PendingDecision:
             raise status
         return status
 
-    @property
-    def needs_lookup(self) -> bool:
-        """A duplicate event: finishing it reads the first decision (a database or spool read)."""
-        return self.record.event_id is not None and self.status() == DUPLICATE
-
 
 class _BatchClock:
     """The store and total stages of one batch: the batch's future calls ``done`` from the writer thread,
@@ -374,29 +369,56 @@ class DecisionEngine:
         return self.finish_batch([pending], timeout_s)[0]
 
     def finish_batch(self, pending: Sequence[PendingDecision], timeout_s: float = 60.0) -> list[Decision]:
-        """:meth:`finish` of every decision of a batch, in order, with the decision counter incremented
-        once per (action, decided_by) instead of once a row (a labelled increment a row was ~6% of the
-        stream worker thread's py-spy samples)."""
-        decisions = [self._answer(p, timeout_s) for p in pending]
-        counts: dict[tuple[int, str], int] = {}
-        for p, decision in zip(pending, decisions, strict=True):
-            if decision.record is p.record:  # not a retried event answered with its first decision
-                key = (decision.record.action, decision.record.decided_by)
-                counts[key] = counts.get(key, 0) + 1
-        for (action, decided_by), n in counts.items():
-            metrics.DECISIONS.labels(action=ACTION_NAMES[action], decided_by=decided_by).inc(n)
+        """:meth:`finish` of every decision of a batch, in order (raises the first row's failure)."""
+        for p in pending:
+            p.storage.result(timeout=timeout_s)  # durable, or raises what kept the batch from it
+        decisions: list[Decision] = []
+        for answer in self.answers(pending):
+            if isinstance(answer, BaseException):
+                raise answer
+            decisions.append(self.first_decision(answer) if isinstance(answer, PendingDecision) else answer)
         return decisions
 
-    def _answer(self, pending: PendingDecision, timeout_s: float) -> Decision:
-        record = pending.record
-        stored = pending.status(timeout_s)
-        pending.clock.report()  # the batch's first row to be finished reports it (no-op for the others)
-        if stored == DUPLICATE and record.event_id is not None:
-            first = self.writer.find_decision_by_event(record.event_id)
-            if first is not None:
-                return Decision(first, first.response(), DUPLICATE)
-        total_ms = round((time.perf_counter() - pending.clock.started) * 1000.0, 3)
-        return Decision(record, record.response(total_ms), stored)
+    def answers(self, pending: Sequence[PendingDecision]) -> list[Decision | PendingDecision | BaseException]:
+        """The answers of decisions that are already durable, without blocking: each row's Decision, the
+        exception that kept it from being durable, or -- a retried event -- the row itself, whose first
+        decision :meth:`first_decision` reads (a database or spool read: off an event loop). The decision
+        counter is incremented once per (action, decided_by) and each batch's latencies observed once (a
+        labelled increment a row was ~6% of the stream worker thread's py-spy samples)."""
+        now = time.perf_counter()
+        answers: list[Decision | PendingDecision | BaseException] = []
+        counts: dict[tuple[int, str], int] = {}
+        clocks: dict[int, _BatchClock] = {}
+        for p in pending:
+            clocks.setdefault(id(p.clock), p.clock)
+            try:
+                stored = p.status(timeout_s=0.0)
+            except BaseException as error:  # the write path's failure is this row's answer
+                answers.append(error)
+                continue
+            record = p.record
+            if stored == DUPLICATE and record.event_id is not None:
+                answers.append(p)
+                continue
+            key = (record.action, record.decided_by)
+            counts[key] = counts.get(key, 0) + 1
+            total_ms = round((now - p.clock.started) * 1000.0, 3)
+            answers.append(Decision(record, record.response(total_ms), stored))
+        for clock in clocks.values():
+            clock.report()
+        for (action, decided_by), n in counts.items():
+            metrics.DECISIONS.labels(action=ACTION_NAMES[action], decided_by=decided_by).inc(n)
+        return answers
+
+    def first_decision(self, retried: PendingDecision) -> Decision:
+        """The answer to a retried event: its first decision (database or spool), else this one's record."""
+        first = self.writer.find_decision_by_event(retried.record.event_id)  # type: ignore[arg-type]
+        if first is not None:
+            return Decision(first, first.response(), DUPLICATE)
+        record = retried.record
+        metrics.DECISIONS.labels(action=ACTION_NAMES[record.action], decided_by=record.decided_by).inc()
+        total_ms = round((time.perf_counter() - retried.clock.started) * 1000.0, 3)
+        return Decision(record, record.response(total_ms), DUPLICATE)
 
     #: Decide a batch's rows from columns (rules over the batch, facts dicts only for fired rules); False:
     #: row by row, the straightforward way (the reference in tests/unit/test_fast_path.py).
