@@ -14,6 +14,7 @@ samples to files there and :func:`render` merges them, so counters are totals ac
 from __future__ import annotations
 
 import os
+from functools import cache
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -64,6 +65,15 @@ DECISION_LATENCY = Histogram(
     ["stage"],
     buckets=LATENCY_BUCKETS,
 )
+
+
+@cache
+def stage_latency(stage: str) -> Histogram:
+    """``DECISION_LATENCY`` of one stage, looked up once: ``labels()`` takes the metric's lock and builds
+    a key on every call (~3% of a serving process's GIL time at concurrency 16, several calls a batch)."""
+    return DECISION_LATENCY.labels(stage=stage)
+
+
 FALLBACKS = Counter("dp_fallbacks_total", "Decisions that fell back to rules + the safe action.", ["reason"])
 RULE_HITS = Counter("dp_rule_hits_total", "Rules that fired.", ["rule", "tier"])
 RULE_ERRORS = Counter(

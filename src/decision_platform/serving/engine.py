@@ -128,8 +128,8 @@ class _BatchClock:
             if self.durable_at is None or self._reported:
                 return
             self._reported = True
-        metrics.DECISION_LATENCY.labels(stage="store").observe(self.durable_at - self.stored_from)
-        metrics.DECISION_LATENCY.labels(stage="total").observe(self.durable_at - self.started)
+        metrics.stage_latency("store").observe(self.durable_at - self.stored_from)
+        metrics.stage_latency("total").observe(self.durable_at - self.started)
 
 
 class _Stopwatch:
@@ -138,7 +138,7 @@ class _Stopwatch:
 
     def lap(self, stage: str) -> None:
         now = time.perf_counter()
-        metrics.DECISION_LATENCY.labels(stage=stage).observe(now - self.last)
+        metrics.stage_latency(stage).observe(now - self.last)
         self.last = now
 
 
@@ -205,10 +205,13 @@ class DecisionEngine:
             metrics.FEATURE_STORE_ERRORS.labels(operation="update").inc()
             log.warning("feature store failed: %s", exc.__class__.__name__)
             raise StageError("feature_store_unavailable") from exc
+        kinds: dict[str, int] = {}
         for request, result in zip(requests, results, strict=True):
             if request.event is not None:
                 kind = "duplicate" if result.duplicate else "late" if result.late else "applied"
-                metrics.FEATURE_EVENTS.labels(result=kind).inc()
+                kinds[kind] = kinds.get(kind, 0) + 1
+        for kind, n in kinds.items():
+            metrics.FEATURE_EVENTS.labels(result=kind).inc(n)
         return results
 
     @staticmethod
