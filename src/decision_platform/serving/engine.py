@@ -99,13 +99,6 @@ class PendingDecision:
     index: int  # this record's place in the batch
     clock: _BatchClock
 
-    def status(self, timeout_s: float | None = None) -> str:
-        """stored | spooled | duplicate once durable (waits); raises what kept the record from it."""
-        status = self.storage.result(timeout=timeout_s)[self.index]
-        if isinstance(status, BaseException):
-            raise status
-        return status
-
 
 class _BatchClock:
     """The store and total stages of one batch: the batch's future calls ``done`` from the writer thread,
@@ -392,12 +385,19 @@ class DecisionEngine:
         answers: list[Decision | PendingDecision | BaseException] = []
         counts: dict[tuple[int, str], int] = {}
         clocks: dict[int, _BatchClock] = {}
+        batches: dict[int, list[RowStatus] | BaseException] = {}  # a batch's future read once, not a row
         for p in pending:
             clocks.setdefault(id(p.clock), p.clock)
-            try:
-                stored = p.status(timeout_s=0.0)
-            except BaseException as error:  # the write path's failure is this row's answer
-                answers.append(error)
+            statuses = batches.get(id(p.storage))
+            if statuses is None:
+                try:
+                    statuses = p.storage.result(timeout=0.0)
+                except BaseException as error:  # the whole batch's failure
+                    statuses = error
+                batches[id(p.storage)] = statuses
+            stored = statuses if isinstance(statuses, BaseException) else statuses[p.index]
+            if isinstance(stored, BaseException):  # the write path's failure is this row's answer
+                answers.append(stored)
                 continue
             record = p.record
             if stored == DUPLICATE and record.event_id is not None:
