@@ -47,7 +47,7 @@ from decision_platform.config import PROJECT_ROOT, Settings, get_settings
 from decision_platform.core.rewards import RewardTable
 from decision_platform.data import LabelledEvents
 from decision_platform.models.baseline_policy import BayesPolicy
-from decision_platform.models.policy import serving_distribution
+from decision_platform.models.policy import serving_distributions
 from decision_platform.models.registry import ModelRegistry
 from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.repository import Repository
@@ -61,6 +61,7 @@ from decision_platform.training.train import (
     TrainConfig,
     TrainReport,
     train_all,
+    under_rules,
 )
 from decision_platform.training.yardstick import (
     Expectation,
@@ -126,18 +127,18 @@ def greedy(probabilities: np.ndarray) -> np.ndarray:
     return np.eye(3, dtype=np.float32)[probabilities.argmax(axis=1)]
 
 
-def as_served(probabilities: np.ndarray, explore: np.ndarray | None = None) -> np.ndarray:
-    """What serving samples from with no rule firing: the policy plus the exploration floor (on the rows
-    where ``explore`` is true; every row by default)."""
+def as_served(
+    probabilities: np.ndarray, masks: np.ndarray | None, explore: np.ndarray | None = None
+) -> np.ndarray:
+    """What serving samples from: the policy under the rules' ``masks`` (none: no rule firing) plus the
+    exploration floor (on the rows where ``explore`` is true; every row by default)."""
     settings = Settings()
-    mask = (True, True, True)
-    explore = np.ones(len(probabilities), dtype=bool) if explore is None else explore
-    return np.array(
-        [
-            serving_distribution(p, mask, settings.exploration_floor if e else 0.0, settings.explore_actions)
-            for p, e in zip(probabilities.astype(np.float64), explore, strict=True)
-        ]
-    )
+    p = probabilities.astype(np.float64)
+    masks = np.ones(p.shape, dtype=bool) if masks is None else masks
+    floored = serving_distributions(p, masks, settings.exploration_floor, settings.explore_actions)
+    if explore is None:
+        return floored
+    return np.where(explore[:, None], floored, serving_distributions(p, masks, 0.0, settings.explore_actions))
 
 
 #: Adaptive floor: explore only where the two best actions' expected rewards (Bayes, from the calibrated
@@ -236,11 +237,14 @@ def analyse(report: TrainReport, rewards: RewardTable, seed: int) -> dict[str, A
     grid = threshold_grid(training.risk)
     oracle = "{} {:.3g}/{:.3g}".format(ORACLE, *best_thresholds(held.risk, replay, rewards, grid))
     t_throttle, t_block = (float(v) for v in oracle.rsplit(" ", 1)[1].split("/"))
-    policies[oracle] = np.eye(3)[np.where(held.risk >= t_block, 2, np.where(held.risk >= t_throttle, 1, 0))]
+    oracle_p = np.eye(3)[np.where(held.risk >= t_block, 2, np.where(held.risk >= t_throttle, 1, 0))]
+    policies[oracle] = oracle_p if held.masks is None else under_rules(oracle_p, held.masks)
     served_p = policies[served]
-    policies[SERVED_FLOOR] = as_served(served_p)
+    policies[SERVED_FLOOR] = as_served(served_p, held.masks)
     gap = closeness(held, rewards)
-    adaptive = {f"{SERVED_FLOOR} where the gap < {d:g}": as_served(served_p, gap < d) for d in CLOSE}
+    adaptive = {
+        f"{SERVED_FLOOR} where the gap < {d:g}": as_served(served_p, held.masks, gap < d) for d in CLOSE
+    }
     expectations = {name: expectation(p, replay, rewards) for name, p in {**policies, **adaptive}.items()}
     action_share = {
         name: [float(v) for v in np.bincount(prob.argmax(axis=1), minlength=3) / len(prob)]
@@ -323,6 +327,17 @@ def _fine_tuning(info: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _without_rules(judged: dict[str, Any]) -> str:
+    if not judged:
+        return "not recorded"
+    best = judged["best_baseline"]
+    return f"best baseline {best}, would serve {judged['served']}; " + "; ".join(
+        f"{c['name']} {c['per_entity']['value']:.3f}"
+        + ("" if c["name"] == best else f" ({_ci(c['per_entity_diff'], True)})")
+        for c in judged["policies"]
+    )
+
+
 def markdown(run: dict[str, Any]) -> str:
     a = run["analysis"]
     rm = run["risk_metrics"]
@@ -335,8 +350,9 @@ def markdown(run: dict[str, Any]) -> str:
         f"{run['warm_start']} · seed {run['seed']} · run {run['wall_s'] / 60:.1f} min · commit "
         f"`{run['git_commit']}`",
         "",
-        f"Exact expected outcomes on held-out time; 95% CIs by bootstrap over entities; differences paired "
-        f"to the best baseline (**{best}**). `train` serves: **{served}**.",
+        f"Exact expected outcomes on held-out time, every policy under the rules' masks as served; 95% CIs "
+        f"by bootstrap over entities; differences paired to the best baseline (**{best}**). `train` "
+        f"serves: **{served}**.",
         "",
         "| policy | total reward / entity | - best baseline | reward / decision | - best baseline "
         "| fraud caught / reached | fraud $ lost | good throttled | good blocked | good abandoned "
@@ -380,7 +396,7 @@ def markdown(run: dict[str, Any]) -> str:
         f"(logits sharpened as chosen on validation) "
         f"before any PPO update; {ORACLE} = the threshold search run on the held-out part itself (an "
         f"upper bound for fixed thresholds, not a fair policy); {SERVED_FLOOR} = the served policy with "
-        "the serving exploration floor (no rule firing).",
+        "the serving exploration floor (under the rules).",
         "",
         f"- Exploration cost (exact, per entity, paired to {served} without any floor): {costs}. The gap is "
         "the expected-reward difference of the two best actions given the calibrated risk and the amount.",
@@ -389,6 +405,8 @@ def markdown(run: dict[str, Any]) -> str:
         + ".",
         f"- Rules that fired on held-out events (rules only; counted on every row, reached or not): "
         f"{hits or 'none'}.",
+        "- Without the rules (each policy's own probabilities, the yardstick before the rules' masks; it "
+        "decides nothing): " + _without_rules(run.get("without_rules", {})) + ".",
         "- PPO fine-tuning (validation episodes: the last training window of 30% of the entities, never "
         "trained on): " + _fine_tuning(run.get("fine_tuning", {})) + ".",
         "- PPO's mean probability of its most likely action: "
@@ -500,6 +518,13 @@ def main(argv: list[str] | None = None) -> int:
         "data": report.data,
         "risk_metrics": report.risk_metrics,
         "policies": [c.as_dict() for c in report.policies],
+        "without_rules": {
+            "best_baseline": report.without_rules.best_baseline,
+            "served": report.without_rules.served,
+            "policies": [c.as_dict() for c in report.without_rules.comparisons.values()],
+        }
+        if report.without_rules is not None
+        else {},
         "served": report.served,
         "rules": report.rules,
         "analysis": analysis,

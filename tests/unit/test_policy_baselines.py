@@ -32,6 +32,7 @@ from decision_platform.training.train import (
     TrainReport,
     sharpen_on_validation,
     train_all,
+    under_rules,
 )
 from decision_platform.training.yardstick import Replay, best_thresholds, compare, expectation
 
@@ -101,6 +102,31 @@ def test_expected_total_reward_counts_only_the_steps_an_episode_reaches() -> Non
     assert np.isclose(e.per_entity["reward"][0], -1.55 + 0.9 * 2)
     block_first = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
     assert np.allclose(expectation(block_first, replay, REWARDS).reached, [1.0, 0.0, 0.0])
+
+
+def test_every_policy_is_judged_under_the_rules_masks_as_served() -> None:
+    # One good entity, three events of amount 0; a floor rule fires on the second (allow removed).
+    replay = Replay.of(np.array(["a", "a", "a"]), np.array([0, 0, 0]), np.array([0.0, 0.0, 0.0]))
+    masks = np.array([[True, True, True], [False, True, True], [True, True, True]])
+    allow_all = np.tile([1.0, 0.0, 0.0], (3, 1))
+    served = under_rules(allow_all, masks)
+    # No mass left on what the rules allow: the allowed action nearest to allow, a throttle.
+    assert served.tolist() == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
+    assert np.isclose(expectation(allow_all, replay, REWARDS).per_entity["reward"][0], 3.0)
+    # Throttled on the second event: -1.55, and the third is reached with p = 0.9.
+    assert np.isclose(expectation(served, replay, REWARDS).per_entity["reward"][0], 1.0 - 1.55 + 0.9)
+    # A stochastic policy loses its allow mass there and is renormalised, as serving does.
+    mixed = np.array([[1.0, 0.0, 0.0], [0.6, 0.3, 0.1], [1.0, 0.0, 0.0]])
+    assert np.allclose(under_rules(mixed, masks)[1], [0.0, 0.75, 0.25])
+    for row, mask in zip(mixed, masks, strict=True):
+        assert np.allclose(
+            under_rules(row[None, :], mask[None, :])[0], serving_distribution(row, mask, 0.0, ())
+        )
+    # Block tier: block whatever the policy wants; cap: a wanted block becomes a throttle.
+    assert under_rules(allow_all[:1], np.array([[False, False, True]])).tolist() == [[0.0, 0.0, 1.0]]
+    assert under_rules(np.array([[0.0, 0.0, 1.0]]), np.array([[True, True, False]])).tolist() == [
+        [0.0, 1.0, 0.0]
+    ]
 
 
 def test_the_threshold_search_maximises_total_reward_per_entity() -> None:

@@ -78,7 +78,11 @@ def test_the_report_has_a_rules_only_row_that_differs_from_allow_all(report: Tra
     names = [p.name for p in report.policies]
     assert names[0] == "allow-all" and names[1].startswith("risk thresholds")
     assert names[2:] == [BAYES, RULES_ONLY, "PPO policy"]
-    allow_all, rules_only = report.policies[0], report.policies[3]
+    # Every policy is judged under the rules, as served: allow-all under the rules is rules only.
+    assert report.policies[0].per_entity == report.policies[3].per_entity
+    # Without the rules (each policy's own probabilities) the two differ.
+    assert report.without_rules is not None
+    allow_all, rules_only = (report.without_rules.comparisons[n] for n in ("allow-all", RULES_ONLY))
     assert report.rules["hits"]["card_testing_burst"] >= len(TESTERS) * (BURST - 19)
     assert allow_all.fraud_stopped == 0
     # Expected counts: every tester's episode ends in a stopped fraud (a give-up or the block).
@@ -165,6 +169,7 @@ def test_offline_evaluation_agrees_with_the_serving_rule_set(tmp_path: Path) -> 
         verdict = rules.evaluate(
             _facts(dict(zip(spec.names, x[i].tolist(), strict=True)), event, anomaly[i], risk[i])
         )
+        assert result.masks is not None and tuple(result.masks[i].tolist()) == verdict.mask
         for fired in verdict.fired:
             hits[fired.name] += 1
         # What serving samples when the policy proposes allow with certainty and no exploration.

@@ -60,6 +60,7 @@ from decision_platform.training.train import (
     Verdict,
     judge_policies,
     new_ppo,
+    under_rules,
 )
 from decision_platform.training.yardstick import Replay, best_thresholds
 
@@ -214,8 +215,9 @@ def against_baselines(
 ) -> tuple[Verdict, Baselines] | None:
     """The PPO candidate and the same four baselines as ``train`` (allow-all, thresholds searched for
     total reward on the labelled training part, Bayes minimum risk, rules only as logged: the action the
-    rules' mask leaves to an allow), judged in the simulator of the labelled held-out histories. None
-    when the held-out part has no labelled decision (nothing to replay: the OPE gate alone judges)."""
+    rules' mask leaves to an allow), each under the logged masks as it would serve, judged in the
+    simulator of the labelled held-out histories. None when the held-out part has no labelled decision
+    (nothing to replay: the OPE gate alone judges)."""
     fit = train & (logged.labels >= 0)
     if not (holdout & (logged.labels >= 0)).any():
         return None
@@ -229,17 +231,19 @@ def against_baselines(
     masks = logged.masks[rows]
     rules_actions = np.where(masks[:, 0], 0, np.where(masks[:, 1], 1, 2)).astype(np.int8)
     held = states[rows]
-    probabilities = {
+    own = {
         ALLOW_ALL: np.tile([1.0, 0.0, 0.0], (len(held), 1)),
         thresholds.name: thresholds.probabilities(held),
         BAYES: bayes.probabilities(held),
         RULES_ONLY: np.eye(3)[rules_actions],
         PPO_POLICY: candidate.probabilities(held),
     }
+    # Every policy as it would serve: under the rules' masks logged with each decision.
+    probabilities = {name: under_rules(p, masks) for name, p in own.items()}
     verdict = judge_policies(
         probabilities, logged.entity_ids[rows], logged.labels[rows], logged.amounts[rows], rewards, seed
     )
-    return verdict, Baselines(thresholds, bayes, RulesOnlyResult(rules_actions, {}, {}, {}))
+    return verdict, Baselines(thresholds, bayes, RulesOnlyResult(rules_actions, {}, {}, {}, masks))
 
 
 def judge(

@@ -30,11 +30,17 @@ from decision_platform.features import FeatureSpec, compute_features
 from decision_platform.models.anomaly import AnomalyModel
 from decision_platform.models.artifacts import save_artifact, save_policy_artifact
 from decision_platform.models.baseline_policy import NEVER, BayesPolicy, Policy, ThresholdPolicy
-from decision_platform.models.policy import RISK_LOGIT, PolicyModel, imitate, sharpen
+from decision_platform.models.policy import (
+    RISK_LOGIT,
+    PolicyModel,
+    imitate,
+    serving_distributions,
+    sharpen,
+)
 from decision_platform.models.preprocessing import Standardizer
 from decision_platform.models.registry import ModelRegistry
 from decision_platform.models.risk import MIN_CATEGORY_COUNT, RiskConfig, RiskModel
-from decision_platform.rules.ruleset import BASE_VARIABLES, RuleSet, RuleTally, Tier
+from decision_platform.rules.ruleset import BASE_VARIABLES, BatchFacts, RuleSet, RuleTally, Tier
 from decision_platform.training import PPO_TIMESTEPS
 from decision_platform.training.baseline import classifier_metrics, fit_gradient_boosting
 from decision_platform.training.improvement import (
@@ -109,12 +115,15 @@ class TrainReport:
     #: warm start's teacher, the cloned actor before PPO), and what PPO's fine-tuning did on validation.
     diagnostics: dict[str, np.ndarray] = field(default_factory=dict)
     ppo: dict[str, Any] = field(default_factory=dict)
+    #: The same comparison with the policies' own probabilities, the rules not applied (the yardstick
+    #: before the rules' masks were applied to every policy; it decides nothing).
+    without_rules: Verdict | None = None
 
 
 @dataclass(frozen=True, eq=False)
 class HeldOutRows:
     """Rows of one part of time, in time order: what the policies saw and the (n, 3) probabilities each
-    gave (held-out part; the training part carries none)."""
+    gave under the rules, as served (held-out part; the training part carries none)."""
 
     entity_ids: np.ndarray
     labels: np.ndarray
@@ -122,6 +131,8 @@ class HeldOutRows:
     anomaly: np.ndarray
     risk: np.ndarray
     probabilities: dict[str, np.ndarray]
+    #: (n, 3) bool: the actions the rules leave allowed on each row (None: no rules applied).
+    masks: np.ndarray | None = None
 
 
 class PPOProgress(BaseCallback):
@@ -153,6 +164,55 @@ class RulesOnlyResult:
     errors: dict[str, int]
     #: Rules reading a model score (anomaly, risk): with them "rules only" is partly model-based.
     model_based: dict[str, list[str]]
+    #: (n, 3) bool: the actions the rules leave allowed on each event (what serving masks the policy with).
+    masks: np.ndarray | None = None
+
+
+def rule_masks(
+    rules: RuleSet,
+    events: Sequence[Event],
+    features: np.ndarray,
+    feature_names: Sequence[str],
+    anomaly: np.ndarray,
+    risk: np.ndarray,
+    observer: RuleTally | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    chunk: int = 20000,
+) -> np.ndarray:
+    """(n, 3) bool: per event, the actions the rules leave allowed, evaluated over columns
+    (``RuleSet.evaluate_batch``, the verdicts of ``evaluate`` row by row). Each rule sees the facts
+    ``DecisionEngine._decide_row`` gives it: every feature by name, amount, entity_id, event_type,
+    attributes, anomaly, risk (and the rule lists)."""
+    n = len(events)
+    needed = rules.variables
+    if not isinstance(events, EventColumns):
+        events = EventColumns.from_events(events)
+    masks = np.ones((n, 3), dtype=bool)
+    for start in range(0, n, chunk):
+        rows = slice(start, min(start + chunk, n))
+        size = rows.stop - start
+        numbers = {
+            name: features[rows, j].astype(np.float64)
+            for j, name in enumerate(feature_names)
+            if name in needed and name not in BASE_VARIABLES  # event facts and scores win over a feature
+        }
+        numbers["amount"] = np.nan_to_num(events.amounts[rows].astype(np.float64), nan=0.0)
+        numbers["anomaly"] = np.asarray(anomaly[rows], dtype=np.float64)
+        numbers["risk"] = np.asarray(risk[rows], dtype=np.float64)
+        strings = {
+            "entity_id": events.entity_ids(rows).tolist(),
+            "event_type": events.event_types[events.type_codes[rows]].tolist(),
+        }
+        attributes = (
+            [events.attributes_at(i) for i in range(start, rows.stop)]
+            if "attributes" in needed
+            else [{}] * size
+        )
+        verdicts = rules.evaluate_batch(BatchFacts(size, numbers, {}, strings, attributes), observer)
+        masks[rows] = np.array([v.mask for v in verdicts], dtype=bool).reshape(-1, 3)
+        if on_progress is not None:
+            on_progress(size)
+    return masks
 
 
 def rules_only_actions(
@@ -164,41 +224,16 @@ def rules_only_actions(
     risk: np.ndarray,
     on_progress: Callable[[int], None] | None = None,
 ) -> RulesOnlyResult:
-    """Per event, the action the rules leave when the policy proposes allow.
+    """Per event, the action the rules leave when the policy proposes allow, and the rules' mask.
 
     That is allow, unless a block rule fired (block) or a floor rule fired (throttle, the allowed action
-    nearest to allow, as ``serving_distribution`` picks it); cap rules cannot change an allow. Each rule
-    sees the facts ``DecisionEngine._decide_row`` gives it: every feature by name, amount, entity_id,
-    event_type, attributes, anomaly, risk (and the rule lists, which ``RuleSet.evaluate`` adds). Hits
-    and errors are tallied here, not in the serving metrics of the process.
+    nearest to allow, as ``serving_distribution`` picks it); cap rules cannot change an allow (see
+    :func:`rule_masks` for the facts). Hits and errors are tallied here, not in the serving metrics of
+    the process.
     """
-    n = len(events)
-    needed = rules.variables
-    feature_columns = {
-        name: features[:, j].tolist()
-        for j, name in enumerate(feature_names)
-        if name in needed and name not in BASE_VARIABLES  # event facts and scores win over a feature
-    }
-    event_facts: dict[str, Callable[[], Sequence[Any]]] = {
-        "amount": lambda: [float(e.amount or 0.0) for e in events],
-        "entity_id": lambda: [e.entity_id for e in events],
-        "event_type": lambda: [e.event_type for e in events],
-        # Read one row at a time: a dict per held-out event at once is what the events' columns avoid.
-        "attributes": lambda: _PerRow(lambda i: dict(events[i].attributes)),
-        "anomaly": lambda: np.asarray(anomaly, dtype=np.float64).tolist(),
-        "risk": lambda: np.asarray(risk, dtype=np.float64).tolist(),
-    }
-    columns = {**feature_columns, **{name: event_facts[name]() for name in needed & BASE_VARIABLES}}
     tally = RuleTally(rule.name for rule in rules.rules)
-    actions = np.zeros(n, dtype=np.int8)
-    step = 2000
-    for i in range(n):
-        mask = rules.evaluate({name: column[i] for name, column in columns.items()}, tally).mask
-        actions[i] = 0 if mask[0] else 1 if mask[1] else 2
-        if on_progress is not None and (i + 1) % step == 0:
-            on_progress(step)
-    if on_progress is not None and n % step:
-        on_progress(n % step)
+    masks = rule_masks(rules, events, features, feature_names, anomaly, risk, tally, on_progress)
+    actions = np.where(masks[:, 0], 0, np.where(masks[:, 1], 1, 2)).astype(np.int8)
     scores = {"anomaly", "risk"}
     model_based = {
         rule.name: sorted(names & scores)
@@ -206,17 +241,7 @@ def rules_only_actions(
         for names in (rules.variables_of(rule.name),)
         if names & scores and rule.tier is not Tier.CAP
     }
-    return RulesOnlyResult(actions, tally.hits, tally.errors, model_based)
-
-
-class _PerRow:
-    """A column whose row ``i`` is computed when read."""
-
-    def __init__(self, row: Callable[[int], Any]) -> None:
-        self._row = row
-
-    def __getitem__(self, i: int) -> Any:
-        return self._row(i)
+    return RulesOnlyResult(actions, tally.hits, tally.errors, model_based, masks)
 
 
 def new_ppo(env: DummyVecEnv, seed: int, gamma: float = 0.95, learning_rate: float = 1e-4) -> PPO:
@@ -776,6 +801,14 @@ def heldout_probabilities(
     }
 
 
+def under_rules(probabilities: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """(n, 3) probabilities as serving samples them under the rules' (n, 3) ``masks``, before the
+    exploration floor: ``serving_distributions`` itself (block tier: block; floor: allow removed; cap:
+    block removed; the rest renormalised; a policy with no mass left takes the allowed action nearest
+    to its choice)."""
+    return serving_distributions(probabilities, masks, 0.0, ()).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class Verdict:
     """Which policy is served: PPO only when it is no worse than the best baseline on held-out time."""
@@ -800,7 +833,8 @@ def judge_policies(
 ) -> Verdict:
     """Every policy's expected total reward per entity on these rows (time order), paired to the best
     baseline (every policy but ``candidate``); the candidate is served only if its point estimate is at
-    least the best baseline's, else that baseline is."""
+    least the best baseline's, else that baseline is. ``probabilities`` should be what serving samples
+    (:func:`under_rules`): the rules override every policy at serving, so they are judged under them."""
     replay = Replay.of(entity_ids, labels, amounts)
     expectations = {name: expectation(p, replay, rewards) for name, p in probabilities.items()}
     baselines = [name for name in probabilities if name != candidate]
@@ -811,9 +845,13 @@ def judge_policies(
 
 
 def heldout_rows(
-    split: Split, anomaly: np.ndarray, risk: np.ndarray, probabilities: dict[str, np.ndarray]
+    split: Split,
+    anomaly: np.ndarray,
+    risk: np.ndarray,
+    probabilities: dict[str, np.ndarray],
+    masks: np.ndarray | None = None,
 ) -> HeldOutRows:
-    """The held-out rows with the action probabilities of every compared policy."""
+    """The held-out rows with the action probabilities of every compared policy (and the rules' masks)."""
     test = split.test
     return HeldOutRows(
         entity_ids=split.events.entity_ids(test),
@@ -822,6 +860,7 @@ def heldout_rows(
         anomaly=anomaly[test],
         risk=risk[test],
         probabilities=probabilities,
+        masks=masks,
     )
 
 
@@ -944,17 +983,20 @@ def train_all(
     rules_only = fit_rules_only(rule_set, split, spec.names, anomaly.scores, risk.scores, progress)
     timer.lap("rules_s")
     baselines = Baselines(thresholds, bayes, rules_only)
-    probabilities = heldout_probabilities(split, states, baselines, ppo.model)
+    own = heldout_probabilities(split, states, baselines, ppo.model)
+    # Every policy as served: the rules' masks of each held-out row applied to its probabilities.
+    masks = rules_only.masks
+    assert masks is not None
+    probabilities = {name: under_rules(p, masks) for name, p in own.items()}
     test = split.test
     with progress.status("judging the policies on held-out time (total reward per entity)"):
-        verdict = judge_policies(
-            probabilities,
-            split.entity_keys[test],
-            split.labels[test],
-            split.amounts[test],
-            rewards,
-            config.seed,
-        )
+        judged = [
+            judge_policies(
+                p, split.entity_keys[test], split.labels[test], split.amounts[test], rewards, config.seed
+            )
+            for p in (probabilities, own)
+        ]
+        verdict, without_rules = judged
     timer.lap("judge_s")
     served: tuple[Policy, PPO | None] = (
         (ppo.model, ppo.ppo) if verdict.ppo_promoted else (baselines.served_as(verdict.served), None)
@@ -969,6 +1011,8 @@ def train_all(
         "fine_tuning": _jsonable(ppo.info),
         "thresholds": {"throttle": thresholds.throttle, "block": thresholds.block},
         "rules_only": {"source": rules_source, "hits": rules_only.hits},
+        "yardstick": "every policy under the rules' masks, as served",
+        "without_rules": {"best_baseline": without_rules.best_baseline, "served": without_rules.served},
     }
     status = "champion" if promote else "challenger"
     versions = register_models(
@@ -982,9 +1026,9 @@ def train_all(
     held = states.states[test]
     diagnostics = {}
     if teacher is not None:
-        diagnostics[teacher.name] = teacher.probabilities(held).astype(np.float32)
+        diagnostics[teacher.name] = under_rules(teacher.probabilities(held), masks)
     if ppo.clone is not None:
-        diagnostics[PPO_CLONE] = ppo.clone.probabilities(held).astype(np.float32)
+        diagnostics[PPO_CLONE] = under_rules(ppo.clone.probabilities(held), masks)
     return TrainReport(
         versions,
         risk.metrics,
@@ -994,7 +1038,7 @@ def train_all(
         timer.timings,
         split.window,
         rules_info,
-        heldout_rows(split, anomaly.scores, risk.scores, probabilities),
+        heldout_rows(split, anomaly.scores, risk.scores, probabilities, masks),
         HeldOutRows(
             split.events.entity_ids(train),
             split.labels[train],
@@ -1005,6 +1049,7 @@ def train_all(
         ),
         diagnostics,
         _jsonable(ppo.info),
+        without_rules,
     )
 
 
