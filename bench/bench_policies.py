@@ -60,6 +60,7 @@ from decision_platform.training.train import (
     HeldOutRows,
     TrainConfig,
     TrainReport,
+    served_choices,
     train_all,
     under_rules,
 )
@@ -235,7 +236,10 @@ def analyse(report: TrainReport, rewards: RewardTable, seed: int) -> dict[str, A
     policies[PPO_GREEDY] = greedy(policies[PPO])
     # The best thresholds on the held-out part itself: an upper bound for fixed thresholds, not a policy.
     grid = threshold_grid(training.risk)
-    oracle = "{} {:.3g}/{:.3g}".format(ORACLE, *best_thresholds(held.risk, replay, rewards, grid))
+    served_under = served_choices(held.masks) if held.masks is not None else None
+    oracle = "{} {:.3g}/{:.3g}".format(
+        ORACLE, *best_thresholds(held.risk, replay, rewards, grid, served_under)
+    )
     t_throttle, t_block = (float(v) for v in oracle.rsplit(" ", 1)[1].split("/"))
     oracle_p = np.eye(3)[np.where(held.risk >= t_block, 2, np.where(held.risk >= t_throttle, 1, 0))]
     policies[oracle] = oracle_p if held.masks is None else under_rules(oracle_p, held.masks)

@@ -30,6 +30,7 @@ from decision_platform.training.train import (
     PPO_POLICY,
     TrainConfig,
     TrainReport,
+    served_choices,
     sharpen_on_validation,
     train_all,
     under_rules,
@@ -147,6 +148,36 @@ def test_the_threshold_search_maximises_total_reward_per_entity() -> None:
     worse = rows["allow-all"].per_entity_diff
     assert worse.value < 0 and worse.high < 0  # paired: the CI of the difference excludes zero
     assert rows["best"].per_entity_diff.value == 0.0
+
+
+def test_the_threshold_search_runs_under_the_rules_as_the_thresholds_are_judged() -> None:
+    # 20 entities whose third good event scores 0.6, 20 whose fraud of 200 scores 0.6. Alone, blocking
+    # at 0.5 pays (each fraud blocked is worth far more than a lost good customer). When a block rule
+    # already stops every fraud, a block threshold only ends good customers: never block is best.
+    ids = np.concatenate(
+        [np.repeat(np.arange(20).astype(str), 4), np.repeat(np.arange(20, 40).astype(str), 2)]
+    )
+    labels = np.concatenate([np.tile([0, 0, 0, 0], 20), np.tile([0, 1], 20)])
+    risk = np.concatenate([np.tile([0.05, 0.05, 0.6, 0.05], 20), np.tile([0.05, 0.6], 20)])
+    amounts = np.concatenate([np.full(80, 10.0), np.tile([10.0, 200.0], 20)])
+    masks = np.ones((len(ids), 3), dtype=bool)
+    masks[labels == 1] = [False, False, True]  # a block-tier rule fires on the frauds
+    replay = Replay.of(ids, labels, amounts)
+    grid = [0.5, 1.01]
+    assert best_thresholds(risk, replay, REWARDS, grid) == (0.5, 0.5)
+    served = served_choices(masks)
+    assert (
+        served[labels == 1].tolist() == [[2, 2, 2]] * 20 and served[labels == 0].tolist() == [[0, 1, 2]] * 100
+    )
+    chosen = best_thresholds(risk, replay, REWARDS, grid, served=served)
+    assert chosen == (1.01, 1.01)
+
+    def judged(pair: tuple[float, float]) -> float:  # what the pair earns under the rules
+        action = np.where(risk >= pair[1], 2, np.where(risk >= pair[0], 1, 0))
+        return expectation(under_rules(np.eye(3)[action], masks), replay, REWARDS).per_entity["reward"].sum()
+
+    pairs = [(t, b) for t in grid for b in grid if b >= t]
+    assert judged(chosen) == max(judged(pair) for pair in pairs) > judged((0.5, 0.5))
 
 
 @pytest.fixture(scope="module")

@@ -60,6 +60,7 @@ from decision_platform.training.train import (
     Verdict,
     judge_policies,
     new_ppo,
+    served_choices,
     under_rules,
 )
 from decision_platform.training.yardstick import Replay, best_thresholds
@@ -223,7 +224,8 @@ def against_baselines(
         return None
     risk_index = champion.state_names.index("risk")
     replay = Replay.of(logged.entity_ids[fit], logged.labels[fit], logged.amounts[fit])
-    t_throttle, t_block = best_thresholds(states[fit, risk_index], replay, rewards)
+    served = served_choices(logged.masks[fit])  # searched under the rules, as judged below
+    t_throttle, t_block = best_thresholds(states[fit, risk_index], replay, rewards, served=served)
     names, mean, std = champion.state_names, champion.scaler_mean, champion.scaler_std
     thresholds = ThresholdPolicy(t_throttle, t_block, names, mean, std)
     bayes = BayesPolicy(rewards.expected_step_values(), names, mean, std)

@@ -540,11 +540,18 @@ def policy_states(
     )
 
 
-def fit_thresholds(split: Split, states: PolicyStates, rewards: RewardTable) -> ThresholdPolicy:
-    """The best fixed thresholds, searched on the training part for expected total reward per entity."""
+def fit_thresholds(
+    split: Split, states: PolicyStates, rewards: RewardTable, masks: np.ndarray | None = None
+) -> ThresholdPolicy:
+    """The best fixed thresholds, searched on the training part for expected total reward per entity --
+    under the rules' ``masks`` of the training rows when given, as the thresholds will be judged and
+    served (a baseline tuned for another setting than its judge's would be a weaker straw man)."""
     train = split.train
     replay = Replay.of(split.entity_keys[train], split.labels[train], split.amounts[train])
-    t_throttle, t_block = best_thresholds(states.states[train, states.risk_index], replay, rewards)
+    served = served_choices(masks) if masks is not None else None
+    t_throttle, t_block = best_thresholds(
+        states.states[train, states.risk_index], replay, rewards, None, served
+    )
     return ThresholdPolicy(t_throttle, t_block, states.names, states.scaler.mean, states.scaler.std)
 
 
@@ -801,6 +808,15 @@ def heldout_probabilities(
     }
 
 
+def served_choices(masks: np.ndarray) -> np.ndarray:
+    """(n, 3) int8: per row, the action serving takes when the policy chooses allow / throttle / block
+    under the rules' (n, 3) ``masks`` (:func:`under_rules` of each one-hot choice)."""
+    n = len(masks)
+    return np.stack(
+        [under_rules(np.tile(np.eye(3)[a], (n, 1)), masks).argmax(axis=1) for a in range(3)], axis=1
+    ).astype(np.int8)
+
+
 def under_rules(probabilities: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """(n, 3) probabilities as serving samples them under the rules' (n, 3) ``masks``, before the
     exploration floor: ``serving_distributions`` itself (block tier: block; floor: allow removed; cap:
@@ -965,7 +981,17 @@ def train_all(
         config.validation_entities,
         config.seed,
     )
-    thresholds = fit_thresholds(split, states, rewards)
+    train_rows = np.flatnonzero(split.train)
+    with progress.status("rules on the training events (the thresholds are searched under them)"):
+        train_masks = rule_masks(
+            rule_set,
+            split.events.take(train_rows),
+            split.features[split.train],
+            spec.names,
+            anomaly.scores[split.train],
+            risk.scores[split.train],
+        )
+    thresholds = fit_thresholds(split, states, rewards, train_masks)
     bayes = bayes_policy(states, rewards)
     teacher = None
     if config.warm_start == "improved":

@@ -212,18 +212,29 @@ def threshold_grid(risk: np.ndarray) -> list[float]:
 
 
 def best_thresholds(
-    risk: np.ndarray, replay: Replay, rewards: RewardTable, grid: Sequence[float] | None = None
+    risk: np.ndarray,
+    replay: Replay,
+    rewards: RewardTable,
+    grid: Sequence[float] | None = None,
+    served: np.ndarray | None = None,
 ) -> tuple[float, float]:
     """The (throttle, block) pair with the most expected total reward on the rows of ``replay``
-    (``risk`` in row order): the best fixed-thresholds baseline, searched on the training part."""
+    (``risk`` in row order): the best fixed-thresholds baseline, searched on the training part.
+
+    ``served``: (n, 3) the action serving takes on each row when the policy chooses allow / throttle /
+    block (the rules' masks applied: :func:`decision_platform.training.train.served_choices`); the
+    thresholds are then searched for what they earn under the rules, as they are judged."""
     risk = np.asarray(risk, dtype=np.float64)
     grid = threshold_grid(risk) if grid is None else list(grid)
+    rows = np.arange(len(risk))
     best, best_value = (1.01, 1.01), -np.inf
     for t_throttle in grid:
         for t_block in grid:
             if t_block < t_throttle:
                 continue
             action = np.where(risk >= t_block, 2, np.where(risk >= t_throttle, 1, 0))
+            if served is not None:
+                action = served[rows, action]
             value = total_reward(np.eye(3)[action], replay, rewards)
             if value > best_value:
                 best, best_value = (t_throttle, t_block), value
