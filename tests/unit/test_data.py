@@ -285,11 +285,67 @@ def test_csv_import_reads_gzip_directly(tmp_path: Path) -> None:
         ("t4,car ol,2024-03-01T10:00:00Z,payment,1,no,d1,1,true,0.5", r":5: column 'user'.*entity"),
         ("t1,carol,2024-03-01T10:00:00Z,payment,1,no,d1,1,true,0.5", r":5: column 'txn'.*duplicate"),
         ("t4,carol,2024-03-01T10:00:00Z,payment,1,no", r":5: expected 10 fields, got 6"),
+        # What the event contract refuses is refused here too, never a crash or a poison event:
+        (
+            "t4,carol,2024-03-01T10:00:00Z,payment,1,no,d1,9223372036854775808,t,0",
+            r":5: column 'items'.*64-bit",
+        ),
+        ("t4,carol,2024-03-01T10:00:00Z,payment,1,no,d\x001,1,true,0.5", r":5: column 'device'.*NUL"),
+        ("t4,carol,2024-03-01T10:00:00Z,pay\x00,1,no,d1,1,true,0.5", r":5: column 'kind'.*NUL"),
     ],
 )
 def test_csv_errors_name_line_and_column(tmp_path: Path, row: str, message: str) -> None:
     with pytest.raises(DatasetError, match=message):
         load_csv(*write(tmp_path, [*ROWS, row]))
+
+
+def test_a_file_in_another_encoding_names_its_line_and_the_setting(tmp_path: Path) -> None:
+    row = "t4,carol,2024-03-01T10:00:00Z,payment,1,no,caf\u00e9,1,true,0.5"
+    csv_path, mapping = write(tmp_path, [*ROWS, row])
+    csv_path.write_bytes(csv_path.read_text().encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"data\.csv:5: byte 0xe9 .*not utf-8-sig text; set `encoding:`"):
+        load_csv(csv_path, mapping)
+    mapping.write_text(MAPPING + "encoding: latin-1\n")
+    devices = {e.event_id: e.attributes["device"] for e in load_csv(csv_path, mapping).events}
+    assert devices["t4"] == "caf\u00e9"
+
+
+def test_a_cell_too_large_for_csv_names_its_line_and_messages_stay_short(tmp_path: Path) -> None:
+    huge = "x" * 200_000
+    with pytest.raises(DatasetError, match=r"data\.csv:5: not readable as CSV: field larger") as error:
+        load_csv(*write(tmp_path, [*ROWS, f"t4,carol,2024-03-01T10:00:00Z,payment,1,no,{huge},1,true,0.5"]))
+    assert len(str(error.value)) < 200
+    with pytest.raises(DatasetError, match=r":5: column 'vip'.*\(5000 characters\)") as error:
+        load_csv(
+            *write(tmp_path, [*ROWS, f"t4,carol,2024-03-01T10:00:00Z,payment,1,no,d1,1,{huge[:5000]},0"])
+        )
+    assert len(str(error.value)) < 200
+
+
+def test_a_missing_cell_in_a_rounded_hash_of_column_is_a_value_of_its_own(tmp_path: Path) -> None:
+    rows = ["Time,Amount,Class", "0,9.99,0", "5,,1", "7,,0", "9,250,0"]
+    mapping = """
+time: {column: Time, unit: seconds_since_start, base_epoch: "2020-01-01T00:00:00Z"}
+label: {column: Class}
+entity: {hash_of: [Amount], round_digits: 2}
+"""
+    ids = [e.entity_id for e in load_csv(*write(tmp_path, rows, mapping)).events]
+    assert ids[1] == ids[2] and len(set(ids)) == 3
+
+
+def test_train_reports_a_bad_csv_in_one_line_without_a_traceback(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from decision_platform.cli import main as cli
+
+    csv_path, mapping = write(tmp_path, [*ROWS, "t4,carol,2024-03-01T10:00:00Z,payment,abc,no,d1,1,true,0.5"])
+    result = CliRunner().invoke(
+        cli.app, ["train", "--source", "csv", "--path", str(csv_path), "--mapping", str(mapping)]
+    )
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = result.stderr.strip().splitlines()
+    assert lines == [f"error: {csv_path}:5: column 'amt': bad amount 'abc' (expected a number)"]
 
 
 def test_mapping_errors_name_the_column_or_field(tmp_path: Path) -> None:

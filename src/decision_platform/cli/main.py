@@ -61,14 +61,19 @@ def _train(
         with console.status("generating synthetic data"):
             data = generate(n_entities=entities, days=days, seed=seed)
     else:
-        from decision_platform.data.csv_import import find_ulb_csv, load_csv
+        from decision_platform.data.csv_import import DatasetError, find_ulb_csv, load_csv
 
-        if source is Source.ulb:
-            path = path or find_ulb_csv(settings.model_dir.parent / "datasets")
-            mapping = mapping or settings.config_dir / "datasets" / "ulb_creditcard.yaml"
-        if path is None or mapping is None:
+        if source is not Source.ulb and (path is None or mapping is None):
             raise typer.BadParameter("--source csv needs --path FILE.csv and --mapping MAPPING.yaml")
-        data = load_csv(path, mapping, progress=True)
+        try:
+            if source is Source.ulb:
+                path = path or find_ulb_csv(settings.model_dir.parent / "datasets")
+                mapping = mapping or settings.config_dir / "datasets" / "ulb_creditcard.yaml"
+            assert path is not None and mapping is not None
+            data = load_csv(path, mapping, progress=True)
+        except DatasetError as exc:  # the file, line and column of the problem: one line, no traceback
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
     summary = data.summary()
     console.print(f"data: {summary}")
     # A data set may bring its own feature definitions (e.g. ULB's V1..V28 event fields).
