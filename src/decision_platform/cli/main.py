@@ -52,7 +52,7 @@ def _train(
     from decision_platform.cli.progress import RichProgress
     from decision_platform.cli.train import report_tables
     from decision_platform.core.rewards import RewardTable
-    from decision_platform.training.train import TrainConfig, train_all
+    from decision_platform.training.train import TrainConfig, TrainingDataError, train_all
 
     features_path = settings.features_path
     if source is Source.synthetic:
@@ -81,17 +81,21 @@ def _train(
         candidate = Path(mapping).with_name(Path(mapping).stem + ".features.yaml")
         if candidate.exists():
             features_path = candidate
-    with RichProgress(console) as progress:
-        report = train_all(
-            data,
-            features_path,
-            RewardTable.load(settings.rewards_path),
-            open_registry(settings),
-            TrainConfig(ppo_timesteps=timesteps, seed=seed),
-            progress=progress,
-            promote=promote,
-            source=source.value if path is None else f"{source.value}:{path.name}",
-        )
+    try:
+        with RichProgress(console) as progress:
+            report = train_all(
+                data,
+                features_path,
+                RewardTable.load(settings.rewards_path),
+                open_registry(settings),
+                TrainConfig(ppo_timesteps=timesteps, seed=seed),
+                progress=progress,
+                promote=promote,
+                source=source.value if path is None else f"{source.value}:{path.name}",
+            )
+    except TrainingDataError as exc:  # too little of it, or one label only: say so, no traceback
+        typer.echo(f"error: cannot train on {path or source.value}: {exc}", err=True)
+        raise typer.Exit(2) from None
     for table in report_tables(report):
         console.print(table)
     console.print(f"trained in {report.timings['total_s']:.1f} s; artifacts in {settings.model_dir}")
