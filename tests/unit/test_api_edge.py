@@ -108,6 +108,42 @@ def test_kafka_messages_at_the_limits_are_accepted() -> None:
     assert event.attributes == {"n": INT64_MAX, "s": "é"}
 
 
+# --- bodies that are not the JSON asked for: the answer names the problem
+
+
+def test_malformed_json_is_422_saying_what_and_where(client: TestClient) -> None:
+    response = _post_raw(client, "/decide", '{"entity_id": "a"')
+    assert _fields(response) == ["body"]  # not "17", the character offset
+    assert response.json()["detail"] == "body: invalid JSON at character 17: Expecting ',' delimiter"
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_a_json_body_sent_without_the_json_content_type_is_told_so(
+    client: TestClient, content_type: str | None
+) -> None:
+    # curl -d sends application/x-www-form-urlencoded: the answer said "Input should be a valid dictionary".
+    headers = {"content-type": content_type} if content_type else {}
+    for path in ("/decide", "/events", "/outcome"):
+        response = client.post(path, content=b'{"entity_id": "a"}', headers=headers)
+        assert _fields(response) == ["body"], path
+        assert "Content-Type: application/json" in response.json()["detail"]
+        assert (repr(content_type) if content_type else "no Content-Type") in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "detail"),
+    [
+        (b'{"entity_id": "a\xff"}', "the body is not UTF-8 text (byte 0xff at position 16)"),
+        (b'{"entity_id": "a", "event": ' + b"[" * 5000 + b"]" * 5000 + b"}", "the JSON is nested too deeply"),
+    ],
+)
+def test_a_body_that_cannot_be_parsed_is_400_saying_why(client: TestClient, raw: bytes, detail: str) -> None:
+    response = client.post("/decide", content=raw, headers=JSON)
+    assert response.status_code == 400 and response.json() == {
+        "detail": detail
+    }  # was "There was an error..."
+
+
 # --- out-of-range values: 422, never a 500 from the database driver
 
 
