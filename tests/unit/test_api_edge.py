@@ -144,6 +144,21 @@ def test_a_body_that_cannot_be_parsed_is_400_saying_why(client: TestClient, raw:
     }  # was "There was an error..."
 
 
+def test_true_is_neither_an_amount_nor_a_decision_id(client: TestClient) -> None:
+    # Lax parsing read them as 1.0 and 1: a payment of 1, the outcome of some other decision.
+    decide = {"entity_id": "b1", "event": {"event_id": "b1", "amount": True}}
+    assert _fields(client.post("/decide", json=decide)) == ["event.amount"]
+    assert "Event.amount" in _fields(client.post("/events", json={**decide["event"], "entity_id": "b1"}))
+    assert _fields(client.post("/outcome", json={"decision_id": True, "outcome": "success"})) == [
+        "decision_id"
+    ]
+    with pytest.raises(ValidationError, match="not true or false"):  # the stream worker's parser too
+        Event.model_validate_json(b'{"event_id": "k3", "entity_id": "e", "amount": false}')
+    stored = client.post("/decide", json={"entity_id": "b1", "event": {"event_id": "b2", "amount": "12.5"}})
+    assert stored.status_code == 200  # a number as text still reads as the number
+    assert client.get(f"/decisions/{stored.json()['decision_id']}").json()["amount"] == 12.5
+
+
 # --- out-of-range values: 422, never a 500 from the database driver
 
 

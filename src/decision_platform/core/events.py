@@ -117,6 +117,14 @@ class Event(BaseModel):
             raise ValueError("timestamp out of range (years 2000-2100)")
         return seconds
 
+    @field_validator("amount", mode="before")
+    @classmethod
+    def _amount_is_a_number(cls, value: Any) -> Any:
+        # Lax float parsing reads true as 1.0: a producer's bug would pass as a payment of 1.
+        if isinstance(value, bool):
+            raise ValueError("amount must be a number, not true or false")
+        return value
+
     @field_validator("amount")
     @classmethod
     def _finite_amount(cls, value: float | None) -> float | None:
