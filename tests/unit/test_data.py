@@ -322,6 +322,15 @@ def test_a_cell_too_large_for_csv_names_its_line_and_messages_stay_short(tmp_pat
     assert len(str(error.value).removeprefix(str(tmp_path))) < 200
 
 
+def test_a_header_with_a_byte_order_mark_or_a_repeated_column(tmp_path: Path) -> None:
+    csv_path, mapping = write(tmp_path, ROWS, MAPPING + "encoding: utf-8\n")  # utf-8 keeps the BOM
+    csv_path.write_bytes(b"\xef\xbb\xbf" + csv_path.read_bytes())
+    assert len(load_csv(csv_path, mapping)) == 3  # 'txn' was '\ufefftxn': "not in the header"
+    repeated = [ROWS[0].replace(",score", ",vip"), *ROWS[1:]]
+    with pytest.raises(DatasetError, match=r"column 'vip' \(attribute\) appears 2 times in the header"):
+        load_csv(*write(tmp_path, repeated))  # the last 'vip' was read, silently
+
+
 def test_a_missing_cell_in_a_rounded_hash_of_column_is_a_value_of_its_own(tmp_path: Path) -> None:
     rows = ["Time,Amount,Class", "0,9.99,0", "5,,1", "7,,0", "9,250,0"]
     mapping = """

@@ -239,7 +239,8 @@ def load_csv(
             header = next(reader, None)
             if header is None:
                 raise DatasetError(f"{path}: empty file, expected a header row")
-            loader = _RowLoader(mapping, [h.strip() for h in header], path)
+            # A byte order mark is not part of the first name, whatever `encoding` says (utf-8 keeps it).
+            loader = _RowLoader(mapping, [h.strip().lstrip("\ufeff") for h in header], path)
             size = os.fstat(raw.fileno()).st_size
             with _progress(progress, size, path.name) as advance, _gc_paused():
                 for row in reader:
@@ -301,6 +302,11 @@ class _RowLoader:
             if name not in index:
                 raise DatasetError(
                     f"{path}: column {name!r} ({role}) is not in the header; columns are: {', '.join(header)}"
+                    f" (read with delimiter {mapping.delimiter!r})"
+                )
+            if header.count(name) > 1:  # which one is meant? Reading the last one silently would guess
+                raise DatasetError(
+                    f"{path}: column {name!r} ({role}) appears {header.count(name)} times in the header"
                 )
             return index[name]
 
