@@ -159,6 +159,16 @@ def test_true_is_neither_an_amount_nor_a_decision_id(client: TestClient) -> None
     assert client.get(f"/decisions/{stored.json()['decision_id']}").json()["amount"] == 12.5
 
 
+def test_rfc3339_times_with_lower_case_t_and_z_are_accepted(client: TestClient) -> None:
+    # RFC 3339 5.6: "T" and "Z" may be lower case; they were a 422 "must be RFC 3339 text".
+    for k, text in enumerate(["2024-03-01t10:00:00z", "2024-03-01T10:00:00.5z", "2024-03-01t11:00:00+01:00"]):
+        body = {"entity_id": "t1", "event": {"event_id": f"lower-{k}", "timestamp": text}}
+        assert client.post("/decide", json=body).status_code == 200, text
+        assert Event(event_id="e", entity_id="t1", timestamp=text).timestamp in (1709287200.0, 1709287200.5)
+    naive = {"entity_id": "t1", "event": {"event_id": "naive", "timestamp": "2024-03-01t10:00:00"}}
+    assert "time zone offset" in client.post("/decide", json=naive).json()["detail"]
+
+
 # --- out-of-range values: 422, never a 500 from the database driver
 
 

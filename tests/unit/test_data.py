@@ -189,9 +189,9 @@ attributes:
 
 ROWS = [
     "txn,user,ts,kind,amt,fraud,device,items,vip,score",
-    "t1,alice,2024-03-01T10:00:05Z,payment,12.5,no,d1,1,true,0.25",
+    "t1,alice,2024-03-01T10:00:05z,payment,12.5,no,d1,1,true,0.25",
     "t2,bob,2024-03-01T10:00:01Z,payment,900,yes,d9,3,no,",
-    "t3,alice,2024-03-01T11:00:00+01:00,refund,,no,d1,2,0,1e-3",
+    "t3,alice,2024-03-01t11:00:00+01:00,refund,,no,d1,2,0,1e-3",  # RFC 3339: lower case t and z (t1)
 ]
 
 

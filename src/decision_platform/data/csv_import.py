@@ -35,7 +35,6 @@ import zlib
 from array import array
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +49,7 @@ from decision_platform.core.events import (
     MAX_ATTRIBUTES,
     MAX_ID_LENGTH,
     MAX_STRING_VALUE_LENGTH,
+    rfc3339_seconds,
     storable_text,
 )
 from decision_platform.data.columns import EventColumnsBuilder
@@ -71,12 +71,7 @@ class DatasetError(ValueError):
 
 
 def _parse_epoch(value: float | str) -> float:
-    if isinstance(value, str):
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        if parsed.tzinfo is None:
-            raise ValueError("needs a time zone offset, e.g. Z")
-        return parsed.timestamp()
-    return float(value)
+    return rfc3339_seconds(value) if isinstance(value, str) else float(value)
 
 
 class EntitySpec(BaseModel):
