@@ -357,6 +357,21 @@ def test_train_reports_a_bad_csv_in_one_line_without_a_traceback(tmp_path: Path)
     assert lines == [f"error: {csv_path}:5: column 'amt': bad amount 'abc' (expected a number)"]
 
 
+def test_replay_reports_a_bad_csv_in_one_line_without_a_traceback(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from decision_platform.cli import main as cli
+
+    csv_path, mapping = write(tmp_path, [*ROWS, "t4,carol,2024-03-01T10:00:00Z,payment,1,no,d1,1,maybe,0.5"])
+    result = CliRunner().invoke(
+        cli.app, ["replay", "--source", str(csv_path), "--mapping", str(mapping), "--to", "http"]
+    )
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {csv_path}:5: column 'vip': bad value 'maybe'")
+
+
 def test_train_refuses_data_it_cannot_split_in_time_in_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -263,11 +263,15 @@ def _load_events(
         from decision_platform.data import generate
 
         return generate(n_entities=entities, days=days, seed=seed)
-    from decision_platform.data.csv_import import load_csv
+    from decision_platform.data.csv_import import DatasetError, load_csv
 
     if mapping is None:
         raise typer.BadParameter("a CSV source needs --mapping MAPPING.yaml")
-    return load_csv(Path(source), mapping, progress=True)
+    try:
+        return load_csv(Path(source), mapping, progress=True)
+    except DatasetError as exc:  # as train says it: file, line and column in one line, no traceback
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()
