@@ -91,6 +91,24 @@ def test_windows_live_in_redis_and_replays_count_once(real_client: tuple[TestCli
     assert keys, "the entity's windows should be in Redis"
 
 
+def test_float_attributes_beyond_64_bit_integers_read_back_from_postgresql(
+    real_client: tuple[TestClient, Settings],
+) -> None:
+    """JSONB writes 1e300 as 1 and 300 zeros: it was read back as an integer the API's schema refuses
+    (GET /decisions/{id} answered 500 for a decision /decide had acknowledged)."""
+    client, _ = real_client
+    attributes = {"x": 1e300, "top": 1.5e308, "neg": -1e19, "max": 2**63 - 1, "min": -(2**63), "s": "1e300"}
+    decided = client.post(
+        "/decide", json={"entity_id": "j1", "event": {"event_id": "j1", "attributes": attributes}}
+    )
+    assert decided.status_code == 200, decided.text
+    stored = client.get(f"/decisions/{decided.json()['decision_id']}")
+    assert stored.status_code == 200, stored.text
+    assert stored.json()["attributes"] == attributes
+    page = client.get(f"/console/decisions/{decided.json()['decision_id']}")
+    assert page.status_code == 200 and "1e+300" in page.text
+
+
 def test_conflicting_outcome_on_postgresql(real_client: tuple[TestClient, Settings]) -> None:
     client, _settings = real_client
     decision = client.post("/decide", json={"entity_id": "pg-2"}).json()

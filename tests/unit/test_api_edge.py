@@ -108,6 +108,67 @@ def test_kafka_messages_at_the_limits_are_accepted() -> None:
     assert event.attributes == {"n": INT64_MAX, "s": "é"}
 
 
+# --- bodies that are not the JSON asked for: the answer names the problem
+
+
+def test_malformed_json_is_422_saying_what_and_where(client: TestClient) -> None:
+    response = _post_raw(client, "/decide", '{"entity_id": "a"')
+    assert _fields(response) == ["body"]  # not "17", the character offset
+    assert response.json()["detail"] == "body: invalid JSON at character 17: Expecting ',' delimiter"
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_a_json_body_sent_without_the_json_content_type_is_told_so(
+    client: TestClient, content_type: str | None
+) -> None:
+    # curl -d sends application/x-www-form-urlencoded: the answer said "Input should be a valid dictionary".
+    headers = {"content-type": content_type} if content_type else {}
+    for path in ("/decide", "/events", "/outcome"):
+        response = client.post(path, content=b'{"entity_id": "a"}', headers=headers)
+        assert _fields(response) == ["body"], path
+        assert "Content-Type: application/json" in response.json()["detail"]
+        assert (repr(content_type) if content_type else "no Content-Type") in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "detail"),
+    [
+        (b'{"entity_id": "a\xff"}', "the body is not UTF-8 text (byte 0xff at position 16)"),
+        (b'{"entity_id": "a", "event": ' + b"[" * 5000 + b"]" * 5000 + b"}", "the JSON is nested too deeply"),
+    ],
+)
+def test_a_body_that_cannot_be_parsed_is_400_saying_why(client: TestClient, raw: bytes, detail: str) -> None:
+    response = client.post("/decide", content=raw, headers=JSON)
+    assert response.status_code == 400 and response.json() == {
+        "detail": detail
+    }  # was "There was an error..."
+
+
+def test_true_is_neither_an_amount_nor_a_decision_id(client: TestClient) -> None:
+    # Lax parsing read them as 1.0 and 1: a payment of 1, the outcome of some other decision.
+    decide = {"entity_id": "b1", "event": {"event_id": "b1", "amount": True}}
+    assert _fields(client.post("/decide", json=decide)) == ["event.amount"]
+    assert "Event.amount" in _fields(client.post("/events", json={**decide["event"], "entity_id": "b1"}))
+    assert _fields(client.post("/outcome", json={"decision_id": True, "outcome": "success"})) == [
+        "decision_id"
+    ]
+    with pytest.raises(ValidationError, match="not true or false"):  # the stream worker's parser too
+        Event.model_validate_json(b'{"event_id": "k3", "entity_id": "e", "amount": false}')
+    stored = client.post("/decide", json={"entity_id": "b1", "event": {"event_id": "b2", "amount": "12.5"}})
+    assert stored.status_code == 200  # a number as text still reads as the number
+    assert client.get(f"/decisions/{stored.json()['decision_id']}").json()["amount"] == 12.5
+
+
+def test_rfc3339_times_with_lower_case_t_and_z_are_accepted(client: TestClient) -> None:
+    # RFC 3339 5.6: "T" and "Z" may be lower case; they were a 422 "must be RFC 3339 text".
+    for k, text in enumerate(["2024-03-01t10:00:00z", "2024-03-01T10:00:00.5z", "2024-03-01t11:00:00+01:00"]):
+        body = {"entity_id": "t1", "event": {"event_id": f"lower-{k}", "timestamp": text}}
+        assert client.post("/decide", json=body).status_code == 200, text
+        assert Event(event_id="e", entity_id="t1", timestamp=text).timestamp in (1709287200.0, 1709287200.5)
+    naive = {"entity_id": "t1", "event": {"event_id": "naive", "timestamp": "2024-03-01t10:00:00"}}
+    assert "time zone offset" in client.post("/decide", json=naive).json()["detail"]
+
+
 # --- out-of-range values: 422, never a 500 from the database driver
 
 

@@ -150,6 +150,10 @@ def test_queue_refuses_bad_filters_naming_the_field(console) -> None:
         ("action=maybe", "action"),
         ("rule=DROP%20TABLE", "rule"),
         ("before=-5", "before"),
+        ("before=\u00b2", "before"),  # str.isdigit() says yes, int() says no: was a 500
+        ("limit=\u00b2", "limit"),
+        ("limit=\uff11", "limit"),
+        (f"before={'9' * 5000}", "before"),  # beyond int()'s digit limit: was a 500
     ]:
         answer = client.get(f"/console/queue?{query}")
         assert answer.status_code == 422, query

@@ -189,9 +189,9 @@ attributes:
 
 ROWS = [
     "txn,user,ts,kind,amt,fraud,device,items,vip,score",
-    "t1,alice,2024-03-01T10:00:05Z,payment,12.5,no,d1,1,true,0.25",
+    "t1,alice,2024-03-01T10:00:05z,payment,12.5,no,d1,1,true,0.25",
     "t2,bob,2024-03-01T10:00:01Z,payment,900,yes,d9,3,no,",
-    "t3,alice,2024-03-01T11:00:00+01:00,refund,,no,d1,2,0,1e-3",
+    "t3,alice,2024-03-01t11:00:00+01:00,refund,,no,d1,2,0,1e-3",  # RFC 3339: lower case t and z (t1)
 ]
 
 
@@ -285,11 +285,146 @@ def test_csv_import_reads_gzip_directly(tmp_path: Path) -> None:
         ("t4,car ol,2024-03-01T10:00:00Z,payment,1,no,d1,1,true,0.5", r":5: column 'user'.*entity"),
         ("t1,carol,2024-03-01T10:00:00Z,payment,1,no,d1,1,true,0.5", r":5: column 'txn'.*duplicate"),
         ("t4,carol,2024-03-01T10:00:00Z,payment,1,no", r":5: expected 10 fields, got 6"),
+        # What the event contract refuses is refused here too, never a crash or a poison event:
+        (
+            "t4,carol,2024-03-01T10:00:00Z,payment,1,no,d1,9223372036854775808,t,0",
+            r":5: column 'items'.*64-bit",
+        ),
+        ("t4,carol,2024-03-01T10:00:00Z,payment,1,no,d\x001,1,true,0.5", r":5: column 'device'.*NUL"),
+        ("t4,carol,2024-03-01T10:00:00Z,pay\x00,1,no,d1,1,true,0.5", r":5: column 'kind'.*NUL"),
     ],
 )
 def test_csv_errors_name_line_and_column(tmp_path: Path, row: str, message: str) -> None:
     with pytest.raises(DatasetError, match=message):
         load_csv(*write(tmp_path, [*ROWS, row]))
+
+
+def test_a_file_in_another_encoding_names_its_line_and_the_setting(tmp_path: Path) -> None:
+    row = "t4,carol,2024-03-01T10:00:00Z,payment,1,no,caf\u00e9,1,true,0.5"
+    csv_path, mapping = write(tmp_path, [*ROWS, row])
+    csv_path.write_bytes(csv_path.read_text().encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"data\.csv:5: byte 0xe9 .*not utf-8-sig text; set `encoding:`"):
+        load_csv(csv_path, mapping)
+    mapping.write_text(MAPPING + "encoding: latin-1\n")
+    devices = {e.event_id: e.attributes["device"] for e in load_csv(csv_path, mapping).events}
+    assert devices["t4"] == "caf\u00e9"
+
+
+def test_a_cell_too_large_for_csv_names_its_line_and_messages_stay_short(tmp_path: Path) -> None:
+    huge = "x" * 200_000
+    with pytest.raises(DatasetError, match=r"data\.csv:5: not readable as CSV: field larger") as error:
+        load_csv(*write(tmp_path, [*ROWS, f"t4,carol,2024-03-01T10:00:00Z,payment,1,no,{huge},1,true,0.5"]))
+    assert len(str(error.value).removeprefix(str(tmp_path))) < 200
+    with pytest.raises(DatasetError, match=r":5: column 'vip'.*\(5000 characters\)") as error:
+        load_csv(
+            *write(tmp_path, [*ROWS, f"t4,carol,2024-03-01T10:00:00Z,payment,1,no,d1,1,{huge[:5000]},0"])
+        )
+    assert len(str(error.value).removeprefix(str(tmp_path))) < 200
+
+
+def test_a_header_with_a_byte_order_mark_or_a_repeated_column(tmp_path: Path) -> None:
+    csv_path, mapping = write(tmp_path, ROWS, MAPPING + "encoding: utf-8\n")  # utf-8 keeps the BOM
+    csv_path.write_bytes(b"\xef\xbb\xbf" + csv_path.read_bytes())
+    assert len(load_csv(csv_path, mapping)) == 3  # 'txn' was '\ufefftxn': "not in the header"
+    repeated = [ROWS[0].replace(",score", ",vip"), *ROWS[1:]]
+    with pytest.raises(DatasetError, match=r"column 'vip' \(attribute\) appears 2 times in the header"):
+        load_csv(*write(tmp_path, repeated))  # the last 'vip' was read, silently
+
+
+def test_a_missing_cell_in_a_rounded_hash_of_column_is_a_value_of_its_own(tmp_path: Path) -> None:
+    rows = ["Time,Amount,Class", "0,9.99,0", "5,,1", "7,,0", "9,250,0"]
+    mapping = """
+time: {column: Time, unit: seconds_since_start, base_epoch: "2020-01-01T00:00:00Z"}
+label: {column: Class}
+entity: {hash_of: [Amount], round_digits: 2}
+"""
+    ids = [e.entity_id for e in load_csv(*write(tmp_path, rows, mapping)).events]
+    assert ids[1] == ids[2] and len(set(ids)) == 3
+
+
+def test_train_reports_a_bad_csv_in_one_line_without_a_traceback(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from decision_platform.cli import main as cli
+
+    csv_path, mapping = write(tmp_path, [*ROWS, "t4,carol,2024-03-01T10:00:00Z,payment,abc,no,d1,1,true,0.5"])
+    result = CliRunner().invoke(
+        cli.app, ["train", "--source", "csv", "--path", str(csv_path), "--mapping", str(mapping)]
+    )
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = result.stderr.strip().splitlines()
+    assert lines == [f"error: {csv_path}:5: column 'amt': bad amount 'abc' (expected a number)"]
+
+
+def test_replay_reports_a_bad_csv_in_one_line_without_a_traceback(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from decision_platform.cli import main as cli
+
+    csv_path, mapping = write(tmp_path, [*ROWS, "t4,carol,2024-03-01T10:00:00Z,payment,1,no,d1,1,maybe,0.5"])
+    result = CliRunner().invoke(
+        cli.app, ["replay", "--source", str(csv_path), "--mapping", str(mapping), "--to", "http"]
+    )
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {csv_path}:5: column 'vip': bad value 'maybe'")
+
+
+def test_train_refuses_data_it_cannot_split_in_time_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from decision_platform.cli import main as cli
+    from decision_platform.config import Settings
+
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'dp.db'}", model_dir=tmp_path / "models")
+    monkeypatch.setattr(cli, "get_settings", lambda: settings)
+    one_instant = [
+        ROWS[0],
+        *(",".join([*r.split(",")[:2], "2024-03-01T10:00:00Z", *r.split(",")[3:]]) for r in ROWS[1:]),
+    ]
+    csv_path, mapping = write(tmp_path, one_instant)
+    result = CliRunner().invoke(
+        cli.app, ["train", "--source", "csv", "--path", str(csv_path), "--mapping", str(mapping)]
+    )
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: cannot train on {csv_path}: 3 events (2024-03-01T10:00:00Z .. ")
+    assert "cannot be split in time" in line
+
+
+@pytest.mark.parametrize("label", [0, 1])
+def test_training_refuses_a_training_part_with_one_label(tmp_path: Path, label: int) -> None:
+    """Labels the mapping does not match (e.g. True/False with bad_values ["1"]) all read as good: training
+    used to go on and serve a model that learnt nothing."""
+    from decision_platform.core.rewards import RewardTable
+    from decision_platform.models.registry import ModelRegistry
+    from decision_platform.models.risk import RiskConfig
+    from decision_platform.storage.database import make_engine, migrate
+    from decision_platform.storage.repository import Repository
+    from decision_platform.training.train import TrainConfig, TrainingDataError, train_all
+
+    data = generate(n_entities=60, days=2.0, seed=4)
+    data = LabelledEvents(
+        events=data.events, labels=np.full(len(data), label, np.int8), scenarios=data.scenarios
+    )
+    engine = make_engine(f"sqlite:///{tmp_path / 'r.db'}")
+    migrate(engine)
+    which = r"bad \(fraud\)" if label == 0 else "good"
+    with pytest.raises(TrainingDataError, match=rf"training part is labelled {which}.*label\.bad_values"):
+        train_all(
+            data,
+            CONFIG_DIR / "features.yaml",
+            RewardTable.load(CONFIG_DIR / "rewards.yaml"),
+            ModelRegistry(Repository(engine), tmp_path / "models"),
+            TrainConfig(anomaly_trees=10, risk=RiskConfig(epochs=1), ppo_timesteps=64, ppo_rounds=1),
+            rules=CONFIG_DIR / "rules.yaml",
+        )
+    engine.dispose()
 
 
 def test_mapping_errors_name_the_column_or_field(tmp_path: Path) -> None:

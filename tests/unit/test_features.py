@@ -33,7 +33,7 @@ from decision_platform.features import (
     compute_features_with_flags,
     open_feature_store,
 )
-from decision_platform.features.spec import category_code
+from decision_platform.features.spec import FEATURE_LIMIT, category_code
 from decision_platform.features.store import RedisClusterFeatureStore, parse_cluster_url
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -160,7 +160,7 @@ class BruteForce:
         for ratio in spec.ratios:
             denominator = out[ratio.to]
             out[ratio.name] = out[ratio.of] / denominator if denominator else 0.0
-        return out
+        return {name: min(max(value, -FEATURE_LIMIT), FEATURE_LIMIT) for name, value in out.items()}
 
 
 def _aggregate(agg: str, values: list[float]) -> float:
@@ -528,6 +528,18 @@ def test_attribute_windows_leave_out_missing_text_and_oversized_values_and_keep_
     empty = store.read("alice", T0 + 200).as_dict()
     assert [empty[f"{agg}_score_10s"] for agg in ("count", "sum", "mean", "max", "std")] == [0, 0, 0, 0, 0]
     np.testing.assert_array_equal(compute_features([*events, *later], DERIVED)[-1], only_negative.values)
+
+
+def test_features_saturate_at_the_float32_limit_online_and_offline() -> None:
+    """An attribute of 1e300 (an event field) or sums of attributes of 1e100 (a window) would be infinite
+    in the models' float32, and training failed on them ("Input contains NaN"): features stop at the
+    float32 limit."""
+    events = [make_event(k, T0 + k, items=1e300, score=-1e100) for k in range(3)]
+    online = fake_store(DERIVED).update(events)[-1].as_dict()
+    assert online["attr_items"] == FEATURE_LIMIT and online["sum_score_10s"] == -FEATURE_LIMIT
+    offline = compute_features(events, DERIVED, np.float32)
+    assert np.isfinite(offline).all()
+    np.testing.assert_array_equal(offline[-1], np.float32(list(online.values())))
 
 
 def test_std_has_no_cancellation_when_values_share_a_large_offset() -> None:

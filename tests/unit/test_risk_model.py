@@ -151,3 +151,19 @@ def test_codes_trained_in_float32_are_found_when_served_in_float64() -> None:
     assert encoder.categories(np.array([[category_code("never seen")]]))[0, 0] == 1
     saved = InputEncoder.from_arrays(encoder.arrays())
     np.testing.assert_array_equal(saved.categories(served), encoder.categories(served))
+
+
+@pytest.mark.parametrize("device", ["missing", "unique"])
+def test_a_category_never_seen_often_enough_is_rare_not_a_crash(tmp_path: Path, device: str) -> None:
+    """A categorical attribute empty in a data set, or with every value rarer than MIN_CATEGORY_COUNT (a
+    device id on a small set): its vocabulary is empty; training failed with an IndexError on it."""
+    x, y = _categorical_data()
+    x[:, 1] = 0.0 if device == "missing" else [category_code(f"d-{i}") for i in range(len(x))]
+    model = RiskModel.fit(x, y, ["amount", "code_device", "anomaly"], SMALL, categorical=[1], seed=0)
+    assert len(model.encoder.vocabularies[0]) == 0
+    rows = x[:2].copy()
+    rows[:, 1] = [0.0, category_code("d-1")]
+    assert model.encoder.categories(rows)[:, 0].tolist() == [0, 1]  # missing, rare
+    assert np.isfinite(model.predict(rows)).all() and np.isfinite(model.explain(rows, steps=8)[1]).all()
+    model.save(tmp_path)
+    np.testing.assert_allclose(RiskModel.load(tmp_path).predict(rows), model.predict(rows), rtol=1e-6)

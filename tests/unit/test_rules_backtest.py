@@ -172,5 +172,18 @@ def test_cli_backtest(
     broken.write_text("rules:\n  - name: half_written\n    tier: block\n    when: count_1m >=\n")
     failed = runner.invoke(cli.app, ["rules", "backtest", str(broken)], terminal_width=200)
     assert failed.exit_code == 2 and "half_written" in failed.output
+    assert "[red]" not in failed.output  # markup was printed as text
     window = runner.invoke(cli.app, ["rules", "backtest", str(stricter), "--since", "now", "--until", "1h"])
     assert window.exit_code == 2 and "must be before" in window.output
+    # Bad input is exit 2 with the reason, never a traceback (these were UnicodeDecodeError, OverflowError).
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe")
+    for args, reason in [
+        ([str(binary)], "not UTF-8"),
+        ([str(stricter), "--since", "0001-01-01T00:00:00+01:00"], "out of the range of dates"),
+        ([str(stricter), "--since", "99999999999w"], "out of the range of dates"),
+    ]:
+        refused = runner.invoke(cli.app, ["rules", "backtest", *args], terminal_width=200)
+        assert refused.exit_code == 2 and reason in refused.output, refused.output
+    too_big = runner.invoke(cli.app, ["explain", str(2**63)], terminal_width=200)
+    assert too_big.exit_code == 2 and "9223372036854775807" in too_big.output, too_big.output

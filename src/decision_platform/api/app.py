@@ -11,8 +11,10 @@ from typing import Any
 
 import redis
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from decision_platform.api import admin
@@ -152,10 +154,45 @@ def _field(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
-async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = [{"field": _field(e["loc"]), "message": _printable(e["msg"])} for e in exc.errors()]
+def _error_entry(error: Any) -> dict[str, str]:
+    if error["type"] == "json_invalid":  # loc is ("body", character offset): say what and where
+        where = error["loc"][-1]
+        reason = (error.get("ctx") or {}).get("error", "cannot be parsed")
+        return {"field": "body", "message": f"invalid JSON at character {where}: {_printable(str(reason))}"}
+    return {"field": _field(error["loc"]), "message": _printable(error["msg"])}
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    if isinstance(exc.body, bytes) and exc.body:
+        # FastAPI parses JSON only when the Content-Type says JSON; any other body arrives as bytes and
+        # would be reported as "Input should be a valid dictionary": name the real problem.
+        declared = request.headers.get("content-type")
+        got = f"Content-Type {declared!r}" if declared else "no Content-Type"
+        message = f"send the body as JSON with Content-Type: application/json (got {_printable(got)})"
+        errors = [{"field": "body", "message": message}]
+    else:
+        errors = [_error_entry(e) for e in exc.errors()]
     summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
     return JSONResponse({"detail": summary, "errors": errors}, status_code=422)
+
+
+def _unparsable(cause: BaseException | None) -> str | None:
+    """Why FastAPI's body parsing failed, when it is the client's doing (FastAPI answers 400 "There was an
+    error parsing the body" whatever the reason)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return (
+            f"the body is not UTF-8 text (byte 0x{cause.object[cause.start]:02x} at position {cause.start})"
+        )
+    if isinstance(cause, RecursionError):
+        return "the JSON is nested too deeply"
+    return None
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    reason = _unparsable(exc.__cause__) if exc.status_code == 400 else None
+    if reason is not None:
+        return JSONResponse({"detail": reason}, status_code=400)
+    return await http_exception_handler(request, exc)
 
 
 def create_app(settings: Settings | None = None, platform: Platform | None = None) -> FastAPI:
@@ -200,6 +237,7 @@ def create_app(settings: Settings | None = None, platform: Platform | None = Non
 def add_error_handling(app: FastAPI, max_body_bytes: int) -> None:
     """The error answers of DESIGN.md §11: 413, 422 naming the fields, 503 for outages, 500 for bugs."""
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     for error in DEPENDENCY_OUTAGES:
         app.add_exception_handler(error, _dependency_unavailable)
     app.add_middleware(DecideLane)  # innermost of ours: it reads the body BodySizeLimit has bounded

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 
 from decision_platform.core.events import INT64_MAX, STORABLE, AttributeValue, Event, Identifier
 
-#: Ids are signed 64-bit in the database (BIGINT): a larger one can name no decision.
-DecisionId = Annotated[int, Field(gt=0, le=INT64_MAX)]
+
+def _not_a_bool(value: Any) -> Any:
+    # Lax int parsing reads true as 1: the id of some other decision.
+    if isinstance(value, bool):
+        raise ValueError("must be an integer id, not true or false")
+    return value
+
+
+#: Ids are signed 64-bit in the database (BIGINT): a larger one can name no decision. Text of digits is
+#: accepted (JavaScript clients cannot hold a 64-bit integer), true / false is not.
+DecisionId = Annotated[int, Field(gt=0, le=INT64_MAX), BeforeValidator(_not_a_bool)]
 
 
 class FieldError(BaseModel):

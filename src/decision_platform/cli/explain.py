@@ -14,12 +14,14 @@ from rich.panel import Panel
 from rich.table import Table
 
 from decision_platform.config import get_settings
+from decision_platform.core.events import INT64_MAX
 
 console = Console()
 
 
 def explain(
-    decision_id: int = typer.Argument(..., help="the decision_id returned by /decide"),
+    # Ids are BIGINT: a larger one names no decision (it was an OverflowError from the driver).
+    decision_id: int = typer.Argument(..., min=1, max=INT64_MAX, help="the decision_id returned by /decide"),
     generate: bool = typer.Option(True, help="write the narrative now if none is stored (needs DP_LLM_URL)"),
 ) -> None:
     """Print the facts of a decision (action, risk, reasons with normal ranges, rules) and its narrative."""

@@ -52,7 +52,7 @@ def _train(
     from decision_platform.cli.progress import RichProgress
     from decision_platform.cli.train import report_tables
     from decision_platform.core.rewards import RewardTable
-    from decision_platform.training.train import TrainConfig, train_all
+    from decision_platform.training.train import TrainConfig, TrainingDataError, train_all
 
     features_path = settings.features_path
     if source is Source.synthetic:
@@ -61,14 +61,19 @@ def _train(
         with console.status("generating synthetic data"):
             data = generate(n_entities=entities, days=days, seed=seed)
     else:
-        from decision_platform.data.csv_import import find_ulb_csv, load_csv
+        from decision_platform.data.csv_import import DatasetError, find_ulb_csv, load_csv
 
-        if source is Source.ulb:
-            path = path or find_ulb_csv(settings.model_dir.parent / "datasets")
-            mapping = mapping or settings.config_dir / "datasets" / "ulb_creditcard.yaml"
-        if path is None or mapping is None:
+        if source is not Source.ulb and (path is None or mapping is None):
             raise typer.BadParameter("--source csv needs --path FILE.csv and --mapping MAPPING.yaml")
-        data = load_csv(path, mapping, progress=True)
+        try:
+            if source is Source.ulb:
+                path = path or find_ulb_csv(settings.model_dir.parent / "datasets")
+                mapping = mapping or settings.config_dir / "datasets" / "ulb_creditcard.yaml"
+            assert path is not None and mapping is not None
+            data = load_csv(path, mapping, progress=True)
+        except DatasetError as exc:  # the file, line and column of the problem: one line, no traceback
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
     summary = data.summary()
     console.print(f"data: {summary}")
     # A data set may bring its own feature definitions (e.g. ULB's V1..V28 event fields).
@@ -76,17 +81,21 @@ def _train(
         candidate = Path(mapping).with_name(Path(mapping).stem + ".features.yaml")
         if candidate.exists():
             features_path = candidate
-    with RichProgress(console) as progress:
-        report = train_all(
-            data,
-            features_path,
-            RewardTable.load(settings.rewards_path),
-            open_registry(settings),
-            TrainConfig(ppo_timesteps=timesteps, seed=seed),
-            progress=progress,
-            promote=promote,
-            source=source.value if path is None else f"{source.value}:{path.name}",
-        )
+    try:
+        with RichProgress(console) as progress:
+            report = train_all(
+                data,
+                features_path,
+                RewardTable.load(settings.rewards_path),
+                open_registry(settings),
+                TrainConfig(ppo_timesteps=timesteps, seed=seed),
+                progress=progress,
+                promote=promote,
+                source=source.value if path is None else f"{source.value}:{path.name}",
+            )
+    except TrainingDataError as exc:  # too little of it, or one label only: say so, no traceback
+        typer.echo(f"error: cannot train on {path or source.value}: {exc}", err=True)
+        raise typer.Exit(2) from None
     for table in report_tables(report):
         console.print(table)
     console.print(f"trained in {report.timings['total_s']:.1f} s; artifacts in {settings.model_dir}")
@@ -254,11 +263,15 @@ def _load_events(
         from decision_platform.data import generate
 
         return generate(n_entities=entities, days=days, seed=seed)
-    from decision_platform.data.csv_import import load_csv
+    from decision_platform.data.csv_import import DatasetError, load_csv
 
     if mapping is None:
         raise typer.BadParameter("a CSV source needs --mapping MAPPING.yaml")
-    return load_csv(Path(source), mapping, progress=True)
+    try:
+        return load_csv(Path(source), mapping, progress=True)
+    except DatasetError as exc:  # as train says it: file, line and column in one line, no traceback
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

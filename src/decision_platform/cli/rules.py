@@ -49,11 +49,13 @@ def backtest_command(
         text = rules_file.read_text("utf-8")
     except OSError as exc:
         raise typer.BadParameter(f"cannot read {rules_file}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:  # was a traceback
+        raise typer.BadParameter(f"cannot read {rules_file}: not UTF-8 text (byte {exc.start + 1})") from None
     names = FeatureSpec.load(settings.features_path).names
     try:
         rules = RuleSet.from_text(text, names)
     except RulesError as exc:
-        console.print(f"[red]{rules_file}: {exc}[/red]", highlight=False, markup=False)
+        console.print(f"{rules_file}: {exc}", style="red", highlight=False, markup=False)  # tags were printed
         raise typer.Exit(2) from None
     engine = open_database(settings)
     try:

@@ -40,6 +40,7 @@ QUEUE_FIELDS = ("action", "since", "until", "rule", "risk_min", "risk_max", "ent
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
 _RULE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_DIGITS = re.compile(r"[0-9]{1,20}")
 _REPORT_NAME = re.compile(r"^retrain-[0-9T]{15}\.(png|json)$")
 
 
@@ -69,9 +70,12 @@ def _fraction(field: str, text: str) -> float | None:
 
 
 def _positive_int(field: str, text: str, top: int) -> int | None:
-    if not text.strip():
+    text = text.strip()
+    if not text:
         return None
-    if not text.strip().isdigit() or not 0 < int(text) <= top:
+    # ASCII digits only: str.isdigit() also accepts "²", which int() refuses (that was a 500), and a
+    # number of thousands of digits is over int()'s limit before it is over `top`.
+    if not _DIGITS.fullmatch(text) or not 0 < int(text) <= top:
         raise ConsoleInputError(f"{field}: expected a whole number from 1 to {top}")
     return int(text)
 

@@ -41,6 +41,19 @@ def storable_text(value: Any) -> Any:
     return value
 
 
+class NaiveTimeError(ValueError):
+    """An ISO time without a time zone offset: which zone is meant cannot be known."""
+
+
+def rfc3339_seconds(text: str) -> float:
+    """Epoch seconds of an RFC 3339 time. Its "T" and "Z" may be lower case (RFC 3339 5.6), as some
+    producers write them. Raises ValueError (NaiveTimeError without an offset)."""
+    parsed = datetime.fromisoformat(text.strip().upper().replace("Z", "+00:00"))
+    if parsed.tzinfo is None:
+        raise NaiveTimeError("needs a time zone offset, e.g. Z")
+    return parsed.timestamp()
+
+
 def _storable_attribute(value: Any) -> Any:
     # Checked before the union, for one clear message (not one per member) and because the union would
     # silently turn an integer beyond 64 bits into a float.
@@ -104,18 +117,25 @@ class Event(BaseModel):
                 seconds = float(value)
             except ValueError:
                 try:
-                    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+                    seconds = rfc3339_seconds(value)
+                except NaiveTimeError:
+                    raise ValueError("timestamp in RFC 3339 needs a time zone offset, e.g. Z") from None
                 except ValueError:
                     raise ValueError("timestamp must be RFC 3339 text or epoch seconds") from None
-                if parsed.tzinfo is None:
-                    raise ValueError("timestamp in RFC 3339 needs a time zone offset, e.g. Z") from None
-                seconds = parsed.timestamp()
         else:
             raise ValueError("timestamp must be RFC 3339 text or epoch seconds")
         # Plausible range: 2000-01-01 .. 2100-01-01.
         if not math.isfinite(seconds) or not 946_684_800 <= seconds <= 4_102_444_800:
             raise ValueError("timestamp out of range (years 2000-2100)")
         return seconds
+
+    @field_validator("amount", mode="before")
+    @classmethod
+    def _amount_is_a_number(cls, value: Any) -> Any:
+        # Lax float parsing reads true as 1.0: a producer's bug would pass as a payment of 1.
+        if isinstance(value, bool):
+            raise ValueError("amount must be a number, not true or false")
+        return value
 
     @field_validator("amount")
     @classmethod

@@ -17,6 +17,7 @@ Data sets without entity ids (such as ULB credit-card) need an entity strategy:
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gc
 import gzip
@@ -34,7 +35,6 @@ import zlib
 from array import array
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal
@@ -43,7 +43,15 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from decision_platform.core.events import MAX_ATTRIBUTES, MAX_ID_LENGTH, MAX_STRING_VALUE_LENGTH
+from decision_platform.core.events import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_ATTRIBUTES,
+    MAX_ID_LENGTH,
+    MAX_STRING_VALUE_LENGTH,
+    rfc3339_seconds,
+    storable_text,
+)
 from decision_platform.data.columns import EventColumnsBuilder
 from decision_platform.data.dataset import LabelledEvents
 
@@ -63,12 +71,7 @@ class DatasetError(ValueError):
 
 
 def _parse_epoch(value: float | str) -> float:
-    if isinstance(value, str):
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        if parsed.tzinfo is None:
-            raise ValueError("needs a time zone offset, e.g. Z")
-        return parsed.timestamp()
-    return float(value)
+    return rfc3339_seconds(value) if isinstance(value, str) else float(value)
 
 
 class EntitySpec(BaseModel):
@@ -231,7 +234,8 @@ def load_csv(
             header = next(reader, None)
             if header is None:
                 raise DatasetError(f"{path}: empty file, expected a header row")
-            loader = _RowLoader(mapping, [h.strip() for h in header], path)
+            # A byte order mark is not part of the first name, whatever `encoding` says (utf-8 keeps it).
+            loader = _RowLoader(mapping, [h.strip().lstrip("\ufeff") for h in header], path)
             size = os.fstat(raw.fileno()).st_size
             with _progress(progress, size, path.name) as advance, _gc_paused():
                 for row in reader:
@@ -245,7 +249,29 @@ def load_csv(
                 advance(size)
         except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
             raise DatasetError(f"{path}: not a readable gzip file ({exc})") from exc
+        except csv.Error as exc:  # e.g. a cell over the csv module's field size limit
+            raise DatasetError(f"{path}:{reader.line_num}: not readable as CSV: {exc}") from None
+        except UnicodeDecodeError as exc:  # decoded a chunk ahead of the rows: find the line itself
+            raise _undecodable(path, mapping.encoding, exc) from None
     return loader.result()
+
+
+def _undecodable(path: Path, encoding: str, error: UnicodeDecodeError) -> DatasetError:
+    """The error for a file that is not text in ``encoding``, naming the first line that is not (the slow
+    path: the file is read again, as bytes)."""
+    hint = f"not {encoding} text; set `encoding:` in the mapping (e.g. latin-1 or cp1252)"
+    decoder = codecs.getincrementaldecoder(encoding)()
+    try:
+        with open(path, "rb") as raw, gzip.GzipFile(fileobj=raw) if path.suffix == ".gz" else raw as stream:
+            for number, line in enumerate(stream, start=1):
+                try:
+                    decoder.decode(line)
+                except UnicodeDecodeError as exc:
+                    bad = line[exc.start : exc.start + 1].hex()
+                    return DatasetError(f"{path}:{number}: byte 0x{bad} at position {exc.start + 1}: {hint}")
+    except (OSError, EOFError, zlib.error):
+        pass
+    return DatasetError(f"{path}: {hint} ({error.reason})")
 
 
 @contextmanager
@@ -271,6 +297,11 @@ class _RowLoader:
             if name not in index:
                 raise DatasetError(
                     f"{path}: column {name!r} ({role}) is not in the header; columns are: {', '.join(header)}"
+                    f" (read with delimiter {mapping.delimiter!r})"
+                )
+            if header.count(name) > 1:  # which one is meant? Reading the last one silently would guess
+                raise DatasetError(
+                    f"{path}: column {name!r} ({role}) appears {header.count(name)} times in the header"
                 )
             return index[name]
 
@@ -328,7 +359,7 @@ class _RowLoader:
             self._check_finite(row, line)
         label = self.label_of(row[self.label_col])
         if label is None:
-            raise self.fail(line, self.label_col, f"unknown label value {row[self.label_col]!r}")
+            raise self.fail(line, self.label_col, f"unknown label value {_shown(row[self.label_col])}")
         self.events.append(
             self._event_id(row, line, n),
             self._entity(row, line, n),
@@ -355,9 +386,9 @@ class _RowLoader:
             return f"{self.mapping.id_prefix}{n}"
         value = row[self.id_col].strip()
         if not _ID_PATTERN.fullmatch(value):
-            raise self.fail(line, self.id_col, f"bad id {value!r} ({_ID_RULE})")
+            raise self.fail(line, self.id_col, f"bad id {_shown(value)} ({_ID_RULE})")
         if value in self.seen_ids:
-            raise self.fail(line, self.id_col, f"duplicate event id {value!r}")
+            raise self.fail(line, self.id_col, f"duplicate event id {_shown(value)}")
         self.seen_ids.add(value)
         return value
 
@@ -369,7 +400,7 @@ class _RowLoader:
                 raise self.fail(
                     line,
                     self.entity_col,
-                    f"bad entity id {value!r} ({_ID_RULE}; use entity.hash_of for free text)",
+                    f"bad entity id {_shown(value)} ({_ID_RULE}; use entity.hash_of for free text)",
                 )
             return value
         if spec.strategy == "row":
@@ -384,13 +415,13 @@ class _RowLoader:
         spec = self.mapping.entity
         parts = []
         for value, column in zip(key, self.hash_cols, strict=True):
-            if spec.round_digits is None:
+            if spec.round_digits is None or not value.strip():  # a missing cell is a value of its own
                 parts.append(value.strip())
                 continue
             try:
                 number = float(value)
             except ValueError:
-                raise self.fail(line, column, f"bad number {value!r} for entity.hash_of") from None
+                raise self.fail(line, column, f"bad number {_shown(value)} for entity.hash_of") from None
             parts.append(f"{round(number, spec.round_digits):.{max(spec.round_digits, 0)}f}")
         digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).hexdigest()
         if spec.buckets is not None:
@@ -402,9 +433,10 @@ class _RowLoader:
         try:
             seconds = self.time_of(value)
         except ValueError as exc:
-            raise self.fail(line, self.time_col, f"bad time {value!r}: {exc}") from None
+            why = "expected a number" if str(exc).startswith("could not convert") else str(exc)
+            raise self.fail(line, self.time_col, f"bad time {_shown(value)}: {why}") from None
         if not _MIN_EPOCH <= seconds <= _MAX_EPOCH:  # also false for NaN
-            raise self.fail(line, self.time_col, f"time {value!r} is outside years 2000-2100")
+            raise self.fail(line, self.time_col, f"time {_shown(value)} is outside years 2000-2100")
         return seconds
 
     def _amount(self, row: list[str], line: int) -> float | None:
@@ -414,9 +446,11 @@ class _RowLoader:
         try:
             amount = float(value)
         except ValueError:
-            raise self.fail(line, self.amount_col, f"bad amount {value!r} (expected a number)") from None
+            message = f"bad amount {_shown(value)} (expected a number)"
+            raise self.fail(line, self.amount_col, message) from None
         if not 0.0 <= amount <= _MAX_AMOUNT:  # also false for NaN
-            raise self.fail(line, self.amount_col, f"amount {value!r} must be between 0 and {_MAX_AMOUNT:g}")
+            bounds = f"between 0 and {_MAX_AMOUNT:g}"
+            raise self.fail(line, self.amount_col, f"amount {_shown(value)} must be {bounds}")
         return amount
 
     def _event_type(self, row: list[str], line: int) -> str:
@@ -424,13 +458,16 @@ class _RowLoader:
             return self.mapping.event_type
         value = row[self.type_col].strip()
         if not 1 <= len(value) <= 64:
-            raise self.fail(line, self.type_col, f"event type {value!r} must be 1-64 characters")
-        return value
+            raise self.fail(line, self.type_col, f"event type {_shown(value)} must be 1-64 characters")
+        try:
+            return storable_text(value)
+        except ValueError as exc:
+            raise self.fail(line, self.type_col, f"event type {_shown(value)} {exc}") from None
 
     def _check_finite(self, row: list[str], line: int) -> None:
         for _, i in self.float_attrs:
             if row[i] and not math.isfinite(float(row[i])):
-                raise self.fail(line, i, f"value {row[i]!r} must be a finite number")
+                raise self.fail(line, i, f"value {_shown(row[i])} must be a finite number")
 
     def _attribute_error(self, row: list[str], line: int) -> DatasetError:
         """Find which attribute cell failed to convert (the slow path, only on error)."""
@@ -438,14 +475,19 @@ class _RowLoader:
             try:
                 float(row[i] or 0)
             except ValueError:
-                return self.fail(line, i, f"bad value {row[i]!r} (expected a number)")
+                return self.fail(line, i, f"bad value {_shown(row[i])} (expected a number)")
         for _, i, kind, convert in self.other_attrs:
             try:
                 if row[i]:
                     convert(row[i])
             except ValueError as exc:
-                return self.fail(line, i, f"bad value {row[i]!r} (expected {kind}: {exc})")
+                return self.fail(line, i, f"bad value {_shown(row[i])} (expected {kind}: {exc})")
         return self.fail(line, None, "bad attribute value")
+
+
+def _shown(value: str, limit: int = 40) -> str:
+    """A cell as an error message quotes it: repr, cut to ``limit`` characters (a message stays one line)."""
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + f"... ({len(value)} characters)"
 
 
 def _getter(columns: list[int]) -> Callable[[list[str]], tuple[str, ...]]:
@@ -459,13 +501,16 @@ def _getter(columns: list[int]) -> Callable[[list[str]], tuple[str, ...]]:
 
 
 def _to_int(value: str) -> int:
-    return int(value)
+    number = int(value)
+    if not INT64_MIN <= number <= INT64_MAX:  # what the event contract (and a typed column) can hold
+        raise ValueError("outside the signed 64-bit range")
+    return number
 
 
 def _to_str(value: str) -> str:
     if len(value) > MAX_STRING_VALUE_LENGTH:
         raise ValueError(f"longer than {MAX_STRING_VALUE_LENGTH} characters")
-    return value
+    return storable_text(value)  # the event contract's: no NUL
 
 
 def _to_bool(value: str) -> bool:

@@ -34,6 +34,9 @@ CATEGORY_PREFIX = "code_"
 #: Largest magnitude of an attribute value that windows aggregate: beyond it a value counts as missing, so
 #: sums and Welford's squared deviations of up to 100k values (the cap's bound) stay finite (< 1e306).
 WINDOW_VALUE_LIMIT = 1e150
+#: Largest magnitude of a feature: the models compute in float32, where a larger value (an attribute of
+#: 1e300, a sum of attributes of 1e100, a ratio to a tiny value) would be infinite, and training fails on it.
+FEATURE_LIMIT = float(np.finfo(np.float32).max)
 
 
 def _default_windows() -> dict[str, float]:
@@ -352,7 +355,7 @@ class FeatureSpec(BaseModel):
         them. A std is the population standard deviation sqrt(M2 / n) of the window's values, M2 being the
         sum of squared deviations that both paths accumulate with Welford's update, newest event first:
         no cancellation (unlike sumsq/n - mean^2), never negative, and the same operations in the same
-        order in Lua and Python, so the same bits.
+        order in Lua and Python, so the same bits. Every value is within +-FEATURE_LIMIT.
         """
         plan = self._plan
         counts, sums = raw[:, plan["mean_count"]], raw[:, plan["mean_sum"]]
@@ -360,11 +363,12 @@ class FeatureSpec(BaseModel):
         n, m2 = raw[:, plan["std_count"]], raw[:, plan["std_m2"]]
         stds = np.sqrt(np.divide(m2, n, out=np.zeros_like(m2), where=n > 0))
         vectors = np.concatenate((raw, means, stds, event_values), axis=1)[:, plan["gather"]]
-        if not self.ratios:
-            return vectors
-        of, to = vectors[:, plan["ratio_of"]], vectors[:, plan["ratio_to"]]
-        ratios = np.divide(of, to, out=np.zeros_like(of), where=to != 0)
-        return np.concatenate((vectors, ratios), axis=1)
+        if self.ratios:
+            of, to = vectors[:, plan["ratio_of"]], vectors[:, plan["ratio_to"]]
+            ratios = np.divide(of, to, out=np.zeros_like(of), where=to != 0)
+            vectors = np.concatenate((vectors, ratios), axis=1)
+        # Saturated, not infinite, in float32 (FEATURE_LIMIT); online and offline alike.
+        return np.clip(vectors, -FEATURE_LIMIT, FEATURE_LIMIT, out=vectors)
 
     def event_values(self, timestamps: Sequence[float], events: Sequence[Event] | None) -> np.ndarray:
         """Event-level fields (n, k); with no events (plain reads) amount and attributes are 0.

@@ -239,6 +239,9 @@ class InputEncoder:
         out = np.zeros((len(x), len(self.categorical)), dtype=np.int32)  # embeddings take int32 too
         for k, (j, vocabulary) in enumerate(zip(self.categorical, self.vocabularies, strict=True)):
             codes = _as_code(x[:, j]) if self.float32_codes else x[:, j].astype(np.float64)
+            if len(vocabulary) == 0:  # no value was seen often enough in training: every value is rare
+                out[:, k] = np.where(codes == 0, 0, 1)
+                continue
             at = np.searchsorted(vocabulary, codes)
             known = (at < len(vocabulary)) & (vocabulary[np.minimum(at, len(vocabulary) - 1)] == codes)
             out[:, k] = np.where(codes == 0, 0, np.where(known, at + 2, 1))

@@ -26,13 +26,16 @@ def parse_time(text: str, now: datetime) -> datetime:
     if text == "now":
         return now
     match = _RELATIVE.match(text)
-    if match:
-        return now - timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
     try:
+        if match:
+            return now - timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        # Year 1 or 9999 with an offset is out of range once in UTC, where every query compares it.
+        return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    except OverflowError:  # callers expect ValueError (a CLI's bad parameter, a console's 422)
+        raise ValueError(f"{text[:40]!r}: out of the range of dates") from None
     except ValueError:
-        raise ValueError(f"{text!r}: expected now, an age like 6h / 7d, or an ISO 8601 time") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        raise ValueError(f"{text[:40]!r}: expected now, an age like 6h / 7d, or an ISO 8601 time") from None
 
 
 @dataclass

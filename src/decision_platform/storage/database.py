@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import orjson
 import sqlalchemy as sa
@@ -11,6 +13,7 @@ from alembic import command
 from alembic.config import Config
 
 from decision_platform.config import Settings
+from decision_platform.core.events import INT64_MAX, INT64_MIN
 from decision_platform.storage.partitions import ensure_partitions
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -84,11 +87,24 @@ def make_engine(url: str, schema: str | None = None, statement_timeout_s: float 
         # JSONB refuses NaN, which json.dumps writes (a model metric on a one-class split is NaN): orjson
         # writes null, as the decision path's fast insert already does.
         json_serializer=_json_dumps,
+        json_deserializer=_json_loads,
     )
 
 
 def _json_dumps(value: object) -> str:
     return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+
+
+def _json_loads(text: str | bytes) -> Any:
+    """JSONB keeps a number as its value, not its spelling: a float attribute of 1e300 comes back as 1
+    and 300 zeros, an integer to JSON, which the API's own schema then refused (GET /decisions/{id} was a
+    500). The edge refuses integers beyond 64 bits, so a stored one was a float: it is read as one."""
+    return json.loads(text, parse_int=_int_or_float)
+
+
+def _int_or_float(text: str) -> int | float:
+    value = int(text)
+    return value if INT64_MIN <= value <= INT64_MAX else float(text)
 
 
 def migrate(

@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -336,19 +337,50 @@ def _load_rules(rules: RuleSet | Path | None, names: Sequence[str]) -> tuple[Rul
     return RuleSet.load(Path(rules), names), str(rules)
 
 
+class TrainingDataError(ValueError):
+    """The data set cannot be trained on (no events before the time cut, one label only): says why."""
+
+
+def check_trainable(labels: np.ndarray, train: np.ndarray, timestamps: np.ndarray) -> None:
+    """Refuse, with the reason, a split the models cannot learn from or be judged on."""
+    if not train.any() or train.all():
+        span = f"{_iso(timestamps.min())} .. {_iso(timestamps.max())}"
+        raise TrainingDataError(
+            f"{len(timestamps)} events ({span}) cannot be split in time into a training and a held-out "
+            "part: need events at more than one time, the later part being the held-out one"
+        )
+    bad = int(labels[train].sum())
+    if bad == 0 or bad == int(train.sum()):
+        which = "bad (fraud)" if bad == 0 else "good"
+        raise TrainingDataError(
+            f"none of the {int(train.sum())} events of the training part is labelled {which}: the risk "
+            "model has nothing to learn; check the data set's labels (a CSV mapping's label.bad_values)"
+        )
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(float(seconds), tz=UTC).isoformat().replace("+00:00", "Z")
+
+
 def split_in_time(
     data: LabelledEvents, spec: FeatureSpec, test_fraction: float, source: str, progress: Progress = SILENT
 ) -> Split:
-    """Offline features over the whole stream (held-out rows see their real history), then the time cut."""
+    """Offline features over the whole stream (held-out rows see their real history), then the time cut.
+
+    Raises `TrainingDataError` when the data cannot be split into a training and a held-out part that both
+    hold events, or when the training part holds only one label."""
     events = data.events
+    timestamps = events.timestamps
+    if len(events) == 0:
+        raise TrainingDataError("no events to train on")
+    cut_time = float(np.quantile(timestamps, 1.0 - test_fraction))
+    train = timestamps < cut_time
+    test = ~train
+    check_trainable(np.asarray(data.labels), train, timestamps)
     with progress.status("computing features (offline, same definitions as the online store)"):
         # float32: half the memory of float64 (the models compute in float32; category codes are
         # matched in float32 by the risk model, InputEncoder.categories).
         x = compute_features(events, spec, np.float32)
-    timestamps = events.timestamps
-    cut_time = float(np.quantile(timestamps, 1.0 - test_fraction))
-    train = timestamps < cut_time
-    test = ~train
     window = {
         "source": source,
         "events": len(events),
