@@ -366,8 +366,8 @@ class DecisionEngine:
 
     def finish_batch(self, pending: Sequence[PendingDecision], timeout_s: float = 60.0) -> list[Decision]:
         """:meth:`finish` of every decision of a batch, in order (raises the first row's failure)."""
-        for p in pending:
-            p.storage.result(timeout=timeout_s)  # durable, or raises what kept the batch from it
+        for storage in {id(p.storage): p.storage for p in pending}.values():  # one wait a batch, not a row
+            storage.result(timeout=timeout_s)  # durable, or raises what kept the batch from it
         decisions: list[Decision] = []
         for answer in self.answers(pending):
             if isinstance(answer, BaseException):
