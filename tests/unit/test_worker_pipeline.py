@@ -4,6 +4,7 @@ commit runs, and batch k's offsets are committed only once its decisions are dur
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -146,6 +147,38 @@ def test_pipelined_decisions_equal_batch_by_batch_ones(platform_for: Callable[[s
         return [(r.action, r.propensity, r.risk, r.anomaly, r.features) for r in records]  # type: ignore[union-attr]
 
     assert decided(pipelined) == decided(sequential)
+
+
+def test_a_redelivered_event_keeps_its_first_decision_while_the_first_copy_is_still_being_stored(
+    platform_for: Callable[[str], Platform],
+) -> None:
+    """Batch 2 redelivers events of batch 1 while batch 1's commit is slow: the writer's second thread
+    would store batch 2 first, and the redelivered copy -- decided on the windows as they are later --
+    would become the event's decision. The worker waits for batch 1 in that case only."""
+    items = messages(2 * BATCH)
+    redelivered = [
+        RawMessage(m.value, m.key, m.topic, m.partition, 2 * BATCH + i) for i, m in enumerate(items[10:20])
+    ]
+    platform = platform_for("e")
+    repository = platform.engine.writer.repository
+    insert, calls = repository.insert_decisions, []
+
+    def slow_first_insert(rows: Any) -> Any:
+        calls.append(len(rows))
+        if len(calls) == 1:  # batch 1 commits late (within the 1 s write timeout)
+            time.sleep(0.5)
+        return insert(rows)
+
+    repository.insert_decisions = slow_first_insert  # type: ignore[method-assign]
+    run_worker(platform, [items[:BATCH], items[BATCH:] + redelivered], InProcessSink(keep=10_000))
+    writer = platform.engine.writer
+
+    def decision_ids(batch: list[RawMessage]) -> list[int]:
+        return [writer.find_decision_by_event(m.key.decode()).id for m in batch]  # type: ignore[union-attr]
+
+    # Decision ids grow with time: the ones decided in batch 1 are all below batch 2's.
+    assert max(decision_ids(items[10:20])) < min(decision_ids(items[BATCH:]))
+    assert repository.count_decisions() == len(items)  # one decision per event
 
 
 def test_commit_offsets_are_each_partitions_next_offset_and_skip_revoked_partitions() -> None:

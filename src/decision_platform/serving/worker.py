@@ -83,6 +83,8 @@ class StreamWorker:
         self.stage_seconds: dict[str, float] = dict.fromkeys(
             ("parse", "features", "decide", "store", "publish"), 0.0
         )
+        #: The event ids and decisions of the batch last handed to the group commit (see _after_first_copies).
+        self._handed: tuple[set[str], list[PendingDecision]] = (set(), [])
 
     def _lap(self, stage: str, since: float) -> float:
         now = time.perf_counter()
@@ -134,10 +136,24 @@ class StreamWorker:
             features = self.store.update(events)
             lap = self._lap("features", lap)
             if self.settings.worker_decide:
+                self._after_first_copies(events)
                 requests = [DecisionRequest(e.entity_id, e) for e in events]
                 pending = self.engine.submit_batch(requests, features=features)
+                self._handed = ({e.event_id for e in events}, pending)
                 self._lap("decide", lap)
         return InFlight(summary, pending, started)
+
+    def _after_first_copies(self, events: list[Event], timeout_s: float = 60.0) -> None:
+        """Wait until the batch handed over before this one is durable if this one redelivers any of its
+        events. The writer's threads commit batches concurrently, so without the wait the redelivered copy
+        (decided on the windows as they are later) could be stored first and become the event's decision.
+        Redeliveries are rare: the pipeline is kept otherwise."""
+        ids, pending = self._handed
+        if not ids or not any(e.event_id in ids for e in events):
+            return
+        for storage in {id(p.storage): p.storage for p in pending}.values():
+            with contextlib.suppress(Exception):  # its failure is that batch's to settle, not this one's
+                storage.result(timeout=timeout_s)
 
     def complete(self, batch: InFlight) -> BatchSummary:
         """Wait until the batch's decisions are durable, then publish them (and its dead letters) and wait
