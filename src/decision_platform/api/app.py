@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from decision_platform.api import admin
 from decision_platform.api.admin import router as admin_router
-from decision_platform.api.decide_lane import DecideLane
+from decision_platform.api.decide_lane import DecideLane, replaying
 from decision_platform.api.routes import router
 from decision_platform.config import Settings, get_settings
 from decision_platform.console.routes import AdminActions, build_router
@@ -60,16 +60,7 @@ class BodySizeLimit:
                 return
             if not message.get("more_body", False):
                 break
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()  # after the body: waits for the disconnect, as the server's would
-            replayed = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(bytes(body), receive), send)
 
 
 async def _too_large(limit: int, send: Send) -> None:

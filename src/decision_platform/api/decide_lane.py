@@ -82,6 +82,12 @@ async def _read_body(receive: Receive) -> tuple[bytes | None, Receive]:
         if not message.get("more_body", False):
             break
     body = b"".join(chunks)
+    return body, replaying(body, receive)
+
+
+def replaying(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that gives ``body`` as one message, then defers to ``receive`` (which, after the
+    body, waits for the disconnect, as the server's would)."""
     replayed = False
 
     async def replay() -> Message:
@@ -91,4 +97,4 @@ async def _read_body(receive: Receive) -> tuple[bytes | None, Receive]:
         replayed = True
         return {"type": "http.request", "body": body, "more_body": False}
 
-    return body, replay
+    return replay
