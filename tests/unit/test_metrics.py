@@ -113,6 +113,34 @@ def test_action_labels_are_the_api_action_names() -> None:
     assert [metrics.action_label(a) for a in range(3)] == list(ACTION_NAMES)
 
 
+def test_observe_many_counts_like_observe_one_by_one() -> None:
+    """The batch path's histograms must read as if each score had been observed: the same buckets (a value
+    on a bound belongs to that bound's bucket), the same count and sum; a NaN is not a score."""
+    import numpy as np
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    values = np.array([0.0, 0.05, 0.0500001, 0.5, 0.51, 1.0, 1.5, -0.2, 0.999, np.nan, 0.05])
+    one_by_one, batched = CollectorRegistry(), CollectorRegistry()
+    reference = Histogram("score", "s", buckets=metrics.SCORE_BUCKETS, registry=one_by_one)
+    for value in values[np.isfinite(values)]:
+        reference.observe(float(value))
+    metrics.observe_many(Histogram("score", "s", buckets=metrics.SCORE_BUCKETS, registry=batched), values)
+    metrics.observe_many(Histogram("empty", "e", registry=batched), np.array([]))
+
+    def samples(registry: CollectorRegistry, name: str) -> dict:
+        found = parse(generate_latest(registry).decode())
+        return {
+            key: value for key, value in found.items() if key[0].startswith(name) and "created" not in key[0]
+        }
+
+    expected = samples(one_by_one, "score")
+    got = samples(batched, "score")
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-12), key
+    assert got[("score_count", frozenset())] == 10
+
+
 def test_worker_metrics_server_serves_the_stream_metrics() -> None:
     port = free_port()
     metrics.start_worker_metrics_server(port)

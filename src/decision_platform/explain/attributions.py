@@ -39,6 +39,9 @@ from decision_platform.rules.ruleset import FiredRule, RuleSet
 
 log = logging.getLogger(__name__)
 
+# How a reason candidate's value is shown (ReasonBuilder._makers).
+_VALUE, _CLOCK, _CATEGORY = "value", "clock", "category"
+
 
 def _shapley_matrix(k: int) -> tuple[np.ndarray, np.ndarray]:
     """Coalitions of k players as a (2^k, k) bool matrix, and W (k, 2^k) with phi = W @ v(coalitions)."""
@@ -168,6 +171,24 @@ class ReasonBuilder:
         self._keep = [i for i, n in enumerate(self.names) if n not in ("hour_sin", "hour_cos")]
         self._column = {n: i for i, n in enumerate(self.names)}
         self._wording = {n: Wording(n, self.typical(n)) for n in [*self.names, "time_of_day"]}
+        # Per reason candidate (a column of the merged attributions): its words, and what its value is
+        # shown as: the input's value, the clock time, or the value of the event attribute a category names.
+        self._makers: list[tuple[Wording, str, str]] = [
+            (
+                self._wording[name],
+                _CLOCK
+                if name == "time_of_day" and self._hour
+                else _CATEGORY
+                if name.startswith(CATEGORY_PREFIX)
+                else _VALUE,
+                name[len(CATEGORY_PREFIX) :],
+            )
+            for name in self.reason_names
+        ]
+        # The input column each candidate's value is read from (time of day: unused, any column).
+        self._value_column = np.asarray(
+            [self._column.get(name, 0) for name in self.reason_names], dtype=np.int64
+        )
 
     @classmethod
     def for_models(
@@ -204,53 +225,52 @@ class ReasonBuilder:
         ``attributions`` of those rows (``RiskModel.explain``) and the anomaly's contributors.
         ``attributes``: each row's event attributes, which name the value of a categorical reason."""
         inputs = np.atleast_2d(inputs)
-        rows_attributes = attributes if attributes is not None else [None] * len(inputs)
+        n = len(inputs)
+        rows_attributes = attributes if attributes is not None else [None] * n
         merged = attributions[:, self._keep]
         if self._hour:
             merged = np.column_stack(
                 [merged, attributions[:, self._hour[0]] + attributions[:, self._hour[1]]]
             )
         top = np.argsort(-np.abs(merged), axis=1)[:, : self.max_up + self.max_down + 2]
-        contributors: list[list[tuple[int, float]]] = [[] for _ in range(len(inputs))]
+        contributors: list[list[tuple[int, float]]] = [[] for _ in range(n)]
         if self.anomaly is not None and anomaly is not None:
             contributors = self.anomaly.explain(inputs[:, :-1], anomaly)
-        reasons = []
-        # Python lists once per batch: indexing numpy arrays per reason cost more than the reason.
-        rows, weight_rows, top_rows = inputs.tolist(), merged.tolist(), top.tolist()
+        # Python lists once per batch of only what the reasons read (each row's top candidates, their
+        # weights and values): indexing numpy per reason, or a whole row as a list, costs more than a reason.
+        top_rows = top.tolist()
+        weight_rows = np.take_along_axis(merged, top, axis=1).tolist()
+        value_rows = np.take_along_axis(inputs, self._value_column[top], axis=1).tolist()
+        clocks = inputs[:, list(self._hour)].tolist() if self._hour else None
         max_up, max_down, max_anomaly = self.max_up, self.max_down, self.max_anomaly
-        for i, row in enumerate(rows):
-            weights = weight_rows[i]
+        makers, names, wording = self._makers, self.names, self._wording
+        reasons = []
+        for i in range(n):
             up: list[dict[str, Any]] = []
             down: list[dict[str, Any]] = []
-            for j in top_rows[i]:
-                weight = weights[j]
+            for j, weight, value in zip(top_rows[i], weight_rows[i], value_rows[i], strict=True):
                 if abs(weight) < MIN_RISK_WEIGHT:
                     break
                 bucket, limit = (up, max_up) if weight > 0 else (down, max_down)
-                if len(bucket) < limit:
-                    bucket.append(self._risk_reason(j, row, weight, rows_attributes[i]))
+                if len(bucket) >= limit:
+                    continue
+                words, shown_as, attribute = makers[j]
+                if shown_as is _VALUE:
+                    bucket.append(words.reason("risk", value, weight))
+                elif shown_as is _CLOCK:  # time of day: the clock time, not the two circular inputs
+                    assert clocks is not None
+                    bucket.append(words.reason("risk", 0.0, weight, time_of_day(*clocks[i])))
+                else:  # a category's reason names its value (untrusted text, shortened), not its code
+                    shown = (rows_attributes[i] or {}).get(attribute)
+                    display = "absent" if shown is None else repr(str(shown)[:40])
+                    bucket.append(words.reason("risk", value, weight, display))
             found = [
-                self._wording[self.names[c]].reason("anomaly", row[c], w)
+                wording[names[c]].reason("anomaly", float(inputs[i, c]), w)
                 for c, w in contributors[i][:max_anomaly]
                 if w >= MIN_ANOMALY_WEIGHT
             ]
             reasons.append(up + down + found)
         return reasons
-
-    def _risk_reason(
-        self, j: int, row: Sequence[float], weight: float, attributes: Mapping[str, Any] | None
-    ) -> dict[str, Any]:
-        """Row's reason for input j (``row``: the inputs as Python floats)."""
-        name = self.reason_names[j]
-        if name == "time_of_day" and self._hour:
-            clock = time_of_day(row[self._hour[0]], row[self._hour[1]])
-            return self._wording[name].reason("risk", 0.0, weight, clock)
-        if name.startswith(CATEGORY_PREFIX):
-            # A category's reason names its value (untrusted text, shortened), not its code.
-            value = (attributes or {}).get(name[len(CATEGORY_PREFIX) :])
-            shown = "absent" if value is None else repr(str(value)[:40])
-            return self._wording[name].reason("risk", row[self._column[name]], weight, shown)
-        return self._wording[name].reason("risk", row[self._column[name]], weight)
 
     def rules_fired(self, fired: Sequence[FiredRule], facts: Mapping[str, Any]) -> list[dict[str, Any]]:
         """The fired rules as stored and returned, each with the inputs it tested and their ranges."""

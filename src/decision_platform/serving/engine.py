@@ -454,6 +454,10 @@ class DecisionEngine:
         for fallback in fallbacks:
             if fallback:
                 metrics.FALLBACKS.labels(reason=fallback).inc()
+        if scores.anomaly is not None and scored.any():
+            metrics.observe_many(metrics.ANOMALY_SCORE, scores.anomaly[scored])
+        if scores.risk is not None and scored.any():
+            metrics.observe_many(metrics.RISK_SCORE, scores.risk[scored])
         attributes = [dict(e.attributes) if e is not None else {} for e in events]
         verdicts = self.rules.evaluate_batch(
             self._batch_facts(requests, scores, matrix, amounts, attributes, scored)
@@ -483,10 +487,6 @@ class DecisionEngine:
             event, fallback, verdict = events[i], fallbacks[i], verdicts[i]
             anomaly = anomalies[i] if anomalies is not None and not fallback else None
             risk = risks[i] if risks is not None and not fallback else None
-            if anomaly is not None:
-                metrics.ANOMALY_SCORE.observe(anomaly)
-            if risk is not None:
-                metrics.RISK_SCORE.observe(risk)
             probabilities = (
                 scores.probabilities[i] if scores.probabilities is not None and not fallback else None
             )
