@@ -255,9 +255,9 @@ class ReasonBuilder:
                 if len(bucket) >= limit:
                     continue
                 words, shown_as, attribute = makers[j]
-                if shown_as is _VALUE:
+                if shown_as == _VALUE:
                     bucket.append(words.reason("risk", value, weight))
-                elif shown_as is _CLOCK:  # time of day: the clock time, not the two circular inputs
+                elif shown_as == _CLOCK:  # time of day: the clock time, not the two circular inputs
                     assert clocks is not None
                     bucket.append(words.reason("risk", 0.0, weight, time_of_day(*clocks[i])))
                 else:  # a category's reason names its value (untrusted text, shortened), not its code
