@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     worker_batch_size: int = 500
     #: Feature-store timeout of the worker: batches are big, so it is far above the API's.
     worker_feature_store_timeout_s: float = 5.0
+    #: Seconds the worker waits for the broker to acknowledge a batch's decisions before it gives the batch
+    #: up (uncommitted) and processes it again after a back-off: a frozen broker delays, never loses.
+    worker_publish_timeout_s: float = Field(30.0, gt=0)
     #: Unset or ``none``: explanations come from the template only (``decision-platform run`` sets
     #: ``embedded://`` when unset: the LLM on by default). ``http://host:11434`` / ``ollama://``: Ollama;
     #: ``openai://host:port/v1``: any OpenAI-compatible server; ``embedded://[MODEL]``: a llama.cpp child

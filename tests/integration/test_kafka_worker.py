@@ -15,11 +15,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import redis
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from decision_platform.config import Settings
 from decision_platform.core.events import Event
@@ -27,6 +28,7 @@ from decision_platform.devtools.redis_cluster import LocalRedisCluster
 from decision_platform.devtools.tansu import start_broker
 from decision_platform.events.kafka import KafkaSink, KafkaSource, ensure_topics
 from decision_platform.features import FeatureSpec, OfflineWindows, compute_features, open_feature_store
+from decision_platform.observability import metrics
 from decision_platform.serving.platform import Platform
 from decision_platform.serving.worker import StreamWorker
 from tests.integration.conftest import query
@@ -154,7 +156,15 @@ def assert_windows_exact(settings: Settings, events: list[dict], in_flight: int 
     store.close()
 
 
-def read_topic(settings: Settings, topic: str, expected: int, timeout_s: float = 20) -> list:
+def read_topic(
+    settings: Settings,
+    topic: str,
+    expected: int,
+    timeout_s: float = 20,
+    distinct: Callable[[Any], Any] | None = None,
+) -> list:
+    """The topic's messages from the start, until ``expected`` of them (``distinct``: of distinct keys
+    of that function of a message: an at-least-once topic may hold copies) or the timeout."""
     consumer = Consumer(
         {
             "bootstrap.servers": settings.kafka_bootstrap_servers,
@@ -167,7 +177,11 @@ def read_topic(settings: Settings, topic: str, expected: int, timeout_s: float =
     consumer.subscribe([topic])
     messages: list = []
     deadline = time.monotonic() + timeout_s
-    while len(messages) < expected and time.monotonic() < deadline:
+
+    def enough() -> bool:
+        return len({distinct(m) for m in messages} if distinct else messages) >= expected
+
+    while not enough() and time.monotonic() < deadline:
         messages += [m for m in consumer.consume(100, 0.5) if not m.error()]
     consumer.close()
     return messages
@@ -244,6 +258,65 @@ def test_a_killed_worker_loses_and_double_counts_nothing(kafka_settings: Setting
             first.kill()
     # Up to two batches in flight at the kill: the worker updates batch k+1's windows while k is stored.
     assert_windows_exact(kafka_settings, events, in_flight=2 * kafka_settings.worker_batch_size)
+
+
+def test_a_frozen_broker_delays_the_stream_and_loses_nothing(
+    kafka_settings: Settings, start_platform: Callable[[Settings], Platform], tmp_path: Path
+) -> None:
+    """The broker stops answering (SIGSTOP) for longer than the worker waits for its acknowledgements: the
+    batch in hand is given up uncommitted, counted, and processed again once the broker is back. Every
+    event is decided once, every decision is published, and the group commits every offset."""
+    process, bootstrap = start_broker(log_path=tmp_path / "tansu.log")  # its own broker: it gets frozen
+    settings = kafka_settings.model_copy(
+        update={"kafka_bootstrap_servers": bootstrap, "worker_publish_timeout_s": 2.0}
+    )
+    events = make_events(2000, entities=30, seed=3)
+    failures = metrics.WORKER_BATCH_FAILURES.labels(error="BrokerUnavailableError")
+    failed_before = failures._value.get()
+    try:
+        produce(settings, events)
+        stop, thread = run_in_thread(settings, start_platform)
+        try:
+            wait_for(lambda: decision_count(settings) >= 200, 90, "the worker to make progress")
+            process.send_signal(signal.SIGSTOP)
+            time.sleep(6)  # three publish timeouts
+            process.send_signal(signal.SIGCONT)
+            wait_for(lambda: decision_count(settings) >= 2000, 120, "every decision once the broker is back")
+            wait_for(lambda: sum(committed_offsets(settings)) == 2000, 60, "every offset committed")
+        finally:
+            process.send_signal(signal.SIGCONT)
+            stop.set()
+            thread.join(30)
+        assert failures._value.get() > failed_before  # the outage is visible, not only slow
+        assert_windows_exact(settings, events, in_flight=2 * settings.worker_batch_size)
+
+        def decision_id(message: Any) -> int:
+            return json.loads(message.value())["decision_id"]
+
+        published = read_topic(
+            settings, settings.kafka_decisions_topic, expected=2000, timeout_s=60, distinct=decision_id
+        )
+        # At least once on the topic (a retried batch publishes again), and always the stored decision.
+        stored = {r[0] for r in query(settings.database_schema, "SELECT id FROM decisions")}
+        assert {decision_id(m) for m in published} == stored
+    finally:
+        process.kill()
+        process.wait()
+
+
+def committed_offsets(settings: Settings) -> list[int]:
+    """The worker group's committed offset of each events partition (-1001: none yet). The topic is new and
+    has one producer, so the offsets add up to the messages the group is done with."""
+    consumer = Consumer(
+        {"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": settings.kafka_group_id}
+    )
+    try:
+        partitions = [
+            TopicPartition(settings.kafka_events_topic, p) for p in range(settings.kafka_events_partitions)
+        ]
+        return [c.offset for c in consumer.committed(partitions, timeout=5)]
+    finally:
+        consumer.close()
 
 
 def assigned(log: Path) -> list[int]:

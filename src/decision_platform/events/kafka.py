@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from decision_platform.config import Settings
@@ -21,6 +21,11 @@ from decision_platform.events.messages import RawMessage
 from decision_platform.observability import metrics
 
 log = logging.getLogger(__name__)
+
+#: Commit errors that mean "this consumer is not (or no longer) in the group's current generation".
+_NOT_A_MEMBER = frozenset(
+    {KafkaError.UNKNOWN_MEMBER_ID, KafkaError.ILLEGAL_GENERATION, KafkaError.REBALANCE_IN_PROGRESS}
+)
 
 
 def producer_config(settings: Settings) -> dict[str, Any]:
@@ -147,10 +152,22 @@ class KafkaSource:
 
     def commit(self, messages: Sequence[RawMessage]) -> None:
         """Commit exactly these messages as processed (the offset after each partition's last one), not the
-        consumer's position, which may already be past a later batch still in flight."""
+        consumer's position, which may already be past a later batch still in flight.
+
+        A commit the group refuses because this consumer is no longer a member of it (its session expired
+        while the broker or this process stalled; the group has moved on) commits nothing, as for revoked
+        partitions: the next poll rejoins, and whoever owns the partitions then gets these messages again
+        from the last commit (their effects are idempotent). Raising instead would have the worker retry
+        the commit forever without polling, so without ever rejoining."""
         offsets = commit_offsets(messages, self._assigned)
-        if offsets:
+        if not offsets:
+            return
+        try:
             self._consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            if exc.args[0].code() not in _NOT_A_MEMBER:
+                raise
+            log.warning("commit refused (%s): not a group member now; the batch will be redelivered", exc)
 
     def _maybe_report_lag(self, every_s: float = 5.0) -> None:
         now = time.monotonic()
@@ -180,6 +197,7 @@ class KafkaSink:
         self._producer = Producer(producer_config(settings))
         self.decisions_topic = settings.kafka_decisions_topic
         self.dlq_topic = settings.kafka_dlq_topic
+        self.timeout_s = settings.worker_publish_timeout_s
         self._errors: list[str] = []
 
     def _delivered(self, error: Any, _message: Any) -> None:
@@ -214,8 +232,8 @@ class KafkaSink:
             on_delivery=self._delivered,
         )
 
-    def flush(self, timeout_s: float = 30.0) -> None:
-        remaining = self._producer.flush(timeout_s)
+    def flush(self, timeout_s: float | None = None) -> None:
+        remaining = self._producer.flush(self.timeout_s if timeout_s is None else timeout_s)
         errors, self._errors = self._errors, []
         if remaining or errors:
             raise BrokerUnavailableError(f"{remaining} messages unacknowledged, {len(errors)} failed")

@@ -215,6 +215,12 @@ WORKER_BATCH_SIZE = Histogram(
     "Messages per consumed batch.",
     buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000),
 )
+WORKER_BATCH_FAILURES = Counter(
+    "dp_worker_batch_failures_total",
+    "Batch attempts that failed (a dependency down or slow: broker, feature store, database) and are "
+    "processed again, uncommitted meanwhile; by the error's type.",
+    ["error"],
+)
 
 # --- explanations (LLM narratives, written off the hot path)
 LLM_NARRATIVES = Counter(

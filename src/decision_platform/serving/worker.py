@@ -219,7 +219,7 @@ class StreamWorker:
         try:
             return self.begin(messages)
         except Exception as exc:
-            log.warning("batch failed (%s: %s); retrying it on its own", type(exc).__name__, exc)
+            _failed(exc, "retrying it on its own")
             return None
 
     def _try_complete(self, batch: InFlight, messages: list[RawMessage], source: EventSource) -> bool:
@@ -227,7 +227,7 @@ class StreamWorker:
             self.complete(batch)
             source.commit(messages)
         except Exception as exc:
-            log.warning("batch failed (%s: %s); retrying it on its own", type(exc).__name__, exc)
+            _failed(exc, "retrying it on its own")
             return False
         return True
 
@@ -240,7 +240,7 @@ class StreamWorker:
                 source.commit(messages)
                 return True
             except Exception as exc:
-                log.warning("batch failed (%s: %s); retrying in %.1f s", type(exc).__name__, exc, backoff)
+                _failed(exc, f"retrying in {backoff:.1f} s")
                 if stop.wait(backoff):
                     return False  # stopping: leave the offsets uncommitted; redelivered later
                 backoff = min(backoff * 2, 5.0)
@@ -253,6 +253,12 @@ class InFlight:
     summary: BatchSummary
     pending: list[PendingDecision]
     started: float
+
+
+def _failed(exc: Exception, then: str) -> None:
+    """A failed batch attempt (it stays uncommitted): counted by the error's type, and logged."""
+    metrics.WORKER_BATCH_FAILURES.labels(error=type(exc).__name__).inc()
+    log.warning("batch failed (%s: %s); %s", type(exc).__name__, exc, then)
 
 
 def _abandon(batch: InFlight | None) -> None:
