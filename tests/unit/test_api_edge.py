@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,6 +15,7 @@ from decision_platform.api.app import create_app
 from decision_platform.api.schemas import ValidationErrorBody
 from decision_platform.config import Settings
 from decision_platform.core.events import Event
+from decision_platform.data.csv_import import load_csv
 from decision_platform.serving.platform import Platform
 from decision_platform.storage.tables import decisions
 from tests.live_server import serving
@@ -167,6 +169,24 @@ def test_rfc3339_times_with_lower_case_t_and_z_are_accepted(client: TestClient) 
         assert Event(event_id="e", entity_id="t1", timestamp=text).timestamp in (1709287200.0, 1709287200.5)
     naive = {"entity_id": "t1", "event": {"event_id": "naive", "timestamp": "2024-03-01t10:00:00"}}
     assert "time zone offset" in client.post("/decide", json=naive).json()["detail"]
+
+
+def test_a_leap_second_is_read_as_the_next_second(client: TestClient, tmp_path: Path) -> None:
+    """``23:59:60Z`` (RFC 3339 5.7) was a 422 "must be RFC 3339 text" (Python's datetime has no second 60):
+    the API and the CSV import now both read it as POSIX time does, the next second."""
+    midnight = 1483228800.0  # 2017-01-01T00:00:00Z
+    texts = ["2016-12-31T23:59:60Z", "2016-12-31t23:59:60.5z", "2016-12-31T15:59:60-08:00"]
+    for k, text in enumerate(texts):
+        body = {"entity_id": "t2", "event": {"event_id": f"leap-{k}", "timestamp": text}}
+        assert client.post("/decide", json=body).status_code == 200, text
+        assert Event(event_id="e", entity_id="t2", timestamp=text).timestamp == midnight + (k == 1) * 0.5
+    for bad in ["2016-12-31T23:59:61Z", "2016-12-31T23:60:00Z"]:
+        body = {"entity_id": "t2", "event": {"event_id": "leap-bad", "timestamp": bad}}
+        assert "RFC 3339" in client.post("/decide", json=body).json()["detail"], bad
+    csv_path, mapping = tmp_path / "leap.csv", tmp_path / "leap.yaml"
+    csv_path.write_text("id,ts,bad\nu1,2016-12-31T23:59:60Z,0\nu1,2016-12-31T23:59:59.5Z,1\n")
+    mapping.write_text("entity: {column: id}\ntime: {column: ts, unit: rfc3339}\nlabel: {column: bad}\n")
+    assert load_csv(csv_path, mapping).events.timestamps.tolist() == [midnight - 0.5, midnight]
 
 
 # --- out-of-range values: 422, never a 500 from the database driver

@@ -9,6 +9,7 @@ in text, integers beyond signed 64 bits, non-finite floats.
 from __future__ import annotations
 
 import math
+import re
 import time
 from datetime import datetime
 from typing import Annotated, Any
@@ -45,13 +46,21 @@ class NaiveTimeError(ValueError):
     """An ISO time without a time zone offset: which zone is meant cannot be known."""
 
 
+#: The seconds field of an RFC 3339 time that is a leap second ("23:59:60", with any fraction).
+_LEAP_SECOND = re.compile(r"(?<=[T ]\d\d:\d\d:)60(?=[.,+\-Z]|$)")
+
+
 def rfc3339_seconds(text: str) -> float:
     """Epoch seconds of an RFC 3339 time. Its "T" and "Z" may be lower case (RFC 3339 5.6), as some
-    producers write them. Raises ValueError (NaiveTimeError without an offset)."""
-    parsed = datetime.fromisoformat(text.strip().upper().replace("Z", "+00:00"))
+    producers write them. A leap second (``23:59:60Z``, RFC 3339 5.7) is read as POSIX time counts it: the
+    next second (``00:00:00Z`` of the next day; ``:60.5`` is ``:00.5``), so API and CSV import accept it
+    and it sorts after ``23:59:59.999``. Raises ValueError (NaiveTimeError without an offset)."""
+    upper = text.strip().upper()
+    upper, leap = _LEAP_SECOND.subn("59", upper, count=1)
+    parsed = datetime.fromisoformat(upper.replace("Z", "+00:00"))
     if parsed.tzinfo is None:
         raise NaiveTimeError("needs a time zone offset, e.g. Z")
-    return parsed.timestamp()
+    return parsed.timestamp() + leap
 
 
 def _storable_attribute(value: Any) -> Any:
