@@ -7,14 +7,23 @@ Feast-style: the same code runs on a laptop (SQLite, fakeredis, in-process bus) 
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 #: Repository root when running from a checkout; the default home of config/ and var/.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+#: An action's number: 0 allow, 1 throttle (step-up), 2 block.
+ActionNumber = Literal[0, 1, 2]
+
+
+class ConfigError(ValueError):
+    """A setting the process cannot run with, said in one line naming the variable (the CLI exits 2)."""
 
 
 class Settings(BaseSettings):
@@ -22,9 +31,9 @@ class Settings(BaseSettings):
 
     # --- serving
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(8000, ge=0, le=65535)
     #: Largest request body accepted, in bytes; larger ones get 413 before any parsing.
-    max_body_bytes: int = 64 * 1024
+    max_body_bytes: int = Field(64 * 1024, ge=1)
     #: Seconds between two checks of the registry for new champions / shadow (hot reload); 0: never.
     model_refresh_s: float = Field(10.0, ge=0)
 
@@ -37,26 +46,26 @@ class Settings(BaseSettings):
     #: ``redis+cluster://host:port[,host:port...]`` (a Redis Cluster; any reachable nodes as startup nodes).
     feature_store_url: str = "memory://"
     #: Seconds a feature-store call may take before the decision falls back.
-    feature_store_timeout_s: float = 0.05
+    feature_store_timeout_s: float = Field(0.05, gt=0)
     #: Unset: events are handled in-process. Set: Kafka bootstrap servers.
     kafka_bootstrap_servers: str | None = None
     kafka_events_topic: str = "events"
     kafka_decisions_topic: str = "decisions"
     kafka_dlq_topic: str = "events.dlq"
     #: Partitions of the events topic when the platform creates it (the unit of worker parallelism).
-    kafka_events_partitions: int = 4
+    kafka_events_partitions: int = Field(4, ge=1)
     kafka_group_id: str = "decision-workers"
     #: Consumer group liveness; librdkafka's defaults make a group join take ~20 s on tansu.
-    kafka_session_timeout_ms: int = 6000
-    kafka_heartbeat_interval_ms: int = 500
+    kafka_session_timeout_ms: int = Field(6000, ge=1)
+    kafka_heartbeat_interval_ms: int = Field(500, ge=1)
 
     # --- stream worker
     #: Decide every consumed event (False: only update the feature windows).
     worker_decide: bool = True
     #: Most messages processed (and committed) together.
-    worker_batch_size: int = 500
+    worker_batch_size: int = Field(500, ge=1)
     #: Feature-store timeout of the worker: batches are big, so it is far above the API's.
-    worker_feature_store_timeout_s: float = 5.0
+    worker_feature_store_timeout_s: float = Field(5.0, gt=0)
     #: Unset or ``none``: explanations come from the template only (``decision-platform run`` sets
     #: ``embedded://`` when unset: the LLM on by default). ``http://host:11434`` / ``ollama://``: Ollama;
     #: ``openai://host:port/v1``: any OpenAI-compatible server; ``embedded://[MODEL]``: a llama.cpp child
@@ -85,7 +94,7 @@ class Settings(BaseSettings):
     #: Longest narrative the grounding check accepts, in characters.
     llm_max_chars: int = Field(700, ge=80)
     #: Narratives written eagerly after these actions (others on first request); queue bound for them.
-    llm_eager_actions: tuple[int, ...] = (1, 2)
+    llm_eager_actions: tuple[ActionNumber, ...] = (1, 2)
     llm_queue_size: int = Field(64, ge=1)
     #: Longest ``GET /decisions/{id}/explanation?wait=true`` waits before answering "pending".
     llm_wait_timeout_s: float = Field(30.0, ge=0)
@@ -105,7 +114,7 @@ class Settings(BaseSettings):
     exploration_floor: float = Field(0.01, ge=0.0, le=0.3)
     #: Actions exploration may pick on its own. Block is left out on purpose: a random block hurts a good
     #: customer for the sake of data; blocks come from the policy's own probability or from a rule.
-    explore_actions: tuple[int, ...] = (0, 1)
+    explore_actions: tuple[ActionNumber, ...] = (0, 1)
     #: Seed of the serving sampler (None: from the OS); tests fix it.
     policy_seed: int | None = None
 
@@ -117,7 +126,7 @@ class Settings(BaseSettings):
 
     # --- storage write path
     #: Most decisions written in one transaction by the group-commit writer.
-    db_batch_size: int = 256
+    db_batch_size: int = Field(256, ge=1)
     #: Writer threads taking batches concurrently: one commits while the next batch is gathered and sent
     #: (a request then waits for about one commit, not the rest of another's plus its own).
     db_writer_threads: int = Field(2, ge=1, le=16)
@@ -170,5 +179,22 @@ class Settings(BaseSettings):
 
 @lru_cache
 def get_settings() -> Settings:
-    """The process-wide settings, read once from the environment."""
-    return Settings()
+    """The process-wide settings, read once from the environment. A value that is not one (DP_PORT=abc,
+    DP_SAFE_ACTION=7, DP_EXPLORE_ACTIONS=0,1) raises ConfigError naming the variable and what it takes:
+    it was a pydantic traceback."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigError(
+            "; ".join(
+                f"{_variable(err['loc'])} ({str(err['input'])[:40]!r}): {err['msg']}" for err in exc.errors()
+            )
+        ) from None
+    except SettingsError as exc:  # a list or tuple setting whose value is not JSON
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = _variable((field.group(1),)) if field else "a DP_ variable"
+        raise ConfigError(f"{name}: not valid JSON; a list is written [0, 1]") from None
+
+
+def _variable(loc: tuple[int | str, ...]) -> str:
+    return "DP_" + str(loc[0]).upper() if loc else "a DP_ variable"

@@ -13,7 +13,7 @@ import uvicorn
 from typer.testing import CliRunner
 
 from decision_platform.cli import main as cli
-from decision_platform.config import Settings
+from decision_platform.config import Settings, get_settings
 
 
 @pytest.mark.parametrize(("given", "narrates_with"), [(None, "embedded://"), ("none", "none")])
@@ -73,3 +73,31 @@ def test_why_train_first_names_a_champion_that_does_not_load(
         connection.exec_driver_sql("DELETE FROM models")
     engine.dispose()
     assert cli._why_train_first(empty) == "No models yet"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "said"),
+    [
+        ("DP_PORT", "abc", "DP_PORT ('abc'): Input should be a valid integer"),
+        ("DP_PORT", "70000", "DP_PORT ('70000'): Input should be less than or equal to 65535"),
+        ("DP_SAFE_ACTION", "7", "DP_SAFE_ACTION ('7')"),
+        ("DP_EXPLORE_ACTIONS", "0,1", "DP_EXPLORE_ACTIONS: not valid JSON; a list is written [0, 1]"),
+        ("DP_EXPLORE_ACTIONS", "[0, 5]", "DP_EXPLORE_ACTIONS ('5'): Input should be 0, 1 or 2"),
+        ("DP_WORKER_BATCH_SIZE", "0", "DP_WORKER_BATCH_SIZE ('0')"),
+        ("DP_FEATURE_STORE_TIMEOUT_S", "-1", "DP_FEATURE_STORE_TIMEOUT_S ('-1')"),
+    ],
+)
+def test_a_bad_setting_is_one_line_and_exit_2(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, said: str
+) -> None:
+    """A DP_ variable that is not a value of its setting was a pydantic traceback (exit 1) from whichever
+    command read the settings first; a worker batch of 0 or a negative timeout was taken."""
+    monkeypatch.setenv(variable, value)
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(cli.app, ["models", "list"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"bad setting: {said}" or said in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
+from rich.markup import escape
 
 from decision_platform.cli.common import console, open_registry
 from decision_platform.cli.db import db_app
@@ -19,7 +20,7 @@ from decision_platform.cli.report import report as report_command
 from decision_platform.cli.retrain import retrain as retrain_command
 from decision_platform.cli.rules import rules_app
 from decision_platform.cli.spool import spool_app
-from decision_platform.config import Settings, get_settings
+from decision_platform.config import ConfigError, Settings, get_settings
 from decision_platform.training import PPO_TIMESTEPS
 
 if TYPE_CHECKING:
@@ -30,6 +31,18 @@ app.add_typer(models_app, name="models")
 app.add_typer(spool_app, name="spool")
 app.add_typer(rules_app, name="rules")
 app.add_typer(db_app, name="db")
+
+
+@app.callback()
+def _settings_first() -> None:
+    """Real-time AI decision platform."""
+    # Every command reads the settings; a bad DP_ variable is one line and exit 2 here, not a pydantic
+    # traceback from whichever command met it first.
+    try:
+        get_settings()
+    except ConfigError as exc:
+        console.print(f"[red]bad setting:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from None
 
 
 class Source(enum.StrEnum):
