@@ -101,3 +101,49 @@ def test_a_bad_setting_is_one_line_and_exit_2(
     assert result.exit_code == 2, result.output
     assert result.output.strip() == f"bad setting: {said}" or said in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "said"),
+    [
+        ("rules.yaml", "rules: [", "rules.yaml: rules.yaml is not valid YAML at line 1, column 9"),
+        (
+            "rules.yaml",
+            "rules:\n  - {name: x, tier: block, when: 'no_such > 1'}\n",
+            "unknown names ['no_such']",
+        ),
+        ("rules.yaml", None, "rules.yaml: cannot read: No such file or directory"),
+        ("features.yaml", "windows: {1m: -5}\n", "window '1m' must be a positive number of seconds"),
+        ("features.yaml", "windows: {", "features.yaml: not valid YAML at line 1"),
+        ("rewards.yaml", "outcomes:\n  success:\n    allow: {base: abc}\n", "outcomes.success.allow.base"),
+        (
+            "rewards.yaml",
+            "outcomes: {success: {allow: {per_amount: .inf}}}",
+            "per_amount: Input should be a finite",
+        ),
+        ("rewards.yaml", "outcomes: {success: {allow: {base: 1e300}}}", "base: Input should be less than or"),
+    ],
+)
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_a_broken_config_file_stops_serve_and_worker_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, command: str, name: str, text: str | None, said: str
+) -> None:
+    """A broken rules.yaml / features.yaml / rewards.yaml was a traceback from the application's startup
+    (uvicorn's exit 3; the worker's own traceback); an infinite or huge reward was taken (a reward of inf
+    is no JSON answer for POST /outcome)."""
+    config_dir = tmp_path / "config"
+    shutil.copytree(Path(cli.__file__).parents[3] / "config", config_dir)
+    if text is None:
+        (config_dir / name).unlink()
+    else:
+        (config_dir / name).write_text(text)
+    settings = Settings(
+        config_dir=config_dir, model_dir=tmp_path / "models", kafka_bootstrap_servers="127.0.0.1:1", port=0
+    )
+    monkeypatch.setattr(cli, "get_settings", lambda: settings)
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: pytest.fail("served a broken configuration"))
+    result = CliRunner().invoke(cli.app, [command])
+    assert result.exit_code == 2, result.output
+    output = " ".join(result.output.split())
+    assert output.startswith(f"bad configuration: {config_dir / name}:") and said in output, output
+    assert "Traceback" not in result.output

@@ -180,6 +180,7 @@ def serve(
         )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    _check_config_files(settings)
     console.print(_curl_examples(settings), soft_wrap=True)
     from decision_platform.api.server import APP_FACTORY, ensure_port_free
     from decision_platform.api.server import serve as serve_api
@@ -215,6 +216,18 @@ def serve(
     if server != "uvicorn":
         raise typer.BadParameter(f"--server: uvicorn or granian, not {server!r}")
     raise typer.Exit(serve_api(settings.host, settings.port, workers))
+
+
+def _check_config_files(settings: Settings) -> None:
+    """features.yaml, rules.yaml and rewards.yaml, checked before a server or worker starts: a broken one
+    is one line naming the file and exit 2 (it was a traceback from the application's startup)."""
+    from decision_platform.serving.platform import read_config_files
+
+    try:
+        read_config_files(settings)
+    except ConfigError as exc:
+        console.print(f"[red]bad configuration:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from None
 
 
 #: What ``run`` explains with when DP_LLM_URL is unset: the default local model, fetched and started in
@@ -307,6 +320,7 @@ def worker(
             "runs the same worker logic in-process: no worker process is needed."
         )
         raise typer.Exit(2)
+    _check_config_files(settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     settings = settings.model_copy(

@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+import yaml
+from pydantic import ValidationError
 from threadpoolctl import threadpool_limits
 
-from decision_platform.config import Settings
+from decision_platform.config import ConfigError, Settings
 from decision_platform.core.rewards import RewardTable
 from decision_platform.events.kafka import EventProducer, ensure_topics
 from decision_platform.explain.attributions import ReasonBuilder
@@ -44,6 +46,40 @@ from decision_platform.storage.spool import Spool
 from decision_platform.storage.writer import DecisionWriter
 
 log = logging.getLogger(__name__)
+
+
+def read_config_files(
+    settings: Settings, spec: FeatureSpec | None = None
+) -> tuple[FeatureSpec, RuleSet, RewardTable]:
+    """features.yaml (unless ``spec``: the champions' own), rules.yaml and rewards.yaml, read and checked.
+
+    A file that is missing, not YAML, or not valid raises ConfigError naming the file and the problem in
+    one line; the CLI checks them before a server or worker starts (exit 2): they were a traceback from
+    the application's startup, and uvicorn's exit 3."""
+    path = settings.features_path
+    try:
+        if spec is None:
+            spec = FeatureSpec.load(path)
+        path = settings.rules_path
+        rules = RuleSet.from_text(path.read_text("utf-8"), spec.names, metrics.RULE_METRICS)
+        path = settings.rewards_path
+        rewards = RewardTable.load(path)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    except ValidationError as exc:
+        problems = [
+            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in exc.errors()[:5]
+        ]
+        raise ConfigError(f"{path}: {'; '.join(problems)}") from None
+    except ValueError as exc:  # RulesError, or a validator's own message
+        raise ConfigError(f"{path}: {exc}") from None
+    return spec, rules, rewards
 
 
 @dataclass(frozen=True)
@@ -136,10 +172,8 @@ class Platform:
         repository = Repository(db)
         registry = ModelRegistry(repository, settings.model_dir, _serving_cache(settings))
         models = load_champions(registry)
-        spec = models.spec or FeatureSpec.load(settings.features_path)
+        spec, rules, rewards = read_config_files(settings, models.spec)
         store = open_feature_store(settings.feature_store_url, spec, settings.feature_store_timeout_s)
-        rules = RuleSet.load(settings.rules_path, spec.names, metrics.RULE_METRICS)
-        rewards = RewardTable.load(settings.rewards_path)
         writer = DecisionWriter(
             repository,
             Spool(settings.spool_dir),
