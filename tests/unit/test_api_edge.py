@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -187,6 +188,18 @@ def test_a_leap_second_is_read_as_the_next_second(client: TestClient, tmp_path: 
     csv_path.write_text("id,ts,bad\nu1,2016-12-31T23:59:60Z,0\nu1,2016-12-31T23:59:59.5Z,1\n")
     mapping.write_text("entity: {column: id}\ntime: {column: ts, unit: rfc3339}\nlabel: {column: bad}\n")
     assert load_csv(csv_path, mapping).events.timestamps.tolist() == [midnight - 0.5, midnight]
+
+
+def test_stored_times_are_answered_with_their_utc_offset(client: TestClient) -> None:
+    """SQLite keeps no zone: a time read back was answered without an offset ("2026-12-07T04:03:18"), which
+    clients read as their own local time -- a repeated POST /outcome's received_at and GET /decisions'
+    created_at, while the first POST /outcome said "+00:00"."""
+    decided = client.post("/decide", json={"entity_id": "tz1", "event": {"event_id": "tz1"}}).json()
+    body = {"decision_id": decided["decision_id"], "outcome": "success"}
+    first, again = (client.post("/outcome", json=body).json() for _ in range(2))
+    assert again["received_at"] == first["received_at"] and first["received_at"].endswith("+00:00")
+    created = client.get(f"/decisions/{decided['decision_id']}").json()["created_at"]
+    assert datetime.fromisoformat(created).utcoffset() == timedelta(0)
 
 
 # --- out-of-range values: 422, never a 500 from the database driver
