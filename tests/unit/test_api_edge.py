@@ -74,6 +74,21 @@ def test_unstorable_events_posted_to_events_are_422_too(client: TestClient) -> N
     assert "EventBatch.events.0.attributes.k" in _fields(_post_raw(client, "/events", batch))
 
 
+def test_a_bad_event_posted_to_events_is_answered_with_its_own_error_only(client: TestClient) -> None:
+    """The body is one event or a batch; as a plain union a bad event was answered with both members'
+    errors: "Event.timestamp: ...; EventBatch.events: Field required; EventBatch.event_id: Extra inputs
+    are not permitted; ..." (a batch's error behind "Event.event_id: Field required", and so on)."""
+    one = {"event_id": "u1", "entity_id": "p2", "timestamp": "1970-01-01T00:00:00Z"}
+    answer = client.post("/events", json=one).json()
+    assert answer["detail"] == "Event.timestamp: Value error, timestamp out of range (years 2000-2100)"
+    batch = {"events": [{"event_id": "u2", "entity_id": "p2"}, {**one, "amount": -1}]}
+    answer = client.post("/events", json=batch).json()
+    fields = ["EventBatch.events.1.timestamp", "EventBatch.events.1.amount"]
+    assert [e["field"] for e in answer["errors"]] == fields
+    assert [e["field"] for e in client.post("/events", json=[one]).json()["errors"]] == ["Event"]
+    assert client.post("/events", json=batch["events"][0]).status_code == 200
+
+
 def test_the_64_bit_and_text_limits_themselves_are_accepted(client: TestClient) -> None:
     attributes = {"max": INT64_MAX, "min": -(2**63), "text": "é ü 日本 🙂", "flag": True, "x": 1.5e308}
     body = {

@@ -14,13 +14,14 @@ from decision_platform.api.schemas import (
     DecisionResponse,
     EventBatch,
     EventsAccepted,
+    EventsBody,
     ExplanationResponse,
     OutcomeRequest,
     OutcomeResponse,
     StoredDecision,
     error_responses,
 )
-from decision_platform.core.events import INT64_MAX, Event
+from decision_platform.core.events import INT64_MAX
 from decision_platform.core.records import DUPLICATE
 from decision_platform.events.kafka import BrokerUnavailableError
 from decision_platform.observability import metrics
@@ -118,7 +119,7 @@ async def decided(platform: Platform, body: DecideRequest) -> bytes:
         202: {"model": EventsAccepted, "description": "Kafka mode: acknowledged by the broker"},
     },
 )
-def ingest_events(body: Event | EventBatch, platform: PlatformDep, response: Response) -> dict[str, Any]:
+def ingest_events(body: EventsBody, platform: PlatformDep, response: Response) -> dict[str, Any]:
     events = body.events if isinstance(body, EventBatch) else [body]
     if platform.producer is not None:
         try:
