@@ -147,3 +147,26 @@ def test_a_broken_config_file_stops_serve_and_worker_in_one_line(
     output = " ".join(result.output.split())
     assert output.startswith(f"bad configuration: {config_dir / name}:") and said in output, output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "--entities", "0"],
+        ["train", "--days", "nan"],
+        ["train", "--days", "-1"],
+        ["train", "--seed", "-1"],
+        ["replay", "--to", "http", "--url", "http://127.0.0.1:9", "--concurrency", "0"],
+        ["replay", "--to", "http", "--url", "http://127.0.0.1:9", "--limit", "-1"],
+        ["replay", "--to", "http", "--url", "http://127.0.0.1:9", "--rate", "nan"],
+        ["replay", "--to", "http", "--url", "http://127.0.0.1:9", "--outcomes", "--outcome-delay", "inf"],
+        ["serve", "--workers", "0"],
+        ["retrain", "--seed", "-3"],
+    ],
+)
+def test_out_of_range_numbers_on_the_command_line_are_exit_2(args: list[str]) -> None:
+    """--entities 0, --days nan / -1, --seed -1, --concurrency 0 were tracebacks from deep inside (exit 1);
+    --limit -1 replayed all events but the last; an infinite --outcome-delay would wait forever."""
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{args[-2]}'" in result.output and "Traceback" not in result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,25 @@ from decision_platform.config import Settings
 
 if TYPE_CHECKING:
     from decision_platform.models.registry import ModelRegistry
+
+#: The range of a --seed (numpy's and torch's seeds are unsigned 32-bit here).
+SEED_MAX = 2**32 - 1
+
+
+def finite(value: float | None) -> float | None:
+    """A float option's callback: NaN or infinity is no number of seconds or events a second (typer's
+    ``min`` lets NaN through; an infinite --outcome-delay waited forever)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def positive(value: float) -> float:
+    """A float option's callback: a finite number above 0 (--days)."""
+    if not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"{value} is not a number above 0")
+    return value
+
 
 # Piped output (make run | tee, CI logs) would wrap the report tables at 80 columns.
 console = Console() if Console().is_terminal else Console(width=140)

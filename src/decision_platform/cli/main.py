@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.markup import escape
 
-from decision_platform.cli.common import console, open_registry
+from decision_platform.cli.common import SEED_MAX, console, finite, open_registry, positive
 from decision_platform.cli.db import db_app
 from decision_platform.cli.explain import explain as explain_command
 from decision_platform.cli.models import models_app
@@ -119,10 +119,10 @@ def train(
     source: Source = typer.Option(Source.synthetic, help="synthetic, csv (with --path/--mapping) or ulb"),
     path: Path | None = typer.Option(None, help="CSV file (for --source csv; optional for ulb)"),
     mapping: Path | None = typer.Option(None, help="column mapping YAML (see config/datasets/)"),
-    entities: int = typer.Option(3000, help="synthetic: number of entities"),
-    days: float = typer.Option(14.0, help="synthetic: days of history"),
-    timesteps: int = typer.Option(PPO_TIMESTEPS, help="PPO training steps"),
-    seed: int = typer.Option(0),
+    entities: int = typer.Option(3000, min=1, help="synthetic: number of entities"),
+    days: float = typer.Option(14.0, callback=positive, help="synthetic: days of history"),
+    timesteps: int = typer.Option(PPO_TIMESTEPS, min=0, help="PPO training steps"),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX),
     promote: bool = typer.Option(True, help="make the new models the champions"),
 ) -> None:
     """Train anomaly, risk and policy models; register (and by default promote) them."""
@@ -157,8 +157,8 @@ def _curl_examples(settings: Settings) -> str:
 @app.command()
 def serve(
     host: str | None = typer.Option(None, help="default: DP_HOST"),
-    port: int | None = typer.Option(None, help="default: DP_PORT"),
-    workers: int = typer.Option(1, help="worker processes (needs a shared feature store: redis://)"),
+    port: int | None = typer.Option(None, min=1, max=65535, help="default: DP_PORT"),
+    workers: int = typer.Option(1, min=1, help="worker processes (needs a shared feature store: redis://)"),
     server: str = typer.Option(
         "uvicorn",
         envvar="DP_HTTP_SERVER",
@@ -302,7 +302,9 @@ def _load_events(
 
 @app.command()
 def worker(
-    metrics_port: int | None = typer.Option(None, help="serve Prometheus metrics on this port"),
+    metrics_port: int | None = typer.Option(
+        None, min=1, max=65535, help="serve Prometheus metrics on this port"
+    ),
 ) -> None:
     """Consume the events topic: windows, decisions (stored + published), dead letters; Ctrl-C/SIGTERM
     finishes the batch, commits and leaves the group."""
@@ -354,19 +356,21 @@ def replay(
     source: str = typer.Option("synthetic", help="synthetic, or a CSV file (with --mapping)"),
     mapping: Path | None = typer.Option(None, help="column mapping of the CSV"),
     to: Target = typer.Option(Target.kafka, help="kafka (the events topic) or http (POST /decide)"),
-    rate: float = typer.Option(1000.0, help="events per second (0: as fast as possible)"),
-    limit: int | None = typer.Option(None, help="replay at most this many events"),
+    rate: float = typer.Option(
+        1000.0, min=0.0, callback=finite, help="events per second (0: as fast as possible)"
+    ),
+    limit: int | None = typer.Option(None, min=1, help="replay at most this many events"),
     url: str = typer.Option("http://127.0.0.1:8000", help="the API, for --to http"),
-    concurrency: int = typer.Option(4, help="concurrent senders"),
-    entities: int = typer.Option(500, help="synthetic: number of entities"),
-    days: float = typer.Option(2.0, help="synthetic: days of history"),
-    seed: int = typer.Option(7),
+    concurrency: int = typer.Option(4, min=1, help="concurrent senders"),
+    entities: int = typer.Option(500, min=1, help="synthetic: number of entities"),
+    days: float = typer.Option(2.0, callback=positive, help="synthetic: days of history"),
+    seed: int = typer.Option(7, min=0, max=SEED_MAX),
     shift_to_now: bool = typer.Option(True, help="move the data set in time so that it ends now"),
     outcomes: bool = typer.Option(
         False, help="--to http: also POST each decision's ground-truth outcome to /outcome, later"
     ),
     outcome_delay: float = typer.Option(
-        2.0, min=0.0, help="--outcomes: seconds between a decision and its outcome"
+        2.0, min=0.0, callback=finite, help="--outcomes: seconds between a decision and its outcome"
     ),
 ) -> None:
     """Stream a data set as live traffic, with progress and a final summary.

@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from decision_platform.cli.common import SEED_MAX
 from decision_platform.config import get_settings
 
 console = Console() if Console().is_terminal else Console(width=160)
@@ -16,9 +17,9 @@ console = Console() if Console().is_terminal else Console(width=160)
 def retrain(
     since: datetime | None = typer.Option(None, help="only decisions made at or after this time (ISO)"),
     until: datetime | None = typer.Option(None, help="only decisions made before this time (ISO)"),
-    timesteps: int | None = typer.Option(None, help="PPO steps (default: config/learning.yaml)"),
+    timesteps: int | None = typer.Option(None, min=0, help="PPO steps (default: config/learning.yaml)"),
     promote: bool = typer.Option(True, help="promote the candidate if it passes the gate"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX),
 ) -> None:
     """Retrain risk and policy from decisions ⋈ outcomes; promote only if the off-policy gate passes."""
     from decision_platform.cli.progress import RichProgress
