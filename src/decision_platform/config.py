@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     kafka_session_timeout_ms: int = Field(6000, ge=1)
     kafka_heartbeat_interval_ms: int = Field(500, ge=1)
 
+    #: An event time more than this ahead of the server's clock is refused (422 / dead letter) by the online
+    #: paths: it would put the entity's later events out of the windows (core/events.py ahead_of_clock).
+    max_event_ahead_s: float = Field(86400.0, gt=0)
+
     # --- stream worker
     #: Decide every consumed event (False: only update the feature windows).
     worker_decide: bool = True

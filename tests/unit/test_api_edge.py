@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -185,6 +186,27 @@ def test_rfc3339_times_with_lower_case_t_and_z_are_accepted(client: TestClient) 
         assert Event(event_id="e", entity_id="t1", timestamp=text).timestamp in (1709287200.0, 1709287200.5)
     naive = {"entity_id": "t1", "event": {"event_id": "naive", "timestamp": "2024-03-01t10:00:00"}}
     assert "time zone offset" in client.post("/decide", json=naive).json()["detail"]
+
+
+def test_an_event_time_far_ahead_of_the_clock_is_422_and_the_windows_stay_whole(client: TestClient) -> None:
+    """One event dated 2099 (in range: years 2000-2100) became its entity's newest stored time: every later
+    real event was "too late" for the windows, count_1h 0 from then on -- a burst invisible to the rules."""
+    ahead = {"entity_id": "fut", "event": {"event_id": "fut-0", "timestamp": "2099-01-01T00:00:00Z"}}
+    answer = client.post("/decide", json=ahead)
+    assert answer.status_code == 422 and answer.json()["errors"][0]["field"] == "event.timestamp"
+    assert "ahead of this server's clock" in answer.json()["detail"]
+    now = time.time()
+    for k in range(1, 4):
+        body = {"entity_id": "fut", "event": {"event_id": f"fut-{k}", "timestamp": now - 10 + k}}
+        decided = client.post("/decide", json=body).json()
+    assert client.get(f"/decisions/{decided['decision_id']}").json()["features"]["count_1h"] == 3
+    soon = {"entity_id": "fut", "event": {"event_id": "fut-4", "timestamp": now + 600}}  # clock skew: taken
+    assert client.post("/decide", json=soon).status_code == 200
+    batch = {"events": [{"event_id": "fut-5", "entity_id": "fut"}, {**ahead["event"], "entity_id": "fut"}]}
+    answer = client.post("/events", json=batch)
+    assert (
+        answer.status_code == 422 and answer.json()["errors"][0]["field"] == "EventBatch.events.1.timestamp"
+    )
 
 
 def test_a_leap_second_is_read_as_the_next_second(client: TestClient, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import Any
 
+import orjson
 import pytest
 from confluent_kafka import TopicPartition
 
@@ -233,3 +234,23 @@ def test_a_poison_message_too_large_to_produce_again_is_dead_lettered_cut() -> N
     assert cut["value"] == huge.value[: len(cut["value"])] and cut["key"] == b"k" * 1024
     assert cut["headers"]["truncated-from"] == b"5000/1040001" and cut["headers"]["source"] == b"events/3/7"
     assert small["value"] == b"{" and small["key"] is None and "truncated-from" not in small["headers"]
+
+
+def test_an_event_dated_far_ahead_is_dead_lettered_and_leaves_its_entitys_windows_alone(
+    platform_for: Callable[[str], Platform],
+) -> None:
+    """One event dated 2099 became its entity's newest stored time: every later real event was "too late"
+    for the windows, its counts 0 from then on (a burst invisible to the velocity rules)."""
+    platform = platform_for("ahead")
+    sink = InProcessSink()
+    worker = StreamWorker(platform.settings, platform.engine, platform.store, sink)
+    now = time.time()
+    bodies = [{"event_id": "a0", "entity_id": "ahead", "timestamp": "2099-01-01T00:00:00Z"}] + [
+        {"event_id": f"a{k}", "entity_id": "ahead", "timestamp": now - 10 + k} for k in range(1, 4)
+    ]
+    raw = [RawMessage(orjson.dumps(b), b["event_id"].encode(), "events", 0, k) for k, b in enumerate(bodies)]
+    summary = worker.process(raw)
+    assert summary.dead_lettered == 1 and "ahead of this server's clock" in sink.dead_letters[0][1]
+    found = [platform.writer.find_decision_by_event(f"a{k}") for k in (1, 2, 3)]
+    counts = [d.features["count_1h"] for d in found]  # type: ignore[union-attr]
+    assert counts == [1.0, 2.0, 3.0]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, HTTPException, Path, Query, Response
+from fastapi.exceptions import RequestValidationError
 
 from decision_platform.api.deps import PlatformDep
 from decision_platform.api.schemas import (
@@ -21,7 +23,7 @@ from decision_platform.api.schemas import (
     StoredDecision,
     error_responses,
 )
-from decision_platform.core.events import INT64_MAX
+from decision_platform.core.events import INT64_MAX, Event, ahead_of_clock
 from decision_platform.core.records import DUPLICATE
 from decision_platform.events.kafka import BrokerUnavailableError
 from decision_platform.observability import metrics
@@ -97,6 +99,8 @@ async def decided(platform: Platform, body: DecideRequest) -> bytes:
     # threadpool hop; the answer is the engine's dict as JSON, not re-validated (tests hold it to the schema).
     batcher = platform.batcher
     assert batcher is not None, "Platform.start builds the decider"
+    if body.event is not None:
+        _refuse_times_ahead([body.event], platform.settings.max_event_ahead_s, ("body", "event"))
     try:
         decision = await batcher.decide(DecisionRequest(body.entity_id, body.event))
     except TimeoutError:
@@ -121,6 +125,8 @@ async def decided(platform: Platform, body: DecideRequest) -> bytes:
 )
 def ingest_events(body: EventsBody, platform: PlatformDep, response: Response) -> dict[str, Any]:
     events = body.events if isinstance(body, EventBatch) else [body]
+    at = ("body", "EventBatch", "events") if isinstance(body, EventBatch) else ("body", "Event")
+    _refuse_times_ahead(events, platform.settings.max_event_ahead_s, at)
     if platform.producer is not None:
         try:
             platform.producer.send(events)
@@ -132,6 +138,23 @@ def ingest_events(body: EventsBody, platform: PlatformDep, response: Response) -
     # No broker: the stream worker's own logic, right here, before answering (nothing is queued).
     summary = platform.inline_worker.process_events(events)  # type: ignore[union-attr]
     return {"accepted": len(events), "mode": "in-process", "decision_ids": summary.decision_ids}
+
+
+def _refuse_times_ahead(events: list[Event], max_ahead_s: float, at: tuple[str, ...]) -> None:
+    """422 naming each event whose time is too far ahead of the clock (core/events.py ahead_of_clock)."""
+    now, batch = time.time(), at[-1] == "events"
+    errors = [
+        {
+            "type": "value_error",
+            "loc": (*at, *((i,) if batch else ()), "timestamp"),
+            "msg": why,
+            "input": None,
+        }
+        for i, event in enumerate(events)
+        if (why := ahead_of_clock(event.timestamp, now, max_ahead_s)) is not None
+    ]
+    if errors:
+        raise RequestValidationError(errors)
 
 
 @router.post(

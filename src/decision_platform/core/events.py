@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import (
@@ -61,6 +61,24 @@ def rfc3339_seconds(text: str) -> float:
     if parsed.tzinfo is None:
         raise NaiveTimeError("needs a time zone offset, e.g. Z")
     return parsed.timestamp() + leap
+
+
+def ahead_of_clock(timestamp: float, now: float, max_ahead_s: float) -> str | None:
+    """Why an event time cannot be taken at ``now`` (None: it can): it is more than ``max_ahead_s`` ahead.
+
+    The windows keep an entity's events by event time and drop one that comes later than the tolerance
+    behind the newest stored (features.yaml): a single event dated years ahead (2099, a typo, a broken
+    clock) made every later real event of its entity "too late", its counts 0 from then on -- a burst
+    after it invisible to the velocity rules. The online paths (POST /decide, POST /events, the stream
+    worker) refuse such a time instead (422, dead letter); training data has no "now" and is not checked."""
+    ahead = timestamp - now
+    if ahead <= max_ahead_s:
+        return None
+    when = datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+    return (
+        f"timestamp {when} is {ahead / 3600:.1f} h ahead of this server's clock (at most {max_ahead_s:g} s,"
+        " DP_MAX_EVENT_AHEAD_S): it would put its entity's later events out of the windows"
+    )
 
 
 def _storable_attribute(value: Any) -> Any:
