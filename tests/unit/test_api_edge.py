@@ -209,6 +209,17 @@ def test_an_event_time_far_ahead_of_the_clock_is_422_and_the_windows_stay_whole(
     )
 
 
+def test_an_event_id_of_another_entitys_event_is_409_not_that_entitys_decision(client: TestClient) -> None:
+    """Producers that number events per account reuse ids across accounts: B's event "1" was answered 200
+    with A's decision (A's action, A's entity id) -- the answer of a retry, for a different event."""
+    first = client.post("/decide", json={"entity_id": "acct-a", "event": {"event_id": "n-1", "amount": 5}})
+    other = client.post("/decide", json={"entity_id": "acct-b", "event": {"event_id": "n-1", "amount": 900}})
+    assert other.status_code == 409, other.text
+    assert "already the id of another entity's event" in other.json()["detail"]
+    retry = client.post("/decide", json={"entity_id": "acct-a", "event": {"event_id": "n-1", "amount": 5}})
+    assert retry.status_code == 200 and retry.json()["decision_id"] == first.json()["decision_id"]
+
+
 def test_a_leap_second_is_read_as_the_next_second(client: TestClient, tmp_path: Path) -> None:
     """``23:59:60Z`` (RFC 3339 5.7) was a 422 "must be RFC 3339 text" (Python's datetime has no second 60):
     the API and the CSV import now both read it as POSIX time does, the next second."""

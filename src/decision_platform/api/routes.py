@@ -85,7 +85,7 @@ def ready(platform: PlatformDep, response: Response) -> dict[str, Any]:
     "/decide",
     response_model=DecisionResponse,
     summary="Decide: allow, throttle or block",
-    responses=error_responses(400, 413, 422, 503),
+    responses=error_responses(400, 409, 413, 422, 503),
 )
 async def decide(body: DecideRequest, platform: PlatformDep) -> Response:
     # api/decide_lane.py answers well-formed requests before FastAPI sees them; this route documents the
@@ -108,6 +108,13 @@ async def decided(platform: Platform, body: DecideRequest) -> bytes:
     except OSError:
         # Neither the database nor the local spool could take the decision: do not acknowledge it.
         raise HTTPException(503, "the decision could not be stored durably; retry") from None
+    if decision.storage == DUPLICATE and decision.response.get("entity_id") != body.entity_id:
+        # A retry gets the first decision; an id another entity's event holds does not: it was answered
+        # with that entity's decision (producers that number events per account reuse ids across them).
+        event_id = body.event.event_id if body.event is not None else ""
+        raise HTTPException(
+            409, f"event_id {event_id!r} is already the id of another entity's event: ids must be unique"
+        )
     narrator = platform.narrator
     if narrator is not None and decision.storage != DUPLICATE:  # a queue append: never waits for the LLM
         narrator.submit(decision.record)
