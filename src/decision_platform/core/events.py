@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from pydantic import (
@@ -50,17 +50,26 @@ class NaiveTimeError(ValueError):
 _LEAP_SECOND = re.compile(r"(?<=[T ]\d\d:\d\d:)60(?=[.,+\-Z]|$)")
 
 
-def rfc3339_seconds(text: str) -> float:
-    """Epoch seconds of an RFC 3339 time. Its "T" and "Z" may be lower case (RFC 3339 5.6), as some
-    producers write them. A leap second (``23:59:60Z``, RFC 3339 5.7) is read as POSIX time counts it: the
-    next second (``00:00:00Z`` of the next day; ``:60.5`` is ``:00.5``), so API and CSV import accept it
-    and it sorts after ``23:59:59.999``. Raises ValueError (NaiveTimeError without an offset)."""
+def iso_time(text: str) -> datetime:
+    """An ISO 8601 / RFC 3339 time (naive when it has no offset). Its "T" and "Z" may be lower case (RFC
+    3339 5.6), as some producers write them. A leap second (``23:59:60Z``, RFC 3339 5.7) is read as POSIX
+    time counts it: the next second (``00:00:00Z`` of the next day; ``:60.5`` is ``:00.5``), so the API,
+    the CSV import and the console's and CLI's times all accept it. Raises ValueError."""
     upper = text.strip().upper()
     upper, leap = _LEAP_SECOND.subn("59", upper, count=1)
-    parsed = datetime.fromisoformat(upper.replace("Z", "+00:00"))
+    try:
+        return datetime.fromisoformat(upper.replace("Z", "+00:00")) + timedelta(seconds=leap)
+    except OverflowError:  # 9999-12-31T23:59:60
+        raise ValueError("out of the range of dates") from None
+
+
+def rfc3339_seconds(text: str) -> float:
+    """Epoch seconds of an RFC 3339 time (see ``iso_time``). Raises ValueError (NaiveTimeError without an
+    offset)."""
+    parsed = iso_time(text)
     if parsed.tzinfo is None:
         raise NaiveTimeError("needs a time zone offset, e.g. Z")
-    return parsed.timestamp() + leap
+    return parsed.timestamp()
 
 
 def ahead_of_clock(timestamp: float, now: float, max_ahead_s: float) -> str | None:
