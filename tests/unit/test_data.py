@@ -321,6 +321,25 @@ def test_refunds_are_left_out_with_one_warning_not_a_failed_import(
     assert sorted(ids) == ["row-1", "row-3", "row-4"]  # the data row's number, the refund's row counted
 
 
+def test_empty_labels_read_as_good_are_counted_in_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without good_values an empty label cell is "good": unlabelled rows (a scoring export, a gap in the
+    labels) were trained as legitimate without a word."""
+    rows = ["Time,Amount,Class", "0,1,0", "1,2,", "2,3,1", "3,4, "]
+    mapping = """
+entity: {strategy: row}
+time: {column: Time, unit: seconds_since_start, base_epoch: "2020-01-01T00:00:00Z"}
+amount: Amount
+label: {column: Class}
+"""
+    with caplog.at_level(logging.WARNING, logger="decision_platform.data.csv_import"):
+        data = load_csv(*write(tmp_path, rows, mapping))
+    assert data.labels.tolist() == [0, 0, 1, 0]
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "2 row(s) have an empty label, read as good" in warning and warning.endswith("line 3, 5")
+
+
 def test_a_file_in_another_encoding_names_its_line_and_the_setting(tmp_path: Path) -> None:
     row = "t4,carol,2024-03-01T10:00:00Z,payment,1,no,caf\u00e9,1,true,0.5"
     csv_path, mapping = write(tmp_path, [*ROWS, row])

@@ -221,7 +221,9 @@ def load_csv(
     A ``.gz`` file is decompressed as it is read. Raises `DatasetError` naming the file, line and column
     of the first bad value. A row with a negative amount (a refund) is not a bad value but not an event
     the platform decides on either (the event contract's amount is >= 0; ``POST /decide`` refuses it):
-    such rows are left out, counted in one warning naming their first lines.
+    such rows are left out, counted in one warning naming their first lines. Rows with an empty label
+    cell are read as good unless ``label.good_values`` is set (then they are an error): one warning
+    counts them, as silently trained "good" rows could be unlabelled fraud.
     """
     path = Path(path)
     if not isinstance(mapping, ColumnMapping):
@@ -259,15 +261,25 @@ def load_csv(
         except UnicodeDecodeError as exc:  # decoded a chunk ahead of the rows: find the line itself
             raise _undecodable(path, mapping.encoding, exc) from None
     if loader.refund_lines:
-        lines = loader.refund_lines
-        shown = ", ".join(map(str, lines[:10])) + (f" and {len(lines) - 10} more" if len(lines) > 10 else "")
         log.warning(
             "%s: left out %d row(s) with a negative amount (refunds; an event's amount is >= 0): line %s",
             path,
-            len(lines),
-            shown,
+            len(loader.refund_lines),
+            _some(loader.refund_lines),
+        )
+    if loader.unlabelled_lines:  # unlabelled rows trained as good would teach the model that fraud is fine
+        log.warning(
+            "%s: %d row(s) have an empty label, read as good (set label.good_values to refuse them): line %s",
+            path,
+            len(loader.unlabelled_lines),
+            _some(loader.unlabelled_lines),
         )
     return loader.result()
+
+
+def _some(lines: list[int]) -> str:
+    """The first ten line numbers, and how many more."""
+    return ", ".join(map(str, lines[:10])) + (f" and {len(lines) - 10} more" if len(lines) > 10 else "")
 
 
 def _undecodable(path: Path, encoding: str, error: UnicodeDecodeError) -> DatasetError:
@@ -348,6 +360,8 @@ class _RowLoader:
         self.labels = array("b")
         #: Lines of rows with a negative amount (refunds), left out: see ``load_csv``.
         self.refund_lines: list[int] = []
+        #: Lines of rows with an empty label cell, read as good (no ``good_values``): see ``load_csv``.
+        self.unlabelled_lines: list[int] = []
 
     def fail(self, line: int, column: int | None, message: str) -> DatasetError:
         where = f" column {self.header[column]!r}:" if column is not None else ""
@@ -376,6 +390,8 @@ class _RowLoader:
         label = self.label_of(row[self.label_col])
         if label is None:
             raise self.fail(line, self.label_col, f"unknown label value {_shown(row[self.label_col])}")
+        if not label and not row[self.label_col].strip():
+            self.unlabelled_lines.append(line)
         amount = self._amount(row, line)
         if amount is not None and amount < 0.0:
             self.refund_lines.append(line)
