@@ -10,9 +10,10 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 #: Repository root when running from a checkout; the default home of config/ and var/.
@@ -159,6 +160,23 @@ class Settings(BaseSettings):
     #: Most decisions one rule what-if replays from the console (the newest of the window); the CLI has none.
     console_backtest_limit: int = Field(200_000, ge=1)
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_scheme(cls, url: str) -> str:
+        # Any other URL reached SQLAlchemy: a traceback (no MySQLdb module, "could not parse") at start.
+        scheme = url.split("://", 1)[0].split("+", 1)[0] if "://" in url else ""
+        if scheme not in ("sqlite", "postgresql", "postgres"):
+            raise ValueError("expected sqlite:///path or postgresql://user@host/db")
+        return url
+
+    @field_validator("feature_store_url")
+    @classmethod
+    def _feature_store_scheme(cls, url: str) -> str:
+        # Checked again where the store is opened; here it stops the CLI in one line, not a server's startup.
+        if urlsplit(url).scheme not in ("memory", "redis", "rediss", "unix", "redis+cluster"):
+            raise ValueError("expected memory://, redis://host:port/db or redis+cluster://host:port[,...]")
+        return url
+
     @property
     def rules_path(self) -> Path:
         return self.config_dir / "rules.yaml"
@@ -189,15 +207,19 @@ def get_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        raise ConfigError(
-            "; ".join(
-                f"{_variable(err['loc'])} ({str(err['input'])[:40]!r}): {err['msg']}" for err in exc.errors()
-            )
-        ) from None
+        raise ConfigError("; ".join(_problem(err) for err in exc.errors())) from None
     except SettingsError as exc:  # a list or tuple setting whose value is not JSON
         field = re.search(r'field "(\w+)"', str(exc))
         name = _variable((field.group(1),)) if field else "a DP_ variable"
         raise ConfigError(f"{name}: not valid JSON; a list is written [0, 1]") from None
+
+
+def _problem(error: Any) -> str:
+    name = _variable(error["loc"])
+    # A URL or a key may hold a password: never echoed.
+    secret = any(word in name for word in ("URL", "KEY", "PASSWORD"))
+    shown = "" if secret else f" ({str(error['input'])[:40]!r})"
+    return f"{name}{shown}: {error['msg']}"
 
 
 def _variable(loc: tuple[int | str, ...]) -> str:

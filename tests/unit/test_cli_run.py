@@ -85,6 +85,9 @@ def test_why_train_first_names_a_champion_that_does_not_load(
         ("DP_EXPLORE_ACTIONS", "[0, 5]", "DP_EXPLORE_ACTIONS ('5'): Input should be 0, 1 or 2"),
         ("DP_WORKER_BATCH_SIZE", "0", "DP_WORKER_BATCH_SIZE ('0')"),
         ("DP_FEATURE_STORE_TIMEOUT_S", "-1", "DP_FEATURE_STORE_TIMEOUT_S ('-1')"),
+        # Another scheme reached SQLAlchemy / the store at start: a traceback; a URL's password is not echoed.
+        ("DP_DATABASE_URL", "mysql://u:secret@h/db", "DP_DATABASE_URL: Value error, expected sqlite:"),
+        ("DP_FEATURE_STORE_URL", "garbage", "DP_FEATURE_STORE_URL: Value error, expected memory://"),
     ],
 )
 def test_a_bad_setting_is_one_line_and_exit_2(
@@ -101,6 +104,7 @@ def test_a_bad_setting_is_one_line_and_exit_2(
     assert result.exit_code == 2, result.output
     assert result.output.strip() == f"bad setting: {said}" or said in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert "secret" not in result.output
 
 
 @pytest.mark.parametrize(
