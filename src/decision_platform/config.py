@@ -8,16 +8,20 @@ Feast-style: the same code runs on a laptop (SQLite, fakeredis, in-process bus) 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
+import yaml
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 #: Repository root when running from a checkout; the default home of config/ and var/.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+T = TypeVar("T")
 
 #: An action's number: 0 allow, 1 throttle (step-up), 2 block.
 ActionNumber = Literal[0, 1, 2]
@@ -212,6 +216,29 @@ def get_settings() -> Settings:
         field = re.search(r'field "(\w+)"', str(exc))
         name = _variable((field.group(1),)) if field else "a DP_ variable"
         raise ConfigError(f"{name}: not valid JSON; a list is written [0, 1]") from None
+
+
+def load_config_file(path: Path, load: Callable[[Path], T]) -> T:
+    """``load(path)`` (a YAML configuration file: features, rules, rewards, learning). A file that is
+    missing, not UTF-8, not YAML or not valid raises ConfigError naming the file and the problem in one
+    line: the commands stop with it (exit 2), where they showed a traceback."""
+    try:
+        return load(path)
+    except ConfigError:
+        raise
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    except ValidationError as exc:
+        problems = [f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors()[:5]]
+        raise ConfigError(f"{path}: {'; '.join(problems)}") from None
+    except ValueError as exc:  # a rules file's RulesError, a validator's own message
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def _problem(error: Any) -> str:

@@ -174,3 +174,36 @@ def test_out_of_range_numbers_on_the_command_line_are_exit_2(args: list[str]) ->
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 2, result.output
     assert f"Invalid value for '{args[-2]}'" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("command", "name", "text", "said"),
+    [
+        ("retrain", "learning.yaml", "gate: {min_decisions: abc}\n", "learning.yaml: gate.min_decisions"),
+        ("retrain", "rewards.yaml", "outcomes: [", "rewards.yaml: not valid YAML at line 1"),
+        ("train", "rewards.yaml", None, "rewards.yaml: cannot read: No such file or directory"),
+        ("train", "features.yaml", "windows: {1m: -5}\n", "window '1m' must be a positive number of seconds"),
+    ],
+)
+def test_a_broken_config_file_stops_train_and_retrain_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, command: str, name: str, text: str | None, said: str
+) -> None:
+    """A broken learning.yaml or rewards.yaml was a pydantic / YAML traceback from retrain and train (train
+    only after loading and featurising the whole data set)."""
+    config_dir = tmp_path / "config"
+    shutil.copytree(Path(cli.__file__).parents[3] / "config", config_dir)
+    if text is None:
+        (config_dir / name).unlink()
+    else:
+        (config_dir / name).write_text(text)
+    settings = Settings(
+        config_dir=config_dir, model_dir=tmp_path / "models", database_url=f"sqlite:///{tmp_path / 'dp.db'}"
+    )
+    monkeypatch.setattr(cli, "get_settings", lambda: settings)
+    monkeypatch.setattr("decision_platform.cli.retrain.get_settings", lambda: settings)
+    args = ["--entities", "30", "--days", "1", "--timesteps", "0"] if command == "train" else []
+    result = CliRunner().invoke(cli.app, [command, *args])
+    assert result.exit_code == 2, result.output
+    output = " ".join(result.output.split())
+    assert f"bad configuration: {config_dir / name}:" in output and said in output, output
+    assert "Traceback" not in result.output

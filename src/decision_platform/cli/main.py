@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.markup import escape
 
-from decision_platform.cli.common import SEED_MAX, console, finite, open_registry, positive
+from decision_platform.cli.common import SEED_MAX, config_file, console, finite, open_registry, positive
 from decision_platform.cli.db import db_app
 from decision_platform.cli.explain import explain as explain_command
 from decision_platform.cli.models import models_app
@@ -65,6 +65,7 @@ def _train(
     from decision_platform.cli.progress import RichProgress
     from decision_platform.cli.train import report_tables
     from decision_platform.core.rewards import RewardTable
+    from decision_platform.features import FeatureSpec
     from decision_platform.training.train import TrainConfig, TrainingDataError, train_all
 
     features_path = settings.features_path
@@ -94,12 +95,14 @@ def _train(
         candidate = Path(mapping).with_name(Path(mapping).stem + ".features.yaml")
         if candidate.exists():
             features_path = candidate
+    config_file(features_path, FeatureSpec.load)  # checked before hours of training, not inside it
+    rewards = config_file(settings.rewards_path, RewardTable.load)
     try:
         with RichProgress(console) as progress:
             report = train_all(
                 data,
                 features_path,
-                RewardTable.load(settings.rewards_path),
+                rewards,
                 open_registry(settings),
                 TrainConfig(ppo_timesteps=timesteps, seed=seed),
                 progress=progress,
@@ -223,11 +226,7 @@ def _check_config_files(settings: Settings) -> None:
     is one line naming the file and exit 2 (it was a traceback from the application's startup)."""
     from decision_platform.serving.platform import read_config_files
 
-    try:
-        read_config_files(settings)
-    except ConfigError as exc:
-        console.print(f"[red]bad configuration:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
-        raise typer.Exit(2) from None
+    config_file(settings.config_dir, lambda _: read_config_files(settings))
 
 
 #: What ``run`` explains with when DP_LLM_URL is unset: the default local model, fetched and started in

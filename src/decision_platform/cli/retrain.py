@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from decision_platform.cli.common import SEED_MAX
+from decision_platform.cli.common import SEED_MAX, config_file
 from decision_platform.config import get_settings
 
 console = Console() if Console().is_terminal else Console(width=160)
@@ -32,6 +32,8 @@ def retrain(
     from decision_platform.storage.repository import Repository
 
     settings = get_settings()
+    learning = config_file(settings.learning_path, LearningConfig.load)
+    rewards = config_file(settings.rewards_path, RewardTable.load)
     engine = open_database(settings)
     registry = ModelRegistry(Repository(engine), settings.model_dir)
     try:
@@ -39,8 +41,8 @@ def retrain(
             report = run(
                 settings,
                 registry,
-                LearningConfig.load(settings.learning_path),
-                RewardTable.load(settings.rewards_path),
+                learning,
+                rewards,
                 since=since,
                 until=until,
                 promote=promote,

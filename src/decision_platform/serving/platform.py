@@ -19,11 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-import yaml
-from pydantic import ValidationError
 from threadpoolctl import threadpool_limits
 
-from decision_platform.config import ConfigError, Settings
+from decision_platform.config import Settings, load_config_file
 from decision_platform.core.rewards import RewardTable
 from decision_platform.events.kafka import EventProducer, ensure_topics
 from decision_platform.explain.attributions import ReasonBuilder
@@ -56,29 +54,14 @@ def read_config_files(
     A file that is missing, not YAML, or not valid raises ConfigError naming the file and the problem in
     one line; the CLI checks them before a server or worker starts (exit 2): they were a traceback from
     the application's startup, and uvicorn's exit 3."""
-    path = settings.features_path
-    try:
-        if spec is None:
-            spec = FeatureSpec.load(path)
-        path = settings.rules_path
-        rules = RuleSet.from_text(path.read_text("utf-8"), spec.names, metrics.RULE_METRICS)
-        path = settings.rewards_path
-        rewards = RewardTable.load(path)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    except ValidationError as exc:
-        problems = [
-            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in exc.errors()[:5]
-        ]
-        raise ConfigError(f"{path}: {'; '.join(problems)}") from None
-    except ValueError as exc:  # RulesError, or a validator's own message
-        raise ConfigError(f"{path}: {exc}") from None
+    if spec is None:
+        spec = load_config_file(settings.features_path, FeatureSpec.load)
+    names = spec.names
+    rules = load_config_file(
+        settings.rules_path,
+        lambda path: RuleSet.from_text(path.read_text("utf-8"), names, metrics.RULE_METRICS),
+    )
+    rewards = load_config_file(settings.rewards_path, RewardTable.load)
     return spec, rules, rewards
 
 
