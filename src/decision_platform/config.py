@@ -7,14 +7,28 @@ Feast-style: the same code runs on a laptop (SQLite, fakeredis, in-process bus) 
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+import yaml
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 #: Repository root when running from a checkout; the default home of config/ and var/.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+T = TypeVar("T")
+
+#: An action's number: 0 allow, 1 throttle (step-up), 2 block.
+ActionNumber = Literal[0, 1, 2]
+
+
+class ConfigError(ValueError):
+    """A setting the process cannot run with, said in one line naming the variable (the CLI exits 2)."""
 
 
 class Settings(BaseSettings):
@@ -22,9 +36,9 @@ class Settings(BaseSettings):
 
     # --- serving
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(8000, ge=0, le=65535)
     #: Largest request body accepted, in bytes; larger ones get 413 before any parsing.
-    max_body_bytes: int = 64 * 1024
+    max_body_bytes: int = Field(64 * 1024, ge=1)
     #: Seconds between two checks of the registry for new champions / shadow (hot reload); 0: never.
     model_refresh_s: float = Field(10.0, ge=0)
 
@@ -37,26 +51,30 @@ class Settings(BaseSettings):
     #: ``redis+cluster://host:port[,host:port...]`` (a Redis Cluster; any reachable nodes as startup nodes).
     feature_store_url: str = "memory://"
     #: Seconds a feature-store call may take before the decision falls back.
-    feature_store_timeout_s: float = 0.05
+    feature_store_timeout_s: float = Field(0.05, gt=0)
     #: Unset: events are handled in-process. Set: Kafka bootstrap servers.
     kafka_bootstrap_servers: str | None = None
     kafka_events_topic: str = "events"
     kafka_decisions_topic: str = "decisions"
     kafka_dlq_topic: str = "events.dlq"
     #: Partitions of the events topic when the platform creates it (the unit of worker parallelism).
-    kafka_events_partitions: int = 4
+    kafka_events_partitions: int = Field(4, ge=1)
     kafka_group_id: str = "decision-workers"
     #: Consumer group liveness; librdkafka's defaults make a group join take ~20 s on tansu.
-    kafka_session_timeout_ms: int = 6000
-    kafka_heartbeat_interval_ms: int = 500
+    kafka_session_timeout_ms: int = Field(6000, ge=1)
+    kafka_heartbeat_interval_ms: int = Field(500, ge=1)
+
+    #: An event time more than this ahead of the server's clock is refused (422 / dead letter) by the online
+    #: paths: it would put the entity's later events out of the windows (core/events.py ahead_of_clock).
+    max_event_ahead_s: float = Field(86400.0, gt=0)
 
     # --- stream worker
     #: Decide every consumed event (False: only update the feature windows).
     worker_decide: bool = True
     #: Most messages processed (and committed) together.
-    worker_batch_size: int = 500
+    worker_batch_size: int = Field(500, ge=1)
     #: Feature-store timeout of the worker: batches are big, so it is far above the API's.
-    worker_feature_store_timeout_s: float = 5.0
+    worker_feature_store_timeout_s: float = Field(5.0, gt=0)
     #: Seconds the worker waits for the broker to acknowledge a batch's decisions before it gives the batch
     #: up (uncommitted) and processes it again after a back-off: a frozen broker delays, never loses.
     worker_publish_timeout_s: float = Field(30.0, gt=0)
@@ -88,7 +106,7 @@ class Settings(BaseSettings):
     #: Longest narrative the grounding check accepts, in characters.
     llm_max_chars: int = Field(700, ge=80)
     #: Narratives written eagerly after these actions (others on first request); queue bound for them.
-    llm_eager_actions: tuple[int, ...] = (1, 2)
+    llm_eager_actions: tuple[ActionNumber, ...] = (1, 2)
     llm_queue_size: int = Field(64, ge=1)
     #: Longest ``GET /decisions/{id}/explanation?wait=true`` waits before answering "pending".
     llm_wait_timeout_s: float = Field(30.0, ge=0)
@@ -108,7 +126,7 @@ class Settings(BaseSettings):
     exploration_floor: float = Field(0.01, ge=0.0, le=0.3)
     #: Actions exploration may pick on its own. Block is left out on purpose: a random block hurts a good
     #: customer for the sake of data; blocks come from the policy's own probability or from a rule.
-    explore_actions: tuple[int, ...] = (0, 1)
+    explore_actions: tuple[ActionNumber, ...] = (0, 1)
     #: Seed of the serving sampler (None: from the OS); tests fix it.
     policy_seed: int | None = None
 
@@ -120,7 +138,7 @@ class Settings(BaseSettings):
 
     # --- storage write path
     #: Most decisions written in one transaction by the group-commit writer.
-    db_batch_size: int = 256
+    db_batch_size: int = Field(256, ge=1)
     #: Writer threads taking batches concurrently: one commits while the next batch is gathered and sent
     #: (a request then waits for about one commit, not the rest of another's plus its own).
     db_writer_threads: int = Field(2, ge=1, le=16)
@@ -149,6 +167,23 @@ class Settings(BaseSettings):
     #: Most decisions one rule what-if replays from the console (the newest of the window); the CLI has none.
     console_backtest_limit: int = Field(200_000, ge=1)
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_scheme(cls, url: str) -> str:
+        # Any other URL reached SQLAlchemy: a traceback (no MySQLdb module, "could not parse") at start.
+        scheme = url.split("://", 1)[0].split("+", 1)[0] if "://" in url else ""
+        if scheme not in ("sqlite", "postgresql", "postgres"):
+            raise ValueError("expected sqlite:///path or postgresql://user@host/db")
+        return url
+
+    @field_validator("feature_store_url")
+    @classmethod
+    def _feature_store_scheme(cls, url: str) -> str:
+        # Checked again where the store is opened; here it stops the CLI in one line, not a server's startup.
+        if urlsplit(url).scheme not in ("memory", "redis", "rediss", "unix", "redis+cluster"):
+            raise ValueError("expected memory://, redis://host:port/db or redis+cluster://host:port[,...]")
+        return url
+
     @property
     def rules_path(self) -> Path:
         return self.config_dir / "rules.yaml"
@@ -173,5 +208,49 @@ class Settings(BaseSettings):
 
 @lru_cache
 def get_settings() -> Settings:
-    """The process-wide settings, read once from the environment."""
-    return Settings()
+    """The process-wide settings, read once from the environment. A value that is not one (DP_PORT=abc,
+    DP_SAFE_ACTION=7, DP_EXPLORE_ACTIONS=0,1) raises ConfigError naming the variable and what it takes:
+    it was a pydantic traceback."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigError("; ".join(_problem(err) for err in exc.errors())) from None
+    except SettingsError as exc:  # a list or tuple setting whose value is not JSON
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = _variable((field.group(1),)) if field else "a DP_ variable"
+        raise ConfigError(f"{name}: not valid JSON; a list is written [0, 1]") from None
+
+
+def load_config_file(path: Path, load: Callable[[Path], T]) -> T:
+    """``load(path)`` (a YAML configuration file: features, rules, rewards, learning). A file that is
+    missing, not UTF-8, not YAML or not valid raises ConfigError naming the file and the problem in one
+    line: the commands stop with it (exit 2), where they showed a traceback."""
+    try:
+        return load(path)
+    except ConfigError:
+        raise
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    except ValidationError as exc:
+        problems = [f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in exc.errors()[:5]]
+        raise ConfigError(f"{path}: {'; '.join(problems)}") from None
+    except ValueError as exc:  # a rules file's RulesError, a validator's own message
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _problem(error: Any) -> str:
+    name = _variable(error["loc"])
+    # A URL or a key may hold a password: never echoed.
+    secret = any(word in name for word in ("URL", "KEY", "PASSWORD"))
+    shown = "" if secret else f" ({str(error['input'])[:40]!r})"
+    return f"{name}{shown}: {error['msg']}"
+
+
+def _variable(loc: tuple[int | str, ...]) -> str:
+    return "DP_" + str(loc[0]).upper() if loc else "a DP_ variable"

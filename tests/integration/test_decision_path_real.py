@@ -190,3 +190,22 @@ def test_a_model_metric_that_is_nan_is_stored_as_null(pg_schema: str) -> None:
     Repository(live).insert_model(row)
     assert Repository(live).get_model("anomaly-x")["metrics"] == {"roc_auc_heldout": None, "trees": 30}
     live.dispose()
+
+
+def test_float_attributes_from_1e16_read_back_as_floats_from_postgresql(
+    real_client: tuple[TestClient, Settings],
+) -> None:
+    """orjson writes a float from 1e16 up in exponent form ("1e+16"), which JSONB keeps as a numeric of
+    scale 0 and prints as "10000000000000000": a float attribute read back as an int (GET /decisions/{id}
+    answered 10000000000000000 for 1e16)."""
+    client, settings = real_client
+    attributes = {"f": 1e16, "g": -2.5e17, "h": 9.2e18, "small": 1e-7, "i": 10**16, "s": "1e+16"}
+    decided = client.post(
+        "/decide", json={"entity_id": "j2", "event": {"event_id": "j2", "attributes": attributes}}
+    )
+    assert decided.status_code == 200, decided.text
+    stored = client.get(f"/decisions/{decided.json()['decision_id']}").json()["attributes"]
+    assert stored == attributes
+    assert {k: type(v) for k, v in stored.items()} == {k: type(v) for k, v in attributes.items()}
+    (raw,) = query(settings.database_schema, "SELECT attributes FROM decisions WHERE event_id = 'j2'")
+    assert isinstance(raw[0]["f"], float) and isinstance(raw[0]["i"], int)

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,6 +17,7 @@ from decision_platform.api.app import create_app
 from decision_platform.api.schemas import ValidationErrorBody
 from decision_platform.config import Settings
 from decision_platform.core.events import Event
+from decision_platform.data.csv_import import load_csv
 from decision_platform.serving.platform import Platform
 from decision_platform.storage.tables import decisions
 from tests.live_server import serving
@@ -69,6 +73,21 @@ def test_unstorable_events_posted_to_events_are_422_too(client: TestClient) -> N
     assert "Event.event_type" in _fields(response)  # the body is one event or a batch: both are reported
     batch = '{"events": [{"event_id": "e2", "entity_id": "p2", "attributes": {"k": "\\ud800"}}]}'
     assert "EventBatch.events.0.attributes.k" in _fields(_post_raw(client, "/events", batch))
+
+
+def test_a_bad_event_posted_to_events_is_answered_with_its_own_error_only(client: TestClient) -> None:
+    """The body is one event or a batch; as a plain union a bad event was answered with both members'
+    errors: "Event.timestamp: ...; EventBatch.events: Field required; EventBatch.event_id: Extra inputs
+    are not permitted; ..." (a batch's error behind "Event.event_id: Field required", and so on)."""
+    one = {"event_id": "u1", "entity_id": "p2", "timestamp": "1970-01-01T00:00:00Z"}
+    answer = client.post("/events", json=one).json()
+    assert answer["detail"] == "Event.timestamp: Value error, timestamp out of range (years 2000-2100)"
+    batch = {"events": [{"event_id": "u2", "entity_id": "p2"}, {**one, "amount": -1}]}
+    answer = client.post("/events", json=batch).json()
+    fields = ["EventBatch.events.1.timestamp", "EventBatch.events.1.amount"]
+    assert [e["field"] for e in answer["errors"]] == fields
+    assert [e["field"] for e in client.post("/events", json=[one]).json()["errors"]] == ["Event"]
+    assert client.post("/events", json=batch["events"][0]).status_code == 200
 
 
 def test_the_64_bit_and_text_limits_themselves_are_accepted(client: TestClient) -> None:
@@ -167,6 +186,68 @@ def test_rfc3339_times_with_lower_case_t_and_z_are_accepted(client: TestClient) 
         assert Event(event_id="e", entity_id="t1", timestamp=text).timestamp in (1709287200.0, 1709287200.5)
     naive = {"entity_id": "t1", "event": {"event_id": "naive", "timestamp": "2024-03-01t10:00:00"}}
     assert "time zone offset" in client.post("/decide", json=naive).json()["detail"]
+
+
+def test_an_event_time_far_ahead_of_the_clock_is_422_and_the_windows_stay_whole(client: TestClient) -> None:
+    """One event dated 2099 (in range: years 2000-2100) became its entity's newest stored time: every later
+    real event was "too late" for the windows, count_1h 0 from then on -- a burst invisible to the rules."""
+    ahead = {"entity_id": "fut", "event": {"event_id": "fut-0", "timestamp": "2099-01-01T00:00:00Z"}}
+    answer = client.post("/decide", json=ahead)
+    assert answer.status_code == 422 and answer.json()["errors"][0]["field"] == "event.timestamp"
+    assert "ahead of this server's clock" in answer.json()["detail"]
+    now = time.time()
+    for k in range(1, 4):
+        body = {"entity_id": "fut", "event": {"event_id": f"fut-{k}", "timestamp": now - 10 + k}}
+        decided = client.post("/decide", json=body).json()
+    assert client.get(f"/decisions/{decided['decision_id']}").json()["features"]["count_1h"] == 3
+    soon = {"entity_id": "fut", "event": {"event_id": "fut-4", "timestamp": now + 600}}  # clock skew: taken
+    assert client.post("/decide", json=soon).status_code == 200
+    batch = {"events": [{"event_id": "fut-5", "entity_id": "fut"}, {**ahead["event"], "entity_id": "fut"}]}
+    answer = client.post("/events", json=batch)
+    assert (
+        answer.status_code == 422 and answer.json()["errors"][0]["field"] == "EventBatch.events.1.timestamp"
+    )
+
+
+def test_an_event_id_of_another_entitys_event_is_409_not_that_entitys_decision(client: TestClient) -> None:
+    """Producers that number events per account reuse ids across accounts: B's event "1" was answered 200
+    with A's decision (A's action, A's entity id) -- the answer of a retry, for a different event."""
+    first = client.post("/decide", json={"entity_id": "acct-a", "event": {"event_id": "n-1", "amount": 5}})
+    other = client.post("/decide", json={"entity_id": "acct-b", "event": {"event_id": "n-1", "amount": 900}})
+    assert other.status_code == 409, other.text
+    assert "already the id of another entity's event" in other.json()["detail"]
+    retry = client.post("/decide", json={"entity_id": "acct-a", "event": {"event_id": "n-1", "amount": 5}})
+    assert retry.status_code == 200 and retry.json()["decision_id"] == first.json()["decision_id"]
+
+
+def test_a_leap_second_is_read_as_the_next_second(client: TestClient, tmp_path: Path) -> None:
+    """``23:59:60Z`` (RFC 3339 5.7) was a 422 "must be RFC 3339 text" (Python's datetime has no second 60):
+    the API and the CSV import now both read it as POSIX time does, the next second."""
+    midnight = 1483228800.0  # 2017-01-01T00:00:00Z
+    texts = ["2016-12-31T23:59:60Z", "2016-12-31t23:59:60.5z", "2016-12-31T15:59:60-08:00"]
+    for k, text in enumerate(texts):
+        body = {"entity_id": "t2", "event": {"event_id": f"leap-{k}", "timestamp": text}}
+        assert client.post("/decide", json=body).status_code == 200, text
+        assert Event(event_id="e", entity_id="t2", timestamp=text).timestamp == midnight + (k == 1) * 0.5
+    for bad in ["2016-12-31T23:59:61Z", "2016-12-31T23:60:00Z"]:
+        body = {"entity_id": "t2", "event": {"event_id": "leap-bad", "timestamp": bad}}
+        assert "RFC 3339" in client.post("/decide", json=body).json()["detail"], bad
+    csv_path, mapping = tmp_path / "leap.csv", tmp_path / "leap.yaml"
+    csv_path.write_text("id,ts,bad\nu1,2016-12-31T23:59:60Z,0\nu1,2016-12-31T23:59:59.5Z,1\n")
+    mapping.write_text("entity: {column: id}\ntime: {column: ts, unit: rfc3339}\nlabel: {column: bad}\n")
+    assert load_csv(csv_path, mapping).events.timestamps.tolist() == [midnight - 0.5, midnight]
+
+
+def test_stored_times_are_answered_with_their_utc_offset(client: TestClient) -> None:
+    """SQLite keeps no zone: a time read back was answered without an offset ("2026-12-07T04:03:18"), which
+    clients read as their own local time -- a repeated POST /outcome's received_at and GET /decisions'
+    created_at, while the first POST /outcome said "+00:00"."""
+    decided = client.post("/decide", json={"entity_id": "tz1", "event": {"event_id": "tz1"}}).json()
+    body = {"decision_id": decided["decision_id"], "outcome": "success"}
+    first, again = (client.post("/outcome", json=body).json() for _ in range(2))
+    assert again["received_at"] == first["received_at"] and first["received_at"].endswith("+00:00")
+    created = client.get(f"/decisions/{decided['decision_id']}").json()["created_at"]
+    assert datetime.fromisoformat(created).utcoffset() == timedelta(0)
 
 
 # --- out-of-range values: 422, never a 500 from the database driver

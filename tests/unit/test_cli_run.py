@@ -13,7 +13,7 @@ import uvicorn
 from typer.testing import CliRunner
 
 from decision_platform.cli import main as cli
-from decision_platform.config import Settings
+from decision_platform.config import Settings, get_settings
 
 
 @pytest.mark.parametrize(("given", "narrates_with"), [(None, "embedded://"), ("none", "none")])
@@ -73,3 +73,137 @@ def test_why_train_first_names_a_champion_that_does_not_load(
         connection.exec_driver_sql("DELETE FROM models")
     engine.dispose()
     assert cli._why_train_first(empty) == "No models yet"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "said"),
+    [
+        ("DP_PORT", "abc", "DP_PORT ('abc'): Input should be a valid integer"),
+        ("DP_PORT", "70000", "DP_PORT ('70000'): Input should be less than or equal to 65535"),
+        ("DP_SAFE_ACTION", "7", "DP_SAFE_ACTION ('7')"),
+        ("DP_EXPLORE_ACTIONS", "0,1", "DP_EXPLORE_ACTIONS: not valid JSON; a list is written [0, 1]"),
+        ("DP_EXPLORE_ACTIONS", "[0, 5]", "DP_EXPLORE_ACTIONS ('5'): Input should be 0, 1 or 2"),
+        ("DP_WORKER_BATCH_SIZE", "0", "DP_WORKER_BATCH_SIZE ('0')"),
+        ("DP_FEATURE_STORE_TIMEOUT_S", "-1", "DP_FEATURE_STORE_TIMEOUT_S ('-1')"),
+        # Another scheme reached SQLAlchemy / the store at start: a traceback; a URL's password is not echoed.
+        ("DP_DATABASE_URL", "mysql://u:secret@h/db", "DP_DATABASE_URL: Value error, expected sqlite:"),
+        ("DP_FEATURE_STORE_URL", "garbage", "DP_FEATURE_STORE_URL: Value error, expected memory://"),
+    ],
+)
+def test_a_bad_setting_is_one_line_and_exit_2(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, said: str
+) -> None:
+    """A DP_ variable that is not a value of its setting was a pydantic traceback (exit 1) from whichever
+    command read the settings first; a worker batch of 0 or a negative timeout was taken."""
+    monkeypatch.setenv(variable, value)
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(cli.app, ["models", "list"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"bad setting: {said}" or said in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert "secret" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "said"),
+    [
+        ("rules.yaml", "rules: [", "rules.yaml: rules.yaml is not valid YAML at line 1, column 9"),
+        (
+            "rules.yaml",
+            "rules:\n  - {name: x, tier: block, when: 'no_such > 1'}\n",
+            "unknown names ['no_such']",
+        ),
+        ("rules.yaml", None, "rules.yaml: cannot read: No such file or directory"),
+        ("features.yaml", "windows: {1m: -5}\n", "window '1m' must be a positive number of seconds"),
+        ("features.yaml", "windows: {", "features.yaml: not valid YAML at line 1"),
+        ("rewards.yaml", "outcomes:\n  success:\n    allow: {base: abc}\n", "outcomes.success.allow.base"),
+        (
+            "rewards.yaml",
+            "outcomes: {success: {allow: {per_amount: .inf}}}",
+            "per_amount: Input should be a finite",
+        ),
+        ("rewards.yaml", "outcomes: {success: {allow: {base: 1e300}}}", "base: Input should be less than or"),
+    ],
+)
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_a_broken_config_file_stops_serve_and_worker_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, command: str, name: str, text: str | None, said: str
+) -> None:
+    """A broken rules.yaml / features.yaml / rewards.yaml was a traceback from the application's startup
+    (uvicorn's exit 3; the worker's own traceback); an infinite or huge reward was taken (a reward of inf
+    is no JSON answer for POST /outcome)."""
+    config_dir = tmp_path / "config"
+    shutil.copytree(Path(cli.__file__).parents[3] / "config", config_dir)
+    if text is None:
+        (config_dir / name).unlink()
+    else:
+        (config_dir / name).write_text(text)
+    settings = Settings(
+        config_dir=config_dir, model_dir=tmp_path / "models", kafka_bootstrap_servers="127.0.0.1:1", port=0
+    )
+    monkeypatch.setattr(cli, "get_settings", lambda: settings)
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: pytest.fail("served a broken configuration"))
+    result = CliRunner().invoke(cli.app, [command])
+    assert result.exit_code == 2, result.output
+    output = " ".join(result.output.split())
+    assert output.startswith(f"bad configuration: {config_dir / name}:") and said in output, output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "--entities", "0"],
+        ["train", "--days", "nan"],
+        ["train", "--days", "-1"],
+        ["train", "--seed", "-1"],
+        ["replay", "--to", "http", "--url", "http://127.0.0.1:9", "--concurrency", "0"],
+        ["replay", "--to", "http", "--url", "http://127.0.0.1:9", "--limit", "-1"],
+        ["replay", "--to", "http", "--url", "http://127.0.0.1:9", "--rate", "nan"],
+        ["replay", "--to", "http", "--url", "http://127.0.0.1:9", "--outcomes", "--outcome-delay", "inf"],
+        ["serve", "--workers", "0"],
+        ["retrain", "--seed", "-3"],
+    ],
+)
+def test_out_of_range_numbers_on_the_command_line_are_exit_2(args: list[str]) -> None:
+    """--entities 0, --days nan / -1, --seed -1, --concurrency 0 were tracebacks from deep inside (exit 1);
+    --limit -1 replayed all events but the last; an infinite --outcome-delay would wait forever."""
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{args[-2]}'" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("command", "name", "text", "said"),
+    [
+        ("retrain", "learning.yaml", "gate: {min_decisions: abc}\n", "learning.yaml: gate.min_decisions"),
+        ("retrain", "rewards.yaml", "outcomes: [", "rewards.yaml: not valid YAML at line 1"),
+        ("train", "rewards.yaml", None, "rewards.yaml: cannot read: No such file or directory"),
+        ("train", "features.yaml", "windows: {1m: -5}\n", "window '1m' must be a positive number of seconds"),
+    ],
+)
+def test_a_broken_config_file_stops_train_and_retrain_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, command: str, name: str, text: str | None, said: str
+) -> None:
+    """A broken learning.yaml or rewards.yaml was a pydantic / YAML traceback from retrain and train (train
+    only after loading and featurising the whole data set)."""
+    config_dir = tmp_path / "config"
+    shutil.copytree(Path(cli.__file__).parents[3] / "config", config_dir)
+    if text is None:
+        (config_dir / name).unlink()
+    else:
+        (config_dir / name).write_text(text)
+    settings = Settings(
+        config_dir=config_dir, model_dir=tmp_path / "models", database_url=f"sqlite:///{tmp_path / 'dp.db'}"
+    )
+    monkeypatch.setattr(cli, "get_settings", lambda: settings)
+    monkeypatch.setattr("decision_platform.cli.retrain.get_settings", lambda: settings)
+    args = ["--entities", "30", "--days", "1", "--timesteps", "0"] if command == "train" else []
+    result = CliRunner().invoke(cli.app, [command, *args])
+    assert result.exit_code == 2, result.output
+    output = " ".join(result.output.split())
+    assert f"bad configuration: {config_dir / name}:" in output and said in output, output
+    assert "Traceback" not in result.output

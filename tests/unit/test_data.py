@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 from pathlib import Path
 
@@ -275,7 +276,8 @@ def test_csv_import_reads_gzip_directly(tmp_path: Path) -> None:
     ("row", "message"),
     [
         ("t4,carol,2024-03-01T10:00:00Z,payment,abc,no,d1,1,true,0.5", r"data\.csv:5: column 'amt'"),
-        ("t4,carol,2024-03-01T10:00:00Z,payment,-1,no,d1,1,true,0.5", r":5: column 'amt'"),
+        ("t4,carol,2024-03-01T10:00:00Z,payment,-2e12,no,d1,1,true,0.5", r":5: column 'amt'.*-1e\+12"),
+        ("t4,carol,2024-03-01T10:00:00Z,payment,nan,no,d1,1,true,0.5", r":5: column 'amt'"),
         ("t4,carol,2024-03-01 10:00,payment,1,no,d1,1,true,0.5", r":5: column 'ts'.*time zone"),
         ("t4,carol,1999-03-01T10:00:00Z,payment,1,no,d1,1,true,0.5", r":5: column 'ts'.*2000-2100"),
         ("t4,carol,2024-03-01T10:00:00Z,payment,1,maybe,d1,1,true,0.5", r":5: column 'fraud'.*'maybe'"),
@@ -297,6 +299,45 @@ def test_csv_import_reads_gzip_directly(tmp_path: Path) -> None:
 def test_csv_errors_name_line_and_column(tmp_path: Path, row: str, message: str) -> None:
     with pytest.raises(DatasetError, match=message):
         load_csv(*write(tmp_path, [*ROWS, row]))
+
+
+def test_refunds_are_left_out_with_one_warning_not_a_failed_import(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A negative amount (a refund) failed the whole import; the event contract's amount is >= 0, so such
+    rows are left out, counted in one warning naming their lines; the rows after them keep their ids."""
+    refunds = [f"r{k},carol,2024-03-01T10:00:0{k}Z,refund,-{k}.5,no,d1,1,true,0.5" for k in range(12)]
+    rows = [*ROWS, *refunds, "t4,carol,2024-03-01T10:01:00Z,payment,-0.0,no,d1,1,true,0.5"]
+    with caplog.at_level(logging.WARNING, logger="decision_platform.data.csv_import"):
+        data = load_csv(*write(tmp_path, rows))
+    assert sorted(e.event_id for e in data.events) == ["t1", "t2", "t3", "t4"]
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "left out 12 row(s) with a negative amount" in warning and "line 5, 6," in warning
+    assert warning.endswith("14 and 2 more")
+    generated = MAPPING.replace("id_column: txn\n", "")
+    ids = [
+        e.event_id for e in load_csv(*write(tmp_path, [*ROWS[:2], refunds[0], *ROWS[2:]], generated)).events
+    ]
+    assert sorted(ids) == ["row-1", "row-3", "row-4"]  # the data row's number, the refund's row counted
+
+
+def test_empty_labels_read_as_good_are_counted_in_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without good_values an empty label cell is "good": unlabelled rows (a scoring export, a gap in the
+    labels) were trained as legitimate without a word."""
+    rows = ["Time,Amount,Class", "0,1,0", "1,2,", "2,3,1", "3,4, "]
+    mapping = """
+entity: {strategy: row}
+time: {column: Time, unit: seconds_since_start, base_epoch: "2020-01-01T00:00:00Z"}
+amount: Amount
+label: {column: Class}
+"""
+    with caplog.at_level(logging.WARNING, logger="decision_platform.data.csv_import"):
+        data = load_csv(*write(tmp_path, rows, mapping))
+    assert data.labels.tolist() == [0, 0, 1, 0]
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "2 row(s) have an empty label, read as good" in warning and warning.endswith("line 3, 5")
 
 
 def test_a_file_in_another_encoding_names_its_line_and_the_setting(tmp_path: Path) -> None:

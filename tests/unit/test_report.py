@@ -110,6 +110,9 @@ def test_a_range_without_decisions_says_so(client: TestClient, tmp_path: Path) -
         ("2026-11-01T00:00:00Z", datetime(2026, 11, 1, tzinfo=UTC)),
         ("2026-11-01T02:00:00+02:00", datetime(2026, 11, 1, tzinfo=UTC)),
         ("2026-11-01 00:00", datetime(2026, 11, 1, tzinfo=UTC)),  # no offset: UTC
+        # as the API reads event times (they were "expected ... an ISO 8601 time": a 422 in the console)
+        ("2016-12-31T23:59:60Z", datetime(2017, 1, 1, tzinfo=UTC)),  # a leap second: the next second
+        ("2026-11-01t00:00:00z", datetime(2026, 11, 1, tzinfo=UTC)),
     ],
 )
 def test_time_arguments(text: str, expected: datetime) -> None:

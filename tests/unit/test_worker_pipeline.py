@@ -6,14 +6,16 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 from typing import Any
 
+import orjson
 import pytest
 from confluent_kafka import TopicPartition
 
 from decision_platform.config import Settings
 from decision_platform.data import generate
-from decision_platform.events.kafka import KafkaSource, commit_offsets
+from decision_platform.events.kafka import DEAD_LETTER_MAX_BYTES, KafkaSink, KafkaSource, commit_offsets
 from decision_platform.events.messages import RawMessage
 from decision_platform.learning.replay import shift_to_now
 from decision_platform.serving.platform import Platform
@@ -212,3 +214,43 @@ def test_a_revoke_commits_nothing_and_a_later_commit_skips_the_revoked_partition
     assert consumer.commits == []
     source.commit(in_flight)
     assert consumer.commits == [[(0, 4)]]  # partition 1's next owner gets offset 4 again
+
+
+def test_a_poison_message_too_large_to_produce_again_is_dead_lettered_cut() -> None:
+    """A message the broker took (its limit, ~1 MiB, is above the producer's 1,000,000 bytes) made the dead
+    letter's produce() raise MSG_SIZE_TOO_LARGE: the batch was retried forever, its partition stood still."""
+    sink = KafkaSink(Settings(kafka_bootstrap_servers="127.0.0.1:9", kafka_dlq_topic="dlq"))
+    huge = RawMessage(b"{" + b"x" * 1_040_000, key=b"k" * 5000, topic="events", partition=3, offset=7)
+    sink.dead_letter(huge, "event: Invalid JSON")  # raised KafkaException before: nothing was produced
+
+    produced: list[dict[str, Any]] = []
+    sink._producer = SimpleNamespace(
+        produce=lambda topic, **kwargs: produced.append({"topic": topic, **kwargs})
+    )
+    sink.dead_letter(huge, "event: Invalid JSON")
+    sink.dead_letter(RawMessage(b"{", key=None), "small")
+    cut, small = produced
+    assert cut["topic"] == "dlq" and len(cut["key"]) + len(cut["value"]) == DEAD_LETTER_MAX_BYTES
+    assert cut["value"] == huge.value[: len(cut["value"])] and cut["key"] == b"k" * 1024
+    assert cut["headers"]["truncated-from"] == b"5000/1040001" and cut["headers"]["source"] == b"events/3/7"
+    assert small["value"] == b"{" and small["key"] is None and "truncated-from" not in small["headers"]
+
+
+def test_an_event_dated_far_ahead_is_dead_lettered_and_leaves_its_entitys_windows_alone(
+    platform_for: Callable[[str], Platform],
+) -> None:
+    """One event dated 2099 became its entity's newest stored time: every later real event was "too late"
+    for the windows, its counts 0 from then on (a burst invisible to the velocity rules)."""
+    platform = platform_for("ahead")
+    sink = InProcessSink()
+    worker = StreamWorker(platform.settings, platform.engine, platform.store, sink)
+    now = time.time()
+    bodies = [{"event_id": "a0", "entity_id": "ahead", "timestamp": "2099-01-01T00:00:00Z"}] + [
+        {"event_id": f"a{k}", "entity_id": "ahead", "timestamp": now - 10 + k} for k in range(1, 4)
+    ]
+    raw = [RawMessage(orjson.dumps(b), b["event_id"].encode(), "events", 0, k) for k, b in enumerate(bodies)]
+    summary = worker.process(raw)
+    assert summary.dead_lettered == 1 and "ahead of this server's clock" in sink.dead_letters[0][1]
+    found = [platform.writer.find_decision_by_event(f"a{k}") for k in (1, 2, 3)]
+    counts = [d.features["count_1h"] for d in found]  # type: ignore[union-attr]
+    assert counts == [1.0, 2.0, 3.0]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, HTTPException, Path, Query, Response
+from fastapi.exceptions import RequestValidationError
 
 from decision_platform.api.deps import PlatformDep
 from decision_platform.api.schemas import (
@@ -14,13 +16,14 @@ from decision_platform.api.schemas import (
     DecisionResponse,
     EventBatch,
     EventsAccepted,
+    EventsBody,
     ExplanationResponse,
     OutcomeRequest,
     OutcomeResponse,
     StoredDecision,
     error_responses,
 )
-from decision_platform.core.events import INT64_MAX, Event
+from decision_platform.core.events import INT64_MAX, Event, ahead_of_clock
 from decision_platform.core.records import DUPLICATE
 from decision_platform.events.kafka import BrokerUnavailableError
 from decision_platform.observability import metrics
@@ -82,7 +85,7 @@ def ready(platform: PlatformDep, response: Response) -> dict[str, Any]:
     "/decide",
     response_model=DecisionResponse,
     summary="Decide: allow, throttle or block",
-    responses=error_responses(400, 413, 422, 503),
+    responses=error_responses(400, 409, 413, 422, 503),
 )
 async def decide(body: DecideRequest, platform: PlatformDep) -> Response:
     # api/decide_lane.py answers well-formed requests before FastAPI sees them; this route documents the
@@ -96,6 +99,8 @@ async def decided(platform: Platform, body: DecideRequest) -> bytes:
     # threadpool hop; the answer is the engine's dict as JSON, not re-validated (tests hold it to the schema).
     batcher = platform.batcher
     assert batcher is not None, "Platform.start builds the decider"
+    if body.event is not None:
+        _refuse_times_ahead([body.event], platform.settings.max_event_ahead_s, ("body", "event"))
     try:
         decision = await batcher.decide(DecisionRequest(body.entity_id, body.event))
     except TimeoutError:
@@ -103,6 +108,13 @@ async def decided(platform: Platform, body: DecideRequest) -> bytes:
     except OSError:
         # Neither the database nor the local spool could take the decision: do not acknowledge it.
         raise HTTPException(503, "the decision could not be stored durably; retry") from None
+    if decision.storage == DUPLICATE and decision.response.get("entity_id") != body.entity_id:
+        # A retry gets the first decision; an id another entity's event holds does not: it was answered
+        # with that entity's decision (producers that number events per account reuse ids across them).
+        event_id = body.event.event_id if body.event is not None else ""
+        raise HTTPException(
+            409, f"event_id {event_id!r} is already the id of another entity's event: ids must be unique"
+        )
     narrator = platform.narrator
     if narrator is not None and decision.storage != DUPLICATE:  # a queue append: never waits for the LLM
         narrator.submit(decision.record)
@@ -118,8 +130,10 @@ async def decided(platform: Platform, body: DecideRequest) -> bytes:
         202: {"model": EventsAccepted, "description": "Kafka mode: acknowledged by the broker"},
     },
 )
-def ingest_events(body: Event | EventBatch, platform: PlatformDep, response: Response) -> dict[str, Any]:
+def ingest_events(body: EventsBody, platform: PlatformDep, response: Response) -> dict[str, Any]:
     events = body.events if isinstance(body, EventBatch) else [body]
+    at = ("body", "EventBatch", "events") if isinstance(body, EventBatch) else ("body", "Event")
+    _refuse_times_ahead(events, platform.settings.max_event_ahead_s, at)
     if platform.producer is not None:
         try:
             platform.producer.send(events)
@@ -131,6 +145,23 @@ def ingest_events(body: Event | EventBatch, platform: PlatformDep, response: Res
     # No broker: the stream worker's own logic, right here, before answering (nothing is queued).
     summary = platform.inline_worker.process_events(events)  # type: ignore[union-attr]
     return {"accepted": len(events), "mode": "in-process", "decision_ids": summary.decision_ids}
+
+
+def _refuse_times_ahead(events: list[Event], max_ahead_s: float, at: tuple[str, ...]) -> None:
+    """422 naming each event whose time is too far ahead of the clock (core/events.py ahead_of_clock)."""
+    now, batch = time.time(), at[-1] == "events"
+    errors = [
+        {
+            "type": "value_error",
+            "loc": (*at, *((i,) if batch else ()), "timestamp"),
+            "msg": why,
+            "input": None,
+        }
+        for i, event in enumerate(events)
+        if (why := ahead_of_clock(event.timestamp, now, max_ahead_s)) is not None
+    ]
+    if errors:
+        raise RequestValidationError(errors)
 
 
 @router.post(

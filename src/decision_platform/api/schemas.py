@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    model_validator,
+)
 
 from decision_platform.core.events import INT64_MAX, STORABLE, AttributeValue, Event, Identifier
 
@@ -136,6 +145,20 @@ class EventBatch(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     events: list[Event] = Field(min_length=1, max_length=1000)
+
+
+def _event_or_batch(value: Any) -> str:
+    return "EventBatch" if isinstance(value, dict) and "events" in value else "Event"
+
+
+#: ``POST /events``'s body: a batch when it has ``events``, else one event. Told apart by that key: as a
+#: plain union, a bad event was answered with both members' errors ("Event.timestamp: ...; EventBatch.events:
+#: Field required; EventBatch.event_id: Extra inputs are not permitted; ..."), the real one lost among them.
+#: The tags keep the field names of the errors ("Event.timestamp", "EventBatch.events.0.amount").
+EventsBody = Annotated[
+    Annotated[Event, Tag("Event")] | Annotated[EventBatch, Tag("EventBatch")],
+    Discriminator(_event_or_batch),
+]
 
 
 class EventsAccepted(BaseModel):

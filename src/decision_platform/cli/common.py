@@ -2,16 +2,50 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from decision_platform.config import Settings
+from decision_platform.config import ConfigError, Settings, load_config_file
 
 if TYPE_CHECKING:
     from decision_platform.models.registry import ModelRegistry
+
+T = TypeVar("T")
+
+#: The range of a --seed (numpy's and torch's seeds are unsigned 32-bit here).
+SEED_MAX = 2**32 - 1
+
+
+def finite(value: float | None) -> float | None:
+    """A float option's callback: NaN or infinity is no number of seconds or events a second (typer's
+    ``min`` lets NaN through; an infinite --outcome-delay waited forever)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def positive(value: float) -> float:
+    """A float option's callback: a finite number above 0 (--days)."""
+    if not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"{value} is not a number above 0")
+    return value
+
+
+def config_file(path: Path, load: Callable[[Path], T]) -> T:
+    """``load(path)`` of a configuration file, or one line naming the file and the problem and exit 2."""
+    try:
+        return load_config_file(path, load)
+    except ConfigError as exc:
+        console.print(f"[red]bad configuration:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from None
+
 
 # Piped output (make run | tee, CI logs) would wrap the report tables at 80 columns.
 console = Console() if Console().is_terminal else Console(width=140)

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
+from rich.markup import escape
 
-from decision_platform.cli.common import console, open_registry
+from decision_platform.cli.common import SEED_MAX, config_file, console, finite, open_registry, positive
 from decision_platform.cli.db import db_app
 from decision_platform.cli.explain import explain as explain_command
 from decision_platform.cli.models import models_app
@@ -19,7 +20,7 @@ from decision_platform.cli.report import report as report_command
 from decision_platform.cli.retrain import retrain as retrain_command
 from decision_platform.cli.rules import rules_app
 from decision_platform.cli.spool import spool_app
-from decision_platform.config import Settings, get_settings
+from decision_platform.config import ConfigError, Settings, get_settings
 from decision_platform.training import PPO_TIMESTEPS
 
 if TYPE_CHECKING:
@@ -30,6 +31,18 @@ app.add_typer(models_app, name="models")
 app.add_typer(spool_app, name="spool")
 app.add_typer(rules_app, name="rules")
 app.add_typer(db_app, name="db")
+
+
+@app.callback()
+def _settings_first() -> None:
+    """Real-time AI decision platform."""
+    # Every command reads the settings; a bad DP_ variable is one line and exit 2 here, not a pydantic
+    # traceback from whichever command met it first.
+    try:
+        get_settings()
+    except ConfigError as exc:
+        console.print(f"[red]bad setting:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from None
 
 
 class Source(enum.StrEnum):
@@ -52,6 +65,7 @@ def _train(
     from decision_platform.cli.progress import RichProgress
     from decision_platform.cli.train import report_tables
     from decision_platform.core.rewards import RewardTable
+    from decision_platform.features import FeatureSpec
     from decision_platform.training.train import TrainConfig, TrainingDataError, train_all
 
     features_path = settings.features_path
@@ -81,12 +95,14 @@ def _train(
         candidate = Path(mapping).with_name(Path(mapping).stem + ".features.yaml")
         if candidate.exists():
             features_path = candidate
+    config_file(features_path, FeatureSpec.load)  # checked before hours of training, not inside it
+    rewards = config_file(settings.rewards_path, RewardTable.load)
     try:
         with RichProgress(console) as progress:
             report = train_all(
                 data,
                 features_path,
-                RewardTable.load(settings.rewards_path),
+                rewards,
                 open_registry(settings),
                 TrainConfig(ppo_timesteps=timesteps, seed=seed),
                 progress=progress,
@@ -106,10 +122,10 @@ def train(
     source: Source = typer.Option(Source.synthetic, help="synthetic, csv (with --path/--mapping) or ulb"),
     path: Path | None = typer.Option(None, help="CSV file (for --source csv; optional for ulb)"),
     mapping: Path | None = typer.Option(None, help="column mapping YAML (see config/datasets/)"),
-    entities: int = typer.Option(3000, help="synthetic: number of entities"),
-    days: float = typer.Option(14.0, help="synthetic: days of history"),
-    timesteps: int = typer.Option(PPO_TIMESTEPS, help="PPO training steps"),
-    seed: int = typer.Option(0),
+    entities: int = typer.Option(3000, min=1, help="synthetic: number of entities"),
+    days: float = typer.Option(14.0, callback=positive, help="synthetic: days of history"),
+    timesteps: int = typer.Option(PPO_TIMESTEPS, min=0, help="PPO training steps"),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX),
     promote: bool = typer.Option(True, help="make the new models the champions"),
 ) -> None:
     """Train anomaly, risk and policy models; register (and by default promote) them."""
@@ -144,8 +160,8 @@ def _curl_examples(settings: Settings) -> str:
 @app.command()
 def serve(
     host: str | None = typer.Option(None, help="default: DP_HOST"),
-    port: int | None = typer.Option(None, help="default: DP_PORT"),
-    workers: int = typer.Option(1, help="worker processes (needs a shared feature store: redis://)"),
+    port: int | None = typer.Option(None, min=1, max=65535, help="default: DP_PORT"),
+    workers: int = typer.Option(1, min=1, help="worker processes (needs a shared feature store: redis://)"),
     server: str = typer.Option(
         "uvicorn",
         envvar="DP_HTTP_SERVER",
@@ -167,6 +183,7 @@ def serve(
         )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    _check_config_files(settings)
     console.print(_curl_examples(settings), soft_wrap=True)
     from decision_platform.api.server import APP_FACTORY, ensure_port_free
     from decision_platform.api.server import serve as serve_api
@@ -202,6 +219,14 @@ def serve(
     if server != "uvicorn":
         raise typer.BadParameter(f"--server: uvicorn or granian, not {server!r}")
     raise typer.Exit(serve_api(settings.host, settings.port, workers))
+
+
+def _check_config_files(settings: Settings) -> None:
+    """features.yaml, rules.yaml and rewards.yaml, checked before a server or worker starts: a broken one
+    is one line naming the file and exit 2 (it was a traceback from the application's startup)."""
+    from decision_platform.serving.platform import read_config_files
+
+    config_file(settings.config_dir, lambda _: read_config_files(settings))
 
 
 #: What ``run`` explains with when DP_LLM_URL is unset: the default local model, fetched and started in
@@ -276,7 +301,9 @@ def _load_events(
 
 @app.command()
 def worker(
-    metrics_port: int | None = typer.Option(None, help="serve Prometheus metrics on this port"),
+    metrics_port: int | None = typer.Option(
+        None, min=1, max=65535, help="serve Prometheus metrics on this port"
+    ),
 ) -> None:
     """Consume the events topic: windows, decisions (stored + published), dead letters; Ctrl-C/SIGTERM
     finishes the batch, commits and leaves the group."""
@@ -294,6 +321,7 @@ def worker(
             "runs the same worker logic in-process: no worker process is needed."
         )
         raise typer.Exit(2)
+    _check_config_files(settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     settings = settings.model_copy(
@@ -327,19 +355,21 @@ def replay(
     source: str = typer.Option("synthetic", help="synthetic, or a CSV file (with --mapping)"),
     mapping: Path | None = typer.Option(None, help="column mapping of the CSV"),
     to: Target = typer.Option(Target.kafka, help="kafka (the events topic) or http (POST /decide)"),
-    rate: float = typer.Option(1000.0, help="events per second (0: as fast as possible)"),
-    limit: int | None = typer.Option(None, help="replay at most this many events"),
+    rate: float = typer.Option(
+        1000.0, min=0.0, callback=finite, help="events per second (0: as fast as possible)"
+    ),
+    limit: int | None = typer.Option(None, min=1, help="replay at most this many events"),
     url: str = typer.Option("http://127.0.0.1:8000", help="the API, for --to http"),
-    concurrency: int = typer.Option(4, help="concurrent senders"),
-    entities: int = typer.Option(500, help="synthetic: number of entities"),
-    days: float = typer.Option(2.0, help="synthetic: days of history"),
-    seed: int = typer.Option(7),
+    concurrency: int = typer.Option(4, min=1, help="concurrent senders"),
+    entities: int = typer.Option(500, min=1, help="synthetic: number of entities"),
+    days: float = typer.Option(2.0, callback=positive, help="synthetic: days of history"),
+    seed: int = typer.Option(7, min=0, max=SEED_MAX),
     shift_to_now: bool = typer.Option(True, help="move the data set in time so that it ends now"),
     outcomes: bool = typer.Option(
         False, help="--to http: also POST each decision's ground-truth outcome to /outcome, later"
     ),
     outcome_delay: float = typer.Option(
-        2.0, min=0.0, help="--outcomes: seconds between a decision and its outcome"
+        2.0, min=0.0, callback=finite, help="--outcomes: seconds between a decision and its outcome"
     ),
 ) -> None:
     """Stream a data set as live traffic, with progress and a final summary.

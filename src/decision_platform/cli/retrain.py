@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from decision_platform.cli.common import SEED_MAX, config_file
 from decision_platform.config import get_settings
 
 console = Console() if Console().is_terminal else Console(width=160)
@@ -16,9 +17,9 @@ console = Console() if Console().is_terminal else Console(width=160)
 def retrain(
     since: datetime | None = typer.Option(None, help="only decisions made at or after this time (ISO)"),
     until: datetime | None = typer.Option(None, help="only decisions made before this time (ISO)"),
-    timesteps: int | None = typer.Option(None, help="PPO steps (default: config/learning.yaml)"),
+    timesteps: int | None = typer.Option(None, min=0, help="PPO steps (default: config/learning.yaml)"),
     promote: bool = typer.Option(True, help="promote the candidate if it passes the gate"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX),
 ) -> None:
     """Retrain risk and policy from decisions ⋈ outcomes; promote only if the off-policy gate passes."""
     from decision_platform.cli.progress import RichProgress
@@ -31,6 +32,8 @@ def retrain(
     from decision_platform.storage.repository import Repository
 
     settings = get_settings()
+    learning = config_file(settings.learning_path, LearningConfig.load)
+    rewards = config_file(settings.rewards_path, RewardTable.load)
     engine = open_database(settings)
     registry = ModelRegistry(Repository(engine), settings.model_dir)
     try:
@@ -38,8 +41,8 @@ def retrain(
             report = run(
                 settings,
                 registry,
-                LearningConfig.load(settings.learning_path),
-                RewardTable.load(settings.rewards_path),
+                learning,
+                rewards,
                 since=since,
                 until=until,
                 promote=promote,

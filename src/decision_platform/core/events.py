@@ -9,8 +9,9 @@ in text, integers beyond signed 64 bits, non-finite floats.
 from __future__ import annotations
 
 import math
+import re
 import time
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from pydantic import (
@@ -45,13 +46,48 @@ class NaiveTimeError(ValueError):
     """An ISO time without a time zone offset: which zone is meant cannot be known."""
 
 
+#: The seconds field of an RFC 3339 time that is a leap second ("23:59:60", with any fraction).
+_LEAP_SECOND = re.compile(r"(?<=[T ]\d\d:\d\d:)60(?=[.,+\-Z]|$)")
+
+
+def iso_time(text: str) -> datetime:
+    """An ISO 8601 / RFC 3339 time (naive when it has no offset). Its "T" and "Z" may be lower case (RFC
+    3339 5.6), as some producers write them. A leap second (``23:59:60Z``, RFC 3339 5.7) is read as POSIX
+    time counts it: the next second (``00:00:00Z`` of the next day; ``:60.5`` is ``:00.5``), so the API,
+    the CSV import and the console's and CLI's times all accept it. Raises ValueError."""
+    upper = text.strip().upper()
+    upper, leap = _LEAP_SECOND.subn("59", upper, count=1)
+    try:
+        return datetime.fromisoformat(upper.replace("Z", "+00:00")) + timedelta(seconds=leap)
+    except OverflowError:  # 9999-12-31T23:59:60
+        raise ValueError("out of the range of dates") from None
+
+
 def rfc3339_seconds(text: str) -> float:
-    """Epoch seconds of an RFC 3339 time. Its "T" and "Z" may be lower case (RFC 3339 5.6), as some
-    producers write them. Raises ValueError (NaiveTimeError without an offset)."""
-    parsed = datetime.fromisoformat(text.strip().upper().replace("Z", "+00:00"))
+    """Epoch seconds of an RFC 3339 time (see ``iso_time``). Raises ValueError (NaiveTimeError without an
+    offset)."""
+    parsed = iso_time(text)
     if parsed.tzinfo is None:
         raise NaiveTimeError("needs a time zone offset, e.g. Z")
     return parsed.timestamp()
+
+
+def ahead_of_clock(timestamp: float, now: float, max_ahead_s: float) -> str | None:
+    """Why an event time cannot be taken at ``now`` (None: it can): it is more than ``max_ahead_s`` ahead.
+
+    The windows keep an entity's events by event time and drop one that comes later than the tolerance
+    behind the newest stored (features.yaml): a single event dated years ahead (2099, a typo, a broken
+    clock) made every later real event of its entity "too late", its counts 0 from then on -- a burst
+    after it invisible to the velocity rules. The online paths (POST /decide, POST /events, the stream
+    worker) refuse such a time instead (422, dead letter); training data has no "now" and is not checked."""
+    ahead = timestamp - now
+    if ahead <= max_ahead_s:
+        return None
+    when = datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+    return (
+        f"timestamp {when} is {ahead / 3600:.1f} h ahead of this server's clock (at most {max_ahead_s:g} s,"
+        " DP_MAX_EVENT_AHEAD_S): it would put its entity's later events out of the windows"
+    )
 
 
 def _storable_attribute(value: Any) -> Any:

@@ -10,11 +10,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from decision_platform.core.actions import ACTION_NAMES
 
+#: Largest reward (or reward per currency unit) a cell may name: beyond it is a typo, and with an amount of up
+#: to 1e12 a larger one could make a reward infinite (which POST /outcome cannot answer in JSON).
+MAX_REWARD = 1e9
+
 
 class RewardCell(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    base: float = 0.0
-    per_amount: float = 0.0
+    base: float = Field(0.0, ge=-MAX_REWARD, le=MAX_REWARD, allow_inf_nan=False)
+    per_amount: float = Field(0.0, ge=-MAX_REWARD, le=MAX_REWARD, allow_inf_nan=False)
 
 
 class SimulationSettings(BaseModel):

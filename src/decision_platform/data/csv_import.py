@@ -23,6 +23,7 @@ import gc
 import gzip
 import hashlib
 import io
+import logging
 import math
 import os
 import re
@@ -62,6 +63,8 @@ _MIN_EPOCH, _MAX_EPOCH = 946_684_800.0, 4_102_444_800.0  # 2000-01-01 .. 2100-01
 _MAX_AMOUNT = 1e12
 _TRUE = {"true", "t", "yes", "y", "1"}
 _FALSE = {"false", "f", "no", "n", "0"}
+
+log = logging.getLogger(__name__)
 
 AttributeType = Literal["float", "int", "str", "bool"]
 
@@ -216,7 +219,11 @@ def load_csv(
 
     `progress` shows a progress bar by bytes read; `limit` stops after that many data rows.
     A ``.gz`` file is decompressed as it is read. Raises `DatasetError` naming the file, line and column
-    of the first bad value.
+    of the first bad value. A row with a negative amount (a refund) is not a bad value but not an event
+    the platform decides on either (the event contract's amount is >= 0; ``POST /decide`` refuses it):
+    such rows are left out, counted in one warning naming their first lines. Rows with an empty label
+    cell are read as good unless ``label.good_values`` is set (then they are an error): one warning
+    counts them, as silently trained "good" rows could be unlabelled fraud.
     """
     path = Path(path)
     if not isinstance(mapping, ColumnMapping):
@@ -253,7 +260,26 @@ def load_csv(
             raise DatasetError(f"{path}:{reader.line_num}: not readable as CSV: {exc}") from None
         except UnicodeDecodeError as exc:  # decoded a chunk ahead of the rows: find the line itself
             raise _undecodable(path, mapping.encoding, exc) from None
+    if loader.refund_lines:
+        log.warning(
+            "%s: left out %d row(s) with a negative amount (refunds; an event's amount is >= 0): line %s",
+            path,
+            len(loader.refund_lines),
+            _some(loader.refund_lines),
+        )
+    if loader.unlabelled_lines:  # unlabelled rows trained as good would teach the model that fraud is fine
+        log.warning(
+            "%s: %d row(s) have an empty label, read as good (set label.good_values to refuse them): line %s",
+            path,
+            len(loader.unlabelled_lines),
+            _some(loader.unlabelled_lines),
+        )
     return loader.result()
+
+
+def _some(lines: list[int]) -> str:
+    """The first ten line numbers, and how many more."""
+    return ", ".join(map(str, lines[:10])) + (f" and {len(lines) - 10} more" if len(lines) > 10 else "")
 
 
 def _undecodable(path: Path, encoding: str, error: UnicodeDecodeError) -> DatasetError:
@@ -332,6 +358,10 @@ class _RowLoader:
         #: Events go straight into columns: a loaded row leaves no Python object behind.
         self.events = EventColumnsBuilder()
         self.labels = array("b")
+        #: Lines of rows with a negative amount (refunds), left out: see ``load_csv``.
+        self.refund_lines: list[int] = []
+        #: Lines of rows with an empty label cell, read as good (no ``good_values``): see ``load_csv``.
+        self.unlabelled_lines: list[int] = []
 
     def fail(self, line: int, column: int | None, message: str) -> DatasetError:
         where = f" column {self.header[column]!r}:" if column is not None else ""
@@ -340,7 +370,7 @@ class _RowLoader:
     def add(self, row: list[str], line: int) -> None:
         if len(row) != self.n_columns:
             raise self.fail(line, None, f"expected {self.n_columns} fields, got {len(row)}")
-        n = len(self.events) + 1
+        n = len(self.events) + len(self.refund_lines) + 1  # the data row's number, skipped rows included
         try:
             cells = self.float_cells(row)
             if "" in cells:  # missing values: leave those attributes out
@@ -360,12 +390,18 @@ class _RowLoader:
         label = self.label_of(row[self.label_col])
         if label is None:
             raise self.fail(line, self.label_col, f"unknown label value {_shown(row[self.label_col])}")
+        if not label and not row[self.label_col].strip():
+            self.unlabelled_lines.append(line)
+        amount = self._amount(row, line)
+        if amount is not None and amount < 0.0:
+            self.refund_lines.append(line)
+            return
         self.events.append(
             self._event_id(row, line, n),
             self._entity(row, line, n),
             self._time(row, line),
             self._event_type(row, line),
-            self._amount(row, line),
+            amount,
             attributes,
         )
         self.labels.append(label)
@@ -448,8 +484,8 @@ class _RowLoader:
         except ValueError:
             message = f"bad amount {_shown(value)} (expected a number)"
             raise self.fail(line, self.amount_col, message) from None
-        if not 0.0 <= amount <= _MAX_AMOUNT:  # also false for NaN
-            bounds = f"between 0 and {_MAX_AMOUNT:g}"
+        if not -_MAX_AMOUNT <= amount <= _MAX_AMOUNT:  # also false for NaN; a refund is skipped by add()
+            bounds = f"between -{_MAX_AMOUNT:g} (a refund, skipped) and {_MAX_AMOUNT:g}"
             raise self.fail(line, self.amount_col, f"amount {_shown(value)} must be {bounds}")
         return amount
 

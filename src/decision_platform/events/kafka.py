@@ -28,6 +28,13 @@ _NOT_A_MEMBER = frozenset(
 )
 
 
+#: Most bytes (key + value) of a dead letter: below the producer's message.max.bytes (1,000,000) with room
+#: for the headers and the record's overhead. A larger poison message is kept cut to this, the key to
+#: MAX_DEAD_LETTER_KEY_BYTES (header ``truncated-from``: "<key bytes>/<value bytes>" of the original).
+DEAD_LETTER_MAX_BYTES = 900_000
+MAX_DEAD_LETTER_KEY_BYTES = 1024
+
+
 def producer_config(settings: Settings) -> dict[str, Any]:
     return {
         "bootstrap.servers": settings.kafka_bootstrap_servers,
@@ -221,15 +228,20 @@ class KafkaSink:
         self._producer.poll(0)
 
     def dead_letter(self, message: Any, error: str) -> None:
+        headers = {
+            "error": error.encode()[:1000],
+            "source": f"{message.topic}/{message.partition}/{message.offset}".encode(),
+        }
+        key, value = message.key, message.value
+        if len(key or b"") + len(value or b"") > DEAD_LETTER_MAX_BYTES:
+            # A message the broker took (its limit, ~1 MiB, is above the producer's 1,000,000 bytes) could
+            # not be produced again: produce() raised, the batch was retried forever and its partition
+            # stood still. The dead letter keeps the head of it, and says how long it was.
+            headers["truncated-from"] = f"{len(key or b'')}/{len(value or b'')}".encode()
+            key = key[:MAX_DEAD_LETTER_KEY_BYTES] if key is not None else None
+            value = value[: DEAD_LETTER_MAX_BYTES - len(key or b"")] if value is not None else None
         self._producer.produce(
-            self.dlq_topic,
-            key=message.key,
-            value=message.value,
-            headers={
-                "error": error.encode()[:1000],
-                "source": f"{message.topic}/{message.partition}/{message.offset}".encode(),
-            },
-            on_delivery=self._delivered,
+            self.dlq_topic, key=key, value=value, headers=headers, on_delivery=self._delivered
         )
 
     def flush(self, timeout_s: float | None = None) -> None:

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
+from decision_platform.core.events import iso_time
 from decision_platform.storage.repository import Repository
 from decision_platform.storage.sql import Engine
 
@@ -29,7 +30,7 @@ def parse_time(text: str, now: datetime) -> datetime:
     try:
         if match:
             return now - timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        parsed = iso_time(text)  # a leap second, a lower-case "t" / "z" as the API reads them
         # Year 1 or 9999 with an offset is out of range once in UTC, where every query compares it.
         return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     except OverflowError:  # callers expect ValueError (a CLI's bad parameter, a console's 422)

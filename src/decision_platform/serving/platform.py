@@ -21,7 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 from threadpoolctl import threadpool_limits
 
-from decision_platform.config import Settings
+from decision_platform.config import Settings, load_config_file
 from decision_platform.core.rewards import RewardTable
 from decision_platform.events.kafka import EventProducer, ensure_topics
 from decision_platform.explain.attributions import ReasonBuilder
@@ -44,6 +44,25 @@ from decision_platform.storage.spool import Spool
 from decision_platform.storage.writer import DecisionWriter
 
 log = logging.getLogger(__name__)
+
+
+def read_config_files(
+    settings: Settings, spec: FeatureSpec | None = None
+) -> tuple[FeatureSpec, RuleSet, RewardTable]:
+    """features.yaml (unless ``spec``: the champions' own), rules.yaml and rewards.yaml, read and checked.
+
+    A file that is missing, not YAML, or not valid raises ConfigError naming the file and the problem in
+    one line; the CLI checks them before a server or worker starts (exit 2): they were a traceback from
+    the application's startup, and uvicorn's exit 3."""
+    if spec is None:
+        spec = load_config_file(settings.features_path, FeatureSpec.load)
+    names = spec.names
+    rules = load_config_file(
+        settings.rules_path,
+        lambda path: RuleSet.from_text(path.read_text("utf-8"), names, metrics.RULE_METRICS),
+    )
+    rewards = load_config_file(settings.rewards_path, RewardTable.load)
+    return spec, rules, rewards
 
 
 @dataclass(frozen=True)
@@ -136,10 +155,8 @@ class Platform:
         repository = Repository(db)
         registry = ModelRegistry(repository, settings.model_dir, _serving_cache(settings))
         models = load_champions(registry)
-        spec = models.spec or FeatureSpec.load(settings.features_path)
+        spec, rules, rewards = read_config_files(settings, models.spec)
         store = open_feature_store(settings.feature_store_url, spec, settings.feature_store_timeout_s)
-        rules = RuleSet.load(settings.rules_path, spec.names, metrics.RULE_METRICS)
-        rewards = RewardTable.load(settings.rewards_path)
         writer = DecisionWriter(
             repository,
             Spool(settings.spool_dir),

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from decision_platform.config import Settings
-from decision_platform.core.events import Event
+from decision_platform.core.events import Event, ahead_of_clock
 from decision_platform.core.records import DUPLICATE
 from decision_platform.events.messages import RawMessage
 from decision_platform.features import FeatureStore
@@ -104,19 +104,29 @@ class StreamWorker:
         summary = BatchSummary(consumed=len(messages))
         events: list[Event] = []
         consumed: dict[str, int] = {}
+        now, max_ahead_s = time.time(), self.settings.max_event_ahead_s
         for message in messages:
             consumed[message.topic] = consumed.get(message.topic, 0) + 1
             try:
-                events.append(parse(message))
+                event = parse(message)
             except (ValueError, ValidationError) as exc:  # poison: park it, never stop on it
                 reason = "schema" if isinstance(exc, ValidationError) else "unreadable"
-                self.sink.dead_letter(message, describe_error(exc))
-                metrics.EVENTS_DEAD_LETTERED.labels(reason=reason).inc()
-                summary.dead_lettered += 1
+                self._dead_letter(message, describe_error(exc), reason, summary)
+                continue
+            ahead = ahead_of_clock(event.timestamp, now, max_ahead_s)
+            if ahead is not None:  # it would take its entity's later events out of the windows
+                self._dead_letter(message, ahead, "ahead", summary)
+                continue
+            events.append(event)
         for topic, count in consumed.items():  # one labelled increment a topic, not one a message
             metrics.EVENTS_CONSUMED.labels(topic=topic).inc(count)
         self._lap("parse", started)
         return self._begin_events(events, summary, started)
+
+    def _dead_letter(self, message: RawMessage, error: str, reason: str, summary: BatchSummary) -> None:
+        self.sink.dead_letter(message, error)
+        metrics.EVENTS_DEAD_LETTERED.labels(reason=reason).inc()
+        summary.dead_lettered += 1
 
     def process_events(self, events: Sequence[Event]) -> BatchSummary:
         """Apply already validated events (``POST /events`` with no broker: no serialise-then-parse)."""

@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import orjson
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
@@ -15,6 +14,7 @@ from alembic.config import Config
 from decision_platform.config import Settings
 from decision_platform.core.events import INT64_MAX, INT64_MIN
 from decision_platform.storage.partitions import ensure_partitions
+from decision_platform.storage.sql import json_dumps
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _AHEAD_DAYS: int = Settings.model_fields["db_partitions_ahead_days"].default
@@ -92,7 +92,7 @@ def make_engine(url: str, schema: str | None = None, statement_timeout_s: float 
 
 
 def _json_dumps(value: object) -> str:
-    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+    return json_dumps(value).decode()  # a float from 1e16 up keeps its ".0" (sql.json_dumps)
 
 
 def _json_loads(text: str | bytes) -> Any:

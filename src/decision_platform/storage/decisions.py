@@ -6,7 +6,6 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
-import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
@@ -16,6 +15,7 @@ from decision_platform.storage.sql import (
     decided_between,
     insert_ignoring_conflicts,
     is_postgresql,
+    json_dumps,
     json_type,
 )
 from decision_platform.storage.tables import decision_events, decisions, outcomes
@@ -85,7 +85,7 @@ class DecisionStore(Store):
         # by an older version) is SQL NULL, as a JSON null is. What PostgreSQL cannot hold (NUL in text, an
         # integer beyond 64 bits, a lone surrogate) fails the batch as a record error, as before: orjson
         # or the server refuses it, and the writer isolates the row.
-        payload = orjson.dumps([{c: row.get(c) for c in _DECISION_COLUMNS} for row in rows]).decode()
+        payload = json_dumps([{c: row.get(c) for c in _DECISION_COLUMNS} for row in rows]).decode()
         with self.engine.begin() as connection:
             cursor = connection.connection.cursor()
             cursor.execute(_INSERT_BATCH_SQL, (payload,), prepare=False)

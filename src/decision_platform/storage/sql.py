@@ -6,9 +6,12 @@ times compare); each store asks these helpers instead of reading ``engine.dialec
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import numpy as np
+import orjson
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
@@ -23,6 +26,7 @@ __all__ = [
     "id_at",
     "insert_ignoring_conflicts",
     "is_postgresql",
+    "json_dumps",
     "json_type",
     "time_bound",
 ]
@@ -30,6 +34,33 @@ __all__ = [
 #: How far a decision's id time may be from its ``created_at``. Both are taken together (serving/engine.py);
 #: ids never go back when the wall clock does (core/ids.py), created_at does: minutes cover a clock step.
 ID_TIME_SLACK = timedelta(minutes=5)
+
+
+def json_dumps(value: Any) -> bytes:
+    """``value`` as JSON for a JSON(B) column, a float from 1e16 up spelled with its ".0".
+
+    orjson writes such a float in exponent form ("1e+16"); JSONB keeps a number's value, not its spelling,
+    and prints it back as "10000000000000000", which reads as an int: a float attribute came back from
+    PostgreSQL an int. Every float that large is a whole number, so its digits and ".0" are exact, and
+    JSONB keeps the ".0". Only a payload with an exponent ("e+") is walked again."""
+    text = orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
+    if b"e+" not in text:
+        return text
+    return orjson.dumps(_spelled_large_floats(value), option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _spelled_large_floats(value: Any) -> Any:
+    if isinstance(value, float | np.floating):
+        if math.isfinite(value) and abs(value) >= 1e16:
+            return orjson.Fragment(f"{int(value)}.0")
+        return value
+    if isinstance(value, dict):
+        return {key: _spelled_large_floats(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_spelled_large_floats(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return _spelled_large_floats(value.tolist())
+    return value
 
 
 class Store:

@@ -6,6 +6,9 @@ and "one decision per event" lives in ``decision_events``; SQLite keeps the one 
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from typing import Any
+
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -13,6 +16,28 @@ metadata = sa.MetaData()
 
 #: JSONB on PostgreSQL (indexable, compact), JSON text elsewhere.
 Json = sa.JSON().with_variant(JSONB(), "postgresql")
+
+
+class UtcDateTime(sa.TypeDecorator[datetime]):
+    """A time stored in UTC and read back with its zone on every backend.
+
+    SQLite keeps no zone: a time read back there was naive, and the API answered it without an offset
+    (``GET /decisions/{id}`` created_at, a repeated ``POST /outcome``'s received_at) -- which clients read
+    as their own local time. Aware times are stored as UTC; naive ones read back as UTC."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: sa.Dialect) -> Any:
+        if isinstance(value, datetime) and value.tzinfo is not None and dialect.name == "sqlite":
+            return value.astimezone(UTC)  # SQLite would store the local clock reading, dropping the zone
+        return value
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> Any:
+        if isinstance(value, datetime) and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
 
 decisions = sa.Table(
     "decisions",
@@ -22,7 +47,7 @@ decisions = sa.Table(
     # One decision per event, so redelivered events are idempotent: a unique index on SQLite (migration
     # 0002), the decision_events claim on partitioned PostgreSQL (migration 0005).
     sa.Column("event_id", sa.String(128), nullable=True),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("created_at", UtcDateTime(), nullable=False, index=True),
     # The exact vector the models saw: the point-in-time training row.
     sa.Column("features", Json, nullable=False),
     sa.Column("amount", sa.Float, nullable=True),
@@ -55,7 +80,7 @@ outcomes = sa.Table(
     sa.Column("decision_id", sa.BigInteger, sa.ForeignKey("decisions.id"), primary_key=True),
     sa.Column("outcome", sa.String(32), nullable=False),
     sa.Column("reward", sa.Float, nullable=False),
-    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("received_at", UtcDateTime(), nullable=False),
     # True: no outcome arrived within the horizon; the reward (or label) was imputed (learning/outcomes.py).
     sa.Column("imputed", sa.Boolean, nullable=False, server_default=sa.false()),
 )
@@ -83,8 +108,8 @@ models = sa.Table(
     sa.Column("metrics", Json, nullable=False),
     # champion | challenger | shadow | retired
     sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("promoted_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("promoted_at", UtcDateTime(), nullable=True),
 )
 
 #: LLM narratives (explain/narrator.py), written once per decision off the hot path (migration 0003).
@@ -103,5 +128,5 @@ explanations = sa.Table(
     sa.Column("grounding", Json, nullable=False),
     # The exact facts the narrative was written from: what an auditor checks it against.
     sa.Column("facts", Json, nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
 )
