@@ -343,7 +343,7 @@ def test_every_dashboard_query_returns_data(stack: Stack, traffic: Traffic) -> N
 def test_alert_and_recording_rules_evaluate_on_live_data(stack: Stack, traffic: Traffic) -> None:
     groups = httpx.get(f"{stack.prometheus}/api/v1/rules", timeout=5).json()["data"]["groups"]
     rules = {r.get("name"): r for g in groups for r in g["rules"]}
-    assert len(rules) == 13
+    assert len(rules) == 14
     assert all(r["health"] == "ok" for r in rules.values()), {n: r.get("lastError") for n, r in rules.items()}
     slow_share = scalar(stack.prometheus, "dp:decision_slow:ratio_rate5m")
     assert 0.0 <= slow_share <= 1.0
