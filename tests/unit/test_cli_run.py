@@ -107,6 +107,17 @@ def test_a_bad_setting_is_one_line_and_exit_2(
     assert "secret" not in result.output
 
 
+def broken_config(tmp_path: Path, name: str, text: str | None) -> Path:
+    """A copy of the project's config/ with ``name`` rewritten to ``text`` (None: removed)."""
+    config_dir = tmp_path / "config"
+    shutil.copytree(Path(cli.__file__).parents[3] / "config", config_dir)
+    if text is None:
+        (config_dir / name).unlink()
+    else:
+        (config_dir / name).write_text(text)
+    return config_dir
+
+
 @pytest.mark.parametrize(
     ("name", "text", "said"),
     [
@@ -135,12 +146,7 @@ def test_a_broken_config_file_stops_serve_and_worker_in_one_line(
     """A broken rules.yaml / features.yaml / rewards.yaml was a traceback from the application's startup
     (uvicorn's exit 3; the worker's own traceback); an infinite or huge reward was taken (a reward of inf
     is no JSON answer for POST /outcome)."""
-    config_dir = tmp_path / "config"
-    shutil.copytree(Path(cli.__file__).parents[3] / "config", config_dir)
-    if text is None:
-        (config_dir / name).unlink()
-    else:
-        (config_dir / name).write_text(text)
+    config_dir = broken_config(tmp_path, name, text)
     settings = Settings(
         config_dir=config_dir, model_dir=tmp_path / "models", kafka_bootstrap_servers="127.0.0.1:1", port=0
     )
@@ -190,12 +196,7 @@ def test_a_broken_config_file_stops_train_and_retrain_in_one_line(
 ) -> None:
     """A broken learning.yaml or rewards.yaml was a pydantic / YAML traceback from retrain and train (train
     only after loading and featurising the whole data set)."""
-    config_dir = tmp_path / "config"
-    shutil.copytree(Path(cli.__file__).parents[3] / "config", config_dir)
-    if text is None:
-        (config_dir / name).unlink()
-    else:
-        (config_dir / name).write_text(text)
+    config_dir = broken_config(tmp_path, name, text)
     settings = Settings(
         config_dir=config_dir, model_dir=tmp_path / "models", database_url=f"sqlite:///{tmp_path / 'dp.db'}"
     )
