@@ -165,3 +165,17 @@ def test_a_lost_master_fails_fast_and_decisions_fall_back(
         probe.close()
     finally:
         cluster.stop()
+
+
+def test_a_withdrawn_event_leaves_its_entitys_windows_on_whichever_node_holds_them(
+    store: RedisClusterFeatureStore,
+) -> None:
+    withdrawing, alone = scoped(store, helpers.SMALL), scoped(store, helpers.SMALL)
+    for entity in STREAM_ENTITIES:  # entities on at least two nodes (test above)
+        events = [helpers.make_event(k, T0 + 5.0 * k, entity=entity) for k in range(3)]
+        bogus = Event(event_id=f"x-{entity}", entity_id=entity, timestamp=T0 + 20.0, amount=900.0)
+        withdrawing.update([*events, bogus])
+        alone.update(events)
+        assert withdrawing.withdraw(bogus)
+        got, want = withdrawing.read(entity, T0 + 30.0), alone.read(entity, T0 + 30.0)
+        np.testing.assert_array_equal(got.values, want.values)

@@ -215,3 +215,19 @@ def test_read_matches_offline_and_writes_nothing(client: redis.Redis) -> None:
     assert snapshot(store) == before
     _, duplicate, late = compute_features_with_flags(events, spec)
     assert not duplicate.any() and not late.any()
+
+
+def test_a_withdrawn_event_leaves_the_windows_as_if_it_never_came(client: redis.Redis) -> None:
+    """An event refused after its windows took it (its id is another entity's event's) is withdrawn: the
+    entity's state is the one the other events alone give, the late horizon included (it was the newest)."""
+    store, alone = new_store(client), new_store(client)
+    events = [helpers.make_event(k, T0 + 5.0 * k, entity="carol", device_id=f"d{k}") for k in range(4)]
+    bogus = helpers.make_event(9, T0 + 290.0, entity="carol", device_id="d9")  # newest; trims nothing
+    store.update([*events, bogus])
+    assert store.withdraw(bogus) and not store.withdraw(bogus)
+    alone.update(events)
+    late = helpers.make_event(5, T0 + 40.0, entity="carol")  # too late behind the bogus time, not now
+    got, want = store.update([late])[0], alone.update([late])[0]
+    assert not got.late
+    np.testing.assert_array_equal(got.values, want.values)
+    np.testing.assert_array_equal(store.read("carol", T0 + 50).values, alone.read("carol", T0 + 50).values)

@@ -211,13 +211,19 @@ def test_an_event_time_far_ahead_of_the_clock_is_422_and_the_windows_stay_whole(
 
 def test_an_event_id_of_another_entitys_event_is_409_not_that_entitys_decision(client: TestClient) -> None:
     """Producers that number events per account reuse ids across accounts: B's event "1" was answered 200
-    with A's decision (A's action, A's entity id) -- the answer of a retry, for a different event."""
+    with A's decision (A's action, A's entity id) -- the answer of a retry, for a different event. Then it
+    was a 409 but still counted in B's windows (B's next decision saw two events and 1,000 spent)."""
     first = client.post("/decide", json={"entity_id": "acct-a", "event": {"event_id": "n-1", "amount": 5}})
     other = client.post("/decide", json={"entity_id": "acct-b", "event": {"event_id": "n-1", "amount": 900}})
     assert other.status_code == 409, other.text
     assert "already the id of another entity's event" in other.json()["detail"]
     retry = client.post("/decide", json={"entity_id": "acct-a", "event": {"event_id": "n-1", "amount": 5}})
     assert retry.status_code == 200 and retry.json()["decision_id"] == first.json()["decision_id"]
+    again = client.post("/decide", json={"entity_id": "acct-b", "event": {"event_id": "n-1", "amount": 900}})
+    assert again.status_code == 409, again.text  # withdrawn from B's windows, refused again
+    b_next = client.post("/decide", json={"entity_id": "acct-b", "event": {"event_id": "b-2", "amount": 100}})
+    features = client.get(f"/decisions/{b_next.json()['decision_id']}").json()["features"]
+    assert features["count_1h"] == 1 and features["sum_1h"] == 100
 
 
 def test_a_leap_second_is_read_as_the_next_second(client: TestClient, tmp_path: Path) -> None:

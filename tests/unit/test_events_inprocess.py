@@ -24,6 +24,26 @@ def test_single_event_and_redelivery_are_idempotent(client: TestClient) -> None:
     assert first["decision_ids"] == again["decision_ids"]  # the same stored decision, not a new one
 
 
+def test_an_event_whose_id_another_entity_holds_is_refused_not_given_that_entitys_decision(
+    client: TestClient,
+) -> None:
+    """It was "decided" with the first entity's decision id (counted as a duplicate) and counted in the
+    second entity's windows; now it is dead-lettered, has no decision id, and leaves the windows alone."""
+    first = client.post("/events", json={"event_id": "dup-1", "entity_id": "ip-a", "amount": 5.0}).json()
+    batch = [
+        {"event_id": "dup-1", "entity_id": "ip-b", "amount": 900.0},
+        {"event_id": "b-1", "entity_id": "ip-b", "amount": 100.0},
+    ]
+    body = client.post("/events", json={"events": batch}).json()
+    assert body["decision_ids"][0] is None and body["decision_ids"][1] not in first["decision_ids"]
+    sink = client.app.state.platform.inline_worker.sink
+    message, error = sink.dead_letters[-1]
+    assert "already the id of another entity's event" in error and b'"ip-b"' in (message.value or b"")
+    later = client.post("/events", json={"event_id": "b-2", "entity_id": "ip-b", "amount": 1.0}).json()
+    features = client.get(f"/decisions/{later['decision_ids'][0]}").json()["features"]
+    assert features["count_1h"] == 2 and features["sum_1h"] == 101
+
+
 def test_bad_events_are_422_naming_the_field(client: TestClient) -> None:
     response = client.post(
         "/events", json={"events": [{"event_id": "x", "entity_id": "y", "amount": "lots"}]}

@@ -254,3 +254,33 @@ def test_an_event_dated_far_ahead_is_dead_lettered_and_leaves_its_entitys_window
     found = [platform.writer.find_decision_by_event(f"a{k}") for k in (1, 2, 3)]
     counts = [d.features["count_1h"] for d in found]  # type: ignore[union-attr]
     assert counts == [1.0, 2.0, 3.0]
+
+
+def test_an_event_whose_id_another_entity_holds_is_dead_lettered_as_it_came(
+    platform_for: Callable[[str], Platform],
+) -> None:
+    """The worker published the first entity's decision for it (and counted it in the second entity's
+    windows): a decision for a different event, on the decisions topic."""
+    platform = platform_for("taken")
+    sink = InProcessSink()
+    worker = StreamWorker(platform.settings, platform.engine, platform.store, sink)
+    now = time.time()
+    bodies = [
+        {"event_id": "t-1", "entity_id": "owner", "amount": 5.0, "timestamp": now - 3},
+        {"event_id": "t-1", "entity_id": "other", "amount": 900.0, "timestamp": now - 2},
+        {"event_id": "t-2", "entity_id": "other", "amount": 100.0, "timestamp": now - 1},
+    ]
+    raw = [RawMessage(orjson.dumps(b), b["entity_id"].encode(), "events", 0, k) for k, b in enumerate(bodies)]
+    first = worker.process(raw[:1])
+    summary = worker.process(raw[1:])
+    assert summary.dead_lettered == 1 and summary.decided == 1
+    assert summary.decision_ids[0] is None and summary.decision_ids[1] is not None
+    parked, error = sink.dead_letters[-1]
+    assert parked is raw[1] and "already the id of another entity's event" in error
+    assert [d["entity_id"] for d in sink.published] == ["owner", "other"]
+    assert sink.published[0]["decision_id"] == first.decision_ids[0]
+    # t-2, decided in the same batch, saw t-1 in the windows (the log refuses t-1 only once the batch is
+    # stored); t-1 is withdrawn then, so a later batch does not count it.
+    worker.process([RawMessage(orjson.dumps({"event_id": "t-3", "entity_id": "other", "amount": 1.0}))])
+    later = platform.writer.find_decision_by_event("t-3")
+    assert later is not None and later.features["count_1h"] == 2 and later.features["sum_1h"] == 101

@@ -164,8 +164,10 @@ EventsBody = Annotated[
 class EventsAccepted(BaseModel):
     accepted: int = Field(description="Events acknowledged: by the broker, or processed in-process.")
     mode: str = Field(description="kafka | in-process")
-    decision_ids: list[int] | None = Field(
-        None, description="In-process mode only: the decisions made (Kafka mode decides asynchronously)."
+    decision_ids: list[int | None] | None = Field(
+        None,
+        description="In-process mode only: each event's decision (Kafka mode decides asynchronously); null "
+        "for an event refused because another entity's event holds its event_id (dead-lettered).",
     )
 
 

@@ -18,6 +18,16 @@ from decision_platform.core.actions import ACTION_NAMES
 STORED = "stored"
 SPOOLED = "spooled"  # in the local spool, on its way to the database
 DUPLICATE = "duplicate"  # its event was decided before (stored or spooled): nothing was written
+#: Not a group-commit status: the engine's answer when the decision log holds the event's id for another
+#: entity's event (ids must be unique across entities). Nothing was written; the request is refused.
+ID_TAKEN = "id_taken"
+
+
+def id_taken_message(event_id: str) -> str:
+    """What a refused event is told (409 detail, dead letter): the same words on every path."""
+    return f"event_id {event_id!r} is already the id of another entity's event: ids must be unique"
+
+
 #: What the group commit answers for one row of a batch: one of the above, or why it is not durable.
 RowStatus = str | BaseException
 

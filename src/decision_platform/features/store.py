@@ -37,6 +37,15 @@ SCRIPT_BODY = (
     resources.files("decision_platform.features").joinpath("windows.lua").read_text(encoding="utf-8")
 )
 _FLAG_DUPLICATE, _FLAG_LATE = 1, 2
+#: Take one stored event out of its entity's windows (``FeatureStore.withdraw``): the member and its dedupe
+#: entry go, and "#max" becomes the newest time still stored (windows.lua never trims the newest).
+WITHDRAW_SCRIPT = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HDEL', KEYS[2], ARGV[2])
+local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+if newest[2] then redis.call('HSET', KEYS[2], '#max', newest[2]) else redis.call('HDEL', KEYS[2], '#max') end
+return 1
+"""
 #: What a Redis or Redis Cluster client raises when it cannot answer (the cluster client's own errors,
 #: e.g. no reachable startup node or an uncovered slot, do not derive from RedisError).
 _CLIENT_ERRORS = (redis.RedisError, RedisClusterException)
@@ -85,6 +94,12 @@ class FeatureStore(ABC):
         """Features of several entities at ``at`` (a micro-batch of decisions without events): one round
         trip where the backend can pipeline, else one read each."""
         return [self.read(entity_id, at) for entity_id in entity_ids]
+
+    @abstractmethod
+    def withdraw(self, event: Event) -> bool:
+        """Take an applied event out of its entity's windows; False if they do not hold it. For an event
+        that should not have counted: one whose id another entity's event holds (the decision log refuses
+        it only after the windows took it)."""
 
     @abstractmethod
     def ping(self) -> bool:
@@ -146,6 +161,15 @@ class RedisFeatureStore(FeatureStore):
         now = _num(at).encode()
         replies = self._run([(entity_id, [now]) for entity_id in entity_ids])
         return self._results(replies, [at] * len(entity_ids), None)
+
+    def withdraw(self, event: Event) -> bool:
+        try:
+            taken = self.client.eval(
+                WITHDRAW_SCRIPT, 2, *self.keys(event.entity_id), *self._update_args(event), event.event_id
+            )
+        except _CLIENT_ERRORS as exc:
+            raise FeatureStoreError(f"feature store ({self._description}) failed: {exc}") from exc
+        return bool(taken)
 
     def ping(self) -> bool:
         try:

@@ -157,7 +157,11 @@ REWARD_LOST = Counter("dp_outcome_reward_lost_total", "Sum of the magnitudes of 
 # --- dependencies
 FEATURE_EVENTS = Counter(
     "dp_feature_events_total", "Events applied to the feature store, by result.", ["result"]
-)  # result: applied | duplicate | late
+)  # result: applied | duplicate | late | withdrawn
+EVENT_ID_CONFLICTS = Counter(
+    "dp_event_id_conflicts_total",
+    "Events refused because another entity's event holds their event_id (409 / dead letter).",
+)
 FEATURE_STORE_ERRORS = Counter("dp_feature_store_errors_total", "Feature store failures.", ["operation"])
 DB_ERRORS = Counter("dp_db_errors_total", "Database failures.", ["operation"])
 DB_BATCH_SIZE = Histogram(

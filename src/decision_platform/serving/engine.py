@@ -29,10 +29,10 @@ from decision_platform.config import Settings
 from decision_platform.core.actions import ACTION_NAMES
 from decision_platform.core.events import Event
 from decision_platform.core.ids import DecisionIdGenerator
-from decision_platform.core.records import DUPLICATE, DecisionRecord, RowStatus
+from decision_platform.core.records import DUPLICATE, ID_TAKEN, DecisionRecord, RowStatus
 from decision_platform.explain.attributions import ReasonBuilder
 from decision_platform.explain.reasons import template_sentence
-from decision_platform.features import FeatureResult, FeatureSpec, FeatureStore
+from decision_platform.features import FeatureResult, FeatureSpec, FeatureStore, FeatureStoreError
 from decision_platform.models.bundle import LoadedModels
 from decision_platform.models.policy import serving_distribution, serving_distributions
 from decision_platform.models.scoring import ScoringChain
@@ -86,7 +86,9 @@ class Decision:
 
     record: DecisionRecord
     response: dict[str, Any]
-    storage: str  # stored | spooled | duplicate (the event had been decided before: the stored decision)
+    #: stored | spooled | duplicate (the event had been decided before: ``record`` is that decision) |
+    #: id_taken (another entity's event holds the id: ``record`` was refused, never stored; not an answer)
+    storage: str
 
 
 @dataclass
@@ -98,6 +100,7 @@ class PendingDecision:
     storage: Future[list[RowStatus]]  # the batch's, shared by its decisions
     index: int  # this record's place in the batch
     clock: _BatchClock
+    event: Event | None = None  # what was decided on, if an event (withdrawn from the windows if refused)
 
 
 class _BatchClock:
@@ -356,7 +359,10 @@ class DecisionEngine:
             record.latency_ms = decided_ms  # time to decide, before storage (stored with the decision)
         future = self.writer.submit_many(records)
         future.add_done_callback(clock.done)
-        return [PendingDecision(record, future, i, clock) for i, record in enumerate(records)]
+        return [
+            PendingDecision(record, future, i, clock, request.event)
+            for i, (record, request) in enumerate(zip(records, requests, strict=True))
+        ]
 
     def finish(self, pending: PendingDecision, timeout_s: float = 60.0) -> Decision:
         """The answer for a durable decision (waits for it; raises what the write path raised: nothing
@@ -416,12 +422,29 @@ class DecisionEngine:
     def first_decision(self, retried: PendingDecision) -> Decision:
         """The answer to a retried event: its first decision (database or spool), else this one's record."""
         first = self.writer.find_decision_by_event(retried.record.event_id)  # type: ignore[arg-type]
+        if first is not None and first.entity_id != retried.record.entity_id:
+            return self._id_taken(retried)
         if first is not None:
             return Decision(first, first.response(), DUPLICATE)
         record = retried.record
         metrics.DECISIONS.labels(action=ACTION_NAMES[record.action], decided_by=record.decided_by).inc()
         total_ms = round((time.perf_counter() - retried.clock.started) * 1000.0, 3)
         return Decision(record, record.response(total_ms), DUPLICATE)
+
+    def _id_taken(self, refused: PendingDecision) -> Decision:
+        """Another entity's event holds this event's id. Producers that number events per account reuse
+        ids across accounts; the decision log keeps one decision per id, so this event cannot have one.
+        Its windows took it before the log refused it: it is withdrawn, so the entity's later decisions do
+        not count an event that was never decided (best effort: a store failure is counted and logged)."""
+        metrics.EVENT_ID_CONFLICTS.inc()
+        if refused.event is not None:
+            try:
+                if self.store.withdraw(refused.event):
+                    metrics.FEATURE_EVENTS.labels(result="withdrawn").inc()
+            except FeatureStoreError as exc:
+                metrics.FEATURE_STORE_ERRORS.labels(operation="withdraw").inc()
+                log.warning("withdrawing event %s from the windows failed: %s", refused.record.event_id, exc)
+        return Decision(refused.record, refused.record.response(), ID_TAKEN)
 
     #: Decide a batch's rows from columns (rules over the batch, facts dicts only for fired rules); False:
     #: row by row, the straightforward way (the reference in tests/unit/test_fast_path.py).

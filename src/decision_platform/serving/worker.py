@@ -23,11 +23,11 @@ from pydantic import ValidationError
 
 from decision_platform.config import Settings
 from decision_platform.core.events import Event, ahead_of_clock
-from decision_platform.core.records import DUPLICATE
+from decision_platform.core.records import DUPLICATE, ID_TAKEN, id_taken_message
 from decision_platform.events.messages import RawMessage
 from decision_platform.features import FeatureStore
 from decision_platform.observability import metrics
-from decision_platform.serving.engine import DecisionEngine, DecisionRequest, PendingDecision
+from decision_platform.serving.engine import Decision, DecisionEngine, DecisionRequest, PendingDecision
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,8 @@ class BatchSummary:
     dead_lettered: int = 0
     decided: int = 0
     duplicates: int = 0
-    decision_ids: list[int] = field(default_factory=list)
+    #: One per decided event, in order; None where the event was refused (its id is another entity's).
+    decision_ids: list[int | None] = field(default_factory=list)
 
 
 def parse(message: RawMessage) -> Event:
@@ -103,6 +104,7 @@ class StreamWorker:
         metrics.WORKER_BATCH_SIZE.observe(len(messages))
         summary = BatchSummary(consumed=len(messages))
         events: list[Event] = []
+        sources: list[RawMessage] = []  # each event's message, for a dead letter decided later
         consumed: dict[str, int] = {}
         now, max_ahead_s = time.time(), self.settings.max_event_ahead_s
         for message in messages:
@@ -118,10 +120,11 @@ class StreamWorker:
                 self._dead_letter(message, ahead, "ahead", summary)
                 continue
             events.append(event)
+            sources.append(message)
         for topic, count in consumed.items():  # one labelled increment a topic, not one a message
             metrics.EVENTS_CONSUMED.labels(topic=topic).inc(count)
         self._lap("parse", started)
-        return self._begin_events(events, summary, started)
+        return self._begin_events(events, summary, started, sources)
 
     def _dead_letter(self, message: RawMessage, error: str, reason: str, summary: BatchSummary) -> None:
         self.sink.dead_letter(message, error)
@@ -136,8 +139,15 @@ class StreamWorker:
         summary = BatchSummary(consumed=len(events))
         return self.complete(self._begin_events(list(events), summary, started))
 
-    def _begin_events(self, events: list[Event], summary: BatchSummary, started: float) -> InFlight:
-        """Windows, then decisions handed to the group commit, of one batch's valid events."""
+    def _begin_events(
+        self,
+        events: list[Event],
+        summary: BatchSummary,
+        started: float,
+        sources: list[RawMessage] | None = None,
+    ) -> InFlight:
+        """Windows, then decisions handed to the group commit, of one batch's valid events (``sources``:
+        their messages, when they came as messages)."""
         lap = time.perf_counter()
         pending: list[PendingDecision] = []
         if events:
@@ -151,7 +161,7 @@ class StreamWorker:
                 pending = self.engine.submit_batch(requests, features=features)
                 self._handed = ({e.event_id for e in events}, pending)
                 self._lap("decide", lap)
-        return InFlight(summary, pending, started)
+        return InFlight(summary, pending, started, sources)
 
     def _after_first_copies(self, events: list[Event], timeout_s: float = 60.0) -> None:
         """Wait until the batch handed over before this one is durable if this one redelivers any of its
@@ -173,14 +183,36 @@ class StreamWorker:
         if batch.pending:
             decisions = self.engine.finish_batch(batch.pending)
             lap = self._lap("store", lap)
-            self.sink.decisions([d.response for d in decisions])
-            summary.decided = len(decisions)
-            summary.duplicates = sum(d.storage == DUPLICATE for d in decisions)
-            summary.decision_ids = [d.response["decision_id"] for d in decisions]
+            answered = [d for d in decisions if d.storage != ID_TAKEN]
+            if len(answered) < len(decisions):
+                self._dead_letter_taken(batch, decisions)
+            self.sink.decisions([d.response for d in answered])
+            summary.decided = len(answered)
+            summary.duplicates = sum(d.storage == DUPLICATE for d in answered)
+            summary.decision_ids = [
+                None if d.storage == ID_TAKEN else d.response["decision_id"] for d in decisions
+            ]
         self.sink.flush()
         self._lap("publish", lap)
         metrics.WORKER_BATCH_SECONDS.observe(time.perf_counter() - batch.started)
         return summary
+
+    def _dead_letter_taken(self, batch: InFlight, decisions: list[Decision]) -> None:
+        """Park the events refused because another entity's event holds their id: publishing that entity's
+        decision for them would answer a different event (the engine has taken them out of the windows)."""
+        for i, decision in enumerate(decisions):
+            if decision.storage != ID_TAKEN:
+                continue
+            event = batch.pending[i].event
+            assert event is not None, "only an event's decision can find its id taken"
+            message = batch.sources[i] if batch.sources is not None else None
+            if message is None:  # POST /events in-process: the event as it would have come as a message
+                message = RawMessage(
+                    value=event.model_dump_json().encode(),
+                    key=event.entity_id.encode(),
+                    topic=self.settings.kafka_events_topic,
+                )
+            self._dead_letter(message, id_taken_message(event.event_id), "id_taken", batch.summary)
 
     def run(self, source: EventSource, stop: threading.Event, poll_timeout_s: float = 0.5) -> int:
         """Consume until ``stop`` is set; returns the number of messages processed.
@@ -263,6 +295,7 @@ class InFlight:
     summary: BatchSummary
     pending: list[PendingDecision]
     started: float
+    sources: list[RawMessage] | None = None  # the pending decisions' messages, when they came as messages
 
 
 def _failed(exc: Exception, then: str) -> None:
