@@ -322,6 +322,9 @@ class _NumpyNet:
         # median, every embedded input at its embeddings' mean over the vocabulary (not any one value).
         means = [t[2:].mean(axis=0) if len(t) > 2 else t.mean(axis=0) for t in self.tables]
         self.reference = np.concatenate([encoder.reference(), *means])
+        # The reference's first-layer pre-activations: every path starts there (explain).
+        self.base = self.reference @ self.weights[0] + self.biases[0]
+        self.base32 = self.base.astype(np.float32)
 
     def encode(self, numeric: np.ndarray, categories: np.ndarray) -> np.ndarray:
         """(n, encoded width): what the MLP reads (the same numbers as RiskNet.embed)."""
@@ -362,9 +365,8 @@ class _NumpyNet:
         path's points are float32 (attributions within ~1e-6 of float64's: tests/unit/test_fast_path.py).
         """
         delta = e - self.reference
-        base = self.reference @ self.weights[0] + self.biases[0]
         moved = delta @ self.weights[0]
-        logit, masks = self.from_first_layer(base + moved)
+        logit, masks = self.from_first_layer(self.base + moved)
         n = len(e)
         if steps == 0:
             grad = self.gradient_at_first_layer(masks)
@@ -372,7 +374,7 @@ class _NumpyNet:
             # Midpoint rule on [0, 1]: no endpoint bias; the error shrinks as 1/steps^2 between kinks.
             alphas = ((np.arange(steps) + 0.5) / steps).astype(np.float32)
             path = np.multiply(alphas[None, :, None], moved.astype(np.float32)[:, None, :])
-            path += base.astype(np.float32)
+            path += self.base32
             _, path_masks = self.from_first_layer(path.reshape(n * steps, -1), single=True)
             grad = self.gradient_at_first_layer(path_masks, single=True)
             grad = grad.reshape(n, steps, -1).mean(axis=1, dtype=np.float64)
