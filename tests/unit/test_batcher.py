@@ -60,39 +60,47 @@ async def wait_until(condition: Any) -> None:
             await asyncio.sleep(0.005)
 
 
-def decide_around_a_busy_decider(
-    batcher: DecisionBatcher, engine: RecordingEngine, later: list[str]
-) -> list[Any]:
-    """Decide "a"; while the decider is busy with it, queue each entity of ``later`` once the one before it
-    has been fetched (one round trip each); then let "a" finish. The answers, in request order."""
-
-    async def scenario() -> list[Any]:
-        waiting = [asyncio.ensure_future(batcher.decide(DecisionRequest("a", None)))]
-        await wait_until(engine.first_submit.is_set)
-        for k, entity in enumerate(later, start=2):
-            waiting.append(asyncio.ensure_future(batcher.decide(DecisionRequest(entity, None))))
-            await wait_until(lambda k=k: len(engine.fetched) == k)
-        engine.release.set()
-        return list(await asyncio.gather(*waiting))
-
-    try:
-        return asyncio.run(scenario())
-    finally:
-        batcher.close()
-
-
 def test_the_next_batch_is_fetched_while_one_is_decided_and_ready_batches_are_decided_as_one() -> None:
     engine = RecordingEngine()
-    answers = decide_around_a_busy_decider(DecisionBatcher(engine), engine, ["b", "c"])  # type: ignore[arg-type]
-    assert answers == ["decided a", "decided b", "decided c"]
+    batcher = DecisionBatcher(engine)  # type: ignore[arg-type]
+
+    async def scenario() -> list[Any]:
+        first = asyncio.ensure_future(batcher.decide(DecisionRequest("a", None)))
+        await wait_until(engine.first_submit.is_set)
+        # The decider is busy with "a": "b" and then "c" are fetched meanwhile, each in its own round trip.
+        second = asyncio.ensure_future(batcher.decide(DecisionRequest("b", None)))
+        await wait_until(lambda: len(engine.fetched) == 2)
+        third = asyncio.ensure_future(batcher.decide(DecisionRequest("c", None)))
+        await wait_until(lambda: len(engine.fetched) == 3)
+        engine.release.set()
+        return list(await asyncio.gather(first, second, third))
+
+    try:
+        assert asyncio.run(scenario()) == ["decided a", "decided b", "decided c"]
+    finally:
+        batcher.close()
     assert engine.fetched == [["a"], ["b"], ["c"]]
     assert engine.submitted == [(["a"], "1 fetched"), (["b", "c"], "2 fetched")]
 
 
 def test_a_failed_fetch_falls_back_its_own_batch_only() -> None:
     engine = RecordingEngine()
-    answers = decide_around_a_busy_decider(DecisionBatcher(engine), engine, ["down", "up"])  # type: ignore[arg-type]
-    assert answers == ["decided a", "decided down", "decided up"]
+    batcher = DecisionBatcher(engine)  # type: ignore[arg-type]
+
+    async def scenario() -> list[Any]:
+        first = asyncio.ensure_future(batcher.decide(DecisionRequest("a", None)))
+        await wait_until(engine.first_submit.is_set)
+        down = asyncio.ensure_future(batcher.decide(DecisionRequest("down", None)))
+        await wait_until(lambda: len(engine.fetched) == 2)
+        up = asyncio.ensure_future(batcher.decide(DecisionRequest("up", None)))
+        await wait_until(lambda: len(engine.fetched) == 3)
+        engine.release.set()
+        return list(await asyncio.gather(first, down, up))
+
+    try:
+        assert asyncio.run(scenario()) == ["decided a", "decided down", "decided up"]
+    finally:
+        batcher.close()
     assert sorted(engine.submitted[1:]) == [(["down"], "feature_store_unavailable"), (["up"], "1 fetched")]
 
 
