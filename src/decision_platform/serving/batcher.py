@@ -12,13 +12,6 @@ durable) fails its request, which the route answers 503.
 
 Under light load a batch is one request and nothing waits for company (``max_wait_s`` is 0 by default):
 batches grow by themselves while the decider is busy, which is exactly when they pay.
-
-The features are fetched a step ahead, by a second thread: while the decider runs the models for one
-batch, the next batch's Redis round trip (its events applied to the windows, the rest read) is on the
-wire -- it was ~20% of the decider's time per batch at 16 connections, time it only waited. The decider
-then takes every batch whose features are ready and decides them as one (their features are each
-request's own point-in-time values, whatever batch they were fetched in), so batches keep growing while it
-is busy. A feature-store failure travels with its batch and falls that batch back, as before.
 """
 
 from __future__ import annotations
@@ -30,45 +23,27 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any, NamedTuple
+from typing import Any
 
 from decision_platform.core.records import RowStatus
-from decision_platform.features import FeatureResult
 from decision_platform.observability import metrics
-from decision_platform.serving.engine import (
-    Decision,
-    DecisionEngine,
-    DecisionRequest,
-    PendingDecision,
-    StageError,
-)
+from decision_platform.serving.engine import Decision, DecisionEngine, DecisionRequest, PendingDecision
 
 log = logging.getLogger(__name__)
 
 _Item = tuple[DecisionRequest, asyncio.AbstractEventLoop, "asyncio.Future[Decision | PendingDecision]"]
 
 
-class _Fetched(NamedTuple):
-    """A batch with its features (or the failure fetching them), handed from the reader to the decider."""
-
-    batch: list[_Item]
-    features: list[FeatureResult] | StageError
-    started: float  # when its features began to be fetched (the total stage counts from here)
-
-
 class DecisionBatcher:
-    """A feature reader and a decider thread serving any number of coroutines (one per request)."""
+    """One decider thread serving any number of coroutines (one per request)."""
 
     def __init__(self, engine: DecisionEngine, max_batch: int = 64, max_wait_s: float = 0.0) -> None:
         self.engine = engine
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        self._fetched: queue.SimpleQueue[_Fetched | None] = queue.SimpleQueue()
-        self._reader = threading.Thread(target=self._read, name="feature-reader", daemon=True)
         self._thread = threading.Thread(target=self._run, name="decider", daemon=True)
         self._closed = False
-        self._reader.start()
         self._thread.start()
 
     async def decide(self, request: DecisionRequest, timeout_s: float = 60.0) -> Decision:
@@ -86,67 +61,21 @@ class DecisionBatcher:
         return answer
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Decide what is queued, then stop the threads."""
+        """Decide what is queued, then stop the thread."""
         self._closed = True
         self._queue.put(None)
-        deadline = time.monotonic() + timeout_s
-        self._reader.join(timeout_s)
-        self._thread.join(max(0.0, deadline - time.monotonic()))
-
-    # --- the feature reader thread
-    def _read(self) -> None:
-        try:
-            while True:
-                first = self._queue.get()
-                if first is None:
-                    return
-                batch, stopping = self._gather(first)
-                started = time.perf_counter()
-                try:
-                    features: list[FeatureResult] | StageError = self.engine.read_features(
-                        [request for request, _, _ in batch]
-                    )
-                except StageError as failure:  # the decider falls this batch back
-                    features = failure
-                metrics.stage_latency("features").observe(time.perf_counter() - started)
-                self._fetched.put(_Fetched(batch, features, started))
-                if stopping:
-                    return
-        finally:
-            self._fetched.put(None)
+        self._thread.join(timeout_s)
 
     # --- the decider thread
     def _run(self) -> None:
         while True:
-            first = self._fetched.get()
+            first = self._queue.get()
             if first is None:
                 return
-            ready = [first]
-            stopping = False
-            while sum(len(f.batch) for f in ready) < self.max_batch:
-                try:
-                    more = self._fetched.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stopping = True
-                    break
-                ready.append(more)
-            self._decide_fetched(ready)
+            batch, stopping = self._gather(first)
+            self._decide(batch)
             if stopping:
                 return
-
-    def _decide_fetched(self, ready: list[_Fetched]) -> None:
-        """Decide batches whose features are ready as one; a batch whose fetch failed on its own (its
-        requests fall back: one failed fetch must not fall back the others)."""
-        failed = [f for f in ready if isinstance(f.features, StageError)]
-        fetched = [f for f in ready if not isinstance(f.features, StageError)]
-        for f in failed:
-            self._decide(f.batch, f.features, f.started)
-        if fetched:
-            batch = [item for f in fetched for item in f.batch]
-            features = [result for f in fetched for result in f.features]  # type: ignore[union-attr]
-            self._decide(batch, features, min(f.started for f in fetched))
 
     def _gather(self, first: _Item) -> tuple[list[_Item], bool]:
         batch = [first]
@@ -162,10 +91,10 @@ class DecisionBatcher:
             batch.append(item)
         return batch, False
 
-    def _decide(self, batch: list[_Item], features: list[FeatureResult] | StageError, started: float) -> None:
+    def _decide(self, batch: list[_Item]) -> None:
         metrics.API_BATCH_SIZE.observe(len(batch))
         try:
-            pending = self.engine.submit_batch([request for request, _, _ in batch], features, started)
+            pending = self.engine.submit_batch([request for request, _, _ in batch])
         except BaseException as exc:  # the engine falls back on model failures; this is a bug: 500
             log.exception("deciding a batch of %d failed", len(batch))
             for _, loop, future in batch:

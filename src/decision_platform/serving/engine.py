@@ -129,9 +129,8 @@ class _BatchClock:
 
 
 class _Stopwatch:
-    def __init__(self, started: float | None = None) -> None:
-        self.last = time.perf_counter()
-        self.start = self.last if started is None else started
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
 
     def lap(self, stage: str) -> None:
         now = time.perf_counter()
@@ -187,20 +186,11 @@ class DecisionEngine:
 
     # --- stages
     def _features(
-        self, requests: Sequence[DecisionRequest], precomputed: Sequence[FeatureResult] | StageError | None
+        self, requests: Sequence[DecisionRequest], precomputed: Sequence[FeatureResult] | None
     ) -> list[FeatureResult]:
         """One pipelined update for the events, a read for each request without one."""
-        if isinstance(precomputed, StageError):
-            raise precomputed
         if precomputed is not None:
             return list(precomputed)
-        return self.read_features(requests)
-
-    def read_features(self, requests: Sequence[DecisionRequest]) -> list[FeatureResult]:
-        """The requests' features: their events applied to the windows (one pipelined round trip), the
-        others read. Raises StageError("feature_store_unavailable") if the store failed (counted): the
-        batch then falls back. Public so that the API's batcher can fetch a batch's features while the
-        previous batch is being decided (serving/batcher.py)."""
         try:
             events = [r.event for r in requests if r.event is not None]
             updated = iter(self.store.update(events) if events else [])
@@ -276,7 +266,7 @@ class DecisionEngine:
         self,
         requests: Sequence[DecisionRequest],
         watch: _Stopwatch,
-        features: Sequence[FeatureResult] | StageError | None,
+        features: Sequence[FeatureResult] | None,
         serving: ServingSet,
     ) -> _Scores:
         """Features and model scores for every request; a failure falls the whole batch back."""
@@ -284,8 +274,7 @@ class DecisionEngine:
         try:
             results = self._features(requests, features)
             scores.features = np.vstack([r.values for r in results])
-            if features is None:  # fetched here; else timed by whoever fetched them
-                watch.lap("features")
+            watch.lap("features")
             finite = np.all(np.isfinite(scores.features), axis=1)
             if not finite.all():
                 for i in np.flatnonzero(~finite):
@@ -355,17 +344,11 @@ class DecisionEngine:
         return self.finish_batch(self.submit_batch(requests, features))
 
     def submit_batch(
-        self,
-        requests: Sequence[DecisionRequest],
-        features: Sequence[FeatureResult] | StageError | None = None,
-        started: float | None = None,
+        self, requests: Sequence[DecisionRequest], features: Sequence[FeatureResult] | None = None
     ) -> list[PendingDecision]:
         """Decide every request and hand the records to the group commit without waiting for it: the
-        API's decider goes on to the next batch while this one's commit runs (serving/batcher.py).
-        ``features``: already fetched (:meth:`read_features`, or the worker's own window update), or the
-        StageError fetching them raised (the batch falls back as if fetched here); ``started``: when the
-        batch's work began (``time.perf_counter``), if before this call (the total stage counts from it)."""
-        watch = _Stopwatch(started)
+        API's decider goes on to the next batch while this one's commit runs (serving/batcher.py)."""
+        watch = _Stopwatch()
         serving = self._serving  # read once: a reload meanwhile applies from the next batch
         scores = self._score(requests, watch, features, serving)
         records = self._decide(requests, scores, serving)
