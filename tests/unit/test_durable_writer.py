@@ -6,18 +6,23 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from prometheus_client import REGISTRY
 
+import decision_platform
 from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.repository import OutcomeStatus, Repository
-from decision_platform.storage.spool import QUARANTINE_FILE, Spool
+from decision_platform.storage.spool import DECISION, QUARANTINE_FILE, Spool, SpoolRecord
 from decision_platform.storage.writer import DUPLICATE, SPOOLED, STORED, DecisionWriter
-from tests.conftest import decision_record
+from tests.conftest import decision_record, decision_row
 
 
 class FlakyRepository(Repository):
@@ -350,6 +355,7 @@ def test_one_future_answers_a_batch_row_by_row(
 
     repository.refusing = True
     monkeypatch.setattr(writer.spool, "append", full_disk)
+    refused_before = REGISTRY.get_sample_value("dp_spool_errors_total", {"kind": "decision"}) or 0.0
     statuses = writer.submit_many(
         [decision_record(6, event_id="ev-3"), decision_record(7, event_id="ev-3")]
     ).result(timeout=10)
@@ -358,5 +364,70 @@ def test_one_future_answers_a_batch_row_by_row(
         writer.write_many([decision_record(8)])
     with pytest.raises(OSError):
         writer.write(decision_record(9))
+    # Counted: a full disk during an outage is a 503 for every caller, and an operator must hear of it.
+    refused = REGISTRY.get_sample_value("dp_spool_errors_total", {"kind": "decision"}) or 0.0
+    assert refused - refused_before == 3
     assert not writer.spool.has_work()  # nothing of the refused rows was kept anywhere
+    writer.close()
+
+
+#: A process whose spool meets a full disk halfway through an append (RLIMIT_FSIZE: the write puts part of
+#: the batch on disk, then fails with EFBIG, as ENOSPC does), then gets room again. It prints, as JSON, which
+#: appends were acknowledged, which decision each acknowledged id reads back as, and what replay would read.
+_FULL_DISK_CHILD = """
+import json, resource, signal, sys
+from pathlib import Path
+from decision_platform.storage.spool import Spool, SpoolRecord
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing us
+directory, lines = Path(sys.argv[1]), json.loads(sys.stdin.read())
+records = [SpoolRecord.from_line(line) for line in lines]
+spool = Spool(directory)
+acked, refused = [], []
+spool.append([records[0]]); acked.append(1)
+(segment,) = directory.glob("segment-*.jsonl")
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (segment.stat().st_size + 300, hard))
+try:
+    spool.append(records[1:3]); acked += [2, 3]
+except OSError:
+    refused += [2, 3]
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # room again
+spool.append([records[3]]); acked.append(4)
+read_back = {i: getattr(spool.get_decision(i), "id", None) for i in acked}
+chunk = spool.next_chunk(100)
+print(json.dumps({"acked": acked, "refused": refused, "read_back": read_back,
+                  "replay": [r.decision_id for r in chunk.records], "unreadable": len(chunk.unreadable)}))
+"""
+
+
+def test_a_full_disk_in_the_middle_of_an_append_corrupts_nothing(
+    repository: FlakyRepository, tmp_path: Path
+) -> None:
+    """A spool append the disk refuses halfway (full disk): nothing of it is acknowledged, and nothing of
+    it may stay behind. It did: the part already written (or still in the file's buffer) sat before the
+    next append, so an acknowledged decision read back as another one, replay stopped short of it and
+    deleted its segment (lost), and the refused decisions were replayed into the database."""
+    spool_dir = tmp_path / "spool"
+    rows = [decision_row(i, event_id=f"ev-{i}") for i in range(1, 5)]
+    lines = [SpoolRecord(DECISION, decision=row).to_line() for row in rows]
+    source_dir = Path(decision_platform.__file__).parents[1]  # the child imports this checkout's code
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source_dir), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_CHILD, str(spool_dir)],
+        input=json.dumps(lines),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    seen = json.loads(child.stdout.splitlines()[-1])
+    assert seen["refused"] == [2, 3] and seen["acked"] == [1, 4]
+    assert seen["read_back"] == {"1": 1, "4": 4}  # each acknowledged id reads back as itself
+    assert (seen["replay"], seen["unreadable"]) == ([1, 4], 0)
+    # The process is gone; the next one adopts its segment and replays exactly what was acknowledged.
+    writer = writer_for(repository, spool_dir)
+    assert writer.wait_replayed(10)
+    assert stored_ids(repository) == [1, 4]
+    assert writer.status().quarantined == 0
     writer.close()

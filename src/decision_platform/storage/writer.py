@@ -290,7 +290,11 @@ class DecisionWriter:
                 again = self.spool.outcome_for(decision_id)  # a concurrent request spooled one first
                 if again is not None:
                     return _against(again, outcome)
-                self.spool.append([SpoolRecord(OUTCOME, outcome=record)])
+                try:
+                    self.spool.append([SpoolRecord(OUTCOME, outcome=record)])
+                except OSError:  # the API answers 503: nothing acknowledged
+                    metrics.SPOOL_ERRORS.labels(kind=OUTCOME).inc()
+                    raise
             metrics.SPOOL_APPENDED.labels(kind=OUTCOME).inc()
             self._set_gauges()
             return OutcomeResult(OutcomeStatus.CREATED, outcome, reward, record.received_at)
@@ -389,6 +393,7 @@ class DecisionWriter:
                 skipped = self.spool.append([SpoolRecord(DECISION, decision=row) for row, _, _ in batch])
         except Exception as exc:  # nowhere durable to put them: the callers must not acknowledge
             log.error("cannot spool %d decisions: %s", len(batch), exc)
+            metrics.SPOOL_ERRORS.labels(kind=DECISION).inc(len(batch))
             for _, item, i in batch:
                 item.statuses[i] = exc
             return
