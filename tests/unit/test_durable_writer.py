@@ -431,3 +431,35 @@ def test_a_full_disk_in_the_middle_of_an_append_corrupts_nothing(
     assert stored_ids(repository) == [1, 4]
     assert writer.status().quarantined == 0
     writer.close()
+
+
+def test_a_claim_that_fails_halfway_through_a_batch_leaves_no_claim_behind(
+    repository: FlakyRepository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills up between two event claims of one spooled batch: the append fails (503, nothing
+    acknowledged) and must take back the claims it already made. One was left behind, pointing into this
+    process's live segment: it looked live, so the client's retry of that event was answered as a
+    duplicate of a decision that was never durable -- and the retry's own decision was never stored."""
+    repository.refusing = True
+    writer = writer_for(repository, tmp_path / "spool")
+    claim = writer.spool._claim
+    calls: list[str] = []
+
+    def disk_fills_up(event_id: str, decision_id: int, location: object) -> bool:
+        calls.append(event_id)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return claim(event_id, decision_id, location)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writer.spool, "_claim", disk_fills_up)
+    statuses = writer.submit_many(
+        [decision_record(1, event_id="ev-1"), decision_record(2, event_id="ev-2")]
+    ).result(timeout=10)
+    assert all(isinstance(status, OSError) for status in statuses)  # 503 for both, nothing acknowledged
+    monkeypatch.undo()  # room on the disk again
+    assert writer.spool.decision_for_event("ev-1") is None
+    repository.refusing = False
+    assert writer.write(decision_record(3, event_id="ev-1")) in (STORED, SPOOLED)  # not a duplicate
+    assert writer.wait_replayed(10)
+    assert stored_ids(repository) == [3]
+    writer.close()

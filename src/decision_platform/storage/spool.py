@@ -258,27 +258,30 @@ class Spool:
             kept: list[tuple[SpoolRecord, bytes, _Location]] = []
             claimed: list[tuple[str, int]] = []
             skipped: set[int] = set()
-            for i, record in enumerate(records):
-                line = record.to_line().encode("utf-8")
-                location = _Location(segment.path, offset, len(line))
-                event_id = record.event_id
-                own = self._events.get(event_id) if event_id is not None else None
-                if own is not None and own != record.decision_id:
-                    skipped.add(i)  # another writer thread spooled this event's decision a moment ago
-                    continue
-                if event_id is not None and own is None:
-                    if not self._claim(event_id, record.decision_id, location):
-                        skipped.add(i)
-                        continue
-                    claimed.append((event_id, record.decision_id))
-                kept.append((record, line, location))
-                offset += len(line)
-            if not kept:
-                return skipped
             try:
+                for i, record in enumerate(records):
+                    line = record.to_line().encode("utf-8")
+                    location = _Location(segment.path, offset, len(line))
+                    event_id = record.event_id
+                    own = self._events.get(event_id) if event_id is not None else None
+                    if own is not None and own != record.decision_id:
+                        skipped.add(i)  # another writer thread spooled this event's decision a moment ago
+                        continue
+                    if event_id is not None and own is None:
+                        if not self._claim(event_id, record.decision_id, location):
+                            skipped.add(i)
+                            continue
+                        claimed.append((event_id, record.decision_id))
+                    kept.append((record, line, location))
+                    offset += len(line)
+                if not kept:
+                    return skipped
                 _write_all(segment.handle.fileno(), b"".join(line for _, line, _ in kept))
                 os.fsync(segment.handle.fileno())
             except OSError:
+                # Nothing of the batch is acknowledged: take back its part on disk and every claim it made
+                # (a claim left behind points into this live segment, so it looks live: a retry of its
+                # event was answered with a decision that was never durable, and stored nowhere).
                 self._undo_append(segment)
                 for event_id, decision_id in claimed:
                     self._release(event_id, decision_id)
