@@ -1,6 +1,6 @@
 """Fault injection on a running server (issue 11): poison data, a frozen and a refused PostgreSQL, SIGKILL
 during an outage then a degraded restart, a start against a frozen PostgreSQL, a retried event during an
-outage, a Redis outage, a frozen Redis.
+outage, a Redis outage, a frozen Redis, SIGTERM under load while PostgreSQL is frozen.
 
 For each fault: bounded load records every acknowledged decision (200) and outcome (200/201); after the
 fault the test stops the load, restores the dependency and, sending the server nothing more, polls
@@ -12,6 +12,8 @@ Each test collects every broken promise (``findings``) and fails once with all o
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -352,4 +354,39 @@ def test_a_server_started_against_a_frozen_database_serves_and_replays(
     ledger = Ledger()
     ledger.phase = "frozen"
     serve_degraded_then_recover(server, backends, findings, ledger, rate=30)
+    findings.verify()
+
+
+# ------------------------------------------------------------------------------------------------ i
+def test_sigterm_under_load_with_the_database_frozen_answers_or_refuses_and_loses_nothing(
+    start_api: Callable[..., ApiServer], backends: Backends, findings: Findings
+) -> None:
+    """SIGTERM (a deploy, a scale-in) while PostgreSQL is frozen and load keeps coming: the server stops in
+    bounded time (no wait on the frozen database), every request it answered is a 200 or a 503, and every
+    decision it acknowledged is durable: in PostgreSQL, or in its spool, which the next process adopts."""
+    server = start_api()
+    ledger = Ledger()
+    with Load(server.base_url, ledger, run_id(), rate=60):
+        time.sleep(1.5)
+        backends.pg.freeze()
+        ledger.phase = "frozen"
+        time.sleep(2.0)
+        ledger.phase = "sigterm"
+        assert server.process is not None
+        started = time.monotonic()
+        server._signal(signal.SIGTERM)
+        try:
+            code = server.process.wait(timeout=40.0)
+        except subprocess.TimeoutExpired:
+            code = None
+        exit_s = time.monotonic() - started
+    # uvicorn re-raises SIGTERM once its graceful shutdown is done: -15 is a clean stop too.
+    findings.expect(
+        code in (0, -signal.SIGTERM) and exit_s < 20.0, f"SIGTERM: exit code {code} after {exit_s:.1f} s"
+    )
+    ledger.phase = "recovery"
+    backends.pg.forward()
+    restarted = start_api("after")  # its spool is adopted and replayed by the next process
+    findings.nothing_lost(backends.schema, ledger)
+    restarted.stop()
     findings.verify()
