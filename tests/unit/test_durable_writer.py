@@ -359,7 +359,7 @@ def test_one_future_answers_a_batch_row_by_row(
     statuses = writer.submit_many(
         [decision_record(6, event_id="ev-3"), decision_record(7, event_id="ev-3")]
     ).result(timeout=10)
-    assert isinstance(statuses[0], OSError) and statuses[1] == DUPLICATE
+    assert isinstance(statuses[0], OSError) and isinstance(statuses[1], OSError)  # a copy of a failed row
     with pytest.raises(OSError):
         writer.write_many([decision_record(8)])
     with pytest.raises(OSError):
@@ -462,4 +462,28 @@ def test_a_claim_that_fails_halfway_through_a_batch_leaves_no_claim_behind(
     assert writer.write(decision_record(3, event_id="ev-1")) in (STORED, SPOOLED)  # not a duplicate
     assert writer.wait_replayed(10)
     assert stored_ids(repository) == [3]
+    writer.close()
+
+
+def test_a_copy_of_an_event_in_the_batch_whose_first_copy_could_not_be_stored_is_not_acknowledged(
+    repository: FlakyRepository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two copies of one event in one group commit (a client's retry racing its first try); the database
+    answers but refuses the first copy's record, and the spool's disk is full: the first copy fails (503).
+    The second copy was answered DUPLICATE -- of a decision stored nowhere. With the database up, the
+    engine then looked for that first decision, found none, and acknowledged the second copy's own record,
+    which was never stored either. It must fail like the copy it duplicates."""
+    writer = writer_for(repository, tmp_path / "spool")
+
+    def full_disk(_records: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    repository.refused_ids = {1}
+    monkeypatch.setattr(writer.spool, "append", full_disk)
+    statuses = writer.submit_many(
+        [decision_record(1, event_id="ev-1"), decision_record(2, event_id="ev-1"), decision_record(3)]
+    ).result(timeout=10)
+    assert isinstance(statuses[0], OSError) and isinstance(statuses[1], OSError), statuses
+    assert isinstance(statuses[2], OSError)  # spooled with the refused batch: the disk refused it too
+    assert writer.find_decision_by_event("ev-1") is None  # so nothing may claim to be its decision
     writer.close()

@@ -343,22 +343,31 @@ class DecisionWriter:
     def _store(self, batch: list[_Handover], lane: _Lane) -> None:
         """Store the rows of these hand-overs in one transaction (or the spool), then answer each one."""
         fresh: list[tuple[DecisionRow, _Handover, int]] = []
-        seen: set[str] = set()
+        #: Event id -> where its first copy in this batch is; and the later copies of each.
+        seen: dict[str, tuple[_Handover, int]] = {}
+        copies: list[tuple[str, _Handover, int]] = []
         others = self.spool.others_hold_events()  # once a batch: no file look-ups when none is spooled
         for item in batch:
             for i, row in enumerate(item.rows):
                 event_id = row.get("event_id")
-                if event_id and (
-                    event_id in seen or self.spool.decision_for_event(event_id, others) is not None
-                ):
-                    # A retry of an event whose decision is spooled (or in this batch).
+                if event_id and event_id in seen:  # a retry racing its first try into this batch
                     item.statuses[i] = DUPLICATE
+                    copies.append((event_id, item, i))
+                    continue
+                if event_id and self.spool.decision_for_event(event_id, others) is not None:
+                    item.statuses[i] = DUPLICATE  # a retry of an event whose decision is spooled
                     continue
                 if event_id:
-                    seen.add(event_id)
+                    seen[event_id] = (item, i)
                 fresh.append((row, item, i))
         if fresh:
             self._store_fresh(fresh, lane)
+        for event_id, item, i in copies:
+            first, k = seen[event_id]
+            if isinstance(first.statuses[k], BaseException):
+                # Its first copy is durable nowhere: a duplicate of it would be acknowledged as a decision
+                # that does not exist (with the database up, the engine answered the copy's own record).
+                item.statuses[i] = first.statuses[k]
         for item in batch:
             item.resolve()
 
