@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from decision_platform.config import Settings
 from decision_platform.core.events import Event
 from decision_platform.models.baseline_policy import load_policy
+from decision_platform.models.bundle import load_champions
 from decision_platform.models.registry import (
     InvalidOperationError,
     ModelRegistry,
@@ -336,3 +338,21 @@ def test_models_commands(
     assert code == 1 and "nothing to roll back to for anomaly, risk" in out
     code, out = run("rollback", "--kind", "policy")
     assert code == 0 and f"policy: {new} -> " in out
+
+
+def test_a_damaged_serving_cache_during_an_outage_serves_fallbacks_instead_of_crashing(
+    trained: tuple[str, Path], tmp_path: Path
+) -> None:
+    """A start while the database is down reads the champions from the serving cache. A cache that is
+    damaged (cut short by a power cut, zeroed by a bad disk) raised its JSON error out of the platform's
+    start: the server could not start while the database was down, and a supervisor restarted it into the
+    same traceback. Now it starts as without a cache: fallbacks, until the registry answers."""
+    db_url, model_dir = trained
+    cache = tmp_path / "serving.json"
+    up = ModelRegistry(Repository(make_engine(db_url)), model_dir, cache)
+    assert load_champions(up).complete and cache.is_file()  # the cache is written on every read
+    cache.write_text(cache.read_text("utf-8")[:40], "utf-8")
+    down = ModelRegistry(Repository(make_engine("postgresql://postgres@127.0.0.1:1/none")), model_dir, cache)
+    loaded = load_champions(down)
+    assert not loaded.complete
+    assert all(error.startswith("registry unavailable") for error in loaded.errors.values()), loaded.errors
