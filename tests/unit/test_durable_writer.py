@@ -487,3 +487,24 @@ def test_a_copy_of_an_event_in_the_batch_whose_first_copy_could_not_be_stored_is
     assert isinstance(statuses[2], OSError)  # spooled with the refused batch: the disk refused it too
     assert writer.find_decision_by_event("ev-1") is None  # so nothing may claim to be its decision
     writer.close()
+
+
+def test_a_broken_spool_directory_fails_the_batch_and_never_the_writer(
+    repository: FlakyRepository, tmp_path: Path
+) -> None:
+    """The spool's claims directory is unreadable (a disk error, or ``events`` replaced by a file): the
+    writer looks there for every batch with an event id, even with the database healthy. The error killed
+    the writer thread: that batch and every later one were never answered -- each /decide waited its full
+    60 s for a 503, for good, with PostgreSQL up. Now the batch fails (503, counted), the writer goes on."""
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    (spool_dir / "events").write_text("not a directory")
+    writer = writer_for(repository, spool_dir)
+    errors = REGISTRY.get_sample_value("dp_spool_errors_total", {"kind": "decision"}) or 0.0
+    with pytest.raises(NotADirectoryError):
+        writer.submit(decision_record(1, event_id="ev-1")).result(timeout=5)
+    assert (REGISTRY.get_sample_value("dp_spool_errors_total", {"kind": "decision"}) or 0.0) == errors + 1
+    (spool_dir / "events").unlink()  # repaired
+    assert writer.submit(decision_record(2, event_id="ev-2")).result(timeout=5) == STORED
+    assert stored_ids(repository) == [2]
+    writer.close()

@@ -323,7 +323,10 @@ class DecisionWriter:
                 batch.append(item)
                 rows += len(item.rows)
             if batch:
-                self._store(batch, lane)
+                try:
+                    self._store(batch, lane)
+                except Exception as exc:
+                    self._fail(batch, exc)
             if not primary:
                 continue
             try:
@@ -370,6 +373,19 @@ class DecisionWriter:
                 item.statuses[i] = first.statuses[k]
         for item in batch:
             item.resolve()
+
+    def _fail(self, batch: list[_Handover], exc: Exception) -> None:
+        """Answer a batch that could not be stored with its error (503), keeping the writer thread alive.
+
+        ``_store`` reads the spool directory for every batch with an event id, the database healthy or
+        not; an error there (the disk failing, ``events/`` not a directory) killed this thread, and every
+        request after it waited its full timeout for a 503, for good."""
+        log.error("storing a batch of %d hand-overs failed: %r", len(batch), exc)
+        metrics.SPOOL_ERRORS.labels(kind=DECISION).inc(sum(len(item.rows) for item in batch))
+        for item in batch:
+            if not item.future.done():
+                item.statuses = [exc] * len(item.rows)
+                item.resolve()
 
     def _store_fresh(self, fresh: list[tuple[DecisionRow, _Handover, int]], lane: _Lane) -> None:
         rows = [row for row, _, _ in fresh]
