@@ -508,3 +508,34 @@ def test_a_broken_spool_directory_fails_the_batch_and_never_the_writer(
     assert writer.submit(decision_record(2, event_id="ev-2")).result(timeout=5) == STORED
     assert stored_ids(repository) == [2]
     writer.close()
+
+
+def test_a_quarantine_the_disk_refuses_pauses_the_replay_not_the_database(
+    repository: FlakyRepository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replay meets a record the database refuses, and the spool's disk is full, so it cannot be moved to
+    the quarantine file. That failure was taken for a database outage: the healthy database was marked down
+    again and again (each probe found it up, each replay failed the same way), and live decisions went to
+    the spool meanwhile -- the full disk's spool: 503s with PostgreSQL answering. Now only the replay waits
+    (counted), and live decisions are stored."""
+    writer = writer_for(repository, tmp_path / "spool")
+    repository.refusing = True
+    assert writer.write_many([decision_record(i) for i in (1, 2, 3)]) == [SPOOLED] * 3
+    repository.refused_ids = {2}
+
+    def full_disk(_payload: object, _error: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer.spool, "quarantine", full_disk)
+    errors = REGISTRY.get_sample_value("dp_spool_errors_total", {"kind": "decision"}) or 0.0
+    repository.refusing = False
+    deadline = time.monotonic() + 10
+    while (REGISTRY.get_sample_value("dp_spool_errors_total", {"kind": "decision"}) or 0.0) == errors:
+        assert time.monotonic() < deadline, "the failed quarantine was not counted"
+        time.sleep(0.05)
+    statuses = [writer.write(decision_record(i)) for i in range(10, 20)]
+    assert writer.database_up and statuses == [STORED] * 10, (writer.status(), statuses)
+    monkeypatch.undo()  # room on the disk again: the replay goes on
+    assert writer.wait_replayed(10)
+    assert stored_ids(repository) == [1, 3, *range(10, 20)] and writer.status().quarantined == 1
+    writer.close()

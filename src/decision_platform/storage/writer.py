@@ -51,6 +51,14 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: After the spool could not quarantine a refused record (its disk full), the replay waits this long.
+QUARANTINE_RETRY_S = 1.0
+
+
+class _QuarantineFailed(Exception):
+    """A record the database refuses could not be written to the quarantine file (the spool's disk)."""
+
+
 #: Probes of a down database back off to this: a refused connect costs little, and the replay should
 #: start within about a second of the database answering again.
 MAX_PROBE_INTERVAL_S = 1.0
@@ -170,6 +178,8 @@ class DecisionWriter:
         #: (a probe of a frozen server can hang for as long as the connect timeout).
         self._probing: Future[None] | None = None
         self._backoff = probe_interval_s
+        #: The replay waits until then after the spool could not quarantine a record (see _replay).
+        self._replay_after = 0.0
         # SimpleQueue (C, no Condition): a put from a deciding thread does not wake the writer through a
         # Python-level lock (queue.Queue.put was 7% of a 500-row batch in cProfile).
         self._queue: queue.SimpleQueue[_Handover | None] = queue.SimpleQueue()
@@ -338,7 +348,8 @@ class DecisionWriter:
     def _idle_wait(self) -> float | None:
         """How long the writer may sleep waiting for decisions before it has background work to do."""
         if self._up:
-            return 0.0 if self.spool.has_work() else 1.0
+            paused = self._replay_after - time.monotonic()
+            return (0.0 if paused <= 0 else min(paused, 1.0)) if self.spool.has_work() else 1.0
         if self._probing is not None:
             return 0.02  # look again soon: the probe may answer any moment
         return max(0.0, self._next_probe - time.monotonic())
@@ -474,6 +485,8 @@ class DecisionWriter:
         if not self._up:
             self._probe()
             return
+        if time.monotonic() < self._replay_after:
+            return
         self.spool.adopt_orphans(min_interval_s=5.0)
         chunk = self.spool.next_chunk(self.replay_chunk)
         if chunk is not None:
@@ -481,10 +494,14 @@ class DecisionWriter:
 
     # --- replay
     def _replay(self, chunk: ReplayChunk) -> None:
-        """Apply one chunk in order; on an outage stop (the chunk is replayed again later, idempotently)."""
-        for text in chunk.unreadable:
-            self._quarantine(text, "unreadable spool line", "unreadable")
+        """Apply one chunk in order; on an outage stop (the chunk is replayed again later, idempotently).
+
+        A record the spool cannot quarantine (its disk full) pauses the replay only: taken for an outage,
+        it marked the healthy database down again after every probe, and live decisions went to the spool
+        -- the full one: 503s with the database answering."""
         try:
+            for text in chunk.unreadable:
+                self._quarantine(text, "unreadable spool line", "unreadable")
             run: list[SpoolRecord] = []
             for record in chunk.records:
                 if record.kind == DECISION:
@@ -494,6 +511,10 @@ class DecisionWriter:
                 run = []
                 self._replay_outcome(record)
             self._replay_decisions(run)
+        except _QuarantineFailed as exc:
+            log.error("replay paused for %s s: %s", QUARANTINE_RETRY_S, exc)
+            self._replay_after = time.monotonic() + QUARANTINE_RETRY_S
+            return
         except Exception as exc:  # record errors are isolated below: what reaches here is an outage
             metrics.DB_ERRORS.labels(operation="replay").inc()
             self._mark_down(exc)
@@ -563,7 +584,11 @@ class DecisionWriter:
             what = f"{record.kind} {record.decision_id}"
         else:
             payload, what = record, "an unreadable line"
-        self.spool.quarantine(payload, error)
+        try:
+            self.spool.quarantine(payload, error)
+        except OSError as exc:
+            metrics.SPOOL_ERRORS.labels(kind=DECISION if kind == "unreadable" else kind).inc()
+            raise _QuarantineFailed(f"cannot quarantine {what} ({error}): {exc}") from exc
         metrics.SPOOL_QUARANTINED.labels(kind=kind).inc()
         log.error("quarantined %s: the database refuses it (%s); see %s", what, error, self.spool.directory)
 
