@@ -28,11 +28,28 @@ def fixed_policy(template: Policy, action: int) -> PolicyModel:
     )
 
 
-def register_policy(registry: ModelRegistry, action: int, status: str = "challenger") -> str:
+def nan_policy(template: Policy) -> PolicyModel:
+    """An actor like :func:`fixed_policy` whose weights are NaN (corrupted before they were hashed): it
+    loads, its hash matches, and every probability it gives is NaN."""
+    actor = fixed_policy(template, 0)
+    return PolicyModel(
+        [np.full_like(w, np.nan) for w in actor.weights],
+        [np.full_like(b, np.nan) for b in actor.biases],
+        "Tanh",
+        template.state_names,
+        template.scaler_mean,
+        template.scaler_std,
+    )
+
+
+def register_policy(
+    registry: ModelRegistry, action: int, status: str = "challenger", nan: bool = False
+) -> str:
     """Register a copy of the champion policy's artifact (features.yaml, ppo.zip...) whose actor always
-    proposes ``action``; every call registers a distinct version."""
+    proposes ``action`` (``nan``: gives NaN instead); every call registers a distinct version."""
     source = registry.verified_path(registry.champion("policy"))  # type: ignore[arg-type]
-    actor = fixed_policy(load_policy(source), action)
+    template = load_policy(source)
+    actor = nan_policy(template) if nan else fixed_policy(template, action)
 
     def write(directory: Path) -> None:
         for path in source.iterdir():

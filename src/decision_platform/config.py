@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     llm_api_key: str | None = None
     #: One LLM call may take this long before the template is used instead.
     llm_timeout_s: float = Field(60.0, gt=0)
+    #: Largest LLM answer read, in bytes (a narrative is a few hundred): a larger body is refused as it
+    #: arrives instead of being read into the server's memory.
+    llm_max_response_bytes: int = Field(1024 * 1024, ge=1024)
     llm_connect_timeout_s: float = Field(2.0, gt=0)
     #: After a failed call (timeout, refused), skip the LLM for this long: requests get the template at once.
     llm_retry_after_s: float = Field(30.0, ge=0)

@@ -1,5 +1,6 @@
 """Fault injection on a running server (issue 11): poison data, a frozen and a refused PostgreSQL, SIGKILL
-during an outage then a degraded restart, a retried event during an outage, a Redis outage.
+during an outage then a degraded restart, a start against a frozen PostgreSQL, a retried event during an
+outage, a Redis outage, a frozen Redis, SIGTERM under load while PostgreSQL is frozen.
 
 For each fault: bounded load records every acknowledged decision (200) and outcome (200/201); after the
 fault the test stops the load, restores the dependency and, sending the server nothing more, polls
@@ -11,11 +12,14 @@ Each test collects every broken promise (``findings``) and fails once with all o
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Callable
 
+import httpx
 import pytest
 
 from tests.e2e.conftest import (
@@ -80,6 +84,20 @@ def expect_health_fast(findings: Findings, ledger: Ledger, phase: str) -> None:
         f"{len(slow)} of {len(probes)} /health probes during {phase!r} failed or took >= {HEALTH_MAX_S} s "
         f"(seconds: {slow[:8]})",
     )
+
+
+def serve_degraded_then_recover(
+    server: ApiServer, backends: Backends, findings: Findings, ledger: Ledger, rate: float
+) -> None:
+    """A server that started while PostgreSQL is away: 3 s of load in ``ledger.phase`` must all be answered
+    (spooled), then PostgreSQL comes back and every acknowledged record must land."""
+    phase = ledger.phase
+    with Load(server.base_url, ledger, run_id(), rate=rate):
+        time.sleep(3.0)
+    expect_served_while_spooling(findings, ledger, phase)
+    ledger.phase = "recovery"
+    backends.pg.forward()
+    findings.nothing_lost(backends.schema, ledger)
 
 
 def probe_gets(server: ApiServer, ledger: Ledger, phase: str, count: int = 3) -> list[str]:
@@ -188,12 +206,7 @@ def test_sigkill_during_an_outage_then_a_degraded_restart_loses_nothing(
 
     ledger.phase = "restarted"
     second = start_api("second")  # PostgreSQL still refused: it must start degraded, serve and spool
-    with Load(second.base_url, ledger, run_id(), rate=40):
-        time.sleep(3.0)
-    expect_served_while_spooling(findings, ledger, "restarted")
-    ledger.phase = "recovery"
-    backends.pg.forward()
-    findings.nothing_lost(backends.schema, ledger)
+    serve_degraded_then_recover(second, backends, findings, ledger, rate=40)
     findings.verify()
 
 
@@ -272,4 +285,108 @@ def test_a_redis_outage_falls_back_to_the_safe_action_and_loses_nothing(
         not unsafe, f"{len(unsafe)} of {len(during)} decisions without a safe fallback: {unsafe[:2]}"
     )
     findings.nothing_lost(backends.schema, ledger)
+    findings.verify()
+
+
+# ------------------------------------------------------------------------------------------------ g
+def test_a_frozen_redis_falls_back_within_the_budget_and_is_counted(
+    start_api: Callable[..., ApiServer], backends: Backends, findings: Findings
+) -> None:
+    """Redis stalled (SIGSTOP, a partition): connections accepted, nothing answered. Unlike a refusal,
+    every call has to wait for its timeout: /decide must still answer 200 with the safe fallback within
+    the budget, /ready must answer (degraded) instead of hanging, and the fallbacks must be counted."""
+    server = start_api()
+    ledger = Ledger()
+    with Load(server.base_url, ledger, run_id(), rate=40) as load:
+        time.sleep(1.5)
+        backends.redis.freeze()
+        time.sleep(0.5)  # a request already past its feature read answers from Redis: judged from here
+        ledger.phase = "redis frozen"
+        with httpx.Client(timeout=5.0) as client:
+            started = time.monotonic()
+            ready = client.get(f"{server.base_url}/ready")
+            ready_s = time.monotonic() - started
+        time.sleep(3.0)
+        ledger.phase = "redis back"
+        time.sleep(0.5)
+        backends.redis.forward()
+        time.sleep(1.5)
+        load.stop()
+    findings.expect(
+        ready.status_code == 503 and ready_s < 2.0,
+        f"/ready with Redis frozen: {ready.status_code} in {ready_s:.1f} s {ready.text[:200]}",
+    )
+    expect_served_while_spooling(findings, ledger, "redis frozen")  # 200s within the p99 bound
+    during = ledger.of("decide", "redis frozen")
+    unsafe = [
+        a.body for a in during if a.status == 200 and a.body.get("fallback") != "feature_store_unavailable"
+    ]
+    findings.expect(
+        not unsafe, f"{len(unsafe)} of {len(during)} decisions without the fallback: {unsafe[:2]}"
+    )
+    with httpx.Client(timeout=5.0) as client:
+        exposition = client.get(f"{server.base_url}/metrics").text
+    counted = [
+        line
+        for line in exposition.splitlines()
+        if line.startswith('dp_fallbacks_total{reason="feature_store_unavailable"}')
+        and float(line.rsplit(" ", 1)[1]) > 0
+    ]
+    findings.expect(bool(counted), "no dp_fallbacks_total{reason=feature_store_unavailable} counted")
+    findings.nothing_lost(backends.schema, ledger)
+    findings.verify()
+
+
+# ------------------------------------------------------------------------------------------------ h
+def test_a_server_started_against_a_frozen_database_serves_and_replays(
+    start_api: Callable[..., ApiServer], backends: Backends, findings: Findings
+) -> None:
+    """PostgreSQL accepts the connection and never answers, from before the server starts (a partition,
+    a wedged server): start-up (migrations, the registry) must give up in bounded time and serve degraded
+    from the serving cache, spooling; once the database answers, everything acknowledged lands."""
+    first = start_api("warm")  # fills the registry's serving cache, as any earlier run did
+    first.stop()
+    backends.pg.freeze()
+    started = time.monotonic()
+    server = start_api("frozen")
+    start_s = time.monotonic() - started
+    findings.expect(start_s < 30.0, f"start-up against a frozen database took {start_s:.0f} s")
+    ledger = Ledger()
+    ledger.phase = "frozen"
+    serve_degraded_then_recover(server, backends, findings, ledger, rate=30)
+    findings.verify()
+
+
+# ------------------------------------------------------------------------------------------------ i
+def test_sigterm_under_load_with_the_database_frozen_answers_or_refuses_and_loses_nothing(
+    start_api: Callable[..., ApiServer], backends: Backends, findings: Findings
+) -> None:
+    """SIGTERM (a deploy, a scale-in) while PostgreSQL is frozen and load keeps coming: the server stops in
+    bounded time (no wait on the frozen database), every request it answered is a 200 or a 503, and every
+    decision it acknowledged is durable: in PostgreSQL, or in its spool, which the next process adopts."""
+    server = start_api()
+    ledger = Ledger()
+    with Load(server.base_url, ledger, run_id(), rate=60):
+        time.sleep(1.5)
+        backends.pg.freeze()
+        ledger.phase = "frozen"
+        time.sleep(2.0)
+        ledger.phase = "sigterm"
+        assert server.process is not None
+        started = time.monotonic()
+        server._signal(signal.SIGTERM)
+        try:
+            code = server.process.wait(timeout=40.0)
+        except subprocess.TimeoutExpired:
+            code = None
+        exit_s = time.monotonic() - started
+    # uvicorn re-raises SIGTERM once its graceful shutdown is done: -15 is a clean stop too.
+    findings.expect(
+        code in (0, -signal.SIGTERM) and exit_s < 20.0, f"SIGTERM: exit code {code} after {exit_s:.1f} s"
+    )
+    ledger.phase = "recovery"
+    backends.pg.forward()
+    restarted = start_api("after")  # its spool is adopted and replayed by the next process
+    findings.nothing_lost(backends.schema, ledger)
+    restarted.stop()
     findings.verify()

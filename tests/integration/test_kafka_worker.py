@@ -25,7 +25,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from decision_platform.config import Settings
 from decision_platform.core.events import Event
 from decision_platform.devtools.redis_cluster import LocalRedisCluster
-from decision_platform.devtools.tansu import start_broker
+from decision_platform.devtools.tansu import free_port, start_broker
 from decision_platform.events.kafka import KafkaSink, KafkaSource, ensure_topics
 from decision_platform.features import FeatureSpec, OfflineWindows, compute_features, open_feature_store
 from decision_platform.observability import metrics
@@ -275,18 +275,7 @@ def test_a_frozen_broker_delays_the_stream_and_loses_nothing(
     failed_before = failures._value.get()
     try:
         produce(settings, events)
-        stop, thread = run_in_thread(settings, start_platform)
-        try:
-            wait_for(lambda: decision_count(settings) >= 200, 90, "the worker to make progress")
-            process.send_signal(signal.SIGSTOP)
-            time.sleep(6)  # three publish timeouts
-            process.send_signal(signal.SIGCONT)
-            wait_for(lambda: decision_count(settings) >= 2000, 120, "every decision once the broker is back")
-            wait_for(lambda: sum(committed_offsets(settings)) == 2000, 60, "every offset committed")
-        finally:
-            process.send_signal(signal.SIGCONT)
-            stop.set()
-            thread.join(30)
+        stream_through_a_freeze(settings, start_platform, process, len(events), 6.0)  # 3 publish timeouts
         assert failures._value.get() > failed_before  # the outage is visible, not only slow
         assert_windows_exact(settings, events, in_flight=2 * settings.worker_batch_size)
 
@@ -302,6 +291,61 @@ def test_a_frozen_broker_delays_the_stream_and_loses_nothing(
     finally:
         process.kill()
         process.wait()
+
+
+def test_a_frozen_redis_delays_the_stream_and_loses_nothing(
+    kafka_settings: Settings, start_platform: Callable[[Settings], Platform], tmp_path: Path
+) -> None:
+    """The worker's Redis stops answering (SIGSTOP: connections accepted, nothing read) for longer than the
+    worker's feature-store timeout: each batch attempt fails within the timeout, counted (a feature-store
+    error and a failed batch), uncommitted; once Redis answers, every event is decided once, its windows
+    exact, and the group commits every offset. The worker never waits on the frozen Redis for good."""
+    port = free_port()
+    log = (tmp_path / "redis.log").open("ab")
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    settings = kafka_settings.model_copy(update={"feature_store_url": f"redis://127.0.0.1:{port}/0"})
+    events = make_events(1000, entities=30, seed=4)
+    store_errors = metrics.FEATURE_STORE_ERRORS.labels(operation="update")
+    failures = metrics.WORKER_BATCH_FAILURES.labels(error="FeatureStoreError")
+    errors_before, failed_before = store_errors._value.get(), failures._value.get()
+    try:
+        wait_for(lambda: redis.Redis(port=port).ping(), 10, "our redis-server")
+        produce(settings, events)
+        stream_through_a_freeze(settings, start_platform, server, len(events), 7.0)  # past a 5 s timeout
+        assert failures._value.get() > failed_before, "no batch failure counted while Redis was frozen"
+        assert store_errors._value.get() > errors_before  # the dependency failure itself is counted too
+        assert_windows_exact(settings, events, in_flight=2 * settings.worker_batch_size)
+    finally:
+        server.kill()
+        server.wait()
+        log.close()
+
+
+def stream_through_a_freeze(
+    settings: Settings,
+    start_platform: Callable[[Settings], Platform],
+    frozen: subprocess.Popen,
+    events: int,
+    seconds: float,
+) -> None:
+    """Run a worker over the ``events`` produced; once it has made progress, freeze ``frozen`` (SIGSTOP) for
+    ``seconds``; then wait until every event is decided and the group has committed every offset."""
+    stop, thread = run_in_thread(settings, start_platform)
+    try:
+        wait_for(lambda: decision_count(settings) >= events // 10, 90, "the worker to make progress")
+        frozen.send_signal(signal.SIGSTOP)
+        time.sleep(seconds)
+        frozen.send_signal(signal.SIGCONT)
+        wait_for(lambda: decision_count(settings) >= events, 120, "every decision once it answers again")
+        wait_for(lambda: sum(committed_offsets(settings)) == events, 60, "every offset committed")
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+        stop.set()
+        thread.join(30)
 
 
 def committed_offsets(settings: Settings) -> list[int]:

@@ -6,18 +6,23 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from prometheus_client import REGISTRY
 
+import decision_platform
 from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.repository import OutcomeStatus, Repository
-from decision_platform.storage.spool import QUARANTINE_FILE, Spool
+from decision_platform.storage.spool import DECISION, QUARANTINE_FILE, Spool, SpoolRecord
 from decision_platform.storage.writer import DUPLICATE, SPOOLED, STORED, DecisionWriter
-from tests.conftest import decision_record
+from tests.conftest import decision_record, decision_row
 
 
 class FlakyRepository(Repository):
@@ -350,13 +355,187 @@ def test_one_future_answers_a_batch_row_by_row(
 
     repository.refusing = True
     monkeypatch.setattr(writer.spool, "append", full_disk)
+    refused_before = REGISTRY.get_sample_value("dp_spool_errors_total", {"kind": "decision"}) or 0.0
     statuses = writer.submit_many(
         [decision_record(6, event_id="ev-3"), decision_record(7, event_id="ev-3")]
     ).result(timeout=10)
-    assert isinstance(statuses[0], OSError) and statuses[1] == DUPLICATE
+    assert isinstance(statuses[0], OSError) and isinstance(statuses[1], OSError)  # a copy of a failed row
     with pytest.raises(OSError):
         writer.write_many([decision_record(8)])
     with pytest.raises(OSError):
         writer.write(decision_record(9))
+    # Counted: a full disk during an outage is a 503 for every caller, and an operator must hear of it.
+    refused = REGISTRY.get_sample_value("dp_spool_errors_total", {"kind": "decision"}) or 0.0
+    assert refused - refused_before == 3
     assert not writer.spool.has_work()  # nothing of the refused rows was kept anywhere
+    writer.close()
+
+
+#: A process whose spool meets a full disk halfway through an append (RLIMIT_FSIZE: the write puts part of
+#: the batch on disk, then fails with EFBIG, as ENOSPC does), then gets room again. It prints, as JSON, which
+#: appends were acknowledged, which decision each acknowledged id reads back as, and what replay would read.
+_FULL_DISK_CHILD = """
+import json, resource, signal, sys
+from pathlib import Path
+from decision_platform.storage.spool import Spool, SpoolRecord
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing us
+directory, lines = Path(sys.argv[1]), json.loads(sys.stdin.read())
+records = [SpoolRecord.from_line(line) for line in lines]
+spool = Spool(directory)
+acked, refused = [], []
+spool.append([records[0]]); acked.append(1)
+(segment,) = directory.glob("segment-*.jsonl")
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (segment.stat().st_size + 300, hard))
+try:
+    spool.append(records[1:3]); acked += [2, 3]
+except OSError:
+    refused += [2, 3]
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # room again
+spool.append([records[3]]); acked.append(4)
+read_back = {i: getattr(spool.get_decision(i), "id", None) for i in acked}
+chunk = spool.next_chunk(100)
+print(json.dumps({"acked": acked, "refused": refused, "read_back": read_back,
+                  "replay": [r.decision_id for r in chunk.records], "unreadable": len(chunk.unreadable)}))
+"""
+
+
+def test_a_full_disk_in_the_middle_of_an_append_corrupts_nothing(
+    repository: FlakyRepository, tmp_path: Path
+) -> None:
+    """A spool append the disk refuses halfway (full disk): nothing of it is acknowledged, and nothing of
+    it may stay behind. It did: the part already written (or still in the file's buffer) sat before the
+    next append, so an acknowledged decision read back as another one, replay stopped short of it and
+    deleted its segment (lost), and the refused decisions were replayed into the database."""
+    spool_dir = tmp_path / "spool"
+    rows = [decision_row(i, event_id=f"ev-{i}") for i in range(1, 5)]
+    lines = [SpoolRecord(DECISION, decision=row).to_line() for row in rows]
+    source_dir = Path(decision_platform.__file__).parents[1]  # the child imports this checkout's code
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source_dir), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_CHILD, str(spool_dir)],
+        input=json.dumps(lines),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    seen = json.loads(child.stdout.splitlines()[-1])
+    assert seen["refused"] == [2, 3] and seen["acked"] == [1, 4]
+    assert seen["read_back"] == {"1": 1, "4": 4}  # each acknowledged id reads back as itself
+    assert (seen["replay"], seen["unreadable"]) == ([1, 4], 0)
+    # The process is gone; the next one adopts its segment and replays exactly what was acknowledged.
+    writer = writer_for(repository, spool_dir)
+    assert writer.wait_replayed(10)
+    assert stored_ids(repository) == [1, 4]
+    assert writer.status().quarantined == 0
+    writer.close()
+
+
+def test_a_claim_that_fails_halfway_through_a_batch_leaves_no_claim_behind(
+    repository: FlakyRepository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills up between two event claims of one spooled batch: the append fails (503, nothing
+    acknowledged) and must take back the claims it already made. One was left behind, pointing into this
+    process's live segment: it looked live, so the client's retry of that event was answered as a
+    duplicate of a decision that was never durable -- and the retry's own decision was never stored."""
+    repository.refusing = True
+    writer = writer_for(repository, tmp_path / "spool")
+    claim = writer.spool._claim
+    calls: list[str] = []
+
+    def disk_fills_up(event_id: str, decision_id: int, location: object) -> bool:
+        calls.append(event_id)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return claim(event_id, decision_id, location)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writer.spool, "_claim", disk_fills_up)
+    statuses = writer.submit_many(
+        [decision_record(1, event_id="ev-1"), decision_record(2, event_id="ev-2")]
+    ).result(timeout=10)
+    assert all(isinstance(status, OSError) for status in statuses)  # 503 for both, nothing acknowledged
+    monkeypatch.undo()  # room on the disk again
+    assert writer.spool.decision_for_event("ev-1") is None
+    repository.refusing = False
+    assert writer.write(decision_record(3, event_id="ev-1")) in (STORED, SPOOLED)  # not a duplicate
+    assert writer.wait_replayed(10)
+    assert stored_ids(repository) == [3]
+    writer.close()
+
+
+def test_a_copy_of_an_event_in_the_batch_whose_first_copy_could_not_be_stored_is_not_acknowledged(
+    repository: FlakyRepository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two copies of one event in one group commit (a client's retry racing its first try); the database
+    answers but refuses the first copy's record, and the spool's disk is full: the first copy fails (503).
+    The second copy was answered DUPLICATE -- of a decision stored nowhere. With the database up, the
+    engine then looked for that first decision, found none, and acknowledged the second copy's own record,
+    which was never stored either. It must fail like the copy it duplicates."""
+    writer = writer_for(repository, tmp_path / "spool")
+
+    def full_disk(_records: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    repository.refused_ids = {1}
+    monkeypatch.setattr(writer.spool, "append", full_disk)
+    statuses = writer.submit_many(
+        [decision_record(1, event_id="ev-1"), decision_record(2, event_id="ev-1"), decision_record(3)]
+    ).result(timeout=10)
+    assert isinstance(statuses[0], OSError) and isinstance(statuses[1], OSError), statuses
+    assert isinstance(statuses[2], OSError)  # spooled with the refused batch: the disk refused it too
+    assert writer.find_decision_by_event("ev-1") is None  # so nothing may claim to be its decision
+    writer.close()
+
+
+def test_a_broken_spool_directory_fails_the_batch_and_never_the_writer(
+    repository: FlakyRepository, tmp_path: Path
+) -> None:
+    """The spool's claims directory is unreadable (a disk error, or ``events`` replaced by a file): the
+    writer looks there for every batch with an event id, even with the database healthy. The error killed
+    the writer thread: that batch and every later one were never answered -- each /decide waited its full
+    60 s for a 503, for good, with PostgreSQL up. Now the batch fails (503, counted), the writer goes on."""
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    (spool_dir / "events").write_text("not a directory")
+    writer = writer_for(repository, spool_dir)
+    errors = REGISTRY.get_sample_value("dp_spool_errors_total", {"kind": "decision"}) or 0.0
+    with pytest.raises(NotADirectoryError):
+        writer.submit(decision_record(1, event_id="ev-1")).result(timeout=5)
+    assert (REGISTRY.get_sample_value("dp_spool_errors_total", {"kind": "decision"}) or 0.0) == errors + 1
+    (spool_dir / "events").unlink()  # repaired
+    assert writer.submit(decision_record(2, event_id="ev-2")).result(timeout=5) == STORED
+    assert stored_ids(repository) == [2]
+    writer.close()
+
+
+def test_a_quarantine_the_disk_refuses_pauses_the_replay_not_the_database(
+    repository: FlakyRepository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replay meets a record the database refuses, and the spool's disk is full, so it cannot be moved to
+    the quarantine file. That failure was taken for a database outage: the healthy database was marked down
+    again and again (each probe found it up, each replay failed the same way), and live decisions went to
+    the spool meanwhile -- the full disk's spool: 503s with PostgreSQL answering. Now only the replay waits
+    (counted), and live decisions are stored."""
+    writer = writer_for(repository, tmp_path / "spool")
+    repository.refusing = True
+    assert writer.write_many([decision_record(i) for i in (1, 2, 3)]) == [SPOOLED] * 3
+    repository.refused_ids = {2}
+
+    def full_disk(_payload: object, _error: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer.spool, "quarantine", full_disk)
+    errors = REGISTRY.get_sample_value("dp_spool_errors_total", {"kind": "decision"}) or 0.0
+    repository.refusing = False
+    deadline = time.monotonic() + 10
+    while (REGISTRY.get_sample_value("dp_spool_errors_total", {"kind": "decision"}) or 0.0) == errors:
+        assert time.monotonic() < deadline, "the failed quarantine was not counted"
+        time.sleep(0.05)
+    statuses = [writer.write(decision_record(i)) for i in range(10, 20)]
+    assert writer.database_up and statuses == [STORED] * 10, (writer.status(), statuses)
+    monkeypatch.undo()  # room on the disk again: the replay goes on
+    assert writer.wait_replayed(10)
+    assert stored_ids(repository) == [1, 3, *range(10, 20)] and writer.status().quarantined == 1
     writer.close()

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from decision_platform.api.app import create_app
 from decision_platform.config import Settings
-from decision_platform.explain.llm import OllamaChat
+from decision_platform.explain.llm import LLMError, LLMTimeout, OllamaChat, OpenAIChat
 from decision_platform.serving.platform import Platform
 
 DENYLISTED = "dev-known-stolen-0001"
@@ -191,3 +191,71 @@ def test_narratives_through_ollama_are_served_and_cached(
         assert explanation["grounding"]["passed"] is True and explanation["latency_ms"] > 0
         assert client.get(url).json() == explanation  # cached: the model is not asked twice
         assert [path for path, _ in fake.requests] == ["/api/chat"]
+
+
+class MisbehavingLLM:
+    """An LLM endpoint gone wrong at the HTTP level: ``drip`` answers 200 and then a byte of its body every
+    50 ms (a server wedged mid-answer, a proxy trickling), ``huge`` streams a 64 MB body of garbage.
+    ``sent`` counts the body bytes the client took before it hung up."""
+
+    def __init__(self, mode: str) -> None:
+        self.sent = 0
+        self.stopping = threading.Event()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *_: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["content-length"]))
+                size = 64 * 1024 * 1024
+                chunk = b" " if mode == "drip" else b"x" * 65536
+                try:
+                    self.send_response(200)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(size))
+                    self.end_headers()
+                    while fake.sent < size and not fake.stopping.is_set():
+                        self.wfile.write(chunk)
+                        self.wfile.flush()
+                        fake.sent += len(chunk)
+                        if mode == "drip":
+                            fake.stopping.wait(0.05)
+                except OSError:  # the client hung up: what a bounded client does
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("backend", ["ollama", "openai"])
+@pytest.mark.parametrize("mode", ["drip", "huge"])
+def test_an_llm_that_trickles_or_floods_its_answer_is_given_up_in_time(backend: str, mode: str) -> None:
+    """httpx's timeout bounds each read, not the call: an endpoint that kept sending a byte now and then
+    held the narrator's thread for as long as it liked (no narrative, no timeout counted), and one that
+    sent a huge body had it read into the server's memory. Now the call ends by ``timeout_s`` with
+    LLMTimeout, and a body over ``max_response_bytes`` is refused (LLMError) as soon as it is over."""
+    fake = MisbehavingLLM(mode)
+    client = (
+        OllamaChat(fake.url, "m", timeout_s=1.0, connect_timeout_s=1.0, max_response_bytes=256 * 1024)
+        if backend == "ollama"
+        else OpenAIChat(fake.url + "/v1", "m", 1.0, 1.0, max_response_bytes=256 * 1024)
+    )
+    started = time.monotonic()
+    try:
+        with pytest.raises(LLMTimeout if mode == "drip" else LLMError):
+            client.chat([{"role": "user", "content": "u"}], max_tokens=50, temperature=0.0)
+        elapsed = time.monotonic() - started
+    finally:
+        client.close()
+        fake.close()
+    assert elapsed < 3.0, f"the call took {elapsed:.1f} s (timeout 1 s)"
+    assert fake.sent < 16 * 1024 * 1024, f"{fake.sent} bytes of the answer were read (limit 256 kB)"

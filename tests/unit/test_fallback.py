@@ -116,3 +116,21 @@ def test_no_models_at_all_still_decides(
         body = client.post("/decide", json={"entity_id": "n1"}).json()
         assert body["fallback"].startswith("model_unavailable")
         assert body["action"] == 1
+
+
+def test_events_in_process_with_the_feature_store_down_are_a_503_and_counted(
+    make_settings: Callable[..., Settings], start_platform: Callable[[Settings], Platform]
+) -> None:
+    """``POST /events`` with no broker runs the worker's logic in the request, and the worker updates the
+    windows outside the engine's fallback (an event must be counted, not decided without its windows). With
+    Redis down that raised FeatureStoreError, which no handler knew: a 500 without Retry-After, and no
+    feature-store error counted. It is an outage like any other: 503 + Retry-After, counted."""
+    settings = make_settings(feature_store_url=UNREACHABLE_REDIS)
+    with TestClient(create_app(settings, start_platform(settings))) as client:
+        before = metric(client, 'dp_feature_store_errors_total{operation="update"}')
+        response = client.post(
+            "/events", json={"events": [{"event_id": "ev-down", "entity_id": "u9", "amount": 5}]}
+        )
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"] and "feature store" in response.json()["detail"]
+        assert metric(client, 'dp_feature_store_errors_total{operation="update"}') == before + 1

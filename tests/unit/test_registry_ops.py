@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from decision_platform.config import Settings
 from decision_platform.core.events import Event
+from decision_platform.models.baseline_policy import load_policy
+from decision_platform.models.bundle import load_champions
 from decision_platform.models.registry import (
     InvalidOperationError,
     ModelRegistry,
@@ -210,6 +214,36 @@ def test_a_reload_keeps_the_current_set_when_a_new_champion_cannot_be_loaded(
     assert platform.refresh_models() is None  # a failed attempt is not retried until the registry changes
 
 
+def test_a_champion_that_scores_nan_is_never_served(
+    make_settings: Callable[..., Settings], start_platform: StartPlatform
+) -> None:
+    """A policy whose weights were NaN when registered: its hash matches, so promote() took it, a hot
+    reload served it, and every decision raised in the sampler (/decide 500, the stream worker retrying
+    its batch forever). Now the reload refuses it and the current set keeps serving; and should scores
+    ever come out NaN anyway, those rows fall back (rules + the safe action), counted, never a 500."""
+    platform = start_platform(make_settings())
+    serving = platform.models.versions["policy"]
+    broken = register_policy(platform.registry, ALLOW, nan=True)
+    platform.registry.promote(broken)
+    refused = metrics.MODEL_RELOADS.labels(result="refused")._value.get()
+    result = platform.reload_models()
+    assert not result.applied and "probabilities" in result.errors["policy"]
+    assert metrics.MODEL_RELOADS.labels(result="refused")._value.get() == refused + 1
+    row = platform.engine.decide("nan1").record
+    assert row.fallback is None and row.model_versions["policy"] == serving
+
+    # The engine's own guard, for scores that come out NaN some other way (an overflow on odd inputs).
+    source = platform.registry.verified_path(platform.registry.record(broken))
+    nan_models = replace(platform.engine.models, policy=load_policy(source))
+    platform.engine.swap_models(nan_models, platform.engine.reasons)
+    fallbacks = metrics.FALLBACKS.labels(reason="invalid_scores")._value.get()
+    for n in (1, 8):  # row by row, and batched
+        records = [d.record for d in platform.engine.decide_batch(_requests(n, f"nan-{n}"))]
+        assert {r.fallback for r in records} == {"invalid_scores"}
+        assert all(r.decided_by == "fallback" and r.probabilities is None for r in records)
+    assert metrics.FALLBACKS.labels(reason="invalid_scores")._value.get() == fallbacks + 9
+
+
 def test_decisions_in_flight_finish_with_the_set_they_started_with(
     make_settings: Callable[..., Settings], start_platform: StartPlatform
 ) -> None:
@@ -304,3 +338,21 @@ def test_models_commands(
     assert code == 1 and "nothing to roll back to for anomaly, risk" in out
     code, out = run("rollback", "--kind", "policy")
     assert code == 0 and f"policy: {new} -> " in out
+
+
+def test_a_damaged_serving_cache_during_an_outage_serves_fallbacks_instead_of_crashing(
+    trained: tuple[str, Path], tmp_path: Path
+) -> None:
+    """A start while the database is down reads the champions from the serving cache. A cache that is
+    damaged (cut short by a power cut, zeroed by a bad disk) raised its JSON error out of the platform's
+    start: the server could not start while the database was down, and a supervisor restarted it into the
+    same traceback. Now it starts as without a cache: fallbacks, until the registry answers."""
+    db_url, model_dir = trained
+    cache = tmp_path / "serving.json"
+    up = ModelRegistry(Repository(make_engine(db_url)), model_dir, cache)
+    assert load_champions(up).complete and cache.is_file()  # the cache is written on every read
+    cache.write_text(cache.read_text("utf-8")[:40], "utf-8")
+    down = ModelRegistry(Repository(make_engine("postgresql://postgres@127.0.0.1:1/none")), model_dir, cache)
+    loaded = load_champions(down)
+    assert not loaded.complete
+    assert all(error.startswith("registry unavailable") for error in loaded.errors.values()), loaded.errors

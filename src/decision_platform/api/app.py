@@ -23,6 +23,7 @@ from decision_platform.api.decide_lane import DecideLane, replaying
 from decision_platform.api.routes import router
 from decision_platform.config import Settings, get_settings
 from decision_platform.console.routes import AdminActions, build_router
+from decision_platform.features import FeatureStoreError
 from decision_platform.serving.platform import Platform
 from decision_platform.storage.errors import OUTAGE_ERRORS as DATABASE_OUTAGES
 from decision_platform.storage.errors import DatabaseUnavailable
@@ -109,16 +110,19 @@ class CatchUnexpected:
             await JSONResponse({"detail": INTERNAL_ERROR}, status_code=500)(scope, receive, send)
 
 
-#: Dependency outages, answered 503 with Retry-After: the database's (storage.errors) and the feature store's.
+#: Dependency outages, answered 503 with Retry-After: the database's (storage.errors) and the feature store's
+#: (FeatureStoreError: what ``POST /events`` meets when it runs the worker in-process, where the windows are
+#: updated outside the engine's fallback; it was a 500).
 DEPENDENCY_OUTAGES: tuple[type[Exception], ...] = (
     *DATABASE_OUTAGES,
     redis.ConnectionError,
     redis.TimeoutError,
+    FeatureStoreError,
 )
 
 
 async def _dependency_unavailable(request: Request, exc: Exception) -> JSONResponse:
-    what = "feature store" if isinstance(exc, redis.RedisError) else "database"
+    what = "feature store" if isinstance(exc, redis.RedisError | FeatureStoreError) else "database"
     if isinstance(exc, DatabaseUnavailable):  # its reason may already say "database unavailable (...)"
         summary = exc.reason if exc.reason.startswith(what) else f"{what} unavailable ({exc.reason})"
         logged = summary

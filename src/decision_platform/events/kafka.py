@@ -93,22 +93,43 @@ class EventProducer:
     def __init__(self, settings: Settings) -> None:
         self.topic = settings.kafka_events_topic
         self._producer = Producer(producer_config(settings))
+        #: A send timed out and the broker has not taken everything since (see :meth:`send`).
+        self._stalled = False
 
     def send(self, events: Sequence[Event], timeout_s: float = 10.0) -> None:
+        """Produce the events and wait until the broker has acknowledged every one of them.
+
+        Raises BrokerUnavailableError (503) when it has not within ``timeout_s`` -- and then at once, without
+        waiting, until the broker has taken what the producer still holds: each ``POST /events`` waits on a
+        thread of the API's request pool, and with the broker down every request held one for the whole
+        timeout, so a few a second filled the pool and /outcome, GET /decisions and /ready queued behind.
+        """
+        if self._stalled:
+            self._producer.poll(0)  # serve the delivery reports that came in meanwhile
+            held = len(self._producer)
+            if held:
+                raise BrokerUnavailableError(f"the broker is not taking events ({held} still unacknowledged)")
+            self._stalled = False
         errors: list[str] = []
 
         def delivered(error: Any, _message: Any) -> None:
             if error is not None:
                 errors.append(str(error))
 
-        for event in events:
-            self._producer.produce(
-                self.topic,
-                key=event.entity_id.encode(),
-                value=event.model_dump_json().encode(),
-                on_delivery=delivered,
-            )
+        try:
+            for event in events:
+                self._producer.produce(
+                    self.topic,
+                    key=event.entity_id.encode(),
+                    value=event.model_dump_json().encode(),
+                    on_delivery=delivered,
+                )
+        except (BufferError, KafkaException) as exc:  # the local queue is full: the broker is behind
+            self._stalled = True
+            raise BrokerUnavailableError(f"the producer cannot queue more events ({exc})") from None
         remaining = self._producer.flush(timeout_s)
+        if remaining:
+            self._stalled = True
         if remaining or errors:
             raise BrokerUnavailableError(
                 f"{remaining} events unacknowledged, {len(errors)} failed"

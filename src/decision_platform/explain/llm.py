@@ -10,8 +10,9 @@
   ``embedded:///path/model.gguf`` for a file of your own.
 
 ``DP_LLM_MODEL`` names the model where the server hosts several (Ollama: e.g. ``qwen2.5:1.5b``).
-Every call is bounded by ``DP_LLM_TIMEOUT_S``; failures raise :class:`LLMError` (or :class:`LLMTimeout`),
-which the narrator turns into the template. Nothing here runs on the decision path.
+Every call is bounded by ``DP_LLM_TIMEOUT_S`` as a whole (not per read) and its answer by
+``DP_LLM_MAX_RESPONSE_BYTES`` (:class:`BoundedTransport`); failures raise :class:`LLMError` (or
+:class:`LLMTimeout`), which the narrator turns into the template. Nothing here runs on the decision path.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -85,16 +87,88 @@ class ChatClient(Protocol):
     def close(self) -> None: ...
 
 
+#: DP_LLM_MAX_RESPONSE_BYTES' default, for clients made without settings.
+DEFAULT_MAX_RESPONSE_BYTES: int = Settings.model_fields["llm_max_response_bytes"].default
+
+
+class BoundedTransport(httpx.BaseTransport):
+    """httpx's transport with a deadline on the whole answer and a bound on its size.
+
+    httpx's timeouts bound each network read, not a call: an LLM endpoint that answered 200 and then sent a
+    byte now and then (wedged mid-answer, a trickling proxy) held the narrator's thread for as long as it
+    kept trickling -- no narrative, no timeout counted -- and one that sent a huge body had all of it read
+    into the server's memory. Here the body is checked as it arrives: past ``timeout_s`` since the request
+    was sent it raises :class:`httpx.ReadTimeout`, past ``max_bytes`` :class:`httpx.DecodingError` (both
+    ``httpx.HTTPError``: the clients turn them into LLMTimeout / LLMError, the narrator into the template).
+    """
+
+    def __init__(self, timeout_s: float, max_bytes: int) -> None:
+        self.timeout_s = timeout_s
+        self.max_bytes = max_bytes
+        self._inner = httpx.HTTPTransport()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        deadline = time.monotonic() + self.timeout_s
+        response = self._inner.handle_request(request)
+        assert isinstance(response.stream, httpx.SyncByteStream)
+        body = _BoundedBody(response.stream, request, deadline, self.timeout_s, self.max_bytes)
+        return httpx.Response(
+            response.status_code, headers=response.headers, stream=body, extensions=response.extensions
+        )
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class _BoundedBody(httpx.SyncByteStream):
+    def __init__(
+        self,
+        stream: httpx.SyncByteStream,
+        request: httpx.Request,
+        deadline: float,
+        timeout_s: float,
+        max_bytes: int,
+    ) -> None:
+        self._stream, self._request = stream, request
+        self._deadline, self._timeout_s, self._max_bytes = deadline, timeout_s, max_bytes
+
+    def __iter__(self) -> Iterator[bytes]:
+        read = 0
+        for chunk in self._stream:
+            read += len(chunk)
+            if read > self._max_bytes:
+                raise httpx.DecodingError(f"answer over {self._max_bytes} bytes", request=self._request)
+            if time.monotonic() > self._deadline:
+                raise httpx.ReadTimeout(
+                    f"answer not complete in {self._timeout_s:g} s", request=self._request
+                )
+            yield chunk
+
+    def close(self) -> None:
+        self._stream.close()
+
+
 class OllamaChat:
     """Ollama's native ``/api/chat`` (non-streaming) through the official client."""
 
     backend = "ollama"
 
-    def __init__(self, host: str, model: str, timeout_s: float, connect_timeout_s: float) -> None:
+    def __init__(
+        self,
+        host: str,
+        model: str,
+        timeout_s: float,
+        connect_timeout_s: float,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    ) -> None:
         import ollama
 
         self.model = model
-        self._client = ollama.Client(host=host, timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s))
+        self._client = ollama.Client(
+            host=host,
+            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+            transport=BoundedTransport(timeout_s, max_response_bytes),
+        )
 
     def chat(
         self,
@@ -151,6 +225,7 @@ class OpenAIChat:
         connect_timeout_s: float,
         api_key: str | None = None,
         extra: dict[str, Any] | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         self.model = model
         #: Server-specific fields of every request (llama.cpp: ``cache_prompt``); unknown to others.
@@ -160,6 +235,7 @@ class OpenAIChat:
             base_url=base_url.rstrip("/"),
             timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
             headers=headers,
+            transport=BoundedTransport(timeout_s, max_response_bytes),
         )
 
     def chat(
@@ -277,6 +353,7 @@ class EmbeddedChat:
                         self.settings.llm_connect_timeout_s,
                         # the fixed prompt prefix stays in the slot's cache: only the facts are read
                         extra={"cache_prompt": True},
+                        max_response_bytes=self.settings.llm_max_response_bytes,
                     )
                 if not line and process.poll() is not None:
                     break
@@ -344,7 +421,8 @@ def open_chat_client(settings: Settings) -> ChatClient | None:
     timeout, connect = settings.llm_timeout_s, settings.llm_connect_timeout_s
     if scheme in ("http", "https", "ollama"):
         host = url if scheme != "ollama" else "http://" + parts.netloc
-        return OllamaChat(host, settings.llm_model or DEFAULT_OLLAMA_MODEL, timeout, connect)
+        model = settings.llm_model or DEFAULT_OLLAMA_MODEL
+        return OllamaChat(host, model, timeout, connect, settings.llm_max_response_bytes)
     if scheme in ("openai", "openai+http", "openai+https"):
         protocol = "https" if scheme.endswith("https") else "http"
         path = parts.path if parts.path not in ("", "/") else "/v1"
@@ -354,6 +432,7 @@ def open_chat_client(settings: Settings) -> ChatClient | None:
             timeout,
             connect,
             settings.llm_api_key,
+            max_response_bytes=settings.llm_max_response_bytes,
         )
     if scheme == "embedded":
         model = parts.netloc or parts.path or settings.llm_model or DEFAULT_EMBEDDED_MODEL

@@ -105,8 +105,21 @@ def load_champions(
 
 
 def _load(registry: ModelRegistry, kind: str, record: dict[str, Any]) -> tuple[Any, FeatureSpec]:
+    """Load and verify one artifact; a policy is also tried on one state (:func:`_try_policy`)."""
     path = registry.verified_path(record)
-    return _LOADERS[kind](path), FeatureSpec.load(path / SPEC_FILE)
+    model, spec = _LOADERS[kind](path), FeatureSpec.load(path / SPEC_FILE)
+    if kind == "policy":
+        _try_policy(model, len(spec.names))
+    return model, spec
+
+
+def _try_policy(policy: Policy, n_features: int) -> None:
+    """Raise ValueError unless the policy gives a (1, 3) finite distribution on one state. The hash only
+    says the artifact is the one registered: weights that were NaN when registered passed it, a hot reload
+    served them, and every decision failed (the sampler raised on NaN)."""
+    probabilities = policy.probabilities(policy.state(np.zeros((1, n_features)), np.zeros(1), np.zeros(1)))
+    if probabilities.shape != (1, 3) or not np.all(np.isfinite(probabilities)):
+        raise ValueError(f"gives {probabilities.shape} probabilities, not (1, 3) finite ones")
 
 
 def _load_shadow(
@@ -126,15 +139,11 @@ def _load_shadow(
         loaded.shadow_policy = reuse.shadow_policy
         return
     try:
-        policy, spec = _load(registry, "policy", record)
+        policy, spec = _load(registry, "policy", record)  # tried on one state there
         if loaded.spec is None:
             raise ValueError("no champion features to score the shadow on")
         if spec.names != loaded.spec.names:
             raise ValueError("trained on different features than the champions")
-        n = len(spec.names)
-        probabilities = policy.probabilities(policy.state(np.zeros((1, n)), np.zeros(1), np.zeros(1)))
-        if probabilities.shape != (1, 3) or not np.all(np.isfinite(probabilities)):
-            raise ValueError(f"gives {probabilities.shape} probabilities, not (1, 3)")
     except Exception as exc:  # a broken shadow never affects serving: no shadow, logged and counted
         log.error("cannot load shadow policy %s (serving without a shadow): %s", version, exc)
         metrics.SHADOW_ERRORS.labels(stage="load").inc()

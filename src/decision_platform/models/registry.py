@@ -87,7 +87,14 @@ class ModelRegistry:
             log.warning(
                 "registry unreachable (%s): serving the models recorded in %s", exc, self.serving_cache
             )
-            return [_record_from_json(r) for r in json.loads(self.serving_cache.read_text("utf-8"))]
+            try:
+                return [_record_from_json(r) for r in json.loads(self.serving_cache.read_text("utf-8"))]
+            except (OSError, ValueError, TypeError, AttributeError) as damaged:
+                # A damaged cache (cut short, zeroed) is no cache: the outage stands, and the caller serves
+                # fallbacks until the registry answers. Its JSON error stopped the start of a server while
+                # the database was down (a supervisor restarted it into the same traceback).
+                log.error("the serving cache %s is unreadable (%s); ignoring it", self.serving_cache, damaged)
+                raise exc from damaged
         if self.serving_cache is not None:
             self._write_cache(records)
         return records
@@ -100,7 +107,10 @@ class ModelRegistry:
                 return
             self.serving_cache.parent.mkdir(parents=True, exist_ok=True)
             staging = self.serving_cache.with_name(f".{self.serving_cache.name}.{os.getpid()}")
-            staging.write_text(text, "utf-8")
+            with open(staging, "w", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())  # on disk before it replaces the old one: a power cut leaves either
             staging.replace(self.serving_cache)  # atomic: a reader never sees half a file
         except OSError as exc:  # a read-only model dir: serving works, only a cold start needs the database
             log.warning("cannot write the serving cache %s: %s", self.serving_cache, exc)

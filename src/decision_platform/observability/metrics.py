@@ -178,6 +178,12 @@ DECISIONS_SPOOLED = Counter(
 SPOOL_APPENDED = Counter(
     "dp_spool_appended_total", "Records written to the local spool, by kind (decision | outcome).", ["kind"]
 )
+SPOOL_ERRORS = Counter(
+    "dp_spool_errors_total",
+    "Records the local spool could not make durable (full disk, I/O error) while the database could not take "
+    "them either: answered 503, never acknowledged; by kind (decision | outcome).",
+    ["kind"],
+)
 SPOOL_REPLAYED = Counter("dp_spool_replayed_total", "Spooled records replayed into the database.")
 SPOOL_QUARANTINED = Counter(
     "dp_spool_quarantined_total",

@@ -289,6 +289,8 @@ class DecisionEngine:
             scored = chain.score(scores.features, self.settings.attribution_steps, watch.lap)
             scores.anomaly, scores.risk = scored.anomaly, scored.risk
             scores.probabilities = chain.policy.probabilities(scored.states)
+            for i in np.flatnonzero(_unusable_scores(scores.anomaly, scores.risk, scores.probabilities)):
+                scores.fallbacks[i] = scores.fallbacks[i] or "invalid_scores"
             # The shadow's time counts in the policy stage: it is part of what a decision costs.
             scores.shadow = self._shadow_probabilities(serving.models, scores)
             watch.lap("policy")
@@ -717,6 +719,16 @@ class DecisionEngine:
             reasons=reasons,
             shadow=shadow,
         )
+
+
+def _unusable_scores(anomaly: np.ndarray, risk: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """Rows whose model outputs cannot be decided on: a score that is not finite, or probabilities that
+    are no distribution. A model that loads but computes NaN (weights corrupted before they were hashed,
+    an overflow on extreme inputs) made the sampler raise: every /decide of the batch answered 500 and the
+    stream worker retried its batch forever. Such rows fall back (rules + the safe action) instead."""
+    finite = np.isfinite(anomaly) & np.isfinite(risk) & np.all(np.isfinite(probabilities), axis=1)
+    distribution = np.all(probabilities >= 0, axis=1) & (probabilities.sum(axis=1) > 0)
+    return ~(finite & distribution)
 
 
 class _Scores:

@@ -153,7 +153,11 @@ class StreamWorker:
         if events:
             # Windows first, outside the engine's fallback: if Redis is down this raises, the batch is not
             # committed and is retried, instead of deciding without ever counting the events.
-            features = self.store.update(events)
+            try:
+                features = self.store.update(events)
+            except Exception:
+                metrics.FEATURE_STORE_ERRORS.labels(operation="update").inc()
+                raise
             lap = self._lap("features", lap)
             if self.settings.worker_decide:
                 self._after_first_copies(events)

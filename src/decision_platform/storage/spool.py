@@ -258,28 +258,31 @@ class Spool:
             kept: list[tuple[SpoolRecord, bytes, _Location]] = []
             claimed: list[tuple[str, int]] = []
             skipped: set[int] = set()
-            for i, record in enumerate(records):
-                line = record.to_line().encode("utf-8")
-                location = _Location(segment.path, offset, len(line))
-                event_id = record.event_id
-                own = self._events.get(event_id) if event_id is not None else None
-                if own is not None and own != record.decision_id:
-                    skipped.add(i)  # another writer thread spooled this event's decision a moment ago
-                    continue
-                if event_id is not None and own is None:
-                    if not self._claim(event_id, record.decision_id, location):
-                        skipped.add(i)
-                        continue
-                    claimed.append((event_id, record.decision_id))
-                kept.append((record, line, location))
-                offset += len(line)
-            if not kept:
-                return skipped
             try:
-                segment.handle.write(b"".join(line for _, line, _ in kept))
-                segment.handle.flush()
+                for i, record in enumerate(records):
+                    line = record.to_line().encode("utf-8")
+                    location = _Location(segment.path, offset, len(line))
+                    event_id = record.event_id
+                    own = self._events.get(event_id) if event_id is not None else None
+                    if own is not None and own != record.decision_id:
+                        skipped.add(i)  # another writer thread spooled this event's decision a moment ago
+                        continue
+                    if event_id is not None and own is None:
+                        if not self._claim(event_id, record.decision_id, location):
+                            skipped.add(i)
+                            continue
+                        claimed.append((event_id, record.decision_id))
+                    kept.append((record, line, location))
+                    offset += len(line)
+                if not kept:
+                    return skipped
+                _write_all(segment.handle.fileno(), b"".join(line for _, line, _ in kept))
                 os.fsync(segment.handle.fileno())
             except OSError:
+                # Nothing of the batch is acknowledged: take back its part on disk and every claim it made
+                # (a claim left behind points into this live segment, so it looks live: a retry of its
+                # event was answered with a decision that was never durable, and stored nowhere).
+                self._undo_append(segment)
                 for event_id, decision_id in claimed:
                     self._release(event_id, decision_id)
                 raise
@@ -287,6 +290,21 @@ class Spool:
                 self._index(record, location)
             segment.size = offset
         return skipped
+
+    def _undo_append(self, segment: _Segment) -> None:
+        """Cut a failed append (a full disk, a file size limit, an I/O error) off the segment.
+
+        The write may have put part of the batch on disk before it failed. Left there, the next append
+        went after it while the index and the replay cursor counted from the old end: an acknowledged
+        record was read back as another one, or never replayed and deleted with its segment, and records
+        whose callers got a 503 were replayed. If the segment cannot be cut back, it takes no more
+        appends (the next go to a fresh segment) and replay stops at its last acknowledged byte.
+        """
+        try:
+            os.ftruncate(segment.handle.fileno(), segment.size)
+        except OSError as exc:
+            log.error("cannot cut a failed append off %s (%s); closing it for appends", segment.path, exc)
+            segment.open_for_append = False
 
     # --- event claims shared by the processes
     def _claim_path(self, event_id: str) -> Path:
@@ -332,7 +350,8 @@ class Spool:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._counter += 1
         path = self.directory / f"segment-{os.getpid()}-{time.time_ns()}-{self._counter}.jsonl"
-        handle = open(path, "ab")  # noqa: SIM115 - held open (and locked) for the segment's life
+        # Unbuffered: a failed write must leave nothing behind in a buffer that a later flush would write.
+        handle = open(path, "ab", buffering=0)  # noqa: SIM115 - held open (and locked) for the segment's life
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         segment = _Segment(path, handle, 0)
         self._segments.append(segment)
@@ -544,6 +563,13 @@ class _Claim:
         if row is not None and int(row["id"]) == self.decision_id:
             return True
         return _owned_by_a_live_process(self.location.segment)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write every byte (``os.write`` may write part of them); raises OSError when the disk refuses."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _read_decision(location: _Location, wait_s: float = 0.0) -> dict[str, Any] | None:

@@ -51,6 +51,14 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: After the spool could not quarantine a refused record (its disk full), the replay waits this long.
+QUARANTINE_RETRY_S = 1.0
+
+
+class _QuarantineFailed(Exception):
+    """A record the database refuses could not be written to the quarantine file (the spool's disk)."""
+
+
 #: Probes of a down database back off to this: a refused connect costs little, and the replay should
 #: start within about a second of the database answering again.
 MAX_PROBE_INTERVAL_S = 1.0
@@ -170,6 +178,8 @@ class DecisionWriter:
         #: (a probe of a frozen server can hang for as long as the connect timeout).
         self._probing: Future[None] | None = None
         self._backoff = probe_interval_s
+        #: The replay waits until then after the spool could not quarantine a record (see _replay).
+        self._replay_after = 0.0
         # SimpleQueue (C, no Condition): a put from a deciding thread does not wake the writer through a
         # Python-level lock (queue.Queue.put was 7% of a 500-row batch in cProfile).
         self._queue: queue.SimpleQueue[_Handover | None] = queue.SimpleQueue()
@@ -290,7 +300,11 @@ class DecisionWriter:
                 again = self.spool.outcome_for(decision_id)  # a concurrent request spooled one first
                 if again is not None:
                     return _against(again, outcome)
-                self.spool.append([SpoolRecord(OUTCOME, outcome=record)])
+                try:
+                    self.spool.append([SpoolRecord(OUTCOME, outcome=record)])
+                except OSError:  # the API answers 503: nothing acknowledged
+                    metrics.SPOOL_ERRORS.labels(kind=OUTCOME).inc()
+                    raise
             metrics.SPOOL_APPENDED.labels(kind=OUTCOME).inc()
             self._set_gauges()
             return OutcomeResult(OutcomeStatus.CREATED, outcome, reward, record.received_at)
@@ -319,7 +333,10 @@ class DecisionWriter:
                 batch.append(item)
                 rows += len(item.rows)
             if batch:
-                self._store(batch, lane)
+                try:
+                    self._store(batch, lane)
+                except Exception as exc:
+                    self._fail(batch, exc)
             if not primary:
                 continue
             try:
@@ -331,7 +348,8 @@ class DecisionWriter:
     def _idle_wait(self) -> float | None:
         """How long the writer may sleep waiting for decisions before it has background work to do."""
         if self._up:
-            return 0.0 if self.spool.has_work() else 1.0
+            paused = self._replay_after - time.monotonic()
+            return (0.0 if paused <= 0 else min(paused, 1.0)) if self.spool.has_work() else 1.0
         if self._probing is not None:
             return 0.02  # look again soon: the probe may answer any moment
         return max(0.0, self._next_probe - time.monotonic())
@@ -339,24 +357,46 @@ class DecisionWriter:
     def _store(self, batch: list[_Handover], lane: _Lane) -> None:
         """Store the rows of these hand-overs in one transaction (or the spool), then answer each one."""
         fresh: list[tuple[DecisionRow, _Handover, int]] = []
-        seen: set[str] = set()
+        #: Event id -> where its first copy in this batch is; and the later copies of each.
+        seen: dict[str, tuple[_Handover, int]] = {}
+        copies: list[tuple[str, _Handover, int]] = []
         others = self.spool.others_hold_events()  # once a batch: no file look-ups when none is spooled
         for item in batch:
             for i, row in enumerate(item.rows):
                 event_id = row.get("event_id")
-                if event_id and (
-                    event_id in seen or self.spool.decision_for_event(event_id, others) is not None
-                ):
-                    # A retry of an event whose decision is spooled (or in this batch).
+                if event_id and event_id in seen:  # a retry racing its first try into this batch
                     item.statuses[i] = DUPLICATE
+                    copies.append((event_id, item, i))
+                    continue
+                if event_id and self.spool.decision_for_event(event_id, others) is not None:
+                    item.statuses[i] = DUPLICATE  # a retry of an event whose decision is spooled
                     continue
                 if event_id:
-                    seen.add(event_id)
+                    seen[event_id] = (item, i)
                 fresh.append((row, item, i))
         if fresh:
             self._store_fresh(fresh, lane)
+        for event_id, item, i in copies:
+            first, k = seen[event_id]
+            if isinstance(first.statuses[k], BaseException):
+                # Its first copy is durable nowhere: a duplicate of it would be acknowledged as a decision
+                # that does not exist (with the database up, the engine answered the copy's own record).
+                item.statuses[i] = first.statuses[k]
         for item in batch:
             item.resolve()
+
+    def _fail(self, batch: list[_Handover], exc: Exception) -> None:
+        """Answer a batch that could not be stored with its error (503), keeping the writer thread alive.
+
+        ``_store`` reads the spool directory for every batch with an event id, the database healthy or
+        not; an error there (the disk failing, ``events/`` not a directory) killed this thread, and every
+        request after it waited its full timeout for a 503, for good."""
+        log.error("storing a batch of %d hand-overs failed: %r", len(batch), exc)
+        metrics.SPOOL_ERRORS.labels(kind=DECISION).inc(sum(len(item.rows) for item in batch))
+        for item in batch:
+            if not item.future.done():
+                item.statuses = [exc] * len(item.rows)
+                item.resolve()
 
     def _store_fresh(self, fresh: list[tuple[DecisionRow, _Handover, int]], lane: _Lane) -> None:
         rows = [row for row, _, _ in fresh]
@@ -389,6 +429,7 @@ class DecisionWriter:
                 skipped = self.spool.append([SpoolRecord(DECISION, decision=row) for row, _, _ in batch])
         except Exception as exc:  # nowhere durable to put them: the callers must not acknowledge
             log.error("cannot spool %d decisions: %s", len(batch), exc)
+            metrics.SPOOL_ERRORS.labels(kind=DECISION).inc(len(batch))
             for _, item, i in batch:
                 item.statuses[i] = exc
             return
@@ -444,6 +485,8 @@ class DecisionWriter:
         if not self._up:
             self._probe()
             return
+        if time.monotonic() < self._replay_after:
+            return
         self.spool.adopt_orphans(min_interval_s=5.0)
         chunk = self.spool.next_chunk(self.replay_chunk)
         if chunk is not None:
@@ -451,10 +494,14 @@ class DecisionWriter:
 
     # --- replay
     def _replay(self, chunk: ReplayChunk) -> None:
-        """Apply one chunk in order; on an outage stop (the chunk is replayed again later, idempotently)."""
-        for text in chunk.unreadable:
-            self._quarantine(text, "unreadable spool line", "unreadable")
+        """Apply one chunk in order; on an outage stop (the chunk is replayed again later, idempotently).
+
+        A record the spool cannot quarantine (its disk full) pauses the replay only: taken for an outage,
+        it marked the healthy database down again after every probe, and live decisions went to the spool
+        -- the full one: 503s with the database answering."""
         try:
+            for text in chunk.unreadable:
+                self._quarantine(text, "unreadable spool line", "unreadable")
             run: list[SpoolRecord] = []
             for record in chunk.records:
                 if record.kind == DECISION:
@@ -464,6 +511,10 @@ class DecisionWriter:
                 run = []
                 self._replay_outcome(record)
             self._replay_decisions(run)
+        except _QuarantineFailed as exc:
+            log.error("replay paused for %s s: %s", QUARANTINE_RETRY_S, exc)
+            self._replay_after = time.monotonic() + QUARANTINE_RETRY_S
+            return
         except Exception as exc:  # record errors are isolated below: what reaches here is an outage
             metrics.DB_ERRORS.labels(operation="replay").inc()
             self._mark_down(exc)
@@ -533,7 +584,11 @@ class DecisionWriter:
             what = f"{record.kind} {record.decision_id}"
         else:
             payload, what = record, "an unreadable line"
-        self.spool.quarantine(payload, error)
+        try:
+            self.spool.quarantine(payload, error)
+        except OSError as exc:
+            metrics.SPOOL_ERRORS.labels(kind=DECISION if kind == "unreadable" else kind).inc()
+            raise _QuarantineFailed(f"cannot quarantine {what} ({error}): {exc}") from exc
         metrics.SPOOL_QUARANTINED.labels(kind=kind).inc()
         log.error("quarantined %s: the database refuses it (%s); see %s", what, error, self.spool.directory)
 
