@@ -354,6 +354,29 @@ def test_retrain_judges_the_candidate_against_the_same_baselines() -> None:
     assert against_baselines(champion, champion, states, unlabelled, train, ~train, REWARDS, seed=0) is None
 
 
+def test_retrain_warm_starts_an_actor_that_reads_step_values_with_the_same_inputs(tmp_path: Path) -> None:
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from decision_platform.learning.retrain import _train_policy
+    from decision_platform.training.simulator import FraudSimulatorEnv, group_histories
+    from decision_platform.training.train import new_ppo
+
+    bayes = _bayes()
+    logged = _logged(np.tile([0, 0, 0, 1, 1], 4))
+    states = bayes.state(logged.features, logged.anomaly, logged.risk)
+    spec = {"step_values": np.asarray(REWARDS.expected_step_values())}
+    reads = PolicyModel([], [], "Tanh", bayes.state_names, bayes.scaler_mean, bayes.scaler_std, **spec)
+    histories = group_histories(logged.entity_ids, reads.inputs(states), logged.labels, logged.amounts)
+    ppo = new_ppo(DummyVecEnv([lambda: FraudSimulatorEnv(histories, REWARDS)]), seed=0)
+    champion = PolicyModel.from_sb3(ppo, bayes.state_names, bayes.scaler_mean, bayes.scaler_std, **spec)
+    ppo.save(tmp_path / PPO_ZIP)  # the champion's zip observes the state and the three step values
+    train = logged.entity_ids < "c"
+    candidate, tuned = _train_policy(champion, tmp_path, states, logged, train, REWARDS, 512, seed=0)
+    assert tuned.observation_space.shape == (len(bayes.state_names) + 3,)
+    assert np.array_equal(candidate.step_values, champion.step_values)
+    assert candidate.probabilities(states).shape == (len(states), 3)
+
+
 def test_train_warm_starts_ppo_from_the_improved_policy_and_keeps_its_best_round(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'registry.db'}")
     migrate(engine)
