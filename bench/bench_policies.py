@@ -323,8 +323,9 @@ def _fine_tuning(info: dict[str, Any]) -> str:
     elif "start_validation" in info:
         parts.append(f"warm start's teacher {info['start_validation']:.2f} per validation episode")
     if "sharpening" in info:
+        factors = " / ".join(f"{f:g}" for f in info["sharpening_factors"])
         values = ", ".join(f"{v:.2f}" for v in info["sharpening_validation"])
-        parts.append(f"clone's logits x 1 / 2 / 4 / 8 / 16: {values}; kept x{info['sharpening']:g}")
+        parts.append(f"clone's logits x {factors}: {values}; kept x{info['sharpening']:g}")
     if "validation" in info:
         values = ", ".join(f"{v:.2f}" for v in info["validation"])
         parts.append(f"actor after each round (0 = the clone) {values}; kept round {info['kept_round']}")
