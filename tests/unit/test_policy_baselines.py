@@ -464,3 +464,18 @@ def test_sharpening_is_chosen_on_validation_and_left_applied() -> None:
     original = ppo.policy.action_net.weight.detach().clone()
     info = sharpen_on_validation(ppo, lambda: 1.0, (1.0, 2.0, 4.0))
     assert info["sharpening"] == 1.0 and scale() == pytest.approx(1.0)
+
+
+def test_train_never_softens_the_clone_below_x8_whatever_validation_prefers() -> None:
+    ppo = _actor_head()
+    original = ppo.policy.action_net.weight.detach().clone()
+    # A validation that rates the softest actor best (as ULB's did the step-value clone at x2): with
+    # train's candidates the search still lands on the floor, x8, and leaves the head there.
+    info = sharpen_on_validation(
+        ppo,
+        lambda: -float(ppo.policy.action_net.weight.detach()[0, 0] / original[0, 0]),
+        TrainConfig().sharpening,
+    )
+    assert min(TrainConfig().sharpening) >= 8.0
+    assert info["sharpening"] == 8.0 and info["sharpening_factors"] == [8.0, 16.0]
+    assert np.allclose(ppo.policy.action_net.weight.detach().numpy(), 8.0 * original.numpy())
