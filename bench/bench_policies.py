@@ -323,8 +323,9 @@ def _fine_tuning(info: dict[str, Any]) -> str:
     elif "start_validation" in info:
         parts.append(f"warm start's teacher {info['start_validation']:.2f} per validation episode")
     if "sharpening" in info:
+        factors = " / ".join(f"{f:g}" for f in info["sharpening_factors"])
         values = ", ".join(f"{v:.2f}" for v in info["sharpening_validation"])
-        parts.append(f"clone's logits x 1 / 2 / 4 / 8 / 16: {values}; kept x{info['sharpening']:g}")
+        parts.append(f"clone's logits x {factors}: {values}; kept x{info['sharpening']:g}")
     if "validation" in info:
         values = ", ".join(f"{v:.2f}" for v in info["validation"])
         parts.append(f"actor after each round (0 = the clone) {values}; kept round {info['kept_round']}")
@@ -351,7 +352,8 @@ def markdown(run: dict[str, Any]) -> str:
         f"{run['data']['train_rows']:,}, judged on the last {run['data']['test_rows']:,} (30% of time, "
         f"{a['entities']:,} entities) · risk model held-out ROC-AUC {rm['roc_auc']:.3f}, PR-AUC "
         f"{rm['pr_auc']:.3f}, base rate {rm['base_rate']:.3%} · PPO {run['timesteps']:,} steps, warm start "
-        f"{run['warm_start']} · seed {run['seed']} · run {run['wall_s'] / 60:.1f} min · commit "
+        f"{run['warm_start']}{'' if run.get('step_value_inputs') else ' (actor without step values)'} · "
+        f"seed {run['seed']} · run {run['wall_s'] / 60:.1f} min · commit "
         f"`{run['git_commit']}`",
         "",
         f"Exact expected outcomes on held-out time, every policy under the rules' masks as served; 95% CIs "
@@ -472,6 +474,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--entities", type=int, default=3000, help="synthetic: entities")
     parser.add_argument("--days", type=float, default=14.0, help="synthetic: days")
+    parser.add_argument(
+        "--no-step-values",
+        action="store_true",
+        help="the PPO actor reads its state only, not the Bayes step values (TrainConfig.step_value_inputs)",
+    )
     parser.add_argument("--no-save", action="store_true", help="do not append to policies_results.jsonl")
     args = parser.parse_args(argv)
 
@@ -492,7 +499,12 @@ def main(argv: list[str] | None = None) -> int:
                     features_path,
                     rewards,
                     ModelRegistry(Repository(engine), Path(tmp) / "models"),
-                    TrainConfig(ppo_timesteps=args.timesteps, seed=args.seed, warm_start=args.warm_start),
+                    TrainConfig(
+                        ppo_timesteps=args.timesteps,
+                        seed=args.seed,
+                        warm_start=args.warm_start,
+                        step_value_inputs=not args.no_step_values,
+                    ),
                     progress=progress,
                     promote=False,
                     source=args.source,
@@ -513,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         "data_label": label,
         "timesteps": args.timesteps,
         "warm_start": args.warm_start,
+        "step_value_inputs": not args.no_step_values,
         "fine_tuning": report.ppo,
         "seed": args.seed,
         "git_commit": _git("rev-parse", "--short", "HEAD") or None,

@@ -18,13 +18,18 @@ def fixed_policy(template: Policy, action: int) -> PolicyModel:
     probability ~1 whatever the state. ``template`` may be a PPO actor or a baseline served as the policy."""
     head_b = np.full(3, -20.0)
     head_b[action] = 20.0
+    # A PPO template may read more than its state (the Bayes step values): the same inputs, so a copy of
+    # its ppo.zip beside this actor (register_policy) still observes what the actor reads.
+    spec = template.input_spec if isinstance(template, PolicyModel) else {}
+    width = len(template.state_names) + (3 if spec.get("step_values") is not None else 0)
     return PolicyModel(
-        [np.zeros((len(template.state_names), 3))],
+        [np.zeros((width, 3))],
         [head_b],
         "Tanh",
         template.state_names,
         template.scaler_mean,
         template.scaler_std,
+        **spec,
     )
 
 

@@ -13,10 +13,11 @@ import pytest
 from decision_platform.config import PROJECT_ROOT, Settings
 from decision_platform.core.rewards import RewardTable
 from decision_platform.data import generate
+from decision_platform.features import FeatureSpec
 from decision_platform.learning.logged import LoggedDecisions, load_logged
 from decision_platform.learning.retrain import against_baselines
 from decision_platform.models.baseline_policy import BayesPolicy, ThresholdPolicy, load_policy
-from decision_platform.models.policy import PPO_ZIP, serving_distribution, sharpen
+from decision_platform.models.policy import PPO_ZIP, PolicyModel, serving_distribution, sharpen
 from decision_platform.models.preprocessing import Standardizer
 from decision_platform.models.registry import ModelRegistry
 from decision_platform.models.risk import RiskConfig
@@ -92,6 +93,48 @@ def test_baselines_round_trip_through_their_artifact(tmp_path: Path) -> None:
         assert type(loaded) is type(policy)
         assert np.array_equal(loaded.probabilities(states), policy.probabilities(states))
     assert thresholds.probabilities(states).argmax(axis=1).tolist() == [0, 1, 2]
+
+
+def test_the_actor_reads_the_bayes_step_values_beyond_the_training_amounts(tmp_path: Path) -> None:
+    bayes = _bayes()  # its scaler saw amounts of 1 to 500
+    amounts = np.array([[10.0], [100.0], [10.0], [200.0], [10.0], [153_040.0]])
+    risk = np.array([0.05, 0.05, 0.5, 0.5, 0.9, 0.028])
+    states = bayes.state(amounts, np.full(6, 0.3), risk)
+    k = len(bayes.state_names)
+    # A one-layer actor that reads only the three inputs after the state: its logits are 10 x the
+    # squashed step values, so its most likely action is the Bayes policy's wherever the amount lies.
+    weights = np.zeros((k + 3, 3))
+    weights[k:] = 10.0 * np.eye(3)
+    actor = PolicyModel(
+        [weights],
+        [np.zeros(3)],
+        "Tanh",
+        bayes.state_names,
+        bayes.scaler_mean,
+        bayes.scaler_std,
+        step_values=np.asarray(REWARDS.expected_step_values()),
+    )
+    inputs = actor.inputs(states)
+    assert inputs.shape == (6, k + 3) and np.array_equal(inputs[:, :k], states)
+    values = bayes.expected_rewards(risk, bayes.amounts(states))
+    assert np.allclose(inputs[:, k:], np.sign(values) * np.log1p(np.abs(values)), rtol=1e-5)
+    # The 153,040 payment at risk 0.028 (300x the largest amount seen): stepped up, as Bayes does.
+    expected = bayes.probabilities(states).argmax(axis=1)
+    assert expected.tolist() == [0, 1, 1, 2, 2, 1]
+    assert actor.probabilities(states).argmax(axis=1).tolist() == expected.tolist()
+    # The artifact keeps the prices: what is loaded for serving reads the same inputs.
+    actor.save(tmp_path)
+    loaded = load_policy(tmp_path)
+    assert isinstance(loaded, PolicyModel)
+    assert np.array_equal(loaded.step_values, actor.step_values)
+    assert np.array_equal(
+        loaded.probabilities(loaded.state(amounts, np.full(6, 0.3), risk)), actor.probabilities(states)
+    )
+    # Without step values the actor reads its state only.
+    plain = PolicyModel(
+        [weights[:k]], [np.zeros(3)], "Tanh", bayes.state_names, bayes.scaler_mean, bayes.scaler_std
+    )
+    assert plain.inputs(states) is states or np.array_equal(plain.inputs(states), states)
 
 
 def test_expected_total_reward_counts_only_the_steps_an_episode_reaches() -> None:
@@ -311,6 +354,29 @@ def test_retrain_judges_the_candidate_against_the_same_baselines() -> None:
     assert against_baselines(champion, champion, states, unlabelled, train, ~train, REWARDS, seed=0) is None
 
 
+def test_retrain_warm_starts_an_actor_that_reads_step_values_with_the_same_inputs(tmp_path: Path) -> None:
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from decision_platform.learning.retrain import _train_policy
+    from decision_platform.training.simulator import FraudSimulatorEnv, group_histories
+    from decision_platform.training.train import new_ppo
+
+    bayes = _bayes()
+    logged = _logged(np.tile([0, 0, 0, 1, 1], 4))
+    states = bayes.state(logged.features, logged.anomaly, logged.risk)
+    spec = {"step_values": np.asarray(REWARDS.expected_step_values())}
+    reads = PolicyModel([], [], "Tanh", bayes.state_names, bayes.scaler_mean, bayes.scaler_std, **spec)
+    histories = group_histories(logged.entity_ids, reads.inputs(states), logged.labels, logged.amounts)
+    ppo = new_ppo(DummyVecEnv([lambda: FraudSimulatorEnv(histories, REWARDS)]), seed=0)
+    champion = PolicyModel.from_sb3(ppo, bayes.state_names, bayes.scaler_mean, bayes.scaler_std, **spec)
+    ppo.save(tmp_path / PPO_ZIP)  # the champion's zip observes the state and the three step values
+    train = logged.entity_ids < "c"
+    candidate, tuned = _train_policy(champion, tmp_path, states, logged, train, REWARDS, 512, seed=0)
+    assert tuned.observation_space.shape == (len(bayes.state_names) + 3,)
+    assert np.array_equal(candidate.step_values, champion.step_values)
+    assert candidate.probabilities(states).shape == (len(states), 3)
+
+
 def test_train_warm_starts_ppo_from_the_improved_policy_and_keeps_its_best_round(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'registry.db'}")
     migrate(engine)
@@ -335,6 +401,10 @@ def test_train_warm_starts_ppo_from_the_improved_policy_and_keeps_its_best_round
     assert set(report.diagnostics) == {"fitted-Q improved policy", "PPO cloned start (no PPO update)"}
     info = report.ppo
     assert 0.0 <= info["clone_accuracy"] <= 1.0
+    # The actor reads its state and the three Bayes step values (TrainConfig.step_value_inputs).
+    assert TrainConfig().step_value_inputs
+    # (the features, anomaly, risk, risk_logit, then allow / throttle / block's step value)
+    assert info["actor_inputs"] == len(FeatureSpec.load(CONFIG_DIR / "features.yaml").names) + 3 + 3
     # The teacher is cloned unless it is clearly worse than Bayes on the validation episodes; the clone's
     # logits are
     # sharpened by the factor that earns the most there.
@@ -394,3 +464,18 @@ def test_sharpening_is_chosen_on_validation_and_left_applied() -> None:
     original = ppo.policy.action_net.weight.detach().clone()
     info = sharpen_on_validation(ppo, lambda: 1.0, (1.0, 2.0, 4.0))
     assert info["sharpening"] == 1.0 and scale() == pytest.approx(1.0)
+
+
+def test_train_never_softens_the_clone_below_x8_whatever_validation_prefers() -> None:
+    ppo = _actor_head()
+    original = ppo.policy.action_net.weight.detach().clone()
+    # A validation that rates the softest actor best (as ULB's did the step-value clone at x2): with
+    # train's candidates the search still lands on the floor, x8, and leaves the head there.
+    info = sharpen_on_validation(
+        ppo,
+        lambda: -float(ppo.policy.action_net.weight.detach()[0, 0] / original[0, 0]),
+        TrainConfig().sharpening,
+    )
+    assert min(TrainConfig().sharpening) >= 8.0
+    assert info["sharpening"] == 8.0 and info["sharpening_factors"] == [8.0, 16.0]
+    assert np.allclose(ppo.policy.action_net.weight.detach().numpy(), 8.0 * original.numpy())

@@ -181,15 +181,20 @@ def _train_policy(
 ) -> tuple[PolicyModel, PPO]:
     """PPO warm-started from the champion, trained in the simulator of the logged histories."""
     rows = train & (logged.labels >= 0)
+    zip_path = champion_dir / PPO_ZIP
+    # A PPO champion's network may read more than the state (the Bayes step values, PolicyModel.inputs):
+    # its zip observes that, and the candidate keeps the same inputs. A cloned baseline reads the state.
+    warm = zip_path.is_file()
+    actor = champion if warm and isinstance(champion, PolicyModel) else None
+    observe = actor.inputs if actor is not None else np.atleast_2d
     histories = group_histories(
-        logged.entity_ids[rows], states[rows], logged.labels[rows], logged.amounts[rows]
+        logged.entity_ids[rows], observe(states[rows]), logged.labels[rows], logged.amounts[rows]
     )
     if not histories:
         raise RetrainError("no labelled decisions in the training part: post outcomes first")
     env = DummyVecEnv([lambda: FraudSimulatorEnv(histories, rewards) for _ in range(4)])
     env.seed(seed)
-    zip_path = champion_dir / PPO_ZIP
-    if zip_path.is_file():
+    if warm:
         ppo = PPO.load(zip_path, env=env, device="cpu", seed=seed)
     else:
         # A champion without its SB3 zip (a baseline served as the policy, or a hand-made one) cannot be
@@ -200,7 +205,10 @@ def _train_policy(
         task = "policy: PPO from the champion, logged histories"
         progress.start(task, timesteps)
         ppo.learn(timesteps, callback=PPOProgress(lambda n: progress.advance(task, n)))
-    candidate = PolicyModel.from_sb3(ppo, champion.state_names, champion.scaler_mean, champion.scaler_std)
+    spec = actor.input_spec if actor is not None else {}
+    candidate = PolicyModel.from_sb3(
+        ppo, champion.state_names, champion.scaler_mean, champion.scaler_std, **spec
+    )
     return candidate, ppo
 
 

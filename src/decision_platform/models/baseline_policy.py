@@ -26,6 +26,7 @@ from decision_platform.models.policy import (
     PPO_ACTOR,
     RISK_LOGIT,
     PolicyModel,
+    expected_step_rewards,
     scaled_state,
     unscaled_feature,
 )
@@ -136,9 +137,7 @@ class BayesPolicy(_Scaled):
 
     def expected_rewards(self, risk: np.ndarray, amounts: np.ndarray) -> np.ndarray:
         """(n, 3): each action's expected step reward."""
-        risk, amounts = np.asarray(risk, dtype=np.float64)[:, None], np.asarray(amounts)[:, None]
-        g0, g1, b0, b1 = self.values
-        return (1.0 - risk) * (g0 + g1 * amounts) + risk * (b0 + b1 * amounts)
+        return expected_step_rewards(self.values, risk, amounts)
 
     def probabilities(self, states: np.ndarray) -> np.ndarray:
         states = np.atleast_2d(states)

@@ -61,9 +61,46 @@ def unscaled_feature(states: np.ndarray, index: int, mean: np.ndarray, std: np.n
     return np.sign(v) * np.expm1(np.abs(v))
 
 
+def expected_step_rewards(values: np.ndarray, risk: np.ndarray, amounts: np.ndarray) -> np.ndarray:
+    """(n, 3): each action's expected reward of one step given the calibrated ``risk`` and the amount,
+    ``(1 - risk) * (good_base + good_per_amount * amount) + risk * (bad_base + bad_per_amount * amount)``
+    from the (4, 3) ``values`` of ``RewardTable.expected_step_values`` (the Bayes policy's prices)."""
+    risk = np.asarray(risk, dtype=np.float64)[:, None]
+    amounts = np.asarray(amounts, dtype=np.float64)[:, None]
+    g0, g1, b0, b1 = np.asarray(values, dtype=np.float64)
+    return (1.0 - risk) * (g0 + g1 * amounts) + risk * (b0 + b1 * amounts)
+
+
+def step_value_columns(
+    states: np.ndarray,
+    values: np.ndarray,
+    risk_index: int,
+    amount_index: int | None,
+    mean: np.ndarray,
+    std: np.ndarray,
+) -> np.ndarray:
+    """(n, 3) float32: the Bayes step value of allow / throttle / block on each state, signed-log
+    squashed (``sign(v) log(1 + |v|)``: monotone, so the best action stays the largest column, and a
+    payment far beyond the training range lands a few units out, not thousands)."""
+    states = np.atleast_2d(states)
+    amounts = (
+        np.zeros(len(states)) if amount_index is None else unscaled_feature(states, amount_index, mean, std)
+    )
+    v = expected_step_rewards(values, states[:, risk_index].astype(np.float64), amounts)
+    return (np.sign(v) * np.log1p(np.abs(v))).astype(np.float32)
+
+
 class PolicyModel:
     """Action probabilities of the PPO actor for states ``[scaled features..., anomaly, risk]`` (and
-    ``risk_logit`` when its state names end with it)."""
+    ``risk_logit`` when its state names end with it).
+
+    With ``step_values`` (the (4, 3) prices of ``RewardTable.expected_step_values``, frozen into the
+    artifact) the network reads three more inputs than the state: the Bayes step value of each action on
+    the state (:func:`step_value_columns`; the amount from the state's ``amount_feature``). They are
+    computed from the state inside :meth:`inputs`, so training, the judged probabilities and serving (all
+    through :meth:`probabilities` of the state every policy shares) read the same numbers. Why: the
+    teacher decides from these values plus continuation values, and an MLP does not extrapolate the
+    values' linear amount term from the scaled log amount beyond the training range (bench/POLICIES.md)."""
 
     def __init__(
         self,
@@ -73,12 +110,36 @@ class PolicyModel:
         state_names: list[str],
         scaler_mean: np.ndarray,
         scaler_std: np.ndarray,
+        step_values: np.ndarray | None = None,
+        amount_feature: str | None = "amount",
     ) -> None:
         self.weights, self.biases, self.activation = weights, biases, activation
         self.state_names = state_names
         # The policy reuses the risk model's scaling of features so both see the same state.
         self.scaler_mean, self.scaler_std = scaler_mean, scaler_std
         self._act = _ACTIVATIONS[activation]
+        self.step_values = None if step_values is None else np.asarray(step_values, dtype=np.float64)
+        if self.step_values is not None and self.step_values.shape != (4, 3):
+            raise ValueError(f"step values must be (4, 3), got {self.step_values.shape}")
+        self.amount_feature = amount_feature if amount_feature in state_names else None
+
+    @property
+    def input_spec(self) -> dict[str, object]:
+        """What :meth:`inputs` adds to the state (the keyword arguments of :meth:`from_sb3`)."""
+        return {"step_values": self.step_values, "amount_feature": self.amount_feature}
+
+    def inputs(self, states: np.ndarray) -> np.ndarray:
+        """The network's input for states: the state itself, then (with ``step_values``) the three
+        squashed Bayes step values. What PPO observes in training (`fit_policy`) and reads at serving."""
+        states = np.atleast_2d(states)
+        if self.step_values is None:
+            return states
+        names = self.state_names
+        amount = names.index(self.amount_feature) if self.amount_feature else None
+        extra = step_value_columns(
+            states, self.step_values, names.index("risk"), amount, self.scaler_mean, self.scaler_std
+        )
+        return np.column_stack([states, extra.astype(states.dtype)])
 
     def state(self, features: np.ndarray, anomaly: np.ndarray, risk: np.ndarray) -> np.ndarray:
         """The policy's observation: scaled features, then the two scores (and the risk's log-odds)."""
@@ -93,7 +154,7 @@ class PolicyModel:
         if len(states) > PROBABILITY_CHUNK:
             chunks = range(0, len(states), PROBABILITY_CHUNK)
             return np.concatenate([self.probabilities(states[i : i + PROBABILITY_CHUNK]) for i in chunks])
-        h = np.asarray(states, dtype=np.float64)
+        h = np.asarray(self.inputs(states), dtype=np.float64)
         for w, b in zip(self.weights[:-1], self.biases[:-1], strict=True):
             h = self._act(h @ w + b)
         logits = h @ self.weights[-1] + self.biases[-1]
@@ -103,7 +164,13 @@ class PolicyModel:
 
     @classmethod
     def from_sb3(
-        cls, ppo: object, state_names: Sequence[str], scaler_mean: np.ndarray, scaler_std: np.ndarray
+        cls,
+        ppo: object,
+        state_names: Sequence[str],
+        scaler_mean: np.ndarray,
+        scaler_std: np.ndarray,
+        step_values: np.ndarray | None = None,
+        amount_feature: str | None = "amount",
     ) -> PolicyModel:
         policy = ppo.policy  # type: ignore[attr-defined]
         weights, biases, activation = [], [], "Tanh"
@@ -117,7 +184,14 @@ class PolicyModel:
         weights.append(head.weight.detach().cpu().numpy().T.astype(np.float64))
         biases.append(head.bias.detach().cpu().numpy().astype(np.float64))
         return cls(
-            weights, biases, activation, list(state_names), np.asarray(scaler_mean), np.asarray(scaler_std)
+            weights,
+            biases,
+            activation,
+            list(state_names),
+            np.asarray(scaler_mean),
+            np.asarray(scaler_std),
+            step_values,
+            amount_feature,
         )
 
     def save(self, directory: Path) -> None:
@@ -132,6 +206,8 @@ class PolicyModel:
             "layers": len(self.weights),
             "state_names": self.state_names,
         }
+        if self.step_values is not None:
+            meta |= {"step_values": self.step_values.tolist(), "amount_feature": self.amount_feature}
         (directory / META).write_text(json.dumps(meta, indent=2), "utf-8")
 
     @classmethod
@@ -147,6 +223,8 @@ class PolicyModel:
                 meta["state_names"],
                 data["scaler_mean"],
                 data["scaler_std"],
+                meta.get("step_values"),
+                meta.get("amount_feature"),
             )
 
 
