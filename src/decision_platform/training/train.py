@@ -623,7 +623,6 @@ def teacher_or_bayes(
     states: PolicyStates,
     rewards: RewardTable,
     seed: int = 0,
-    masks: np.ndarray | None = None,
 ) -> tuple[ImprovedPolicy | BayesPolicy, dict[str, Any]]:
     """The warm start PPO is cloned from: the fitted-Q teacher, unless it earns less than the Bayes policy
     on the validation episodes with a paired 95% CI (bootstrap over episodes) below zero; without
@@ -633,18 +632,14 @@ def teacher_or_bayes(
     window), and on synthetic seed 1 the teacher was 0.05 below Bayes there but +1.51 [+0.72, +2.31]
     above it on held-out time; a coin flip should not discard it. Continuation values fitted on one
     period need not hold on the next (on cards-dev the teacher lost to Bayes on held-out time): a clear
-    loss on validation is the sign of that. With ``masks`` (the rules' (v, 3) masks of the validation
-    rows) both are judged under the rules, as serving applies them (:func:`validation_value`)."""
+    loss on validation is the sign of that."""
     rows = states.validation
     if not rows.any():
         return teacher, {}
     replay = Replay.of(states.episodes[rows], split.labels[rows], split.amounts[rows])
     held = states.states[rows]
     policies = {"teacher": teacher, "bayes": bayes}
-    expectations = {
-        name: expectation(as_served(p.probabilities(held), masks), replay, rewards)
-        for name, p in policies.items()
-    }
+    expectations = {name: expectation(p.probabilities(held), replay, rewards) for name, p in policies.items()}
     diff = compare(expectations, "bayes", seed)["teacher"].per_entity_diff
     chosen = "bayes" if diff.high < 0 else "teacher"
     values = {name: float(e.per_entity["reward"].mean()) for name, e in expectations.items()}
@@ -656,25 +651,13 @@ def teacher_or_bayes(
     return policies[chosen], info
 
 
-def as_served(probabilities: np.ndarray, masks: np.ndarray | None) -> np.ndarray:
-    """``probabilities`` under the rules' ``masks`` (:func:`under_rules`), or unchanged without masks."""
-    return probabilities if masks is None else under_rules(probabilities, masks)
-
-
 def validation_value(
-    policy: Policy | ImprovedPolicy,
-    split: Split,
-    states: PolicyStates,
-    rewards: RewardTable,
-    masks: np.ndarray | None = None,
+    policy: Policy | ImprovedPolicy, split: Split, states: PolicyStates, rewards: RewardTable
 ) -> float:
-    """Expected total reward per validation episode of a policy (exact, training/yardstick.py). With
-    ``masks`` (the rules' (v, 3) masks of the validation rows, in row order) the policy is judged as
-    serving samples it (:func:`under_rules`), as on held-out time: a soft actor whose stray mass the
-    rules would remove or redirect is not rated on actions serving never takes."""
+    """Expected total reward per validation episode of a policy (exact, training/yardstick.py)."""
     rows = states.validation
     replay = Replay.of(states.episodes[rows], split.labels[rows], split.amounts[rows])
-    value = expectation(as_served(policy.probabilities(states.states[rows]), masks), replay, rewards)
+    value = expectation(policy.probabilities(states.states[rows]), replay, rewards)
     return float(value.per_entity["reward"].mean())
 
 
@@ -733,14 +716,11 @@ def fit_policy(
     rewards: RewardTable,
     config: TrainConfig,
     progress: Progress = SILENT,
-    validation_masks: np.ndarray | None = None,
 ) -> PolicyFit:
     """PPO in the simulator of the training episodes, its actor first cloned from ``start_from`` (None:
     from scratch) and its critic fitted to the cloned policy's return-to-go. PPO learns in
     ``config.ppo_rounds`` rounds; when there are validation episodes, the actor with the most expected
-    total reward on them is kept (the cloned start counts: PPO must earn its updates there). Every
-    validation judgement (sharpening, rounds) applies ``validation_masks``, the rules' masks of the
-    validation rows, as serving does (:func:`validation_value`)."""
+    total reward on them is kept (the cloned start counts: PPO must earn its updates there)."""
     learn_rows = split.train & ~states.validation
     learn_states = states.states[learn_rows]
     scaler = states.scaler
@@ -782,9 +762,7 @@ def fit_policy(
     validate = bool(states.validation.any())
     if validate and start_from is not None and config.sharpening:
         info |= sharpen_on_validation(
-            ppo,
-            lambda: validation_value(actor(), split, states, rewards, validation_masks),
-            config.sharpening,
+            ppo, lambda: validation_value(actor(), split, states, rewards), config.sharpening
         )
     clone = actor() if start_from is not None else None
 
@@ -792,8 +770,8 @@ def fit_policy(
     values: list[float] = []
     if validate:
         if start_from is not None:
-            info["start_validation"] = validation_value(start_from, split, states, rewards, validation_masks)
-        best_value = validation_value(actor(), split, states, rewards, validation_masks)
+            info["start_validation"] = validation_value(start_from, split, states, rewards)
+        best_value = validation_value(actor(), split, states, rewards)
         values.append(best_value)
         best_weights = copy.deepcopy(ppo.policy.state_dict())
     task = "policy: PPO in the simulator"
@@ -811,7 +789,7 @@ def fit_policy(
         )
         done += steps
         if validate:
-            value = validation_value(actor(), split, states, rewards, validation_masks)
+            value = validation_value(actor(), split, states, rewards)
             values.append(value)
             if value > best_value:
                 best_value, best_round, best_weights = value, r + 1, copy.deepcopy(ppo.policy.state_dict())
@@ -1070,14 +1048,10 @@ def train_all(
     start_from = {"improved": teacher, "bayes": bayes, "thresholds": thresholds, "none": None}[
         config.warm_start
     ]
-    # The validation rows are training rows: their rule masks, to judge every candidate as served.
-    validation_masks = train_masks[states.validation[split.train]]
     choice: dict[str, Any] = {}
     if teacher is not None:
-        start_from, choice = teacher_or_bayes(
-            teacher, bayes, split, states, rewards, config.seed, validation_masks
-        )
-    ppo = fit_policy(split, states, start_from, rewards, config, progress, validation_masks)
+        start_from, choice = teacher_or_bayes(teacher, bayes, split, states, rewards, config.seed)
+    ppo = fit_policy(split, states, start_from, rewards, config, progress)
     ppo.info.update(choice)
     timer.lap("policy_s")
     rules_only = fit_rules_only(rule_set, split, spec.names, anomaly.scores, risk.scores, progress)
