@@ -44,6 +44,7 @@ def nan_policy(template: Policy) -> PolicyModel:
         template.state_names,
         template.scaler_mean,
         template.scaler_std,
+        **actor.input_spec,  # the template actor's inputs (the Bayes step values, if it reads them)
     )
 
 
