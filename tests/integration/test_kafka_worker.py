@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -265,25 +266,41 @@ def test_a_frozen_broker_delays_the_stream_and_loses_nothing(
 ) -> None:
     """The broker stops answering (SIGSTOP) for longer than the worker waits for its acknowledgements: the
     batch in hand is given up uncommitted, counted, and processed again once the broker is back. Every
-    event is decided once, every decision is published, and the group commits every offset."""
+    event is decided once, every decision is published, and the group commits every offset.
+
+    Nothing can be produced while the broker is frozen, so whether the freeze lands mid-stream depends on
+    the worker's speed: a round whose freeze came after the worker had finished proves nothing, and a new
+    round (twice the events, its own entities) freezes again, up to three rounds."""
     process, bootstrap = start_broker(log_path=tmp_path / "tansu.log")  # its own broker: it gets frozen
     settings = kafka_settings.model_copy(
         update={"kafka_bootstrap_servers": bootstrap, "worker_publish_timeout_s": 2.0}
     )
-    events = make_events(2000, entities=30, seed=3)
     failures = metrics.WORKER_BATCH_FAILURES.labels(error="BrokerUnavailableError")
     failed_before = failures._value.get()
+    events: list[dict] = []
     try:
-        produce(settings, events)
-        stream_through_a_freeze(settings, start_platform, process, len(events), 6.0)  # 3 publish timeouts
-        assert failures._value.get() > failed_before  # the outage is visible, not only slow
+        with worker_running(settings, start_platform):
+            for attempt in range(3):
+                round_events = make_events(2000 * 2**attempt, entities=30, seed=3 + attempt)
+                for event in round_events:
+                    event["entity_id"] = f"r{attempt}-{event['entity_id']}"
+                produce(settings, round_events)
+                progress = len(events) + len(round_events) // 10
+                wait_for(lambda n=progress: decision_count(settings) >= n, 90, "the worker to make progress")
+                events += round_events
+                freeze(process, 6.0)  # 3 publish timeouts
+                wait_until_done(settings, len(events))
+                if failures._value.get() > failed_before:
+                    break  # the outage is visible, not only slow
+            else:
+                pytest.fail("three freezes of the broker all came after the worker had finished its events")
         assert_windows_exact(settings, events, in_flight=2 * settings.worker_batch_size)
 
         def decision_id(message: Any) -> int:
             return json.loads(message.value())["decision_id"]
 
         published = read_topic(
-            settings, settings.kafka_decisions_topic, expected=2000, timeout_s=60, distinct=decision_id
+            settings, settings.kafka_decisions_topic, expected=len(events), timeout_s=60, distinct=decision_id
         )
         # At least once on the topic (a retried batch publishes again), and always the stored decision.
         stored = {r[0] for r in query(settings.database_schema, "SELECT id FROM decisions")}
@@ -299,7 +316,9 @@ def test_a_frozen_redis_delays_the_stream_and_loses_nothing(
     """The worker's Redis stops answering (SIGSTOP: connections accepted, nothing read) for longer than the
     worker's feature-store timeout: each batch attempt fails within the timeout, counted (a feature-store
     error and a failed batch), uncommitted; once Redis answers, every event is decided once, its windows
-    exact, and the group commits every offset. The worker never waits on the frozen Redis for good."""
+    exact, and the group commits every offset. The worker never waits on the frozen Redis for good.
+
+    Most events are produced only once Redis is frozen, so the worker meets the freeze however fast it is."""
     port = free_port()
     log = (tmp_path / "redis.log").open("ab")
     server = subprocess.Popen(
@@ -314,8 +333,12 @@ def test_a_frozen_redis_delays_the_stream_and_loses_nothing(
     errors_before, failed_before = store_errors._value.get(), failures._value.get()
     try:
         wait_for(lambda: redis.Redis(port=port).ping(), 10, "our redis-server")
-        produce(settings, events)
-        stream_through_a_freeze(settings, start_platform, server, len(events), 7.0)  # past a 5 s timeout
+        with worker_running(settings, start_platform):
+            produce(settings, events[:100])
+            wait_for(lambda: decision_count(settings) >= 100, 90, "the worker to make progress")
+            # past the worker's 5 s feature-store timeout, with the rest of the events arriving meanwhile
+            freeze(server, 7.0, meanwhile=lambda: produce(settings, events[100:]))
+            wait_until_done(settings, len(events))
         assert failures._value.get() > failed_before, "no batch failure counted while Redis was frozen"
         assert store_errors._value.get() > errors_before  # the dependency failure itself is counted too
         assert_windows_exact(settings, events, in_flight=2 * settings.worker_batch_size)
@@ -325,27 +348,33 @@ def test_a_frozen_redis_delays_the_stream_and_loses_nothing(
         log.close()
 
 
-def stream_through_a_freeze(
-    settings: Settings,
-    start_platform: Callable[[Settings], Platform],
-    frozen: subprocess.Popen,
-    events: int,
-    seconds: float,
-) -> None:
-    """Run a worker over the ``events`` produced; once it has made progress, freeze ``frozen`` (SIGSTOP) for
-    ``seconds``; then wait until every event is decided and the group has committed every offset."""
+@contextmanager
+def worker_running(settings: Settings, start_platform: Callable[[Settings], Platform]) -> Iterator[None]:
+    """A stream worker runs in a thread for the block's duration."""
     stop, thread = run_in_thread(settings, start_platform)
     try:
-        wait_for(lambda: decision_count(settings) >= events // 10, 90, "the worker to make progress")
-        frozen.send_signal(signal.SIGSTOP)
-        time.sleep(seconds)
-        frozen.send_signal(signal.SIGCONT)
-        wait_for(lambda: decision_count(settings) >= events, 120, "every decision once it answers again")
-        wait_for(lambda: sum(committed_offsets(settings)) == events, 60, "every offset committed")
+        yield
     finally:
-        frozen.send_signal(signal.SIGCONT)
         stop.set()
         thread.join(30)
+
+
+def freeze(process: subprocess.Popen, seconds: float, meanwhile: Callable[[], None] = lambda: None) -> None:
+    """Stop ``process`` (SIGSTOP: its sockets stay open, nothing is read) for ``seconds``, calling
+    ``meanwhile`` at its start."""
+    process.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        meanwhile()
+        time.sleep(max(0.0, seconds - (time.monotonic() - started)))
+    finally:
+        process.send_signal(signal.SIGCONT)
+
+
+def wait_until_done(settings: Settings, events: int) -> None:
+    """Every event decided and every offset committed by the worker group."""
+    wait_for(lambda: decision_count(settings) >= events, 120, "every decision once it answers again")
+    wait_for(lambda: sum(committed_offsets(settings)) == events, 60, "every offset committed")
 
 
 def committed_offsets(settings: Settings) -> list[int]:
