@@ -1,4 +1,5 @@
-"""Extra registry versions for tests: policies that always propose one action, and corrupt artifacts."""
+"""Test helpers: policies that always propose one action, corrupt artifacts, and the risk attributions
+computed the plain way."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
 
 from decision_platform.models.baseline_policy import Policy, load_policy
 from decision_platform.models.policy import ACTOR, PolicyModel
 from decision_platform.models.registry import ModelRegistry
+from decision_platform.models.risk import RiskModel
 
 
 def fixed_policy(template: Policy, action: int) -> PolicyModel:
@@ -75,3 +79,34 @@ def corrupt(registry: ModelRegistry, version: str) -> None:
     assert record is not None
     actor = registry.model_dir / record["artifact_path"] / ACTOR
     actor.write_bytes(actor.read_bytes()[:100])
+
+
+def deeplift_in_torch(model: RiskModel, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(risk, attributions) of ``model.explain`` the plain way: each torch net in float64, every ReLU
+    replaced by a unit whose gradient is DeepLIFT's multiplier ``(relu(z) - relu(z_ref)) / (z - z_ref)``,
+    autograd for the chain, and the gradient times the encoded input's move from the reference, summed
+    per input. Shares only the encoder and the reference with the numpy path under test."""
+    numeric = torch.from_numpy(model.encoder.encode_numeric(x))
+    categories = torch.from_numpy(model.encoder.categories(x))
+    logit = torch.zeros(len(x), dtype=torch.float64)
+    columns = np.zeros((len(x), len(model._groups)))
+    for net, member in zip(model.nets, model._members, strict=True):
+        net = net.double()
+        encoded = net.embed(numeric, categories).detach().requires_grad_(True)
+        h, h_ref = encoded, torch.from_numpy(member.reference)[None, :]
+        for layer in net.net:
+            if isinstance(layer, nn.Linear):
+                h, h_ref = layer(h), layer(h_ref)
+            elif isinstance(layer, nn.ReLU):
+                moved = h - h_ref
+                out, out_ref = torch.relu(h), torch.relu(h_ref)
+                ratio = torch.where(moved != 0, (out - out_ref) / moved, (h > 0).double()).detach()
+                h, h_ref = out.detach() + ratio * (h - h.detach()), out_ref
+        raw = h.squeeze(-1)
+        raw.sum().backward()
+        logit += raw.detach()
+        columns += encoded.grad.numpy() * (encoded.detach().numpy() - member.reference)
+    scale = 1.0 / (len(model.nets) * model.temperature)
+    attributions = np.zeros((len(x), len(model.input_names)))
+    np.add.at(attributions.T, model._groups, (columns * scale).T)
+    return torch.sigmoid(logit * scale).numpy(), attributions

@@ -113,8 +113,6 @@ class Settings(BaseSettings):
     llm_queue_size: int = Field(64, ge=1)
     #: Longest ``GET /decisions/{id}/explanation?wait=true`` waits before answering "pending".
     llm_wait_timeout_s: float = Field(30.0, ge=0)
-    #: Integrated-gradients steps of the risk attributions (0: gradient x input).
-    attribution_steps: int = Field(8, ge=0, le=64)
 
     # --- files
     config_dir: Path = PROJECT_ROOT / "config"

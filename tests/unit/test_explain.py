@@ -28,6 +28,7 @@ from decision_platform.models.ranges import RANGES_FILE, FeatureRanges
 from decision_platform.models.registry import hash_directory
 from decision_platform.models.risk import RiskModel
 from decision_platform.serving.platform import Platform
+from tests.model_helpers import deeplift_in_torch
 
 _ids = itertools.count()
 
@@ -65,37 +66,29 @@ def burst(client: TestClient, entity: str, n: int, **attributes: str) -> dict:
 # --- attributions
 
 
-def test_integrated_gradients_give_the_models_risk_and_add_up_to_the_logit_change(
+def test_attributions_give_the_models_risk_and_add_up_to_the_logit_change_exactly(
     trained: tuple[str, Path],
 ) -> None:
+    """Completeness: what the attributions say moved the log-odds is what moved them, to float rounding,
+    on real events and on inputs far outside training."""
     model = RiskModel.load(artifact(trained, "risk"))
-    x = real_rows(trained)
-    risk, attributions = model.explain(x, steps=32)
-    np.testing.assert_allclose(risk, model.predict(x), rtol=1e-5, atol=1e-9)
-    change = model.logits(x) - model.reference_logit()
-    # Completeness: what the attributions say moved the log-odds is what moved them (up to the Riemann
-    # sum's error, which grows with the size of the move: a few % of the largest).
-    np.testing.assert_allclose(attributions.sum(axis=1), change, rtol=0.03, atol=0.03 * np.abs(change).max())
+    for x in (real_rows(trained), rows(model, 40)):
+        risk, attributions = model.explain(x)
+        np.testing.assert_allclose(risk, model.predict(x), rtol=1e-12, atol=0)
+        change = model.logits(x) - model.reference_logit()
+        assert np.abs(change).max() > 1.0  # the rows move the risk: the sums are not trivially zero
+        np.testing.assert_allclose(attributions.sum(axis=1), change, rtol=1e-9, atol=1e-9)
 
 
-def test_zero_steps_is_the_models_own_gradient_times_the_move(trained: tuple[str, Path]) -> None:
-    """steps=0 is first order: torch's gradient of the logit at the input, times the input's move from
-    the reference in the encoded space, summed per input."""
-    import torch
-
+def test_attributions_are_deeplift_as_torch_computes_it(trained: tuple[str, Path]) -> None:
+    """The numpy path gives what the plain computation does: torch's nets in float64, each ReLU's gradient
+    replaced by DeepLIFT's multiplier, autograd for the chain (tests/model_helpers.py)."""
     model = RiskModel.load(artifact(trained, "risk"))
-    x = rows(model, 10)
-    _, attributions = model.explain(x, steps=0)
-    numeric = torch.from_numpy(model.encoder.encode_numeric(x))
-    categories = torch.from_numpy(model.encoder.categories(x))
-    expected = np.zeros_like(attributions)
-    for net, member in zip(model.nets, model._members, strict=True):  # the mean logit: each net's share
-        net = net.double()
-        encoded = net.embed(numeric, categories).detach().requires_grad_(True)
-        (net.net(encoded).sum() / (len(model.nets) * model.temperature)).backward()
-        move = encoded.grad.numpy() * (encoded.detach().numpy() - member.reference)
-        np.add.at(expected.T, model._groups, move.T)
-    np.testing.assert_allclose(attributions, expected, rtol=1e-6, atol=1e-9)
+    for x in (real_rows(trained), rows(model, 40)):
+        risk, attributions = model.explain(x)
+        plain_risk, plain = deeplift_in_torch(model, x)
+        np.testing.assert_allclose(risk, plain_risk, rtol=1e-9, atol=0)
+        np.testing.assert_allclose(attributions, plain, rtol=1e-7, atol=1e-9)
 
 
 def test_training_stores_normal_ranges_of_legitimate_traffic(

@@ -1,11 +1,11 @@
 """The fast path decides exactly what the straightforward one does, on a few thousand recorded requests.
 
 Fast: requests decided in micro-batches (what the API's decider and the stream worker do) with the
-integrated-gradient path in float32, the rules over the batch's columns. Straightforward: one request at
-a time, each row's rules by CEL on a dict of all its facts (``DecisionEngine.batched = False``), and the
-attributions recomputed here in float64 the plain way. Same inputs, same seed: the same action
-probabilities, rules, reasons, propensities and sentences; reason weights (4 decimals) may differ by
-float noise only.
+risk attributions vectorised in numpy, the rules over the batch's columns. Straightforward: one request
+at a time, each row's rules by CEL on a dict of all its facts (``DecisionEngine.batched = False``), and
+the attributions recomputed in torch the plain way (tests/model_helpers.py). Same inputs, same seed:
+the same action probabilities, rules, reasons, propensities and sentences; reason weights (4 decimals)
+may differ by float noise only.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from decision_platform.learning.replay import shift_to_now
 from decision_platform.models.risk import RiskModel
 from decision_platform.serving.engine import DecisionEngine, DecisionRequest
 from decision_platform.serving.platform import Platform
+from tests.model_helpers import deeplift_in_torch
 
 REQUESTS = 2000
 BATCH = 64
@@ -120,57 +121,28 @@ def test_batched_decisions_equal_one_at_a_time(
     assert sum(len(r.reasons) >= 3 for r in fast_records) >= len(fast_records) // 2
 
 
-def _explain_float64(model: RiskModel, x: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """Integrated gradients the plain way: every path point forward and back through each member in
-    float64 (the reference the float32 path is held to)."""
-    numeric, categories = model.encoder.encode_numeric(x), model.encoder.categories(x)
-    alphas = (np.arange(steps) + 0.5) / steps
-    logit = np.zeros(len(x))
-    columns = 0.0
-    for member in model._members:
-        e = member.encode(numeric, categories)
-        delta = e - member.reference
-        raw, _ = member.from_first_layer(e @ member.weights[0] + member.biases[0])
-        logit += raw
-        grads = []
-        for alpha in alphas:
-            point = member.reference + alpha * delta
-            _, masks = member.from_first_layer(point @ member.weights[0] + member.biases[0])
-            grads.append(member.gradient_at_first_layer(masks) @ member.weights[0].T)
-        columns = columns + np.mean(grads, axis=0) * delta
-    scale = 1.0 / (len(model._members) * model.temperature)
-    attributions = np.zeros((len(x), len(model.input_names)))
-    np.add.at(attributions.T, model._groups, (columns * scale).T)
-    return 1.0 / (1.0 + np.exp(-logit * scale)), attributions
-
-
-def test_float32_attributions_give_the_float64_reasons(
+def test_batched_attributions_give_the_plain_computations_reasons(
     make_settings: Callable[..., Settings],
     start_platform: Callable[[Settings], Platform],
     recorded: list[Any],
 ) -> None:
+    """The risk model's vectorised DeepLIFT over the recording equals the plain torch computation
+    (tests/model_helpers.py), and so do the reasons built from each."""
     platform = start_platform(make_settings())
     models, builder = platform.models, platform.engine.reasons
     assert models.risk is not None and models.anomaly is not None and builder is not None
     features = np.vstack([r.values for r in platform.store.update(recorded)])
     anomaly = models.anomaly.score(features)
     inputs = RiskModel.inputs(features, anomaly)
-    steps = platform.settings.attribution_steps
 
-    risk, attributions = models.risk.explain(inputs, steps)
-    reference_risk, reference = _explain_float64(models.risk, inputs, steps)
+    risk, attributions = models.risk.explain(inputs)
+    plain_risk, plain = deeplift_in_torch(models.risk, inputs)
 
-    # The risk itself is computed in float64 as before: the same as predict's, and as the reference's.
-    assert np.allclose(risk, models.risk.predict(inputs), rtol=1e-9, atol=0)
-    assert np.allclose(risk, reference_risk, rtol=1e-9, atol=0)
-    # Within 1e-4 log-odds, but for the rare row where a path point lies within float32's rounding of a
-    # ReLU's kink: the unit is on in one precision and off in the other, and that point's gradient differs
-    # (an 8-point midpoint sum is as valid either way). Seen once in a full CI run (0.13 on one row of 2,000).
-    off = np.abs(attributions - reference).max(axis=1) >= 1e-4
-    assert off.sum() <= max(1, len(inputs) // 500), f"{off.sum()} rows differ: {np.flatnonzero(off)[:5]}"
+    assert np.allclose(risk, models.risk.predict(inputs), rtol=1e-12, atol=0)
+    assert np.allclose(risk, plain_risk, rtol=1e-9, atol=0)
+    assert np.allclose(attributions, plain, rtol=1e-7, atol=1e-9)
     attributes = [e.attributes for e in recorded]
     fast = builder.reasons(inputs, attributions, anomaly, attributes)
-    slow = builder.reasons(inputs, reference, anomaly, attributes)
-    for f, s, flipped in zip(fast, slow, off, strict=True):
-        if not flipped:
-            _same_reasons(f, s)
+    slow = builder.reasons(inputs, plain, anomaly, attributes)
+    for f, s in zip(fast, slow, strict=True):
+        _same_reasons(f, s)

@@ -79,7 +79,8 @@ class Reason(BaseModel):
     value: float
     direction: str = Field(description="raises_risk | lowers_risk | raises_anomaly")
     weight: float = Field(
-        description="kind risk: share of the risk log-odds (integrated gradients vs. an average event); "
+        description="kind risk: share of the risk log-odds (DeepLIFT vs. an average event; the shares of all "
+        "inputs add up to the log-odds' move); "
         "kind anomaly: share of the anomaly score above what typical values would give (Shapley)"
     )
     description: str

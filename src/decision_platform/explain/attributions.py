@@ -1,9 +1,9 @@
 """Attributions on the hot path: why the risk is what it is, and why the event looks unusual.
 
-Risk: the risk model's own integrated gradients (Sundararajan et al., 2017; ``RiskModel.explain``,
+Risk: the risk model's own DeepLIFT contributions (Shrikumar et al., 2017; ``RiskModel.explain``,
 computed in the same pass as the risk) say how much each input moved the log-odds away from an average
-event; unlike gradient x input they add up to that move (completeness), so "this input added +1.3 to
-the log-odds" is a statement an auditor can check. This module turns them into reason codes.
+event; unlike gradient x input they add up to that move exactly (completeness), so "this input added +1.3
+to the log-odds" is a statement an auditor can check. This module turns them into reason codes.
 
 Anomaly: exact Shapley values of the Isolation Forest score over the few inputs that are outside their
 normal range (at most ``max_candidates``), each replaced by its median. For k candidates that is 2^k

@@ -206,8 +206,8 @@ def make_reason(
     typical: Mapping[str, Any] | None,
     display: str | None = None,
 ) -> dict[str, Any]:
-    """One reason code. ``kind`` risk: ``weight`` is the input's share of the risk logit (integrated
-    gradients); kind anomaly: its share of the anomaly score above what typical values would give."""
+    """One reason code. ``kind`` risk: ``weight`` is the input's share of the risk logit (DeepLIFT);
+    kind anomaly: its share of the anomaly score above what typical values would give."""
     return Wording(feature, dict(typical) if typical else None).reason(
         kind, float(value), float(weight), display
     )

@@ -20,9 +20,17 @@ probability, so it has to be one. One scalar fitted on the validation slice fixe
 without changing the ranking.
 
 Serving runs a numpy copy of the net (encoder, embedding lookups, MLP), ~10x faster than torch for one
-row. Its integrated gradients (``explain``) are computed in the encoded space, where the path from the
-reference event to the input is a straight line, and summed per input: they add up to the change in
-log-odds from the reference (completeness), and a categorical's attribution goes to its input.
+row. Its attributions (``explain``) are DeepLIFT's Rescale rule against a reference event, computed in the
+encoded space and summed per input: they add up to the change in log-odds from the reference exactly
+(completeness, to float rounding), and a categorical's attribution goes to its input.
+
+Why DeepLIFT and not integrated gradients (IG, which the platform used until s27): for a ReLU net both
+split the same log-odds change, but IG's path integral is a sum of a few gradients (8 points: 2x the
+CPU, and on the synthetic models the sum missed the change by p99 0.26 log-odds, max 0.54), while the
+Rescale rule's one backward pass of each ReLU's "output move / input move" is exact. Measured on 3,000
+synthetic rows against IG with 256 points (the integral itself): the same top reason on 99.7% of rows
+(IG-8: 99.6%), the same top-5 in the same order on 94.0% (IG-8: 90.1%). (Shrikumar et al., 2017; the
+Rescale rule is what Captum's ``DeepLift`` and SHAP's ``DeepExplainer`` compute for ReLU nets.)
 """
 
 from __future__ import annotations
@@ -314,17 +322,19 @@ class _NumpyNet:
         self.weights = [m.weight.detach().numpy().T.astype(np.float64) for m in linear]
         self.biases = [m.bias.detach().numpy().astype(np.float64) for m in linear]
         self.tables = [e.weight.detach().numpy().astype(np.float64) for e in net.embeddings]
-        # The integrated-gradient path in float32 (explain): 8 points a row through the hidden layers is
-        # most of a decision's CPU, and float32 halves it (2.6x on 500 rows); the risk itself stays float64.
-        self.weights32 = [w.astype(np.float32) for w in self.weights]
-        self.biases32 = [b.astype(np.float32) for b in self.biases]
         # The "average event" attributions are measured from: every numeric input at its training
         # median, every embedded input at its embeddings' mean over the vocabulary (not any one value).
         means = [t[2:].mean(axis=0) if len(t) > 2 else t.mean(axis=0) for t in self.tables]
         self.reference = np.concatenate([encoder.reference(), *means])
-        # The reference's first-layer pre-activations: every path starts there (explain).
-        self.base = self.reference @ self.weights[0] + self.biases[0]
-        self.base32 = self.base.astype(np.float32)
+        # The reference's pre-activations and activations at each hidden layer (explain).
+        self.reference_pre: list[np.ndarray] = []
+        self.reference_out: list[np.ndarray] = []
+        h = self.reference
+        for w, b in zip(self.weights[:-1], self.biases[:-1], strict=True):
+            self.reference_pre.append(h @ w + b)
+            h = np.maximum(self.reference_pre[-1], 0)
+            self.reference_out.append(h)
+        self.reference_logit = float(h @ self.weights[-1][:, 0] + self.biases[-1][0])
 
     def encode(self, numeric: np.ndarray, categories: np.ndarray) -> np.ndarray:
         """(n, encoded width): what the MLP reads (the same numbers as RiskNet.embed)."""
@@ -333,52 +343,42 @@ class _NumpyNet:
         embedded = [table[categories[:, k]] for k, table in enumerate(self.tables)]
         return np.concatenate([numeric, *embedded], axis=1)
 
-    def from_first_layer(self, pre: np.ndarray, single: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
-        """The raw logit from the first layer's pre-activations, and each layer's ReLU mask (``single``:
-        in float32, for the attribution path). ``pre`` is overwritten: every caller passes a fresh array,
-        and the path's arrays (8 points a row) are large enough that a copy per layer cost a third of the
-        attributions' time (memory-bound element-wise work, not the products)."""
-        weights, biases = (self.weights32, self.biases32) if single else (self.weights, self.biases)
-        masks = [pre > 0]
-        h = np.maximum(pre, 0, out=pre)
-        for w, b in zip(weights[1:-1], biases[1:-1], strict=True):
-            pre = h @ w
-            pre += b
-            masks.append(pre > 0)
-            h = np.maximum(pre, 0, out=pre)
-        return h @ weights[-1][:, 0] + biases[-1][0], masks
+    def logit(self, e: np.ndarray) -> np.ndarray:
+        """The raw logit (n,) of encoded rows."""
+        h = e
+        for w, b in zip(self.weights[:-1], self.biases[:-1], strict=True):
+            h = h @ w
+            h += b
+            np.maximum(h, 0, out=h)
+        return h @ self.weights[-1][:, 0] + self.biases[-1][0]
 
-    def gradient_at_first_layer(self, masks: list[np.ndarray], single: bool = False) -> np.ndarray:
-        weights = self.weights32 if single else self.weights
-        grad = masks[-1] * weights[-1][:, 0]
-        for i in range(len(masks) - 1, 0, -1):
-            grad = grad @ weights[i].T
-            grad *= masks[i - 1]
-        return grad
+    def explain(self, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(raw logit (n,), contributions per encoded column (n, width)) by DeepLIFT's Rescale rule.
 
-    def explain(self, e: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
-        """(raw logit (n,), integrated gradients per encoded column (n, width)) from the reference.
-
-        The first layer is linear in the encoded input, so the path's first-layer activations are
-        ``pre(ref) + alpha * delta @ W0``: one product per row, whatever ``steps``. ``steps=0`` gives
-        gradient x (input - reference) at the input itself (first order only). The logit is float64; the
-        path's points are float32 (attributions within ~1e-6 of float64's: tests/unit/test_fast_path.py).
+        Each ReLU's multiplier is its output's move from the reference's over its input's move,
+        ``(relu(z) - relu(z_ref)) / (z - z_ref)`` (its gradient where the input did not move). Chained back
+        through the linear layers as gradients are, the multipliers times the encoded input's move give
+        contributions whose sum is ``logit(e) - logit(reference)`` exactly: each step of the chain is an
+        identity on the moves, not an approximation.
         """
         delta = e - self.reference
-        moved = delta @ self.weights[0]
-        logit, masks = self.from_first_layer(self.base + moved)
-        n = len(e)
-        if steps == 0:
-            grad = self.gradient_at_first_layer(masks)
-        else:
-            # Midpoint rule on [0, 1]: no endpoint bias; the error shrinks as 1/steps^2 between kinks.
-            alphas = ((np.arange(steps) + 0.5) / steps).astype(np.float32)
-            path = np.multiply(alphas[None, :, None], moved.astype(np.float32)[:, None, :])
-            path += self.base32
-            _, path_masks = self.from_first_layer(path.reshape(n * steps, -1), single=True)
-            grad = self.gradient_at_first_layer(path_masks, single=True)
-            grad = grad.reshape(n, steps, -1).mean(axis=1, dtype=np.float64)
-        return logit, (grad @ self.weights[0].T) * delta
+        multipliers = []
+        h = e
+        for w, b, ref_pre, ref_out in zip(
+            self.weights[:-1], self.biases[:-1], self.reference_pre, self.reference_out, strict=True
+        ):
+            pre = h @ w
+            pre += b
+            h = np.maximum(pre, 0)
+            moved = pre - ref_pre
+            gradient = (pre > 0).astype(np.float64)
+            multipliers.append(np.divide(h - ref_out, moved, out=gradient, where=moved != 0))
+        logit = h @ self.weights[-1][:, 0] + self.biases[-1][0]
+        back = multipliers[-1] * self.weights[-1][:, 0]
+        for i in range(len(multipliers) - 1, 0, -1):
+            back = back @ self.weights[i].T
+            back *= multipliers[i - 1]
+        return logit, (back @ self.weights[0].T) * delta
 
 
 class RiskModel:
@@ -432,8 +432,7 @@ class RiskModel:
         numeric, categories = self._encoded(x)
         total = np.zeros(len(numeric))
         for member in self._members:
-            e = member.encode(numeric, categories)
-            total += member.from_first_layer(e @ member.weights[0] + member.biases[0])[0]
+            total += member.logit(member.encode(numeric, categories))
         return total / (len(self._members) * self.temperature)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -442,21 +441,18 @@ class RiskModel:
 
     def reference_logit(self) -> float:
         """The log-odds of the reference event(s), which attributions are measured from."""
-        total = 0.0
-        for member in self._members:
-            pre = member.reference[None, :] @ member.weights[0] + member.biases[0]
-            total += float(member.from_first_layer(pre)[0][0])
+        total = sum(member.reference_logit for member in self._members)
         return total / (len(self._members) * self.temperature)
 
-    def explain(self, x: np.ndarray, steps: int = 8) -> tuple[np.ndarray, np.ndarray]:
-        """(risk (n,), attributions (n, inputs)) in log-odds: integrated gradients from the reference
-        event, summed per input, so each row's attributions add up to logit(x) - reference_logit()."""
+    def explain(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(risk (n,), attributions (n, inputs)) in log-odds: DeepLIFT (Rescale) from the reference event,
+        summed per input, so each row's attributions add up to logit(x) - reference_logit()."""
         numeric, categories = self._encoded(x)
         n = len(numeric)
         logit = np.zeros(n)
         per_column = None
         for member in self._members:
-            raw, columns = member.explain(member.encode(numeric, categories), steps)
+            raw, columns = member.explain(member.encode(numeric, categories))
             logit += raw
             per_column = columns if per_column is None else per_column + columns
         scale = 1.0 / (len(self._members) * self.temperature)

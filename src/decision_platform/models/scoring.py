@@ -25,7 +25,7 @@ class ChainScores:
     risk_inputs: np.ndarray  # (n, features + 1): what the risk model reads
     risk: np.ndarray  # (n,) P(bad)
     states: np.ndarray  # (n, state): what the policy reads
-    #: (n, risk inputs): each input's share of the risk (integrated gradients), when asked for.
+    #: (n, risk inputs): each input's share of the risk (DeepLIFT, in log-odds), when asked for.
     attributions: np.ndarray | None = None
 
 
@@ -40,25 +40,25 @@ class ScoringChain:
     def score(
         self,
         features: np.ndarray,
-        attribution_steps: int | None = None,
+        attributions: bool = False,
         lap: Callable[[str], None] | None = None,
     ) -> ChainScores:
-        """Every intermediate score for rows of features. ``attribution_steps``: also the risk's
-        attributions, with that many integrated-gradient steps; ``lap(stage)`` is called as each of the
-        anomaly and risk stages ends (serving's per-stage latency)."""
+        """Every intermediate score for rows of features. ``attributions``: also the risk's attributions
+        (``RiskModel.explain``); ``lap(stage)`` is called as each of the anomaly and risk stages ends
+        (serving's per-stage latency)."""
         anomaly = self.anomaly.score(features)
         if lap is not None:
             lap("anomaly")
         inputs = RiskModel.inputs(features, anomaly)
-        attributions = None
-        if attribution_steps is None:
-            risk = self.risk.predict(inputs)
+        shares = None
+        if attributions:
+            risk, shares = self.risk.explain(inputs)
         else:
-            risk, attributions = self.risk.explain(inputs, attribution_steps)
+            risk = self.risk.predict(inputs)
         if lap is not None:
             lap("risk")
         states = self.policy.state(features, anomaly, risk)
-        return ChainScores(anomaly, inputs, risk, states, attributions)
+        return ChainScores(anomaly, inputs, risk, states, shares)
 
     def scores(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(anomaly, risk, policy state) for rows of features."""

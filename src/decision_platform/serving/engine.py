@@ -286,7 +286,7 @@ class DecisionEngine:
                 self._require(serving, "policy"),
             )
             # The risk and its attributions (what the reasons are made of) in one vectorised pass.
-            scored = chain.score(scores.features, self.settings.attribution_steps, watch.lap)
+            scored = chain.score(scores.features, attributions=True, lap=watch.lap)
             scores.anomaly, scores.risk = scored.anomaly, scored.risk
             scores.probabilities = chain.policy.probabilities(scored.states)
             for i in np.flatnonzero(_unusable_scores(scores.anomaly, scores.risk, scores.probabilities)):
