@@ -223,7 +223,7 @@ class StoredDecision(BaseModel):
 
 
 _ERROR_DESCRIPTIONS = {
-    400: "The body cannot be parsed: not UTF-8, or JSON nested too deeply",
+    400: "The body cannot be parsed: not UTF-8, JSON nested too deeply, or a number of over 4300 digits",
     401: "Missing or wrong X-API-Key",
     403: "Admin API disabled: no DP_API_KEY configured",
     404: "Not found",

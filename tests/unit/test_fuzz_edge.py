@@ -1,0 +1,58 @@
+"""Fuzzing red team (s27): what a property-based / random pass over the inputs found, one regression each,
+and the bounded fuzzers themselves (fixed seeds: the same cases every run, a few seconds each).
+
+The principle (README "Status"): bad input is a 4xx whose body names the problem, never a 5xx or a
+traceback; whatever is accepted is stored.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+JSON = {"content-type": "application/json"}
+
+
+def _detail(response: httpx.Response, status: int) -> str:
+    assert response.status_code == status, response.text
+    return response.json()["detail"]
+
+
+# --- POST bodies Python's JSON parser reads but no field can hold
+
+
+@pytest.mark.parametrize("path", ["/decide", "/outcome", "/events"])
+def test_a_number_of_thousands_of_digits_is_400_saying_so(client: TestClient, path: str) -> None:
+    """Python's int() refuses more than 4300 digits: FastAPI answered 400 "There was an error parsing
+    the body", which names nothing."""
+    raw = b'{"entity_id": "a", "decision_id": ' + b"1" * 4400 + b"}"
+    for content_type in ("application/json", "application/vnd.test+json"):  # the lane and the route
+        response = client.post(path, content=raw, headers={"content-type": content_type})
+        assert _detail(response, 400) == "a number in the JSON has more than 4300 digits"
+
+
+@pytest.mark.parametrize(
+    ("path", "raw", "field", "text"),
+    [
+        ("/decide", b'{"entity_id": "a", "\\ud800x": 1}', "body", "\\ud800x"),
+        ("/decide", b'{"entity_id": "a\\udfff"}', "entity_id", "a\\udfff"),
+        ("/outcome", b'{"decision_id": 1, "outcome": "x", "\\ud800": 1}', "body", "\\ud800"),
+        ("/events", b'{"event_id": "e", "entity_id": "b", "\\ud800": 1}', "Event", "\\ud800"),
+        (
+            "/events",
+            b'{"events": [{"event_id": "e\\ud800", "entity_id": "b"}]}',
+            "EventBatch.events.0.event_id",
+            "e\\ud800",
+        ),
+    ],
+)
+def test_a_lone_surrogate_in_an_id_or_a_key_is_422_saying_so(
+    client: TestClient, path: str, raw: bytes, field: str, text: str
+) -> None:
+    """Was "Input should be a valid string, unable to parse raw data as a unicode string" (and for a key,
+    at "body" only): the client could not tell what was wrong, or where."""
+    response = client.post(path, content=raw, headers=JSON)
+    assert response.status_code == 422, response.text
+    message = f"'{text}': must not contain lone surrogates (\\ud800-\\udfff): not valid UTF-8"
+    assert response.json()["errors"] == [{"field": field, "message": message}]
