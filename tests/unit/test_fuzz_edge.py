@@ -7,9 +7,15 @@ traceback; whatever is accepted is stored.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+
+from decision_platform.api.app import create_app
+from decision_platform.config import Settings
+from decision_platform.serving.platform import Platform
 
 JSON = {"content-type": "application/json"}
 
@@ -56,3 +62,28 @@ def test_a_lone_surrogate_in_an_id_or_a_key_is_422_saying_so(
     assert response.status_code == 422, response.text
     message = f"'{text}': must not contain lone surrogates (\\ud800-\\udfff): not valid UTF-8"
     assert response.json()["errors"] == [{"field": field, "message": message}]
+
+
+# --- the console: what a browser (or anyone) can put in its cookies and forms
+
+
+@pytest.fixture
+def locked_console(
+    make_settings: Callable[..., Settings], start_platform: Callable[[Settings], Platform]
+) -> Iterator[TestClient]:
+    """The app with a console password (sessions and CSRF tokens are checked)."""
+    settings = make_settings(console_password="pw", api_key="k", model_refresh_s=0)
+    with TestClient(create_app(settings, start_platform(settings))) as client:
+        yield client
+
+
+def test_a_non_ascii_session_cookie_or_csrf_token_is_refused_not_a_500(locked_console: TestClient) -> None:
+    """secrets.compare_digest raises TypeError on non-ASCII text: a cookie "1.a.é" or a form's csrf "é"
+    was a 500 (and a traceback in the log)."""
+    client = locked_console
+    cookie = [("cookie", "dp_console_session=1.a.\u00e9".encode("latin-1"))]
+    answer = client.get("/console/queue", headers=cookie, follow_redirects=False)
+    assert answer.status_code == 303 and answer.headers["location"].startswith("/console/login")
+    client.get("/console/login")  # sets the CSRF nonce cookie
+    answer = client.post("/console/login", data={"csrf": "\u00e9", "password": "pw"})
+    assert answer.status_code == 403 and "CSRF" in answer.json()["detail"]
