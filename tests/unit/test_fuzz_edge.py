@@ -7,14 +7,18 @@ traceback; whatever is accepted is stored.
 
 from __future__ import annotations
 
+import html
+import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from decision_platform.api.app import create_app
-from decision_platform.config import Settings
+from decision_platform.config import ConfigError, Settings, load_config_file
+from decision_platform.rules.ruleset import RuleSet
 from decision_platform.serving.platform import Platform
 
 JSON = {"content-type": "application/json"}
@@ -87,3 +91,38 @@ def test_a_non_ascii_session_cookie_or_csrf_token_is_refused_not_a_500(locked_co
     client.get("/console/login")  # sets the CSRF nonce cookie
     answer = client.post("/console/login", data={"csrf": "\u00e9", "password": "pw"})
     assert answer.status_code == 403 and "CSRF" in answer.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("rules_text", "words"),
+    [
+        ("a: [" * 1000, "nested too deeply"),
+        ("rules:\n- {name: x, tier: block, when: 'true', description: " + "9" * 5000 + "}", "4300 digits"),
+        ("lists:\n  l: [2001-13-01]\n", "month must be in 1..12"),
+    ],
+)
+def test_a_what_if_rules_text_yaml_cannot_hold_is_422_naming_it(
+    client: TestClient, rules_text: str, words: str
+) -> None:
+    """The console's what-if editor (and ``rules backtest``, and a rules.yaml at start): YAML nested a
+    thousand deep raised RecursionError, a date 2001-13-01 or an integer of 5000 digits ValueError from the
+    YAML loader itself -- each a 500 (the page catches only RulesError)."""
+    csrf = re.search(r'name="csrf" value="([^"]+)"', client.get("/console/whatif").text)
+    assert csrf is not None
+    answer = client.post("/console/whatif", data={"csrf": csrf.group(1), "rules_text": rules_text})
+    assert answer.status_code == 422 and words in html.unescape(answer.text), answer.text[-2000:]
+
+
+def test_a_rule_nested_too_deeply_for_the_column_evaluator_is_left_to_cel() -> None:
+    """``!!!!...true`` 5000 deep compiles in CEL, but the batch evaluator's parser recursed (RecursionError,
+    a 500 on the what-if page)."""
+    text = "rules:\n- {name: deep, tier: block, when: '" + "!" * 5000 + "true'}\n"
+    rules = RuleSet.from_text(text, ["amount"])
+    assert rules.vectorised == [] and rules.evaluate({}).mask == (False, False, True)
+
+
+def test_a_config_file_nested_too_deeply_stops_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_text("a: [" * 1000)
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_config_file(path, lambda p: RuleSet.load(p, ["amount"]))
