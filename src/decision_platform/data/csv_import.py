@@ -111,7 +111,7 @@ class TimeSpec(BaseModel):
 
     column: str
     unit: Literal["seconds_since_start", "epoch_seconds", "epoch_milliseconds", "rfc3339"]
-    base_epoch: float | None = None
+    base_epoch: float | None = Field(default=None, allow_inf_nan=False)
 
     @field_validator("base_epoch", mode="before")
     @classmethod
@@ -167,6 +167,29 @@ class ColumnMapping(BaseModel):
     #: Column -> type, or column -> {type, name}.
     attributes: dict[str, AttributeType | AttributeSpec] = Field(default_factory=dict)
 
+    @field_validator("id_prefix")
+    @classmethod
+    def _id_chars(cls, value: str) -> str:
+        # The ids it starts are checked by the event contract online: "bad id 1" was imported, and every
+        # event of a replay was then refused (422).
+        if value and not _ID_PATTERN.fullmatch(value):
+            raise ValueError(f"{value!r} is not the start of an id ({_ID_RULE})")
+        return value
+
+    @field_validator("event_type")
+    @classmethod
+    def _storable_type(cls, value: str) -> str:
+        return storable_text(value)  # NUL was imported as part of every event's type
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        try:
+            codecs.lookup(value)
+        except LookupError:  # was a LookupError traceback once the file was opened
+            raise ValueError(f"unknown encoding {value!r} (e.g. utf-8, latin-1, cp1252)") from None
+        return value
+
     @field_validator("attributes")
     @classmethod
     def _bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
@@ -184,8 +207,20 @@ class ColumnMapping(BaseModel):
         path = Path(path)
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
+        except OSError as exc:
             raise DatasetError(f"{path}: cannot read mapping: {exc}") from exc
+        except yaml.YAMLError as exc:  # one line: the problem and where (str(exc) spans several)
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise DatasetError(
+                f"{path}: cannot read mapping: not valid YAML{where}: {getattr(exc, 'problem', exc)}"
+            ) from None
+        except UnicodeDecodeError as exc:
+            raise DatasetError(f"{path}: cannot read mapping: not UTF-8 text (byte {exc.start})") from None
+        except RecursionError:
+            raise DatasetError(f"{path}: cannot read mapping: nested too deeply") from None
+        except (ValueError, OverflowError) as exc:  # a value YAML types but Python cannot hold (2001-13-01)
+            raise DatasetError(f"{path}: cannot read mapping: {str(exc)[:120]}") from None
         try:
             return cls.model_validate(raw or {})
         except ValidationError as exc:
@@ -260,6 +295,9 @@ def load_csv(
             raise DatasetError(f"{path}:{reader.line_num}: not readable as CSV: {exc}") from None
         except UnicodeDecodeError as exc:  # decoded a chunk ahead of the rows: find the line itself
             raise _undecodable(path, mapping.encoding, exc) from None
+        except UnicodeError as exc:  # not a decoding error of a byte: "UTF-16 stream does not start with BOM"
+            hint = "set `encoding:` in the mapping (e.g. utf-8, latin-1 or cp1252)"
+            raise DatasetError(f"{path}: not {mapping.encoding} text ({exc}); {hint}") from None
     if loader.refund_lines:
         log.warning(
             "%s: left out %d row(s) with a negative amount (refunds; an event's amount is >= 0): line %s",
@@ -295,7 +333,7 @@ def _undecodable(path: Path, encoding: str, error: UnicodeDecodeError) -> Datase
                 except UnicodeDecodeError as exc:
                     bad = line[exc.start : exc.start + 1].hex()
                     return DatasetError(f"{path}:{number}: byte 0x{bad} at position {exc.start + 1}: {hint}")
-    except (OSError, EOFError, zlib.error):
+    except (OSError, EOFError, zlib.error, UnicodeError):
         pass
     return DatasetError(f"{path}: {hint} ({error.reason})")
 
