@@ -85,6 +85,28 @@ def test_train_says_so_in_one_line_for_a_mapping_yaml_cannot_hold(tmp_path: Path
     ]
 
 
+def test_train_says_so_in_one_line_when_the_data_sets_features_lack_what_the_rules_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mapping's own ``<name>.features.yaml`` without the 5m window: the rules read count_5m, and train
+    stopped with a ValueError traceback from inside train_all."""
+    from decision_platform.cli import main as cli
+    from decision_platform.config import Settings
+
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'dp.db'}", model_dir=tmp_path / "models")
+    monkeypatch.setattr(cli, "get_settings", lambda: settings)
+    csv_path, mapping = _files(tmp_path, MAPPING)
+    features = tmp_path / "mapping.features.yaml"
+    features.write_text("version: 1\nwindows: {1m: 60, 1h: 3600}\ndistinct: []\n")
+    result = CliRunner().invoke(
+        cli.app, ["train", "--source", "csv", "--path", str(csv_path), "--mapping", str(mapping)]
+    )
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "bad configuration:" in result.output and "uses unknown names" in result.output
+    assert f"the data set's {features} does not compute" in " ".join(result.output.split())
+
+
 @pytest.mark.parametrize(
     ("extra", "words"),
     [
