@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import re
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote_plus
@@ -23,6 +25,8 @@ from urllib.parse import quote_plus
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from decision_platform.api.app import create_app
 from decision_platform.api.schemas import DecideRequest
@@ -412,3 +416,75 @@ def test_random_console_forms_are_4xx_saying_what(
             response = client.post(path, content=encoded.encode(), headers=headers, follow_redirects=False)
             assert_answer(response, f"{backend} POST {path} {encoded[:300]}")
     assert not caplog.records, [r.getMessage() for r in caplog.records][:5]
+
+
+# --- property-based: an event's attributes are refused naming the field, or stored exactly
+
+NO_NUL = st.characters(exclude_characters="\x00")
+#: Values every store can hold, at their limits too.
+STORABLE = st.one_of(
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(NO_NUL, max_size=256),
+    st.sampled_from([2**63 - 1, -(2**63), 1e16, 2.0**53 + 2, -0.0, 5e-324, 1.7976931348623157e308, "\uffff"]),
+)
+#: What no store can hold, or the contract refuses.
+UNSTORABLE = st.one_of(
+    st.sampled_from(["\x00", "a\x00", 2**63, -(2**63) - 1, 2**70, math.nan, math.inf, -math.inf]),
+    st.text(NO_NUL, min_size=257, max_size=300),
+)
+KEYS = st.text(NO_NUL, min_size=1, max_size=64)
+
+
+@st.composite
+def attribute_maps(draw: st.DrawFn) -> dict[str, Any]:
+    """Mostly storable maps of up to 32 entries; sometimes one value, key or size the contract refuses."""
+    attributes = draw(st.dictionaries(KEYS, STORABLE, max_size=32))
+    spoil = draw(st.sampled_from(["none", "none", "none", "value", "key", "size"]))
+    if spoil == "value":
+        attributes[draw(KEYS)] = draw(UNSTORABLE)
+    elif spoil == "key":
+        attributes[draw(st.sampled_from(["", "k\x00", "x" * 65]))] = 1
+    elif spoil == "size":
+        attributes.update({f"extra-{k}": k for k in range(33 - len(attributes))})
+    return attributes
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    attributes=attribute_maps(),
+    event_type=st.one_of(
+        *[st.text(NO_NUL, min_size=1, max_size=64)] * 4, st.sampled_from(["", "a\x00", "x" * 65])
+    ),
+    amount=st.one_of(
+        *[st.none(), st.floats(min_value=0, max_value=1e12)] * 2,
+        st.sampled_from([-1, 1e13, True, "12.5", math.nan, 2**70]),
+    ),
+)
+def test_attributes_are_refused_naming_the_field_or_stored_exactly(
+    fuzzed: tuple[str, TestClient], attributes: dict[str, Any], event_type: str, amount: Any
+) -> None:
+    backend, client = fuzzed
+    event = {"event_id": f"h-{uuid.uuid4().hex}", "event_type": event_type, "attributes": attributes}
+    if amount is not None:
+        event["amount"] = amount
+    raw = json.dumps({"entity_id": "hyp", "event": event}, allow_nan=True).encode()  # NaN as NaN
+    response = client.post("/decide", content=raw, headers={"content-type": "application/json"})
+    what = f"{backend}: {raw[:300]!r}"
+    assert_answer(response, what)
+    if response.status_code == 422:
+        fields = [e["field"] for e in response.json()["errors"]]
+        assert all(f.startswith("event.") for f in fields), (what, fields)
+        return
+    assert response.status_code == 200, what
+    stored = client.get(f"/decisions/{response.json()['decision_id']}").json()
+    assert stored["event_type"] == event_type, what
+    assert stored["attributes"].keys() == attributes.keys(), what
+    for key, value in attributes.items():
+        assert same_value(stored["attributes"][key], value), (what, key, value, stored["attributes"][key])
