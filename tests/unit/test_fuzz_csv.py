@@ -7,6 +7,7 @@ One regression per failure found, then the bounded fuzzer itself (a fixed seed: 
 from __future__ import annotations
 
 import gzip
+import logging
 import random
 from pathlib import Path
 
@@ -128,6 +129,29 @@ def test_a_base_epoch_that_is_not_finite_is_refused_at_load(tmp_path: Path) -> N
     mapping = MAPPING.replace("unit: rfc3339}", "unit: seconds_since_start, base_epoch: .nan}")
     with pytest.raises(DatasetError, match=r"time\.base_epoch: Input should be a finite number"):
         load_csv(*_files(tmp_path, mapping, ROWS.replace("2024-03-01T10:00:00Z", "5")))
+
+
+def test_labels_other_than_the_bad_and_usual_good_values_are_counted_in_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 0/1 label column holding 2 or "maybe" (no good_values): those rows were read as good silently --
+    fraud, perhaps, trained as good."""
+    mapping = MAPPING.replace(', good_values: ["0"]', "")
+    rows = ROWS + "".join(
+        f"t{k},u1,2024-03-01T10:00:0{k}Z,5,d1,1,true,0.5,{label}\n"
+        for k, label in enumerate(["2", "maybe", "0.0", "1", "no", "2"], start=2)
+    )
+    with caplog.at_level(logging.WARNING):
+        data = load_csv(*_files(tmp_path, mapping, rows))
+    assert data.labels.tolist() == [0, 0, 0, 0, 1, 0, 0]
+    [warning] = [r.getMessage() for r in caplog.records]
+    said = "3 row(s) have a label that is neither in label.bad_values nor 0 / false / no ('2', 'maybe')"
+    assert said in warning
+    assert warning.endswith("line 3, 4, 8")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # the usual 0/1 column: nothing to say
+        load_csv(*_files(tmp_path, mapping))
+    assert not caplog.records
 
 
 # --- the fuzzer: random odd cells, line ends, bytes, quotes, headers, compression, mapping settings

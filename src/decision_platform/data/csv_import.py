@@ -258,7 +258,8 @@ def load_csv(
     the platform decides on either (the event contract's amount is >= 0; ``POST /decide`` refuses it):
     such rows are left out, counted in one warning naming their first lines. Rows with an empty label
     cell are read as good unless ``label.good_values`` is set (then they are an error): one warning
-    counts them, as silently trained "good" rows could be unlabelled fraud.
+    counts them, as silently trained "good" rows could be unlabelled fraud; so are rows whose label is
+    neither a bad value nor a usual good one (``2``, ``maybe`` in a 0/1 column: one more warning).
     """
     path = Path(path)
     if not isinstance(mapping, ColumnMapping):
@@ -311,6 +312,15 @@ def load_csv(
             path,
             len(loader.unlabelled_lines),
             _some(loader.unlabelled_lines),
+        )
+    if loader.unusual_lines:  # a label column of 0/1/2 or yes/no/maybe: the others were silently good
+        log.warning(
+            "%s: %d row(s) have a label that is neither in label.bad_values nor 0 / false / no (%s), read as "
+            "good (set label.good_values to refuse them): line %s",
+            path,
+            len(loader.unusual_lines),
+            ", ".join(repr(v) for v in sorted(loader.label_of.unusual_values)[:5]),
+            _some(loader.unusual_lines),
         )
     return loader.result()
 
@@ -400,6 +410,9 @@ class _RowLoader:
         self.refund_lines: list[int] = []
         #: Lines of rows with an empty label cell, read as good (no ``good_values``): see ``load_csv``.
         self.unlabelled_lines: list[int] = []
+        #: Lines of rows whose label is neither a bad value nor a usual good one ("2", "maybe"), read as
+        #: good (no ``good_values``): see ``load_csv``.
+        self.unusual_lines: list[int] = []
 
     def fail(self, line: int, column: int | None, message: str) -> DatasetError:
         where = f" column {self.header[column]!r}:" if column is not None else ""
@@ -430,6 +443,8 @@ class _RowLoader:
             raise self.fail(line, self.label_col, f"unknown label value {_shown(row[self.label_col])}")
         if not label and not row[self.label_col].strip():
             self.unlabelled_lines.append(line)
+        elif not label and self.label_of.unusual(row[self.label_col]):
+            self.unusual_lines.append(line)
         amount = self._amount(row, line)
         if amount is not None and amount < 0.0:
             self.refund_lines.append(line)
@@ -621,6 +636,20 @@ class _LabelReader:
         self.bad = _ValueSet(spec.bad_values)
         self.good = _ValueSet(spec.good_values) if spec.good_values is not None else None
         self.cache: dict[str, int | None] = {}
+        #: Without good_values: the non-empty cells read as good that are not a usual "good" (0, false, no).
+        self.unusual_values: set[str] = set()
+        self._unusual: dict[str, bool] = {}
+
+    def unusual(self, cell: str) -> bool:
+        """A cell read as good, not empty, that is no usual way of saying good (only without good_values)."""
+        known = self._unusual.get(cell)
+        if known is None:
+            value = cell.strip()
+            known = self.good is None and value.lower() not in _FALSE and _number(value) != 0.0
+            self._unusual[cell] = known
+            if known and len(self.unusual_values) < 100:
+                self.unusual_values.add(value[:40])
+        return known
 
     def __call__(self, cell: str) -> int | None:
         if cell in self.cache:
