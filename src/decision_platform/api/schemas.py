@@ -167,7 +167,8 @@ class EventsAccepted(BaseModel):
     decision_ids: list[int | None] | None = Field(
         None,
         description="In-process mode only: each event's decision (Kafka mode decides asynchronously); null "
-        "for an event refused because another entity's event holds its event_id (dead-lettered).",
+        "for an event refused because another entity's event, or one of the entity's with another amount, "
+        "type or attributes, holds its event_id (dead-lettered).",
     )
 
 
