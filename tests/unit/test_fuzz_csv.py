@@ -125,6 +125,14 @@ def test_mapping_values_the_event_contract_refuses_are_refused_at_load(
         load_csv(*_files(tmp_path, mapping))
 
 
+def test_a_rounding_a_double_cannot_hold_is_refused_at_load(tmp_path: Path) -> None:
+    """entity.round_digits 99999999999 was a ValueError traceback ("precision too big") on the first row
+    (2000000000 formatted a number to two billion digits)."""
+    mapping = MAPPING.replace("entity: {column: user}", "entity: {hash_of: [x], round_digits: 99999999999}")
+    with pytest.raises(DatasetError, match=r"entity\.round_digits: Input should be less than or equal to 30"):
+        load_csv(*_files(tmp_path, mapping))
+
+
 def test_a_base_epoch_that_is_not_finite_is_refused_at_load(tmp_path: Path) -> None:
     mapping = MAPPING.replace("unit: rfc3339}", "unit: seconds_since_start, base_epoch: .nan}")
     with pytest.raises(DatasetError, match=r"time\.base_epoch: Input should be a finite number"):

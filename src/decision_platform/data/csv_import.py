@@ -86,7 +86,7 @@ class EntitySpec(BaseModel):
     column: str | None = None
     hash_of: list[str] = Field(default_factory=list)
     #: Round numeric values to this many decimals before hashing (bins); None: hash the text as is.
-    round_digits: int | None = None
+    round_digits: int | None = Field(default=None, ge=-30, le=30)  # a double holds ~17 digits
     #: Fold hashes into this many entities (None: one entity per distinct value combination).
     buckets: int | None = Field(default=None, ge=1)
     prefix: str = ""
