@@ -113,6 +113,8 @@ def test_train_says_so_in_one_line_when_the_data_sets_features_lack_what_the_rul
     [
         ("id_prefix: 'bad id '\n", r"id_prefix: .*'bad id ' is not the start of an id"),
         ('event_type: "pay\\0"\n', r"event_type: .*must not contain NUL"),
+        ("id_prefix: " + "p" * 120 + "\n", r"id_prefix: .*at most 108 characters"),
+        ("", r"entity\.prefix: .*'bad entity ' is not the start of an id"),
     ],
 )
 def test_mapping_values_the_event_contract_refuses_are_refused_at_load(
@@ -121,6 +123,8 @@ def test_mapping_values_the_event_contract_refuses_are_refused_at_load(
     """Ids "bad id 1" and an event type with NUL were imported into every event: a replay of the file was
     then refused event by event (422), and the database cannot store NUL."""
     mapping = MAPPING.replace("id_column: id\n", "") + extra
+    if not extra:  # the entity of hash_of / row strategies was not checked per row either
+        mapping = mapping.replace("{column: user}", "{strategy: row, prefix: 'bad entity '}")
     with pytest.raises(DatasetError, match=words):
         load_csv(*_files(tmp_path, mapping))
 

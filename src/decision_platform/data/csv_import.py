@@ -73,6 +73,15 @@ class DatasetError(ValueError):
     """A data file or mapping problem, with the file, line and column it concerns."""
 
 
+def _id_prefix(value: str) -> str:
+    """``value`` if ids can start with it, with room for a row number or a hash (20 characters)."""
+    if value and not _ID_PATTERN.fullmatch(value):
+        raise ValueError(f"{value!r} is not the start of an id ({_ID_RULE})")
+    if len(value) > MAX_ID_LENGTH - 20:
+        raise ValueError(f"at most {MAX_ID_LENGTH - 20} characters (ids are at most {MAX_ID_LENGTH})")
+    return value
+
+
 def _parse_epoch(value: float | str) -> float:
     return rfc3339_seconds(value) if isinstance(value, str) else float(value)
 
@@ -90,6 +99,11 @@ class EntitySpec(BaseModel):
     #: Fold hashes into this many entities (None: one entity per distinct value combination).
     buckets: int | None = Field(default=None, ge=1)
     prefix: str = ""
+
+    @field_validator("prefix")
+    @classmethod
+    def _id_chars(cls, value: str) -> str:
+        return _id_prefix(value)  # "bad id " made every hash_of / row entity id one the contract refuses
 
     @model_validator(mode="after")
     def _infer_strategy(self) -> EntitySpec:
@@ -172,9 +186,7 @@ class ColumnMapping(BaseModel):
     def _id_chars(cls, value: str) -> str:
         # The ids it starts are checked by the event contract online: "bad id 1" was imported, and every
         # event of a replay was then refused (422).
-        if value and not _ID_PATTERN.fullmatch(value):
-            raise ValueError(f"{value!r} is not the start of an id ({_ID_RULE})")
-        return value
+        return _id_prefix(value)
 
     @field_validator("event_type")
     @classmethod
