@@ -243,6 +243,8 @@ def load_config_file(path: Path, load: Callable[[Path], T]) -> T:
         raise ConfigError(f"{path}: {'; '.join(problems)}") from None
     except ValueError as exc:  # a rules file's RulesError, a validator's own message
         raise ConfigError(f"{path}: {exc}") from None
+    except RecursionError:  # YAML nested a thousand deep: the parser recurses
+        raise ConfigError(f"{path}: nested too deeply") from None
 
 
 def _problem(error: Any) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -149,11 +150,21 @@ def _field(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
+#: What pydantic says "unable to parse raw data as a unicode string" about: a lone surrogate (\ud800), which
+#: Python's JSON parser lets through (in an id, or an object's key). Said as ``storable_text`` says it.
+_NOT_UTF8 = "must not contain lone surrogates (\\ud800-\\udfff): not valid UTF-8"
+
+
 def _error_entry(error: Any) -> dict[str, str]:
     if error["type"] == "json_invalid":  # loc is ("body", character offset): say what and where
         where = error["loc"][-1]
         reason = (error.get("ctx") or {}).get("error", "cannot be parsed")
         return {"field": "body", "message": f"invalid JSON at character {where}: {_printable(str(reason))}"}
+    if error["type"] == "string_unicode":
+        # The text itself is shown: for an object's key pydantic names only the object (its field).
+        text = error.get("input")
+        shown = f"'{_printable(text[:40])}': " if isinstance(text, str) else ""
+        return {"field": _field(error["loc"]), "message": shown + _NOT_UTF8}
     return {"field": _field(error["loc"]), "message": _printable(error["msg"])}
 
 
@@ -180,6 +191,10 @@ def _unparsable(cause: BaseException | None) -> str | None:
         )
     if isinstance(cause, RecursionError):
         return "the JSON is nested too deeply"
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        # Python's int() refuses more than sys.get_int_max_str_digits() digits (4300): a number no field
+        # could hold anyway, which FastAPI answered "There was an error parsing the body".
+        return f"a number in the JSON has more than {sys.get_int_max_str_digits()} digits"
     return None
 
 

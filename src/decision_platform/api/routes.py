@@ -24,7 +24,7 @@ from decision_platform.api.schemas import (
     error_responses,
 )
 from decision_platform.core.events import INT64_MAX, Event, ahead_of_clock
-from decision_platform.core.records import DUPLICATE, ID_TAKEN, id_taken_message
+from decision_platform.core.records import DUPLICATE, REFUSED, refusal_message
 from decision_platform.events.kafka import BrokerUnavailableError
 from decision_platform.observability import metrics
 from decision_platform.serving.engine import DecisionRequest
@@ -108,10 +108,12 @@ async def decided(platform: Platform, body: DecideRequest) -> bytes:
     except OSError:
         # Neither the database nor the local spool could take the decision: do not acknowledge it.
         raise HTTPException(503, "the decision could not be stored durably; retry") from None
-    if decision.storage == ID_TAKEN:
+    if decision.storage in REFUSED:
         # A retry gets the first decision; an id another entity's event holds does not (producers that
-        # number events per account reuse ids across them): refused, and not counted in the windows.
-        raise HTTPException(409, id_taken_message(body.event.event_id if body.event is not None else ""))
+        # number events per account reuse ids across them), nor one of the entity's event with other
+        # content: refused, and not counted in the windows.
+        event_id = body.event.event_id if body.event is not None else ""
+        raise HTTPException(409, refusal_message(decision.storage, event_id))
     narrator = platform.narrator
     if narrator is not None and decision.storage != DUPLICATE:  # a queue append: never waits for the LLM
         narrator.submit(decision.record)

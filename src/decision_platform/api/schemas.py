@@ -168,7 +168,8 @@ class EventsAccepted(BaseModel):
     decision_ids: list[int | None] | None = Field(
         None,
         description="In-process mode only: each event's decision (Kafka mode decides asynchronously); null "
-        "for an event refused because another entity's event holds its event_id (dead-lettered).",
+        "for an event refused because another entity's event, or one of the entity's with another amount, "
+        "type or attributes, holds its event_id (dead-lettered).",
     )
 
 
@@ -224,7 +225,7 @@ class StoredDecision(BaseModel):
 
 
 _ERROR_DESCRIPTIONS = {
-    400: "The body cannot be parsed: not UTF-8, or JSON nested too deeply",
+    400: "The body cannot be parsed: not UTF-8, JSON nested too deeply, or a number of over 4300 digits",
     401: "Missing or wrong X-API-Key",
     403: "Admin API disabled: no DP_API_KEY configured",
     404: "Not found",

@@ -66,6 +66,7 @@ def _train(
     from decision_platform.cli.train import report_tables
     from decision_platform.core.rewards import RewardTable
     from decision_platform.features import FeatureSpec
+    from decision_platform.rules.ruleset import RuleSet
     from decision_platform.training.train import TrainConfig, TrainingDataError, train_all
 
     features_path = settings.features_path
@@ -95,7 +96,19 @@ def _train(
         candidate = Path(mapping).with_name(Path(mapping).stem + ".features.yaml")
         if candidate.exists():
             features_path = candidate
-    config_file(features_path, FeatureSpec.load)  # checked before hours of training, not inside it
+    spec = config_file(features_path, FeatureSpec.load)  # checked before hours of training, not inside it
+
+    def rules_of(path: Path) -> RuleSet:
+        # A data set's own features file may not compute what the rules read (a traceback from inside
+        # train_all): say which file lacks it.
+        try:
+            return RuleSet.load(path, spec.names)
+        except ValueError as exc:
+            if "uses unknown names" in str(exc):
+                raise ValueError(f"{exc}: features the data set's {features_path} does not compute") from None
+            raise
+
+    config_file(settings.rules_path, rules_of)
     rewards = config_file(settings.rewards_path, RewardTable.load)
     try:
         with RichProgress(console) as progress:

@@ -64,7 +64,8 @@ class ConsoleAccess:
         """True for an open console, or a session token this key signed that has not expired."""
         if self.open:
             return True
-        if not token or token.count(".") != 2:
+        # Non-ASCII text is never a signature, and compare_digest raises TypeError on it (was a 500).
+        if not token or token.count(".") != 2 or not token.isascii():
             return False
         expires, nonce, signature = token.split(".")
         if not expires.isdigit() or not secrets.compare_digest(
@@ -83,7 +84,7 @@ class ConsoleAccess:
         return self._sign("csrf", nonce)
 
     def valid_csrf(self, nonce: str | None, token: str | None) -> bool:
-        if not nonce or not token:
+        if not nonce or not token or not token.isascii():
             return False
         return secrets.compare_digest(token, self.csrf_token(nonce))
 

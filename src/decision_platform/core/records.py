@@ -21,11 +21,27 @@ DUPLICATE = "duplicate"  # its event was decided before (stored or spooled): not
 #: Not a group-commit status: the engine's answer when the decision log holds the event's id for another
 #: entity's event (ids must be unique across entities). Nothing was written; the request is refused.
 ID_TAKEN = "id_taken"
+#: Likewise, when the log holds the id for an event of the same entity with other content (amount, type or
+#: attributes): not a retry but another event under a used id. It was answered with the first event's
+#: decision, and neither decided nor counted itself -- accepted and lost. Refused instead.
+ID_REUSED = "id_reused"
+#: The engine's answers that refuse the request.
+REFUSED = frozenset({ID_TAKEN, ID_REUSED})
 
 
 def id_taken_message(event_id: str) -> str:
     """What a refused event is told (409 detail, dead letter): the same words on every path."""
     return f"event_id {event_id!r} is already the id of another entity's event: ids must be unique"
+
+
+def refusal_message(storage: str, event_id: str) -> str:
+    """What an event refused with ``storage`` (one of REFUSED) is told, on every path."""
+    if storage == ID_REUSED:
+        return (
+            f"event_id {event_id!r} is already the id of another event of this entity (a retry must resend "
+            "the same amount, event_type and attributes): ids must be unique"
+        )
+    return id_taken_message(event_id)
 
 
 #: What the group commit answers for one row of a batch: one of the above, or why it is not durable.

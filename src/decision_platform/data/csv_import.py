@@ -73,6 +73,15 @@ class DatasetError(ValueError):
     """A data file or mapping problem, with the file, line and column it concerns."""
 
 
+def _id_prefix(value: str) -> str:
+    """``value`` if ids can start with it, with room for a row number or a hash (20 characters)."""
+    if value and not _ID_PATTERN.fullmatch(value):
+        raise ValueError(f"{value!r} is not the start of an id ({_ID_RULE})")
+    if len(value) > MAX_ID_LENGTH - 20:
+        raise ValueError(f"at most {MAX_ID_LENGTH - 20} characters (ids are at most {MAX_ID_LENGTH})")
+    return value
+
+
 def _parse_epoch(value: float | str) -> float:
     return rfc3339_seconds(value) if isinstance(value, str) else float(value)
 
@@ -86,10 +95,15 @@ class EntitySpec(BaseModel):
     column: str | None = None
     hash_of: list[str] = Field(default_factory=list)
     #: Round numeric values to this many decimals before hashing (bins); None: hash the text as is.
-    round_digits: int | None = None
+    round_digits: int | None = Field(default=None, ge=-30, le=30)  # a double holds ~17 digits
     #: Fold hashes into this many entities (None: one entity per distinct value combination).
     buckets: int | None = Field(default=None, ge=1)
     prefix: str = ""
+
+    @field_validator("prefix")
+    @classmethod
+    def _id_chars(cls, value: str) -> str:
+        return _id_prefix(value)  # "bad id " made every hash_of / row entity id one the contract refuses
 
     @model_validator(mode="after")
     def _infer_strategy(self) -> EntitySpec:
@@ -111,7 +125,7 @@ class TimeSpec(BaseModel):
 
     column: str
     unit: Literal["seconds_since_start", "epoch_seconds", "epoch_milliseconds", "rfc3339"]
-    base_epoch: float | None = None
+    base_epoch: float | None = Field(default=None, allow_inf_nan=False)
 
     @field_validator("base_epoch", mode="before")
     @classmethod
@@ -167,6 +181,27 @@ class ColumnMapping(BaseModel):
     #: Column -> type, or column -> {type, name}.
     attributes: dict[str, AttributeType | AttributeSpec] = Field(default_factory=dict)
 
+    @field_validator("id_prefix")
+    @classmethod
+    def _id_chars(cls, value: str) -> str:
+        # The ids it starts are checked by the event contract online: "bad id 1" was imported, and every
+        # event of a replay was then refused (422).
+        return _id_prefix(value)
+
+    @field_validator("event_type")
+    @classmethod
+    def _storable_type(cls, value: str) -> str:
+        return storable_text(value)  # NUL was imported as part of every event's type
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        try:
+            codecs.lookup(value)
+        except LookupError:  # was a LookupError traceback once the file was opened
+            raise ValueError(f"unknown encoding {value!r} (e.g. utf-8, latin-1, cp1252)") from None
+        return value
+
     @field_validator("attributes")
     @classmethod
     def _bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
@@ -184,8 +219,20 @@ class ColumnMapping(BaseModel):
         path = Path(path)
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
+        except OSError as exc:
             raise DatasetError(f"{path}: cannot read mapping: {exc}") from exc
+        except yaml.YAMLError as exc:  # one line: the problem and where (str(exc) spans several)
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise DatasetError(
+                f"{path}: cannot read mapping: not valid YAML{where}: {getattr(exc, 'problem', exc)}"
+            ) from None
+        except UnicodeDecodeError as exc:
+            raise DatasetError(f"{path}: cannot read mapping: not UTF-8 text (byte {exc.start})") from None
+        except RecursionError:
+            raise DatasetError(f"{path}: cannot read mapping: nested too deeply") from None
+        except (ValueError, OverflowError) as exc:  # a value YAML types but Python cannot hold (2001-13-01)
+            raise DatasetError(f"{path}: cannot read mapping: {str(exc)[:120]}") from None
         try:
             return cls.model_validate(raw or {})
         except ValidationError as exc:
@@ -223,7 +270,8 @@ def load_csv(
     the platform decides on either (the event contract's amount is >= 0; ``POST /decide`` refuses it):
     such rows are left out, counted in one warning naming their first lines. Rows with an empty label
     cell are read as good unless ``label.good_values`` is set (then they are an error): one warning
-    counts them, as silently trained "good" rows could be unlabelled fraud.
+    counts them, as silently trained "good" rows could be unlabelled fraud; so are rows whose label is
+    neither a bad value nor a usual good one (``2``, ``maybe`` in a 0/1 column: one more warning).
     """
     path = Path(path)
     if not isinstance(mapping, ColumnMapping):
@@ -260,6 +308,9 @@ def load_csv(
             raise DatasetError(f"{path}:{reader.line_num}: not readable as CSV: {exc}") from None
         except UnicodeDecodeError as exc:  # decoded a chunk ahead of the rows: find the line itself
             raise _undecodable(path, mapping.encoding, exc) from None
+        except UnicodeError as exc:  # not a decoding error of a byte: "UTF-16 stream does not start with BOM"
+            hint = "set `encoding:` in the mapping (e.g. utf-8, latin-1 or cp1252)"
+            raise DatasetError(f"{path}: not {mapping.encoding} text ({exc}); {hint}") from None
     if loader.refund_lines:
         log.warning(
             "%s: left out %d row(s) with a negative amount (refunds; an event's amount is >= 0): line %s",
@@ -273,6 +324,15 @@ def load_csv(
             path,
             len(loader.unlabelled_lines),
             _some(loader.unlabelled_lines),
+        )
+    if loader.unusual_lines:  # a label column of 0/1/2 or yes/no/maybe: the others were silently good
+        log.warning(
+            "%s: %d row(s) have a label that is neither in label.bad_values nor 0 / false / no (%s), read as "
+            "good (set label.good_values to refuse them): line %s",
+            path,
+            len(loader.unusual_lines),
+            ", ".join(repr(v) for v in sorted(loader.label_of.unusual_values)[:5]),
+            _some(loader.unusual_lines),
         )
     return loader.result()
 
@@ -295,7 +355,7 @@ def _undecodable(path: Path, encoding: str, error: UnicodeDecodeError) -> Datase
                 except UnicodeDecodeError as exc:
                     bad = line[exc.start : exc.start + 1].hex()
                     return DatasetError(f"{path}:{number}: byte 0x{bad} at position {exc.start + 1}: {hint}")
-    except (OSError, EOFError, zlib.error):
+    except (OSError, EOFError, zlib.error, UnicodeError):
         pass
     return DatasetError(f"{path}: {hint} ({error.reason})")
 
@@ -362,6 +422,9 @@ class _RowLoader:
         self.refund_lines: list[int] = []
         #: Lines of rows with an empty label cell, read as good (no ``good_values``): see ``load_csv``.
         self.unlabelled_lines: list[int] = []
+        #: Lines of rows whose label is neither a bad value nor a usual good one ("2", "maybe"), read as
+        #: good (no ``good_values``): see ``load_csv``.
+        self.unusual_lines: list[int] = []
 
     def fail(self, line: int, column: int | None, message: str) -> DatasetError:
         where = f" column {self.header[column]!r}:" if column is not None else ""
@@ -392,6 +455,8 @@ class _RowLoader:
             raise self.fail(line, self.label_col, f"unknown label value {_shown(row[self.label_col])}")
         if not label and not row[self.label_col].strip():
             self.unlabelled_lines.append(line)
+        elif not label and self.label_of.unusual(row[self.label_col]):
+            self.unusual_lines.append(line)
         amount = self._amount(row, line)
         if amount is not None and amount < 0.0:
             self.refund_lines.append(line)
@@ -583,6 +648,20 @@ class _LabelReader:
         self.bad = _ValueSet(spec.bad_values)
         self.good = _ValueSet(spec.good_values) if spec.good_values is not None else None
         self.cache: dict[str, int | None] = {}
+        #: Without good_values: the non-empty cells read as good that are not a usual "good" (0, false, no).
+        self.unusual_values: set[str] = set()
+        self._unusual: dict[str, bool] = {}
+
+    def unusual(self, cell: str) -> bool:
+        """A cell read as good, not empty, that is no usual way of saying good (only without good_values)."""
+        known = self._unusual.get(cell)
+        if known is None:
+            value = cell.strip()
+            known = self.good is None and value.lower() not in _FALSE and _number(value) != 0.0
+            self._unusual[cell] = known
+            if known and len(self.unusual_values) < 100:
+                self.unusual_values.add(value[:40])
+        return known
 
     def __call__(self, cell: str) -> int | None:
         if cell in self.cache:

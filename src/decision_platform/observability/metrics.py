@@ -160,7 +160,8 @@ FEATURE_EVENTS = Counter(
 )  # result: applied | duplicate | late | withdrawn
 EVENT_ID_CONFLICTS = Counter(
     "dp_event_id_conflicts_total",
-    "Events refused because another entity's event holds their event_id (409 / dead letter).",
+    "Events refused because another entity's event, or one of the entity's with other content, holds their "
+    "event_id (409 / dead letter).",
 )
 FEATURE_STORE_ERRORS = Counter("dp_feature_store_errors_total", "Feature store failures.", ["operation"])
 DB_ERRORS = Counter("dp_db_errors_total", "Database failures.", ["operation"])

@@ -164,6 +164,11 @@ class RuleSet:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             raise RulesError(f"rules.yaml is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        except RecursionError:  # "a: [a: [a: [..." a thousand deep: the parser recurses
+            raise RulesError("rules.yaml is nested too deeply") from None
+        except (ValueError, OverflowError) as exc:  # a value YAML types but Python cannot hold: 2001-13-01,
+            # an integer of over 4300 digits
+            raise RulesError(f"rules.yaml holds a value that cannot be read: {str(exc)[:120]}") from None
         if not isinstance(raw, dict):
             raise RulesError("rules.yaml must be a mapping with `rules:` (and optionally `lists:`)")
         try:
@@ -281,7 +286,7 @@ class RuleSet:
 def _vector_form(when: str) -> tuple[Any, ...] | None:
     try:
         return _Parser(when).parse()
-    except (_Unsupported, ValueError):
+    except (_Unsupported, ValueError, RecursionError):  # "!!!!...true" 5000 deep: CEL evaluates it
         return None
 
 

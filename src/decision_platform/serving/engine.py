@@ -29,7 +29,7 @@ from decision_platform.config import Settings
 from decision_platform.core.actions import ACTION_NAMES
 from decision_platform.core.events import Event
 from decision_platform.core.ids import DecisionIdGenerator
-from decision_platform.core.records import DUPLICATE, ID_TAKEN, DecisionRecord, RowStatus
+from decision_platform.core.records import DUPLICATE, ID_REUSED, ID_TAKEN, DecisionRecord, RowStatus
 from decision_platform.explain.attributions import ReasonBuilder
 from decision_platform.explain.reasons import template_sentence
 from decision_platform.features import FeatureResult, FeatureSpec, FeatureStore, FeatureStoreError
@@ -426,6 +426,10 @@ class DecisionEngine:
         first = self.writer.find_decision_by_event(retried.record.event_id)  # type: ignore[arg-type]
         if first is not None and first.entity_id != retried.record.entity_id:
             return self._id_taken(retried)
+        if first is not None and _other_content(first, retried.record):
+            # The windows kept the first event (they skip a known id): nothing to withdraw.
+            metrics.EVENT_ID_CONFLICTS.inc()
+            return Decision(retried.record, retried.record.response(), ID_REUSED)
         if first is not None:
             return Decision(first, first.response(), DUPLICATE)
         record = retried.record
@@ -747,3 +751,14 @@ class _Scores:
 
     def fail(self, reason: str) -> None:
         self.fallbacks = [f or reason for f in self.fallbacks]
+
+
+def _other_content(first: DecisionRecord, again: DecisionRecord) -> bool:
+    """Whether a retried event is another event under the same id: its amount, type or attributes differ
+    from the first's (as stored). Its time is not compared: a client that leaves it out gets its arrival
+    time, which differs on every retry."""
+    return (
+        first.amount != again.amount
+        or first.event_type != again.event_type
+        or (first.attributes or {}) != (again.attributes or {})
+    )

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from decision_platform.config import Settings
 from decision_platform.core.events import Event, ahead_of_clock
-from decision_platform.core.records import DUPLICATE, ID_TAKEN, id_taken_message
+from decision_platform.core.records import DUPLICATE, REFUSED, refusal_message
 from decision_platform.events.messages import RawMessage
 from decision_platform.features import FeatureStore
 from decision_platform.observability import metrics
@@ -187,14 +187,14 @@ class StreamWorker:
         if batch.pending:
             decisions = self.engine.finish_batch(batch.pending)
             lap = self._lap("store", lap)
-            answered = [d for d in decisions if d.storage != ID_TAKEN]
+            answered = [d for d in decisions if d.storage not in REFUSED]
             if len(answered) < len(decisions):
                 self._dead_letter_taken(batch, decisions)
             self.sink.decisions([d.response for d in answered])
             summary.decided = len(answered)
             summary.duplicates = sum(d.storage == DUPLICATE for d in answered)
             summary.decision_ids = [
-                None if d.storage == ID_TAKEN else d.response["decision_id"] for d in decisions
+                None if d.storage in REFUSED else d.response["decision_id"] for d in decisions
             ]
         self.sink.flush()
         self._lap("publish", lap)
@@ -205,7 +205,7 @@ class StreamWorker:
         """Park the events refused because another entity's event holds their id: publishing that entity's
         decision for them would answer a different event (the engine has taken them out of the windows)."""
         for i, decision in enumerate(decisions):
-            if decision.storage != ID_TAKEN:
+            if decision.storage not in REFUSED:
                 continue
             event = batch.pending[i].event
             assert event is not None, "only an event's decision can find its id taken"
@@ -216,7 +216,8 @@ class StreamWorker:
                     key=event.entity_id.encode(),
                     topic=self.settings.kafka_events_topic,
                 )
-            self._dead_letter(message, id_taken_message(event.event_id), "id_taken", batch.summary)
+            message_text = refusal_message(decision.storage, event.event_id)
+            self._dead_letter(message, message_text, decision.storage, batch.summary)
 
     def run(self, source: EventSource, stop: threading.Event, poll_timeout_s: float = 0.5) -> int:
         """Consume until ``stop`` is set; returns the number of messages processed.
