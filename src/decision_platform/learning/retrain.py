@@ -47,6 +47,7 @@ from decision_platform.models.policy import PPO_ZIP, PolicyModel, imitate
 from decision_platform.models.registry import ModelRegistry
 from decision_platform.models.risk import RiskModel
 from decision_platform.models.scoring import ScoringChain
+from decision_platform.models.threads import one_torch_thread
 from decision_platform.training.progress import SILENT, Progress
 from decision_platform.training.simulator import FraudSimulatorEnv, group_histories
 from decision_platform.training.train import (
@@ -168,6 +169,7 @@ def _refit_risk(
     return candidate, info
 
 
+@one_torch_thread()
 def _train_policy(
     champion: Policy,
     champion_dir: Path,

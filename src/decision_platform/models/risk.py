@@ -36,8 +36,7 @@ Rescale rule is what Captum's ``DeepLift`` and SHAP's ``DeepExplainer`` compute 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +46,7 @@ from scipy.special import expit  # a sigmoid that does not overflow on large log
 from torch import nn
 
 from decision_platform.models.preprocessing import signed_log
+from decision_platform.models.threads import one_torch_thread
 
 WEIGHTS = "risk.pt"
 META = "risk.json"
@@ -485,7 +485,7 @@ class RiskModel:
         validation log loss) and calibrates the temperature of a net trained on the other rows; with
         ``config.refit`` the served net is then trained on every row for that many epochs.
         ``teacher``: another model's P(bad) for the rows, mixed into the targets (distillation)."""
-        with _one_thread():
+        with one_torch_thread():
             return cls._fit(x, y, input_names, config, categorical, values, teacher, seed, on_epoch)
 
     @classmethod
@@ -615,18 +615,6 @@ class RiskModel:
             net.load_state_dict(state)
             nets.append(net)
         return cls(nets, encoder, float(meta["temperature"]), meta["input_names"], config)
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Gradient steps of 512 rows are too small for intra-op threads to pay: on 2 cores shared with
-    other work, 2 threads made a fit 9x slower than 1 (their spin-waits compete with the other work)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _logits(

@@ -41,6 +41,7 @@ from decision_platform.models.policy import (
 from decision_platform.models.preprocessing import Standardizer
 from decision_platform.models.registry import ModelRegistry
 from decision_platform.models.risk import MIN_CATEGORY_COUNT, RiskConfig, RiskModel
+from decision_platform.models.threads import one_torch_thread
 from decision_platform.rules.ruleset import BASE_VARIABLES, BatchFacts, RuleSet, RuleTally, Tier
 from decision_platform.training import PPO_TIMESTEPS
 from decision_platform.training.baseline import classifier_metrics, fit_gradient_boosting
@@ -709,6 +710,7 @@ def pretrain_critic(
     return float(loss.detach())
 
 
+@one_torch_thread()
 def fit_policy(
     split: Split,
     states: PolicyStates,
