@@ -329,6 +329,9 @@ def _fine_tuning(info: dict[str, Any]) -> str:
     if "validation" in info:
         values = ", ".join(f"{v:.2f}" for v in info["validation"])
         parts.append(f"actor after each round (0 = the clone) {values}; kept round {info['kept_round']}")
+    if "round_diffs" in info:
+        diffs = ", ".join(f"{d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}]" for d in info["round_diffs"])
+        parts.append(f"each round - the clone on validation (kept only with a CI above zero): {diffs}")
     return "; ".join(parts)
 
 
