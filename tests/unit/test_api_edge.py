@@ -188,6 +188,22 @@ def test_rfc3339_times_with_lower_case_t_and_z_are_accepted(client: TestClient) 
     assert "time zone offset" in client.post("/decide", json=naive).json()["detail"]
 
 
+def test_epoch_seconds_as_text_are_plain_ascii_numbers(client: TestClient) -> None:
+    """float() read "1_700_000_000", " 1700000000" and fullwidth digits as times; they are a 422 now, while
+    plain epoch text (a fraction, an exponent, a sign) still reads as the number."""
+    for k, text in enumerate(["1700000000", "1.7e9", "+1700000000.5"]):
+        body = {"entity_id": "t2", "event": {"event_id": f"epoch-{k}", "timestamp": text}}
+        assert client.post("/decide", json=body).status_code == 200, text
+    for k, text in enumerate(
+        ["1_700_000_000", " 1700000000", "\uff11\uff17\uff10\uff10\uff10\uff10\uff10\uff10\uff10\uff10"]
+    ):
+        body = {"entity_id": "t2", "event": {"event_id": f"lenient-{k}", "timestamp": text}}
+        answer = client.post("/decide", json=body)
+        assert answer.status_code == 422, text
+        assert answer.json()["errors"][0]["field"] == "event.timestamp"
+        assert "RFC 3339 text or epoch seconds" in answer.json()["errors"][0]["message"]
+
+
 def test_an_event_time_far_ahead_of_the_clock_is_422_and_the_windows_stay_whole(client: TestClient) -> None:
     """One event dated 2099 (in range: years 2000-2100) became its entity's newest stored time: every later
     real event was "too late" for the windows, count_1h 0 from then on -- a burst invisible to the rules."""

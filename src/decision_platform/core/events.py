@@ -47,6 +47,9 @@ class NaiveTimeError(ValueError):
 
 
 #: The seconds field of an RFC 3339 time that is a leap second ("23:59:60", with any fraction).
+#: Epoch seconds as text: ASCII digits, an optional fraction and exponent. ``float()`` alone also read
+#: "1_700_000_000", " 1700000000 " and fullwidth digits as times, which is no producer's intent.
+_EPOCH_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _LEAP_SECOND = re.compile(r"(?<=[T ]\d\d:\d\d:)60(?=[.,+\-Z]|$)")
 
 
@@ -146,18 +149,15 @@ class Event(BaseModel):
     def _parse_timestamp(cls, value: Any) -> float:
         if isinstance(value, bool):
             raise ValueError("timestamp must be RFC 3339 text or epoch seconds")
-        if isinstance(value, int | float):
+        if isinstance(value, int | float) or (isinstance(value, str) and _EPOCH_TEXT.fullmatch(value)):
             seconds = float(value)
         elif isinstance(value, str):
             try:
-                seconds = float(value)
+                seconds = rfc3339_seconds(value)
+            except NaiveTimeError:
+                raise ValueError("timestamp in RFC 3339 needs a time zone offset, e.g. Z") from None
             except ValueError:
-                try:
-                    seconds = rfc3339_seconds(value)
-                except NaiveTimeError:
-                    raise ValueError("timestamp in RFC 3339 needs a time zone offset, e.g. Z") from None
-                except ValueError:
-                    raise ValueError("timestamp must be RFC 3339 text or epoch seconds") from None
+                raise ValueError("timestamp must be RFC 3339 text or epoch seconds") from None
         else:
             raise ValueError("timestamp must be RFC 3339 text or epoch seconds")
         # Plausible range: 2000-01-01 .. 2100-01-01.
