@@ -338,19 +338,25 @@ def get_urls(r: random.Random, ids: list[int]) -> Iterator[str]:
         yield f"{base}?{query}" if query else base
 
 
-def test_random_paths_and_query_strings_are_4xx_saying_what(
-    fuzzed: tuple[str, TestClient], caplog: pytest.LogCaptureFixture
-) -> None:
-    backend, client = fuzzed
-    r = random.Random(SEED * 101)
-    ids = [client.post("/decide", json={"entity_id": f"q{k}"}).json()["decision_id"] for k in range(3)]
-    login = client.get("/console/login")
-    csrf = re.search(r'name="csrf" value="([^"]+)"', login.text)
+def decisions_and_a_session(client: TestClient, prefix: str) -> tuple[list[int], str]:
+    """Three decisions to point ids at, and a logged-in console session on ``client`` (with its CSRF
+    token)."""
+    ids = [client.post("/decide", json={"entity_id": f"{prefix}{k}"}).json()["decision_id"] for k in range(3)]
+    csrf = re.search(r'name="csrf" value="([^"]+)"', client.get("/console/login").text)
     assert csrf is not None
     logged_in = client.post(
         "/console/login", data={"csrf": csrf.group(1), "password": "pw"}, follow_redirects=False
     )
     assert logged_in.status_code == 303
+    return ids, csrf.group(1)
+
+
+def test_random_paths_and_query_strings_are_4xx_saying_what(
+    fuzzed: tuple[str, TestClient], caplog: pytest.LogCaptureFixture
+) -> None:
+    backend, client = fuzzed
+    r = random.Random(SEED * 101)
+    ids, _ = decisions_and_a_session(client, "q")
     with caplog.at_level(logging.ERROR):
         for url in get_urls(r, ids):
             headers = (
@@ -396,11 +402,7 @@ def test_random_console_forms_are_4xx_saying_what(
 ) -> None:
     backend, client = fuzzed
     r = random.Random(SEED * 10101)
-    ids = [client.post("/decide", json={"entity_id": f"f{k}"}).json()["decision_id"] for k in range(3)]
-    csrf = re.search(r'name="csrf" value="([^"]+)"', client.get("/console/login").text)
-    assert csrf is not None
-    token = csrf.group(1)
-    client.post("/console/login", data={"csrf": token, "password": "pw"}, follow_redirects=False)
+    ids, token = decisions_and_a_session(client, "f")
     with caplog.at_level(logging.ERROR):
         for _ in range(150 * ROUNDS):
             target = r.choice([*ids, 1, 2**63 - 1])
