@@ -18,7 +18,8 @@ from fastapi.testclient import TestClient
 from decision_platform.api.app import create_app
 from decision_platform.config import Settings
 from decision_platform.serving.platform import Platform
-from decision_platform.storage.database import make_engine, migrate
+from decision_platform.storage.database import make_batch_engine, make_engine, migrate
+from decision_platform.storage.errors import is_record_error
 from decision_platform.storage.repository import Repository
 from decision_platform.storage.spool import Spool
 from decision_platform.storage.writer import DUPLICATE, SPOOLED, STORED, DecisionWriter
@@ -209,3 +210,53 @@ def test_float_attributes_from_1e16_read_back_as_floats_from_postgresql(
     assert {k: type(v) for k, v in stored.items()} == {k: type(v) for k, v in attributes.items()}
     (raw,) = query(settings.database_schema, "SELECT attributes FROM decisions WHERE event_id = 'j2'")
     assert isinstance(raw[0]["f"], float) and isinstance(raw[0]["i"], int)
+
+
+def test_the_batch_engine_inserts_in_autocommit_and_a_refused_batch_leaves_nothing(pg_schema: str) -> None:
+    """The serving platform's batch inserts go through an autocommit engine: one statement, atomic by
+    itself. A batch PostgreSQL refuses stores none of its rows and leaves the connection usable (no
+    transaction left aborted), and a replayed batch is still skipped row by row."""
+    live = make_engine(PG_URL, pg_schema)
+    migrate(live, pg_schema)
+    batches = make_batch_engine(PG_URL, pg_schema)
+    assert batches is not None and make_batch_engine("sqlite:///x.db") is None
+    repository = Repository(live, batches)
+    assert repository.insert_decisions([decision_record(1, event_id="a").to_row()]) == {1}
+    refused = [decision_record(2, event_id="b").to_row(), decision_record(3, event_type="a\x00b").to_row()]
+    with pytest.raises(Exception) as refusal:
+        repository.insert_decisions(refused)
+    assert is_record_error(refusal.value)  # the writer isolates the row, as on the main engine
+    again = [decision_record(1, event_id="a").to_row(), decision_record(2, event_id="b").to_row()]
+    assert repository.insert_decisions(again) == {2}
+    assert [r[0] for r in query(pg_schema, "SELECT id FROM decisions ORDER BY id")] == [1, 2]
+    with batches.connect() as connection:  # a pooled connection of the batch engine is in no transaction
+        assert connection.connection.dbapi_connection.info.transaction_status.name == "IDLE"
+    batches.dispose()
+    live.dispose()
+
+
+def test_a_batch_connection_the_server_dropped_costs_one_spooled_batch_and_loses_nothing(
+    pg_schema: str, tmp_path: Path
+) -> None:
+    """The batch engine does not ping a pooled connection before using it (one round trip a batch), so
+    after the server dropped it (a restart, an idle timeout) the next batch fails: it is spooled,
+    acknowledged, and replayed once a probe finds the database answering."""
+    live = make_engine(PG_URL, pg_schema)
+    migrate(live, pg_schema)
+    batches = make_batch_engine(PG_URL, pg_schema)
+    assert batches is not None
+    writer = DecisionWriter(
+        Repository(live, batches), Spool(tmp_path / "spool"), probe_interval_s=0.05, threads=1
+    )
+    assert writer.write(decision_record(1, event_id="before")) == STORED
+    with batches.connect() as connection:  # the pool's one connection: the writer's next batch takes it
+        pid = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+    with live.connect() as connection:
+        assert connection.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar()
+    assert writer.write(decision_record(2, event_id="dropped")) == SPOOLED
+    assert writer.wait_replayed(10)
+    assert writer.write(decision_record(3, event_id="after")) == STORED
+    writer.close()
+    assert [r[0] for r in query(pg_schema, "SELECT id FROM decisions ORDER BY id")] == [1, 2, 3]
+    batches.dispose()
+    live.dispose()

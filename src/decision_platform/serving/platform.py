@@ -36,7 +36,7 @@ from decision_platform.rules.ruleset import RuleSet
 from decision_platform.serving.batcher import DecisionBatcher
 from decision_platform.serving.engine import DecisionEngine
 from decision_platform.serving.worker import InProcessSink, StreamWorker
-from decision_platform.storage.database import make_engine, migrate
+from decision_platform.storage.database import make_batch_engine, make_engine, migrate
 from decision_platform.storage.errors import is_outage
 from decision_platform.storage.partitions import PartitionKeeper
 from decision_platform.storage.repository import Repository
@@ -150,9 +150,10 @@ class Platform:
         database answers (storage/writer.py).
         """
         limit_native_threads()
-        db = make_engine(settings.database_url, settings.database_schema, settings.db_statement_timeout_s)
+        where = (settings.database_url, settings.database_schema, settings.db_statement_timeout_s)
+        db = make_engine(*where)
         migrated = _migrate_within(db, settings, settings.db_write_timeout_s * 5)
-        repository = Repository(db)
+        repository = Repository(db, make_batch_engine(*where))
         registry = ModelRegistry(repository, settings.model_dir, _serving_cache(settings))
         models = load_champions(registry)
         spec, rules, rewards = read_config_files(settings, models.spec)
@@ -311,6 +312,8 @@ class Platform:
         self.writer.close()
         self.store.close()
         self.repository.engine.dispose()
+        if self.repository.batch_engine is not None:
+            self.repository.batch_engine.dispose()
 
 
 def limit_native_threads() -> None:

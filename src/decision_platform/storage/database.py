@@ -31,7 +31,9 @@ def open_database(settings: Settings) -> sa.Engine:
     return engine
 
 
-def make_engine(url: str, schema: str | None = None, statement_timeout_s: float | None = None) -> sa.Engine:
+def make_engine(
+    url: str, schema: str | None = None, statement_timeout_s: float | None = None, autocommit: bool = False
+) -> sa.Engine:
     """An engine for ``sqlite:///file`` or ``postgresql://...`` (driven by psycopg 3).
 
     With ``schema`` on PostgreSQL every connection's search_path points at it, so tests and tenants can
@@ -42,6 +44,9 @@ def make_engine(url: str, schema: str | None = None, statement_timeout_s: float 
     connecting (2 s), a connection from the pool (2 s), unacknowledged sends (``tcp_user_timeout``) and a
     silent peer (TCP keepalives). The writer adds its own deadline on top (storage/writer.py), because a
     peer that acknowledges bytes but never answers defeats all of these.
+
+    ``autocommit`` (PostgreSQL): every statement is its own transaction, and a pooled connection is not
+    pinged before use -- for the decision writer's one-statement batches (:func:`make_batch_engine`).
     """
     if url.startswith(("postgresql://", "postgres://")):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
@@ -82,13 +87,31 @@ def make_engine(url: str, schema: str | None = None, statement_timeout_s: float 
         pool_size=8,
         max_overflow=8,
         pool_timeout=2,
-        pool_pre_ping=True,
+        pool_pre_ping=not autocommit,
+        **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
         connect_args=connect_args,
         # JSONB refuses NaN, which json.dumps writes (a model metric on a one-class split is NaN): orjson
         # writes null, as the decision path's fast insert already does.
         json_serializer=_json_dumps,
         json_deserializer=_json_loads,
     )
+
+
+def make_batch_engine(
+    url: str, schema: str | None = None, statement_timeout_s: float | None = None
+) -> sa.Engine | None:
+    """PostgreSQL: a second engine for the decision writer's batch inserts (None on SQLite).
+
+    A batch is one ``INSERT ... SELECT FROM jsonb_to_recordset`` statement, atomic by itself. Through the
+    main engine it took four round trips -- the pool's ping, ``BEGIN``, the insert, ``COMMIT`` -- and each
+    answer wakes a writer thread that must win the GIL back from the decider: at 16 concurrent requests
+    the store stage took 3.5-3.9 ms a batch against ~0.3 ms of database work (py-spy; bench/README.md,
+    s28). In autocommit, unpinged, it is one round trip. A connection that went stale (a restarted
+    server) fails its batch, which the writer spools and replays, as for any outage; the main engine
+    keeps its ping for everything else."""
+    if url.startswith("sqlite"):
+        return None
+    return make_engine(url, schema, statement_timeout_s, autocommit=True)
 
 
 def _json_dumps(value: object) -> str:

@@ -86,7 +86,9 @@ class DecisionStore(Store):
         # integer beyond 64 bits, a lone surrogate) fails the batch as a record error, as before: orjson
         # or the server refuses it, and the writer isolates the row.
         payload = json_dumps([{c: row.get(c) for c in _DECISION_COLUMNS} for row in rows]).decode()
-        with self.engine.begin() as connection:
+        # One statement: in autocommit (the serving platform's batch engine) one round trip, else in a
+        # transaction of its own on the main engine.
+        with self.batch_engine.connect() if self.batch_engine else self.engine.begin() as connection:
             cursor = connection.connection.cursor()
             cursor.execute(_INSERT_BATCH_SQL, (payload,), prepare=False)
             return {r[0] for r in cursor.fetchall()}

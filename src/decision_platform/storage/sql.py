@@ -64,10 +64,14 @@ def _spelled_large_floats(value: Any) -> Any:
 
 
 class Store:
-    """Data access over one SQLAlchemy engine (PostgreSQL or SQLite); the concern stores share it."""
+    """Data access over one SQLAlchemy engine (PostgreSQL or SQLite); the concern stores share it.
 
-    def __init__(self, engine: Engine) -> None:
+    ``batch_engine``: where the decision writer's one-statement batches go, if not through ``engine``
+    (database.make_batch_engine: autocommit, one round trip a batch; the serving platform passes it)."""
+
+    def __init__(self, engine: Engine, batch_engine: Engine | None = None) -> None:
         self.engine = engine
+        self.batch_engine = batch_engine
 
     def _first(self, query: sa.Select[Any]) -> dict[str, Any] | None:
         """The query's first row as a dict (None: no row)."""
