@@ -38,7 +38,7 @@ from decision_platform.events.kafka import KafkaSink, KafkaSource, ensure_topics
 from decision_platform.learning.replay import shift_to_now
 from decision_platform.models.registry import ModelRegistry
 from decision_platform.models.risk import RiskConfig
-from decision_platform.serving.platform import Platform
+from decision_platform.serving.platform import WORKER_GC_THRESHOLD, Platform, settle_heap
 from decision_platform.serving.worker import StreamWorker
 from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.repository import Repository
@@ -126,6 +126,7 @@ def main() -> None:
         producer.flush(30)
 
         platform = Platform.start(settings)
+        settle_heap(WORKER_GC_THRESHOLD)  # as `decision-platform worker` does once started
         worker = StreamWorker(settings, platform.engine, platform.store, KafkaSink(settings))
         source = KafkaSource(settings)
         stop = threading.Event()

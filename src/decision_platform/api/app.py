@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import sys
@@ -25,7 +24,7 @@ from decision_platform.api.routes import router
 from decision_platform.config import Settings, get_settings
 from decision_platform.console.routes import AdminActions, build_router
 from decision_platform.features import FeatureStoreError
-from decision_platform.serving.platform import Platform
+from decision_platform.serving.platform import Platform, settle_heap
 from decision_platform.storage.errors import OUTAGE_ERRORS as DATABASE_OUTAGES
 from decision_platform.storage.errors import DatabaseUnavailable
 
@@ -215,11 +214,7 @@ def create_app(settings: Settings | None = None, platform: Platform | None = Non
         app.state.platform = platform or Platform.start(settings)
         # Promotions made elsewhere (CLI, retraining, another worker's admin call) reach this process.
         refreshing = app.state.platform.start_model_refresh()
-        # The models and libraries leave ~350k long-lived objects; a full collection walking them took
-        # ~200 ms under load (bench/API.md). Freezing them moves them out of the collector's way:
-        # /health p99 at concurrency 32 went from ~300 ms to ~17 ms.
-        gc.collect()
-        gc.freeze()
+        settle_heap()  # the garbage collector off the hot path (serving/platform.py says why)
         try:
             yield
         finally:

@@ -324,7 +324,7 @@ def worker(
     import threading
 
     from decision_platform.events.kafka import KafkaSink, KafkaSource
-    from decision_platform.serving.platform import Platform
+    from decision_platform.serving.platform import WORKER_GC_THRESHOLD, Platform, settle_heap
     from decision_platform.serving.worker import StreamWorker
 
     settings = get_settings()
@@ -351,6 +351,7 @@ def worker(
         metrics.start_worker_metrics_server(metrics_port, settings.host)
     platform = Platform.start(settings)
     platform.start_model_refresh()  # promotions reach the worker too, within DP_MODEL_REFRESH_S
+    settle_heap(WORKER_GC_THRESHOLD)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
