@@ -165,6 +165,7 @@ class Platform:
             read_timeout_s=settings.db_read_timeout_s,
             probe_interval_s=settings.db_probe_interval_s,
             threads=settings.db_writer_threads,
+            spool_timeout_s=settings.spool_timeout_s,
             on_recover=None
             if migrated
             else lambda: migrate(db, settings.database_schema, settings.db_partitions_ahead_days),
