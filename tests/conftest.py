@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -149,3 +150,28 @@ def _base_row(decision_id: int) -> dict:
         "attributes": None,
         "shadow": None,
     }
+
+
+class HangingSpoolDisk:
+    """Makes the fsync of spool segments hang until ``release()`` (a disk that hangs, not one that fails);
+    ``failures`` of them then raise EIO (the disk answered with an error). Other fsyncs are untouched."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.released = threading.Event()
+        self.hanging = threading.Event()  # set once an fsync hangs
+        self.failures = 0
+        real = os.fsync
+
+        def fsync(fd: int) -> None:
+            if "segment-" in os.readlink(f"/proc/self/fd/{fd}"):
+                self.hanging.set()
+                self.released.wait(60)
+                if self.failures:
+                    self.failures -= 1
+                    raise OSError(5, "Input/output error")
+            real(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+
+    def release(self) -> None:
+        self.released.set()

@@ -145,6 +145,9 @@ class Settings(BaseSettings):
     db_writer_threads: int = Field(2, ge=1, le=16)
     #: A database write may take this long before its batch is spooled and the database counted as down.
     db_write_timeout_s: float = Field(1.0, gt=0)
+    #: A spool append (database away) may wait this long for the disk (write + fsync) before its batch is
+    #: answered 503 (storage/writer.py): a disk that hangs holds no request longer.
+    spool_timeout_s: float = Field(5.0, gt=0)
     #: A database read for a request (GET /decisions/{id}, POST /outcome) may take this long before 503.
     db_read_timeout_s: float = Field(2.0, gt=0)
     #: The server cancels a serving statement after this long (PostgreSQL statement_timeout).

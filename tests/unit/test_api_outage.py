@@ -4,11 +4,16 @@ path as PostgreSQL; the fault-injection suite in tests/e2e does it against the r
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
+import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
+from decision_platform.api.app import create_app
+from decision_platform.config import Settings
 from decision_platform.serving.platform import Platform
+from tests.conftest import HangingSpoolDisk
 
 
 def platform_of(client: TestClient) -> Platform:
@@ -74,3 +79,37 @@ def test_an_outcome_that_cannot_follow_the_action_is_refused(client: TestClient)
     assert "cannot follow a decision to block" in refused.json()["detail"]
     accepted = client.post("/outcome", json={"decision_id": blocked["decision_id"], "outcome": "fraud"})
     assert accepted.status_code == 201
+
+
+def test_a_spool_disk_that_hangs_answers_503_in_time_and_the_retry_gets_one_decision(
+    make_settings: Callable[..., Settings],
+    start_platform: Callable[[Settings], Platform],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The database is away and the spool's disk hangs: /decide answered 503 only after the decider's 60 s.
+    Now within DP_SPOOL_TIMEOUT_S, with Retry-After; once the disk answers, the client's retry gets the
+    decision that became durable meanwhile, and the database ends up with that one decision."""
+    settings = make_settings(spool_timeout_s=0.5)
+    with TestClient(create_app(settings, start_platform(settings))) as client:
+        platform = platform_of(client)
+        assert client.post("/decide", json={"entity_id": "h-0"}).status_code == 200
+        take_the_decisions_table_away(platform, True)
+        disk = HangingSpoolDisk(monkeypatch)
+        body = {"entity_id": "h-1", "event": {"event_id": "h-ev-1", "amount": 5}}
+        started = time.monotonic()
+        answer = client.post("/decide", json=body)
+        assert answer.status_code == 503 and answer.headers["retry-after"].isdigit(), answer.text
+        assert time.monotonic() - started < 5.0 and disk.hanging.is_set()
+        assert client.get("/ready").json()["checks"]["spool"]["pending"] == 0  # answers, the disk stuck
+        disk.release()
+        deadline = time.monotonic() + 10
+        while platform.writer.status().pending == 0:
+            assert time.monotonic() < deadline, "the stuck append never completed"
+            time.sleep(0.02)
+        retry = client.post("/decide", json=body)
+        assert retry.status_code == 200
+        take_the_decisions_table_away(platform, False)
+        assert platform.writer.wait_replayed(10)
+        with platform.repository.engine.connect() as connection:
+            ids = connection.execute(sa.text("SELECT id FROM decisions WHERE event_id = 'h-ev-1'")).scalars()
+            assert list(ids) == [retry.json()["decision_id"]]

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,9 +21,9 @@ from prometheus_client import REGISTRY
 import decision_platform
 from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.repository import OutcomeStatus, Repository
-from decision_platform.storage.spool import DECISION, QUARANTINE_FILE, Spool, SpoolRecord
+from decision_platform.storage.spool import DECISION, QUARANTINE_FILE, Spool, SpoolRecord, SpoolTimeout
 from decision_platform.storage.writer import DUPLICATE, SPOOLED, STORED, DecisionWriter
-from tests.conftest import decision_record, decision_row
+from tests.conftest import HangingSpoolDisk, decision_record, decision_row
 
 
 class FlakyRepository(Repository):
@@ -538,4 +539,78 @@ def test_a_quarantine_the_disk_refuses_pauses_the_replay_not_the_database(
     monkeypatch.undo()  # room on the disk again: the replay goes on
     assert writer.wait_replayed(10)
     assert stored_ids(repository) == [1, 3, *range(10, 20)] and writer.status().quarantined == 1
+    writer.close()
+
+
+def spool_timeouts() -> float:
+    return REGISTRY.get_sample_value("dp_spool_timeouts_total", {"kind": "decision"}) or 0.0
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_spool_disk_that_hangs_fails_the_batch_within_the_spool_timeout(
+    repository: FlakyRepository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database is away and the spool's disk hangs (an fsync that does not return). The writer thread
+    waited on it, the spool's lock held across the fsync: every batch (its event look-up), /ready and
+    GET /decisions waited too, and /decide answered 503 only after the decider's 60 s. Now the batch fails
+    within the spool's deadline (503, counted), later batches fail at once while the disk is stuck (one
+    thread waits on it), reads answer, and a retry of the stuck event is not answered with a decision
+    whose fsync has not returned (it read as a live claim). Once the disk answers, the stuck decision is
+    durable: the retry gets it, and it is replayed once."""
+    writer = writer_for(repository, tmp_path / "spool", spool_timeout_s=0.3)
+    repository.refusing = True
+    assert writer.write(decision_record(1, event_id="ev-1")) == SPOOLED  # the database is now "down"
+    disk = HangingSpoolDisk(monkeypatch)
+    timeouts = spool_timeouts()
+    started = time.monotonic()
+    with pytest.raises(SpoolTimeout):
+        writer.write(decision_record(2, event_id="ev-2"), timeout=10)
+    assert time.monotonic() - started < 2.0 and disk.hanging.is_set()
+    started = time.monotonic()
+    with pytest.raises(SpoolTimeout):  # the disk is still stuck: no waiting again
+        writer.write(decision_record(3), timeout=10)
+    assert time.monotonic() - started < 0.25
+    assert sum(t.name.startswith("spool-disk") for t in threading.enumerate()) == 1
+    started = time.monotonic()
+    assert writer.status().pending == 1 and writer.find_decision(1).id == 1  # reads do not wait
+    assert time.monotonic() - started < 0.25
+    with pytest.raises(SpoolTimeout):  # its first try is not durable: no answer with it
+        writer.write(decision_record(4, event_id="ev-2"), timeout=10)
+    assert spool_timeouts() == timeouts + 3
+    disk.release()  # the stuck append completes: durable, never acknowledged
+    wait_for(lambda: writer.spool.holds_decision(2))
+    assert writer.write(decision_record(5, event_id="ev-2")) == DUPLICATE  # the client's retry: the first
+    assert writer.find_decision_by_event("ev-2").id == 2
+    assert not writer.spool.holds_decision(3) and not writer.spool.holds_decision(4)
+    repository.refusing = False
+    assert writer.wait_replayed(10)
+    assert stored_ids(repository) == [1, 2] and writer.status().quarantined == 0
+    writer.close()
+
+
+def test_a_hung_append_that_fails_when_the_disk_answers_leaves_nothing_behind(
+    repository: FlakyRepository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stuck fsync returns an I/O error once the disk answers: the abandoned append is cut off and its
+    claim taken back, so the client's retry gets a decision of its own (the first one exists nowhere)."""
+    writer = writer_for(repository, tmp_path / "spool", spool_timeout_s=0.3)
+    repository.refusing = True
+    assert writer.write(decision_record(1)) == SPOOLED
+    disk = HangingSpoolDisk(monkeypatch)
+    disk.failures = 1
+    with pytest.raises(SpoolTimeout):
+        writer.write(decision_record(2, event_id="ev-2"), timeout=10)
+    disk.release()
+    wait_for(lambda: not writer.spool._claim_path("ev-2").exists())
+    assert writer.write(decision_record(3, event_id="ev-2")) == SPOOLED
+    assert writer.find_decision_by_event("ev-2").id == 3
+    repository.refusing = False
+    assert writer.wait_replayed(10)
+    assert stored_ids(repository) == [1, 3] and writer.status().quarantined == 0
     writer.close()

@@ -30,6 +30,9 @@ from decision_platform.explain.llm import ChatResult, LLMError
 from decision_platform.explain.narrator import Narrator
 from decision_platform.explain.prompt import build_messages
 from decision_platform.explain.reasons import format_value
+from decision_platform.storage.errors import DatabaseUnavailable
+from decision_platform.storage.spool import Spool
+from decision_platform.storage.writer import DecisionWriter
 
 LLM_URL_AT_IMPORT = os.environ.get("DP_LLM_URL")
 
@@ -744,3 +747,43 @@ def test_a_fallback_without_rules_offers_nothing_to_choose_and_asks_no_model(
     text = structured.render(facts, structured.parse('{"mention": ["a"]}', facts))
     assert text.startswith("Throttled as the safe default") and "velocity_step_up (floor tier)" in text
     assert check(text, facts).passed, check(text, facts).problems
+
+
+class FrozenRepository(StubRepository):
+    """A database that accepts calls and never answers (a frozen PostgreSQL) until ``thawed``."""
+
+    def __init__(self, row: DecisionRecord) -> None:
+        super().__init__(row)
+        self.thawed = threading.Event()
+
+    def get_explanation(self, decision_id: int) -> dict[str, Any] | None:
+        self.thawed.wait(10)
+        return super().get_explanation(decision_id)
+
+    def ping(self) -> None:
+        self.thawed.wait(10)
+
+
+def test_a_frozen_database_holds_the_narrator_thread_no_longer_than_a_read(
+    facts: Facts, narrators: list[Narrator], tmp_path: Path
+) -> None:
+    """The narrator's thread read and wrote the database without a deadline: a frozen PostgreSQL held it
+    (every narrative behind it, and its stop) for the whole freeze. Now its calls are bounded as a
+    request's read is: DP_DB_READ_TIMEOUT_S, then at once while the database is known to be down."""
+    repository: Any = FrozenRepository(row_of(facts))
+    writer = DecisionWriter(repository, Spool(tmp_path / "spool"), read_timeout_s=0.2, probe_interval_s=60)
+    llm: Any = StubLLM(['{"mention": ["b"]}'])
+    narrator = Narrator(Settings(llm_retry_after_s=0), repository, llm, writer=writer)
+    narrators.append(narrator)
+    try:
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnavailable):
+            narrator._process(facts.decision_id, row_of(facts))
+        assert time.monotonic() - started < 2.0
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnavailable):  # known down now: no waiting at all
+            narrator._process(facts.decision_id, row_of(facts))
+        assert time.monotonic() - started < 0.1
+    finally:
+        repository.thawed.set()
+        writer.close(drain_s=0)

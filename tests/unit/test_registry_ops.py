@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -24,6 +25,7 @@ from decision_platform.observability import metrics
 from decision_platform.serving.engine import DecisionRequest
 from decision_platform.serving.platform import Platform
 from decision_platform.storage.database import make_engine
+from decision_platform.storage.errors import DatabaseUnavailable
 from decision_platform.storage.repository import Repository
 from tests.model_helpers import corrupt, register_policy
 
@@ -356,3 +358,30 @@ def test_a_damaged_serving_cache_during_an_outage_serves_fallbacks_instead_of_cr
     loaded = load_champions(down)
     assert not loaded.complete
     assert all(error.startswith("registry unavailable") for error in loaded.errors.values()), loaded.errors
+
+
+def test_a_frozen_database_holds_the_model_refresher_no_longer_than_a_read(
+    make_settings: Callable[..., Settings], start_platform: StartPlatform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refresher's poll had no deadline: a frozen PostgreSQL held it for the whole freeze. Now it is
+    bounded as a request's read is (DP_DB_READ_TIMEOUT_S), then fails at once while the database is down."""
+    platform = start_platform(make_settings(db_read_timeout_s=0.3, db_probe_interval_s=60))
+    thawed = threading.Event()
+    serving_state = platform.registry.serving_state
+
+    def frozen() -> frozenset[tuple[str, str, str]]:
+        thawed.wait(10)
+        return serving_state()
+
+    monkeypatch.setattr(platform.registry, "serving_state", frozen)
+    try:
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnavailable):
+            platform.refresh_models()
+        assert time.monotonic() - started < 2.0
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnavailable):
+            platform.refresh_models()
+        assert time.monotonic() - started < 0.1
+    finally:
+        thawed.set()

@@ -28,10 +28,10 @@ import re
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from decision_platform.config import Settings
 from decision_platform.core.records import DecisionRecord
@@ -45,6 +45,8 @@ from decision_platform.observability import metrics
 from decision_platform.storage.errors import DatabaseUnavailable
 from decision_platform.storage.repository import Repository
 from decision_platform.storage.writer import DecisionWriter
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +301,8 @@ class Narrator:
                 record = self._records.pop(decision_id, None)
             try:
                 self._process(decision_id, record)
+            except DatabaseUnavailable as exc:  # an outage, not a bug: one line, no traceback
+                log.warning("narrative of decision %s not stored: %s", decision_id, exc.reason)
             except Exception:
                 log.exception("narrative of decision %s failed", decision_id)
             finally:
@@ -307,10 +311,16 @@ class Narrator:
                 if done is not None:
                     done.set()
 
+    def _db(self, call: Callable[[], T]) -> T:
+        """A database call of the narrator's thread, bounded as a request's read is (with a writer): at once
+        while the database is known to be down, within DP_DB_READ_TIMEOUT_S when it stalls. Unbounded, a
+        frozen PostgreSQL held the thread for the whole freeze -- every narrative behind it, and its stop."""
+        return self.writer.query(call) if self.writer is not None else call()
+
     def _process(self, decision_id: int, record: DecisionRecord | None) -> None:
-        if self.repository.get_explanation(decision_id) is not None:
+        if self._db(lambda: self.repository.get_explanation(decision_id)) is not None:
             return
-        record = record or self.repository.get_decision(decision_id)
+        record = record or self._db(lambda: self.repository.get_decision(decision_id))
         if record is None:
             return
         facts = self.facts_for(record)
@@ -321,7 +331,7 @@ class Narrator:
         if isinstance(result, Explanation):
             self._keep_transient(result)
         else:
-            self.repository.insert_explanation(result)
+            self._db(lambda: self.repository.insert_explanation(result))
 
     def _keep_transient(self, explanation: Explanation) -> None:
         with self._cond:

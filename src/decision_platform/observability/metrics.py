@@ -185,6 +185,13 @@ SPOOL_ERRORS = Counter(
     "them either: answered 503, never acknowledged; by kind (decision | outcome).",
     ["kind"],
 )
+SPOOL_TIMEOUTS = Counter(
+    "dp_spool_timeouts_total",
+    "Records whose spool write was given up after DP_SPOOL_TIMEOUT_S (a disk that hangs), or that waited "
+    "that long for their event's first try to reach the disk: answered 503, never acknowledged (also counted "
+    "in dp_spool_errors_total when the append itself timed out); by kind (decision | outcome).",
+    ["kind"],
+)
 SPOOL_REPLAYED = Counter("dp_spool_replayed_total", "Spooled records replayed into the database.")
 SPOOL_QUARANTINED = Counter(
     "dp_spool_quarantined_total",

@@ -167,6 +167,7 @@ class Platform:
             read_timeout_s=settings.db_read_timeout_s,
             probe_interval_s=settings.db_probe_interval_s,
             threads=settings.db_writer_threads,
+            spool_timeout_s=settings.spool_timeout_s,
             on_recover=None
             if migrated
             else lambda: migrate(db, settings.database_schema, settings.db_partitions_ahead_days),
@@ -250,8 +251,12 @@ class Platform:
             return self._result(True, new)
 
     def refresh_models(self) -> ReloadResult | None:
-        """Reload if the registry's champions or shadow changed since the last attempt (a cheap query)."""
-        if self.registry.serving_state() == self._attempted:
+        """Reload if the registry's champions or shadow changed since the last attempt (a cheap query).
+
+        The poll is bounded as a request's read is (``DecisionWriter.query``: DatabaseUnavailable at once
+        while the database is known to be down, within DP_DB_READ_TIMEOUT_S when it stalls): unbounded, a
+        frozen PostgreSQL held the refresher for the whole freeze, and its stop for 5 s."""
+        if self.writer.query(self.registry.serving_state) == self._attempted:
             return None
         return self.reload_models()
 

@@ -27,6 +27,14 @@ Why it looks like this (each point was a measured failure of the earlier one-fil
   by a crash is recognised as stale (its segment is gone, or it does not hold the decision and no live
   process owns the segment) and taken over.
 
+- The index has its own lock, never held across disk I/O; appends are serialised by another one. A disk
+  that hangs (an fsync that does not return) holds up only the append in flight and the next appends: the
+  index is read by every batch of the writer, by ``/ready`` and ``GET /decisions/{id}``, and a lock held
+  across the fsync froze all of them behind the disk. The writer gives an append a deadline (the append
+  runs on a thread of its own, storage/writer.py); the events of an append still in flight are known
+  (``decision_for_event`` waits for them, then raises :class:`SpoolTimeout`), so no retry is ever
+  answered with a decision whose fsync has not returned -- it read as another process's live claim.
+
 The spool only stores; what is replayed when, and how refused records are isolated, is the writer's
 business (storage/writer.py).
 """
@@ -61,6 +69,11 @@ QUARANTINE_FILE = "quarantine.jsonl"
 CLAIMS_DIR = "events"
 #: How long a read of another process's claimed decision waits for its append to reach the disk.
 FOREIGN_READ_WAIT_S = 0.5
+
+
+class SpoolTimeout(TimeoutError):
+    """The spool's disk did not make a record durable in time (an append, or the first try of an event,
+    still waiting for its fsync): nothing is acknowledged, the caller answers 503 and the client retries."""
 
 
 @dataclass(frozen=True)
@@ -181,7 +194,17 @@ class Spool:
     def __init__(self, directory: Path, segment_bytes: int = 64 * 1024 * 1024) -> None:
         self.directory = Path(directory)
         self.segment_bytes = segment_bytes
+        #: Guards the index and the segment list; never held across disk I/O of an append.
         self._lock = threading.RLock()
+        #: Notified when an append ends (durable or not): who waits for an event in flight looks again.
+        self._settled = threading.Condition(self._lock)
+        #: Serialises appends (each goes at the end of the open segment); held across the write and fsync.
+        self._append_lock = threading.Lock()
+        #: Serialises writes of the quarantine file.
+        self._quarantine_lock = threading.Lock()
+        #: Events of the append in flight (claimed, not yet durable) -> their decision; and its segment.
+        self._inflight: dict[str, int] = {}
+        self._appending_to: _Segment | None = None
         self._segments: list[_Segment] = []  # oldest first; the last one may be open for appends
         self._decisions: dict[int, _Location] = {}
         self._events: dict[str, int] = {}
@@ -203,9 +226,19 @@ class Spool:
         with self._lock:
             return any(s.cursor < s.size for s in self._segments)
 
-    def decision_for_event(self, event_id: str, others: bool = True) -> int | None:
-        """The spooled decision of an event: this process's, or (``others``) one another process claimed."""
+    def decision_for_event(self, event_id: str, others: bool = True, wait_s: float = 0.0) -> int | None:
+        """The spooled decision of an event: this process's, or (``others``) one another process claimed.
+
+        An event whose decision this process is appending right now (claimed, fsync not returned) is waited
+        for up to ``wait_s``; still in flight then, :class:`SpoolTimeout`. Its claim is not an answer: the
+        append may still fail, and the decision is not durable before its fsync returns."""
+        deadline = time.monotonic() + wait_s
         with self._lock:
+            while event_id in self._inflight:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise SpoolTimeout(f"the first decision of {event_id!r} is not durable yet")
+                self._settled.wait(left)
             own = self._events.get(event_id)
         if own is not None or not others:
             return own
@@ -249,35 +282,49 @@ class Spool:
         """Append records durably (fsync) and index them; raises OSError when the disk cannot take them.
 
         Returns the positions of decisions *not* appended: their event is claimed by a decision another
-        process (or writer thread) spooled first (:meth:`decision_for_event` names it)."""
+        process (or writer thread) spooled first (:meth:`decision_for_event` names it).
+
+        Only ``_append_lock`` is held across the disk I/O; the index is updated under ``_lock`` once the
+        fsync has returned, so readers never wait for the disk, and never see a record before it is durable.
+        """
         if not records:
             return set()
-        with self._lock:
+        with self._append_lock:
             segment = self._writable_segment()
             offset = segment.size
             kept: list[tuple[SpoolRecord, bytes, _Location]] = []
             claimed: list[tuple[str, int]] = []
+            #: The events this append put in flight (see decision_for_event).
+            mine: list[tuple[str, int]] = []
             skipped: set[int] = set()
             try:
                 for i, record in enumerate(records):
                     line = record.to_line().encode("utf-8")
                     location = _Location(segment.path, offset, len(line))
                     event_id = record.event_id
-                    own = self._events.get(event_id) if event_id is not None else None
-                    if own is not None and own != record.decision_id:
-                        skipped.add(i)  # another writer thread spooled this event's decision a moment ago
-                        continue
-                    if event_id is not None and own is None:
-                        if not self._claim(event_id, record.decision_id, location):
-                            skipped.add(i)
+                    if event_id is not None:
+                        with self._lock:
+                            own = self._events.get(event_id)
+                            fresh = own is None and event_id not in self._inflight
+                            if fresh:  # in flight before its claim exists (see decision_for_event)
+                                self._inflight[event_id] = record.decision_id
+                                mine.append((event_id, record.decision_id))
+                        if own is not None and own != record.decision_id:
+                            skipped.add(i)  # another writer thread spooled this event's decision a moment ago
                             continue
-                        claimed.append((event_id, record.decision_id))
+                        if own is None:
+                            if not fresh:
+                                skipped.add(i)  # a copy of an event earlier in this append
+                                continue
+                            if not self._claim(event_id, record.decision_id, location):
+                                skipped.add(i)
+                                continue
+                            claimed.append((event_id, record.decision_id))
                     kept.append((record, line, location))
                     offset += len(line)
-                if not kept:
-                    return skipped
-                _write_all(segment.handle.fileno(), b"".join(line for _, line, _ in kept))
-                os.fsync(segment.handle.fileno())
+                if kept:
+                    _write_all(segment.handle.fileno(), b"".join(line for _, line, _ in kept))
+                    os.fsync(segment.handle.fileno())
             except OSError:
                 # Nothing of the batch is acknowledged: take back its part on disk and every claim it made
                 # (a claim left behind points into this live segment, so it looks live: a retry of its
@@ -286,10 +333,34 @@ class Spool:
                 for event_id, decision_id in claimed:
                     self._release(event_id, decision_id)
                 raise
-            for record, _, location in kept:
-                self._index(record, location)
-            segment.size = offset
+            else:
+                with self._lock:
+                    for record, _, location in kept:
+                        self._index(record, location)
+                    segment.size = offset
+            finally:
+                self._settle(mine, segment)
         return skipped
+
+    def _settle(self, events: list[tuple[str, int]], segment: _Segment) -> None:
+        """An append is over (durable or not): its events are no longer in flight; wake who waits."""
+        with self._lock:
+            for event_id, decision_id in events:
+                if self._inflight.get(event_id) == decision_id:
+                    del self._inflight[event_id]
+            self._appending_to = None
+            self._retire_if_replayed(segment)
+            self._settled.notify_all()
+
+    def _retire_if_replayed(self, segment: _Segment) -> None:
+        """Delete a segment closed for appends once everything in it is replayed (under ``_lock``); one an
+        append is writing to is left for that append to finish (its records are not in the index yet)."""
+        if segment is self._appending_to or segment.open_for_append or segment.cursor < segment.size:
+            return
+        if segment in self._segments:
+            self._segments.remove(segment)
+            segment.path.unlink(missing_ok=True)
+            segment.handle.close()  # releases the lock
 
     def _undo_append(self, segment: _Segment) -> None:
         """Cut a failed append (a full disk, a file size limit, an I/O error) off the segment.
@@ -304,7 +375,8 @@ class Spool:
             os.ftruncate(segment.handle.fileno(), segment.size)
         except OSError as exc:
             log.error("cannot cut a failed append off %s (%s); closing it for appends", segment.path, exc)
-            segment.open_for_append = False
+            with self._lock:
+                segment.open_for_append = False
 
     # --- event claims shared by the processes
     def _claim_path(self, event_id: str) -> Path:
@@ -342,19 +414,25 @@ class Spool:
             path.unlink(missing_ok=True)
 
     def _writable_segment(self) -> _Segment:
-        current = self._segments[-1] if self._segments else None
-        if current is not None and current.open_for_append and current.size < self.segment_bytes:
-            return current
-        if current is not None:
-            current.open_for_append = False
+        """The segment the append (holding ``_append_lock``) writes to; opening a new one is disk I/O, done
+        outside ``_lock``."""
+        with self._lock:
+            current = self._segments[-1] if self._segments else None
+            if current is not None and current.open_for_append and current.size < self.segment_bytes:
+                self._appending_to = current
+                return current
+            if current is not None:
+                current.open_for_append = False
+            self._counter += 1
+            path = self.directory / f"segment-{os.getpid()}-{time.time_ns()}-{self._counter}.jsonl"
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._counter += 1
-        path = self.directory / f"segment-{os.getpid()}-{time.time_ns()}-{self._counter}.jsonl"
         # Unbuffered: a failed write must leave nothing behind in a buffer that a later flush would write.
         handle = open(path, "ab", buffering=0)  # noqa: SIM115 - held open (and locked) for the segment's life
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         segment = _Segment(path, handle, 0)
-        self._segments.append(segment)
+        with self._lock:
+            self._segments.append(segment)
+            self._appending_to = segment
         return segment
 
     def _index(self, record: SpoolRecord, location: _Location) -> None:
@@ -422,16 +500,13 @@ class Spool:
                 if segment.path != chunk.segment:
                     continue
                 segment.cursor = max(segment.cursor, chunk.end)
-                if segment.cursor >= segment.size and not segment.open_for_append:
-                    self._segments.remove(segment)
-                    segment.path.unlink(missing_ok=True)
-                    segment.handle.close()  # releases the lock
+                self._retire_if_replayed(segment)
 
     def quarantine(self, payload: dict[str, Any] | str, error: str) -> None:
         """Keep a record the database refuses for good, with why, where an operator can find it."""
         self.directory.mkdir(parents=True, exist_ok=True)
         line = QuarantineEntry(datetime.now().astimezone().isoformat(), error, payload, None).to_line()
-        with self._lock, open(self.directory / QUARANTINE_FILE, "a", encoding="utf-8") as handle:
+        with self._quarantine_lock, open(self.directory / QUARANTINE_FILE, "a", encoding="utf-8") as handle:
             handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())
@@ -462,7 +537,7 @@ class Spool:
     def requeue_quarantined(self) -> int:
         """Move quarantined records back into a segment, to be replayed again (after the cause was fixed,
         e.g. a constraint dropped). Lines that never parsed stay in quarantine. Returns how many moved."""
-        with self._lock:
+        with self._quarantine_lock:
             entries = self.quarantine_entries()
             movable = [e for e in entries if isinstance(e.record, dict)]
             if not movable:
@@ -528,7 +603,10 @@ class Spool:
         """Release the segments (still on disk if not replayed: the next start adopts them)."""
         with self._lock:
             for segment in self._segments:
-                segment.handle.close()
+                # One an append is stuck in (a disk that hangs) stays open: its descriptor number, closed and
+                # reused under the write, could take the rest of the write into another file.
+                if segment is not self._appending_to:
+                    segment.handle.close()
             self._segments.clear()
             self._decisions.clear()
             self._events.clear()

@@ -21,6 +21,18 @@ What "durable" means under each fault (README, "What is promised under faults"):
 - **A retried event** gets its first decision: an event id already in the spool is answered as a
   duplicate, in every state (spooling, replaying, database back), as the database's unique index does.
 - **Outcomes** of decisions still in the spool are spooled behind them (same order, same replay).
+- **The spool's disk hangs** (an fsync or a write that does not return; the database away too). Every
+  append (and quarantine write) runs on one "disk lane" thread with a deadline (``spool_timeout_s``): past
+  it the batch fails (:class:`SpoolTimeout`, 503 + Retry-After, ``dp_spool_timeouts_total``), and while
+  the append is stuck later ones fail at once -- one thread waits on the disk, the writer threads never
+  do. Nothing is acknowledged before its fsync returns. The stuck append is abandoned, not undone: once
+  the disk answers, its records are durable and replayed like any other (never acknowledged: their
+  clients got a 503 and retry), or it fails and is cut off as a failed append is. A retry of an event
+  whose first try is still in flight waits for it (up to the deadline, else 503): afterwards it gets the
+  first decision if that became durable, else a decision of its own -- one decision either way. This
+  needed the spool's index lock split from its append lock (storage/spool.py): held across the fsync,
+  every batch's event look-up, ``/ready`` and ``GET /decisions/{id}`` waited on the disk, so a deadline
+  on the append alone freed nothing.
 
 Reads for the API (:meth:`DecisionWriter.find_decision`) look in the spool first, then ask the database
 with the same bounded wait; when the database is down they raise :class:`DatabaseUnavailable` (503).
@@ -44,7 +56,15 @@ from decision_platform.core.records import DUPLICATE, SPOOLED, STORED, DecisionR
 from decision_platform.observability import metrics
 from decision_platform.storage.errors import DatabaseUnavailable, is_record_error
 from decision_platform.storage.repository import DecisionRow, OutcomeResult, OutcomeStatus, Repository
-from decision_platform.storage.spool import DECISION, OUTCOME, ReplayChunk, Spool, SpooledOutcome, SpoolRecord
+from decision_platform.storage.spool import (
+    DECISION,
+    OUTCOME,
+    ReplayChunk,
+    Spool,
+    SpooledOutcome,
+    SpoolRecord,
+    SpoolTimeout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +96,22 @@ class _Lane:
     in flight as stuck marked a healthy database down under such a burst).
     """
 
-    def __init__(self, name: str, threads: int = 1, max_stalled: int = 1, stall_after_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        threads: int = 1,
+        max_stalled: int = 1,
+        stall_after_s: float = 0.0,
+        unavailable: Callable[[str], Exception] = DatabaseUnavailable,
+    ) -> None:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
         self._inflight: dict[Future[Any], float] = {}
         self._lock = threading.Lock()
         self.max_stalled = max_stalled
         self.stall_after_s = stall_after_s
+        #: The error of a call given up (the database's lanes: DatabaseUnavailable; the spool's disk lane:
+        #: SpoolTimeout).
+        self._unavailable = unavailable
 
     def submit(self, call: Callable[[], T]) -> Future[T]:
         """Start a call without waiting for it (DatabaseUnavailable at once if the lane is stuck)."""
@@ -90,7 +120,7 @@ class _Lane:
             self._inflight = {f: t for f, t in self._inflight.items() if not f.done()}
             stalled = sum(1 for started in self._inflight.values() if now - started >= self.stall_after_s)
             if stalled >= self.max_stalled:
-                raise DatabaseUnavailable("no answer to earlier calls yet")
+                raise self._unavailable("no answer to earlier calls yet")
             future = self._pool.submit(call)
             self._inflight[future] = now
         return future
@@ -100,7 +130,8 @@ class _Lane:
         try:
             return future.result(timeout=timeout_s)
         except FutureTimeout:
-            raise DatabaseUnavailable(f"no answer within {timeout_s:g} s") from None
+            future.cancel()  # one still queued never runs: its caller has given up on it
+            raise self._unavailable(f"no answer within {timeout_s:g} s") from None
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -153,6 +184,7 @@ class DecisionWriter:
         replay_chunk: int = 500,
         on_recover: Callable[[], None] | None = None,
         threads: int = 2,
+        spool_timeout_s: float = 5.0,
     ) -> None:
         self.repository = repository
         self.spool = spool
@@ -161,6 +193,7 @@ class DecisionWriter:
         self.read_timeout_s = read_timeout_s
         self.probe_interval_s = probe_interval_s
         self.replay_chunk = replay_chunk
+        self.spool_timeout_s = spool_timeout_s
         #: Run once when the database first answers (e.g. migrations after a start while it was down).
         self._on_recover = on_recover
         # One lane per writer thread, one call at a time on each: any call still running is stuck. The
@@ -168,6 +201,13 @@ class DecisionWriter:
         self._lanes = [_Lane(f"db-write{i}") for i in range(max(1, threads))]
         self._writes = self._lanes[0]
         self._reads = _Lane("db-read", threads=4, max_stalled=4, stall_after_s=read_timeout_s)
+        # Spool writes (appends, quarantine) on one thread with a deadline: a disk that hangs holds that
+        # thread only; while a write is stuck past the deadline, the next fail at once (see the docstring).
+        self._disk = _Lane(
+            "spool-disk",
+            stall_after_s=spool_timeout_s,
+            unavailable=lambda why: SpoolTimeout(f"the spool's disk did not answer: {why}"),
+        )
         self._state_lock = threading.Lock()
         #: Serialises "is an outcome spooled for it?" with appending one.
         self._spool_lock = threading.Lock()
@@ -252,6 +292,7 @@ class DecisionWriter:
         for lane in self._lanes:
             lane.close()
         self._reads.close()
+        self._disk.close()
         self.spool.close()
 
     # --- reads that know about the spool
@@ -301,9 +342,11 @@ class DecisionWriter:
                 if again is not None:
                     return _against(again, outcome)
                 try:
-                    self.spool.append([SpoolRecord(OUTCOME, outcome=record)])
-                except OSError:  # the API answers 503: nothing acknowledged
+                    self._append([SpoolRecord(OUTCOME, outcome=record)])
+                except OSError as exc:  # the API answers 503: nothing acknowledged
                     metrics.SPOOL_ERRORS.labels(kind=OUTCOME).inc()
+                    if isinstance(exc, SpoolTimeout):
+                        metrics.SPOOL_TIMEOUTS.labels(kind=OUTCOME).inc()
                     raise
             metrics.SPOOL_APPENDED.labels(kind=OUTCOME).inc()
             self._set_gauges()
@@ -361,6 +404,8 @@ class DecisionWriter:
         seen: dict[str, tuple[_Handover, int]] = {}
         copies: list[tuple[str, _Handover, int]] = []
         others = self.spool.others_hold_events()  # once a batch: no file look-ups when none is spooled
+        #: How long the batch may wait for the first tries of its events still being spooled.
+        deadline = time.monotonic() + self.spool_timeout_s
         for item in batch:
             for i, row in enumerate(item.rows):
                 event_id = row.get("event_id")
@@ -368,7 +413,17 @@ class DecisionWriter:
                     item.statuses[i] = DUPLICATE
                     copies.append((event_id, item, i))
                     continue
-                if event_id and self.spool.decision_for_event(event_id, others) is not None:
+                try:
+                    spooled = (
+                        self.spool.decision_for_event(event_id, others, deadline - time.monotonic())
+                        if event_id
+                        else None
+                    )
+                except SpoolTimeout as exc:  # its first try is still waiting for the disk: not durable
+                    item.statuses[i] = exc
+                    metrics.SPOOL_TIMEOUTS.labels(kind=DECISION).inc()
+                    continue
+                if spooled is not None:
                     item.statuses[i] = DUPLICATE  # a retry of an event whose decision is spooled
                     continue
                 if event_id:
@@ -417,6 +472,10 @@ class DecisionWriter:
                 return
         self._spool(fresh)
 
+    def _append(self, records: list[SpoolRecord]) -> set[int]:
+        """``Spool.append`` within ``spool_timeout_s`` (SpoolTimeout past it: nothing acknowledged)."""
+        return self._disk.run(lambda: self.spool.append(records), self.spool_timeout_s)
+
     def _insert(self, rows: list[DecisionRow], lane: _Lane | None = None) -> set[int]:
         insert = lambda: self.repository.insert_decisions(rows)  # noqa: E731
         return (lane or self._writes).run(insert, self.write_timeout_s)
@@ -426,10 +485,12 @@ class DecisionWriter:
             with self._spool_lock:
                 # Skipped: another process spooled a decision of the same event (a retry that reached
                 # another --workers process during the outage); that first decision is the answer.
-                skipped = self.spool.append([SpoolRecord(DECISION, decision=row) for row, _, _ in batch])
+                skipped = self._append([SpoolRecord(DECISION, decision=row) for row, _, _ in batch])
         except Exception as exc:  # nowhere durable to put them: the callers must not acknowledge
             log.error("cannot spool %d decisions: %s", len(batch), exc)
             metrics.SPOOL_ERRORS.labels(kind=DECISION).inc(len(batch))
+            if isinstance(exc, SpoolTimeout):
+                metrics.SPOOL_TIMEOUTS.labels(kind=DECISION).inc(len(batch))
             for _, item, i in batch:
                 item.statuses[i] = exc
             return
@@ -585,7 +646,7 @@ class DecisionWriter:
         else:
             payload, what = record, "an unreadable line"
         try:
-            self.spool.quarantine(payload, error)
+            self._disk.run(lambda: self.spool.quarantine(payload, error), self.spool_timeout_s)
         except OSError as exc:
             metrics.SPOOL_ERRORS.labels(kind=DECISION if kind == "unreadable" else kind).inc()
             raise _QuarantineFailed(f"cannot quarantine {what} ({error}): {exc}") from exc
