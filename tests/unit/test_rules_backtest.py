@@ -184,6 +184,8 @@ def test_cli_backtest(
         ([str(stricter), "--since", "99999999999w"], "out of the range of dates"),
     ]:
         refused = runner.invoke(cli.app, ["rules", "backtest", *args], terminal_width=200)
-        assert refused.exit_code == 2 and reason in refused.output, refused.output
+        # Typer boxes a usage error at 80 columns whatever the terminal: the reason may wrap (with the path).
+        unboxed = " ".join(refused.output.replace("│", " ").split())
+        assert refused.exit_code == 2 and reason in unboxed, refused.output
     too_big = runner.invoke(cli.app, ["explain", str(2**63)], terminal_width=200)
     assert too_big.exit_code == 2 and "9223372036854775807" in too_big.output, too_big.output
