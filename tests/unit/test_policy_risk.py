@@ -120,3 +120,5 @@ def test_out_of_fold_risk_moves_only_the_policy_s_training_states(tmp_path: Path
             assert c.per_entity.value == values[c.name], c.name
     assert np.array_equal(before.heldout.probabilities[BAYES], after.heldout.probabilities[BAYES])
     assert "policy_risk_s" in after.timings and "policy_risk_s" not in before.timings
+    assert set(after.ppo["policy_risk"]) == {"training", "validation"}
+    assert "policy_risk" not in before.ppo

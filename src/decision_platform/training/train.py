@@ -520,6 +520,22 @@ def _fit_risk_net(
     return model
 
 
+def policy_risk_metrics(
+    split: Split, states: PolicyStates, served: np.ndarray, learned: np.ndarray
+) -> dict[str, Any]:
+    """Ranking and calibration of the served risk model's scores and of the ones the policy learned from
+    (out of fold), on the training rows and on the validation rows (the served one's held-out figures are
+    the risk metrics): how much sharper the in-sample scores are than what serving will see."""
+    y = split.labels
+    parts = {"training": split.train, "validation": states.validation}
+    return {
+        part: {"served_in_sample": classifier_metrics(y[rows], served[rows])}
+        | {"out_of_fold": classifier_metrics(y[rows], learned[rows])}
+        for part, rows in parts.items()
+        if rows.any()
+    }
+
+
 def entity_folds(keys: np.ndarray, rows: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
     """(n,) fold (0 .. ``folds`` - 1) of every row, by entity: the entities with ``rows`` (bool mask)
     dealt at random into ``folds`` folds of (almost) equal counts; -1 for the rows of other entities."""
@@ -1199,6 +1215,8 @@ def train_all(
         start_from, choice = teacher_or_bayes(teacher, bayes, split, states, rewards, config.seed)
     ppo = fit_policy(split, states, start_from, rewards, config, progress)
     ppo.info.update(choice)
+    if state_risk is not None:
+        ppo.info["policy_risk"] = policy_risk_metrics(split, states, risk.scores, state_risk)
     timer.lap("policy_s")
     rules_only = fit_rules_only(rule_set, split, spec.names, anomaly.scores, risk.scores, progress)
     timer.lap("rules_s")
