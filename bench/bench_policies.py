@@ -482,13 +482,6 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the PPO actor reads its state only, not the Bayes step values (TrainConfig.step_value_inputs)",
     )
-    parser.add_argument(
-        "--policy-risk-folds",
-        type=int,
-        default=TrainConfig().policy_risk_folds,
-        help="the policy learns from out-of-fold risk on the training rows, entities in this many folds "
-        "(0: the served risk model's in-sample scores; TrainConfig.policy_risk_folds)",
-    )
     parser.add_argument("--no-save", action="store_true", help="do not append to policies_results.jsonl")
     args = parser.parse_args(argv)
 
@@ -514,7 +507,6 @@ def main(argv: list[str] | None = None) -> int:
                         seed=args.seed,
                         warm_start=args.warm_start,
                         step_value_inputs=not args.no_step_values,
-                        policy_risk_folds=args.policy_risk_folds,
                     ),
                     progress=progress,
                     promote=False,
@@ -537,7 +529,6 @@ def main(argv: list[str] | None = None) -> int:
         "timesteps": args.timesteps,
         "warm_start": args.warm_start,
         "step_value_inputs": not args.no_step_values,
-        "policy_risk_folds": args.policy_risk_folds,
         "fine_tuning": report.ppo,
         "seed": args.seed,
         "git_commit": _git("rev-parse", "--short", "HEAD") or None,

@@ -103,13 +103,6 @@ class TrainConfig:
     #: ``step_values``): what its teacher decides from, in a form that extrapolates to amounts beyond
     #: the training range.
     step_value_inputs: bool = True
-    #: The risk the policy learns from on the training rows (its teacher, cloning, sharpening, PPO's
-    #: episodes, the validation that keeps a round): 0, the served risk model's, which scores those rows
-    #: in-sample (it was fit on them); k >= 2, out of fold: the entities of the training part cut into k
-    #: folds, each fold's rows scored by a risk model fit (same recipe, baseline teacher included) on
-    #: the other folds (``out_of_fold_risk``). The held-out rows, the thresholds' search and the served
-    #: model are the served risk model's either way.
-    policy_risk_folds: int = 0
     seed: int = 0
 
 
@@ -467,35 +460,10 @@ def fit_risk(
             training_rows(split, lambda at: inputs_of(at, np.float64)), y[train], config.seed
         )
         baseline_scores = every_row(lambda x: baseline.predict_proba(x)[:, 1], np.float64)
-    model = _fit_risk_net(split, train, names, anomaly, config, baseline_scores[train], progress, categorical)
-    risk = every_row(model.predict)
-    metrics = risk_metrics(y[test], risk[test], anomaly[test], model.temperature)
-    metrics["baseline"] = classifier_metrics(y[test], baseline_scores[test])
-    metrics["baseline"]["model"] = "HistGradientBoostingClassifier (scikit-learn defaults)"
-    return RiskFit(model, risk, metrics)
-
-
-def _fit_risk_net(
-    split: Split,
-    rows: np.ndarray,
-    names: Sequence[str],
-    anomaly: np.ndarray,
-    config: TrainConfig,
-    teacher: np.ndarray,
-    progress: Progress = SILENT,
-    categorical: Sequence[str] = (),
-    task: str = "risk: pytorch classifier",
-) -> RiskModel:
-    """The calibrated PyTorch classifier on the ``rows`` (bool mask, time order) of the data set, taught
-    by ``teacher`` (the baseline's P(bad) of those rows) when ``config.distill``."""
-    y = split.labels
-
-    def inputs_of(at: np.ndarray | slice) -> np.ndarray:
-        return RiskModel.inputs(split.features[at].astype(np.float32, copy=False), anomaly[at])
-
-    inputs = training_rows(split, inputs_of, rows)
+    inputs = training_rows(split, inputs_of)
+    task = "risk: pytorch classifier"
     # Epochs at most (each net, then its refit): early stopping ends some sooner, the bar then jumps.
-    epochs = RiskModel.effective_epochs(int(rows.sum()), config.risk.epochs)
+    epochs = RiskModel.effective_epochs(int(train.sum()), config.risk.epochs)
     most = epochs * config.risk.members * (2 if config.risk.refit else 1)
     done = 0
 
@@ -507,90 +475,22 @@ def _fit_risk_net(
     progress.start(task, most)
     model = RiskModel.fit(
         inputs,
-        y[rows],
+        y[train],
         [*names, "anomaly"],
         config.risk,
         categorical=[i for i, name in enumerate(names) if name in set(categorical)],
         values=value_inputs(inputs, names) if config.value_embeddings else [],
-        teacher=teacher if config.distill else None,
+        teacher=baseline_scores[train] if config.distill else None,
         seed=config.seed,
         on_epoch=on_epoch,
     )
     progress.advance(task, max(0, most - done))
-    return model
-
-
-def policy_risk_metrics(
-    split: Split, states: PolicyStates, served: np.ndarray, learned: np.ndarray
-) -> dict[str, Any]:
-    """Ranking and calibration of the served risk model's scores and of the ones the policy learned from
-    (out of fold), on the training rows and on the validation rows (the served one's held-out figures are
-    the risk metrics): how much sharper the in-sample scores are than what serving will see."""
-    y = split.labels
-    parts = {"training": split.train, "validation": states.validation}
-    return {
-        part: {"served_in_sample": classifier_metrics(y[rows], served[rows])}
-        | {"out_of_fold": classifier_metrics(y[rows], learned[rows])}
-        for part, rows in parts.items()
-        if rows.any()
-    }
-
-
-def entity_folds(keys: np.ndarray, rows: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
-    """(n,) fold (0 .. ``folds`` - 1) of every row, by entity: the entities with ``rows`` (bool mask)
-    dealt at random into ``folds`` folds of (almost) equal counts; -1 for the rows of other entities."""
-    present = np.unique(keys[rows])
-    fold_of = np.full(int(keys.max(initial=0)) + 1, -1, dtype=np.int64)
-    order = np.random.default_rng((seed, folds)).permutation(len(present))
-    fold_of[present[order]] = np.arange(len(present)) % folds
-    return fold_of[keys]
-
-
-def out_of_fold_risk(
-    split: Split,
-    names: Sequence[str],
-    anomaly: np.ndarray,
-    config: TrainConfig,
-    folds: int,
-    progress: Progress = SILENT,
-    categorical: Sequence[str] = (),
-) -> np.ndarray:
-    """(n,) risk of the training rows scored out of fold (NaN on the other rows): the training part's
-    entities cut into ``folds`` folds (``entity_folds``), and each fold's training rows scored by the
-    gradient-boosting baseline and the PyTorch classifier taught by it, both fit as ``fit_risk`` fits
-    them on the training rows of the other folds only. No row's risk comes from a model that saw any
-    row of its entity (whose later rows share its history's features). The anomaly scores stay the
-    forest's of the whole training part (it never reads a label)."""
-    y = split.labels
-    fold = entity_folds(split.entity_keys, split.train, folds, config.seed)
-    out = np.full(len(y), np.nan, dtype=np.float32)
-
-    def inputs_of(at: np.ndarray | slice, dtype: type = np.float32) -> np.ndarray:
-        return RiskModel.inputs(split.features[at].astype(dtype, copy=False), anomaly[at])
-
-    def score_fold(k: int) -> None:
-        fit_rows = split.train & (fold != k)
-        scored = np.flatnonzero(split.train & (fold == k))
-        if not len(scored):
-            return
-        if len(np.unique(y[fit_rows])) < 2:
-            raise TrainingDataError(f"out-of-fold risk: the folds but fold {k} hold one label only")
-        with progress.status(f"risk out of fold {k + 1}/{folds}: gradient boosting"):
-            baseline = fit_gradient_boosting(
-                training_rows(split, lambda at: inputs_of(at, np.float64), fit_rows),
-                y[fit_rows],
-                config.seed,
-            )
-            teacher = training_rows(
-                split, lambda at: baseline.predict_proba(inputs_of(at, np.float64))[:, 1], fit_rows
-            )
-        task = f"risk out of fold {k + 1}/{folds}: pytorch classifier"
-        model = _fit_risk_net(split, fit_rows, names, anomaly, config, teacher, progress, categorical, task)
-        out[scored] = in_chunks(len(scored), lambda c: model.predict(inputs_of(scored[c])))
-
-    for k in range(folds):
-        score_fold(k)
-    return out
+    del inputs
+    risk = every_row(model.predict)
+    metrics = risk_metrics(y[test], risk[test], anomaly[test], model.temperature)
+    metrics["baseline"] = classifier_metrics(y[test], baseline_scores[test])
+    metrics["baseline"]["model"] = "HistGradientBoostingClassifier (scikit-learn defaults)"
+    return RiskFit(model, risk, metrics)
 
 
 def in_chunks(n: int, compute: Callable[[slice], np.ndarray], chunk: int = 65536) -> np.ndarray:
@@ -645,21 +545,18 @@ def policy_states(
     validation_entities: float = 0.3,
     seed: int = 0,
     risk_logit: bool = True,
-    scores: np.ndarray | None = None,
 ) -> PolicyStates:
     """States (features scaled on the training part, anomaly, risk) grouped into episodes. Codes of
     categorical attributes are no quantities: the policy reads them as 0 (their risk is in the risk
     score). Training episodes are cut like the held-out one (one entity in one window of the held-out
     part's length); the last training window of ``validation_entities`` of the entities is kept apart
-    for validation. ``scores``: the risk of every row in the states, if not ``risk.scores`` (out of fold
-    on the training rows, ``TrainConfig.policy_risk_folds``)."""
-    risk_of = risk.scores if scores is None else scores
+    for validation."""
     ignore = [i for i, name in enumerate(names) if name in set(categorical)]
     scaler = Standardizer.fit(split.features[split.train], ignore)
     state_names = [*names, "anomaly", "risk", *([RISK_LOGIT] if risk_logit else [])]
     stub = PolicyModel([], [], "Tanh", state_names, scaler.mean, scaler.std)
     states = in_chunks(
-        len(split.labels), lambda rows: stub.state(split.features[rows], anomaly[rows], risk_of[rows])
+        len(split.labels), lambda rows: stub.state(split.features[rows], anomaly[rows], risk.scores[rows])
     )
     y, amounts, keys = split.labels, split.amounts, split.entity_keys
     timestamps = split.events.timestamps
@@ -687,11 +584,7 @@ def policy_states(
 
 
 def fit_thresholds(
-    split: Split,
-    states: PolicyStates,
-    rewards: RewardTable,
-    masks: np.ndarray | None = None,
-    risk: np.ndarray | None = None,
+    split: Split, states: PolicyStates, rewards: RewardTable, masks: np.ndarray | None = None
 ) -> ThresholdPolicy:
     """The best fixed thresholds, searched on the training part for expected total reward per entity --
     under the rules' ``masks`` of the training rows when given, as the thresholds will be judged and
@@ -699,11 +592,9 @@ def fit_thresholds(
     train = split.train
     replay = Replay.of(split.entity_keys[train], split.labels[train], split.amounts[train])
     served = served_choices(masks) if masks is not None else None
-    # ``risk`` as the states hold it (float32): the same thresholds as from the states' risk column.
-    scores = (
-        states.states[train, states.risk_index] if risk is None else risk[train].astype(states.states.dtype)
+    t_throttle, t_block = best_thresholds(
+        states.states[train, states.risk_index], replay, rewards, None, served
     )
-    t_throttle, t_block = best_thresholds(scores, replay, rewards, None, served)
     return ThresholdPolicy(t_throttle, t_block, states.names, states.scaler.mean, states.scaler.std)
 
 
@@ -1073,13 +964,11 @@ def heldout_rows(
     )
 
 
-def training_rows(
-    split: Split, columns: Callable[[np.ndarray], np.ndarray], rows: np.ndarray | None = None
-) -> np.ndarray:
-    """``columns(rows)`` of the training rows (or of the ``rows``, a bool mask), a chunk at a time into
-    one array: no whole-set temporaries (a fancy-indexed copy of the features, then a stacked copy of it)."""
-    at = np.flatnonzero(split.train if rows is None else rows)
-    return in_chunks(len(at), lambda chunk: columns(at[chunk]))
+def training_rows(split: Split, columns: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``columns(rows)`` of the training rows, a chunk at a time into one array: no whole-set
+    temporaries (a fancy-indexed copy of the features, then a stacked copy of it)."""
+    rows = np.flatnonzero(split.train)
+    return in_chunks(len(rows), lambda chunk: columns(rows[chunk]))
 
 
 def range_rows(split: Split, anomaly: np.ndarray, risk: np.ndarray) -> np.ndarray:
@@ -1167,19 +1056,6 @@ def train_all(
     timer.lap("anomaly_s")
     risk = fit_risk(split, spec.names, anomaly.scores, config, progress, spec.categorical_names)
     timer.lap("risk_s")
-    state_risk = None
-    if config.policy_risk_folds >= 2:
-        out_of_fold = out_of_fold_risk(
-            split,
-            spec.names,
-            anomaly.scores,
-            config,
-            config.policy_risk_folds,
-            progress,
-            spec.categorical_names,
-        )
-        state_risk = np.where(split.train, out_of_fold, risk.scores).astype(risk.scores.dtype)
-        timer.lap("policy_risk_s")
     states = policy_states(
         split,
         spec.names,
@@ -1188,7 +1064,6 @@ def train_all(
         spec.categorical_names,
         config.validation_entities,
         config.seed,
-        scores=state_risk,
     )
     train_rows = np.flatnonzero(split.train)
     with progress.status("rules on the training events (the thresholds are searched under them)"):
@@ -1200,8 +1075,7 @@ def train_all(
             anomaly.scores[split.train],
             risk.scores[split.train],
         )
-    # The served risk model's scores, whatever the policy learns from: the thresholds are a baseline.
-    thresholds = fit_thresholds(split, states, rewards, train_masks, risk.scores)
+    thresholds = fit_thresholds(split, states, rewards, train_masks)
     bayes = bayes_policy(states, rewards)
     teacher = None
     if config.warm_start == "improved":
@@ -1215,8 +1089,6 @@ def train_all(
         start_from, choice = teacher_or_bayes(teacher, bayes, split, states, rewards, config.seed)
     ppo = fit_policy(split, states, start_from, rewards, config, progress)
     ppo.info.update(choice)
-    if state_risk is not None:
-        ppo.info["policy_risk"] = policy_risk_metrics(split, states, risk.scores, state_risk)
     timer.lap("policy_s")
     rules_only = fit_rules_only(rule_set, split, spec.names, anomaly.scores, risk.scores, progress)
     timer.lap("rules_s")
