@@ -345,7 +345,7 @@ def settle_heap(young_threshold: int | None = None) -> None:
     container objects alive at once, so at the default 700 the young generation was collected ~250 times
     a second and its survivors promoted, for objects reference counting frees a moment later anyway; at
     20,000 it is collected a few times a run. Stream worker, quiet machine, 30,000 events (bench/README.md,
-    s28), freeze and threshold together: 4,950 -> 5,950 events/s, 166 -> 131 µs of CPU an event; cyclic
+    s28), freeze and threshold together: 5,182 -> 6,263 events/s, 156 -> 124 µs of CPU an event; cyclic
     garbage still goes, after every 20,000 net allocations. The API keeps the default: there a collection
     of up to 20,000 young objects lands inside some requests (decide p99 at 16 connections 16 -> 20 ms for
     +3-5% throughput)."""
