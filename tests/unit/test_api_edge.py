@@ -272,6 +272,22 @@ def test_stored_times_are_answered_with_their_utc_offset(client: TestClient) -> 
     assert datetime.fromisoformat(created).utcoffset() == timedelta(0)
 
 
+def test_an_event_without_an_amount_is_stored_without_one(client: TestClient) -> None:
+    """It was stored with amount 0.0 -- the windows' value, not what the client sent: the console showed a
+    payment of 0.00. Its windows and rules still read 0, and its outcome's reward is the amount-free one."""
+    sent = {"entity_id": "na1", "event": {"event_id": "na1-1", "event_type": "login"}}
+    decided = client.post("/decide", json=sent).json()
+    stored = client.get(f"/decisions/{decided['decision_id']}").json()
+    assert stored["amount"] is None
+    assert stored["features"]["count_1h"] == 1 and stored["features"]["sum_1h"] == 0.0
+    retried = client.post("/decide", json=sent)  # a retry: the same content, the first decision
+    assert retried.status_code == 200 and retried.json()["decision_id"] == decided["decision_id"]
+    outcome = client.post("/outcome", json={"decision_id": decided["decision_id"], "outcome": "fraud"})
+    assert outcome.status_code == 201 and outcome.json()["reward"] == pytest.approx(
+        {0: -15.0, 1: 1.0, 2: 1.0}[decided["action"]]  # rewards.yaml's fraud row at amount 0
+    )
+
+
 # --- out-of-range values: 422, never a 500 from the database driver
 
 
