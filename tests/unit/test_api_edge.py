@@ -280,8 +280,12 @@ def test_an_event_without_an_amount_is_stored_without_one(client: TestClient) ->
     stored = client.get(f"/decisions/{decided['decision_id']}").json()
     assert stored["amount"] is None
     assert stored["features"]["count_1h"] == 1 and stored["features"]["sum_1h"] == 0.0
-    retried = client.post("/decide", json=sent)  # a retry: the same content, the first decision
-    assert retried.status_code == 200 and retried.json()["decision_id"] == decided["decision_id"]
+    for amount in ({}, {"amount": 0}):  # retries: no amount and 0 are the same content (the windows' 0)
+        again = {"entity_id": "na1", "event": {**sent["event"], **amount}}
+        retried = client.post("/decide", json=again)
+        assert retried.status_code == 200 and retried.json()["decision_id"] == decided["decision_id"]
+    other = {"entity_id": "na1", "event": {**sent["event"], "amount": 5}}
+    assert client.post("/decide", json=other).status_code == 409  # another event under the same id
     outcome = client.post("/outcome", json={"decision_id": decided["decision_id"], "outcome": "fraud"})
     assert outcome.status_code == 201 and outcome.json()["reward"] == pytest.approx(
         {0: -15.0, 1: 1.0, 2: 1.0}[decided["action"]]  # rewards.yaml's fraud row at amount 0

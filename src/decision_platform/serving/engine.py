@@ -754,9 +754,10 @@ class _Scores:
 def _other_content(first: DecisionRecord, again: DecisionRecord) -> bool:
     """Whether a retried event is another event under the same id: its amount, type or attributes differ
     from the first's (as stored). Its time is not compared: a client that leaves it out gets its arrival
-    time, which differs on every retry."""
+    time, which differs on every retry. No amount and an amount of 0 are the same content: the windows read
+    both as 0, and decisions stored before s28 hold 0.0 for an event sent without one."""
     return (
-        first.amount != again.amount
+        (first.amount or 0.0) != (again.amount or 0.0)
         or first.event_type != again.event_type
         or (first.attributes or {}) != (again.attributes or {})
     )
