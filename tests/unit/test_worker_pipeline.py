@@ -1,5 +1,6 @@
-"""The stream worker's pipelined run loop (serving/worker.py): batch k+1 is decided while batch k's group
-commit runs, and batch k's offsets are committed only once its decisions are durable and published."""
+"""The stream worker's pipelined run loop (serving/worker.py): batch k+2's windows are updated and batch
+k+1 is decided while batch k's group commit runs, and batch k's offsets are committed only once its
+decisions are durable and published."""
 
 from __future__ import annotations
 
@@ -107,15 +108,18 @@ def platform_for(
 def test_the_next_batch_is_decided_before_the_last_is_committed_and_commits_stay_in_order(
     platform_for: Callable[[str], Platform],
 ) -> None:
-    source = run_worker(platform_for("a"), batches_of(messages(3 * BATCH)), InProcessSink(keep=10_000))
-    # Pipelined: batch 2 is polled (and decided) before batch 1 is committed; each commit after its poll.
+    source = run_worker(platform_for("a"), batches_of(messages(4 * BATCH)), InProcessSink(keep=10_000))
+    # Pipelined: batch 3 is polled (its windows started, batch 2 decided) before batch 1 is committed;
+    # each commit after its poll, in order.
     assert source.log == [
         ("poll", 0),
         ("poll", BATCH),
-        ("commit", 0),
         ("poll", 2 * BATCH),
+        ("commit", 0),
+        ("poll", 3 * BATCH),
         ("commit", BATCH),
         ("commit", 2 * BATCH),
+        ("commit", 3 * BATCH),
     ]
 
 
@@ -131,6 +135,39 @@ def test_a_failed_batch_is_retried_before_the_next_and_every_event_is_decided_on
     decisions = [writer.find_decision_by_event(m.key.decode()) for m in items]  # type: ignore[union-attr]
     assert all(d is not None for d in decisions)
     assert platform.engine.writer.repository.count_decisions() == len(items)  # one decision per event
+
+
+@pytest.mark.parametrize("failing", [1, 2])
+def test_a_failed_windows_update_is_retried_in_order_and_every_event_is_decided_once(
+    platform_for: Callable[[str], Platform], failing: int
+) -> None:
+    """The windows update of one batch fails (Redis answered an error) while the batch before it is being
+    stored and the one after it was polled: each is committed in order, every event decided once, on the
+    same windows as a worker that never failed."""
+    items = messages(4 * BATCH)
+    platform = platform_for(f"w{failing}")
+    update, calls = platform.store.update, []
+
+    def flaky_update(events: Any) -> Any:
+        calls.append(events[0].event_id)
+        if len(calls) == failing + 1:
+            raise ConnectionError("feature store went away")
+        return update(events)
+
+    platform.store.update = flaky_update  # type: ignore[method-assign]
+    source = run_worker(platform, batches_of(items), InProcessSink(keep=10_000))
+    assert len(calls) == 5  # four batches and the retry
+    assert [offset for kind, offset in source.log if kind == "commit"] == [0, BATCH, 2 * BATCH, 3 * BATCH]
+    writer = platform.engine.writer
+    assert writer.repository.count_decisions() == len(items)  # one decision per event
+    clean = platform_for(f"clean{failing}")
+    run_worker(clean, batches_of(items), InProcessSink(keep=10_000))
+
+    def snapshots(platform: Platform) -> list[Any]:
+        writer = platform.engine.writer
+        return [writer.find_decision_by_event(m.key.decode()).features for m in items]  # type: ignore[union-attr]
+
+    assert snapshots(platform) == snapshots(clean)
 
 
 def test_pipelined_decisions_equal_batch_by_batch_ones(platform_for: Callable[[str], Platform]) -> None:

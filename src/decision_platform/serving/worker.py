@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -25,7 +26,7 @@ from decision_platform.config import Settings
 from decision_platform.core.events import Event, ahead_of_clock
 from decision_platform.core.records import DUPLICATE, REFUSED, refusal_message
 from decision_platform.events.messages import RawMessage
-from decision_platform.features import FeatureStore
+from decision_platform.features import FeatureResult, FeatureStore
 from decision_platform.observability import metrics
 from decision_platform.serving.engine import Decision, DecisionEngine, DecisionRequest, PendingDecision
 
@@ -100,6 +101,12 @@ class StreamWorker:
         """Parse, update windows and decide one batch, handing its decisions to the group commit without
         waiting for them to be durable (:meth:`complete` waits). Raises if the windows could not be
         updated: nothing of the batch is then decided."""
+        batch = self._parse(messages)
+        return self._decide(batch, self._windows_of(batch))
+
+    def _parse(self, messages: Sequence[RawMessage], background: Executor | None = None) -> Parsed:
+        """Parse a batch (poison and far-ahead events go to the dead letters) and, with ``background``,
+        start its windows update there (:meth:`_windows_of` waits for it, or updates them inline)."""
         started = time.perf_counter()
         metrics.WORKER_BATCH_SIZE.observe(len(messages))
         summary = BatchSummary(consumed=len(messages))
@@ -124,7 +131,8 @@ class StreamWorker:
         for topic, count in consumed.items():  # one labelled increment a topic, not one a message
             metrics.EVENTS_CONSUMED.labels(topic=topic).inc(count)
         self._lap("parse", started)
-        return self._begin_events(events, summary, started, sources)
+        windows = background.submit(self._update_windows, events) if background and events else None
+        return Parsed(list(messages), summary, events, started, sources, windows)
 
     def _dead_letter(self, message: RawMessage, error: str, reason: str, summary: BatchSummary) -> None:
         self.sink.dead_letter(message, error)
@@ -137,35 +145,39 @@ class StreamWorker:
         metrics.WORKER_BATCH_SIZE.observe(len(events))
         metrics.EVENTS_CONSUMED.labels(topic=self.settings.kafka_events_topic).inc(len(events))
         summary = BatchSummary(consumed=len(events))
-        return self.complete(self._begin_events(list(events), summary, started))
+        batch = Parsed([], summary, list(events), started)
+        return self.complete(self._decide(batch, self._windows_of(batch)))
 
-    def _begin_events(
-        self,
-        events: list[Event],
-        summary: BatchSummary,
-        started: float,
-        sources: list[RawMessage] | None = None,
-    ) -> InFlight:
-        """Windows, then decisions handed to the group commit, of one batch's valid events (``sources``:
-        their messages, when they came as messages)."""
+    def _update_windows(self, events: list[Event]) -> list[FeatureResult]:
+        # Windows come first, outside the engine's fallback: if Redis is down this raises, the batch is not
+        # committed and is retried, instead of deciding without ever counting the events.
+        try:
+            return self.store.update(events)
+        except Exception:
+            metrics.FEATURE_STORE_ERRORS.labels(operation="update").inc()
+            raise
+
+    def _windows_of(self, batch: Parsed) -> list[FeatureResult]:
+        """The batch's window features: the background update's (waiting for it) or updated now. Raises
+        if the windows could not be updated: nothing of the batch may then be decided."""
+        lap = time.perf_counter()
+        if not batch.events:
+            return []
+        features = batch.windows.result() if batch.windows is not None else self._update_windows(batch.events)
+        self._lap("features", lap)
+        return features
+
+    def _decide(self, batch: Parsed, features: list[FeatureResult]) -> InFlight:
+        """Decide the batch on its window features, handing the decisions to the group commit."""
         lap = time.perf_counter()
         pending: list[PendingDecision] = []
-        if events:
-            # Windows first, outside the engine's fallback: if Redis is down this raises, the batch is not
-            # committed and is retried, instead of deciding without ever counting the events.
-            try:
-                features = self.store.update(events)
-            except Exception:
-                metrics.FEATURE_STORE_ERRORS.labels(operation="update").inc()
-                raise
-            lap = self._lap("features", lap)
-            if self.settings.worker_decide:
-                self._after_first_copies(events)
-                requests = [DecisionRequest(e.entity_id, e) for e in events]
-                pending = self.engine.submit_batch(requests, features=features)
-                self._handed = ({e.event_id for e in events}, pending)
-                self._lap("decide", lap)
-        return InFlight(summary, pending, started, sources)
+        if batch.events and self.settings.worker_decide:
+            self._after_first_copies(batch.events)
+            requests = [DecisionRequest(e.entity_id, e) for e in batch.events]
+            pending = self.engine.submit_batch(requests, features=features)
+            self._handed = ({e.event_id for e in batch.events}, pending)
+            self._lap("decide", lap)
+        return InFlight(batch.summary, pending, batch.started, batch.sources)
 
     def _after_first_copies(self, events: list[Event], timeout_s: float = 60.0) -> None:
         """Wait until the batch handed over before this one is durable if this one redelivers any of its
@@ -222,52 +234,98 @@ class StreamWorker:
     def run(self, source: EventSource, stop: threading.Event, poll_timeout_s: float = 0.5) -> int:
         """Consume until ``stop`` is set; returns the number of messages processed.
 
-        Pipelined, one batch deep: batch k+1 is polled, its windows updated and its decisions handed to
-        the group commit while batch k's commit runs (PostgreSQL's time, on another core, overlaps this
-        process's CPU); then batch k is completed (durable, published, acknowledged) and only then are
-        *its* offsets committed, explicitly. The writer stores batches in the order they were handed over,
-        so a redelivered event in batch k+1 finds batch k's decision as its first.
+        Pipelined, three batches deep: while batch k+2's windows are updated (Redis' time, on a background
+        thread) and batch k+1's decisions are stored (PostgreSQL's time), this thread decides batch k+1
+        and completes batch k (durable, published, acknowledged); only then are *k's* offsets committed,
+        explicitly. A batch's windows are started only once the batch before it has its own (an entity's
+        events reach Redis in order), and the writer stores batches in the order they were handed over,
+        so a redelivered event finds the earlier copy's decision as its first.
 
-        On a failed batch the worker settles what is in flight in order, one batch at a time: it backs off
-        and re-processes the same messages (effects are idempotent) until they succeed or it is stopped;
-        their offsets stay uncommitted meanwhile.
+        On a failed stage the worker settles every uncommitted batch in order, one at a time: it waits for
+        what they have in flight, backs off and re-processes each (effects are idempotent) until it
+        succeeds or the worker is stopped; their offsets stay uncommitted meanwhile. On stop it completes
+        what is in flight, in order.
         """
         processed = 0
-        inflight: tuple[list[RawMessage], InFlight] | None = None
+        storing: tuple[list[RawMessage], InFlight] | None = None  # decided, on its way to durability
+        windowing: Parsed | None = None  # polled, its windows being updated in the background
+        background = ThreadPoolExecutor(1, thread_name_prefix="dp-windows")
         try:
             while not stop.is_set():
                 # With a batch in flight, take only what has already arrived: waiting for more would hold
-                # back the in-flight batch's answers (and offsets) for up to a poll timeout.
-                timeout_s = poll_timeout_s if inflight is None else 0.0
-                batch = source.poll(self.settings.worker_batch_size, timeout_s)
-                started = self._try_begin(batch) if batch else None
-                if inflight is not None:
-                    messages, previous = inflight
-                    inflight = None
-                    if not self._try_complete(previous, messages, source):
-                        _abandon(started)  # settled below, after the batch before it
-                        started = None
-                        if not self._settle(messages, source, stop):
-                            return processed
-                    processed += len(messages)
-                if batch and started is None:
+                # back the in-flight batches' answers (and offsets) for up to a poll timeout.
+                idle = storing is None and windowing is None
+                polled = source.poll(self.settings.worker_batch_size, poll_timeout_s if idle else 0.0)
+                retry: list[Parsed | list[RawMessage]] = []  # uncommitted, to settle in order
+                current, windowing, decided = windowing, None, None
+                features: list[FeatureResult] = []
+                if current is not None:
+                    try:
+                        features = self._windows_of(current)
+                    except Exception as exc:
+                        _failed(exc, "retrying it on its own")
+                        retry.append(current.messages)
+                if polled and retry:
+                    retry.append(polled)
+                elif polled:  # its windows go to Redis while this thread decides the current batch
+                    windowing = self._parse(polled, background)
+                if current is not None and not retry:
+                    try:
+                        decided = (current.messages, self._decide(current, features))
+                    except Exception as exc:
+                        _failed(exc, "retrying it on its own")
+                        retry.append(current.messages)
+                        if windowing is not None:
+                            retry.append(windowing)
+                            windowing = None
+                if storing is not None:
+                    messages, previous = storing
+                    if self._try_complete(previous, messages, source):
+                        processed += len(messages)
+                    else:  # everything after it goes again too, after it
+                        retry.insert(0, messages)
+                        if decided is not None:
+                            _abandon(decided[1])
+                            retry.insert(1, decided[0])
+                            decided = None
+                        if windowing is not None:
+                            retry.append(windowing)
+                            windowing = None
+                storing = decided
+                for batch in retry:
+                    if isinstance(batch, Parsed):
+                        batch.abandon()
+                        batch = batch.messages
                     if not self._settle(batch, source, stop):
                         return processed
                     processed += len(batch)
-                elif batch and started is not None:
-                    inflight = (batch, started)
-            if inflight is not None and self._try_complete(inflight[1], inflight[0], source):
-                processed += len(inflight[0])  # else: left uncommitted, redelivered later
+            processed += self._drain(storing, windowing, source)
         finally:
+            background.shutdown(wait=True)
             source.close()
         return processed
 
-    def _try_begin(self, messages: list[RawMessage]) -> InFlight | None:
-        try:
-            return self.begin(messages)
-        except Exception as exc:
-            _failed(exc, "retrying it on its own")
-            return None
+    def _drain(
+        self, storing: tuple[list[RawMessage], InFlight] | None, windowing: Parsed | None, source: EventSource
+    ) -> int:
+        """On stop: complete the batches in flight, in order; the first that fails and all after it stay
+        uncommitted (redelivered later: committing a later offset would commit the failed one too)."""
+        processed = 0
+        if storing is not None:
+            if not self._try_complete(storing[1], storing[0], source):
+                if windowing is not None:
+                    windowing.abandon()
+                return processed
+            processed += len(storing[0])
+        if windowing is not None:
+            try:
+                decided = self._decide(windowing, self._windows_of(windowing))
+            except Exception as exc:
+                _failed(exc, "left for redelivery")
+                return processed
+            if self._try_complete(decided, windowing.messages, source):
+                processed += len(windowing.messages)
+        return processed
 
     def _try_complete(self, batch: InFlight, messages: list[RawMessage], source: EventSource) -> bool:
         try:
@@ -291,6 +349,26 @@ class StreamWorker:
                 if stop.wait(backoff):
                     return False  # stopping: leave the offsets uncommitted; redelivered later
                 backoff = min(backoff * 2, 5.0)
+
+
+@dataclass
+class Parsed:
+    """A parsed batch whose windows may be on their way (:meth:`StreamWorker._parse`)."""
+
+    messages: list[RawMessage]
+    summary: BatchSummary
+    events: list[Event]
+    started: float
+    sources: list[RawMessage] | None = None  # each event's message, when they came as messages
+    #: The windows update running in the background, if one was started.
+    windows: Future[list[FeatureResult]] | None = None
+
+    def abandon(self) -> None:
+        """Wait for the windows update before the batch is processed again (its retry then finds the
+        events stored: duplicates, counted once)."""
+        if self.windows is not None:
+            with contextlib.suppress(Exception):  # the retry will find out again
+                self.windows.result(timeout=60.0)
 
 
 @dataclass
