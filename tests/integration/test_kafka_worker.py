@@ -132,8 +132,8 @@ def assert_windows_exact(settings: Settings, events: list[dict], in_flight: int 
 
     ``in_flight``: after a crash, events whose windows were updated but whose decisions were not yet
     stored are decided on redelivery with the windows as they are then (which may include out-of-order
-    events that arrived later in the same batch); at most two batches per crash (the worker pipelines
-    one batch deep).
+    events that arrived later in the same batch); at most two batches per crash (the worker updates batch
+    k+2's windows while it decides k+1 and stores k).
     """
     spec = FeatureSpec.load(settings.features_path)
     expected = expected_features(events, spec)
@@ -257,7 +257,8 @@ def test_a_killed_worker_loses_and_double_counts_nothing(kafka_settings: Setting
     finally:
         if first.poll() is None:
             first.kill()
-    # Up to two batches in flight at the kill: the worker updates batch k+1's windows while k is stored.
+    # Up to two batches' windows ahead of their stored decisions at the kill: k+2's windows are updated
+    # while k+1 is decided and k stored.
     assert_windows_exact(kafka_settings, events, in_flight=2 * kafka_settings.worker_batch_size)
 
 
