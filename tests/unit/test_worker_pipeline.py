@@ -170,6 +170,33 @@ def test_a_failed_windows_update_is_retried_in_order_and_every_event_is_decided_
     assert snapshots(platform) == snapshots(clean)
 
 
+def test_a_stop_completes_the_batches_in_flight_in_order(platform_for: Callable[[str], Platform]) -> None:
+    """Stopped right after a poll (SIGTERM): the batch being stored and the one whose windows are on their
+    way are both completed and committed, in order, before ``run`` returns."""
+    items = messages(3 * BATCH)
+    platform = platform_for("stop")
+    worker = StreamWorker(platform.settings, platform.engine, platform.store, InProcessSink(keep=10_000))
+    stop = threading.Event()
+    source = BatchSource(batches_of(items), worker, stop)
+    poll = source.poll
+
+    def stop_after_the_last(max_messages: int, timeout_s: float) -> list[RawMessage]:
+        batch = poll(max_messages, timeout_s)
+        if batch and batch[0].offset == 2 * BATCH:
+            stop.set()  # batch 2 is stored meanwhile, batch 3's windows only just started
+        return batch
+
+    source.poll = stop_after_the_last  # type: ignore[method-assign]
+    processed = worker.run(source, stop, 0.01)
+    assert processed == len(items)
+    assert [entry for entry in source.log if entry[0] == "commit"] == [
+        ("commit", 0),
+        ("commit", BATCH),
+        ("commit", 2 * BATCH),
+    ]
+    assert platform.engine.writer.repository.count_decisions() == len(items)
+
+
 def test_pipelined_decisions_equal_batch_by_batch_ones(platform_for: Callable[[str], Platform]) -> None:
     """Same inputs, same decisions: the pipelined loop against ``process`` one batch after the other."""
     items = messages(3 * BATCH)
