@@ -159,8 +159,8 @@ class KafkaSource:
 
     def _on_revoke(self, _consumer: Any, partitions: list[Any]) -> None:
         # Nothing is committed here: every completed batch was committed with its own offsets already, and
-        # the consumer's position may be past a batch still in flight (the worker pipelines one batch
-        # deep), whose messages the next owner must get again. Its later commit skips these partitions.
+        # the consumer's position may be past batches still in flight (the worker pipelines three deep),
+        # whose messages the next owner must get again. Its later commit skips these partitions.
         self._assigned -= {(p.topic, p.partition) for p in partitions}
 
     def poll(self, max_messages: int, timeout_s: float) -> list[Any]:

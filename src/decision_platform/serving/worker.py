@@ -235,8 +235,8 @@ class StreamWorker:
         """Consume until ``stop`` is set; returns the number of messages processed.
 
         Pipelined, three batches deep: while batch k+2's windows are updated (Redis' time, on a background
-        thread) and batch k+1's decisions are stored (PostgreSQL's time), this thread decides batch k+1
-        and completes batch k (durable, published, acknowledged); only then are *k's* offsets committed,
+        thread) and batch k's decisions are stored (PostgreSQL's time), this thread decides batch k+1,
+        then completes batch k (durable, published, acknowledged); only then are *k's* offsets committed,
         explicitly. A batch's windows are started only once the batch before it has its own (an entity's
         events reach Redis in order), and the writer stores batches in the order they were handed over,
         so a redelivered event finds the earlier copy's decision as its first.
