@@ -27,6 +27,7 @@ from decision_platform.config import Settings
 from decision_platform.core.events import Event
 from decision_platform.devtools.redis_cluster import LocalRedisCluster
 from decision_platform.devtools.tansu import free_port, start_broker
+from decision_platform.devtools.tcp_proxy import TcpProxy
 from decision_platform.events.kafka import KafkaSink, KafkaSource, ensure_topics
 from decision_platform.features import FeatureSpec, OfflineWindows, compute_features, open_feature_store
 from decision_platform.observability import metrics
@@ -397,6 +398,46 @@ def assigned(log: Path) -> list[int]:
     """The partitions a worker process owns now: its last "assigned partitions [...]" log line."""
     lines = re.findall(r"assigned partitions \[([\d, ]*)\]", log.read_text() if log.exists() else "")
     return [int(p) for p in lines[-1].split(",") if p.strip()] if lines else []
+
+
+@pytest.mark.parametrize("outage", ["refuse", "freeze"])
+def test_a_database_outage_spools_the_streams_decisions_and_replays_each_once(
+    kafka_settings: Settings, start_platform: Callable[[Settings], Platform], outage: str
+) -> None:
+    """PostgreSQL goes away (refuse: connections reset, new ones refused; freeze: a stalled server, nothing
+    answered) while events keep coming: the stream does not stop -- every event is decided, its decision
+    spooled (durable on disk), published and its offset committed while the database is still down -- and
+    once it is back the spool is replayed: every event stored once, the stored decisions the published
+    ones, the windows exact."""
+    events = make_events(1000, entities=30, seed=6)
+    spooled, replayed = metrics.DECISIONS_SPOOLED, metrics.SPOOL_REPLAYED
+    spooled_before, replayed_before = spooled._value.get(), replayed._value.get()
+    with TcpProxy(("127.0.0.1", 5432)) as database:
+        settings = kafka_settings.model_copy(
+            update={"database_url": f"postgresql://postgres@127.0.0.1:{database.port}/test"}
+        )
+        with worker_running(settings, start_platform):
+            produce(settings, events[:200])
+            wait_for(lambda: decision_count(settings) >= 200, 90, "the worker to make progress")
+            database.set_mode(outage)
+            produce(settings, events[200:])
+            # Decided, spooled, published and committed with the database still down.
+            wait_for(lambda: sum(committed_offsets(settings)) == len(events), 120, "every offset committed")
+            assert decision_count(settings) < len(events)  # counted straight from PostgreSQL: not there
+            assert spooled._value.get() - spooled_before >= len(events) - decision_count(settings)
+            database.forward()
+            wait_for(lambda: decision_count(settings) >= len(events), 120, "the spool replayed")
+    assert replayed._value.get() > replayed_before
+
+    def decision_id(message: Any) -> int:
+        return json.loads(message.value())["decision_id"]
+
+    published = read_topic(
+        settings, settings.kafka_decisions_topic, expected=len(events), timeout_s=60, distinct=decision_id
+    )
+    stored = {r[0] for r in query(settings.database_schema, "SELECT id FROM decisions")}
+    assert {decision_id(m) for m in published} == stored
+    assert_windows_exact(settings, events)  # nothing failed: every snapshot the point-in-time vector
 
 
 def test_two_worker_processes_on_a_redis_cluster_decide_every_event_once(
