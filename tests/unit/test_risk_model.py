@@ -49,6 +49,9 @@ def test_quantile_encoding_is_monotone_and_bounded() -> None:
         u = encoder.quantiles(many)
         assert np.all(np.diff(u, axis=0) >= -1e-12) and u.min() >= 0.0 and u.max() <= 1.0
     np.testing.assert_allclose(encoder.quantiles(grid[:10]), encoder.quantiles(grid)[:10])
+    odd = np.array([[np.inf, -np.inf], [-np.inf, np.nan], [np.nan, np.inf], [1e300, -1e300]])
+    few, many = encoder.quantiles(odd), encoder.quantiles(np.vstack([odd, grid]))[: len(odd)]
+    assert np.array_equal(few, many)  # bit for bit, the unusual values too
     assert encoder.quantiles(np.array([[np.nan, 1.0]]))[0, 0] == 0.5  # a missing value is the median
     assert encoder.encode_numeric(grid).shape == (400, 2 * (4 + 1))  # 4 pieces and the magnitude
 

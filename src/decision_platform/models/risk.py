@@ -178,8 +178,9 @@ class InputEncoder:
         x = np.atleast_2d(np.asarray(x, dtype=np.float64))[:, self.numeric]
         knots, levels = self.knots[self.numeric], self.levels[self.numeric]
         # Each value's knot interval, then a linear interpolation between the interval's levels. A few
-        # rows (serving) compare against every knot at once; many rows (training) search per input.
-        if len(x) <= 64:
+        # rows compare against every knot at once; more search per input (the same intervals; 128 knots,
+        # 23 inputs: 31 against 41 µs at 8 rows, 54 against 42 at 16, 190 against 50 at 64).
+        if len(x) <= 12:
             above = (x[:, :, None] >= knots[None, :, :]).sum(axis=2)
         else:
             above = np.column_stack(
