@@ -172,20 +172,21 @@ class StreamWorker:
         lap = time.perf_counter()
         pending: list[PendingDecision] = []
         if batch.events and self.settings.worker_decide:
-            self._after_first_copies(batch.events)
+            ids = {e.event_id for e in batch.events}
+            self._after_first_copies(ids)
             requests = [DecisionRequest(e.entity_id, e) for e in batch.events]
             pending = self.engine.submit_batch(requests, features=features)
-            self._handed = ({e.event_id for e in batch.events}, pending)
+            self._handed = (ids, pending)
             self._lap("decide", lap)
         return InFlight(batch.summary, pending, batch.started, batch.sources)
 
-    def _after_first_copies(self, events: list[Event], timeout_s: float = 60.0) -> None:
+    def _after_first_copies(self, event_ids: set[str], timeout_s: float = 60.0) -> None:
         """Wait until the batch handed over before this one is durable if this one redelivers any of its
         events. The writer's threads commit batches concurrently, so without the wait the redelivered copy
         (decided on the windows as they are later) could be stored first and become the event's decision.
         Redeliveries are rare: the pipeline is kept otherwise."""
         ids, pending = self._handed
-        if not ids or not any(e.event_id in ids for e in events):
+        if ids.isdisjoint(event_ids):
             return
         for storage in {id(p.storage): p.storage for p in pending}.values():
             with contextlib.suppress(Exception):  # its failure is that batch's to settle, not this one's
