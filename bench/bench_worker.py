@@ -176,6 +176,10 @@ def main() -> None:
                 f"{seconds / max(done['n'], 1) * 1e6:.0f}",
             )
         console.print(table)
+        console.print(
+            "features: the wait for the batch's windows, updated in the background while the batch before "
+            "is decided (StreamWorker.run); Redis' own time overlaps the other stages"
+        )
         console.print(f"[bold]{rate:,.0f} events/s end to end[/bold] (goal: 20,000); {elapsed:.1f} s")
         console.print(
             f"worker process CPU {cpu / max(done['n'], 1) * 1e6:.0f} µs/event (all its threads; "
