@@ -297,16 +297,7 @@ def test_a_frozen_broker_delays_the_stream_and_loses_nothing(
             else:
                 pytest.fail("three freezes of the broker all came after the worker had finished its events")
         assert_windows_exact(settings, events, in_flight=2 * settings.worker_batch_size)
-
-        def decision_id(message: Any) -> int:
-            return json.loads(message.value())["decision_id"]
-
-        published = read_topic(
-            settings, settings.kafka_decisions_topic, expected=len(events), timeout_s=60, distinct=decision_id
-        )
-        # At least once on the topic (a retried batch publishes again), and always the stored decision.
-        stored = {r[0] for r in query(settings.database_schema, "SELECT id FROM decisions")}
-        assert {decision_id(m) for m in published} == stored
+        assert_published_are_stored(settings, len(events))
     finally:
         process.kill()
         process.wait()
@@ -373,6 +364,20 @@ def freeze(process: subprocess.Popen, seconds: float, meanwhile: Callable[[], No
         process.send_signal(signal.SIGCONT)
 
 
+def assert_published_are_stored(settings: Settings, events: int) -> None:
+    """The decisions topic holds one decision per event, each the stored one: at least once on the topic
+    (a retried batch publishes again), and always the decision the database kept."""
+
+    def decision_id(message: Any) -> int:
+        return json.loads(message.value())["decision_id"]
+
+    published = read_topic(
+        settings, settings.kafka_decisions_topic, expected=events, timeout_s=60, distinct=decision_id
+    )
+    stored = {r[0] for r in query(settings.database_schema, "SELECT id FROM decisions")}
+    assert {decision_id(m) for m in published} == stored
+
+
 def wait_until_done(settings: Settings, events: int) -> None:
     """Every event decided and every offset committed by the worker group."""
     wait_for(lambda: decision_count(settings) >= events, 120, "every decision once it answers again")
@@ -428,15 +433,7 @@ def test_a_database_outage_spools_the_streams_decisions_and_replays_each_once(
             database.forward()
             wait_for(lambda: decision_count(settings) >= len(events), 120, "the spool replayed")
     assert replayed._value.get() > replayed_before
-
-    def decision_id(message: Any) -> int:
-        return json.loads(message.value())["decision_id"]
-
-    published = read_topic(
-        settings, settings.kafka_decisions_topic, expected=len(events), timeout_s=60, distinct=decision_id
-    )
-    stored = {r[0] for r in query(settings.database_schema, "SELECT id FROM decisions")}
-    assert {decision_id(m) for m in published} == stored
+    assert_published_are_stored(settings, len(events))
     assert_windows_exact(settings, events)  # nothing failed: every snapshot the point-in-time vector
 
 
