@@ -614,3 +614,59 @@ def test_a_hung_append_that_fails_when_the_disk_answers_leaves_nothing_behind(
     assert writer.wait_replayed(10)
     assert stored_ids(repository) == [1, 3] and writer.status().quarantined == 0
     writer.close()
+
+
+#: Lines a damaged disk or a hand edit can leave between good records: not JSON, JSON that is not a record,
+#: records of the wrong shape. Each must be quarantined as it is, and the records around it replayed.
+DAMAGED_SPOOL_LINES = [
+    "not json at all",
+    "123",
+    "null",
+    '["kind", "decision"]',
+    '"a string"',
+    '{"kind":"decision","row":[1]}',
+    '{"kind":"decision","row":{"created_at":"2026-01-01T00:00:00+00:00"}}',  # no id
+    '{"kind":"decision","row":{"id":"abc","created_at":"2026-01-01T00:00:00+00:00"}}',
+    '{"kind":"decision","row":{"id":7,"created_at":5}}',
+    '{"kind":"decision","row":{"id":7,"created_at":"yesterday"}}',
+    '{"kind":"decision","row":{"id":true,"created_at":"2026-01-01T00:00:00+00:00"}}',
+    '{"kind":"outcome","outcome":5}',
+    '{"kind":"outcome","outcome":{"decision_id":1}}',
+    '{"kind":"outcome","outcome":{"decision_id":[1],"outcome":"fraud","reward":1,"received_at":"x"}}',
+    '{"kind":"something else"}',
+]
+
+
+def test_damaged_lines_in_the_middle_of_a_segment_are_quarantined_and_the_others_replayed(
+    repository: FlakyRepository, tmp_path: Path
+) -> None:
+    repository.refusing = True
+    first = writer_for(repository, tmp_path / "spool")
+    assert first.write_many([decision_record(1, event_id="a")]) == [SPOOLED]
+    first.close()  # as if the process died: the files stay
+    (segment,) = (tmp_path / "spool").glob("segment-*.jsonl")
+    good = segment.read_text()
+    later = SpoolRecord(DECISION, decision=decision_row(2, event_id="b")).to_line()
+    segment.write_text(good + "".join(line + "\n" for line in DAMAGED_SPOOL_LINES) + later)
+
+    # The restart adopts the segment (it used to fail on "123"): the index skips what it cannot read.
+    second = writer_for(repository, tmp_path / "spool")
+    assert second.find_decision_by_event("b").id == 2
+    repository.refusing = False
+    assert second.wait_replayed(10)
+    assert stored_ids(repository) == [1, 2]
+    # Each damaged line kept as it was, with why, and counted.
+    entries = second.spool.quarantine_entries()
+    assert sorted(e.record.strip() for e in entries) == sorted(DAMAGED_SPOOL_LINES), entries
+    assert {e.error for e in entries} == {"unreadable spool line"}
+    assert second.status().quarantined == len(DAMAGED_SPOOL_LINES) and second.status().pending == 0
+    assert second.write(decision_record(9)) == STORED  # and the writer goes on
+    second.close()
+    # A damaged line of the quarantine itself is listed as it is; requeue moves no line that cannot replay.
+    with open(tmp_path / "spool" / QUARANTINE_FILE, "a") as handle:
+        handle.write('{"record": [1]}\n')
+    spool = Spool(tmp_path / "spool")
+    assert [e.record for e in spool.quarantine_entries()][-1] == '{"record": [1]}'
+    assert spool.requeue_quarantined() == 0 and spool.pending() == 0
+    assert len(spool.quarantine_entries()) == len(DAMAGED_SPOOL_LINES) + 1
+    spool.close()

@@ -138,10 +138,28 @@ class SpoolRecord:
 
     @classmethod
     def from_line(cls, line: str) -> SpoolRecord:
+        """The record a spool line holds; ValueError for a line that holds none (a damaged disk, a hand
+        edit): its reader quarantines it as text and goes on with the others."""
         body = json.loads(line)
-        if body.get("kind") == OUTCOME:
-            return cls(OUTCOME, outcome=SpooledOutcome.from_json(body["outcome"]))
-        row = body["row"] if body.get("kind") == DECISION else body  # earlier versions: the bare row
+        if not isinstance(body, dict):
+            raise ValueError("a spool line is a JSON object")
+        kind = body.get("kind")
+        if kind == OUTCOME:
+            outcome = body.get("outcome")
+            if not isinstance(outcome, dict):
+                raise ValueError("an outcome record without its outcome")
+            try:
+                return cls(OUTCOME, outcome=SpooledOutcome.from_json(outcome))
+            except (KeyError, TypeError) as exc:
+                raise ValueError(f"an outcome record of the wrong shape: {exc!r}") from exc
+        if kind not in (DECISION, None):
+            raise ValueError(f"unknown spool record kind {kind!r}")
+        row = body.get("row") if kind == DECISION else body  # earlier versions: the bare row
+        # What the index and the replay read of a row; a bool is no id although Python counts it an int.
+        if not isinstance(row, dict) or type(row.get("id")) is not int:
+            raise ValueError("a decision record needs a row with an integer id")
+        if not isinstance(row.get("created_at"), str):
+            raise ValueError("a decision record needs a created_at time")
         row["created_at"] = datetime.fromisoformat(row["created_at"])
         return cls(DECISION, decision=row)
 
@@ -158,6 +176,21 @@ class QuarantineEntry:
     def to_line(self) -> str:
         body = {"quarantined_at": self.quarantined_at, "error": self.error, "record": self.record}
         return json.dumps(body, default=str, separators=(",", ":")) + "\n"
+
+    @classmethod
+    def from_line(cls, line: str) -> QuarantineEntry:
+        """ValueError for a line that is not an entry."""
+        body = json.loads(line)
+        if not isinstance(body, dict) or not isinstance(body.get("record"), dict | str):
+            raise ValueError("a quarantine line is a JSON object with a record")
+        record = body["record"]
+        decision_id = None
+        if isinstance(record, dict):
+            try:
+                decision_id = SpoolRecord.from_line(json.dumps(record)).decision_id
+            except ValueError:
+                record = json.dumps(record)  # not a record the spool can replay: requeue leaves it here
+        return cls(str(body.get("quarantined_at", "")), str(body.get("error", "")), record, decision_id)
 
 
 @dataclass
@@ -487,7 +520,7 @@ class Spool:
                 text = raw.decode("utf-8", errors="replace")
                 try:
                     records.append(SpoolRecord.from_line(text))
-                except (ValueError, KeyError, TypeError):
+                except ValueError:
                     unreadable.append(text)
         return ReplayChunk(path, records, end, unreadable)
 
@@ -524,14 +557,11 @@ class Spool:
         if not path.exists():
             return []
         entries = []
-        for line in path.read_text("utf-8").splitlines():
-            body = json.loads(line)
-            record = body["record"]
-            decision_id = None
-            if isinstance(record, dict):
-                inner = record.get("row") or record.get("outcome") or {}
-                decision_id = inner.get("id", inner.get("decision_id"))
-            entries.append(QuarantineEntry(body["quarantined_at"], body["error"], record, decision_id))
+        for line in path.read_text("utf-8", errors="replace").splitlines():
+            try:
+                entries.append(QuarantineEntry.from_line(line))
+            except ValueError:  # a damaged line of the quarantine itself: kept, shown as it is
+                entries.append(QuarantineEntry("", "unreadable quarantine line", line, None))
         return entries
 
     def requeue_quarantined(self) -> int:
@@ -594,7 +624,7 @@ class Spool:
             for raw in handle:
                 if not raw.endswith(b"\n"):
                     break
-                with contextlib.suppress(ValueError, KeyError, TypeError):  # replay quarantines it
+                with contextlib.suppress(ValueError):  # replay quarantines it
                     record = SpoolRecord.from_line(raw.decode("utf-8"))
                     self._index(record, _Location(segment.path, offset, len(raw)))
                 offset += len(raw)
@@ -661,7 +691,7 @@ def _read_decision(location: _Location, wait_s: float = 0.0) -> dict[str, Any] |
                 line = handle.read(location.length).decode("utf-8", errors="replace")
         except FileNotFoundError:
             return None
-        with contextlib.suppress(ValueError, KeyError, TypeError):
+        with contextlib.suppress(ValueError):
             if line.endswith("\n"):
                 return SpoolRecord.from_line(line).decision
         if time.monotonic() >= deadline:
