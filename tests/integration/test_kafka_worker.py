@@ -30,6 +30,7 @@ from decision_platform.devtools.tansu import free_port, start_broker
 from decision_platform.devtools.tcp_proxy import TcpProxy
 from decision_platform.events.kafka import KafkaSink, KafkaSource, ensure_topics
 from decision_platform.features import FeatureSpec, OfflineWindows, compute_features, open_feature_store
+from decision_platform.features.store import DEFAULT_KEY_PREFIX
 from decision_platform.observability import metrics
 from decision_platform.serving.platform import Platform
 from decision_platform.serving.worker import StreamWorker
@@ -499,3 +500,34 @@ def test_post_events_is_acknowledged_by_the_broker_then_decided_by_the_worker(
         stop.set()
         thread.join(30)
     assert_windows_exact(kafka_settings, events)
+
+
+def test_entities_with_damaged_windows_fall_back_and_block_nothing(
+    kafka_settings: Settings, start_platform: Callable[[Settings], Platform]
+) -> None:
+    """Something else wrote under two entities' window keys -- a string where the sorted set goes, a member
+    that is not "id,time,amount,..." --: their events are decided with the fallback, every other event as
+    usual; no batch is retried over them (the stream stopped at the first such event, retrying its batch
+    for ever), every offset committed."""
+    events = make_events(300, entities=6, seed=7)
+    damaged = {"user-0", "user-1"}
+    client = redis.Redis.from_url(kafka_settings.feature_store_url)
+    client.set(f"{DEFAULT_KEY_PREFIX}{{user-0}}:z", "not a sorted set")
+    client.zadd(f"{DEFAULT_KEY_PREFIX}{{user-1}}:z", {"garbage": T0 - 1000})  # in every event's windows
+    client.close()
+    produce(kafka_settings, events)
+    with worker_running(kafka_settings, start_platform):
+        wait_until_done(kafka_settings, len(events))
+    rows = query(kafka_settings.database_schema, "SELECT entity_id, fallback FROM decisions")
+    assert len(rows) == len(events)
+    assert {f for e, f in rows if e in damaged} == {"entity_windows_unreadable"}
+    assert {f for e, f in rows if e not in damaged} == {None}
+    assert_published_are_stored(kafka_settings, len(events))
+    # The other entities' snapshots are the point-in-time vectors, as if the damaged ones had sent nothing.
+    spec = FeatureSpec.load(kafka_settings.features_path)
+    expected = expected_features([e for e in events if e["entity_id"] not in damaged], spec)
+    snapshots = query(kafka_settings.database_schema, "SELECT event_id, features FROM decisions")
+    for event_id, features in snapshots:
+        if event_id in expected:
+            np.testing.assert_allclose([features[n] for n in spec.names], expected[event_id], rtol=1e-9)
+    assert len(expected) == len(events) - 100

@@ -232,7 +232,7 @@ def load(
                 continue
             decision = response.json()
             t.api_decisions += 1
-            t.fallbacks += decision["fallback"] == "feature_store_unavailable"
+            t.fallbacks += decision["fallback"] == "entity_windows_unreadable"
             if i % 2 == 0 and not decision["fallback"]:
                 outcome = {
                     "decision_id": decision["decision_id"],
@@ -254,7 +254,7 @@ def load(
 @pytest.fixture(scope="module")
 def traffic(stack: Stack) -> Traffic:
     store = redis.Redis.from_url(REDIS_URL)
-    store.set(f"{DEFAULT_KEY_PREFIX}{{{CORRUPT_ENTITY}}}:z", b"not a sorted set")  # features fail for it
+    store.set(f"{DEFAULT_KEY_PREFIX}{{{CORRUPT_ENTITY}}}:z", b"not a sorted set")  # its windows unreadable
     producer = Producer({"bootstrap.servers": f"127.0.0.1:{stack.env['STACK_KAFKA_PORT']}"})
     counts = Traffic()
     # No keep-alive: every request opens a connection, so both uvicorn workers get some.
@@ -318,7 +318,7 @@ def test_prometheus_counts_what_happened(stack: Stack, traffic: Traffic) -> None
     assert scalar(p, 'sum(dp_decisions_total{job="decision-api"})') == traffic.api_decisions
     assert scalar(p, 'sum(dp_decisions_total{job="decision-worker"})') == traffic.events  # one per event
     assert scalar(p, "sum(dp_events_dead_lettered_total)") == traffic.poison
-    assert scalar(p, 'sum(dp_fallbacks_total{reason="feature_store_unavailable"})') == traffic.fallbacks > 0
+    assert scalar(p, 'sum(dp_fallbacks_total{reason="entity_windows_unreadable"})') == traffic.fallbacks > 0
     assert scalar(p, "sum(dp_outcomes_total)") == traffic.outcomes > 0
     assert scalar(p, "sum(dp_decisions_spooled_total)") == 1  # the outage
     assert scalar(p, "sum(dp_db_errors_total)") >= 1

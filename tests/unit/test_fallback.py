@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
+from redis.exceptions import ResponseError
 
 from decision_platform.api.app import create_app
 from decision_platform.config import Settings
+from decision_platform.core.events import Event
+from decision_platform.features.store import damaged_entity
 from decision_platform.models.registry import KINDS
+from decision_platform.serving.engine import DecisionRequest
 from decision_platform.serving.platform import Platform
 
 UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"
@@ -32,6 +38,7 @@ def test_unreachable_feature_store_falls_back_to_the_safe_action(
     settings = make_settings(feature_store_url=url)
     with TestClient(create_app(settings, start_platform(settings))) as client:
         before = metric(client, 'dp_fallbacks_total{reason="feature_store_unavailable"}')
+        errors = metric(client, 'dp_feature_store_errors_total{operation="update"}')
         response = client.post("/decide", json={"entity_id": "u1", "event": {"event_id": "f1", "amount": 5}})
         assert response.status_code == 200
         body = response.json()
@@ -40,6 +47,7 @@ def test_unreachable_feature_store_falls_back_to_the_safe_action(
         assert body["policy"]["decided_by"] == "fallback"
         assert "safe default" in body["explanation"]
         assert metric(client, 'dp_fallbacks_total{reason="feature_store_unavailable"}') == before + 1
+        assert metric(client, 'dp_feature_store_errors_total{operation="update"}') == errors + 1
         assert client.get("/ready").json()["checks"]["feature_store"] == "unreachable"
         # The fallback decision is stored like any other.
         stored = client.get(f"/decisions/{body['decision_id']}").json()
@@ -134,3 +142,79 @@ def test_events_in_process_with_the_feature_store_down_are_a_503_and_counted(
         assert response.status_code == 503, response.text
         assert response.headers["retry-after"] and "feature store" in response.json()["detail"]
         assert metric(client, 'dp_feature_store_errors_total{operation="update"}') == before + 1
+
+
+def _damage(platform: Platform, entity_id: str, how: str) -> None:
+    """Leave an entity's window keys as something else would: a key of another type, or a member the
+    script cannot read (not "id,time,amount,...")."""
+    store = platform.engine.store
+    zkey, _ = store.keys(entity_id)  # type: ignore[attr-defined]
+    if how == "wrong type":
+        store.client.set(zkey, "not a sorted set")  # type: ignore[attr-defined]
+    else:
+        store.client.zadd(zkey, {"garbage": time.time() - 10})  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("how", ["wrong type", "unreadable member"])
+def test_one_entity_with_damaged_windows_falls_back_alone(
+    make_settings: Callable[..., Settings], start_platform: Callable[[Settings], Platform], how: str
+) -> None:
+    settings = make_settings()
+    platform = start_platform(settings)
+    events = [
+        Event(event_id=f"d{k}", entity_id=f"u{k}", timestamp=1_767_571_200 + k, amount=20.0 + k)
+        for k in range(4)
+    ]
+    reference = [
+        d.record.features
+        for d in platform.engine.decide_batch([DecisionRequest(e.entity_id, e) for e in events[1:]])
+    ]
+    _damage(platform, "u0", how)
+    before = REGISTRY.get_sample_value("dp_fallbacks_total", {"reason": "entity_windows_unreadable"}) or 0.0
+    again = [Event(**{**e.model_dump(), "event_id": f"again-{e.event_id}"}) for e in events]
+    decided = platform.engine.decide_batch([DecisionRequest(e.entity_id, e) for e in again])
+    damaged, others = decided[0].record, [d.record for d in decided[1:]]
+    assert damaged.fallback == "entity_windows_unreadable" and damaged.decided_by == "fallback"
+    assert (
+        damaged.action == settings.safe_action and "stored windows could not be read" in damaged.explanation
+    )
+    assert all(r.fallback is None and r.decided_by != "fallback" for r in others)
+    # The others' windows count their earlier event and this one, as they would without the damaged entity.
+    assert [r.features["count_1h"] for r in others] == [f["count_1h"] + 1 for f in reference]
+    assert (
+        REGISTRY.get_sample_value("dp_fallbacks_total", {"reason": "entity_windows_unreadable"}) == before + 1
+    )
+    # A read of the damaged entity (a request without an event) falls back alike.
+    assert platform.engine.decide("u0").record.fallback == "entity_windows_unreadable"
+
+
+@pytest.mark.parametrize(
+    "reply, entity",
+    [
+        (
+            "WRONGTYPE Operation against a key holding the wrong kind of value script: ab, on @user_script:2",
+            True,
+        ),
+        ("user_script:64: attempt to perform arithmetic on local 'a' (a nil value) script: ab", True),
+        (
+            'Error running script (call to f_ab): @user_script:?: [string "<python>"]:64: attempt to compare',
+            True,
+        ),
+        (
+            "Error running script (call to f_ab): @user_script:64: user_script:64: attempt to compare nil",
+            True,
+        ),
+        ("OOM command not allowed when used memory > 'maxmemory'. script: ab, on @user_script:240.", False),
+        (
+            "Error running script (call to f_ab): @user_script:240: OOM command not allowed when used memory",
+            False,
+        ),
+        ("READONLY You can't write against a read only replica. script: ab, on @user_script:240.", False),
+        ("BUSY Redis is busy running a script.", False),
+        ("LOADING Redis is loading the dataset in memory", False),
+        ("max number of clients reached", False),
+    ],
+)
+def test_only_the_entitys_own_keys_make_a_damaged_entity(reply: str, entity: bool) -> None:
+    # A server condition fails the whole call (retried, or every request falls back), never one entity.
+    assert damaged_entity(ResponseError(reply)) is entity

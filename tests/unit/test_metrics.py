@@ -76,9 +76,9 @@ def test_a_feature_store_failure_counts_the_error_the_fallback_and_the_rules_it_
     body = client.post("/decide", json={"entity_id": "broken", "event": {"event_id": "b1"}}).json()
     moved = delta(before, scrape(client))
 
-    assert body["fallback"] == "feature_store_unavailable"
-    assert moved("dp_fallbacks_total", reason="feature_store_unavailable") == 1
-    assert moved("dp_feature_store_errors_total", operation="update") == 1
+    assert body["fallback"] == "entity_windows_unreadable"
+    assert moved("dp_fallbacks_total", reason="entity_windows_unreadable") == 1
+    assert moved("dp_feature_store_errors_total", operation="entity") == 1
     assert moved("dp_decisions_total", action=body["action_name"], decided_by="fallback") == 1
     assert moved("dp_risk_score_count") == 0  # no score on a fallback
     # Without features and scores, the velocity and anomaly rules cannot be evaluated.

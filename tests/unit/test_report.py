@@ -25,7 +25,7 @@ NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
 
 def corrupt_features(client: TestClient, entity_id: str) -> None:
-    """A key of the wrong type where the entity's windows live: the feature store fails for it."""
+    """A key of the wrong type where the entity's windows live: the feature store cannot read its windows."""
     store = client.app.state.platform.store
     store.client.set(store.keys(entity_id)[0], b"not a sorted set")
 
@@ -67,7 +67,7 @@ def test_report_shows_the_range_decisions_charts_and_outcomes(client: TestClient
 
     assert data.count == len(made)
     assert Counter(data.actions.tolist()) == Counter(d["action"] for d in made)
-    assert data.fallbacks == {"feature_store_unavailable": 1}
+    assert data.fallbacks == {"entity_windows_unreadable": 1}
     assert data.rule_hits == Counter(rule["name"] for d in made for rule in d["rules"])
     assert {"large_amount_step_up", "denylisted_device"} <= set(data.rule_hits)
     html = out.read_text("utf-8")

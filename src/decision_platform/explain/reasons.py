@@ -27,6 +27,7 @@ _AGGREGATES = {"count": "events", "sum": "total amount", "mean": "average amount
 _FALLBACK_TEXT = {
     "feature_store_unavailable": "the feature store could not be reached",
     "invalid_features": "the features could not be computed",
+    "entity_windows_unreadable": "the entity's stored windows could not be read",
 }
 #: Reasons smaller than this (logit units for risk, score units for anomaly) explain nothing.
 MIN_RISK_WEIGHT = 0.05

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -49,6 +50,23 @@ return 1
 #: What a Redis or Redis Cluster client raises when it cannot answer (the cluster client's own errors,
 #: e.g. no reachable startup node or an uncovered slot, do not derive from RedisError).
 _CLIENT_ERRORS = (redis.RedisError, RedisClusterException)
+#: The wrapper some servers put around an error raised inside a script (Redis 6, fakeredis).
+_SCRIPT_ERROR_WRAPPER = re.compile(r"^(?:ERR )?Error running script \(call to [^)]*\): @user_script:[^:]*: ")
+
+
+def damaged_entity(error: Exception) -> bool:
+    """Whether a script call's error reply comes from the entity's own keys rather than from the store.
+
+    Keys of another type (WRONGTYPE: something else wrote under the prefix) and the script's Lua failing on
+    what it read (a runtime error, e.g. a member that is not "id,time,amount,...") concern that entity only:
+    its event is decided with a fallback and the others go on. Every other error reply carries a condition
+    of the server (OOM, READONLY, BUSY, LOADING, ...): the whole call fails, to be retried or fallen back.
+    A damaged entity is never retried: the same keys would fail the same way, and a stream batch holding
+    its event would be retried forever."""
+    message = _SCRIPT_ERROR_WRAPPER.sub("", str(error), count=1).removeprefix("ERR ")
+    # A Lua runtime error starts with where it happened: "user_script:64: ..." (Redis 7) or
+    # '[string "..."]:64: ...' (Lua's own chunk names).
+    return message.startswith(("WRONGTYPE", "user_script:", "[string "))
 
 
 class FeatureStoreError(RuntimeError):
@@ -67,6 +85,9 @@ class FeatureResult:
     late: bool = False
     #: FeatureSpec.names, for as_dict.
     names: tuple[str, ...] = ()
+    #: The entity's stored windows could not be read (keys of another type, members the script cannot
+    #: parse): ``values`` are NaN and the event is decided with a fallback. Only this entity is affected.
+    error: str | None = None
 
     def as_dict(self) -> dict[str, float]:
         """Feature name -> value, in vector order (for reasons, rules and the decision record)."""
@@ -191,7 +212,7 @@ class RedisFeatureStore(FeatureStore):
             parts += [MISSING if v is None else _num(v) for v in self.spec.window_values(event)]
         return [",".join(parts).encode()]
 
-    def _run(self, calls: list[tuple[str, list[bytes]]]) -> list[bytes]:
+    def _run(self, calls: list[tuple[str, list[bytes]]]) -> list[bytes | Exception]:
         """EVALSHA every call (one pipeline for a batch, a plain call for one: a round trip either way);
         load the script once if the server lacks it (new server, restart, failover)."""
         if not calls:
@@ -207,9 +228,9 @@ class RedisFeatureStore(FeatureStore):
         except _CLIENT_ERRORS as exc:
             raise FeatureStoreError(f"feature store ({self._description}) failed: {exc}") from exc
         for reply in replies:
-            if isinstance(reply, Exception):
+            if isinstance(reply, Exception) and not damaged_entity(reply):
                 raise FeatureStoreError(f"feature store ({self._description}) script error: {reply}")
-        return replies
+        return replies  # a damaged entity's error stays in its place: _results gives it a failed result
 
     def _send(self, calls: list[tuple[str, list[bytes]]]) -> list[Any]:
         """Replies in call order; a script error is returned in its place, as a pipeline does."""
@@ -225,16 +246,27 @@ class RedisFeatureStore(FeatureStore):
         return pipe.execute(raise_on_error=False)
 
     def _results(
-        self, replies: list[bytes], timestamps: list[float], events: Sequence[Event] | None
+        self, replies: list[bytes | Exception], timestamps: list[float], events: Sequence[Event] | None
     ) -> list[FeatureResult]:
+        errors = [str(r)[:200] if isinstance(r, Exception) else None for r in replies]
+        if any(errors):  # a row of zeros stands in for each damaged entity's reply, its features then NaN
+            blank = b",".join([b"0"] * (self.spec.raw_width + 1))
+            replies = [blank if isinstance(reply, Exception) else reply for reply in replies]
         table = np.array(b",".join(replies).split(b","), dtype=np.float64).reshape(len(replies), -1)
         features = self.spec.assemble(table[:, 1:], self.spec.event_values(timestamps, events))
+        for i, error in enumerate(errors):
+            if error is not None:
+                features[i] = np.nan
         features.setflags(write=False)  # results share this matrix: no one may edit another's row
         return [
             FeatureResult(
-                values=row, names=self._names, duplicate=flag == _FLAG_DUPLICATE, late=flag == _FLAG_LATE
+                values=row,
+                names=self._names,
+                duplicate=flag == _FLAG_DUPLICATE,
+                late=flag == _FLAG_LATE,
+                error=error,
             )
-            for row, flag in zip(features, table[:, 0].tolist(), strict=True)
+            for row, flag, error in zip(features, table[:, 0].tolist(), errors, strict=True)
         ]
 
 

@@ -208,6 +208,10 @@ class DecisionEngine:
                 kinds[kind] = kinds.get(kind, 0) + 1
         for kind, n in kinds.items():
             metrics.FEATURE_EVENTS.labels(result=kind).inc(n)
+        damaged = [(r.entity_id, f.error) for r, f in zip(requests, results, strict=True) if f.error]
+        if damaged:
+            metrics.FEATURE_STORE_ERRORS.labels(operation="entity").inc(len(damaged))
+            log.warning("windows of %d entities could not be read, e.g. %s: %s", len(damaged), *damaged[0])
         return results
 
     @staticmethod
@@ -275,10 +279,13 @@ class DecisionEngine:
             results = self._features(requests, features)
             scores.features = np.vstack([r.values for r in results])
             watch.lap("features")
+            for i, result in enumerate(results):
+                if result.error is not None:
+                    scores.fallbacks[i] = "entity_windows_unreadable"
             finite = np.all(np.isfinite(scores.features), axis=1)
             if not finite.all():
                 for i in np.flatnonzero(~finite):
-                    scores.fallbacks[i] = "invalid_features"
+                    scores.fallbacks[i] = scores.fallbacks[i] or "invalid_features"
                 scores.features = np.where(finite[:, None], scores.features, 0.0)
             chain = ScoringChain(
                 self._require(serving, "anomaly"),
