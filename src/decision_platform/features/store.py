@@ -23,6 +23,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
 
+import hiredis
 import numpy as np
 import redis
 from redis.backoff import NoBackoff
@@ -141,6 +142,7 @@ class RedisFeatureStore(FeatureStore):
         *,
         key_prefix: str = DEFAULT_KEY_PREFIX,
         description: str = "redis",
+        packed: bool = False,
     ) -> None:
         super().__init__(spec)
         if "{" in key_prefix or "}" in key_prefix:
@@ -153,6 +155,8 @@ class RedisFeatureStore(FeatureStore):
         self._sha = hashlib.sha1(self.script.encode()).hexdigest().encode()
         self._prefix = key_prefix.encode()
         self._windowed = bool(spec.attribute_windows)
+        #: Send a batch's calls packed in one write on a pooled connection (one Redis server's client).
+        self._packed = packed
 
     @property
     def client(self) -> redis.Redis | RedisCluster:
@@ -235,6 +239,8 @@ class RedisFeatureStore(FeatureStore):
     def _send(self, calls: list[tuple[str, list[bytes]]]) -> list[Any]:
         """Replies in call order; a script error is returned in its place, as a pipeline does."""
         commands = [("EVALSHA", self._sha, b"2", *self.keys(entity_id), *args) for entity_id, args in calls]
+        if self._packed:
+            return self._send_packed(commands)
         if len(commands) == 1:
             try:
                 return [self.client.execute_command(*commands[0])]
@@ -244,6 +250,29 @@ class RedisFeatureStore(FeatureStore):
         for command in commands:
             pipe.execute_command(*command)
         return pipe.execute(raise_on_error=False)
+
+    def _send_packed(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """A pipeline's traffic without its Python work per command: the commands packed by hiredis into
+        one write on a pooled connection, the replies read back in order (a third less client CPU an event
+        than ``pipeline()``; bench/README.md). Errors as a pipeline gives them: a script error in its
+        reply's place; a connection error or a timeout raises, and the connection, which may still owe
+        replies, is dropped."""
+        pool = self.client.connection_pool
+        connection = pool.get_connection()
+        try:
+            connection.send_packed_command([b"".join([hiredis.pack_command(c) for c in commands])])
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(connection.read_response())
+                except redis.exceptions.ResponseError as exc:
+                    replies.append(exc)
+            return replies
+        except BaseException:
+            connection.disconnect()
+            raise
+        finally:
+            pool.release(connection)
 
     def _results(
         self, replies: list[bytes | Exception], timestamps: list[float], events: Sequence[Event] | None
@@ -411,7 +440,7 @@ def open_feature_store(
             # Fail fast: the caller falls back; retries with backoff would blow the latency budget.
             retry=Retry(NoBackoff(), 0),
         )
-        return RedisFeatureStore(client, spec, key_prefix=key_prefix, description=_redact(url))
+        return RedisFeatureStore(client, spec, key_prefix=key_prefix, description=_redact(url), packed=True)
     if scheme == "redis+cluster":
         return RedisClusterFeatureStore(
             parse_cluster_url(url), spec, timeout_s, key_prefix=key_prefix, description=_redact(url)
