@@ -342,8 +342,17 @@ def test_models_commands(
     assert code == 0 and f"policy: {new} -> " in out
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda text: text[:40],  # cut short
+        lambda text: "[{}]",  # JSON, but records without what serving reads (a KeyError stopped the start)
+        lambda text: text.replace('"artifact_sha256"', '"sha"', 1),
+    ],
+    ids=["cut short", "empty record", "a record without its hash"],
+)
 def test_a_damaged_serving_cache_during_an_outage_serves_fallbacks_instead_of_crashing(
-    trained: tuple[str, Path], tmp_path: Path
+    trained: tuple[str, Path], tmp_path: Path, damage: Callable[[str], str]
 ) -> None:
     """A start while the database is down reads the champions from the serving cache. A cache that is
     damaged (cut short by a power cut, zeroed by a bad disk) raised its JSON error out of the platform's
@@ -353,7 +362,7 @@ def test_a_damaged_serving_cache_during_an_outage_serves_fallbacks_instead_of_cr
     cache = tmp_path / "serving.json"
     up = ModelRegistry(Repository(make_engine(db_url)), model_dir, cache)
     assert load_champions(up).complete and cache.is_file()  # the cache is written on every read
-    cache.write_text(cache.read_text("utf-8")[:40], "utf-8")
+    cache.write_text(damage(cache.read_text("utf-8")), "utf-8")
     down = ModelRegistry(Repository(make_engine("postgresql://postgres@127.0.0.1:1/none")), model_dir, cache)
     loaded = load_champions(down)
     assert not loaded.complete

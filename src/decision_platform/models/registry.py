@@ -264,5 +264,13 @@ def _record_to_json(record: dict[str, Any]) -> dict[str, Any]:
     return {k: (v.isoformat() if k in _TIMES and v is not None else v) for k, v in record.items()}
 
 
+#: What serving reads of a cached record (load_champions, the artifact check).
+_SERVED_KEYS = ("version", "kind", "status", "artifact_path", "artifact_sha256")
+
+
 def _record_from_json(record: dict[str, Any]) -> dict[str, Any]:
+    """A record of the serving cache; ValueError when it lacks what serving reads (a damaged cache)."""
+    missing = [k for k in _SERVED_KEYS if not isinstance(record.get(k), str)]
+    if missing:
+        raise ValueError(f"a cached model record without {', '.join(missing)}")
     return {k: (datetime.fromisoformat(v) if k in _TIMES and v is not None else v) for k, v in record.items()}
