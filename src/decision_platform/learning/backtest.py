@@ -29,6 +29,7 @@ from decision_platform.core.actions import ACTION_NAMES
 from decision_platform.core.rewards import RewardTable
 from decision_platform.models.policy import serving_distribution
 from decision_platform.rules.ruleset import RuleSet, RuleTally
+from decision_platform.storage.decisions import intact_rows
 
 #: An outcome that cannot follow the new action, read as what the same event would then have been.
 COUNTERPART_OUTCOMES = {"success": "false_positive"}
@@ -175,7 +176,7 @@ def backtest(
     tally = RuleTally(r.name for r in rules.rules)
     impacts = {r.name: RuleImpact(r.name, r.tier.value) for r in rules.rules}
     read = limit + 1 if limit is not None else None
-    for row in source.backtest_rows(since, until, read):
+    for row in intact_rows(source.backtest_rows(since, until, read), "rules backtest"):
         if limit is not None and result.decisions >= limit:
             result.truncated = True
             break

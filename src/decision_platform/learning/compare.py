@@ -39,6 +39,7 @@ import numpy as np
 from decision_platform.learning.ope import Estimate, evaluate, fit_reward_model
 from decision_platform.models.policy import serving_distribution
 from decision_platform.models.preprocessing import signed_log
+from decision_platform.storage.decisions import intact_rows
 from decision_platform.storage.repository import DecisionRow, Repository
 
 #: Fewer decisions with an outcome than this: agreement only, no value estimates.
@@ -118,7 +119,7 @@ def compare_shadow(
     (``reward`` / ``imputed`` None without an outcome). ``floor`` and ``explore_actions``: the serving
     settings, to recompute the champion's choice exactly as it was served.
     """
-    rows = [r for r in rows if r.get("shadow") and r.get("probabilities") is not None]
+    rows = [r for r in intact_rows(rows, "shadow comparison") if r.get("shadow") and r.get("probabilities")]
     version = version or (rows[0]["shadow"]["version"] if rows else None)
     others = Counter(r["shadow"]["version"] for r in rows if r["shadow"]["version"] != version)
     rows = [r for r in rows if r["shadow"]["version"] == version]

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from decision_platform.storage.decisions import intact_rows
 from decision_platform.storage.repository import Repository
 
 BAD_OUTCOMES = frozenset({"fraud", "chargeback"})
@@ -97,7 +98,9 @@ def load_logged(
 
 
 def from_rows(rows: Sequence[Any], feature_names: Sequence[str]) -> LoggedDecisions:
-    """Column arrays of joined rows (mappings with the columns of :meth:`Repository.logged_decisions`)."""
+    """Column arrays of joined rows (mappings with the columns of :meth:`Repository.logged_decisions`);
+    a damaged row (storage.decisions.damaged) is skipped and counted."""
+    rows = list(intact_rows(rows, "logged decisions"))
     names = list(feature_names)
     n = len(rows)
     nan3 = [np.nan] * 3

@@ -165,6 +165,11 @@ EVENT_ID_CONFLICTS = Counter(
 )
 FEATURE_STORE_ERRORS = Counter("dp_feature_store_errors_total", "Feature store failures.", ["operation"])
 DB_ERRORS = Counter("dp_db_errors_total", "Database failures.", ["operation"])
+DAMAGED_ROWS = Counter(
+    "dp_damaged_rows_total",
+    "Stored decision rows a reader skipped: a column not holding what the platform writes there.",
+    ["reader"],
+)
 DB_BATCH_SIZE = Histogram(
     "dp_db_batch_size", "Decisions written per group commit.", buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500)
 )

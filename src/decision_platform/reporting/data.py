@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 
 from decision_platform.core.events import iso_time
+from decision_platform.storage.decisions import intact_rows
 from decision_platform.storage.repository import Repository
 from decision_platform.storage.sql import Engine
 
@@ -78,16 +79,16 @@ def load(engine: Engine, since: datetime, until: datetime) -> ReportData:
     decided_by: Counter[str] = Counter()
     fallbacks: Counter[str] = Counter()
     rule_hits: Counter[str] = Counter()
-    for row in repository.report_rows(since, until):
-        times.append(_epoch(row.created_at))
-        actions.append(int(row.action))
-        latency.append(float(row.latency_ms))
-        risk.append(float("nan") if row.risk is None else float(row.risk))
-        fell_back.append(bool(row.fallback))
-        decided_by[row.decided_by] += 1
-        if row.fallback:
-            fallbacks[row.fallback] += 1
-        for rule in row.rules_fired or ():
+    for row in intact_rows((r._mapping for r in repository.report_rows(since, until)), "report"):
+        times.append(_epoch(row["created_at"]))
+        actions.append(int(row["action"]))
+        latency.append(float(row["latency_ms"]))
+        risk.append(float("nan") if row["risk"] is None else float(row["risk"]))
+        fell_back.append(bool(row["fallback"]))
+        decided_by[row["decided_by"]] += 1
+        if row["fallback"]:
+            fallbacks[row["fallback"]] += 1
+        for rule in row["rules_fired"] or ():
             rule_hits[rule["name"]] += 1
     outcome_rows = repository.outcome_totals(since, until)
     return ReportData(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -10,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from decision_platform.core.records import DecisionRecord
+from decision_platform.observability import metrics
 from decision_platform.storage.sql import (
     Store,
     decided_between,
@@ -19,6 +22,8 @@ from decision_platform.storage.sql import (
     json_type,
 )
 from decision_platform.storage.tables import decision_events, decisions, outcomes
+
+log = logging.getLogger(__name__)
 
 #: A decision row: the keys are the columns of ``tables.decisions``. Storage's own representation (what
 #: the spool and the batch insert carry); what goes in and comes out of storage is a ``DecisionRecord``.
@@ -57,6 +62,73 @@ _LOGGED_STATE = (
 )
 #: Decisions left-joined with their outcome (None columns without one).
 _WITH_OUTCOMES = decisions.outerjoin(outcomes, outcomes.c.decision_id == decisions.c.id)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _action(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 2
+
+
+def _three(value: Any, item: Callable[[Any], bool]) -> bool:
+    return isinstance(value, list) and len(value) == 3 and all(item(v) for v in value)
+
+
+#: What readers of stored decisions (learning, reporting, backtests) take for granted of each column, when
+#: the row carries it. The platform writes nothing else; a hand edit or an older version may have.
+_INTACT: dict[str, Callable[[Any], bool]] = {
+    "features": lambda v: isinstance(v, dict) and all(_number(x) for x in v.values()),
+    "amount": lambda v: v is None or _number(v),
+    "anomaly": lambda v: v is None or _number(v),
+    "risk": lambda v: v is None or _number(v),
+    "probabilities": lambda v: v is None or _three(v, _number),
+    "action_mask": lambda v: _three(v, lambda m: isinstance(m, bool)),
+    "action": _action,
+    "propensity": lambda v: _number(v) and 0.0 < v <= 1.0,
+    "rules_fired": lambda v: (
+        v is None
+        or (isinstance(v, list) and all(isinstance(r, dict) and isinstance(r.get("name"), str) for r in v))
+    ),
+    "model_versions": lambda v: v is None or isinstance(v, dict),
+    "attributes": lambda v: v is None or isinstance(v, dict),
+    "shadow": lambda v: (
+        v is None
+        or (
+            isinstance(v, dict)
+            and isinstance(v.get("version"), str)
+            and _action(v.get("action"))
+            and _three(v.get("probabilities"), _number)
+        )
+    ),
+    "reward": lambda v: v is None or _number(v),
+}
+
+
+def damaged(row: Mapping[str, Any]) -> str | None:
+    """What is wrong with a stored decision row, or None: the first of its columns that does not hold what
+    the platform writes there. Readers over many rows skip (and count) such a row: one row a hand edit
+    or an older version left must not stop a retrain, a comparison, a backtest or a report."""
+    for column, intact in _INTACT.items():
+        if column in row and not intact(row[column]):
+            return f"decision {row.get('id')}: {column} holds {str(row[column])[:80]!r}"
+    return None
+
+
+def intact_rows(rows: Iterable[Mapping[str, Any]], reader: str) -> Iterator[Any]:
+    """The rows that are not :func:`damaged`; the others are counted and the first one logged."""
+    skipped, first = 0, None
+    for row in rows:
+        problem = damaged(row)
+        if problem is None:
+            yield row
+            continue
+        skipped += 1
+        first = first or problem
+    if skipped:
+        metrics.DAMAGED_ROWS.labels(reader=reader).inc(skipped)
+        log.warning("%s skipped %d damaged decision rows, e.g. %s", reader, skipped, first)
 
 
 class DecisionStore(Store):

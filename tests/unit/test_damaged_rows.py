@@ -1,0 +1,140 @@
+"""Readers of many stored decisions skip a damaged row and go on: ``retrain``'s logged decisions, the shadow
+comparison, the rules backtest and the report. A row a hand edit or an older version left (a JSON string
+where a list goes, a mask of two, an action of 3, an infinite amount) stopped each of them with a traceback.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
+
+from decision_platform.core.rewards import RewardTable
+from decision_platform.learning.backtest import backtest
+from decision_platform.learning.compare import compare_shadow
+from decision_platform.learning.logged import load_logged
+from decision_platform.reporting.data import load
+from decision_platform.rules.ruleset import RuleSet
+from decision_platform.storage.database import make_engine, migrate
+from decision_platform.storage.decisions import damaged
+from decision_platform.storage.repository import Repository
+from tests.conftest import CONFIG_DIR, decision_row
+from tests.unit.test_console import make_id
+
+NOW = datetime.now(UTC)
+SHADOW = {"version": "policy-shadow", "action": 0, "probabilities": [0.8, 0.1, 0.1]}
+#: (column, value): each makes one row damaged; the columns the readers take for granted.
+DAMAGE = [
+    ("features", 5),
+    ("features", {"amount": "high"}),
+    ("amount", math.inf),
+    ("probabilities", [0.5, 0.5]),
+    ("probabilities", "allow"),
+    ("action_mask", [True, True]),
+    ("action", 3),
+    ("action", -1),
+    ("rules_fired", ["velocity_step_up"]),
+    ("rules_fired", {"name": "velocity_step_up"}),
+    ("attributes", ["device"]),
+    ("model_versions", "policy-1"),
+    ("shadow", {"version": "policy-shadow"}),
+    ("shadow", {**SHADOW, "action": "allow"}),
+]
+
+
+def stored(tmp_path: Path) -> Repository:
+    """Eight intact decisions (with a shadow's choice and an outcome each) and one damaged row per case."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    migrate(engine)
+    repository = Repository(engine)
+    at = NOW - timedelta(minutes=30)
+    intact = [
+        decision_row(
+            make_id(at + timedelta(seconds=i), i),
+            entity_id=f"e{i % 3}",
+            created_at=at + timedelta(seconds=i),
+            features={"amount": 20.0 + i, "count_1m": 1.0},
+            rules_fired=[{"name": "large_amount_step_up", "tier": "floor"}],
+            shadow=SHADOW,
+        )
+        for i in range(8)
+    ]
+    broken = [
+        decision_row(
+            make_id(at + timedelta(seconds=100 + k), 100 + k),
+            created_at=at + timedelta(seconds=100 + k),
+            **{"shadow": SHADOW, column: value},
+        )
+        for k, (column, value) in enumerate(DAMAGE)
+    ]
+    assert [damaged(r) for r in intact] == [None] * 8
+    assert all(damaged(r) for r in broken)
+    repository.insert_decisions(intact + broken)
+    for row in intact:
+        repository.record_outcome(row["id"], "legit", 1.0, NOW)
+    return repository
+
+
+def skipped(reader: str) -> float:
+    return REGISTRY.get_sample_value("dp_damaged_rows_total", {"reader": reader}) or 0.0
+
+
+#: The columns of DAMAGE each reader reads: a row damaged elsewhere is no harm to it, and it keeps the row.
+READS = {
+    "logged decisions": {
+        "features",
+        "amount",
+        "probabilities",
+        "action_mask",
+        "action",
+        "model_versions",
+        "shadow",
+    },
+    "shadow comparison": {"features", "probabilities", "action_mask", "action", "model_versions", "shadow"},
+    "rules backtest": {
+        "features",
+        "amount",
+        "probabilities",
+        "action_mask",
+        "action",
+        "rules_fired",
+        "attributes",
+    },
+    "report": {"action", "rules_fired"},
+}
+
+
+def test_retrain_compare_backtest_and_report_skip_the_damaged_rows(tmp_path: Path) -> None:
+    repository = stored(tmp_path)
+    before = {reader: skipped(reader) for reader in READS}
+    kept = {
+        reader: 8 + sum(column not in columns for column, _ in DAMAGE) for reader, columns in READS.items()
+    }
+
+    logged = load_logged(repository, ["amount", "count_1m"])
+    assert len(logged) == kept["logged decisions"]
+
+    comparison = compare_shadow(repository.shadow_decisions(), 0.01, (0, 1))
+    assert comparison.decisions == kept["shadow comparison"] and comparison.with_outcome == 8
+
+    rules = RuleSet.from_text(
+        "rules:\n  - {name: burst, tier: block, when: count_1m >= 20}\n", ["amount", "count_1m"]
+    )
+    rewards = RewardTable.load(CONFIG_DIR / "rewards.yaml")
+    replayed = backtest(repository, rules, rewards, NOW - timedelta(hours=1), NOW + timedelta(minutes=1))
+    assert replayed.decisions == kept["rules backtest"]
+
+    report = load(repository.engine, NOW - timedelta(hours=1), NOW + timedelta(minutes=1))
+    assert report.count == kept["report"] and report.rule_hits == {"large_amount_step_up": 8}
+
+    moved = {reader: skipped(reader) - n for reader, n in before.items()}
+    assert moved == {reader: 8 + len(DAMAGE) - kept[reader] for reader in READS}, moved
+
+
+@pytest.mark.parametrize(("column", "value"), DAMAGE, ids=[f"{c}={v!r}" for c, v in DAMAGE])
+def test_damaged_names_the_decision_and_the_column(column: str, value: object) -> None:
+    problem = damaged(decision_row(7, **{column: value}))
+    assert problem is not None and problem.startswith(f"decision 7: {column} holds")
