@@ -167,6 +167,23 @@ def test_unknown_outcome_is_422_naming_the_vocabulary(client: TestClient) -> Non
     assert "great" in response.json()["detail"] and "chargeback" in response.json()["detail"]
 
 
+@pytest.mark.parametrize("damage", ["action = 3", "action = -1", "amount = 9e999"])
+def test_an_outcome_for_a_damaged_stored_decision_is_409_and_stores_no_reward(
+    client: TestClient, damage: str
+) -> None:
+    """A decision row a hand edit left with an action the platform never writes (3 was a 500; -1 was read as
+    a block) or an infinite amount (a reward of inf was stored, and every later policy comparison was inf)."""
+    decision = decided(client, amount=50.0)
+    with client.app.state.platform.repository.engine.begin() as connection:
+        connection.exec_driver_sql(f"UPDATE decisions SET {damage} WHERE id = {decision['decision_id']}")
+    response = client.post("/outcome", json={"decision_id": decision["decision_id"], "outcome": "fraud"})
+    assert response.status_code == 409
+    assert f"decision {decision['decision_id']} is damaged" in response.json()["detail"]
+    with client.app.state.platform.repository.engine.connect() as connection:
+        stored = f"SELECT count(*) FROM outcomes WHERE decision_id = {decision['decision_id']}"
+        assert connection.exec_driver_sql(stored).scalar() == 0
+
+
 # --- bad input: always a clear 4xx naming the problem, never a 5xx
 
 BAD_DECIDE_BODIES = [

@@ -9,6 +9,7 @@ the decision's amount. Decisions still in the local spool take outcomes too (sto
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -35,6 +36,12 @@ class OutcomeConflictError(OutcomeError):
     """The decision already has a different outcome: outcomes are final (API: 409)."""
 
 
+class DamagedDecisionError(OutcomeConflictError):
+    """The stored decision cannot be priced: an action or an amount the platform never writes (a hand edit,
+    an older version). Its outcome is refused (API: 409) rather than stored with a reward of inf or NaN,
+    which would make every later comparison of policies inf or NaN."""
+
+
 @dataclass(frozen=True)
 class RecordedOutcome:
     decision_id: int
@@ -55,6 +62,11 @@ def record_outcome(
     if decision is None:
         raise UnknownDecisionError(f"no decision {decision_id}")
     action = decision.action
+    if action not in range(len(ACTION_NAMES)) or not math.isfinite(decision.amount or 0.0):
+        raise DamagedDecisionError(
+            f"decision {decision_id} is damaged in the database (action {action!r}, amount "
+            f"{decision.amount!r}): no reward can be computed for it"
+        )
     if not rewards.possible(outcome, action):
         possible = [name for name in rewards.outcomes if rewards.possible(name, action)]
         raise UnknownOutcomeError(
