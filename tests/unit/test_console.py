@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 
 from decision_platform.api.app import create_app
 from decision_platform.config import Settings
+from decision_platform.core.events import Event
 from decision_platform.core.ids import EPOCH_MS, NODE_BITS, SEQUENCE_BITS
 from decision_platform.core.rewards import RewardTable
 from decision_platform.serving.platform import Platform
@@ -464,3 +465,28 @@ def test_an_open_console_shares_its_csrf_key_between_processes(tmp_path) -> None
     assert with_password.valid_session(with_password.new_session())
     assert not with_password.valid_session(with_password.new_session(now=0.0))  # expired
     assert not ConsoleAccess("other").valid_session(with_password.new_session())
+
+
+def test_a_damaged_row_never_fails_the_queue_or_another_decisions_page(console) -> None:
+    """Rows a hand edit or an older version left: fired rules as a list of strings, an earlier snapshot
+    that is not a dict. The queue (also filtered by rule: SQLite's json_extract raised
+    "malformed JSON", taken for a database outage) and the entity's later decision pages answered 500."""
+    client, platform, rows = console
+    newest, oldest = rows[-1], rows[0]
+    with platform.repository.engine.begin() as connection:
+        update = "UPDATE decisions SET rules_fired = :fired WHERE id = :id"
+        connection.execute(sa.text(update), {"fired": '["velocity_step_up"]', "id": newest["id"]})
+        update = "UPDATE decisions SET features = '5' WHERE id = :id"
+        connection.execute(sa.text(update), {"id": oldest["id"]})
+    page = client.get("/console/queue?action=any")
+    assert page.status_code == 200 and newest["id"] in ids_on(page.text)
+    assert "velocity_step_up" in page.text
+    filtered = client.get("/console/queue?action=any&rule=velocity_step_up")
+    assert filtered.status_code == 200 and oldest["id"] in ids_on(filtered.text)
+    assert client.get("/ready").status_code == 200  # the database was not taken for down
+    # A later decision of that entity, with reasons: its explanation compares them with the entity's history.
+    event = Event(event_id="later-1", entity_id=oldest["entity_id"], amount=900.0)
+    later = platform.engine.decide(oldest["entity_id"], event).record
+    assert later.reasons
+    assert client.get(f"/console/decisions/{later.id}").status_code == 200
+    assert client.get(f"/decisions/{later.id}/explanation").status_code == 200

@@ -135,9 +135,11 @@ def queue_page(platform: Platform, query: QueueQuery) -> dict[str, Any]:
     )
     more = len(rows) > query.limit
     rows = rows[: query.limit]
-    for row in rows:
-        row["action_name"] = ACTION_NAMES[row["action"]]
-        row["rule_names"] = [r.get("name", "?") for r in row["rules_fired"] or ()]
+    for row in rows:  # a row a hand edit damaged is listed as it is, never fails the page
+        action, fired = row["action"], row["rules_fired"]
+        row["action_name"] = ACTION_NAMES[action] if action in range(3) else f"action {action}"
+        fired = fired if isinstance(fired, list) else [fired] if fired else []
+        row["rule_names"] = [str(r.get("name", "?")) if isinstance(r, dict) else str(r) for r in fired]
     return {"rows": rows, "next_before": rows[-1]["id"] if more and rows else None}
 
 

@@ -201,7 +201,9 @@ class DecisionStore(Store):
             .limit(limit)
         )
         with self.engine.connect() as connection:
-            return [row[0] for row in connection.execute(query) if row[0]]
+            # A snapshot that is not a dict of numbers (a hand edit) is left out: it would fail the
+            # explanation of every later decision of the entity.
+            return [row[0] for row in connection.execute(query) if row[0] and _INTACT["features"](row[0])]
 
     # --- shadow decisions (learning/compare.py)
     def shadow_decisions(self, since: datetime | None = None, limit: int | None = None) -> list[DecisionRow]:

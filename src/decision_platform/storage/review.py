@@ -90,12 +90,11 @@ class ReviewStore(Store):
             return decisions.c.rules_fired.op("@>")(
                 sa.func.jsonb_build_array(sa.func.jsonb_build_object("name", rule))
             )
-        fired = sa.func.json_each(decisions.c.rules_fired).table_valued("value").alias("fired")
-        return sa.exists(
-            sa.select(sa.literal(1))
-            .select_from(fired)
-            .where(sa.func.json_extract(fired.c.value, "$.name") == rule)
-        )
+        fired = sa.func.json_each(decisions.c.rules_fired).table_valued("value", "type").alias("fired")
+        # Only objects have a name: json_extract of another element (a row a hand edit left, e.g. a list of
+        # strings) raised "malformed JSON", which took the database for down. CASE fixes the order.
+        name = sa.case((fired.c.type == "object", sa.func.json_extract(fired.c.value, "$.name")))
+        return sa.exists(sa.select(sa.literal(1)).select_from(fired).where(name == rule))
 
     def entity_timeline(self, entity_id: str, around_id: int, limit: int = 20) -> list[dict[str, Any]]:
         """The entity's ``limit`` decisions up to and including ``around_id``, newest first, plus the ones
