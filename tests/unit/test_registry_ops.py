@@ -318,6 +318,14 @@ def test_models_commands(
     assert code == 0 and f"{shadow} is now the shadow policy" in out
     code, out = run("list", "--kind", "policy")
     assert code == 0 and "shadow" in out and "champion" in out
+    with platform.repository.engine.begin() as connection:  # a registry row a hand edit left
+        connection.exec_driver_sql(
+            f"UPDATE models SET metrics = '[]', data_window = 'null' WHERE version = '{shadow}'"
+        )
+    code, out = run("list", "--kind", "policy")
+    assert (
+        code == 0 and shadow in out
+    )  # it failed with AttributeError: 'list' object has no attribute 'items'
 
     assert run("compare")[1].startswith("no logged decisions with a shadow policy")
     platform.reload_models()

@@ -42,9 +42,10 @@ def models_list(kind: str | None = typer.Option(None, help="anomaly, risk or pol
     for column in ("version", "kind", "status", "created", "promoted", "data window", "key metric"):
         table.add_column(column)
     for row in open_registry(get_settings()).repository.list_models(kind):
-        metrics = row["metrics"]
+        # Either JSON may be of another shape in a row a hand edit left: listed without it, not a traceback.
+        metrics = row["metrics"] if isinstance(row["metrics"], dict) else {}
         key = next((f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)), "")
-        window = row["data_window"]
+        window = row["data_window"] if isinstance(row["data_window"], dict) else {}
         style = _STATUS_STYLE.get(row["status"], "")
         table.add_row(
             row["version"],
