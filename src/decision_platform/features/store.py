@@ -217,8 +217,8 @@ class RedisFeatureStore(FeatureStore):
         return [",".join(parts).encode()]
 
     def _run(self, calls: list[tuple[str, list[bytes]]]) -> list[bytes | Exception]:
-        """EVALSHA every call (one pipeline for a batch, a plain call for one: a round trip either way);
-        load the script once if the server lacks it (new server, restart, failover)."""
+        """EVALSHA every call in one round trip (:meth:`_send`); load the script once if the server lacks
+        it (new server, restart, failover). A damaged entity's error is returned in its call's place."""
         if not calls:
             return []
         try:
@@ -237,7 +237,9 @@ class RedisFeatureStore(FeatureStore):
         return replies  # a damaged entity's error stays in its place: _results gives it a failed result
 
     def _send(self, calls: list[tuple[str, list[bytes]]]) -> list[Any]:
-        """Replies in call order; a script error is returned in its place, as a pipeline does."""
+        """Replies in call order; a script error is returned in its place, as a pipeline does. One Redis
+        server: packed by hiredis in one write; a cluster or fakeredis: redis-py's pipeline (a plain call
+        for one command)."""
         commands = [("EVALSHA", self._sha, b"2", *self.keys(entity_id), *args) for entity_id, args in calls]
         if self._packed:
             return self._send_packed(commands)
@@ -277,8 +279,8 @@ class RedisFeatureStore(FeatureStore):
     def _results(
         self, replies: list[bytes | Exception], timestamps: list[float], events: Sequence[Event] | None
     ) -> list[FeatureResult]:
-        errors = [str(r)[:200] if isinstance(r, Exception) else None for r in replies]
-        if any(errors):  # a row of zeros stands in for each damaged entity's reply, its features then NaN
+        errors = [(str(r) or type(r).__name__)[:200] if isinstance(r, Exception) else None for r in replies]
+        if any(e is not None for e in errors):  # zeros stand in for a damaged entity's reply; then NaN
             blank = b",".join([b"0"] * (self.spec.raw_width + 1))
             replies = [blank if isinstance(reply, Exception) else reply for reply in replies]
         table = np.array(b",".join(replies).split(b","), dtype=np.float64).reshape(len(replies), -1)
