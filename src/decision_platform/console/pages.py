@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from decision_platform.core.actions import ACTION_NAMES
+from decision_platform.core.actions import ACTION_NAMES, is_action
 from decision_platform.core.events import INT64_MAX
 from decision_platform.core.ids import id_timestamp
 from decision_platform.learning.backtest import BacktestResult, ServingChoice, backtest
@@ -137,7 +137,7 @@ def queue_page(platform: Platform, query: QueueQuery) -> dict[str, Any]:
     rows = rows[: query.limit]
     for row in rows:  # a row a hand edit damaged is listed as it is, never fails the page
         action, fired = row["action"], row["rules_fired"]
-        row["action_name"] = ACTION_NAMES[action] if action in range(3) else f"action {action}"
+        row["action_name"] = ACTION_NAMES[action] if is_action(action) else f"action {action}"
         fired = fired if isinstance(fired, list) else [fired] if fired else []
         row["rule_names"] = [str(r.get("name", "?")) if isinstance(r, dict) else str(r) for r in fired]
     return {"rows": rows, "next_before": rows[-1]["id"] if more and rows else None}

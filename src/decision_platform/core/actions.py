@@ -18,5 +18,12 @@ ALLOW, THROTTLE, BLOCK = Action.ALLOW, Action.THROTTLE, Action.BLOCK
 #: ``ACTION_NAMES[action]``: the API's ``action_name``, the metrics' ``action`` label, rewards.yaml's keys.
 ACTION_NAMES: tuple[str, ...] = tuple(action.name.lower() for action in Action)
 
+
+def is_action(value: object) -> bool:
+    """Whether a stored or received value is one of the three actions (a bool is not, though Python counts
+    it an int): what a row a hand edit or an older version left is checked against."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(ACTION_NAMES)
+
+
 #: The kinds of model the registry holds, one champion each.
 MODEL_KINDS: tuple[str, ...] = ("anomaly", "risk", "policy")

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime
 
-from decision_platform.core.actions import ACTION_NAMES
+from decision_platform.core.actions import ACTION_NAMES, is_action
 from decision_platform.core.rewards import RewardTable
 from decision_platform.observability import metrics
 from decision_platform.storage.repository import OutcomeStatus
@@ -62,7 +62,7 @@ def record_outcome(
     if decision is None:
         raise UnknownDecisionError(f"no decision {decision_id}")
     action = decision.action
-    if action not in range(len(ACTION_NAMES)) or not math.isfinite(decision.amount or 0.0):
+    if not is_action(action) or not math.isfinite(decision.amount or 0.0):
         raise DamagedDecisionError(
             f"decision {decision_id} is damaged in the database (action {action!r}, amount "
             f"{decision.amount!r}): no reward can be computed for it"

@@ -11,6 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
+from decision_platform.core.actions import is_action
 from decision_platform.core.records import DecisionRecord
 from decision_platform.observability import metrics
 from decision_platform.storage.sql import (
@@ -68,10 +69,6 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _action(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 2
-
-
 def _three(value: Any, item: Callable[[Any], bool]) -> bool:
     return isinstance(value, list) and len(value) == 3 and all(item(v) for v in value)
 
@@ -85,7 +82,7 @@ _INTACT: dict[str, Callable[[Any], bool]] = {
     "risk": lambda v: v is None or _number(v),
     "probabilities": lambda v: v is None or _three(v, _number),
     "action_mask": lambda v: _three(v, lambda m: isinstance(m, bool)),
-    "action": _action,
+    "action": is_action,
     "propensity": lambda v: _number(v) and 0.0 < v <= 1.0,
     "rules_fired": lambda v: (
         v is None
@@ -98,7 +95,7 @@ _INTACT: dict[str, Callable[[Any], bool]] = {
         or (
             isinstance(v, dict)
             and isinstance(v.get("version"), str)
-            and _action(v.get("action"))
+            and is_action(v.get("action"))
             and _three(v.get("probabilities"), _number)
         )
     ),
