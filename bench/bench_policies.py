@@ -482,11 +482,6 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the PPO actor reads its state only, not the Bayes step values (TrainConfig.step_value_inputs)",
     )
-    parser.add_argument(
-        "--plain-actor",
-        action="store_true",
-        help="the actor's logits are its MLP's alone, not step values + MLP (TrainConfig.residual_actor)",
-    )
     parser.add_argument("--no-save", action="store_true", help="do not append to policies_results.jsonl")
     args = parser.parse_args(argv)
 
@@ -512,7 +507,6 @@ def main(argv: list[str] | None = None) -> int:
                         seed=args.seed,
                         warm_start=args.warm_start,
                         step_value_inputs=not args.no_step_values,
-                        residual_actor=not args.plain_actor,
                     ),
                     progress=progress,
                     promote=False,
@@ -535,7 +529,6 @@ def main(argv: list[str] | None = None) -> int:
         "timesteps": args.timesteps,
         "warm_start": args.warm_start,
         "step_value_inputs": not args.no_step_values,
-        "residual_actor": not args.plain_actor,
         "fine_tuning": report.ppo,
         "seed": args.seed,
         "git_commit": _git("rev-parse", "--short", "HEAD") or None,

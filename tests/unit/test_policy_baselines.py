@@ -137,56 +137,6 @@ def test_the_actor_reads_the_bayes_step_values_beyond_the_training_amounts(tmp_p
     assert plain.inputs(states) is states or np.array_equal(plain.inputs(states), states)
 
 
-def test_the_residual_actor_starts_as_the_bayes_policy_and_serves_what_it_trains(tmp_path: Path) -> None:
-    """Residual actor (training/actor.py): logits = MLP + scale x Bayes step values. Before any learning
-    its most likely action is the Bayes policy's on every state, the hand-computed cases and a payment
-    300x beyond the amounts the scaler saw included; the numpy actor served computes the torch actor's
-    probabilities, sharpened or not, and its artifact keeps the residual."""
-    import torch
-    from stable_baselines3.common.vec_env import DummyVecEnv
-
-    from decision_platform.training.simulator import FraudSimulatorEnv, group_histories
-    from decision_platform.training.train import new_ppo
-
-    bayes = _bayes()
-    amounts = np.array([[10.0], [100.0], [10.0], [200.0], [10.0], [153_040.0], [3.0]])
-    risk = np.array([0.05, 0.05, 0.5, 0.5, 0.9, 0.028, 0.001])
-    states = bayes.state(amounts, np.full(7, 0.3), risk)
-    spec = {"step_values": np.asarray(REWARDS.expected_step_values())}
-    reads = PolicyModel([], [], "Tanh", bayes.state_names, bayes.scaler_mean, bayes.scaler_std, **spec)
-    histories = group_histories(np.arange(7) // 2, reads.inputs(states), np.zeros(7), amounts[:, 0])
-    ppo = new_ppo(DummyVecEnv([lambda: FraudSimulatorEnv(histories, REWARDS)]), seed=0, residual=True)
-
-    def served() -> PolicyModel:
-        return PolicyModel.from_sb3(ppo, bayes.state_names, bayes.scaler_mean, bayes.scaler_std, **spec)
-
-    def trained() -> np.ndarray:
-        with torch.no_grad():
-            obs = torch.as_tensor(reads.inputs(states), dtype=torch.float32)
-            return ppo.policy.get_distribution(obs).distribution.probs.numpy()
-
-    actor = served()
-    assert actor.residual_scale == 1.0
-    expected = [0, 1, 1, 2, 2, 1, 0]
-    assert bayes.probabilities(states).argmax(axis=1).tolist() == expected
-    assert actor.probabilities(states).argmax(axis=1).tolist() == expected
-    assert np.allclose(actor.probabilities(states), trained(), atol=1e-6)
-    sharpen(ppo, 8.0)
-    sharp = served()
-    assert sharp.residual_scale == 8.0
-    assert sharp.probabilities(states).argmax(axis=1).tolist() == expected
-    assert (sharp.probabilities(states).max(axis=1) >= actor.probabilities(states).max(axis=1)).all()
-    assert np.allclose(sharp.probabilities(states), trained(), atol=1e-6)
-    sharp.save(tmp_path)
-    loaded = load_policy(tmp_path)
-    assert isinstance(loaded, PolicyModel) and loaded.residual_scale == 8.0
-    assert np.array_equal(loaded.probabilities(states), sharp.probabilities(states))
-    with pytest.raises(ValueError, match="needs them"):
-        PolicyModel(
-            [], [], "Tanh", bayes.state_names, bayes.scaler_mean, bayes.scaler_std, residual_scale=1.0
-        )
-
-
 def test_expected_total_reward_counts_only_the_steps_an_episode_reaches() -> None:
     # One good entity with three events: throttling the first means the rest is reached with p = 0.9.
     replay = Replay.of(np.array(["a", "a", "a"]), np.array([0, 0, 0]), np.array([0.0, 0.0, 0.0]))
@@ -404,10 +354,7 @@ def test_retrain_judges_the_candidate_against_the_same_baselines() -> None:
     assert against_baselines(champion, champion, states, unlabelled, train, ~train, REWARDS, seed=0) is None
 
 
-@pytest.mark.parametrize("residual", [False, True])
-def test_retrain_warm_starts_an_actor_that_reads_step_values_with_the_same_inputs(
-    tmp_path: Path, residual: bool
-) -> None:
+def test_retrain_warm_starts_an_actor_that_reads_step_values_with_the_same_inputs(tmp_path: Path) -> None:
     from stable_baselines3.common.vec_env import DummyVecEnv
 
     from decision_platform.learning.retrain import _train_policy
@@ -420,14 +367,13 @@ def test_retrain_warm_starts_an_actor_that_reads_step_values_with_the_same_input
     spec = {"step_values": np.asarray(REWARDS.expected_step_values())}
     reads = PolicyModel([], [], "Tanh", bayes.state_names, bayes.scaler_mean, bayes.scaler_std, **spec)
     histories = group_histories(logged.entity_ids, reads.inputs(states), logged.labels, logged.amounts)
-    ppo = new_ppo(DummyVecEnv([lambda: FraudSimulatorEnv(histories, REWARDS)]), seed=0, residual=residual)
+    ppo = new_ppo(DummyVecEnv([lambda: FraudSimulatorEnv(histories, REWARDS)]), seed=0)
     champion = PolicyModel.from_sb3(ppo, bayes.state_names, bayes.scaler_mean, bayes.scaler_std, **spec)
     ppo.save(tmp_path / PPO_ZIP)  # the champion's zip observes the state and the three step values
     train = logged.entity_ids < "c"
     candidate, tuned = _train_policy(champion, tmp_path, states, logged, train, REWARDS, 512, seed=0)
     assert tuned.observation_space.shape == (len(bayes.state_names) + 3,)
     assert np.array_equal(candidate.step_values, champion.step_values)
-    assert candidate.residual_scale == champion.residual_scale == (1.0 if residual else None)
     assert candidate.probabilities(states).shape == (len(states), 3)
 
 

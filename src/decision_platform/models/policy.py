@@ -100,11 +100,7 @@ class PolicyModel:
     computed from the state inside :meth:`inputs`, so training, the judged probabilities and serving (all
     through :meth:`probabilities` of the state every policy shares) read the same numbers. Why: the
     teacher decides from these values plus continuation values, and an MLP does not extrapolate the
-    values' linear amount term from the scaled log amount beyond the training range (bench/POLICIES.md).
-
-    With ``residual_scale`` as well (the residual actor, training/actor.py), the logits are the network's
-    output plus ``residual_scale`` times the step values in reward units: the Bayes policy plus a learnt
-    correction."""
+    values' linear amount term from the scaled log amount beyond the training range (bench/POLICIES.md)."""
 
     def __init__(
         self,
@@ -116,7 +112,6 @@ class PolicyModel:
         scaler_std: np.ndarray,
         step_values: np.ndarray | None = None,
         amount_feature: str | None = "amount",
-        residual_scale: float | None = None,
     ) -> None:
         self.weights, self.biases, self.activation = weights, biases, activation
         self.state_names = state_names
@@ -127,9 +122,6 @@ class PolicyModel:
         if self.step_values is not None and self.step_values.shape != (4, 3):
             raise ValueError(f"step values must be (4, 3), got {self.step_values.shape}")
         self.amount_feature = amount_feature if amount_feature in state_names else None
-        if residual_scale is not None and self.step_values is None:
-            raise ValueError("a residual actor adds the step values: it needs them")
-        self.residual_scale = None if residual_scale is None else float(residual_scale)
 
     @property
     def input_spec(self) -> dict[str, object]:
@@ -162,14 +154,10 @@ class PolicyModel:
         if len(states) > PROBABILITY_CHUNK:
             chunks = range(0, len(states), PROBABILITY_CHUNK)
             return np.concatenate([self.probabilities(states[i : i + PROBABILITY_CHUNK]) for i in chunks])
-        x = np.asarray(self.inputs(states), dtype=np.float64)
-        h = x
+        h = np.asarray(self.inputs(states), dtype=np.float64)
         for w, b in zip(self.weights[:-1], self.biases[:-1], strict=True):
             h = self._act(h @ w + b)
         logits = h @ self.weights[-1] + self.biases[-1]
-        if self.residual_scale is not None:  # the step values as the network reads them, unsquashed
-            squashed = x[:, -3:].astype(np.float32).astype(np.float64)
-            logits += self.residual_scale * np.sign(squashed) * np.expm1(np.abs(squashed))
         logits -= logits.max(axis=1, keepdims=True)
         e = np.exp(logits)
         return e / e.sum(axis=1, keepdims=True)
@@ -193,9 +181,6 @@ class PolicyModel:
             else:
                 activation = type(module).__name__
         head = policy.action_net
-        # A residual actor's head (training/actor.py) is a linear layer plus the scaled step values.
-        residual_scale = float(head.scale) if hasattr(head, "scale") else None
-        head = getattr(head, "linear", head)
         weights.append(head.weight.detach().cpu().numpy().T.astype(np.float64))
         biases.append(head.bias.detach().cpu().numpy().astype(np.float64))
         return cls(
@@ -207,7 +192,6 @@ class PolicyModel:
             np.asarray(scaler_std),
             step_values,
             amount_feature,
-            residual_scale,
         )
 
     def save(self, directory: Path) -> None:
@@ -224,8 +208,6 @@ class PolicyModel:
         }
         if self.step_values is not None:
             meta |= {"step_values": self.step_values.tolist(), "amount_feature": self.amount_feature}
-        if self.residual_scale is not None:
-            meta["residual_scale"] = self.residual_scale
         (directory / META).write_text(json.dumps(meta, indent=2), "utf-8")
 
     @classmethod
@@ -243,7 +225,6 @@ class PolicyModel:
                 data["scaler_std"],
                 meta.get("step_values"),
                 meta.get("amount_feature"),
-                meta.get("residual_scale"),
             )
 
 
@@ -330,9 +311,6 @@ def sharpen(ppo: object, factor: float) -> None:
         raise ValueError(f"sharpening factor must be > 0, got {factor}")
     head = ppo.policy.action_net  # type: ignore[attr-defined]
     with torch.no_grad():
-        if hasattr(head, "scale"):  # the residual actor: the step values' weight too
-            head.scale.mul_(factor)
-            head = head.linear
         head.weight.mul_(factor)
         head.bias.mul_(factor)
 
@@ -383,33 +361,3 @@ def imitate(
             predicted = policy.get_distribution(obs[rows]).distribution.probs.argmax(dim=1)
             right += int((predicted == target[rows]).sum())
     return right / max(1, len(obs))
-
-
-def imitate_values(
-    ppo: object, states: np.ndarray, corrections: np.ndarray, epochs: int = 5, seed: int = 0
-) -> float:
-    """Warm-start a residual actor (training/actor.py) by regression: its network's output learns the
-    teacher's (n, 3) ``corrections`` to the Bayes step values (its continuation values), so its logits
-    are the teacher's action values and its most likely action the teacher's. Returns the final mean
-    squared error (reward units squared)."""
-    import torch
-
-    policy = ppo.policy  # type: ignore[attr-defined]
-    head = policy.action_net
-    generator = torch.Generator().manual_seed(seed)
-    obs = torch.as_tensor(states, dtype=torch.float32)
-    target = torch.as_tensor(np.asarray(corrections), dtype=torch.float32)
-    params = [*policy.mlp_extractor.policy_net.parameters(), *head.linear.parameters()]
-    optimiser = torch.optim.Adam(params, lr=1e-3)
-    epochs = max(epochs, -(-300 // max(1, -(-len(obs) // 1024))))
-    loss = torch.tensor(0.0)
-    for _ in range(epochs):
-        order = torch.randperm(len(obs), generator=generator)
-        for start in range(0, len(obs), 1024):
-            idx = order[start : start + 1024]
-            hidden = policy.mlp_extractor.policy_net(policy.extract_features(obs[idx]))
-            loss = torch.nn.functional.mse_loss(head.linear(hidden), target[idx])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-    return float(loss.detach())

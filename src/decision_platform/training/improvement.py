@@ -117,12 +117,6 @@ class ImprovedPolicy:
             + risk[:, None] * bad_go_on * v_bad[:, None]
         )
 
-    def corrections(self, states: np.ndarray) -> np.ndarray:
-        """(n, 3): what the continuation values add to each action's Bayes step value."""
-        states = np.atleast_2d(states)
-        risk = states[:, self.bayes.risk_index].astype(np.float64)
-        return self.q_values(states) - self.bayes.expected_rewards(risk, self.bayes.amounts(states))
-
     def probabilities(self, states: np.ndarray) -> np.ndarray:
         return np.eye(3)[self.q_values(states).argmax(axis=1)]
 

@@ -35,7 +35,6 @@ from decision_platform.models.policy import (
     RISK_LOGIT,
     PolicyModel,
     imitate,
-    imitate_values,
     serving_distributions,
     sharpen,
 )
@@ -45,7 +44,6 @@ from decision_platform.models.risk import MIN_CATEGORY_COUNT, RiskConfig, RiskMo
 from decision_platform.models.threads import one_torch_thread
 from decision_platform.rules.ruleset import BASE_VARIABLES, BatchFacts, RuleSet, RuleTally, Tier
 from decision_platform.training import PPO_TIMESTEPS
-from decision_platform.training.actor import ResidualActorPolicy
 from decision_platform.training.baseline import classifier_metrics, fit_gradient_boosting
 from decision_platform.training.improvement import (
     ImprovedPolicy,
@@ -105,12 +103,6 @@ class TrainConfig:
     #: ``step_values``): what its teacher decides from, in a form that extrapolates to amounts beyond
     #: the training range.
     step_value_inputs: bool = True
-    #: The actor's logits are the Bayes step values plus its network's output (training/actor.py), so
-    #: cloning and PPO learn only the teacher's correction to the Bayes policy (needs step_value_inputs).
-    residual_actor: bool = True
-    #: A residual actor cloned from the fitted-Q teacher regresses the teacher's continuation values
-    #: (``imitate_values``) instead of imitating its actions.
-    value_cloning: bool = True
     seed: int = 0
 
 
@@ -264,19 +256,11 @@ def rules_only_actions(
     return RulesOnlyResult(actions, tally.hits, tally.errors, model_based, masks)
 
 
-def new_ppo(
-    env: DummyVecEnv,
-    seed: int,
-    gamma: float = 0.95,
-    learning_rate: float = 1e-4,
-    residual: bool = False,
-) -> PPO:
+def new_ppo(env: DummyVecEnv, seed: int, gamma: float = 0.95, learning_rate: float = 1e-4) -> PPO:
     """PPO as the platform trains it: short rollouts and a small MLP (the state is ~20 numbers), a low
-    learning rate because it starts from a behaviour-cloned or champion actor it should refine, not erase.
-    ``residual``: the actor's logits are the Bayes step values plus the MLP's (training/actor.py; the
-    observation must end with the step values)."""
+    learning rate because it starts from a behaviour-cloned or champion actor it should refine, not erase."""
     return PPO(
-        ResidualActorPolicy if residual else "MlpPolicy",
+        "MlpPolicy",
         env,
         n_steps=512,
         batch_size=256,
@@ -788,15 +772,9 @@ def fit_policy(
     histories = [EntityHistory(inputs(h.states), h.labels, h.amounts) for h in states.train_histories]
     env = DummyVecEnv([lambda: FraudSimulatorEnv(histories, rewards) for _ in range(4)])
     env.seed(config.seed)
-    residual = config.residual_actor and config.step_value_inputs
-    ppo = new_ppo(env, config.seed, config.ppo_gamma, config.ppo_learning_rate, residual)
+    ppo = new_ppo(env, config.seed, gamma=config.ppo_gamma, learning_rate=config.ppo_learning_rate)
     info: dict[str, Any] = {"gamma": config.ppo_gamma, "rounds": config.ppo_rounds}
     info["actor_inputs"] = int(histories[0].states.shape[1])
-    info["residual_actor"] = residual
-
-    def actor_of(model: PPO) -> PolicyModel:
-        return PolicyModel.from_sb3(model, states.names, scaler.mean, scaler.std, **spec)
-
     if start_from is not None:
         start = start_from.probabilities(learn_states)
         # A policy with action values is cloned cost-sensitively: each row weighs what taking the
@@ -806,22 +784,9 @@ def fit_policy(
             if isinstance(start_from, ImprovedPolicy)
             else None
         )
-        if residual and isinstance(start_from, ImprovedPolicy) and config.value_cloning:
-            # The residual actor's logits are the Bayes step values plus its network: the network
-            # learns the teacher's continuation values themselves, not only which action they pick.
-            info["clone_mse"] = imitate_values(
-                ppo,
-                inputs(learn_states),
-                start_from.corrections(learn_states),
-                config.clone_epochs,
-                config.seed,
-            )
-            agree = actor_of(ppo).probabilities(learn_states).argmax(axis=1) == start.argmax(axis=1)
-            info["clone_accuracy"] = float(agree.mean())
-        else:
-            info["clone_accuracy"] = imitate(
-                ppo, inputs(learn_states), start.argmax(axis=1), config.clone_epochs, config.seed, weights
-            )
+        info["clone_accuracy"] = imitate(
+            ppo, inputs(learn_states), start.argmax(axis=1), config.clone_epochs, config.seed, weights
+        )
         replay = Replay.of(states.episodes[learn_rows], split.labels[learn_rows], split.amounts[learn_rows])
         here, _ = return_to_go(start, replay, rewards, config.ppo_gamma)
         info["critic_mse"] = pretrain_critic(
@@ -829,7 +794,7 @@ def fit_policy(
         )
 
     def actor() -> PolicyModel:
-        return actor_of(ppo)
+        return PolicyModel.from_sb3(ppo, states.names, scaler.mean, scaler.std, **spec)
 
     validate = bool(states.validation.any())
     if validate and start_from is not None and config.sharpening:
