@@ -1,23 +1,31 @@
 """Readers of many stored decisions skip a damaged row and go on: ``retrain``'s logged decisions, the shadow
 comparison, the rules backtest and the report. A row a hand edit or an older version left (a JSON string
 where a list goes, a mask of two, an action of 3, an infinite amount) stopped each of them with a traceback.
+
+Readers of one stored decision refuse it by name (409 on the API, a dead letter on the stream) or show it
+as stored (the console): its record, its explanation, its console page, a retry of its event.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
+from decision_platform.api.app import create_app
+from decision_platform.config import Settings
 from decision_platform.core.rewards import RewardTable
 from decision_platform.learning.backtest import backtest
 from decision_platform.learning.compare import compare_shadow
 from decision_platform.learning.logged import load_logged
 from decision_platform.reporting.data import load
 from decision_platform.rules.ruleset import RuleSet
+from decision_platform.serving.platform import Platform
 from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.decisions import damaged
 from decision_platform.storage.repository import Repository
@@ -42,6 +50,12 @@ DAMAGE = [
     ("model_versions", "policy-1"),
     ("shadow", {"version": "policy-shadow"}),
     ("shadow", {**SHADOW, "action": "allow"}),
+]
+#: Damage beneath what storage checks, which the API's record schema refuses: a fired rule without its tier
+#: and description, a model version that is not text.
+SCHEMA_DAMAGE = [
+    ("rules_fired", [{"name": "velocity_step_up"}]),
+    ("model_versions", {"risk": 5}),
 ]
 
 
@@ -76,6 +90,11 @@ def stored(tmp_path: Path) -> Repository:
     for row in intact:
         repository.record_outcome(row["id"], "legit", 1.0, NOW)
     return repository
+
+
+def said(decision_id: int, column: str, value: object) -> str:
+    """How a damaged decision is named (the start of it: a long value is cut)."""
+    return f"decision {decision_id} is stored damaged: {column} holds {repr(value)[:60]}"
 
 
 def skipped(reader: str) -> float:
@@ -137,4 +156,46 @@ def test_retrain_compare_backtest_and_report_skip_the_damaged_rows(tmp_path: Pat
 @pytest.mark.parametrize(("column", "value"), DAMAGE, ids=[f"{c}={v!r}" for c, v in DAMAGE])
 def test_damaged_names_the_decision_and_the_column(column: str, value: object) -> None:
     problem = damaged(decision_row(7, **{column: value}))
-    assert problem is not None and problem.startswith(f"decision 7: {column} holds")
+    assert problem is not None and str(problem).startswith(said(7, column, value))
+
+
+@pytest.fixture
+def one_each(
+    make_settings: Callable[..., Settings], start_platform: Callable[[Settings], Platform]
+) -> Iterator[tuple[TestClient, Platform, list[dict]]]:
+    """The API over one stored decision per case of DAMAGE then SCHEMA_DAMAGE, each of its own entity and
+    event, and last an intact one."""
+    settings = make_settings()
+    platform = start_platform(settings)
+    cases = [*DAMAGE, *SCHEMA_DAMAGE, ("shadow", SHADOW)]
+    rows = [
+        decision_row(
+            make_id(NOW - timedelta(seconds=len(cases) - k), k),
+            **{
+                "entity_id": f"d{k}",
+                "event_id": f"stored-{k}",
+                "event_type": "payment",
+                "amount": 25.0,
+                "created_at": NOW - timedelta(seconds=len(cases) - k),
+                "shadow": SHADOW,
+                column: value,
+            },
+        )
+        for k, (column, value) in enumerate(cases)
+    ]
+    platform.repository.insert_decisions(rows)
+    with TestClient(create_app(settings, platform)) as client:
+        yield client, platform, rows
+
+
+def test_a_damaged_decisions_record_is_a_409_naming_the_column(one_each) -> None:
+    """``GET /decisions/{id}`` answered 500 for most damage (the answer's own validation) and 200 with what
+    the platform never decided for the rest (an action of 3, a shadow without its action)."""
+    client, _, rows = one_each
+    before = skipped("decision record")
+    for (column, value), row in zip([*DAMAGE, *SCHEMA_DAMAGE], rows, strict=False):
+        answer = client.get(f"/decisions/{row['id']}")
+        assert answer.status_code == 409, (column, value, answer.text)
+        assert answer.json()["detail"].startswith(said(row["id"], column, value))
+    assert skipped("decision record") - before == len(DAMAGE) + len(SCHEMA_DAMAGE)
+    assert client.get(f"/decisions/{rows[-1]['id']}").json()["shadow"] == SHADOW
