@@ -8,6 +8,7 @@ as stored (the console): its record, its explanation, its console page, a retry 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -46,15 +47,16 @@ DAMAGE = [
     ("action", -1),
     ("rules_fired", ["velocity_step_up"]),
     ("rules_fired", {"name": "velocity_step_up"}),
+    ("rules_fired", [{"name": "velocity_step_up"}]),
     ("attributes", ["device"]),
     ("model_versions", "policy-1"),
     ("shadow", {"version": "policy-shadow"}),
     ("shadow", {**SHADOW, "action": "allow"}),
 ]
-#: Damage beneath what storage checks, which the API's record schema refuses: a fired rule without its tier
-#: and description, a model version that is not text.
+#: Damage beneath what storage checks, which the API's record schema refuses: a fired rule without its
+#: description, a model version that is not text.
 SCHEMA_DAMAGE = [
-    ("rules_fired", [{"name": "velocity_step_up"}]),
+    ("rules_fired", [{"name": "velocity_step_up", "tier": "floor"}]),
     ("model_versions", {"risk": 5}),
 ]
 
@@ -199,3 +201,92 @@ def test_a_damaged_decisions_record_is_a_409_naming_the_column(one_each) -> None
         assert answer.json()["detail"].startswith(said(row["id"], column, value))
     assert skipped("decision record") - before == len(DAMAGE) + len(SCHEMA_DAMAGE)
     assert client.get(f"/decisions/{rows[-1]['id']}").json()["shadow"] == SHADOW
+
+
+def test_a_damaged_decisions_explanation_is_a_409_naming_it(one_each) -> None:
+    """Its facts failed to build (action 3: IndexError, fired rules as strings: AttributeError): 500."""
+    client, _, rows = one_each
+    before = skipped("explanation")
+    for (column, value), row in zip(DAMAGE, rows, strict=False):
+        answer = client.get(f"/decisions/{row['id']}/explanation")
+        assert answer.status_code == 409, (column, value, answer.text)
+        assert answer.json()["detail"].startswith(said(row["id"], column, value))
+    assert skipped("explanation") - before == len(DAMAGE)
+    for row in rows[len(DAMAGE) :]:  # beneath storage's check: facts are built from what is there
+        assert client.get(f"/decisions/{row['id']}/explanation").status_code == 200
+
+
+def stored_narratives(one_each) -> list[tuple[str, object, int]]:
+    """One intact decision per kind of damage of its stored narrative: (column, value, decision id)."""
+    client, platform, rows = one_each
+    facts = client.get(f"/decisions/{rows[-1]['id']}/explanation").json()["facts"]
+    good = {
+        "narrative": "Allowed.",
+        "source": "llm",
+        "model": "m",
+        "prompt_version": "narrative-v2",
+        "latency_ms": 1.0,
+        "grounding": {"passed": True},
+        "facts": facts,
+        "created_at": NOW,
+    }
+    cases = [
+        ("facts", 5),
+        ("facts", {"decision_id": 1}),
+        ("facts", {**facts, "risk_typical": 5}),
+        ("grounding", []),
+        ("grounding", {"reason": 5}),
+        ("latency_ms", "fast"),
+    ]
+    made = []
+    for k, (column, value) in enumerate(cases):
+        decision = decision_row(make_id(NOW, 100 + k), entity_id=f"n{k}", created_at=NOW)
+        platform.repository.insert_decisions([decision])
+        platform.repository.insert_explanation({**good, "decision_id": decision["id"]})
+        stored = json.dumps(value) if isinstance(value, dict | list) else value
+        with platform.repository.engine.begin() as connection:  # as a hand edit would: past the types
+            update = f"UPDATE explanations SET {column} = ? WHERE decision_id = ?"
+            connection.exec_driver_sql(update, (stored, decision["id"]))
+        made.append((column, value, decision["id"]))
+    platform.repository.insert_explanation({**good, "decision_id": rows[-1]["id"]})
+    return made
+
+
+def test_a_stored_narrative_of_another_shape_gives_the_template_not_a_500(one_each) -> None:
+    """A narrative row a hand edit left (facts that are no decision's facts, grounding that is no object)
+    answered 500 on the API and on the console's decision page."""
+    client, _, rows = one_each
+    made = stored_narratives(one_each)
+    before = skipped("stored explanation")
+    for column, value, decision_id in made:
+        answer = client.get(f"/decisions/{decision_id}/explanation")
+        assert answer.status_code == 200, (column, value, answer.text)
+        assert answer.json()["source"] == "template" and answer.json()["reason"] == "stored_damaged"
+        page = client.get(f"/console/decisions/{decision_id}")
+        assert page.status_code == 200 and "template (stored_damaged)" in page.text, (column, value)
+    assert skipped("stored explanation") - before == 2 * len(made)
+    assert client.get(f"/decisions/{rows[-1]['id']}/explanation").json()["source"] == "llm"
+
+
+def test_cli_explain_names_a_damaged_decision_and_serves_the_template_for_a_damaged_narrative(
+    one_each, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from decision_platform.cli.explain import explain
+
+    _, platform, rows = one_each
+    made = stored_narratives(one_each)
+    monkeypatch.setattr("decision_platform.cli.explain.get_settings", lambda: platform.settings)
+    app = typer.Typer()
+    app.command("explain")(explain)
+    app.command("noop")(lambda: None)  # two commands: typer then expects the command name
+    for (column, value), row in zip(DAMAGE, rows, strict=False):
+        result = CliRunner().invoke(app, ["explain", str(row["id"])], terminal_width=400)
+        printed = " ".join(result.output.split())  # rich wraps at its own width
+        assert result.exit_code == 1 and said(row["id"], column, value)[:70] in printed, result.output
+    for column, value, decision_id in made:
+        result = CliRunner().invoke(app, ["explain", str(decision_id)], terminal_width=400)
+        assert result.exit_code == 0, (column, value, result.output)
+        assert "source: template (stored_damaged)" in result.output

@@ -230,7 +230,7 @@ def stored_decision(record: DecisionRecord) -> StoredDecision:
     response_model=ExplanationResponse,
     summary="The decision explained in words by a local LLM, from its facts only",
     responses={
-        **error_responses(404, 422, 503),
+        **error_responses(404, 409, 422, 503),
         202: {
             "model": ExplanationResponse,
             "description": "Still being written: the template narrative meanwhile",

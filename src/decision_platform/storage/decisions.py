@@ -75,11 +75,13 @@ def _three(value: Any, item: Callable[[Any], bool]) -> bool:
 
 
 def _fired_rule(rule: Any) -> bool:
-    """A fired rule as readers take it: a named dict, and what it tested (if listed) a list of features."""
+    """A fired rule as readers take it: a dict naming the rule and its tier (what it did to the actions),
+    and what it tested, if listed, a list of features."""
     inputs = rule.get("inputs") if isinstance(rule, dict) else None
     return (
         isinstance(rule, dict)
         and isinstance(rule.get("name"), str)
+        and isinstance(rule.get("tier"), str)
         and (inputs is None or (isinstance(inputs, list) and all(isinstance(i, dict) for i in inputs)))
         and all(isinstance(i.get("feature"), str) for i in inputs or ())
     )
