@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from markupsafe import escape
 from prometheus_client import REGISTRY
 
 from decision_platform.api.app import create_app
@@ -31,7 +32,7 @@ from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.decisions import damaged
 from decision_platform.storage.repository import Repository
 from tests.conftest import CONFIG_DIR, decision_row
-from tests.unit.test_console import make_id
+from tests.unit.test_console import csrf_of, make_id
 
 NOW = datetime.now(UTC)
 SHADOW = {"version": "policy-shadow", "action": 0, "probabilities": [0.8, 0.1, 0.1]}
@@ -290,3 +291,33 @@ def test_cli_explain_names_a_damaged_decision_and_serves_the_template_for_a_dama
         result = CliRunner().invoke(app, ["explain", str(decision_id)], terminal_width=400)
         assert result.exit_code == 0, (column, value, result.output)
         assert "source: template (stored_damaged)" in result.output
+
+
+def test_the_console_shows_a_damaged_decision_as_stored_under_a_notice(one_each) -> None:
+    """Its page answered 500 (the template formatting probabilities "allow", naming action 3); so did the
+    page of any decision of the same entity, whose timeline named the damaged one's action."""
+    client, platform, rows = one_each
+    before = skipped("console decision")
+    for (column, value), row in zip(DAMAGE, rows, strict=False):
+        page = client.get(f"/console/decisions/{row['id']}")
+        assert page.status_code == 200, (column, value, page.text[-500:])
+        assert f"<strong>damaged: {column}</strong>" in page.text
+        assert f"<th>{column}</th><td><code>{escape(json.dumps(value))}</code>" in page.text
+    assert skipped("console decision") - before == len(DAMAGE)
+    for row in rows[len(DAMAGE) :]:  # beneath storage's check: the page as usual
+        page = client.get(f"/console/decisions/{row['id']}")
+        assert page.status_code == 200 and 'id="damaged"' not in page.text
+
+    # An intact decision of the entity whose decision holds action 3: that one is left out of its timeline.
+    neighbour = rows[DAMAGE.index(("action", 3))]
+    later = decision_row(make_id(NOW, 200), entity_id=neighbour["entity_id"], created_at=NOW)
+    platform.repository.insert_decisions([later])
+    before = skipped("console timeline")
+    page = client.get(f"/console/decisions/{later['id']}")
+    assert page.status_code == 200 and f"/console/decisions/{neighbour['id']}" not in page.text
+    assert skipped("console timeline") - before == 1
+
+    # Labelling it from the console: the outcome rules' refusal, on its page.
+    label = {"outcome": "fraud", "csrf": csrf_of(page.text)}
+    answer = client.post(f"/console/decisions/{neighbour['id']}/outcome", data=label)
+    assert answer.status_code == 409 and said(neighbour["id"], "action", 3) in answer.text

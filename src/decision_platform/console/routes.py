@@ -189,7 +189,8 @@ def build_router(settings: Settings, admin: AdminActions | None = None) -> APIRo
         view = pages.decision_page(platform, decision_id)
         if view is None:
             return render(request, "error.html", {"message": f"no decision {decision_id}"}, 404)
-        return render(request, "decision.html", {**view, "error": error}, status)
+        page = "decision_damaged.html" if view["damage"] else "decision.html"
+        return render(request, page, {**view, "error": error}, status)
 
     @router.post("/decisions/{decision_id}/outcome", dependencies=posted)
     def label(
