@@ -22,6 +22,7 @@ from prometheus_client import REGISTRY
 from decision_platform.api.app import create_app
 from decision_platform.config import Settings
 from decision_platform.core.rewards import RewardTable
+from decision_platform.events.messages import RawMessage
 from decision_platform.learning.backtest import backtest
 from decision_platform.learning.compare import compare_shadow
 from decision_platform.learning.logged import load_logged
@@ -321,3 +322,33 @@ def test_the_console_shows_a_damaged_decision_as_stored_under_a_notice(one_each)
     label = {"outcome": "fraud", "csrf": csrf_of(page.text)}
     answer = client.post(f"/console/decisions/{neighbour['id']}/outcome", data=label)
     assert answer.status_code == 409 and said(neighbour["id"], "action", 3) in answer.text
+
+
+def test_a_retry_of_an_event_whose_decision_is_stored_damaged_is_refused_not_decided_again(one_each) -> None:
+    """``/decide`` answered a retry with the damaged row as it was (500 for an action of 3, "block" for -1,
+    200 with fired rules as strings), and the stream worker published it for a redelivered event."""
+    client, platform, rows = one_each
+    before, stored = skipped("retried event"), platform.repository.count_decisions()
+    events = [
+        {"event_id": row["event_id"], "entity_id": row["entity_id"], "amount": 25.0, "event_type": "payment"}
+        for row in rows
+    ]
+    for (column, value), row, event in zip(DAMAGE, rows, events, strict=False):
+        answer = client.post("/decide", json={"entity_id": row["entity_id"], "event": event})
+        assert answer.status_code == 409, (column, value, answer.text)
+        detail = answer.json()["detail"]
+        assert detail.startswith(f"event_id {row['event_id']!r} was decided before, but decision {row['id']}")
+        assert said(row["id"], column, value) in detail
+        assert detail.endswith(": the event is not decided again")
+    worker = platform.inline_worker
+    assert worker is not None
+    redelivered = [RawMessage(json.dumps(event).encode()) for event in events[: len(DAMAGE)]]
+    summary = worker.process(redelivered)
+    assert summary.dead_lettered == len(DAMAGE) and summary.decided == 0
+    letters = worker.sink.dead_letters[-len(DAMAGE) :]
+    assert [message for message, _ in letters] == redelivered
+    assert all(" was decided before, but decision " in error for _, error in letters)
+    assert platform.repository.count_decisions() == stored  # no event decided twice
+    assert skipped("retried event") - before == 2 * len(DAMAGE)
+    retried = client.post("/decide", json={"entity_id": rows[-1]["entity_id"], "event": events[-1]})
+    assert retried.status_code == 200 and retried.json()["decision_id"] == rows[-1]["id"]

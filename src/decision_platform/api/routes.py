@@ -25,7 +25,7 @@ from decision_platform.api.schemas import (
     error_responses,
 )
 from decision_platform.core.events import INT64_MAX, Event, ahead_of_clock
-from decision_platform.core.records import DUPLICATE, REFUSED, DecisionRecord, refusal_message
+from decision_platform.core.records import DUPLICATE, REFUSED, DecisionRecord
 from decision_platform.events.kafka import BrokerUnavailableError
 from decision_platform.observability import metrics
 from decision_platform.serving.engine import DecisionRequest
@@ -113,9 +113,8 @@ async def decided(platform: Platform, body: DecideRequest) -> bytes:
     if decision.storage in REFUSED:
         # A retry gets the first decision; an id another entity's event holds does not (producers that
         # number events per account reuse ids across them), nor one of the entity's event with other
-        # content: refused, and not counted in the windows.
-        event_id = body.event.event_id if body.event is not None else ""
-        raise HTTPException(409, refusal_message(decision.storage, event_id))
+        # content, nor a retry whose first decision is stored damaged: refused, not counted in the windows.
+        raise HTTPException(409, decision.refusal)
     narrator = platform.narrator
     if narrator is not None and decision.storage != DUPLICATE:  # a queue append: never waits for the LLM
         narrator.submit(decision.record)
