@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import psycopg
 import pytest
+import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from markupsafe import escape
 from prometheus_client import REGISTRY
@@ -31,6 +34,7 @@ from decision_platform.rules.ruleset import RuleSet
 from decision_platform.serving.platform import Platform
 from decision_platform.storage.database import make_engine, migrate
 from decision_platform.storage.decisions import damaged
+from decision_platform.storage.errors import DamagedRowError, is_data_error
 from decision_platform.storage.repository import Repository
 from tests.conftest import CONFIG_DIR, decision_row
 from tests.unit.test_console import csrf_of, make_id
@@ -352,3 +356,54 @@ def test_a_retry_of_an_event_whose_decision_is_stored_damaged_is_refused_not_dec
     assert skipped("retried event") - before == 2 * len(DAMAGE)
     retried = client.post("/decide", json={"entity_id": rows[-1]["entity_id"], "event": events[-1]})
     assert retried.status_code == 200 and retried.json()["decision_id"] == rows[-1]["id"]
+
+
+def _wrapped(error: Exception) -> sa.exc.DBAPIError:
+    """``error`` as SQLAlchemy raises it from a statement."""
+    return sa.exc.DBAPIError.instance("SELECT ...", {}, error, Exception)  # type: ignore[arg-type]
+
+
+#: (driver error, whether it is a statement refused for its data): SQLite tells them apart by words only.
+REFUSALS = [
+    (sqlite3.OperationalError("malformed JSON"), True),
+    (psycopg.errors.InvalidParameterValue("cannot extract elements from a scalar"), True),
+    (psycopg.errors.NumericValueOutOfRange("integer out of range"), True),
+    (sqlite3.OperationalError("no such table: decisions"), False),
+    (sqlite3.OperationalError("database is locked"), False),
+    (psycopg.OperationalError("connection refused"), False),
+    (psycopg.errors.AdminShutdown("terminating connection due to administrator command"), False),
+]
+
+
+@pytest.mark.parametrize(("error", "data"), REFUSALS, ids=[str(e) for e, _ in REFUSALS])
+def test_a_statement_refused_for_its_data_is_told_from_an_outage(error: Exception, data: bool) -> None:
+    assert is_data_error(_wrapped(error)) is data and is_data_error(error) is data
+    assert not is_data_error(TimeoutError())
+
+
+def test_a_read_the_database_refuses_for_a_rows_data_is_a_409_not_an_outage(one_each) -> None:
+    """SQLite's "malformed JSON" from a read (a JSON function on a row a hand edit left) was taken for an
+    outage: the database marked down, /ready 503, decisions spooled, the request 503."""
+    client, platform, _ = one_each
+    row = decision_row(make_id(NOW, 300), entity_id="raw", created_at=NOW)
+    platform.repository.insert_decisions([row])
+    with platform.repository.engine.begin() as connection:  # text that is not JSON: only SQLite holds it
+        update = "UPDATE decisions SET rules_fired = 'velocity_step_up' WHERE id = ?"
+        connection.exec_driver_sql(update, (row["id"],))
+
+    def first_rules() -> list:
+        with platform.repository.engine.connect() as connection:
+            read = "SELECT json_extract(rules_fired, '$[0].name') FROM decisions"
+            return list(connection.exec_driver_sql(read))
+
+    before = skipped("database read")
+    with pytest.raises(
+        DamagedRowError, match=r"cannot read what it holds for this request \(malformed JSON\)"
+    ):
+        platform.writer.query(first_rules)
+    assert skipped("database read") - before == 1
+    assert platform.writer.database_up
+    ready = client.get("/ready")
+    assert ready.status_code == 200 and ready.json()["checks"]["database"] == "ok"
+    answer = client.post("/decide", json={"entity_id": "after"})
+    assert answer.status_code == 200 and platform.writer.status().pending == 0  # stored, not spooled

@@ -10,6 +10,8 @@ damaged, everything else goes on.
 
 from __future__ import annotations
 
+import sqlite3
+
 import psycopg
 import sqlalchemy.exc
 
@@ -75,6 +77,26 @@ def is_record_error(exc: BaseException) -> bool:
     if isinstance(exc, sqlalchemy.exc.StatementError) and original is not None:
         return isinstance(original, _RECORD_ERRORS)
     return isinstance(exc, _RECORD_ERRORS)
+
+
+#: SQLite's words for a statement failing on the data it met: a JSON function on text that is not JSON,
+#: sum() beyond 64 bits. Its error code, SQLITE_ERROR, is also that of a missing table or a syntax error:
+#: only the message tells them apart.
+_SQLITE_DATA_ERRORS = ("malformed JSON", "JSON cannot hold BLOB values", "integer overflow")
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """True when the database answered and refused a statement for the data it met: PostgreSQL's data
+    exceptions (SQLSTATE class 22: a value of the wrong type or out of range, jsonb of another shape than
+    a function takes), SQLite's on JSON that is not JSON. Not an outage -- the database answers every other
+    statement, and marking it down would spool every decision and fail /ready -- and for a read, a row a
+    hand edit or an older version left. SQLAlchemy wraps driver errors (``.orig``): both are looked at."""
+    original = getattr(exc, "orig", None) or exc
+    if isinstance(original, psycopg.DataError | sqlite3.DataError):
+        return True
+    return isinstance(original, sqlite3.OperationalError) and any(
+        words in str(original) for words in _SQLITE_DATA_ERRORS
+    )
 
 
 #: Failures of the database itself (see :func:`is_record_error`): the API answers them 503.
