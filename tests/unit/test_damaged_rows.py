@@ -37,7 +37,7 @@ from decision_platform.storage.decisions import damaged
 from decision_platform.storage.errors import DamagedRowError, is_data_error
 from decision_platform.storage.repository import Repository
 from tests.conftest import CONFIG_DIR, decision_row
-from tests.unit.test_console import csrf_of, make_id
+from tests.unit.test_console import csrf_of, ids_on, make_id
 
 NOW = datetime.now(UTC)
 SHADOW = {"version": "policy-shadow", "action": 0, "probabilities": [0.8, 0.1, 0.1]}
@@ -407,3 +407,39 @@ def test_a_read_the_database_refuses_for_a_rows_data_is_a_409_not_an_outage(one_
     assert ready.status_code == 200 and ready.json()["checks"]["database"] == "ok"
     answer = client.post("/decide", json={"entity_id": "after"})
     assert answer.status_code == 200 and platform.writer.status().pending == 0  # stored, not spooled
+
+
+#: Text that is not JSON at all in a JSON column: SQLite keeps what a hand edit writes (jsonb refuses it).
+NOT_JSON = [
+    ("features", "high"),
+    ("probabilities", "allow"),
+    ("rules_fired", "velocity_step_up"),
+    ("shadow", "policy-shadow"),
+]
+
+
+def test_text_that_is_not_json_is_read_as_a_damaged_column_not_a_failed_read(one_each) -> None:
+    """Every read of such a row raised the JSON parser's error (the row's pages, every queue page holding
+    it, retrain: 500s and tracebacks), and SQLite's JSON functions failed the rule filter and the shadow
+    comparison with "malformed JSON"."""
+    client, platform, _ = one_each
+    rows = [
+        decision_row(make_id(NOW, 400 + k), entity_id=f"t{k}", action=1, created_at=NOW, shadow=SHADOW)
+        for k in range(len(NOT_JSON))
+    ]
+    platform.repository.insert_decisions(rows)
+    with platform.repository.engine.begin() as connection:
+        for (column, text), row in zip(NOT_JSON, rows, strict=True):
+            connection.exec_driver_sql(f"UPDATE decisions SET {column} = ? WHERE id = ?", (text, row["id"]))
+    for (column, text), row in zip(NOT_JSON, rows, strict=True):
+        answer = client.get(f"/decisions/{row['id']}")
+        assert answer.status_code == 409 and answer.json()["detail"] == said(row["id"], column, text)
+        assert f"<strong>damaged: {column}</strong>" in client.get(f"/console/decisions/{row['id']}").text
+    queue = client.get("/console/queue?action=any&limit=200")
+    assert queue.status_code == 200 and {r["id"] for r in rows} <= set(ids_on(queue.text))
+    filtered = client.get("/console/queue?action=any&rule=velocity_step_up")  # "malformed JSON": a 409
+    assert filtered.status_code == 200 and rows[2]["id"] not in ids_on(filtered.text)
+    shadowed = {r["id"] for r in platform.repository.shadow_decisions()}
+    assert {r["id"] for r in rows[:3]} <= shadowed and rows[3]["id"] not in shadowed
+    load_logged(platform.repository, ["amount", "count_1m"])  # raised JSONDecodeError
+    assert client.get("/ready").status_code == 200

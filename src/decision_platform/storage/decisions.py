@@ -22,6 +22,7 @@ from decision_platform.storage.sql import (
     is_postgresql,
     json_dumps,
     json_type,
+    parsed_json,
 )
 from decision_platform.storage.tables import decision_events, decisions, outcomes
 
@@ -254,7 +255,8 @@ class DecisionStore(Store):
         """Decisions that logged a shadow policy's choice, newest first, each with its outcome's ``reward``
         and ``imputed`` flag (both None when no outcome has arrived)."""
         # SQLite stores a Python None in a JSON column as the JSON text 'null', PostgreSQL (psycopg path)
-        # as SQL NULL: asking for a JSON object covers both.
+        # as SQL NULL: asking for a JSON object covers both. Text that is not JSON is no object either
+        # (parsed_json: SQLite's json_type of it failed the whole comparison).
         query = (
             sa.select(
                 decisions.c.id,
@@ -267,7 +269,7 @@ class DecisionStore(Store):
                 outcomes.c.imputed,
             )
             .select_from(_WITH_OUTCOMES)
-            .where(json_type(self.engine)(decisions.c.shadow) == "object")
+            .where(json_type(self.engine)(parsed_json(self.engine, decisions.c.shadow)) == "object")
             .order_by(decisions.c.id.desc())
         )
         if since is not None:
