@@ -279,23 +279,34 @@ def models_page(platform: Platform) -> dict[str, Any]:
 
 
 def retrain_reports(directory: Path, count: int = 3) -> list[dict[str, Any]]:
-    """The newest retrain reports: a few figures of each JSON, and the name of its plot."""
+    """The newest retrain reports: whether each promoted, its gate's checks, and the name of its plot.
+
+    A report file of another shape (a hand edit, an older version: not an object, a gate or a check that
+    is not one) is shown with what can be read of it, as one that is not JSON is left out: the models page
+    answered 500 for it, for as long as it was among the newest."""
     out = []
     for path in sorted(directory.glob("retrain-*.json"), reverse=True)[:count]:
         try:
             report = json.loads(path.read_text("utf-8"))
         except (OSError, ValueError):
             continue
+        report = report if isinstance(report, dict) else {}
+        gate = report.get("gate") if isinstance(report.get("gate"), dict) else {}
+        checks = gate.get("checks") if isinstance(gate.get("checks"), list) else []
         png = path.with_suffix(".png")
-        gate = report.get("gate") or {}
         out.append(
             {
                 "name": path.name,
-                "started_at": report.get("started_at"),
-                "promoted": report.get("promoted"),
-                "passed": gate.get("passed"),
-                "checks": gate.get("checks") or [],
-                "data": report.get("data") or {},
+                "promoted": report.get("promoted") is True,
+                "checks": [
+                    {
+                        "name": str(c.get("name", "?")),
+                        "passed": c.get("passed") is True,
+                        "detail": str(c.get("detail", "")),
+                    }
+                    for c in checks
+                    if isinstance(c, dict)
+                ],
                 "png": png.name if png.exists() else None,
             }
         )
