@@ -322,10 +322,11 @@ class DecisionWriter:
         ``read_timeout_s`` when it stalls (both :class:`DatabaseUnavailable`, which the API answers 503).
 
         A statement the database refuses for the data it met (``errors.is_data_error``: SQLite's "malformed
-        JSON" on a row a hand edit left, a PostgreSQL data exception) is no outage: it was taken for one --
-        the database marked down, /ready 503, every decision spooled until the next probe, and the request
-        503 -- while the database answered everything else. It is :class:`DamagedRowError` (409) for this
-        request alone, counted under "database read" and logged."""
+        JSON" on a row a hand edit left, a PostgreSQL data exception) is neither an outage nor a bug. SQLite's
+        was taken for an outage -- the database marked down, /ready 503, every decision spooled until the
+        next probe, the request 503 -- while the database answered everything else; PostgreSQL's reached the
+        API as a 500 with a traceback. It is :class:`DamagedRowError` (409) for this request alone, counted
+        under "database read" and logged."""
         if not self._up:
             raise DatabaseUnavailable(self._last_error or "down", self.probe_interval_s * 2)
         try:
