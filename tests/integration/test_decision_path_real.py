@@ -19,7 +19,7 @@ from decision_platform.api.app import create_app
 from decision_platform.config import Settings
 from decision_platform.serving.platform import Platform
 from decision_platform.storage.database import make_batch_engine, make_engine, migrate
-from decision_platform.storage.errors import is_record_error
+from decision_platform.storage.errors import DamagedRowError, is_record_error
 from decision_platform.storage.repository import Repository
 from decision_platform.storage.spool import Spool
 from decision_platform.storage.writer import DUPLICATE, SPOOLED, STORED, DecisionWriter
@@ -108,6 +108,39 @@ def test_float_attributes_beyond_64_bit_integers_read_back_from_postgresql(
     assert stored.json()["attributes"] == attributes
     page = client.get(f"/console/decisions/{decided.json()['decision_id']}")
     assert page.status_code == 200 and "1e+300" in page.text
+
+
+def test_a_decision_damaged_in_postgresql_is_named_and_a_read_refused_for_its_data_is_no_outage(
+    real_client: tuple[TestClient, Settings],
+) -> None:
+    """jsonb holds any JSON: a hand edit's fired rules as an object. Its record and a retry of its event are
+    409s naming it; a statement PostgreSQL refuses for it (a data exception, SQLSTATE 22023) is a 409 for
+    that read, the database stays up (it was marked down: /ready 503, decisions spooled)."""
+    client, settings = real_client
+    event = {"event_id": "pg-damaged", "amount": 5.0}
+    decided = client.post("/decide", json={"entity_id": "pg-d", "event": event}).json()
+    platform = client.app.state.platform  # type: ignore[attr-defined]
+    with platform.repository.engine.begin() as connection:
+        damage = """UPDATE decisions SET rules_fired = '{"name": "velocity_step_up"}' WHERE id = :id"""
+        connection.execute(sa.text(damage), {"id": decided["decision_id"]})
+    record = client.get(f"/decisions/{decided['decision_id']}")
+    assert (
+        record.status_code == 409
+        and "is stored damaged: rules_fired holds {'name'" in record.json()["detail"]
+    )
+    retry = client.post("/decide", json={"entity_id": "pg-d", "event": event})
+    assert retry.status_code == 409 and "the event is not decided again" in retry.json()["detail"]
+
+    def every_fired_rule() -> list:
+        with platform.repository.engine.connect() as connection:
+            return list(
+                connection.execute(sa.text("SELECT jsonb_array_elements(rules_fired) FROM decisions"))
+            )
+
+    with pytest.raises(DamagedRowError, match="cannot extract elements from an object"):
+        platform.writer.query(every_fired_rule)
+    assert platform.writer.database_up and client.get("/ready").status_code == 200
+    assert query(settings.database_schema, "SELECT count(*) FROM decisions") == [(1,)]
 
 
 def test_conflicting_outcome_on_postgresql(real_client: tuple[TestClient, Settings]) -> None:

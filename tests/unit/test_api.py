@@ -178,7 +178,8 @@ def test_an_outcome_for_a_damaged_stored_decision_is_409_and_stores_no_reward(
         connection.exec_driver_sql(f"UPDATE decisions SET {damage} WHERE id = {decision['decision_id']}")
     response = client.post("/outcome", json={"decision_id": decision["decision_id"], "outcome": "fraud"})
     assert response.status_code == 409
-    assert f"decision {decision['decision_id']} is damaged" in response.json()["detail"]
+    named = f"decision {decision['decision_id']} is stored damaged: {damage.split(' ')[0]} holds"
+    assert response.json()["detail"].startswith(named)
     with client.app.state.platform.repository.engine.connect() as connection:
         stored = f"SELECT count(*) FROM outcomes WHERE decision_id = {decision['decision_id']}"
         assert connection.exec_driver_sql(stored).scalar() == 0

@@ -418,6 +418,25 @@ def test_models_page_shows_retrain_reports_and_serves_only_their_files(console) 
             (reports / f"{name}{suffix}").unlink()
 
 
+@pytest.mark.parametrize(
+    "report",
+    [[], "text", {"gate": "passed"}, {"gate": {"checks": "all"}}, {"gate": {"checks": [1, {"passed": 1}]}}],
+    ids=["list", "string", "gate-string", "checks-string", "check-of-another-shape"],
+)
+def test_a_retrain_report_of_another_shape_never_fails_the_models_page(console, report: object) -> None:
+    """A report a hand edit or an older version left answered 500 for as long as it was among the newest."""
+    client, platform, _ = console
+    reports = platform.settings.reports_dir
+    reports.mkdir(parents=True, exist_ok=True)
+    path = reports / "retrain-20261201T101500.json"
+    path.write_text(json.dumps(report))
+    try:
+        page = client.get("/console/models")
+        assert page.status_code == 200 and path.name in page.text
+    finally:
+        path.unlink()
+
+
 def test_a_pending_narrative_is_shown_as_pending(console, monkeypatch: pytest.MonkeyPatch) -> None:
     from decision_platform.explain.narrator import PENDING, Explanation
 

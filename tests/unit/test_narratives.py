@@ -33,6 +33,7 @@ from decision_platform.explain.reasons import format_value
 from decision_platform.storage.errors import DatabaseUnavailable
 from decision_platform.storage.spool import Spool
 from decision_platform.storage.writer import DecisionWriter
+from tests.conftest import decision_row
 
 LLM_URL_AT_IMPORT = os.environ.get("DP_LLM_URL")
 
@@ -560,9 +561,10 @@ class StubRepository:
 
 
 def row_of(facts: Facts) -> DecisionRecord:
+    """The stored decision these facts were built from (the columns facts do not hold: an intact row's)."""
     return DecisionRecord.from_row(
         {
-            "id": facts.decision_id,
+            **decision_row(facts.decision_id),
             "entity_id": facts.entity_id,
             "action": facts.action,
             "decided_by": facts.decided_by,

@@ -187,3 +187,37 @@ def test_outcomes_need_http() -> None:
     result = CliRunner().invoke(cli.app, ["replay", "--to", "kafka", "--outcomes"], terminal_width=200)
     assert result.exit_code == 2
     assert "--outcomes needs --to http" in result.output
+
+
+def test_a_replay_over_stored_damaged_decisions_counts_them_and_goes_on(live_api: LiveApi) -> None:
+    """Events replayed again whose first decisions a hand edit damaged: each is a 409 naming the damage,
+    counted as the replay's error; the others are answered with their decisions and get their outcomes,
+    and nothing is decided twice. (Before, an action of 3 was a 500 with a traceback, and an action of -1
+    came back 200 as a block, whose outcome the replay then priced and posted.)"""
+    data = generate(n_entities=20, days=1, seed=4)
+    events = replaying.shift_to_now(data.events[:4])
+    labels = {e.event_id: int(label) for e, label in zip(events, data.labels[:4], strict=True)}
+    with httpx.Client(base_url=live_api.url, timeout=HTTP_TIMEOUT_S) as client:
+        for event in events:
+            client.post(
+                "/decide", json={"entity_id": event.entity_id, "event": event.model_dump(mode="json")}
+            )
+    engine = live_api.platform.repository.engine
+    with engine.begin() as connection:
+        for event, damage in zip(events, ("action = 3", "action = -1"), strict=False):
+            connection.exec_driver_sql(f"UPDATE decisions SET {damage} WHERE event_id = ?", (event.event_id,))
+    reporter = replaying.OutcomeReporter(
+        live_api.url, labels, REWARDS.simulation, delay_s=0.0, seed=1, timeout_s=HTTP_TIMEOUT_S
+    )
+    send = replaying.http_sender(live_api.url, timeout_s=HTTP_TIMEOUT_S, outcomes=reporter)
+    try:
+        summary = replaying.replay(events, send, rate=0, chunk=1, outcomes=reporter)
+    finally:
+        reporter.close()
+    assert (summary.acknowledged, summary.errors) == (2, 2)
+    assert (
+        "HTTP 409" in (summary.first_error or "") and "is stored damaged: action holds" in summary.first_error
+    )
+    assert summary.outcomes_posted + summary.outcomes_conflicts == 2 and summary.outcomes_failed == 0
+    with engine.connect() as connection:
+        assert connection.execute(sa.select(sa.func.count()).select_from(decisions)).scalar() == 4

@@ -26,7 +26,7 @@ from decision_platform.console.routes import AdminActions, build_router
 from decision_platform.features import FeatureStoreError
 from decision_platform.serving.platform import Platform, settle_heap
 from decision_platform.storage.errors import OUTAGE_ERRORS as DATABASE_OUTAGES
-from decision_platform.storage.errors import DatabaseUnavailable
+from decision_platform.storage.errors import DamagedRowError, DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,12 @@ async def _dependency_unavailable(request: Request, exc: Exception) -> JSONRespo
     )
 
 
+async def _damaged_row(_request: Request, exc: DamagedRowError) -> JSONResponse:
+    """409 naming the damaged row (storage.errors.DamagedRowError says why 409); whoever found it has
+    counted and logged it."""
+    return JSONResponse({"detail": str(exc)}, status_code=409)
+
+
 def _printable(text: str) -> str:
     # A field name can be a client's dict key: NUL or a lone surrogate would break the JSON answer.
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
@@ -240,8 +246,10 @@ def create_app(settings: Settings | None = None, platform: Platform | None = Non
 
 
 def add_error_handling(app: FastAPI, max_body_bytes: int) -> None:
-    """The error answers of DESIGN.md §11: 413, 422 naming the fields, 503 for outages, 500 for bugs."""
+    """The error answers of DESIGN.md §11: 413, 422 naming the fields, 503 for outages, 409 for a damaged
+    stored row, 500 for bugs."""
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(DamagedRowError, _damaged_row)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     for error in DEPENDENCY_OUTAGES:
         app.add_exception_handler(error, _dependency_unavailable)

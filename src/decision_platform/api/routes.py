@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, HTTPException, Path, Query, Response
 from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
 from decision_platform.api.deps import PlatformDep
 from decision_platform.api.schemas import (
@@ -24,7 +25,7 @@ from decision_platform.api.schemas import (
     error_responses,
 )
 from decision_platform.core.events import INT64_MAX, Event, ahead_of_clock
-from decision_platform.core.records import DUPLICATE, REFUSED, refusal_message
+from decision_platform.core.records import DUPLICATE, REFUSED, DecisionRecord
 from decision_platform.events.kafka import BrokerUnavailableError
 from decision_platform.observability import metrics
 from decision_platform.serving.engine import DecisionRequest
@@ -35,7 +36,8 @@ from decision_platform.serving.outcomes import (
     record_outcome,
 )
 from decision_platform.serving.platform import Platform
-from decision_platform.storage.errors import DatabaseUnavailable
+from decision_platform.storage.decisions import counted, intact
+from decision_platform.storage.errors import DamagedDecisionError, DatabaseUnavailable
 
 router = APIRouter()
 
@@ -111,9 +113,8 @@ async def decided(platform: Platform, body: DecideRequest) -> bytes:
     if decision.storage in REFUSED:
         # A retry gets the first decision; an id another entity's event holds does not (producers that
         # number events per account reuse ids across them), nor one of the entity's event with other
-        # content: refused, and not counted in the windows.
-        event_id = body.event.event_id if body.event is not None else ""
-        raise HTTPException(409, refusal_message(decision.storage, event_id))
+        # content, nor a retry whose first decision is stored damaged: refused, not counted in the windows.
+        raise HTTPException(409, decision.refusal)
     narrator = platform.narrator
     if narrator is not None and decision.storage != DUPLICATE:  # a queue append: never waits for the LLM
         narrator.submit(decision.record)
@@ -195,15 +196,32 @@ def outcome(body: OutcomeRequest, platform: PlatformDep, response: Response) -> 
     "/decisions/{decision_id}",
     response_model=StoredDecision,
     summary="A stored decision record",
-    responses=error_responses(404, 422, 503),
+    responses=error_responses(404, 409, 422, 503),
 )
-def get_decision(decision_id: DecisionIdPath, platform: PlatformDep) -> dict[str, Any]:
+def get_decision(decision_id: DecisionIdPath, platform: PlatformDep) -> StoredDecision:
     record = platform.writer.find_decision(decision_id)  # spooled decisions are readable too
     if record is None:
         raise HTTPException(404, f"no decision {decision_id}")
-    row = record.to_row()
+    return stored_decision(record)
+
+
+#: ``dp_damaged_rows_total{reader}`` of ``GET /decisions/{id}``.
+RECORD_READER = "decision record"
+
+
+def stored_decision(record: DecisionRecord) -> StoredDecision:
+    """The record as ``GET /decisions/{id}`` answers it. A row damaged in a column (a hand edit, an older
+    version) is refused with ``DamagedDecisionError`` naming it: 409 (storage.errors says why), not a 500
+    from the answer's own validation, nor an answer holding what the platform never decided (an action of
+    3). Storage's check comes first; this schema then also refuses what it checks no deeper (a fired rule
+    without its tier, a model version that is not text)."""
+    row = intact(record, RECORD_READER).to_row()
     row["created_at"] = record.created_at.isoformat()
-    return row
+    try:
+        return StoredDecision.model_validate(row)
+    except ValidationError as exc:
+        column = str(exc.errors()[0]["loc"][0])
+        raise counted(DamagedDecisionError(record.id, column, row.get(column)), RECORD_READER) from None
 
 
 @router.get(
@@ -211,7 +229,7 @@ def get_decision(decision_id: DecisionIdPath, platform: PlatformDep) -> dict[str
     response_model=ExplanationResponse,
     summary="The decision explained in words by a local LLM, from its facts only",
     responses={
-        **error_responses(404, 422, 503),
+        **error_responses(404, 409, 422, 503),
         202: {
             "model": ExplanationResponse,
             "description": "Still being written: the template narrative meanwhile",

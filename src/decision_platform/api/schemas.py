@@ -183,7 +183,8 @@ class ExplanationResponse(BaseModel):
     reason: str | None = Field(
         description="why the template: no_llm, llm_starting (the model is being fetched / started), "
         "grounding_rejected, llm_timeout, llm_error, llm_unavailable, queue_full, pending, no_choice (no "
-        "fact the model could choose); null for an LLM narrative"
+        "fact the model could choose), stored_damaged (the stored narrative's row holds what the narrator "
+        "never writes); null for an LLM narrative"
     )
     model: str | None = None
     prompt_version: str | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
@@ -27,9 +28,11 @@ def explain(
     """Print the facts of a decision (action, risk, reasons with normal ranges, rules) and its narrative."""
     from decision_platform.explain.facts import Facts
     from decision_platform.explain.llm import open_chat_client
-    from decision_platform.explain.narrator import Explanation, Narrator
+    from decision_platform.explain.narrator import STORED_DAMAGED, Explanation, Narrator
     from decision_platform.models.ranges import ranges_of_model
     from decision_platform.storage.database import open_database
+    from decision_platform.storage.decisions import intact
+    from decision_platform.storage.errors import DamagedDecisionError
     from decision_platform.storage.repository import Repository
 
     settings = get_settings()
@@ -39,23 +42,27 @@ def explain(
         if record is None:
             console.print(f"[red]no decision {decision_id}[/red]")
             raise typer.Exit(1)
+        try:
+            intact(record, "explain cli")
+        except DamagedDecisionError as exc:  # named, as the API's 409 does; no facts can be built from it
+            console.print(f"[red]{escape(str(exc))}[/red]")
+            raise typer.Exit(1) from None
         version = (record.model_versions or {}).get("risk")
         ranges = ranges_of_model(settings.model_dir, repository.get_model(version)) if version else None
         client = open_chat_client(settings) if generate else None
         narrator = Narrator(settings, repository, client, ranges)
         try:
             stored = repository.get_explanation(decision_id)
-            if stored is not None:
-                explanation = Explanation.from_row(stored)
-            else:
+            explanation = Explanation.from_stored(stored) if stored is not None else None
+            if explanation is None:
                 facts = narrator.facts_for(record)
-                if client is None:
+                if client is None or stored is not None:  # stored damaged: the template, as the API
                     explanation = Explanation(
                         decision_id,
                         "ready",
                         facts.template_narrative(),
                         "template",
-                        "no_llm",
+                        "no_llm" if stored is None else STORED_DAMAGED,
                         facts.to_dict(),
                     )
                 else:

@@ -24,6 +24,7 @@ from decision_platform.models.registry import KINDS
 from decision_platform.reporting import parse_time
 from decision_platform.rules.ruleset import RuleSet
 from decision_platform.serving.platform import Platform
+from decision_platform.storage.decisions import counted, damaged, intact_rows
 from decision_platform.storage.errors import DatabaseUnavailable
 from decision_platform.storage.review import QueueFilter
 
@@ -144,24 +145,43 @@ def queue_page(platform: Platform, query: QueueQuery) -> dict[str, Any]:
 
 
 def _bars(reasons: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The reasons as bars: width in percent of the largest |weight|, the sign as the direction."""
-    largest = max((abs(float(r.get("weight") or 0.0)) for r in reasons), default=0.0) or 1.0
+    """The reasons as bars: width in percent of the largest |weight|, the sign as the direction; the label
+    and kind a reason stored before they were kept lacks (storage's check ensures the rest)."""
+    largest = max((abs(float(r["weight"])) for r in reasons), default=0.0) or 1.0
     return [
         {
-            **r,
-            "width": round(100.0 * abs(float(r.get("weight") or 0.0)) / largest, 1),
-            "raises": str(r.get("direction", "")).startswith("raises"),
+            "label": str(r.get("text") or r.get("description") or r["feature"]),
+            "weight": r["weight"],
+            "kind": r.get("kind") or "risk",
+            "width": round(100.0 * abs(float(r["weight"])) / largest, 1),
+            "raises": r["direction"].startswith("raises"),
         }
         for r in reasons
     ]
 
 
+#: ``dp_damaged_rows_total{reader}`` of the decision page: the decision itself, and its entity's timeline.
+PAGE_READER = "console decision"
+TIMELINE_READER = "console timeline"
+
+
 def decision_page(platform: Platform, decision_id: int) -> dict[str, Any] | None:
-    """Everything the decision page shows; None: no such decision (database or spool)."""
+    """Everything the decision page shows; None: no such decision (database or spool).
+
+    A decision stored damaged (``damage`` in the result; storage.decisions.damaged) is shown as stored,
+    every column's raw value, under a notice naming the damaged column: an analyst who follows a link to
+    it must see what is there and why nothing else is offered (no explanation, no labels: outcomes for it
+    are refused). Not the API's 409: the page answers what was asked, what is stored. An intact decision
+    leaves its entity's damaged decisions out of its timeline (counted)."""
     record = platform.writer.find_decision(decision_id)
     if record is None:
         return None
     outcome = platform.writer.query(lambda: platform.repository.get_outcome(decision_id))
+    row = record.to_row()
+    problem = damaged(row)
+    if problem is not None:
+        stored = [(column, json.dumps(value, default=str)) for column, value in row.items()]
+        return {"d": record, "damage": counted(problem, PAGE_READER), "stored": stored, "outcome": outcome}
     # An imputed placeholder is no label: the queue lists it as "no outcome yet", and a reported outcome
     # replaces it (storage/outcomes.py), so the page offers the buttons beside it.
     imputed = outcome if outcome is not None and outcome.imputed else None
@@ -185,6 +205,7 @@ def decision_page(platform: Platform, decision_id: int) -> dict[str, Any] | None
     ]
     return {
         "d": record,
+        "damage": None,
         "action_name": ACTION_NAMES[action],
         "proposed_name": None if proposed is None else ACTION_NAMES[proposed],
         "outcome": outcome,
@@ -194,7 +215,7 @@ def decision_page(platform: Platform, decision_id: int) -> dict[str, Any] | None
         "risk_typical": facts.get("risk_typical"),
         "anomaly_typical": facts.get("anomaly_typical"),
         "explanation": explanation,
-        "timeline": _timeline(timeline, decision_id),
+        "timeline": _timeline(list(intact_rows(timeline, TIMELINE_READER)), decision_id),
         "attributes": sorted((record.attributes or {}).items()),
     }
 
@@ -258,23 +279,34 @@ def models_page(platform: Platform) -> dict[str, Any]:
 
 
 def retrain_reports(directory: Path, count: int = 3) -> list[dict[str, Any]]:
-    """The newest retrain reports: a few figures of each JSON, and the name of its plot."""
+    """The newest retrain reports: whether each promoted, its gate's checks, and the name of its plot.
+
+    A report file of another shape (a hand edit, an older version: not an object, a gate or a check that
+    is not one) is shown with what can be read of it, as one that is not JSON is left out: the models page
+    answered 500 for it, for as long as it was among the newest."""
     out = []
     for path in sorted(directory.glob("retrain-*.json"), reverse=True)[:count]:
         try:
             report = json.loads(path.read_text("utf-8"))
         except (OSError, ValueError):
             continue
+        report = report if isinstance(report, dict) else {}
+        gate = report.get("gate") if isinstance(report.get("gate"), dict) else {}
+        checks = gate.get("checks") if isinstance(gate.get("checks"), list) else []
         png = path.with_suffix(".png")
-        gate = report.get("gate") or {}
         out.append(
             {
                 "name": path.name,
-                "started_at": report.get("started_at"),
-                "promoted": report.get("promoted"),
-                "passed": gate.get("passed"),
-                "checks": gate.get("checks") or [],
-                "data": report.get("data") or {},
+                "promoted": report.get("promoted") is True,
+                "checks": [
+                    {
+                        "name": str(c.get("name", "?")),
+                        "passed": c.get("passed") is True,
+                        "detail": str(c.get("detail", "")),
+                    }
+                    for c in checks
+                    if isinstance(c, dict)
+                ],
                 "png": png.name if png.exists() else None,
             }
         )

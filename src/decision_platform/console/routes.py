@@ -31,6 +31,7 @@ from decision_platform.serving.outcomes import (
     record_outcome,
 )
 from decision_platform.serving.platform import Platform
+from decision_platform.storage.errors import DamagedDecisionError
 
 HERE = Path(__file__).parent
 STATIC = {"console.css": "text/css", "console.js": "text/javascript"}
@@ -188,7 +189,8 @@ def build_router(settings: Settings, admin: AdminActions | None = None) -> APIRo
         view = pages.decision_page(platform, decision_id)
         if view is None:
             return render(request, "error.html", {"message": f"no decision {decision_id}"}, 404)
-        return render(request, "decision.html", {**view, "error": error}, status)
+        page = "decision_damaged.html" if view["damage"] else "decision.html"
+        return render(request, page, {**view, "error": error}, status)
 
     @router.post("/decisions/{decision_id}/outcome", dependencies=posted)
     def label(
@@ -201,7 +203,7 @@ def build_router(settings: Settings, admin: AdminActions | None = None) -> APIRo
             return render(request, "error.html", {"message": str(exc)}, 404)
         except UnknownOutcomeError as exc:
             return _decision(request, platform, decision_id, str(exc), 422)
-        except OutcomeConflictError as exc:
+        except (OutcomeConflictError, DamagedDecisionError) as exc:
             return _decision(request, platform, decision_id, str(exc), 409)
         return RedirectResponse(f"/console/decisions/{decision_id}", 303)
 

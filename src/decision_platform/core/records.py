@@ -25,8 +25,12 @@ ID_TAKEN = "id_taken"
 #: attributes): not a retry but another event under a used id. It was answered with the first event's
 #: decision, and neither decided nor counted itself -- accepted and lost. Refused instead.
 ID_REUSED = "id_reused"
+#: Likewise, when the log holds the event's first decision stored damaged (a hand edit, an older version:
+#: an action of 3 ...). That row cannot be the answer -- it is not what the platform decided -- and deciding
+#: the event again would decide it twice (and count it twice in the windows). Refused, naming the damage.
+FIRST_DAMAGED = "first_damaged"
 #: The engine's answers that refuse the request.
-REFUSED = frozenset({ID_TAKEN, ID_REUSED})
+REFUSED = frozenset({ID_TAKEN, ID_REUSED, FIRST_DAMAGED})
 
 
 def id_taken_message(event_id: str) -> str:
@@ -34,8 +38,11 @@ def id_taken_message(event_id: str) -> str:
     return f"event_id {event_id!r} is already the id of another entity's event: ids must be unique"
 
 
-def refusal_message(storage: str, event_id: str) -> str:
-    """What an event refused with ``storage`` (one of REFUSED) is told, on every path."""
+def refusal_message(storage: str, event_id: str, damage: str = "") -> str:
+    """What an event refused with ``storage`` (one of REFUSED) is told, on every path; ``damage``: what is
+    wrong with its first decision (FIRST_DAMAGED)."""
+    if storage == FIRST_DAMAGED:
+        return f"event_id {event_id!r} was decided before, but {damage}: the event is not decided again"
     if storage == ID_REUSED:
         return (
             f"event_id {event_id!r} is already the id of another event of this entity (a retry must resend "

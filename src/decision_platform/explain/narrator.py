@@ -29,7 +29,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -42,6 +42,7 @@ from decision_platform.explain.llm import ChatClient, ChatResult, LLMError, LLMT
 from decision_platform.explain.prompt import build_messages, retry_messages, template
 from decision_platform.models.ranges import FeatureRanges
 from decision_platform.observability import metrics
+from decision_platform.storage.decisions import intact
 from decision_platform.storage.errors import DatabaseUnavailable
 from decision_platform.storage.repository import Repository
 from decision_platform.storage.writer import DecisionWriter
@@ -57,6 +58,11 @@ LLM, STARTING, TEMPLATE = "llm", "starting", "template"
 STRUCTURED_MAX_TOKENS = 80
 #: Bound of the narrator's memory: requested ids in the queue.
 MAX_URGENT = 256
+#: Why the template is served for a decision whose stored narrative is damaged (Explanation.from_stored).
+STORED_DAMAGED = "stored_damaged"
+#: ``dp_damaged_rows_total{reader}`` of an explanation: its decision, and its stored narrative.
+EXPLANATION_READER = "explanation"
+STORED_EXPLANATION_READER = "stored explanation"
 
 
 @dataclass
@@ -68,7 +74,7 @@ class Explanation:
     narrative: str
     source: str  # llm | template
     #: Why the template is served: no_llm, llm_starting, grounding_rejected, llm_timeout, llm_error,
-    #: llm_unavailable, queue_full, pending, no_choice. None for an LLM narrative.
+    #: llm_unavailable, queue_full, pending, no_choice, stored_damaged. None for an LLM narrative.
     reason: str | None
     facts: dict[str, Any]
     model: str | None = None
@@ -76,6 +82,27 @@ class Explanation:
     latency_ms: float | None = None
     grounding: dict[str, Any] | None = None
     created_at: datetime | None = None
+
+    @classmethod
+    def from_stored(cls, row: Mapping[str, Any]) -> Explanation | None:
+        """A stored narrative, or None when its row holds what the narrator never writes (a hand edit, an
+        older version: facts that are not the facts of a decision, grounding that is not an object ...);
+        counted in ``dp_damaged_rows_total{reader="stored explanation"}`` and logged. Its reader serves the
+        template from the decision instead (reason ``stored_damaged``): the decision is intact and the
+        narrative is derived from it, so a 409 would withhold what can be said. The damaged row stays as it
+        is (narratives are written once): it is evidence, not a cache to overwrite."""
+        for column, intact_value in _STORED.items():
+            if not intact_value(row.get(column)):
+                shown = repr(row.get(column))[:80]
+                metrics.DAMAGED_ROWS.labels(reader=STORED_EXPLANATION_READER).inc()
+                log.warning(
+                    "the explanation of decision %s is stored damaged: %s holds %s; the template is served",
+                    row.get("decision_id"),
+                    column,
+                    shown,
+                )
+                return None
+        return cls.from_row(row)
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Explanation:
@@ -98,6 +125,34 @@ class Explanation:
         out = dict(self.__dict__)
         out["created_at"] = self.created_at.isoformat() if self.created_at else None
         return out
+
+
+def _typical(value: Any) -> bool:
+    return value is None or (
+        isinstance(value, dict) and all(isinstance(value.get(end), int | float) for end in ("low", "high"))
+    )
+
+
+#: Facts a stored narrative cannot be read without (``Facts.from_dict``).
+_REQUIRED_FACTS = frozenset(
+    f.name for f in fields(Facts) if f.default is MISSING and f.default_factory is MISSING
+)
+#: What the readers of a stored narrative take for granted of each column (its API answer, the console's
+#: decision page, ``decision-platform explain``): what the narrator writes (``Narrator._row``).
+_STORED: dict[str, Callable[[Any], bool]] = {
+    "narrative": lambda v: isinstance(v, str),
+    "source": lambda v: isinstance(v, str),
+    "model": lambda v: v is None or isinstance(v, str),
+    "prompt_version": lambda v: v is None or isinstance(v, str),
+    "latency_ms": lambda v: v is None or (isinstance(v, int | float) and not isinstance(v, bool)),
+    "grounding": lambda v: v is None or (isinstance(v, dict) and isinstance(v.get("reason") or "", str)),
+    "facts": lambda v: (
+        isinstance(v, dict)
+        and v.keys() >= _REQUIRED_FACTS
+        and _typical(v.get("risk_typical"))
+        and _typical(v.get("anomaly_typical"))
+    ),
+}
 
 
 def clean(text: str, truncated: bool = False) -> str:
@@ -214,10 +269,11 @@ class Narrator:
         self, decision_id: int, wait: bool = False, timeout_s: float | None = None
     ) -> Explanation | None:
         """The narrative of a decision: stored, or being written (pending, with the template meanwhile).
-        None when there is no such decision."""
+        None when there is no such decision; ``DamagedDecisionError`` when it is stored damaged."""
         stored = self._stored(decision_id)
-        if stored is not None:
-            return Explanation.from_row(stored)
+        explanation = Explanation.from_stored(stored) if stored is not None else None
+        if explanation is not None:
+            return explanation
         record = (
             self.writer.find_decision(decision_id)
             if self.writer
@@ -225,7 +281,10 @@ class Narrator:
         )
         if record is None:
             return None
-        facts = self.facts_for(record)
+        # A damaged decision: DamagedDecisionError naming it (the API's 409), not a traceback from the facts.
+        facts = self.facts_for(intact(record, EXPLANATION_READER))
+        if stored is not None:  # its narrative is stored damaged: the template, never a second narrative
+            return self._template(facts, READY, STORED_DAMAGED)
         if self.client is None:
             return self._template(facts, READY, "no_llm")
         if self.active != LLM:  # being fetched / started, or it failed to: the template now, not a wait

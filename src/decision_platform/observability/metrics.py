@@ -167,7 +167,8 @@ FEATURE_STORE_ERRORS = Counter("dp_feature_store_errors_total", "Feature store f
 DB_ERRORS = Counter("dp_db_errors_total", "Database failures.", ["operation"])
 DAMAGED_ROWS = Counter(
     "dp_damaged_rows_total",
-    "Stored decision rows a reader skipped: a column not holding what the platform writes there.",
+    "Stored rows a reader skipped, refused or showed as damaged: a column not holding what the platform "
+    "writes there (reader 'database read': a read the database refused for what it holds).",
     ["reader"],
 )
 DB_BATCH_SIZE = Histogram(

@@ -29,7 +29,15 @@ from decision_platform.config import Settings
 from decision_platform.core.actions import ACTION_NAMES
 from decision_platform.core.events import Event
 from decision_platform.core.ids import DecisionIdGenerator
-from decision_platform.core.records import DUPLICATE, ID_REUSED, ID_TAKEN, DecisionRecord, RowStatus
+from decision_platform.core.records import (
+    DUPLICATE,
+    FIRST_DAMAGED,
+    ID_REUSED,
+    ID_TAKEN,
+    DecisionRecord,
+    RowStatus,
+    refusal_message,
+)
 from decision_platform.explain.attributions import ReasonBuilder
 from decision_platform.explain.reasons import template_sentence
 from decision_platform.features import FeatureResult, FeatureSpec, FeatureStore, FeatureStoreError
@@ -38,9 +46,13 @@ from decision_platform.models.policy import serving_distribution, serving_distri
 from decision_platform.models.scoring import ScoringChain
 from decision_platform.observability import metrics
 from decision_platform.rules.ruleset import BatchFacts, RuleSet, RuleVerdict
+from decision_platform.storage.decisions import intact
+from decision_platform.storage.errors import DamagedDecisionError
 
 log = logging.getLogger(__name__)
 
+#: ``dp_damaged_rows_total{reader}`` of a retried event's first decision (serving/engine.py first_decision).
+RETRY_READER = "retried event"
 #: Batches this small are decided row by row: the columns' fixed cost (numpy per rule) is more than the
 #: per-row work it saves below ~4 rows (rules + records stage, CPU per decision, same process: 1 row
 #: 280 us row by row vs 580 batched; 4 rows 228 vs 210; 16 rows 186 vs 75).
@@ -87,8 +99,10 @@ class Decision:
     record: DecisionRecord
     response: dict[str, Any]
     #: stored | spooled | duplicate (the event had been decided before: ``record`` is that decision) |
-    #: id_taken (another entity's event holds the id: ``record`` was refused, never stored; not an answer)
+    #: one of REFUSED (id_taken, id_reused, first_damaged: ``record`` was refused, never stored; no answer)
     storage: str
+    #: What a refused request is told (core.records.refusal_message): the 409's detail, the dead letter's.
+    refusal: str = ""
 
 
 @dataclass
@@ -429,14 +443,26 @@ class DecisionEngine:
         return answers
 
     def first_decision(self, retried: PendingDecision) -> Decision:
-        """The answer to a retried event: its first decision (database or spool), else this one's record."""
-        first = self.writer.find_decision_by_event(retried.record.event_id)  # type: ignore[arg-type]
+        """The answer to a retried event: its first decision (database or spool), else this one's record.
+
+        A first decision stored damaged is refused (FIRST_DAMAGED, counted under "retried event": the
+        ``/decide`` retry and the stream's redelivery alike): its row is not what the platform decided
+        (an action of 3 was a 500, -1 was answered "block"), and deciding the event again would decide it
+        twice. The windows kept the first event (they skip a known id): nothing to withdraw."""
+        event_id = retried.record.event_id
+        assert event_id is not None, "only an event can be retried"
+        first = self.writer.find_decision_by_event(event_id)
         if first is not None and first.entity_id != retried.record.entity_id:
             return self._id_taken(retried)
+        if first is not None:
+            try:
+                intact(first, RETRY_READER)
+            except DamagedDecisionError as exc:
+                return self._refused(retried, FIRST_DAMAGED, str(exc))
         if first is not None and _other_content(first, retried.record):
             # The windows kept the first event (they skip a known id): nothing to withdraw.
             metrics.EVENT_ID_CONFLICTS.inc()
-            return Decision(retried.record, retried.record.response(), ID_REUSED)
+            return self._refused(retried, ID_REUSED)
         if first is not None:
             return Decision(first, first.response(), DUPLICATE)
         record = retried.record
@@ -457,7 +483,14 @@ class DecisionEngine:
             except FeatureStoreError as exc:
                 metrics.FEATURE_STORE_ERRORS.labels(operation="withdraw").inc()
                 log.warning("withdrawing event %s from the windows failed: %s", refused.record.event_id, exc)
-        return Decision(refused.record, refused.record.response(), ID_TAKEN)
+        return self._refused(refused, ID_TAKEN)
+
+    @staticmethod
+    def _refused(refused: PendingDecision, storage: str, damage: str = "") -> Decision:
+        """``refused``'s own record (never stored) with the words its refusal is told."""
+        record = refused.record
+        message = refusal_message(storage, record.event_id or "", damage)
+        return Decision(record, record.response(), storage, message)
 
     #: Decide a batch's rows from columns (rules over the batch, facts dicts only for fired rules); False:
     #: row by row, the straightforward way (the reference in tests/unit/test_fast_path.py).

@@ -9,13 +9,13 @@ the decision's amount. Decisions still in the local spool take outcomes too (sto
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from datetime import datetime
 
-from decision_platform.core.actions import ACTION_NAMES, is_action
+from decision_platform.core.actions import ACTION_NAMES
 from decision_platform.core.rewards import RewardTable
 from decision_platform.observability import metrics
+from decision_platform.storage.decisions import intact
 from decision_platform.storage.repository import OutcomeStatus
 from decision_platform.storage.writer import DecisionWriter
 
@@ -36,12 +36,6 @@ class OutcomeConflictError(OutcomeError):
     """The decision already has a different outcome: outcomes are final (API: 409)."""
 
 
-class DamagedDecisionError(OutcomeConflictError):
-    """The stored decision cannot be priced: an action or an amount the platform never writes (a hand edit,
-    an older version). Its outcome is refused (API: 409) rather than stored with a reward of inf or NaN,
-    which would make every later comparison of policies inf or NaN."""
-
-
 @dataclass(frozen=True)
 class RecordedOutcome:
     decision_id: int
@@ -55,18 +49,15 @@ class RecordedOutcome:
 def record_outcome(
     writer: DecisionWriter, rewards: RewardTable, decision_id: int, outcome: str
 ) -> RecordedOutcome:
-    """Check, price and store one outcome; raises an :class:`OutcomeError` (or ``DatabaseUnavailable``)."""
+    """Check, price and store one outcome; raises an :class:`OutcomeError` (or ``DatabaseUnavailable``), or
+    ``DamagedDecisionError`` for a stored decision whose action or amount the platform never writes: it
+    cannot be priced, and is refused (API: 409) rather than stored with a reward of inf or NaN."""
     if outcome not in rewards.outcomes:
         raise UnknownOutcomeError(f"unknown outcome {outcome!r}; expected one of {rewards.outcome_names}")
     decision = writer.find_decision(decision_id)  # the spool first, then the database
     if decision is None:
         raise UnknownDecisionError(f"no decision {decision_id}")
-    action = decision.action
-    if not is_action(action) or not math.isfinite(decision.amount or 0.0):
-        raise DamagedDecisionError(
-            f"decision {decision_id} is damaged in the database (action {action!r}, amount "
-            f"{decision.amount!r}): no reward can be computed for it"
-        )
+    action = intact(decision, "outcome", ("action", "amount")).action
     if not rewards.possible(outcome, action):
         possible = [name for name in rewards.outcomes if rewards.possible(name, action)]
         raise UnknownOutcomeError(

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from decision_platform.config import Settings
 from decision_platform.core.events import Event, ahead_of_clock
-from decision_platform.core.records import DUPLICATE, REFUSED, refusal_message
+from decision_platform.core.records import DUPLICATE, REFUSED
 from decision_platform.events.messages import RawMessage
 from decision_platform.features import FeatureResult, FeatureStore
 from decision_platform.observability import metrics
@@ -215,13 +215,16 @@ class StreamWorker:
         return summary
 
     def _dead_letter_taken(self, batch: InFlight, decisions: list[Decision]) -> None:
-        """Park the events refused because another entity's event holds their id: publishing that entity's
-        decision for them would answer a different event (the engine has taken them out of the windows)."""
+        """Park the events the engine refused (core.records.REFUSED), each with its refusal's words: another
+        entity's event holds their id (publishing that entity's decision for them would answer a different
+        event; the engine has taken them out of the windows), one of the entity's with other content, or
+        their first decision is stored damaged (a redelivery: publishing that row would publish what the
+        platform never decided, deciding again would decide the event twice)."""
         for i, decision in enumerate(decisions):
             if decision.storage not in REFUSED:
                 continue
             event = batch.pending[i].event
-            assert event is not None, "only an event's decision can find its id taken"
+            assert event is not None, "only an event's decision can be refused"
             message = batch.sources[i] if batch.sources is not None else None
             if message is None:  # POST /events in-process: the event as it would have come as a message
                 message = RawMessage(
@@ -229,8 +232,7 @@ class StreamWorker:
                     key=event.entity_id.encode(),
                     topic=self.settings.kafka_events_topic,
                 )
-            message_text = refusal_message(decision.storage, event.event_id)
-            self._dead_letter(message, message_text, decision.storage, batch.summary)
+            self._dead_letter(message, decision.refusal, decision.storage, batch.summary)
 
     def run(self, source: EventSource, stop: threading.Event, poll_timeout_s: float = 0.5) -> int:
         """Consume until ``stop`` is set; returns the number of messages processed.

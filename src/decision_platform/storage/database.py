@@ -54,7 +54,9 @@ def make_engine(
         path = url.split("sqlite:///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = sa.create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, json_deserializer=_json_loads
+        )
 
         @sa.event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
@@ -121,8 +123,17 @@ def _json_dumps(value: object) -> str:
 def _json_loads(text: str | bytes) -> Any:
     """JSONB keeps a number as its value, not its spelling: a float attribute of 1e300 comes back as 1
     and 300 zeros, an integer to JSON, which the API's own schema then refused (GET /decisions/{id} was a
-    500). The edge refuses integers beyond 64 bits, so a stored one was a float: it is read as one."""
-    return json.loads(text, parse_int=_int_or_float)
+    500). The edge refuses integers beyond 64 bits, so a stored one was a float: it is read as one.
+
+    Text that is not JSON at all (SQLite keeps whatever a hand edit wrote, which is why its engine reads
+    through here too; PostgreSQL's jsonb refuses it) is read as that text: a string where the platform
+    writes an object or a list, which every reader's check names as damaged (storage.decisions.damaged),
+    instead of the read failing with a JSON error -- the row's own pages, and every queue page, report or
+    retrain holding it."""
+    try:
+        return json.loads(text, parse_int=_int_or_float)
+    except ValueError:
+        return text
 
 
 def _int_or_float(text: str) -> int | float:

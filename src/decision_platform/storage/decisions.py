@@ -14,6 +14,7 @@ from sqlalchemy.dialects import postgresql
 from decision_platform.core.actions import is_action
 from decision_platform.core.records import DecisionRecord
 from decision_platform.observability import metrics
+from decision_platform.storage.errors import DamagedDecisionError
 from decision_platform.storage.sql import (
     Store,
     decided_between,
@@ -21,6 +22,7 @@ from decision_platform.storage.sql import (
     is_postgresql,
     json_dumps,
     json_type,
+    parsed_json,
 )
 from decision_platform.storage.tables import decision_events, decisions, outcomes
 
@@ -73,21 +75,46 @@ def _three(value: Any, item: Callable[[Any], bool]) -> bool:
     return isinstance(value, list) and len(value) == 3 and all(item(v) for v in value)
 
 
-#: What readers of stored decisions (learning, reporting, backtests) take for granted of each column, when
-#: the row carries it. The platform writes nothing else; a hand edit or an older version may have.
+def _fired_rule(rule: Any) -> bool:
+    """A fired rule as readers take it: a dict naming the rule and its tier (what it did to the actions),
+    and what it tested, if listed, a list of features."""
+    inputs = rule.get("inputs") if isinstance(rule, dict) else None
+    return (
+        isinstance(rule, dict)
+        and isinstance(rule.get("name"), str)
+        and isinstance(rule.get("tier"), str)
+        and (inputs is None or (isinstance(inputs, list) and all(isinstance(i, dict) for i in inputs)))
+        and all(isinstance(i.get("feature"), str) for i in inputs or ())
+    )
+
+
+def _reason(reason: Any) -> bool:
+    """A reason code as its readers (the decision page, the explanation's facts) take it."""
+    return (
+        isinstance(reason, dict)
+        and isinstance(reason.get("feature"), str)
+        and isinstance(reason.get("direction"), str)
+        and _number(reason.get("value"))
+        and _number(reason.get("weight"))
+    )
+
+
+#: What readers of stored decisions take for granted of each column, when the row carries it: learning,
+#: reporting and backtests over many rows, and the pages of one decision (its API record, explanation and
+#: console page), which also read ``proposed_action`` and ``reasons``. The platform writes nothing else; a
+#: hand edit or an older version may have.
 _INTACT: dict[str, Callable[[Any], bool]] = {
     "features": lambda v: isinstance(v, dict) and all(_number(x) for x in v.values()),
     "amount": lambda v: v is None or _number(v),
     "anomaly": lambda v: v is None or _number(v),
     "risk": lambda v: v is None or _number(v),
     "probabilities": lambda v: v is None or _three(v, _number),
+    "proposed_action": lambda v: v is None or is_action(v),
     "action_mask": lambda v: _three(v, lambda m: isinstance(m, bool)),
     "action": is_action,
     "propensity": lambda v: _number(v) and 0.0 < v <= 1.0,
-    "rules_fired": lambda v: (
-        v is None
-        or (isinstance(v, list) and all(isinstance(r, dict) and isinstance(r.get("name"), str) for r in v))
-    ),
+    "rules_fired": lambda v: v is None or (isinstance(v, list) and all(_fired_rule(r) for r in v)),
+    "reasons": lambda v: isinstance(v, list) and all(_reason(r) for r in v),
     "model_versions": lambda v: v is None or isinstance(v, dict),
     "attributes": lambda v: v is None or isinstance(v, dict),
     "shadow": lambda v: (
@@ -103,14 +130,35 @@ _INTACT: dict[str, Callable[[Any], bool]] = {
 }
 
 
-def damaged(row: Mapping[str, Any]) -> str | None:
-    """What is wrong with a stored decision row, or None: the first of its columns that does not hold what
-    the platform writes there. Readers over many rows skip (and count) such a row: one row a hand edit
-    or an older version left must not stop a retrain, a comparison, a backtest or a report."""
-    for column, intact in _INTACT.items():
-        if column in row and not intact(row[column]):
-            return f"decision {row.get('id')}: {column} holds {str(row[column])[:80]!r}"
+def damaged(row: Mapping[str, Any]) -> DamagedDecisionError | None:
+    """What is wrong with a stored decision row, or None: the error naming the first of its columns that
+    does not hold what the platform writes there. Readers over many rows skip (and count) such a row: one
+    row a hand edit or an older version left must not stop a retrain, a comparison, a backtest or a
+    report. Readers of that one row refuse it (:func:`intact`) or show it as stored."""
+    for column, intact_value in _INTACT.items():
+        if column in row and not intact_value(row[column]):
+            return DamagedDecisionError(row.get("id"), column, row[column])
     return None
+
+
+def counted(problem: DamagedDecisionError, reader: str) -> DamagedDecisionError:
+    """``problem``, counted under ``reader`` in ``dp_damaged_rows_total`` and logged (one line, no
+    traceback: a damaged row is no bug of the platform's), for the caller to raise or to show."""
+    metrics.DAMAGED_ROWS.labels(reader=reader).inc()
+    log.warning("%s: %s", reader, problem)
+    return problem
+
+
+def intact(record: DecisionRecord, reader: str, columns: Sequence[str] | None = None) -> DecisionRecord:
+    """``record``, unless it is damaged in one of ``columns`` (default: any): then
+    :class:`DamagedDecisionError`, :func:`counted` under ``reader``. What a reader of one stored decision
+    does with a damaged one: it refuses it by name instead of failing on it with a traceback, or answering
+    what the platform never decided (an action of -1 read as a block)."""
+    row = record.to_row()
+    problem = damaged(row if columns is None else {c: row[c] for c in ("id", *columns)})
+    if problem is not None:
+        raise counted(problem, reader)
+    return record
 
 
 def intact_rows(rows: Iterable[Mapping[str, Any]], reader: str) -> Iterator[Any]:
@@ -207,7 +255,8 @@ class DecisionStore(Store):
         """Decisions that logged a shadow policy's choice, newest first, each with its outcome's ``reward``
         and ``imputed`` flag (both None when no outcome has arrived)."""
         # SQLite stores a Python None in a JSON column as the JSON text 'null', PostgreSQL (psycopg path)
-        # as SQL NULL: asking for a JSON object covers both.
+        # as SQL NULL: asking for a JSON object covers both. Text that is not JSON is no object either
+        # (parsed_json: SQLite's json_type of it failed the whole comparison).
         query = (
             sa.select(
                 decisions.c.id,
@@ -220,7 +269,7 @@ class DecisionStore(Store):
                 outcomes.c.imputed,
             )
             .select_from(_WITH_OUTCOMES)
-            .where(json_type(self.engine)(decisions.c.shadow) == "object")
+            .where(json_type(self.engine)(parsed_json(self.engine, decisions.c.shadow)) == "object")
             .order_by(decisions.c.id.desc())
         )
         if since is not None:

@@ -1,12 +1,16 @@
-"""How storage failures are told apart: the database is away, or it refuses one record.
+"""How storage failures are told apart: the database is away, refuses one record, or holds a damaged one.
 
 The difference decides what the durable write path does. An outage (connection refused, a stalled or
 frozen server, a missing table) concerns every record: spool them all and retry later. A refused record
 (a NUL byte PostgreSQL cannot store, an integer beyond 64 bits, a violated constraint) concerns that
-record only: it must be isolated (quarantined) so that it never blocks the records behind it.
+record only: it must be isolated (quarantined) so that it never blocks the records behind it. A damaged
+record (a hand edit, an older version) concerns the requests that read it: they are answered that it is
+damaged, everything else goes on.
 """
 
 from __future__ import annotations
+
+import sqlite3
 
 import psycopg
 import sqlalchemy.exc
@@ -22,6 +26,31 @@ class DatabaseUnavailable(Exception):
         super().__init__(reason)
         self.reason = reason
         self.retry_after_s = retry_after_s
+
+
+class DamagedRowError(Exception):
+    """What the database holds for a request is not what the platform writes there: a row a hand edit or an
+    older version left. The database answers; this request cannot be answered from that row, and a retry
+    would fail the same way.
+
+    The API answers 409 with the message, naming the row and what it holds: the stored state conflicts
+    with the request. Not a 5xx, which would tell clients to retry and load balancers that the service is
+    failing (it serves everything else), and not 404: the row exists.
+    """
+
+
+class DamagedDecisionError(DamagedRowError):
+    """A stored decision holds in ``column`` what the platform never writes there (storage.decisions'
+    ``damaged``): its page, its explanation, an outcome for it or a retry of its event cannot be answered
+    from it, nor priced (an outcome stored with a reward of inf or NaN makes every later comparison of
+    policies inf or NaN)."""
+
+    def __init__(self, decision_id: object, column: str, value: object) -> None:
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        super().__init__(f"decision {decision_id} is stored damaged: {column} holds {shown}")
+        self.decision_id = decision_id
+        self.column = column
 
 
 #: Errors that belong to the record, not to the database: the same record fails the same way every time.
@@ -48,6 +77,26 @@ def is_record_error(exc: BaseException) -> bool:
     if isinstance(exc, sqlalchemy.exc.StatementError) and original is not None:
         return isinstance(original, _RECORD_ERRORS)
     return isinstance(exc, _RECORD_ERRORS)
+
+
+#: SQLite's words for a statement failing on the data it met: a JSON function on text that is not JSON,
+#: sum() beyond 64 bits. Its error code, SQLITE_ERROR, is also that of a missing table or a syntax error:
+#: only the message tells them apart.
+_SQLITE_DATA_ERRORS = ("malformed JSON", "JSON cannot hold BLOB values", "integer overflow")
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """True when the database answered and refused a statement for the data it met: PostgreSQL's data
+    exceptions (SQLSTATE class 22: a value of the wrong type or out of range, jsonb of another shape than
+    a function takes), SQLite's on JSON that is not JSON. Not an outage -- the database answers every other
+    statement, and marking it down would spool every decision and fail /ready -- and for a read, a row a
+    hand edit or an older version left. SQLAlchemy wraps driver errors (``.orig``): both are looked at."""
+    original = getattr(exc, "orig", None) or exc
+    if isinstance(original, psycopg.DataError | sqlite3.DataError):
+        return True
+    return isinstance(original, sqlite3.OperationalError) and any(
+        words in str(original) for words in _SQLITE_DATA_ERRORS
+    )
 
 
 #: Failures of the database itself (see :func:`is_record_error`): the API answers them 503.

@@ -15,7 +15,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from decision_platform.storage.sql import Store, id_at, is_postgresql
+from decision_platform.storage.sql import Store, id_at, is_postgresql, parsed_json
 from decision_platform.storage.tables import decisions, outcomes
 
 #: Columns a queue row shows (the features snapshot and the reasons stay on the decision page).
@@ -90,9 +90,11 @@ class ReviewStore(Store):
             return decisions.c.rules_fired.op("@>")(
                 sa.func.jsonb_build_array(sa.func.jsonb_build_object("name", rule))
             )
-        fired = sa.func.json_each(decisions.c.rules_fired).table_valued("value", "type").alias("fired")
         # Only objects have a name: json_extract of another element (a row a hand edit left, e.g. a list of
-        # strings) raised "malformed JSON", which took the database for down. CASE fixes the order.
+        # strings) raised "malformed JSON", which took the database for down. CASE fixes the order. Text
+        # that is not JSON at all is read as no rule (parsed_json).
+        rules = parsed_json(self.engine, decisions.c.rules_fired)
+        fired = sa.func.json_each(rules).table_valued("value", "type").alias("fired")
         name = sa.case((fired.c.type == "object", sa.func.json_extract(fired.c.value, "$.name")))
         return sa.exists(sa.select(sa.literal(1)).select_from(fired).where(name == rule))
 

@@ -28,6 +28,7 @@ __all__ = [
     "is_postgresql",
     "json_dumps",
     "json_type",
+    "parsed_json",
     "time_bound",
 ]
 
@@ -102,6 +103,15 @@ def insert_ignoring_conflicts(engine: Engine, table: sa.Table) -> Any:
 def json_type(engine: Engine) -> Any:
     """The SQL function naming a JSON value's type (``'object'``, ``'null'``...)."""
     return sa.func.jsonb_typeof if is_postgresql(engine) else sa.func.json_type
+
+
+def parsed_json(engine: Engine, column: Any) -> Any:
+    """``column`` as a JSON function's argument: on SQLite NULL where the column holds text that is not
+    JSON (a hand edit's; PostgreSQL's jsonb never does), which fails the whole statement ("malformed
+    JSON") instead of that row."""
+    if is_postgresql(engine):
+        return column
+    return sa.case((sa.func.json_valid(column) == 1, column))
 
 
 def time_bound(engine: Engine, value: datetime) -> datetime:

@@ -54,7 +54,12 @@ from typing import Any, TypeVar
 
 from decision_platform.core.records import DUPLICATE, SPOOLED, STORED, DecisionRecord, RowStatus
 from decision_platform.observability import metrics
-from decision_platform.storage.errors import DatabaseUnavailable, is_record_error
+from decision_platform.storage.errors import (
+    DamagedRowError,
+    DatabaseUnavailable,
+    is_data_error,
+    is_record_error,
+)
 from decision_platform.storage.repository import DecisionRow, OutcomeResult, OutcomeStatus, Repository
 from decision_platform.storage.spool import (
     DECISION,
@@ -314,12 +319,27 @@ class DecisionWriter:
 
     def query(self, call: Callable[[], T]) -> T:
         """A database call for a request: fails fast while the database is known to be down, and within
-        ``read_timeout_s`` when it stalls (both :class:`DatabaseUnavailable`, which the API answers 503)."""
+        ``read_timeout_s`` when it stalls (both :class:`DatabaseUnavailable`, which the API answers 503).
+
+        A statement the database refuses for the data it met (``errors.is_data_error``: SQLite's "malformed
+        JSON" on a row a hand edit left, a PostgreSQL data exception) is neither an outage nor a bug. SQLite's
+        was taken for an outage -- the database marked down, /ready 503, every decision spooled until the
+        next probe, the request 503 -- while the database answered everything else; PostgreSQL's reached the
+        API as a 500 with a traceback. It is :class:`DamagedRowError` (409) for this request alone, counted
+        under "database read" and logged."""
         if not self._up:
             raise DatabaseUnavailable(self._last_error or "down", self.probe_interval_s * 2)
         try:
             return self._reads.run(call, self.read_timeout_s)
         except Exception as exc:
+            if is_data_error(exc):
+                why = str(getattr(exc, "orig", None) or exc).splitlines()[0][:200]
+                metrics.DAMAGED_ROWS.labels(reader="database read").inc()
+                log.warning("a read failed on what the database holds (%s); the database is up", why)
+                raise DamagedRowError(
+                    f"the database cannot read what it holds for this request ({why}): a stored row holds "
+                    "what the platform never writes (a hand edit or an older version)"
+                ) from exc
             if is_record_error(exc):
                 raise
             self._mark_down(exc)
