@@ -443,3 +443,22 @@ def test_text_that_is_not_json_is_read_as_a_damaged_column_not_a_failed_read(one
     assert {r["id"] for r in rows[:3]} <= shadowed and rows[3]["id"] not in shadowed
     load_logged(platform.repository, ["amount", "count_1m"])  # raised JSONDecodeError
     assert client.get("/ready").status_code == 200
+
+
+def test_a_row_the_driver_cannot_convert_is_that_requests_409_not_an_outage(one_each) -> None:
+    """A created_at holding text that is no time (SQLite keeps what a hand edit writes): SQLAlchemy's own
+    conversion of the row raises ValueError, which ``writer.query`` took for a database outage -- the
+    database marked down, every decision spooled, /ready 503 -- because one row could not be read."""
+    client, platform, _ = one_each
+    row = decision_row(make_id(NOW, 500), entity_id="when", created_at=NOW)
+    platform.repository.insert_decisions([row])
+    with platform.repository.engine.begin() as connection:
+        connection.exec_driver_sql("UPDATE decisions SET created_at = 'yesterday' WHERE id = ?", (row["id"],))
+    before = skipped("database read")
+    answer = client.get(f"/decisions/{row['id']}")
+    assert answer.status_code == 409 and "cannot read what it holds" in answer.json()["detail"]
+    assert skipped("database read") - before == 1
+    assert platform.writer.database_up
+    assert client.get("/ready").status_code == 200
+    answer = client.post("/decide", json={"entity_id": "after"})
+    assert answer.status_code == 200 and platform.writer.status().pending == 0  # stored, not spooled

@@ -326,13 +326,16 @@ class DecisionWriter:
         was taken for an outage -- the database marked down, /ready 503, every decision spooled until the
         next probe, the request 503 -- while the database answered everything else; PostgreSQL's reached the
         API as a 500 with a traceback. It is :class:`DamagedRowError` (409) for this request alone, counted
-        under "database read" and logged."""
+        under "database read" and logged. So is a row the driver cannot convert (a ``ValueError`` /
+        ``TypeError`` out of SQLAlchemy's processing of a result: SQLite's ``created_at`` holding
+        "yesterday"), which reached the API as a 500: the database answered, one row is not what the
+        platform writes."""
         if not self._up:
             raise DatabaseUnavailable(self._last_error or "down", self.probe_interval_s * 2)
         try:
             return self._reads.run(call, self.read_timeout_s)
         except Exception as exc:
-            if is_data_error(exc):
+            if is_data_error(exc) or isinstance(exc, ValueError | TypeError | OverflowError):
                 why = str(getattr(exc, "orig", None) or exc).splitlines()[0][:200]
                 metrics.DAMAGED_ROWS.labels(reader="database read").inc()
                 log.warning("a read failed on what the database holds (%s); the database is up", why)
