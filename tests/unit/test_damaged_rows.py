@@ -58,6 +58,8 @@ DAMAGE = [
     ("model_versions", "policy-1"),
     ("shadow", {"version": "policy-shadow"}),
     ("shadow", {**SHADOW, "action": "allow"}),
+    ("reasons", [{"feature": "amount", "value": 2, "direction": "raises_risk", "weight": 1, "typical": 7}]),
+    ("rules_fired", [{"name": "big", "tier": "floor", "inputs": [{"feature": "amount", "typical": "low"}]}]),
 ]
 #: Damage beneath what storage checks, which the API's record schema refuses: a fired rule without its
 #: description, a model version that is not text.

@@ -42,7 +42,7 @@ from decision_platform.explain.llm import ChatClient, ChatResult, LLMError, LLMT
 from decision_platform.explain.prompt import build_messages, retry_messages, template
 from decision_platform.models.ranges import FeatureRanges
 from decision_platform.observability import metrics
-from decision_platform.storage.decisions import intact
+from decision_platform.storage.decisions import intact, typical_range
 from decision_platform.storage.errors import DatabaseUnavailable
 from decision_platform.storage.repository import Repository
 from decision_platform.storage.writer import DecisionWriter
@@ -127,12 +127,6 @@ class Explanation:
         return out
 
 
-def _typical(value: Any) -> bool:
-    return value is None or (
-        isinstance(value, dict) and all(isinstance(value.get(end), int | float) for end in ("low", "high"))
-    )
-
-
 #: Facts a stored narrative cannot be read without (``Facts.from_dict``).
 _REQUIRED_FACTS = frozenset(
     f.name for f in fields(Facts) if f.default is MISSING and f.default_factory is MISSING
@@ -149,8 +143,8 @@ _STORED: dict[str, Callable[[Any], bool]] = {
     "facts": lambda v: (
         isinstance(v, dict)
         and v.keys() >= _REQUIRED_FACTS
-        and _typical(v.get("risk_typical"))
-        and _typical(v.get("anomaly_typical"))
+        and typical_range(v.get("risk_typical"))
+        and typical_range(v.get("anomaly_typical"))
     ),
 }
 

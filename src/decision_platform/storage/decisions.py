@@ -75,6 +75,13 @@ def _three(value: Any, item: Callable[[Any], bool]) -> bool:
     return isinstance(value, list) and len(value) == 3 and all(item(v) for v in value)
 
 
+def typical_range(value: Any) -> bool:
+    """A stored normal range (``models.ranges.Typical.as_dict``) or none: what pages word values against."""
+    return value is None or (
+        isinstance(value, dict) and _number(value.get("low")) and _number(value.get("high"))
+    )
+
+
 def _fired_rule(rule: Any) -> bool:
     """A fired rule as readers take it: a dict naming the rule and its tier (what it did to the actions),
     and what it tested, if listed, a list of features."""
@@ -84,7 +91,7 @@ def _fired_rule(rule: Any) -> bool:
         and isinstance(rule.get("name"), str)
         and isinstance(rule.get("tier"), str)
         and (inputs is None or (isinstance(inputs, list) and all(isinstance(i, dict) for i in inputs)))
-        and all(isinstance(i.get("feature"), str) for i in inputs or ())
+        and all(isinstance(i.get("feature"), str) and typical_range(i.get("typical")) for i in inputs or ())
     )
 
 
@@ -96,6 +103,7 @@ def _reason(reason: Any) -> bool:
         and isinstance(reason.get("direction"), str)
         and _number(reason.get("value"))
         and _number(reason.get("weight"))
+        and typical_range(reason.get("typical"))
     )
 
 
