@@ -12,13 +12,14 @@ from typing import Any
 
 import orjson
 import pytest
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaError, TopicPartition
 
 from decision_platform.config import Settings
 from decision_platform.data import generate
 from decision_platform.events.kafka import DEAD_LETTER_MAX_BYTES, KafkaSink, KafkaSource, commit_offsets
 from decision_platform.events.messages import RawMessage
 from decision_platform.learning.replay import shift_to_now
+from decision_platform.observability import metrics
 from decision_platform.serving.platform import Platform
 from decision_platform.serving.worker import InProcessSink, StreamWorker
 
@@ -60,14 +61,15 @@ class BatchSource:
 
 
 class FlakySink(InProcessSink):
-    """Fails the first ``failures`` flushes, like a broker that does not acknowledge."""
+    """Fails ``failures`` flushes from the ``first``-th on, like a broker that does not acknowledge."""
 
-    def __init__(self, failures: int) -> None:
+    def __init__(self, failures: int, first: int = 1) -> None:
         super().__init__(keep=10_000)
-        self.failures = failures
+        self.failures, self.flushes, self.first = failures, 0, first
 
     def flush(self) -> None:
-        if self.failures > 0:
+        self.flushes += 1
+        if self.flushes >= self.first and self.failures > 0:
             self.failures -= 1
             raise OSError("broker did not acknowledge")
 
@@ -109,28 +111,32 @@ def test_the_next_batch_is_decided_before_the_last_is_committed_and_commits_stay
     platform_for: Callable[[str], Platform],
 ) -> None:
     source = run_worker(platform_for("a"), batches_of(messages(4 * BATCH)), InProcessSink(keep=10_000))
-    # Pipelined: batch 3 is polled (its windows started, batch 2 decided) before batch 1 is committed;
-    # each commit after its poll, in order.
+    # Pipelined: batch 3 is polled (its windows started, batch 2 decided, batch 1 stored) before batch 0
+    # is committed, once the broker acknowledged it; each commit after its poll, in order.
     assert source.log == [
         ("poll", 0),
         ("poll", BATCH),
         ("poll", 2 * BATCH),
-        ("commit", 0),
         ("poll", 3 * BATCH),
+        ("commit", 0),
         ("commit", BATCH),
         ("commit", 2 * BATCH),
         ("commit", 3 * BATCH),
     ]
 
 
+@pytest.mark.parametrize("first", [1, 2, 3])
 def test_a_failed_batch_is_retried_before_the_next_and_every_event_is_decided_once(
-    platform_for: Callable[[str], Platform],
+    platform_for: Callable[[str], Platform], first: int
 ) -> None:
-    items = messages(3 * BATCH)
-    platform = platform_for("b")
-    sink = FlakySink(failures=1)  # the first batch's publication fails once
+    """The broker does not acknowledge a batch's publication while the batches after it are being stored,
+    decided and windowed: it and each of them are committed in order, every event decided once."""
+    items = messages(4 * BATCH)
+    platform = platform_for(f"b{first}")
+    sink = FlakySink(failures=1, first=first)
     source = run_worker(platform, batches_of(items), sink)
-    assert [offset for kind, offset in source.log if kind == "commit"] == [0, BATCH, 2 * BATCH]
+    assert sink.failures == 0
+    assert [offset for kind, offset in source.log if kind == "commit"] == [0, BATCH, 2 * BATCH, 3 * BATCH]
     writer = platform.engine.writer
     decisions = [writer.find_decision_by_event(m.key.decode()) for m in items]  # type: ignore[union-attr]
     assert all(d is not None for d in decisions)
@@ -254,14 +260,16 @@ def test_commit_offsets_are_each_partitions_next_offset_and_skip_revoked_partiti
 
 
 class RecordingConsumer:
-    """Stands in for confluent_kafka's Consumer: records what is committed."""
+    """Stands in for confluent_kafka's Consumer: records what is committed, and whether it waited."""
 
     def __init__(self) -> None:
         self.commits: list[list[tuple[int, int]]] = []
+        self.waited: list[bool] = []
 
     def commit(self, offsets: list[TopicPartition] | None = None, asynchronous: bool = True) -> None:
         assert offsets is not None, "a bare commit() commits the consumer's position, past batches in flight"
         self.commits.append(sorted((tp.partition, tp.offset) for tp in offsets))
+        self.waited.append(not asynchronous)
 
     def close(self) -> None:
         return None
@@ -278,6 +286,45 @@ def test_a_revoke_commits_nothing_and_a_later_commit_skips_the_revoked_partition
     assert consumer.commits == []
     source.commit(in_flight)
     assert consumer.commits == [[(0, 4)]]  # partition 1's next owner gets offset 4 again
+
+
+def recording_source() -> tuple[KafkaSource, RecordingConsumer]:
+    source = KafkaSource(Settings(kafka_bootstrap_servers="127.0.0.1:9", kafka_events_topic="t"))
+    source._consumer.close()
+    consumer = RecordingConsumer()
+    source._consumer = consumer  # type: ignore[assignment]
+    source._on_assign(consumer, [TopicPartition("t", 0), TopicPartition("t", 1)])
+    return source, consumer
+
+
+def test_batches_are_committed_without_waiting_and_the_last_offsets_again_at_close_and_waited_for() -> None:
+    """The worker commits a batch only once its effects are durable and acknowledged: the commit need not
+    wait for the coordinator. A commit still on its way when the worker stops must not be lost (its
+    messages would come again), so close commits each partition's last offset and waits for it."""
+    source, consumer = recording_source()
+    source.commit([RawMessage(b"", None, "t", 0, 3), RawMessage(b"", None, "t", 1, 4)])
+    source.commit([RawMessage(b"", None, "t", 0, 9)])
+    source.close()
+    assert consumer.commits == [[(0, 4), (1, 5)], [(0, 10)], [(0, 10), (1, 5)]]
+    assert consumer.waited == [False, False, True]
+
+
+def test_a_partition_revoked_after_its_commit_is_not_committed_again_at_close() -> None:
+    """Its next owner commits it from then on: our older offset, committed at close, would move it back."""
+    source, consumer = recording_source()
+    source.commit([RawMessage(b"", None, "t", 0, 3), RawMessage(b"", None, "t", 1, 4)])
+    source._on_revoke(consumer, [TopicPartition("t", 1)])
+    source.close()
+    assert consumer.commits[-1] == [(0, 4)]
+
+
+def test_a_commit_the_broker_did_not_take_is_counted() -> None:
+    source, _ = recording_source()
+    failures = metrics.WORKER_COMMIT_FAILURES._value.get()
+    source._on_commit(None, [TopicPartition("t", 0, 4)])  # taken
+    assert metrics.WORKER_COMMIT_FAILURES._value.get() == failures
+    source._on_commit(KafkaError(KafkaError.REQUEST_TIMED_OUT), [TopicPartition("t", 0, 4)])
+    assert metrics.WORKER_COMMIT_FAILURES._value.get() == failures + 1
 
 
 def test_a_poison_message_too_large_to_produce_again_is_dead_lettered_cut() -> None:

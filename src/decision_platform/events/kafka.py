@@ -145,12 +145,14 @@ class KafkaSource:
 
     def __init__(self, settings: Settings) -> None:
         self.topic = settings.kafka_events_topic
-        self._consumer = Consumer(consumer_config(settings))
+        self._consumer = Consumer({**consumer_config(settings), "on_commit": self._on_commit})
         self._consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         self._last_lag_check = 0.0
         #: (topic, partition) owned now: a batch completed after its partitions were revoked commits nothing
         #: for them (the group's new owner has them from the last commit on).
         self._assigned: set[tuple[str, int]] = set()
+        #: The offsets last committed (asynchronously) per (topic, partition): committed again at close.
+        self._committing: dict[tuple[str, int], int] = {}
 
     def _on_assign(self, _consumer: Any, partitions: list[Any]) -> None:
         # Operators (and the two-worker test and bench) see how the group shared the partitions.
@@ -162,6 +164,8 @@ class KafkaSource:
         # the consumer's position may be past batches still in flight (the worker pipelines three deep),
         # whose messages the next owner must get again. Its later commit skips these partitions.
         self._assigned -= {(p.topic, p.partition) for p in partitions}
+        for p in partitions:  # its next owner commits it now: a stale offset of ours must not go at close
+            self._committing.pop((p.topic, p.partition), None)
 
     def poll(self, max_messages: int, timeout_s: float) -> list[Any]:
         messages = self._consumer.consume(max_messages, timeout_s)
@@ -182,20 +186,36 @@ class KafkaSource:
         """Commit exactly these messages as processed (the offset after each partition's last one), not the
         consumer's position, which may already be past a later batch still in flight.
 
-        A commit the group refuses because this consumer is no longer a member of it (its session expired
-        while the broker or this process stalled; the group has moved on) commits nothing, as for revoked
-        partitions: the next poll rejoins, and whoever owns the partitions then gets these messages again
-        from the last commit (their effects are idempotent). Raising instead would have the worker retry
-        the commit forever without polling, so without ever rejoining."""
+        Asynchronous: the worker calls this only once the batch's effects are durable and acknowledged, so
+        nothing needs to wait for the group coordinator's answer (a synchronous commit was a round trip on
+        the worker's critical path, and giving up the GIL for it cost up to a switch interval more). A
+        commit that fails is superseded by the next one on its partition, and :meth:`close` commits the
+        last offsets synchronously; a commit that never lands only redelivers messages whose effects are
+        idempotent. A commit the group refuses because this consumer is no longer a member of it (its
+        session expired while the broker or this process stalled; the group has moved on) commits nothing,
+        as for revoked partitions: the next poll rejoins, and whoever owns the partitions then gets these
+        messages again from the last commit."""
         offsets = commit_offsets(messages, self._assigned)
         if not offsets:
             return
         try:
-            self._consumer.commit(offsets=offsets, asynchronous=False)
+            self._consumer.commit(offsets=offsets, asynchronous=True)
         except KafkaException as exc:
             if exc.args[0].code() not in _NOT_A_MEMBER:
                 raise
             log.warning("commit refused (%s): not a group member now; the batch will be redelivered", exc)
+            return
+        self._committing.update({(tp.topic, tp.partition): tp.offset for tp in offsets})
+
+    def _on_commit(self, error: Any, partitions: list[Any]) -> None:
+        failed = [p for p in partitions or [] if p.error is not None]
+        if error is None and not failed:
+            return
+        reason = error if error is not None else failed[0].error
+        metrics.WORKER_COMMIT_FAILURES.inc()
+        log.warning(
+            "offset commit failed (%s); a later commit covers it, else the messages are redelivered", reason
+        )
 
     def _maybe_report_lag(self, every_s: float = 5.0) -> None:
         now = time.monotonic()
@@ -214,7 +234,19 @@ class KafkaSource:
             log.debug("lag check failed: %s", exc)
 
     def close(self) -> None:
-        # Leaves the group at once, so the partitions move to the other workers without a session timeout.
+        """Commit the last offsets synchronously (the asynchronous ones may still be on their way), then
+        leave the group at once, so the partitions move to the other workers without a session timeout."""
+        final = [
+            TopicPartition(topic, partition, offset)
+            for (topic, partition), offset in self._committing.items()
+            if (topic, partition) in self._assigned
+        ]
+        if final:
+            try:
+                self._consumer.commit(offsets=final, asynchronous=False)
+            except KafkaException as exc:
+                metrics.WORKER_COMMIT_FAILURES.inc()
+                log.warning("final offset commit failed (%s): the last batches will be redelivered", exc)
         self._consumer.close()
 
 

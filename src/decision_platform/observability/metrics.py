@@ -239,6 +239,11 @@ WORKER_BATCH_SIZE = Histogram(
     "Messages per consumed batch.",
     buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000),
 )
+WORKER_COMMIT_FAILURES = Counter(
+    "dp_worker_commit_failures_total",
+    "Offset commits of the stream worker the broker did not take (asynchronous: a later commit on the "
+    "partition covers them; else their messages are redelivered, their effects idempotent).",
+)
 WORKER_BATCH_FAILURES = Counter(
     "dp_worker_batch_failures_total",
     "Batch attempts that failed (a dependency down or slow: broker, feature store, database) and are "

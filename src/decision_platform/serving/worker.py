@@ -81,9 +81,9 @@ class StreamWorker:
         self.engine = engine
         self.store = store
         self.sink = sink
-        #: Cumulative seconds per stage (parse, features, decide, publish): where a worker's time goes.
+        #: Cumulative seconds per stage: where a worker's time goes.
         self.stage_seconds: dict[str, float] = dict.fromkeys(
-            ("parse", "features", "decide", "store", "publish"), 0.0
+            ("parse", "features", "decide", "store", "publish", "acknowledge"), 0.0
         )
         #: The event ids and decisions of the batch last handed to the group commit (see _after_first_copies).
         self._handed: tuple[set[str], list[PendingDecision]] = (set(), [])
@@ -195,6 +195,14 @@ class StreamWorker:
     def complete(self, batch: InFlight) -> BatchSummary:
         """Wait until the batch's decisions are durable, then publish them (and its dead letters) and wait
         for the broker's acknowledgement; raises if any of that failed (nothing may be committed then)."""
+        summary = self.publish(batch)
+        self.acknowledge(batch.started)
+        return summary
+
+    def publish(self, batch: InFlight) -> BatchSummary:
+        """Wait until the batch's decisions are durable, then hand them to the sink, without waiting for
+        the broker's acknowledgement (:meth:`acknowledge` waits). Raises if a decision was not made
+        durable."""
         lap = time.perf_counter()
         summary = batch.summary
         if batch.pending:
@@ -209,10 +217,16 @@ class StreamWorker:
             summary.decision_ids = [
                 None if d.storage in REFUSED else d.response["decision_id"] for d in decisions
             ]
-        self.sink.flush()
         self._lap("publish", lap)
-        metrics.WORKER_BATCH_SECONDS.observe(time.perf_counter() - batch.started)
         return summary
+
+    def acknowledge(self, started: float) -> None:
+        """Wait until the broker has acknowledged everything published so far (decisions and dead
+        letters); raises if it did not, so that nothing gets committed."""
+        lap = time.perf_counter()
+        self.sink.flush()
+        self._lap("acknowledge", lap)
+        metrics.WORKER_BATCH_SECONDS.observe(time.perf_counter() - started)
 
     def _dead_letter_taken(self, batch: InFlight, decisions: list[Decision]) -> None:
         """Park the events the engine refused (core.records.REFUSED), each with its refusal's words: another
@@ -237,19 +251,21 @@ class StreamWorker:
     def run(self, source: EventSource, stop: threading.Event, poll_timeout_s: float = 0.5) -> int:
         """Consume until ``stop`` is set; returns the number of messages processed.
 
-        Pipelined, three batches deep: while batch k+2's windows are updated (Redis' time, on a background
-        thread) and batch k's decisions are stored (PostgreSQL's time), this thread decides batch k+1,
-        then completes batch k (durable, published, acknowledged); only then are *k's* offsets committed,
-        explicitly. A batch's windows are started only once the batch before it has its own (an entity's
-        events reach Redis in order), and the writer stores batches in the order they were handed over,
-        so a redelivered event finds the earlier copy's decision as its first.
+        Pipelined, four batches deep: while batch k+2's windows are updated (Redis' time, on a background
+        thread), batch k's decisions are stored (PostgreSQL's time) and batch k-1's publication is on its
+        way to the broker, this thread decides batch k+1; then it waits for the broker's acknowledgement of
+        k-1 and commits *k-1's* offsets, explicitly; then it publishes k once it is durable. A batch's
+        windows are started only once the batch before it has its own (an entity's events reach Redis in
+        order), and the writer stores batches in the order they were handed over, so a redelivered event
+        finds the earlier copy's decision as its first.
 
-        On a failed stage the worker settles every uncommitted batch in order, one at a time: it waits for
-        what they have in flight, backs off and re-processes each (effects are idempotent) until it
-        succeeds or the worker is stopped; their offsets stay uncommitted meanwhile. On stop it completes
-        what is in flight, in order.
+        On a failed stage the worker settles every uncommitted batch from the failed one on, in order, one
+        at a time: it waits for what they have in flight, backs off and re-processes each (effects are
+        idempotent) until it succeeds or the worker is stopped; their offsets stay uncommitted meanwhile.
+        On stop it completes what is in flight, in order.
         """
         processed = 0
+        published: _Published | None = None  # durable, its publication not yet acknowledged
         storing: tuple[list[RawMessage], InFlight] | None = None  # decided, on its way to durability
         windowing: Parsed | None = None  # polled, its windows being updated in the background
         background = ThreadPoolExecutor(1, thread_name_prefix="dp-windows")
@@ -257,7 +273,7 @@ class StreamWorker:
             while not stop.is_set():
                 # With a batch in flight, take only what has already arrived: waiting for more would hold
                 # back the in-flight batches' answers (and offsets) for up to a poll timeout.
-                idle = storing is None and windowing is None
+                idle = published is None and storing is None and windowing is None
                 polled = source.poll(self.settings.worker_batch_size, poll_timeout_s if idle else 0.0)
                 retry: list[Parsed | list[RawMessage]] = []  # uncommitted, to settle in order
                 current, windowing, decided = windowing, None, None
@@ -281,20 +297,33 @@ class StreamWorker:
                         if windowing is not None:
                             retry.append(windowing)
                             windowing = None
+                # Oldest first: a batch's offsets are committed only after every batch before it.
+                if published is not None:
+                    if self._try_acknowledge(published, source):
+                        processed += len(published.messages)
+                    else:  # it and everything after it go again, in order
+                        retry = [published.messages, *_in_order(storing, decided), *retry]
+                        if windowing is not None:
+                            retry.append(windowing)
+                        storing = decided = windowing = None
+                    published = None
                 if storing is not None:
                     messages, previous = storing
-                    if self._try_complete(previous, messages, source):
-                        processed += len(messages)
+                    if self._try_publish(previous):
+                        published = _Published(messages, previous.started)
                     else:  # everything after it goes again too, after it
-                        retry.insert(0, messages)
-                        if decided is not None:
-                            _abandon(decided[1])
-                            retry.insert(1, decided[0])
-                            decided = None
+                        retry = [messages, *_in_order(None, decided), *retry]
+                        decided = None
                         if windowing is not None:
                             retry.append(windowing)
                             windowing = None
                 storing = decided
+                if retry and published is not None:  # settled one at a time, after the batch before them
+                    if self._try_acknowledge(published, source):
+                        processed += len(published.messages)
+                    else:
+                        retry.insert(0, published.messages)
+                    published = None
                 for batch in retry:
                     if isinstance(batch, Parsed):
                         batch.abandon()
@@ -302,38 +331,63 @@ class StreamWorker:
                     if not self._settle(batch, source, stop):
                         return processed
                     processed += len(batch)
-            processed += self._drain(storing, windowing, source)
+            processed += self._drain(published, storing, windowing, source)
         finally:
             background.shutdown(wait=True)
             source.close()
         return processed
 
     def _drain(
-        self, storing: tuple[list[RawMessage], InFlight] | None, windowing: Parsed | None, source: EventSource
+        self,
+        published: _Published | None,
+        storing: tuple[list[RawMessage], InFlight] | None,
+        windowing: Parsed | None,
+        source: EventSource,
     ) -> int:
         """On stop: complete the batches in flight, in order; the first that fails and all after it stay
         uncommitted (redelivered later: committing a later offset would commit the failed one too)."""
         processed = 0
-        if storing is not None:
-            if not self._try_complete(storing[1], storing[0], source):
-                if windowing is not None:
-                    windowing.abandon()
+        in_order: list[_Published | tuple[list[RawMessage], InFlight] | Parsed] = [
+            batch for batch in (published, storing, windowing) if batch is not None
+        ]
+        for i, batch in enumerate(in_order):
+            if isinstance(batch, Parsed):
+                try:
+                    decided = self._decide(batch, self._windows_of(batch))
+                except Exception as exc:
+                    _failed(exc, "left for redelivery")
+                    return processed
+                batch = (batch.messages, decided)
+            if isinstance(batch, tuple):
+                messages, flight = batch
+                if not self._try_publish(flight):
+                    for later in in_order[i + 1 :]:
+                        if isinstance(later, Parsed):
+                            later.abandon()
+                    return processed
+                batch = _Published(messages, flight.started)
+            if not self._try_acknowledge(batch, source):
+                for later in in_order[i + 1 :]:
+                    if isinstance(later, Parsed):
+                        later.abandon()
+                    elif isinstance(later, tuple):
+                        _abandon(later[1])
                 return processed
-            processed += len(storing[0])
-        if windowing is not None:
-            try:
-                decided = self._decide(windowing, self._windows_of(windowing))
-            except Exception as exc:
-                _failed(exc, "left for redelivery")
-                return processed
-            if self._try_complete(decided, windowing.messages, source):
-                processed += len(windowing.messages)
+            processed += len(batch.messages)
         return processed
 
-    def _try_complete(self, batch: InFlight, messages: list[RawMessage], source: EventSource) -> bool:
+    def _try_publish(self, batch: InFlight) -> bool:
         try:
-            self.complete(batch)
-            source.commit(messages)
+            self.publish(batch)
+        except Exception as exc:
+            _failed(exc, "retrying it on its own")
+            return False
+        return True
+
+    def _try_acknowledge(self, batch: _Published, source: EventSource) -> bool:
+        try:
+            self.acknowledge(batch.started)
+            source.commit(batch.messages)
         except Exception as exc:
             _failed(exc, "retrying it on its own")
             return False
@@ -382,6 +436,27 @@ class InFlight:
     pending: list[PendingDecision]
     started: float
     sources: list[RawMessage] | None = None  # the pending decisions' messages, when they came as messages
+
+
+@dataclass
+class _Published:
+    """A batch whose decisions are durable and handed to the sink, its offsets not yet committed."""
+
+    messages: list[RawMessage]
+    started: float
+
+
+def _in_order(
+    storing: tuple[list[RawMessage], InFlight] | None, decided: tuple[list[RawMessage], InFlight] | None
+) -> list[list[RawMessage]]:
+    """The messages of begun batches to process again, in order, once their writes are done (see
+    :func:`_abandon`)."""
+    out = []
+    for batch in (storing, decided):
+        if batch is not None:
+            _abandon(batch[1])
+            out.append(batch[0])
+    return out
 
 
 def _failed(exc: Exception, then: str) -> None:
