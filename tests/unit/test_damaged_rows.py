@@ -360,6 +360,24 @@ def test_a_retry_of_an_event_whose_decision_is_stored_damaged_is_refused_not_dec
     assert retried.status_code == 200 and retried.json()["decision_id"] == rows[-1]["id"]
 
 
+def test_a_retry_whose_first_decision_only_the_answers_schema_refuses_is_refused_too(one_each) -> None:
+    """A fired rule without its description, a model version that is not text: storage's check lets them
+    by, and ``/decide`` answered the retry 200 with them, against its own schema."""
+    client, _, rows = one_each
+    before = skipped("retried event")
+    schema_rows = rows[len(DAMAGE) : len(DAMAGE) + len(SCHEMA_DAMAGE)]
+    for (column, value), row in zip(SCHEMA_DAMAGE, schema_rows, strict=True):
+        event = {"event_id": row["event_id"], "entity_id": row["entity_id"], "amount": 25.0}
+        answer = client.post(
+            "/decide", json={"entity_id": row["entity_id"], "event": {**event, "event_type": "payment"}}
+        )
+        assert answer.status_code == 409, (column, value, answer.text)
+        detail = answer.json()["detail"]
+        assert detail.startswith(f"event_id {row['event_id']!r} was decided before, but decision {row['id']}")
+        assert said(row["id"], column, value) in detail
+    assert skipped("retried event") - before == len(SCHEMA_DAMAGE)
+
+
 def _wrapped(error: Exception) -> sa.exc.DBAPIError:
     """``error`` as SQLAlchemy raises it from a statement."""
     return sa.exc.DBAPIError.instance("SELECT ...", {}, error, Exception)  # type: ignore[arg-type]

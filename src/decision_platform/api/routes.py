@@ -25,10 +25,10 @@ from decision_platform.api.schemas import (
     error_responses,
 )
 from decision_platform.core.events import INT64_MAX, Event, ahead_of_clock
-from decision_platform.core.records import DUPLICATE, REFUSED, DecisionRecord
+from decision_platform.core.records import DUPLICATE, FIRST_DAMAGED, REFUSED, DecisionRecord, refusal_message
 from decision_platform.events.kafka import BrokerUnavailableError
 from decision_platform.observability import metrics
-from decision_platform.serving.engine import DecisionRequest
+from decision_platform.serving.engine import RETRY_READER, Decision, DecisionRequest
 from decision_platform.serving.outcomes import (
     OutcomeConflictError,
     UnknownDecisionError,
@@ -115,10 +115,33 @@ async def decided(platform: Platform, body: DecideRequest) -> bytes:
         # number events per account reuse ids across them), nor one of the entity's event with other
         # content, nor a retry whose first decision is stored damaged: refused, not counted in the windows.
         raise HTTPException(409, decision.refusal)
+    if decision.storage == DUPLICATE:
+        _answerable_retry(decision)
     narrator = platform.narrator
     if narrator is not None and decision.storage != DUPLICATE:  # a queue append: never waits for the LLM
         narrator.submit(decision.record)
     return orjson.dumps(decision.response)
+
+
+#: The answer's fields that are not the stored column of the same name.
+_COLUMN_OF_ANSWER = {"rules": "rules_fired"}
+
+
+def _answerable_retry(decision: Decision) -> None:
+    """A retry is answered with its event's first decision as stored, held to the answer's schema first
+    (new decisions are not: the engine builds them, and tests hold them to it). The engine refuses a first
+    decision damaged in what storage checks; a row can still hold what only the answer's schema refuses (a
+    fired rule without its description, a model version that is not text), which would have been answered
+    200 against the contract clients parse. Refused as the engine refuses it: 409, not decided again."""
+    try:
+        DecisionResponse.model_validate(decision.response)
+    except ValidationError as exc:
+        where = exc.errors()[0]["loc"]
+        field = str(where[1] if where[0] == "policy" and len(where) > 1 else where[0])
+        column = _COLUMN_OF_ANSWER.get(field, field)
+        record = decision.record
+        damage = counted(DamagedDecisionError(record.id, column, getattr(record, column, None)), RETRY_READER)
+        raise HTTPException(409, refusal_message(FIRST_DAMAGED, record.event_id or "", str(damage))) from None
 
 
 @router.post(
