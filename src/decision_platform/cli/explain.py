@@ -28,7 +28,7 @@ def explain(
     """Print the facts of a decision (action, risk, reasons with normal ranges, rules) and its narrative."""
     from decision_platform.explain.facts import Facts
     from decision_platform.explain.llm import open_chat_client
-    from decision_platform.explain.narrator import STORED_DAMAGED, Explanation, Narrator
+    from decision_platform.explain.narrator import Narrator
     from decision_platform.models.ranges import ranges_of_model
     from decision_platform.storage.database import open_database
     from decision_platform.storage.decisions import intact
@@ -42,7 +42,7 @@ def explain(
         if record is None:
             console.print(f"[red]no decision {decision_id}[/red]")
             raise typer.Exit(1)
-        try:
+        try:  # first: the ranges are looked up by its model versions
             intact(record, "explain cli")
         except DamagedDecisionError as exc:  # named, as the API's 409 does; no facts can be built from it
             console.print(f"[red]{escape(str(exc))}[/red]")
@@ -52,27 +52,9 @@ def explain(
         client = open_chat_client(settings) if generate else None
         narrator = Narrator(settings, repository, client, ranges)
         try:
-            stored = repository.get_explanation(decision_id)
-            explanation = Explanation.from_stored(stored) if stored is not None else None
-            if explanation is None:
-                facts = narrator.facts_for(record)
-                if client is None or stored is not None:  # stored damaged: the template, as the API
-                    explanation = Explanation(
-                        decision_id,
-                        "ready",
-                        facts.template_narrative(),
-                        "template",
-                        "no_llm" if stored is None else STORED_DAMAGED,
-                        facts.to_dict(),
-                    )
-                else:
-                    with console.status(f"writing the narrative with {client.backend}: {client.model}"):
-                        result = narrator.generate(facts)
-                    if isinstance(result, Explanation):
-                        explanation = result
-                    else:
-                        repository.insert_explanation(result)
-                        explanation = Explanation.from_row(result)
+            writing = f"; written now by {client.backend}: {client.model} if none is stored" if client else ""
+            with console.status(f"the narrative{writing}"):
+                explanation = narrator.explanation_now(record)
         finally:
             narrator.close()
         facts = Facts.from_dict(explanation.facts)

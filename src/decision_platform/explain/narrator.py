@@ -312,6 +312,26 @@ class Narrator:
             transient = self._transient.pop(decision_id, None)
         return transient or self._template(facts, PENDING, "pending")
 
+    def explanation_now(self, record: DecisionRecord) -> Explanation:
+        """The narrative of a decision, written now if none is stored (``decision-platform explain``: one
+        decision, no background worker). The same choice as :meth:`explanation`: a stored narrative as it
+        was served; a narrative stored damaged, or no LLM, gives the template; else the LLM writes one,
+        checked and stored, or the template if it failed. ``DamagedDecisionError`` for a damaged record."""
+        stored = self.repository.get_explanation(record.id)
+        explanation = Explanation.from_stored(stored) if stored is not None else None
+        if explanation is not None:
+            return explanation
+        facts = self.facts_for(intact(record, EXPLANATION_READER))
+        if stored is not None:
+            return self._template(facts, READY, STORED_DAMAGED)
+        if self.client is None:
+            return self._template(facts, READY, "no_llm")
+        result = self.generate(facts)
+        if isinstance(result, Explanation):
+            return result
+        self.repository.insert_explanation(result)
+        return Explanation.from_row(result)
+
     def _stored(self, decision_id: int) -> dict[str, Any] | None:
         """The stored narrative; None while the database is unavailable (the template is given meanwhile)."""
         if self.writer is None:
