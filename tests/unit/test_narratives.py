@@ -789,3 +789,17 @@ def test_a_frozen_database_holds_the_narrator_thread_no_longer_than_a_read(
     finally:
         repository.thawed.set()
         writer.close(drain_s=0)
+
+
+def test_explanation_now_writes_stores_then_serves_the_stored_narrative(
+    facts: Facts, narrators: list[Narrator]
+) -> None:
+    """``decision-platform explain``: with no narrative stored one is written now and stored; asked again,
+    the stored one comes back and the LLM is not called a second time."""
+    llm = StubLLM(['{"mention": ["b", "e"]}'])
+    narrator, repository = narrator_for(llm, facts, narrators)
+    first = narrator.explanation_now(repository.row)
+    assert first.source == "llm" and first.narrative == structured.render(facts, ["count_1h", "amount"])
+    assert [row["decision_id"] for row in repository.stored] == [facts.decision_id]
+    again = narrator.explanation_now(repository.row)
+    assert again.narrative == first.narrative and len(llm.calls) == 1
