@@ -670,3 +670,31 @@ def test_damaged_lines_in_the_middle_of_a_segment_are_quarantined_and_the_others
     assert spool.requeue_quarantined() == 0 and spool.pending() == 0
     assert len(spool.quarantine_entries()) == len(DAMAGED_SPOOL_LINES) + 1
     spool.close()
+
+
+def test_a_foreign_file_named_like_a_segment_is_left_alone_and_the_rest_replayed(
+    repository: FlakyRepository, tmp_path: Path
+) -> None:
+    """A directory or a pipe named ``segment-*.jsonl`` in the spool directory (a backup an operator made
+    there, another program's files): adopting it raised IsADirectoryError -- the server did not start --
+    and, once it appeared under a running server, every replay step failed and marked the healthy
+    database down: decisions went to the spool for good and were never replayed. (A pipe would have hung
+    the start.) Now it is skipped with a warning, and the spool's own segments replay as usual."""
+    spool_dir = tmp_path / "spool"
+    repository.refusing = True
+    first = writer_for(repository, spool_dir)
+    assert first.write(decision_record(1, event_id="a")) == SPOOLED
+    first.close()  # as if the process died: its segment stays, to be adopted
+    (spool_dir / "segment-backup.jsonl").mkdir()
+    os.mkfifo(spool_dir / "segment-pipe.jsonl")
+
+    second = writer_for(repository, spool_dir)  # starts (was IsADirectoryError)
+    assert second.find_decision_by_event("a").id == 1
+    repository.refusing = False
+    assert second.wait_replayed(10)
+    (spool_dir / "decisions-later.jsonl").mkdir()  # appears while it runs: looked at within 5 s
+    time.sleep(5.5)
+    assert second.write(decision_record(2)) == STORED  # the database was never taken for down
+    assert second.status().database_up
+    assert stored_ids(repository) == [1, 2]
+    second.close()
