@@ -351,6 +351,37 @@ def test_models_commands(
 
 
 @pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["promote", "policy-\udcff"], "not a model version: 'policy-\\udcff'"),  # argv not UTF-8
+        (["shadow", "a" * 65], "not a model version"),
+        (["list", "--kind", "rsik"], "'rsik': expected anomaly, risk or policy"),
+        (["rollback", "--kind", "rsik"], "'rsik': expected anomaly, risk or policy"),
+        (["compare", "--since", "0001-01-01T00:00:00+01:00"], "out of the range of dates"),
+        (["compare", "--limit", "99999999999999999999"], "9223372036854775807"),
+    ],
+)
+def test_models_commands_refuse_what_no_registry_holds_in_one_line(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch, args: list[str], said: str
+) -> None:
+    """A version argv could not decode (UnicodeEncodeError from the driver), a --since that leaves the
+    range of dates once in UTC or a --limit beyond SQLite's integers (OverflowError) were tracebacks; a
+    misspelt --kind listed nothing (list) or was a registry refusal (rollback, exit 1). Now exit 2, one
+    line naming the option, before the registry is touched."""
+    from typer.testing import CliRunner
+
+    from decision_platform.cli import main as cli
+    from decision_platform.cli import models as models_commands
+
+    settings = make_settings()
+    monkeypatch.setattr(models_commands, "get_settings", lambda: settings)
+    result = CliRunner().invoke(cli.app, ["models", *args], terminal_width=200)
+    assert result.exit_code == 2, result.output
+    said_in_box = " ".join(result.output.replace("\u2502", " ").split())  # typer's box wraps long lines
+    assert said in said_in_box and "Traceback" not in result.output, result.output
+
+
+@pytest.mark.parametrize(
     "damage",
     [
         lambda text: text[:40],  # cut short

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable
@@ -30,6 +31,17 @@ from decision_platform.storage.repository import Repository
 log = logging.getLogger(__name__)
 
 KINDS = MODEL_KINDS
+#: What a version can be: the registry writes ``<kind>-<time>-<hash>``, and models.version is VARCHAR(64).
+#: Anything else names no model (checked at the edges: a 422, or exit 2 -- never a driver's error).
+VERSION_PATTERN = r"^[A-Za-z0-9_.:\-]+$"
+VERSION_MAX_LENGTH = 64
+
+
+def is_version(text: str) -> bool:
+    """Whether ``text`` can be a version (see :data:`VERSION_PATTERN`)."""
+    return len(text) <= VERSION_MAX_LENGTH and re.fullmatch(VERSION_PATTERN, text) is not None
+
+
 #: Kinds that may have a shadow.
 SHADOW_KINDS = ("policy",)
 
