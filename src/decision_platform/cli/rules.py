@@ -16,6 +16,7 @@ from rich.table import Table
 
 from decision_platform.cli.common import console, time_window
 from decision_platform.core.actions import ACTION_NAMES
+from decision_platform.core.events import INT64_MAX
 
 if TYPE_CHECKING:
     from decision_platform.learning.backtest import BacktestResult
@@ -30,7 +31,12 @@ def backtest_command(
         "7d", help="start: an age (90m, 6h, 7d) or an ISO 8601 time (UTC if no offset)"
     ),
     until: str = typer.Option("now", help="end: now, an age or an ISO 8601 time"),
-    limit: int | None = typer.Option(None, min=1, help="replay at most the newest N decisions of the window"),
+    limit: int | None = typer.Option(
+        None,
+        min=1,
+        max=INT64_MAX - 1,  # one more is read (to tell a truncated window): beyond it, SQL's OverflowError
+        help="replay at most the newest N decisions of the window",
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON instead of tables"),
 ) -> None:
     """Replay the window's logged decisions (stored features and scores) under RULES_FILE: how many each
