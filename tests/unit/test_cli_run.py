@@ -183,6 +183,27 @@ def test_out_of_range_numbers_on_the_command_line_are_exit_2(args: list[str]) ->
 
 
 @pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["train", "--days", "1e300"], "more than the 20,000,000 a synthetic data set may hold"),
+        (["train", "--entities", "99999999999999"], "more than the 20,000,000 a synthetic data set may hold"),
+        (["replay", "--to", "http", "--days", "1e300"], "more than the 20,000,000 a synthetic data set"),
+        (["replay", "--to", "http", "--url", "http://[::1"], "Invalid port"),
+        (["replay", "--to", "http", "--url", "ftp://host/"], "expected an http:// or https:// URL"),
+    ],
+)
+def test_a_data_set_too_large_to_make_or_a_url_no_request_can_go_to_is_exit_2(
+    args: list[str], said: str
+) -> None:
+    """``--days 1e300`` was numpy's "Maximum allowed dimension exceeded", ``--entities 99999999999999`` a
+    MemoryError (``--days 1e6`` ran for hours); ``--url http://[::1`` httpx's InvalidURL -- tracebacks;
+    ``--url ftp://host/`` failed every event one by one. Now one line naming the option, exit 2."""
+    result = CliRunner().invoke(cli.app, args)
+    unboxed = " ".join(result.output.replace("\u2502", " ").split())  # typer boxes it at 80 columns
+    assert result.exit_code == 2 and said in unboxed and "Traceback" not in result.output, result.output
+
+
+@pytest.mark.parametrize(
     ("command", "name", "text", "said"),
     [
         ("retrain", "learning.yaml", "gate: {min_decisions: abc}\n", "learning.yaml: gate.min_decisions"),
