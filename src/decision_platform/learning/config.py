@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
+
+from decision_platform.core.strict_yaml import load_yaml
 
 
 class OutcomeSettings(BaseModel):
@@ -44,4 +45,4 @@ class LearningConfig(BaseModel):
 
     @classmethod
     def load(cls, path: Path) -> LearningConfig:
-        return cls.model_validate(yaml.safe_load(Path(path).read_text("utf-8")) or {})
+        return cls.model_validate(load_yaml(Path(path).read_text("utf-8")) or {})
