@@ -207,6 +207,12 @@ def test_a_data_set_too_large_to_make_or_a_url_no_request_can_go_to_is_exit_2(
     ("command", "name", "text", "said"),
     [
         ("retrain", "learning.yaml", "gate: {min_decisions: abc}\n", "learning.yaml: gate.min_decisions"),
+        # s32: loaded, then a timedelta OverflowError deep in retrain (.inf), or NaN rewards in the gate
+        ("retrain", "learning.yaml", "outcomes: {horizon_hours: .inf}\n", "outcomes.horizon_hours"),
+        ("retrain", "learning.yaml", "outcomes: {horizon_hours: 1e300}\n", "outcomes.horizon_hours"),
+        ("retrain", "learning.yaml", "outcomes: {default_reward: .nan}\n", "outcomes.default_reward"),
+        ("retrain", "learning.yaml", "outcomes: {default_reward: -1e300}\n", "outcomes.default_reward"),
+        ("retrain", "learning.yaml", "gate: {min_improvement: .nan}\n", "gate.min_improvement"),
         ("retrain", "rewards.yaml", "outcomes: [", "rewards.yaml: not valid YAML at line 1"),
         ("train", "rewards.yaml", None, "rewards.yaml: cannot read: No such file or directory"),
         ("train", "features.yaml", "windows: {1m: -5}\n", "window '1m' must be a positive number of seconds"),
