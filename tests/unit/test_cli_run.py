@@ -235,3 +235,17 @@ def test_a_broken_config_file_stops_train_and_retrain_in_one_line(
     output = " ".join(result.output.split())
     assert f"bad configuration: {config_dir / name}:" in output and said in output, output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("window", [["--until", "0001-01-01"], ["--since", "0001-01-01T00:00:00"]])
+def test_retrain_over_a_window_from_the_first_year_says_what_it_found(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch, window: list[str]
+) -> None:
+    """A naive --since / --until was taken for local time: year 1 was 'ValueError: year 0 is out of range'
+    (a traceback) from the query's time bound. Now naive is UTC, as for every other command, and an empty
+    window is said in one line (exit 2)."""
+    settings = make_settings()
+    monkeypatch.setattr("decision_platform.cli.retrain.get_settings", lambda: settings)
+    result = CliRunner().invoke(cli.app, ["retrain", *window])
+    assert result.exit_code == 2, result.output
+    assert "0 logged decisions" in result.output and "Traceback" not in result.output
