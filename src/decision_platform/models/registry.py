@@ -72,7 +72,8 @@ class RegistryConflictError(RegistryError):
 def hash_directory(directory: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(p for p in Path(directory).rglob("*") if p.is_file()):
-        digest.update(path.relative_to(directory).as_posix().encode())
+        # fsencode: a name that is not UTF-8 (a stray file) hashes as its bytes; .encode() raised on it.
+        digest.update(os.fsencode(path.relative_to(directory).as_posix()))
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
@@ -262,7 +263,11 @@ class ModelRegistry:
         path = self.model_dir / record["artifact_path"]
         if not path.is_dir():
             raise CorruptArtifactError(f"{record['version']}: artifact directory {path} is missing")
-        if hash_directory(path) != record["artifact_sha256"]:
+        try:
+            sha = hash_directory(path)
+        except OSError as exc:  # a file the disk cannot give back (or removed while read): no match either
+            raise CorruptArtifactError(f"{record['version']}: artifact files cannot be read: {exc}") from None
+        if sha != record["artifact_sha256"]:
             raise CorruptArtifactError(
                 f"{record['version']}: artifact files do not match their recorded hash"
             )
