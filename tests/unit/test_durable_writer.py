@@ -698,3 +698,27 @@ def test_a_foreign_file_named_like_a_segment_is_left_alone_and_the_rest_replayed
     assert second.status().database_up
     assert stored_ids(repository) == [1, 2]
     second.close()
+
+
+@pytest.mark.parametrize(
+    ("field", "raw"), [("offset", "-1"), ("offset", "1e400"), ("length", "-5"), ("decision_id", "1e999")]
+)
+def test_a_damaged_claim_is_stale_and_never_fails_the_batch_it_is_read_in(
+    repository: FlakyRepository, tmp_path: Path, field: str, raw: str
+) -> None:
+    """A claim file in ``events/`` whose JSON parses but whose numbers no location can have (a bit flip, a
+    hand edit): int(1e400) raised OverflowError, a seek to -1 OSError -- out of the batch's claim look-up,
+    failing every request of the batch (503s for the events beside it too, on every retry of that event,
+    with the database up). Now such a claim is no claim: stale, taken over, one decision per event."""
+    spool_dir = tmp_path / "spool"
+    writer = writer_for(repository, spool_dir)
+    (spool_dir / "events").mkdir(parents=True)
+    segment = spool_dir / "segment-1-1-1.jsonl"
+    segment.write_text(SpoolRecord(DECISION, decision=decision_row(99, event_id="hit")).to_line() + "\n")
+    claim = {"event_id": "hit", "decision_id": 99, "segment": str(segment), "offset": 0, "length": 10}
+    del claim[field]
+    writer.spool._claim_path("hit").write_text(json.dumps(claim)[:-1] + f', "{field}": {raw}}}')
+    batch = writer.write_many([decision_record(1, event_id="hit"), decision_record(2, event_id="beside")])
+    assert batch == [STORED, STORED]
+    assert stored_ids(repository) == [1, 2]
+    writer.close()

@@ -718,11 +718,15 @@ def _read_decision(location: _Location, wait_s: float = 0.0) -> dict[str, Any] |
 
 
 def _read_claim(path: Path) -> _Claim | None:
+    """The claim at ``path``; None if there is none or it is damaged (a stale claim: taken over). Numbers no
+    location has (a bit flip: -1, 1e400) are damage too: they raised out of the batch's look-up."""
     try:
         body = json.loads(path.read_text("utf-8"))
         where = _Location(Path(body["segment"]), int(body["offset"]), int(body["length"]))
+        if where.offset < 0 or where.length < 0:
+            return None
         return _Claim(str(body["event_id"]), int(body["decision_id"]), where)
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
+    except (FileNotFoundError, ValueError, KeyError, TypeError, OverflowError):
         return None
 
 
