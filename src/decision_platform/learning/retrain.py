@@ -17,6 +17,7 @@ new about it; refitting it would change every state the policy sees for no measu
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -402,6 +403,7 @@ def retrain(
     started = time.perf_counter()
     started_at = datetime.now(UTC)
     timings: dict[str, float] = {}
+    _check_writable(settings.reports_dir)
 
     imputation = impute_missing_outcomes(registry.repository, rewards, config.outcomes)
     champions, champion_dir = _champions(registry)
@@ -494,6 +496,17 @@ def retrain(
     )
     report.files = write_report(report, settings.reports_dir, started_at)
     return report
+
+
+def _check_writable(directory: Path) -> None:
+    """The report is written last, after training, registering and promoting: a directory it cannot go to
+    (a file there, a read-only disk) stopped retrain then with a traceback. Checked before any work."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".retrain-probe-"):
+            pass
+    except OSError as exc:
+        raise RetrainError(f"cannot write the report to {directory}: {exc.strerror or exc}") from None
 
 
 def write_report(report: RetrainReport, directory: Path, when: datetime) -> dict[str, str]:
