@@ -249,3 +249,19 @@ def test_retrain_over_a_window_from_the_first_year_says_what_it_found(
     result = CliRunner().invoke(cli.app, ["retrain", *window])
     assert result.exit_code == 2, result.output
     assert "0 logged decisions" in result.output and "Traceback" not in result.output
+
+
+def test_train_into_a_model_dir_it_cannot_write_says_so_before_training(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """DP_MODEL_DIR under a file (or on a read-only disk): train read the data and trained every model, then
+    stopped with a NotADirectoryError traceback when registering the first artifact. Now it stops first."""
+    (tmp_path / "file").write_text("not a directory")
+    settings = Settings(
+        model_dir=tmp_path / "file" / "models", database_url=f"sqlite:///{tmp_path / 'dp.db'}"
+    )
+    monkeypatch.setattr(cli, "get_settings", lambda: settings)
+    monkeypatch.setattr(cli, "_synthetic", lambda *args: pytest.fail("the data was made before the check"))
+    result = CliRunner().invoke(cli.app, ["train", "--entities", "30", "--days", "1", "--timesteps", "0"])
+    assert result.exit_code == 2, result.output
+    assert f"DP_MODEL_DIR: cannot write to {tmp_path / 'file' / 'models'}: Not a directory" in result.output

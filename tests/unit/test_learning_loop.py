@@ -256,8 +256,6 @@ def test_retrain_with_nowhere_to_write_its_report_says_so_before_any_work(
     assert settings.reports_dir == taken
     platform = start_platform(settings)
     before = platform.registry.repository.list_models()
-    with pytest.raises(
-        RetrainError, match=rf"cannot write the report to {taken}: (File exists|Not a directory)"
-    ):
+    with pytest.raises(RetrainError, match=rf"cannot write to {taken}: (File exists|Not a directory)"):
         retrain(settings, platform.registry, loop_config(), platform.rewards)
     assert platform.registry.repository.list_models() == before

@@ -70,6 +70,7 @@ def _train(
     from decision_platform.training.train import TrainConfig, TrainingDataError, train_all
 
     features_path = settings.features_path
+    _writable_model_dir(settings)
     if source is Source.synthetic:
         with console.status("generating synthetic data"):
             data = _synthetic(entities, days, seed)
@@ -285,6 +286,18 @@ def _why_train_first(settings: Settings) -> str | None:
         return None
     problems = "; ".join(f"{kind}: {error}" for kind, error in sorted(loaded.errors.items()))
     return f"The registered champions cannot be served ({problems})"
+
+
+def _writable_model_dir(settings: Settings) -> None:
+    """DP_MODEL_DIR must take the artifacts: checked before the data is read and the models trained (it
+    was a NotADirectoryError / PermissionError traceback once all that was done)."""
+    from decision_platform.models.registry import UnwritableDirectoryError, check_writable
+
+    try:
+        check_writable(settings.model_dir)
+    except UnwritableDirectoryError as exc:
+        typer.echo(f"error: DP_MODEL_DIR: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _synthetic(entities: int, days: float, seed: int) -> LabelledEvents:

@@ -17,7 +17,6 @@ new about it; refitting it would change every state the policy sees for no measu
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -45,7 +44,7 @@ from decision_platform.models.artifacts import SPEC_FILE, save_artifact, save_po
 from decision_platform.models.baseline_policy import BayesPolicy, Policy, ThresholdPolicy
 from decision_platform.models.bundle import LoadedModels, load_champions
 from decision_platform.models.policy import PPO_ZIP, PolicyModel, imitate
-from decision_platform.models.registry import ModelRegistry
+from decision_platform.models.registry import ModelRegistry, UnwritableDirectoryError, check_writable
 from decision_platform.models.risk import RiskModel
 from decision_platform.models.scoring import ScoringChain
 from decision_platform.models.threads import one_torch_thread
@@ -403,7 +402,11 @@ def retrain(
     started = time.perf_counter()
     started_at = datetime.now(UTC)
     timings: dict[str, float] = {}
-    _check_writable(settings.reports_dir)
+    for directory in (settings.model_dir, settings.reports_dir):  # the candidate's artifacts, the report
+        try:
+            check_writable(directory)
+        except UnwritableDirectoryError as exc:
+            raise RetrainError(str(exc)) from None
 
     imputation = impute_missing_outcomes(registry.repository, rewards, config.outcomes)
     champions, champion_dir = _champions(registry)
@@ -496,17 +499,6 @@ def retrain(
     )
     report.files = write_report(report, settings.reports_dir, started_at)
     return report
-
-
-def _check_writable(directory: Path) -> None:
-    """The report is written last, after training, registering and promoting: a directory it cannot go to
-    (a file there, a read-only disk) stopped retrain then with a traceback. Checked before any work."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".retrain-probe-"):
-            pass
-    except OSError as exc:
-        raise RetrainError(f"cannot write the report to {directory}: {exc.strerror or exc}") from None
 
 
 def write_report(report: RetrainReport, directory: Path, when: datetime) -> dict[str, str]:

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -67,6 +68,22 @@ class InvalidOperationError(RegistryError, ValueError):
 
 class RegistryConflictError(RegistryError):
     """The registry's current state does not allow it (nothing to roll back to, a champion as shadow)."""
+
+
+class UnwritableDirectoryError(RegistryError):
+    """A directory that long work writes its result to cannot take a file."""
+
+
+def check_writable(directory: Path) -> None:
+    """Create ``directory`` and write a probe file there; UnwritableDirectoryError naming it and why if it
+    cannot take one. Asked before long work whose result goes there (train, retrain), which otherwise ended
+    with a traceback after all the work was done."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        raise UnwritableDirectoryError(f"cannot write to {directory}: {exc.strerror or exc}") from None
 
 
 def hash_directory(directory: Path) -> str:
