@@ -85,7 +85,8 @@ def _model(record: dict[str, Any]) -> dict[str, Any]:
         "version": record["version"],
         "kind": record["kind"],
         "status": record["status"],
-        "created_at": record["created_at"].isoformat(),
+        # None: a time a hand edit left unreadable (SQLite) -- the row is listed without it.
+        "created_at": record["created_at"].isoformat() if record["created_at"] else None,
         "promoted_at": record["promoted_at"].isoformat() if record["promoted_at"] else None,
         "data_window": record["data_window"],
         "metrics": record["metrics"],

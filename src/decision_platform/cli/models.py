@@ -91,7 +91,7 @@ def models_list(
             row["version"],
             row["kind"],
             f"[{style}]{row['status']}[/{style}]" if style else row["status"],
-            f"{row['created_at']:%Y-%m-%d %H:%M}",
+            f"{row['created_at']:%Y-%m-%d %H:%M}" if row["created_at"] else "?",  # unreadable (hand edit)
             f"{row['promoted_at']:%Y-%m-%d %H:%M}" if row["promoted_at"] else "",
             f"{window.get('source')} ({window.get('events')} events)",
             key,
