@@ -186,3 +186,55 @@ def test_yaml_merge_keys_still_override_what_they_merge() -> None:
         ("a", "block", "amount > 1.0"),
         ("b", "block", "amount > 2.0"),
     ]
+
+
+@pytest.mark.parametrize(
+    "name", ["rules.yaml", "rewards.yaml", "features.yaml", "learning.yaml", "mapping.yaml"]
+)
+def test_a_config_file_that_never_ends_is_refused_not_read_for_ever(tmp_path: Path, name: str) -> None:
+    """A configuration or mapping path that is /dev/zero (a symlink gone wrong, a fuzzer's argument) or a
+    file of gigabytes: it was read whole -- `serve`, `train` and `rules backtest` hung, filling memory.
+    Now at most 16 MB are read, and more is refused in one line naming the file."""
+    from decision_platform.core.rewards import RewardTable
+    from decision_platform.data.csv_import import ColumnMapping, DatasetError
+    from decision_platform.features import FeatureSpec
+    from decision_platform.learning.config import LearningConfig
+
+    path = tmp_path / name
+    path.symlink_to("/dev/zero")
+    if name == "mapping.yaml":
+        with pytest.raises(DatasetError, match="larger than 16 MB"):
+            ColumnMapping.from_yaml(path)
+        return
+    loaders: dict[str, Callable[[Path], object]] = {
+        "rules.yaml": lambda p: RuleSet.load(p, ["amount"]),
+        "rewards.yaml": RewardTable.load,
+        "features.yaml": FeatureSpec.load,
+        "learning.yaml": LearningConfig.load,
+    }
+    with pytest.raises(ConfigError, match=f"{name}: larger than 16 MB"):
+        load_config_file(path, loaders[name])
+
+
+def test_rules_backtest_of_a_file_that_never_ends_is_exit_2(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from decision_platform.cli import main as cli
+
+    result = CliRunner().invoke(cli.app, ["rules", "backtest", "/dev/zero"])
+    assert result.exit_code == 2, result.output
+    assert "larger than 16 MB" in " ".join(result.output.replace("\u2502", " ").split())
+
+
+def test_a_server_whose_rules_file_never_ends_stops_with_one_line(tmp_path: Path) -> None:
+    """`serve` / `worker` read rules.yaml as text for the rules' metrics: with /dev/zero there it hung."""
+    import shutil
+
+    from decision_platform.config import PROJECT_ROOT
+    from decision_platform.serving.platform import read_config_files
+
+    for name in ("features.yaml", "rewards.yaml"):
+        shutil.copy(PROJECT_ROOT / "config" / name, tmp_path / name)
+    (tmp_path / "rules.yaml").symlink_to("/dev/zero")
+    with pytest.raises(ConfigError, match=r"rules\.yaml: larger than 16 MB"):
+        read_config_files(Settings(config_dir=tmp_path))

@@ -43,6 +43,7 @@ def backtest_command(
     rule would change, actions before and after, and the estimated reward change on labelled outcomes."""
     from decision_platform.config import get_settings
     from decision_platform.core.rewards import RewardTable
+    from decision_platform.core.strict_yaml import read_config_text
     from decision_platform.features import FeatureSpec
     from decision_platform.learning.backtest import ServingChoice, backtest
     from decision_platform.rules.ruleset import RulesError, RuleSet
@@ -52,11 +53,13 @@ def backtest_command(
     settings = get_settings()
     start, end = time_window(since, until)
     try:
-        text = rules_file.read_text("utf-8")
+        text = read_config_text(rules_file)
     except OSError as exc:
         raise typer.BadParameter(f"cannot read {rules_file}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:  # was a traceback
         raise typer.BadParameter(f"cannot read {rules_file}: not UTF-8 text (byte {exc.start + 1})") from None
+    except ValueError as exc:  # /dev/zero: was read for ever
+        raise typer.BadParameter(f"cannot read {rules_file}: {exc}") from None
     names = FeatureSpec.load(settings.features_path).names
     try:
         rules = RuleSet.from_text(text, names)

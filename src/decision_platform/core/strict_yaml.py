@@ -8,12 +8,16 @@ A ``<<`` merge is no duplicate: the keys written beside it override the merged o
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import yaml
 from yaml.constructor import ConstructorError
 
 _MERGE = "tag:yaml.org,2002:merge"
+#: The most a configuration file is read (thousands of rules are well under it): /dev/zero, or a file of
+#: gigabytes given by mistake, was read whole -- the command hung, filling memory.
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -41,3 +45,18 @@ def load_yaml(text: str) -> Any:
     """``yaml.safe_load(text)``, refusing a key given twice in one mapping (a ``yaml.YAMLError`` whose
     ``problem`` names the key and its first line, ``problem_mark`` the second)."""
     return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
+def read_config_text(path: Path) -> str:
+    """The UTF-8 text of a configuration file; ValueError when it is larger than :data:`MAX_CONFIG_BYTES`
+    (OSError, UnicodeDecodeError as reading raises them)."""
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ValueError(f"larger than {MAX_CONFIG_BYTES >> 20} MB: not a configuration file")
+    return data.decode("utf-8")
+
+
+def load_yaml_file(path: Path) -> Any:
+    """:func:`load_yaml` of :func:`read_config_text`."""
+    return load_yaml(read_config_text(path))

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from decision_platform.core.rewards import MAX_REWARD
-from decision_platform.core.strict_yaml import load_yaml
+from decision_platform.core.strict_yaml import load_yaml_file
 
 #: The longest outcome horizon: ten years (an infinite one was a timedelta OverflowError deep in retrain).
 MAX_HORIZON_HOURS = 10 * 365 * 24
@@ -50,4 +50,4 @@ class LearningConfig(_Section):
 
     @classmethod
     def load(cls, path: Path) -> LearningConfig:
-        return cls.model_validate(load_yaml(Path(path).read_text("utf-8")) or {})
+        return cls.model_validate(load_yaml_file(Path(path)) or {})

@@ -26,7 +26,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from decision_platform.core.strict_yaml import load_yaml
+from decision_platform.core.strict_yaml import load_yaml, load_yaml_file
 
 #: Facts every rule may use besides features and lists.
 BASE_VARIABLES = frozenset({"anomaly", "risk", "amount", "entity_id", "event_type", "attributes"})
@@ -148,7 +148,7 @@ class RuleSet:
     def load(
         cls, path: Path, known_variables: Iterable[str], observer: RuleObserver | None = None
     ) -> RuleSet:
-        raw = load_yaml(Path(path).read_text("utf-8")) or {}
+        raw = load_yaml_file(Path(path)) or {}
         return cls(RulesFile.model_validate(raw), known_variables, observer)
 
     @classmethod
