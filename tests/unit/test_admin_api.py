@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -171,3 +173,34 @@ def test_a_corrupt_shadow_artifact_does_not_break_decide(admin: tuple[TestClient
     listed = client.get("/admin/models", headers=AUTH).json()
     assert "hash" in listed["serving"]["shadow_error"]
     assert client.get("/ready").json()["status"] == "ready"
+
+
+def test_a_foreign_file_in_an_artifact_directory_is_a_409_not_a_500(
+    admin: tuple[TestClient, Platform], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Something left a file in a registered artifact's directory under a name that is not UTF-8 (another
+    system's copy, a broken restore): hashing it raised UnicodeEncodeError, and promote answered 500 (the CLI
+    a traceback). A file the hash cannot read (a disk error, removed while it is read) raised OSError the
+    same way. Both are an artifact that no longer matches its hash: 409 naming it, nothing changed."""
+    client, platform = admin
+    champion = platform.models.versions["policy"]
+    challenger = register_policy(platform.registry, BLOCK)
+    directory = platform.registry.model_dir / platform.registry.record(challenger)["artifact_path"]
+    stray = os.path.join(os.fsencode(directory), b"copy-\xff.npz")
+    with open(stray, "wb") as handle:
+        handle.write(b"x")
+    refused = client.post(f"/admin/models/{challenger}/promote", headers=AUTH)
+    assert refused.status_code == 409, refused.text
+    assert challenger in refused.json()["detail"] and "hash" in refused.json()["detail"]
+    os.remove(stray)
+
+    def unreadable(self: Path) -> bytes:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(Path, "read_bytes", unreadable)
+    refused = client.post(f"/admin/models/{challenger}/promote", headers=AUTH)
+    assert refused.status_code == 409, refused.text
+    assert "Input/output error" in refused.json()["detail"]
+    monkeypatch.undo()
+    assert platform.registry.champion("policy")["version"] == champion  # type: ignore[index]
+    assert client.post(f"/admin/models/{challenger}/promote", headers=AUTH).status_code == 200

@@ -113,3 +113,29 @@ def test_a_spool_disk_that_hangs_answers_503_in_time_and_the_retry_gets_one_deci
         with platform.repository.engine.connect() as connection:
             ids = connection.execute(sa.text("SELECT id FROM decisions WHERE event_id = 'h-ev-1'")).scalars()
             assert list(ids) == [retry.json()["decision_id"]]
+
+
+def test_a_quarantine_that_cannot_be_read_is_said_by_ready_and_spool_status(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``quarantine.jsonl`` not a file (a directory an operator made there; a disk error reading it): every
+    GET /ready answered 500, so a load balancer dropped a server that decided as usual, and ``spool status``
+    / ``spool requeue`` stopped with an IsADirectoryError traceback. Now /ready names it (and still judges
+    the server by its database, feature store and models), and the commands say it in one line, exit 2."""
+    from typer.testing import CliRunner
+
+    from decision_platform.cli import main as cli
+    from decision_platform.cli import spool as spool_commands
+
+    platform = client.app.state.platform  # type: ignore[attr-defined]
+    (platform.settings.spool_dir / "quarantine.jsonl").mkdir(parents=True)
+    ready = client.get("/ready")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"]["spool"]["quarantined"] == "unreadable: Is a directory"
+    assert client.post("/decide", json={"entity_id": "q1"}).status_code == 200
+
+    monkeypatch.setattr(spool_commands, "get_settings", lambda: platform.settings)
+    for command in ("status", "requeue"):
+        result = CliRunner().invoke(cli.app, ["spool", command])
+        assert result.exit_code == 2, result.output
+        assert "quarantine.jsonl: Is a directory" in " ".join(result.output.split()), result.output

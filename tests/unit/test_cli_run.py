@@ -183,9 +183,36 @@ def test_out_of_range_numbers_on_the_command_line_are_exit_2(args: list[str]) ->
 
 
 @pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["train", "--days", "1e300"], "more than the 20,000,000 a synthetic data set may hold"),
+        (["train", "--entities", "99999999999999"], "more than the 20,000,000 a synthetic data set may hold"),
+        (["replay", "--to", "http", "--days", "1e300"], "more than the 20,000,000 a synthetic data set"),
+        (["replay", "--to", "http", "--url", "http://[::1"], "Invalid port"),
+        (["replay", "--to", "http", "--url", "ftp://host/"], "expected an http:// or https:// URL"),
+    ],
+)
+def test_a_data_set_too_large_to_make_or_a_url_no_request_can_go_to_is_exit_2(
+    args: list[str], said: str
+) -> None:
+    """``--days 1e300`` was numpy's "Maximum allowed dimension exceeded", ``--entities 99999999999999`` a
+    MemoryError (``--days 1e6`` ran for hours); ``--url http://[::1`` httpx's InvalidURL -- tracebacks;
+    ``--url ftp://host/`` failed every event one by one. Now one line naming the option, exit 2."""
+    result = CliRunner().invoke(cli.app, args)
+    unboxed = " ".join(result.output.replace("\u2502", " ").split())  # typer boxes it at 80 columns
+    assert result.exit_code == 2 and said in unboxed and "Traceback" not in result.output, result.output
+
+
+@pytest.mark.parametrize(
     ("command", "name", "text", "said"),
     [
         ("retrain", "learning.yaml", "gate: {min_decisions: abc}\n", "learning.yaml: gate.min_decisions"),
+        # s32: loaded, then a timedelta OverflowError deep in retrain (.inf), or NaN rewards in the gate
+        ("retrain", "learning.yaml", "outcomes: {horizon_hours: .inf}\n", "outcomes.horizon_hours"),
+        ("retrain", "learning.yaml", "outcomes: {horizon_hours: 1e300}\n", "outcomes.horizon_hours"),
+        ("retrain", "learning.yaml", "outcomes: {default_reward: .nan}\n", "outcomes.default_reward"),
+        ("retrain", "learning.yaml", "outcomes: {default_reward: -1e300}\n", "outcomes.default_reward"),
+        ("retrain", "learning.yaml", "gate: {min_improvement: .nan}\n", "gate.min_improvement"),
         ("retrain", "rewards.yaml", "outcomes: [", "rewards.yaml: not valid YAML at line 1"),
         ("train", "rewards.yaml", None, "rewards.yaml: cannot read: No such file or directory"),
         ("train", "features.yaml", "windows: {1m: -5}\n", "window '1m' must be a positive number of seconds"),
@@ -208,3 +235,33 @@ def test_a_broken_config_file_stops_train_and_retrain_in_one_line(
     output = " ".join(result.output.split())
     assert f"bad configuration: {config_dir / name}:" in output and said in output, output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("window", [["--until", "0001-01-01"], ["--since", "0001-01-01T00:00:00"]])
+def test_retrain_over_a_window_from_the_first_year_says_what_it_found(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch, window: list[str]
+) -> None:
+    """A naive --since / --until was taken for local time: year 1 was 'ValueError: year 0 is out of range'
+    (a traceback) from the query's time bound. Now naive is UTC, as for every other command, and an empty
+    window is said in one line (exit 2)."""
+    settings = make_settings()
+    monkeypatch.setattr("decision_platform.cli.retrain.get_settings", lambda: settings)
+    result = CliRunner().invoke(cli.app, ["retrain", *window])
+    assert result.exit_code == 2, result.output
+    assert "0 logged decisions" in result.output and "Traceback" not in result.output
+
+
+def test_train_into_a_model_dir_it_cannot_write_says_so_before_training(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """DP_MODEL_DIR under a file (or on a read-only disk): train read the data and trained every model, then
+    stopped with a NotADirectoryError traceback when registering the first artifact. Now it stops first."""
+    (tmp_path / "file").write_text("not a directory")
+    settings = Settings(
+        model_dir=tmp_path / "file" / "models", database_url=f"sqlite:///{tmp_path / 'dp.db'}"
+    )
+    monkeypatch.setattr(cli, "get_settings", lambda: settings)
+    monkeypatch.setattr(cli, "_synthetic", lambda *args: pytest.fail("the data was made before the check"))
+    result = CliRunner().invoke(cli.app, ["train", "--entities", "30", "--days", "1", "--timesteps", "0"])
+    assert result.exit_code == 2, result.output
+    assert f"DP_MODEL_DIR: cannot write to {tmp_path / 'file' / 'models'}: Not a directory" in result.output

@@ -670,3 +670,55 @@ def test_damaged_lines_in_the_middle_of_a_segment_are_quarantined_and_the_others
     assert spool.requeue_quarantined() == 0 and spool.pending() == 0
     assert len(spool.quarantine_entries()) == len(DAMAGED_SPOOL_LINES) + 1
     spool.close()
+
+
+def test_a_foreign_file_named_like_a_segment_is_left_alone_and_the_rest_replayed(
+    repository: FlakyRepository, tmp_path: Path
+) -> None:
+    """A directory or a pipe named ``segment-*.jsonl`` in the spool directory (a backup an operator made
+    there, another program's files): adopting it raised IsADirectoryError -- the server did not start --
+    and, once it appeared under a running server, every replay step failed and marked the healthy
+    database down: decisions went to the spool for good and were never replayed. (A pipe would have hung
+    the start.) Now it is skipped with a warning, and the spool's own segments replay as usual."""
+    spool_dir = tmp_path / "spool"
+    repository.refusing = True
+    first = writer_for(repository, spool_dir)
+    assert first.write(decision_record(1, event_id="a")) == SPOOLED
+    first.close()  # as if the process died: its segment stays, to be adopted
+    (spool_dir / "segment-backup.jsonl").mkdir()
+    os.mkfifo(spool_dir / "segment-pipe.jsonl")
+
+    second = writer_for(repository, spool_dir)  # starts (was IsADirectoryError)
+    assert second.find_decision_by_event("a").id == 1
+    repository.refusing = False
+    assert second.wait_replayed(10)
+    (spool_dir / "decisions-later.jsonl").mkdir()  # appears while it runs: looked at within 5 s
+    time.sleep(5.5)
+    assert second.write(decision_record(2)) == STORED  # the database was never taken for down
+    assert second.status().database_up
+    assert stored_ids(repository) == [1, 2]
+    second.close()
+
+
+@pytest.mark.parametrize(
+    ("field", "raw"), [("offset", "-1"), ("offset", "1e400"), ("length", "-5"), ("decision_id", "1e999")]
+)
+def test_a_damaged_claim_is_stale_and_never_fails_the_batch_it_is_read_in(
+    repository: FlakyRepository, tmp_path: Path, field: str, raw: str
+) -> None:
+    """A claim file in ``events/`` whose JSON parses but whose numbers no location can have (a bit flip, a
+    hand edit): int(1e400) raised OverflowError, a seek to -1 OSError -- out of the batch's claim look-up,
+    failing every request of the batch (503s for the events beside it too, on every retry of that event,
+    with the database up). Now such a claim is no claim: stale, taken over, one decision per event."""
+    spool_dir = tmp_path / "spool"
+    writer = writer_for(repository, spool_dir)
+    (spool_dir / "events").mkdir(parents=True)
+    segment = spool_dir / "segment-1-1-1.jsonl"
+    segment.write_text(SpoolRecord(DECISION, decision=decision_row(99, event_id="hit")).to_line() + "\n")
+    claim = {"event_id": "hit", "decision_id": 99, "segment": str(segment), "offset": 0, "length": 10}
+    del claim[field]
+    writer.spool._claim_path("hit").write_text(json.dumps(claim)[:-1] + f', "{field}": {raw}}}')
+    batch = writer.write_many([decision_record(1, event_id="hit"), decision_record(2, event_id="beside")])
+    assert batch == [STORED, STORED]
+    assert stored_ids(repository) == [1, 2]
+    writer.close()

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from decision_platform.api.app import create_app
 from decision_platform.config import ConfigError, Settings, load_config_file
-from decision_platform.rules.ruleset import RuleSet
+from decision_platform.rules.ruleset import RulesError, RuleSet
 from decision_platform.serving.platform import Platform
 
 JSON = {"content-type": "application/json"}
@@ -126,3 +126,115 @@ def test_a_config_file_nested_too_deeply_stops_with_one_line(tmp_path: Path) -> 
     path.write_text("a: [" * 1000)
     with pytest.raises(ConfigError, match="nested too deeply"):
         load_config_file(path, lambda p: RuleSet.load(p, ["amount"]))
+
+
+# --- configuration files: YAML that parses, but says two things at once
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "said"),
+    [
+        (
+            "rules.yaml",
+            "rules:\n- {name: big, tier: block, when: 'amount > 5000.0'}\nlists: {}\nrules: []\n",
+            "line 4, column 1: found duplicate key 'rules' (first at line 1)",
+        ),
+        (
+            "rules.yaml",
+            "rules:\n- name: big\n  tier: block\n  when: amount > 5000.0\n  when: 'false'\n",
+            "line 5, column 3: found duplicate key 'when' (first at line 4)",
+        ),
+        ("rewards.yaml", "outcomes: {}\noutcomes: {}\n", "found duplicate key 'outcomes'"),
+        ("features.yaml", "windows: {1m: 60, 1m: 120}\n", "found duplicate key '1m'"),
+        ("learning.yaml", "gate: {}\ngate: {}\n", "found duplicate key 'gate'"),
+    ],
+)
+def test_a_config_key_given_twice_stops_with_one_line_naming_both(
+    tmp_path: Path, name: str, text: str, said: str
+) -> None:
+    """YAML kept the last of two equal keys without a word: a second ``rules:`` section (a paste, a merge)
+    dropped every block rule of the first, a second ``when:`` silently replaced a rule's condition, and
+    the platform served without them. Now the file is refused, naming both lines."""
+    from decision_platform.core.rewards import RewardTable
+    from decision_platform.features import FeatureSpec
+    from decision_platform.learning.config import LearningConfig
+
+    loaders: dict[str, Callable[[Path], object]] = {
+        "rules.yaml": lambda p: RuleSet.load(p, ["amount"]),
+        "rewards.yaml": RewardTable.load,
+        "features.yaml": FeatureSpec.load,
+        "learning.yaml": LearningConfig.load,
+    }
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        load_config_file(path, loaders[name])
+    assert said in str(refused.value)
+    if name == "rules.yaml":  # the console's what-if and `rules backtest` read the same way
+        with pytest.raises(RulesError, match="found duplicate key"):
+            RuleSet.from_text(text, ["amount"])
+
+
+def test_yaml_merge_keys_still_override_what_they_merge() -> None:
+    """An anchor merged with ``<<`` and a key of its own is no duplicate: the usual YAML override."""
+    text = (
+        "rules:\n- &base {name: a, tier: block, when: 'amount > 1.0'}\n"
+        "- {<<: *base, name: b, when: 'amount > 2.0'}\n"
+    )
+    rules = RuleSet.from_text(text, ["amount"])
+    assert [(r.name, r.tier, r.when) for r in rules.rules] == [
+        ("a", "block", "amount > 1.0"),
+        ("b", "block", "amount > 2.0"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "name", ["rules.yaml", "rewards.yaml", "features.yaml", "learning.yaml", "mapping.yaml"]
+)
+def test_a_config_file_that_never_ends_is_refused_not_read_for_ever(tmp_path: Path, name: str) -> None:
+    """A configuration or mapping path that is /dev/zero (a symlink gone wrong, a fuzzer's argument) or a
+    file of gigabytes: it was read whole -- `serve`, `train` and `rules backtest` hung, filling memory.
+    Now at most 16 MB are read, and more is refused in one line naming the file."""
+    from decision_platform.core.rewards import RewardTable
+    from decision_platform.data.csv_import import ColumnMapping, DatasetError
+    from decision_platform.features import FeatureSpec
+    from decision_platform.learning.config import LearningConfig
+
+    path = tmp_path / name
+    path.symlink_to("/dev/zero")
+    if name == "mapping.yaml":
+        with pytest.raises(DatasetError, match="larger than 16 MB"):
+            ColumnMapping.from_yaml(path)
+        return
+    loaders: dict[str, Callable[[Path], object]] = {
+        "rules.yaml": lambda p: RuleSet.load(p, ["amount"]),
+        "rewards.yaml": RewardTable.load,
+        "features.yaml": FeatureSpec.load,
+        "learning.yaml": LearningConfig.load,
+    }
+    with pytest.raises(ConfigError, match=f"{name}: larger than 16 MB"):
+        load_config_file(path, loaders[name])
+
+
+def test_rules_backtest_of_a_file_that_never_ends_is_exit_2(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from decision_platform.cli import main as cli
+
+    result = CliRunner().invoke(cli.app, ["rules", "backtest", "/dev/zero"])
+    assert result.exit_code == 2, result.output
+    assert "larger than 16 MB" in " ".join(result.output.replace("\u2502", " ").split())
+
+
+def test_a_server_whose_rules_file_never_ends_stops_with_one_line(tmp_path: Path) -> None:
+    """`serve` / `worker` read rules.yaml as text for the rules' metrics: with /dev/zero there it hung."""
+    import shutil
+
+    from decision_platform.config import PROJECT_ROOT
+    from decision_platform.serving.platform import read_config_files
+
+    for name in ("features.yaml", "rewards.yaml"):
+        shutil.copy(PROJECT_ROOT / "config" / name, tmp_path / name)
+    (tmp_path / "rules.yaml").symlink_to("/dev/zero")
+    with pytest.raises(ConfigError, match=r"rules\.yaml: larger than 16 MB"):
+        read_config_files(Settings(config_dir=tmp_path))

@@ -8,8 +8,10 @@ decisions carry.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -236,3 +238,24 @@ def test_retrain_without_outcomes_says_what_to_do(
         platform.engine.decide(f"no-outcome-{i}")
     with pytest.raises(RetrainError, match=r"post outcomes|too little"):
         retrain(settings, platform.registry, loop_config(), platform.rewards)
+
+
+def test_retrain_with_nowhere_to_write_its_report_says_so_before_any_work(
+    make_settings: Callable[..., Settings],
+    start_platform: Callable[[Settings], Platform],
+    trained: tuple[str, Path],
+    tmp_path: Path,
+) -> None:
+    """The report is written last -- after training, registering and promoting: a reports directory (beside
+    DP_MODEL_DIR) that is a file, or on a full or read-only disk, stopped retrain there with a traceback,
+    the candidate registered and maybe promoted. Now it is checked first: one line naming the directory."""
+    shutil.copytree(trained[1], tmp_path / "models")
+    taken = tmp_path / "reports"
+    taken.write_text("a file where the reports directory should be")
+    settings = make_settings(model_dir=tmp_path / "models")
+    assert settings.reports_dir == taken
+    platform = start_platform(settings)
+    before = platform.registry.repository.list_models()
+    with pytest.raises(RetrainError, match=rf"cannot write to {taken}: (File exists|Not a directory)"):
+        retrain(settings, platform.registry, loop_config(), platform.rewards)
+    assert platform.registry.repository.list_models() == before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -351,6 +352,37 @@ def test_models_commands(
 
 
 @pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["promote", "policy-\udcff"], "not a model version: 'policy-\\udcff'"),  # argv not UTF-8
+        (["shadow", "a" * 65], "not a model version"),
+        (["list", "--kind", "rsik"], "'rsik': expected anomaly, risk or policy"),
+        (["rollback", "--kind", "rsik"], "'rsik': expected anomaly, risk or policy"),
+        (["compare", "--since", "0001-01-01T00:00:00+01:00"], "out of the range of dates"),
+        (["compare", "--limit", "99999999999999999999"], "9223372036854775807"),
+    ],
+)
+def test_models_commands_refuse_what_no_registry_holds_in_one_line(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch, args: list[str], said: str
+) -> None:
+    """A version argv could not decode (UnicodeEncodeError from the driver), a --since that leaves the
+    range of dates once in UTC or a --limit beyond SQLite's integers (OverflowError) were tracebacks; a
+    misspelt --kind listed nothing (list) or was a registry refusal (rollback, exit 1). Now exit 2, one
+    line naming the option, before the registry is touched."""
+    from typer.testing import CliRunner
+
+    from decision_platform.cli import main as cli
+    from decision_platform.cli import models as models_commands
+
+    settings = make_settings()
+    monkeypatch.setattr(models_commands, "get_settings", lambda: settings)
+    result = CliRunner().invoke(cli.app, ["models", *args], terminal_width=200)
+    assert result.exit_code == 2, result.output
+    said_in_box = " ".join(result.output.replace("\u2502", " ").split())  # typer's box wraps long lines
+    assert said in said_in_box and "Traceback" not in result.output, result.output
+
+
+@pytest.mark.parametrize(
     "damage",
     [
         lambda text: text[:40],  # cut short
@@ -402,3 +434,43 @@ def test_a_frozen_database_holds_the_model_refresher_no_longer_than_a_read(
         assert time.monotonic() - started < 0.1
     finally:
         thawed.set()
+
+
+def test_a_model_row_whose_time_sqlite_cannot_read_neither_stops_serving_nor_the_listings(
+    make_settings: Callable[..., Settings], start_platform: StartPlatform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registry row on SQLite whose created_at / promoted_at a hand edit left as text no time reads from
+    ('yesterday', '12/07/2026'): the driver's ValueError stopped the server's start ("Application startup
+    failed"), and `models list`, GET /admin/models and the console's models page failed with it. Such a
+    time now reads as unknown: the champion serves, the listings show the row without it."""
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from decision_platform.api.app import create_app
+    from decision_platform.cli import main as cli
+    from decision_platform.cli import models as models_commands
+
+    settings = make_settings(api_key="k", model_refresh_s=0)
+    engine = make_engine(settings.database_url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "UPDATE models SET created_at = 'yesterday', promoted_at = '12/07/2026' WHERE kind = 'risk'"
+        )
+    engine.dispose()
+    platform = start_platform(settings)
+    assert platform.models.complete
+    with TestClient(create_app(settings, platform)) as client:
+        decided = client.post("/decide", json={"entity_id": "t1"})
+        assert decided.status_code == 200 and decided.json()["fallback"] is None
+        listed = client.get("/admin/models", headers={"X-API-Key": "k"})
+        assert listed.status_code == 200, listed.text
+        risk = next(m for m in listed.json()["models"] if m["kind"] == "risk")
+        assert risk["created_at"] is None and risk["promoted_at"] is None
+        csrf = re.search(r'name="csrf" value="([^"]+)"', client.get("/console/login").text)
+        assert csrf is not None  # the console's password is DP_API_KEY here
+        client.post("/console/login", data={"csrf": csrf.group(1), "password": "k"})
+        page = client.get("/console/models", follow_redirects=False)
+        assert page.status_code == 200 and platform.models.versions["risk"] in page.text
+    monkeypatch.setattr(models_commands, "get_settings", lambda: settings)
+    result = CliRunner().invoke(cli.app, ["models", "list"], terminal_width=200)
+    assert result.exit_code == 0 and "│ risk " in result.output and "│ ?" in result.output, result.output

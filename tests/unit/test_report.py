@@ -132,11 +132,16 @@ def test_report_command_writes_the_page(
         out = tmp_path / "page.html"
         result = CliRunner().invoke(app, ["--since", "1h", "--out", str(out)])
         bad = CliRunner().invoke(app, ["--since", "yesterday"])
+        # A directory, or a place nothing can be written, was an IsADirectoryError / OSError traceback.
+        unwritable = [CliRunner().invoke(app, ["--out", str(where)]) for where in (tmp_path, "/proc/x.html")]
     finally:
         get_settings.cache_clear()
     assert result.exit_code == 0, result.output
     assert "1 decisions from" in result.output and out.exists()
     assert bad.exit_code == 2 and "an age like 6h" in bad.output
+    for refused, why in zip(unwritable, ("Is a directory", "No such file or directory"), strict=True):
+        unboxed = " ".join(refused.output.replace("\u2502", " ").split())  # typer boxes it at 80 columns
+        assert refused.exit_code == 2 and f"cannot write the report: {why}" in unboxed, refused.output
 
 
 def test_latency_chart_shows_what_each_decision_took(client: TestClient, tmp_path: Path) -> None:

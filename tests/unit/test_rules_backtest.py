@@ -182,6 +182,7 @@ def test_cli_backtest(
         ([str(binary)], "not UTF-8"),
         ([str(stricter), "--since", "0001-01-01T00:00:00+01:00"], "out of the range of dates"),
         ([str(stricter), "--since", "99999999999w"], "out of the range of dates"),
+        ([str(stricter), "--limit", "99999999999999999999"], "9223372036854775806"),  # was OverflowError
     ]:
         refused = runner.invoke(cli.app, ["rules", "backtest", *args], terminal_width=200)
         # Typer boxes a usage error at 80 columns whatever the terminal: the reason may wrap (with the path).

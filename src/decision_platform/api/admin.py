@@ -23,6 +23,8 @@ from decision_platform.api.schemas import error_responses
 from decision_platform.learning.compare import compare_logged
 from decision_platform.models.registry import (
     KINDS,
+    VERSION_MAX_LENGTH,
+    VERSION_PATTERN,
     CorruptArtifactError,
     InvalidOperationError,
     RegistryConflictError,
@@ -32,8 +34,7 @@ from decision_platform.models.registry import (
 #: Every parameter is bounded: anything else is a 422 here, never a 500 from the database or the registry.
 Kind = Literal["anomaly", "risk", "policy"]
 assert get_args(Kind) == KINDS, "Kind must list the registry's kinds"
-#: Versions are written by the registry as ``<kind>-<time>-<hash>`` (models.version is VARCHAR(64)).
-VERSION = {"min_length": 1, "max_length": 64, "pattern": r"^[A-Za-z0-9_.:\-]+$"}
+VERSION = {"min_length": 1, "max_length": VERSION_MAX_LENGTH, "pattern": VERSION_PATTERN}
 MAX_COMPARE_LIMIT = 1_000_000
 
 
@@ -84,7 +85,8 @@ def _model(record: dict[str, Any]) -> dict[str, Any]:
         "version": record["version"],
         "kind": record["kind"],
         "status": record["status"],
-        "created_at": record["created_at"].isoformat(),
+        # None: a time a hand edit left unreadable (SQLite) -- the row is listed without it.
+        "created_at": record["created_at"].isoformat() if record["created_at"] else None,
         "promoted_at": record["promoted_at"].isoformat() if record["promoted_at"] else None,
         "data_window": record["data_window"],
         "metrics": record["metrics"],

@@ -70,11 +70,10 @@ def _train(
     from decision_platform.training.train import TrainConfig, TrainingDataError, train_all
 
     features_path = settings.features_path
+    _writable_model_dir(settings)
     if source is Source.synthetic:
-        from decision_platform.data import generate
-
         with console.status("generating synthetic data"):
-            data = generate(n_entities=entities, days=days, seed=seed)
+            data = _synthetic(entities, days, seed)
     else:
         from decision_platform.data.csv_import import DatasetError, find_ulb_csv, load_csv
 
@@ -289,6 +288,43 @@ def _why_train_first(settings: Settings) -> str | None:
     return f"The registered champions cannot be served ({problems})"
 
 
+def _writable_model_dir(settings: Settings) -> None:
+    """DP_MODEL_DIR must take the artifacts: checked before the data is read and the models trained (it
+    was a NotADirectoryError / PermissionError traceback once all that was done)."""
+    from decision_platform.models.registry import UnwritableDirectoryError, check_writable
+
+    try:
+        check_writable(settings.model_dir)
+    except UnwritableDirectoryError as exc:
+        typer.echo(f"error: DP_MODEL_DIR: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _synthetic(entities: int, days: float, seed: int) -> LabelledEvents:
+    """The built-in synthetic data set; one too large to make (``--days 1e300``: a numpy ValueError, a
+    MemoryError or hours of work) is the options' error, exit 2."""
+    from decision_platform.data import generate
+
+    try:
+        return generate(n_entities=entities, days=days, seed=seed)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--entities' / '--days'") from None
+
+
+def _http_url(value: str) -> str:
+    """--url's callback: an http(s) URL with a host (``http://[::1`` was an InvalidURL traceback; another
+    scheme failed every event one by one)."""
+    import httpx
+
+    try:
+        url = httpx.URL(value)
+    except httpx.InvalidURL as exc:
+        raise typer.BadParameter(f"{ascii(value)[:80]}: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise typer.BadParameter(f"{ascii(value)[:80]}: expected an http:// or https:// URL with a host")
+    return value
+
+
 class Target(enum.StrEnum):
     kafka = "kafka"
     http = "http"
@@ -298,9 +334,7 @@ def _load_events(
     settings: Settings, source: str, mapping: Path | None, entities: int, days: float, seed: int
 ) -> LabelledEvents:
     if source == "synthetic":
-        from decision_platform.data import generate
-
-        return generate(n_entities=entities, days=days, seed=seed)
+        return _synthetic(entities, days, seed)
     from decision_platform.data.csv_import import DatasetError, load_csv
 
     if mapping is None:
@@ -373,7 +407,7 @@ def replay(
         1000.0, min=0.0, callback=finite, help="events per second (0: as fast as possible)"
     ),
     limit: int | None = typer.Option(None, min=1, help="replay at most this many events"),
-    url: str = typer.Option("http://127.0.0.1:8000", help="the API, for --to http"),
+    url: str = typer.Option("http://127.0.0.1:8000", help="the API, for --to http", callback=_http_url),
     concurrency: int = typer.Option(4, min=1, help="concurrent senders"),
     entities: int = typer.Option(500, min=1, help="synthetic: number of entities"),
     days: float = typer.Option(2.0, callback=positive, help="synthetic: days of history"),

@@ -4,7 +4,7 @@ shadow, compare)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TypeVar
 
 import typer
@@ -12,12 +12,50 @@ from rich.table import Table
 
 from decision_platform.cli.common import console, open_registry
 from decision_platform.config import get_settings
+from decision_platform.core.actions import MODEL_KINDS
+from decision_platform.core.events import INT64_MAX
 
 T = TypeVar("T")
 
 models_app = typer.Typer(
     help="The model registry: list, promote, roll back, shadow, compare.", no_args_is_help=True
 )
+
+
+def _version(value: str) -> str:
+    """VERSION's callback: a text that cannot be a version (not UTF-8 on the command line, too long)
+    names no model; the driver raised on it (a traceback)."""
+    from decision_platform.models.registry import is_version
+
+    if not is_version(value):
+        raise typer.BadParameter(
+            f"not a model version: {ascii(value)[:80]} (letters, digits and _ . : -, at most 64)"
+        )
+    return value
+
+
+def _kind(value: str | None) -> str | None:
+    """--kind's callback: a misspelt kind listed nothing, or was taken for a registry refusal."""
+    if value is not None and value not in MODEL_KINDS:
+        raise typer.BadParameter(
+            f"{ascii(value)[:80]}: expected {', '.join(MODEL_KINDS[:-1])} or {MODEL_KINDS[-1]}"
+        )
+    return value
+
+
+def _since_time(value: str | None) -> datetime | None:
+    """--since as a UTC time (naive: UTC); year 1 with an offset, out of the range of dates once in UTC,
+    was an OverflowError from the query (a traceback)."""
+    if value is None:
+        return None
+    hint = "'--since'"
+    try:
+        start = datetime.fromisoformat(value)
+        return start.astimezone(UTC) if start.tzinfo else start.replace(tzinfo=UTC)
+    except ValueError:
+        raise typer.BadParameter(f"not an ISO 8601 date/time: {ascii(value)[:80]}", param_hint=hint) from None
+    except OverflowError:
+        raise typer.BadParameter(f"{ascii(value)[:80]}: out of the range of dates", param_hint=hint) from None
 
 
 _STATUS_STYLE = {"champion": "bold green", "shadow": "bold magenta", "retired": "dim"}
@@ -36,7 +74,9 @@ def _registry_command(operation: Callable[[], T]) -> T:
 
 
 @models_app.command("list")
-def models_list(kind: str | None = typer.Option(None, help="anomaly, risk or policy")) -> None:
+def models_list(
+    kind: str | None = typer.Option(None, help="anomaly, risk or policy", callback=_kind),
+) -> None:
     """Registered models, newest first; the champions in green, the shadow in magenta."""
     table = Table(title="Model registry")
     for column in ("version", "kind", "status", "created", "promoted", "data window", "key metric"):
@@ -51,7 +91,7 @@ def models_list(kind: str | None = typer.Option(None, help="anomaly, risk or pol
             row["version"],
             row["kind"],
             f"[{style}]{row['status']}[/{style}]" if style else row["status"],
-            f"{row['created_at']:%Y-%m-%d %H:%M}",
+            f"{row['created_at']:%Y-%m-%d %H:%M}" if row["created_at"] else "?",  # unreadable (hand edit)
             f"{row['promoted_at']:%Y-%m-%d %H:%M}" if row["promoted_at"] else "",
             f"{window.get('source')} ({window.get('events')} events)",
             key,
@@ -60,7 +100,7 @@ def models_list(kind: str | None = typer.Option(None, help="anomaly, risk or pol
 
 
 @models_app.command("promote")
-def models_promote(version: str) -> None:
+def models_promote(version: str = typer.Argument(..., callback=_version)) -> None:
     """Make VERSION the champion of its kind (a shadow stops shadowing); the champion is retired."""
     _registry_command(lambda: open_registry(get_settings()).promote(version))
     console.print(f"{version} is now the champion; {_REFRESH_NOTE}")
@@ -68,7 +108,9 @@ def models_promote(version: str) -> None:
 
 @models_app.command("rollback")
 def models_rollback(
-    kind: str | None = typer.Option(None, help="anomaly, risk or policy (default: all three, together)"),
+    kind: str | None = typer.Option(
+        None, help="anomaly, risk or policy (default: all three, together)", callback=_kind
+    ),
 ) -> None:
     """Make the previously promoted version the champion again and retire the current one."""
     plan = _registry_command(lambda: open_registry(get_settings()).rollback(kind))
@@ -78,7 +120,7 @@ def models_rollback(
 
 
 @models_app.command("shadow")
-def models_shadow(version: str) -> None:
+def models_shadow(version: str = typer.Argument(..., callback=_version)) -> None:
     """Serve VERSION (a policy) as the shadow: scored on every decision and logged, never applied."""
     replaced = _registry_command(lambda: open_registry(get_settings()).shadow(version))
     if replaced:
@@ -96,17 +138,16 @@ def models_unshadow() -> None:
 @models_app.command("compare")
 def models_compare(
     since: str | None = typer.Option(None, help="ISO 8601: only decisions made since (naive: UTC)"),
-    limit: int | None = typer.Option(None, min=1, help="at most the newest N shadowed decisions"),
+    limit: int | None = typer.Option(
+        None, min=1, max=INT64_MAX, help="at most the newest N shadowed decisions"
+    ),
     version: str | None = typer.Option(None, help="the shadow version (default: the newest logged)"),
 ) -> None:
     """Champion vs shadow on logged decisions: agreement, who chose what, and value per decision."""
     from decision_platform.core.actions import ACTION_NAMES
     from decision_platform.learning.compare import compare_logged
 
-    try:
-        start = datetime.fromisoformat(since) if since else None
-    except ValueError:
-        raise typer.BadParameter(f"not an ISO 8601 date/time: {since!r}", param_hint="'--since'") from None
+    start = _since_time(since)
     settings = get_settings()
     registry = open_registry(settings)
     result = compare_logged(

@@ -25,6 +25,10 @@ def report(
     engine = open_database(settings)
     try:
         data = write_report(engine, start, end, out)
+    except OSError as exc:  # --out a directory, or where nothing can be written: was a traceback
+        raise typer.BadParameter(
+            f"cannot write the report: {exc.strerror or exc}", param_hint="'--out'"
+        ) from None
     finally:
         engine.dispose()
     typer.echo(f"{data.count:,} decisions from {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC -> {out}")

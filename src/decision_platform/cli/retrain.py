@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 import typer
 from rich.console import Console
@@ -14,9 +14,18 @@ from decision_platform.config import get_settings
 console = Console() if Console().is_terminal else Console(width=160)
 
 
+def _utc(value: datetime | None) -> datetime | None:
+    """--since / --until are UTC, as for every command (taken for local time, year 1 was a traceback)."""
+    return value.replace(tzinfo=UTC) if value is not None else None
+
+
 def retrain(
-    since: datetime | None = typer.Option(None, help="only decisions made at or after this time (ISO)"),
-    until: datetime | None = typer.Option(None, help="only decisions made before this time (ISO)"),
+    since: datetime | None = typer.Option(
+        None, help="only decisions made at or after this time (ISO, UTC)", callback=_utc
+    ),
+    until: datetime | None = typer.Option(
+        None, help="only decisions made before this time (ISO, UTC)", callback=_utc
+    ),
     timesteps: int | None = typer.Option(None, min=0, help="PPO steps (default: config/learning.yaml)"),
     promote: bool = typer.Option(True, help="promote the candidate if it passes the gate"),
     seed: int = typer.Option(0, min=0, max=SEED_MAX),

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from decision_platform.cli.common import console, time_window
 from decision_platform.core.actions import ACTION_NAMES
+from decision_platform.core.events import INT64_MAX
 
 if TYPE_CHECKING:
     from decision_platform.learning.backtest import BacktestResult
@@ -30,13 +31,19 @@ def backtest_command(
         "7d", help="start: an age (90m, 6h, 7d) or an ISO 8601 time (UTC if no offset)"
     ),
     until: str = typer.Option("now", help="end: now, an age or an ISO 8601 time"),
-    limit: int | None = typer.Option(None, min=1, help="replay at most the newest N decisions of the window"),
+    limit: int | None = typer.Option(
+        None,
+        min=1,
+        max=INT64_MAX - 1,  # one more is read (to tell a truncated window): beyond it, SQL's OverflowError
+        help="replay at most the newest N decisions of the window",
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON instead of tables"),
 ) -> None:
     """Replay the window's logged decisions (stored features and scores) under RULES_FILE: how many each
     rule would change, actions before and after, and the estimated reward change on labelled outcomes."""
     from decision_platform.config import get_settings
     from decision_platform.core.rewards import RewardTable
+    from decision_platform.core.strict_yaml import read_config_text
     from decision_platform.features import FeatureSpec
     from decision_platform.learning.backtest import ServingChoice, backtest
     from decision_platform.rules.ruleset import RulesError, RuleSet
@@ -46,11 +53,13 @@ def backtest_command(
     settings = get_settings()
     start, end = time_window(since, until)
     try:
-        text = rules_file.read_text("utf-8")
+        text = read_config_text(rules_file)
     except OSError as exc:
         raise typer.BadParameter(f"cannot read {rules_file}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:  # was a traceback
         raise typer.BadParameter(f"cannot read {rules_file}: not UTF-8 text (byte {exc.start + 1})") from None
+    except ValueError as exc:  # /dev/zero: was read for ever
+        raise typer.BadParameter(f"cannot read {rules_file}: {exc}") from None
     names = FeatureSpec.load(settings.features_path).names
     try:
         rules = RuleSet.from_text(text, names)

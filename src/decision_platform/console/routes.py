@@ -23,6 +23,7 @@ from decision_platform.config import Settings
 from decision_platform.console import pages
 from decision_platform.console.access import COOKIE_PATH, CSRF_COOKIE, SESSION_COOKIE, ConsoleAccess
 from decision_platform.core.events import INT64_MAX
+from decision_platform.models.registry import VERSION_MAX_LENGTH, VERSION_PATTERN
 from decision_platform.rules.ruleset import RulesError
 from decision_platform.serving.outcomes import (
     OutcomeConflictError,
@@ -251,7 +252,7 @@ def build_router(settings: Settings, admin: AdminActions | None = None) -> APIRo
     def promote(
         request: Request,
         platform: PlatformDep,
-        version: Annotated[str, Form(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")],
+        version: Annotated[str, Form(min_length=1, max_length=VERSION_MAX_LENGTH, pattern=VERSION_PATTERN)],
         admin_key: Annotated[str, Form()] = "",
     ) -> Response:
         return _admin_call(

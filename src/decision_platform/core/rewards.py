@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from decision_platform.core.actions import ACTION_NAMES
+from decision_platform.core.strict_yaml import load_yaml_file
 
 #: Largest reward (or reward per currency unit) a cell may name: beyond it is a typo, and with an amount of up
 #: to 1e12 a larger one could make a reward infinite (which POST /outcome cannot answer in JSON).
@@ -51,7 +51,7 @@ class RewardTable(BaseModel):
 
     @classmethod
     def load(cls, path: Path) -> RewardTable:
-        return cls.model_validate(yaml.safe_load(Path(path).read_text("utf-8")))
+        return cls.model_validate(load_yaml_file(Path(path)))
 
     @property
     def outcome_names(self) -> list[str]:

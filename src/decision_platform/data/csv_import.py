@@ -53,6 +53,7 @@ from decision_platform.core.events import (
     rfc3339_seconds,
     storable_text,
 )
+from decision_platform.core.strict_yaml import load_yaml_file
 from decision_platform.data.columns import EventColumnsBuilder
 from decision_platform.data.dataset import LabelledEvents
 
@@ -218,7 +219,7 @@ class ColumnMapping(BaseModel):
         """Load and validate a mapping file; errors name the file and the bad field."""
         path = Path(path)
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+            raw = load_yaml_file(path)
         except OSError as exc:
             raise DatasetError(f"{path}: cannot read mapping: {exc}") from exc
         except yaml.YAMLError as exc:  # one line: the problem and where (str(exc) spans several)

@@ -133,6 +133,12 @@ class _Devices:
         return ids
 
 
+#: About 40 events per entity per week (normal traffic; fraud adds a few percent).
+EVENTS_PER_ENTITY_DAY = 40 / 7
+#: The largest synthetic data set (expected events): beyond it memory runs out long before training ends.
+MAX_EVENTS = 20_000_000
+
+
 def generate(
     n_entities: int = 2000, days: float = 7.0, seed: int = 0, fraud_share: float = 0.02
 ) -> LabelledEvents:
@@ -143,6 +149,12 @@ def generate(
     """
     if n_entities < 1 or days <= 0 or not 0.0 <= fraud_share < 0.5:
         raise ValueError("need n_entities >= 1, days > 0 and 0 <= fraud_share < 0.5")
+    expected = n_entities * days * EVENTS_PER_ENTITY_DAY
+    if not expected <= MAX_EVENTS:  # numpy's "Maximum allowed dimension", a MemoryError or hours of work
+        raise ValueError(
+            f"{n_entities:,} entities over {days:g} days are about {expected:.3g} events, more than the "
+            f"{MAX_EVENTS:,} a synthetic data set may hold: fewer entities or days"
+        )
     rng = np.random.default_rng(seed)
     span = days * DAY
     devices = _Devices()

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from decision_platform.core.events import Event
+from decision_platform.core.strict_yaml import load_yaml_file
 
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_]{1,32}$")]
 Aggregation = Literal["count", "sum", "mean", "max", "std"]
@@ -178,7 +178,7 @@ class FeatureSpec(BaseModel):
     @classmethod
     def load(cls, path: str | Path) -> FeatureSpec:
         """Read and validate a features.yaml file."""
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        data = load_yaml_file(Path(path)) or {}
         return cls.model_validate(data)
 
     # --- derived values

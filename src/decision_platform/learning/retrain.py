@@ -44,7 +44,7 @@ from decision_platform.models.artifacts import SPEC_FILE, save_artifact, save_po
 from decision_platform.models.baseline_policy import BayesPolicy, Policy, ThresholdPolicy
 from decision_platform.models.bundle import LoadedModels, load_champions
 from decision_platform.models.policy import PPO_ZIP, PolicyModel, imitate
-from decision_platform.models.registry import ModelRegistry
+from decision_platform.models.registry import ModelRegistry, UnwritableDirectoryError, check_writable
 from decision_platform.models.risk import RiskModel
 from decision_platform.models.scoring import ScoringChain
 from decision_platform.models.threads import one_torch_thread
@@ -402,6 +402,11 @@ def retrain(
     started = time.perf_counter()
     started_at = datetime.now(UTC)
     timings: dict[str, float] = {}
+    for directory in (settings.model_dir, settings.reports_dir):  # the candidate's artifacts, the report
+        try:
+            check_writable(directory)
+        except UnwritableDirectoryError as exc:
+            raise RetrainError(str(exc)) from None
 
     imputation = impute_missing_outcomes(registry.repository, rewards, config.outcomes)
     champions, champion_dir = _champions(registry)

@@ -16,7 +16,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -30,6 +32,17 @@ from decision_platform.storage.repository import Repository
 log = logging.getLogger(__name__)
 
 KINDS = MODEL_KINDS
+#: What a version can be: the registry writes ``<kind>-<time>-<hash>``, and models.version is VARCHAR(64).
+#: Anything else names no model (checked at the edges: a 422, or exit 2 -- never a driver's error).
+VERSION_PATTERN = r"^[A-Za-z0-9_.:\-]+$"
+VERSION_MAX_LENGTH = 64
+
+
+def is_version(text: str) -> bool:
+    """Whether ``text`` can be a version (see :data:`VERSION_PATTERN`)."""
+    return len(text) <= VERSION_MAX_LENGTH and re.fullmatch(VERSION_PATTERN, text) is not None
+
+
 #: Kinds that may have a shadow.
 SHADOW_KINDS = ("policy",)
 
@@ -57,10 +70,27 @@ class RegistryConflictError(RegistryError):
     """The registry's current state does not allow it (nothing to roll back to, a champion as shadow)."""
 
 
+class UnwritableDirectoryError(RegistryError):
+    """A directory that long work writes its result to cannot take a file."""
+
+
+def check_writable(directory: Path) -> None:
+    """Create ``directory`` and write a probe file there; UnwritableDirectoryError naming it and why if it
+    cannot take one. Asked before long work whose result goes there (train, retrain), which otherwise ended
+    with a traceback after all the work was done."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        raise UnwritableDirectoryError(f"cannot write to {directory}: {exc.strerror or exc}") from None
+
+
 def hash_directory(directory: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(p for p in Path(directory).rglob("*") if p.is_file()):
-        digest.update(path.relative_to(directory).as_posix().encode())
+        # fsencode: a name that is not UTF-8 (a stray file) hashes as its bytes; .encode() raised on it.
+        digest.update(os.fsencode(path.relative_to(directory).as_posix()))
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
@@ -250,7 +280,11 @@ class ModelRegistry:
         path = self.model_dir / record["artifact_path"]
         if not path.is_dir():
             raise CorruptArtifactError(f"{record['version']}: artifact directory {path} is missing")
-        if hash_directory(path) != record["artifact_sha256"]:
+        try:
+            sha = hash_directory(path)
+        except OSError as exc:  # a file the disk cannot give back (or removed while read): no match either
+            raise CorruptArtifactError(f"{record['version']}: artifact files cannot be read: {exc}") from None
+        if sha != record["artifact_sha256"]:
             raise CorruptArtifactError(
                 f"{record['version']}: artifact files do not match their recorded hash"
             )

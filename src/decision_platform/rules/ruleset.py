@@ -26,6 +26,8 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from decision_platform.core.strict_yaml import load_yaml, load_yaml_file
+
 #: Facts every rule may use besides features and lists.
 BASE_VARIABLES = frozenset({"anomaly", "risk", "amount", "entity_id", "event_type", "attributes"})
 
@@ -146,7 +148,7 @@ class RuleSet:
     def load(
         cls, path: Path, known_variables: Iterable[str], observer: RuleObserver | None = None
     ) -> RuleSet:
-        raw = yaml.safe_load(Path(path).read_text("utf-8")) or {}
+        raw = load_yaml_file(Path(path)) or {}
         return cls(RulesFile.model_validate(raw), known_variables, observer)
 
     @classmethod
@@ -159,7 +161,7 @@ class RuleSet:
         the rule (``rules[2].tier``), or the rule whose CEL does not compile or uses unknown names.
         """
         try:
-            raw = yaml.safe_load(text) or {}
+            raw = load_yaml(text) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

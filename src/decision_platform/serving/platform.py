@@ -24,6 +24,7 @@ from threadpoolctl import threadpool_limits
 
 from decision_platform.config import Settings, load_config_file
 from decision_platform.core.rewards import RewardTable
+from decision_platform.core.strict_yaml import read_config_text
 from decision_platform.events.kafka import EventProducer, ensure_topics
 from decision_platform.explain.attributions import ReasonBuilder
 from decision_platform.explain.llm import open_chat_client
@@ -60,7 +61,7 @@ def read_config_files(
     names = spec.names
     rules = load_config_file(
         settings.rules_path,
-        lambda path: RuleSet.from_text(path.read_text("utf-8"), names, metrics.RULE_METRICS),
+        lambda path: RuleSet.from_text(read_config_text(path), names, metrics.RULE_METRICS),
     )
     rewards = load_config_file(settings.rewards_path, RewardTable.load)
     return spec, rules, rewards

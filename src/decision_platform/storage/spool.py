@@ -53,7 +53,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from decision_platform.core.records import DecisionRecord
 
@@ -245,6 +245,8 @@ class Spool:
         #: Decisions of other processes this one answered a retried event with: where to read them.
         self._foreign: dict[int, _Location] = {}
         self._claims = self.directory / CLAIMS_DIR
+        #: Files named like segments that are none (warned about once each).
+        self._foreign_files: set[Path] = set()
         self._counter = 0
         self._last_adopt = 0.0
         self.adopt_orphans()
@@ -593,9 +595,8 @@ class Spool:
             for path in sorted(self._candidates()):
                 if path in owned:
                     continue
-                try:
-                    handle = open(path, "ab")  # noqa: SIM115 - held open (and locked) until replayed
-                except FileNotFoundError:
+                handle = self._open_orphan(path)
+                if handle is None:
                     continue
                 try:
                     fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -613,6 +614,23 @@ class Spool:
         if adopted:
             log.info("adopted %d spool segments (%d records pending)", adopted, self.pending())
         return adopted
+
+    def _open_orphan(self, path: Path) -> BinaryIO | None:
+        """``path`` opened to be adopted; None if it is gone or no segment file (a directory, a pipe, one
+        this process may not write: something else's, named like a segment), which is left alone with one
+        warning -- it made the start fail, or every replay step (the healthy database taken for down)."""
+        try:
+            if path.is_file():
+                return open(path, "ab")  # held open (and locked) until replayed
+            reason = "not a regular file"
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+        if path not in self._foreign_files:
+            self._foreign_files.add(path)
+            log.warning("spool: %s is named like a segment but cannot be one (%s); left alone", path, reason)
+        return None
 
     def _candidates(self) -> Iterator[Path]:
         for pattern in _SEGMENT_PATTERNS:
@@ -700,11 +718,15 @@ def _read_decision(location: _Location, wait_s: float = 0.0) -> dict[str, Any] |
 
 
 def _read_claim(path: Path) -> _Claim | None:
+    """The claim at ``path``; None if there is none or it is damaged (a stale claim: taken over). Numbers no
+    location has (a bit flip: -1, 1e400) are damage too: they raised out of the batch's look-up."""
     try:
         body = json.loads(path.read_text("utf-8"))
         where = _Location(Path(body["segment"]), int(body["offset"]), int(body["length"]))
+        if where.offset < 0 or where.length < 0:
+            return None
         return _Claim(str(body["event_id"]), int(body["decision_id"]), where)
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
+    except (FileNotFoundError, ValueError, KeyError, TypeError, OverflowError):
         return None
 
 

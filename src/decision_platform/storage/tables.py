@@ -28,6 +28,26 @@ class UtcDateTime(sa.TypeDecorator[datetime]):
     impl = sa.DateTime(timezone=True)
     cache_ok = True
 
+    def __init__(self, unreadable_as_none: bool = False) -> None:
+        """``unreadable_as_none``: a stored text no time reads from (SQLite: a hand edit's 'yesterday') is
+        None instead of the driver's ValueError -- for the registry, whose every read that raised stopped
+        the server's start."""
+        super().__init__()
+        self.unreadable_as_none = unreadable_as_none
+
+    def result_processor(self, dialect: sa.Dialect, coltype: object) -> Any:
+        process = super().result_processor(dialect, coltype)
+        if process is None or not self.unreadable_as_none:
+            return process
+
+        def lenient(value: Any) -> Any:
+            try:
+                return process(value)
+            except ValueError:
+                return None
+
+        return lenient
+
     def process_bind_param(self, value: Any, dialect: sa.Dialect) -> Any:
         if isinstance(value, datetime) and value.tzinfo is not None and dialect.name == "sqlite":
             return value.astimezone(UTC)  # SQLite would store the local clock reading, dropping the zone
@@ -108,8 +128,8 @@ models = sa.Table(
     sa.Column("metrics", Json, nullable=False),
     # champion | challenger | shadow | retired
     sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("created_at", UtcDateTime(), nullable=False),
-    sa.Column("promoted_at", UtcDateTime(), nullable=True),
+    sa.Column("created_at", UtcDateTime(unreadable_as_none=True), nullable=False),
+    sa.Column("promoted_at", UtcDateTime(unreadable_as_none=True), nullable=True),
 )
 
 #: LLM narratives (explain/narrator.py), written once per decision off the hot path (migration 0003).

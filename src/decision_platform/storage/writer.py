@@ -172,7 +172,8 @@ class WriterStatus:
     database_up: bool
     last_error: str | None
     pending: int
-    quarantined: int
+    #: Records in quarantine, or why it cannot be read ("unreadable: Is a directory").
+    quarantined: int | str
 
 
 class DecisionWriter:
@@ -274,7 +275,11 @@ class DecisionWriter:
         return self._up
 
     def status(self) -> WriterStatus:
-        return WriterStatus(self._up, self._last_error, self.spool.pending(), self.spool.quarantined())
+        try:
+            quarantined: int | str = self.spool.quarantined()
+        except OSError as exc:  # the spool's disk, not the database: said here, never a 500 of /ready
+            quarantined = f"unreadable: {exc.strerror or exc}"
+        return WriterStatus(self._up, self._last_error, self.spool.pending(), quarantined)
 
     def wait_replayed(self, timeout_s: float) -> bool:
         """Wait until the spool is empty (tests, and a graceful stop); True if it is."""
