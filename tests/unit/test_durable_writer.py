@@ -124,6 +124,47 @@ def test_a_stalled_database_is_spooled_within_the_write_timeout(
     writer.close()
 
 
+class SlowRepository(FlakyRepository):
+    """A database that answers, but every call takes ``delay_s`` (an overloaded server, a slow link)."""
+
+    delay_s = 0.0
+
+    def _gate(self) -> None:
+        time.sleep(self.delay_s)
+        super()._gate()
+
+
+def test_a_database_slower_than_the_write_deadline_stays_down_until_it_is_fast_again(
+    tmp_path: Path,
+) -> None:
+    """A database that answers every call, but later than ``write_timeout_s``: each probe's ping
+    succeeded (slowly), the database was marked up, and the next batch waited the whole deadline before
+    being spooled -- again after every probe, so /decide kept paying the deadline (p99 ~1 s by default)
+    and /ready flapped for as long as the database was slow. Now a probe answered later than the write
+    deadline does not count: one batch waits, the rest are spooled at once, and the replay starts when
+    the database is fast again."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    migrate(engine)
+    repository = SlowRepository(engine)
+    writer = writer_for(repository, tmp_path / "spool")
+    repository.delay_s = 0.5  # write_timeout_s 0.3, probes every 0.05 s
+    waits = []
+    deadline = time.monotonic() + 3.0
+    i = 0
+    while time.monotonic() < deadline:
+        i += 1
+        started = time.monotonic()
+        assert writer.write(decision_record(i)) == SPOOLED
+        waits.append(time.monotonic() - started)
+        time.sleep(0.02)
+    assert sum(wait >= 0.25 for wait in waits) == 1, [round(w, 2) for w in waits if w >= 0.25]
+    assert not writer.database_up
+    repository.delay_s = 0.0
+    assert writer.wait_replayed(10)
+    assert stored_ids(repository) == list(range(1, i + 1))
+    writer.close()
+
+
 def test_the_spool_cost_does_not_grow_with_the_outage(repository: FlakyRepository, tmp_path: Path) -> None:
     writer = writer_for(repository, tmp_path / "spool")
     repository.refusing = True

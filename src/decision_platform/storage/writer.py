@@ -542,7 +542,7 @@ class DecisionWriter:
             if time.monotonic() < self._next_probe:
                 return
             try:
-                self._probing = self._writes.submit(self._on_recover or self.repository.ping)
+                self._probing = self._writes.submit(self._on_recover or self._ping_in_time)
             except DatabaseUnavailable as exc:  # an earlier call is still stuck: the database is not back
                 self._probe_failed(exc)
                 return
@@ -558,6 +558,19 @@ class DecisionWriter:
             self._up, self._last_error, self._backoff = True, None, self.probe_interval_s
         log.info("database answers again; replaying %d spooled records", self.spool.pending())
         self._set_gauges()
+
+    def _ping_in_time(self) -> None:
+        """The probe of a down database: it must answer within the write deadline. A database that answers
+        every call, but later than that (overloaded, a slow link), was marked up by each slow ping, and the
+        next batch then waited the whole deadline before being spooled -- again after every probe: /decide
+        paid the deadline over and over and /ready flapped for as long as the database was slow."""
+        started = time.monotonic()
+        self.repository.ping()
+        took = time.monotonic() - started
+        if took > self.write_timeout_s:
+            raise DatabaseUnavailable(
+                f"answers, but in {took:.1f} s: over the {self.write_timeout_s:g} s to write"
+            )
 
     def _probe_failed(self, exc: BaseException) -> None:
         with self._state_lock:
