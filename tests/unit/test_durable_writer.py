@@ -20,6 +20,7 @@ from prometheus_client import REGISTRY
 
 import decision_platform
 from decision_platform.storage.database import make_engine, migrate
+from decision_platform.storage.errors import DatabaseUnavailable
 from decision_platform.storage.repository import OutcomeStatus, Repository
 from decision_platform.storage.spool import DECISION, QUARANTINE_FILE, Spool, SpoolRecord, SpoolTimeout
 from decision_platform.storage.writer import DUPLICATE, SPOOLED, STORED, DecisionWriter
@@ -162,6 +163,30 @@ def test_a_database_slower_than_the_write_deadline_stays_down_until_it_is_fast_a
     repository.delay_s = 0.0
     assert writer.wait_replayed(10)
     assert stored_ids(repository) == list(range(1, i + 1))
+    writer.close()
+
+
+def test_a_decision_whose_id_another_decision_holds_is_not_acknowledged(
+    repository: FlakyRepository, tmp_path: Path
+) -> None:
+    """Decision ids carry a random 10-bit node id per process (core/ids.py): two processes that drew the
+    same one (``serve --workers``, stream workers, another host: ~1.5% of the starts of six processes),
+    or one restarted after the clock went back, make the same id in the same millisecond. The database
+    keeps the first decision; the second was answered "duplicate" -- acknowledged with its id, never
+    stored, and an outcome posted for it landed on the other decision. Now it is not acknowledged
+    (DatabaseUnavailable: 503 + Retry-After; the client's retry is decided under a new id), and a retried
+    event is still answered with its first decision."""
+    writer = writer_for(repository, tmp_path / "spool")
+    assert writer.write(decision_record(7, entity_id="first")) == STORED
+    with pytest.raises(DatabaseUnavailable, match="decision id 7 is taken"):
+        writer.write(decision_record(7, entity_id="second", event_id="ev-second"))
+    with pytest.raises(DatabaseUnavailable, match="decision id 7 is taken"):
+        writer.write(decision_record(7, entity_id="third"))
+    assert writer.database_up
+    assert writer.write(decision_record(8, event_id="ev-retried")) == STORED
+    assert writer.write(decision_record(9, event_id="ev-retried")) == DUPLICATE
+    assert repository.get_decision(7).entity_id == "first"
+    assert writer.find_decision_by_event("ev-second") is None
     writer.close()
 
 

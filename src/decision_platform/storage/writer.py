@@ -490,10 +490,37 @@ class DecisionWriter:
                     self._mark_down(exc)
             else:
                 metrics.DB_BATCH_SIZE.observe(len(rows))
+                taken = self._ids_taken([row["id"] for row in rows if row["id"] not in inserted], lane)
                 for row, item, i in fresh:
-                    item.statuses[i] = STORED if row["id"] in inserted else DUPLICATE
+                    if row["id"] in taken:
+                        item.statuses[i] = taken[row["id"]]
+                    else:
+                        item.statuses[i] = STORED if row["id"] in inserted else DUPLICATE
                 return
         self._spool(fresh)
+
+    def _ids_taken(self, skipped: list[int], lane: _Lane) -> dict[int, Exception]:
+        """The error of each new decision the database skipped because another decision holds its id.
+
+        A new decision's id is fresh from this process, so a stored one under it is another process's (two
+        processes drew the same node id, core/ids.py; or a restart after the clock went back): the row was
+        answered "duplicate" -- acknowledged, never stored, and its outcome would land on the other decision.
+        Such a row is not acknowledged (503: the client's retry is decided under a new id). Rows skipped for
+        their event (a retry) are duplicates as before; if the database cannot say which is which, none of
+        the skipped rows is acknowledged."""
+        if not skipped:
+            return {}
+        try:
+            stored = lane.run(lambda: self.repository.existing_ids(skipped), self.write_timeout_s)
+        except Exception as exc:
+            log.warning("could not tell %d skipped decisions from retries: %r", len(skipped), exc)
+            return {i: DatabaseUnavailable(f"decision {i} not confirmed stored; retry") for i in skipped}
+        if stored:
+            metrics.DB_ERRORS.labels(operation="decision_id_taken").inc(len(stored))
+            log.error("decision ids %s are taken by other decisions (a node id drawn twice?)", sorted(stored))
+        return {
+            i: DatabaseUnavailable(f"decision id {i} is taken by another decision; retry") for i in stored
+        }
 
     def _append(self, records: list[SpoolRecord]) -> set[int]:
         """``Spool.append`` within ``spool_timeout_s`` (SpoolTimeout past it: nothing acknowledged)."""
