@@ -190,6 +190,31 @@ def test_a_decision_whose_id_another_decision_holds_is_not_acknowledged(
     writer.close()
 
 
+def test_a_spooled_decision_whose_id_another_decision_took_meanwhile_is_quarantined(
+    repository: FlakyRepository, tmp_path: Path
+) -> None:
+    """The same id collision during an outage: this process spooled decision 7, another one stored its own
+    decision 7. The replay skipped the spooled one, found id 7 stored and took it for its own, replayed
+    by an earlier, interrupted replay: the acknowledged decision was deleted with its segment. Now it is
+    quarantined, named, for ``spool status`` and the RecordsQuarantined alert."""
+    writer = writer_for(repository, tmp_path / "spool")
+    repository.refusing = True
+    assert writer.write(decision_record(7, entity_id="spooled")) == SPOOLED
+    assert writer.write(decision_record(8, entity_id="spooled")) == SPOOLED
+    Repository(repository.engine).insert_decisions([decision_record(7, entity_id="elsewhere").to_row()])
+    repository.refusing = False
+    try:
+        assert writer.wait_replayed(10)
+        assert writer.status().quarantined == 1
+    finally:
+        writer.close()
+    (line,) = (tmp_path / "spool" / QUARANTINE_FILE).read_text().splitlines()
+    entry = json.loads(line)
+    assert '"entity_id":"spooled"' in json.dumps(entry["record"], separators=(",", ":")), line
+    assert "decision id 7 is taken by another decision" in entry["error"]
+    assert repository.get_decision(8) is not None
+
+
 def test_the_spool_cost_does_not_grow_with_the_outage(repository: FlakyRepository, tmp_path: Path) -> None:
     writer = writer_for(repository, tmp_path / "spool")
     repository.refusing = True

@@ -671,16 +671,22 @@ class DecisionWriter:
 
     def _check_skipped(self, rows: list[DecisionRow]) -> None:
         """Rows not inserted are already stored (an earlier, interrupted replay) -- or their event was
-        decided under another id by a process that did not know about this spool: keep those, quarantined."""
-        stored = self._writes.run(
-            lambda: self.repository.existing_ids([row["id"] for row in rows]), self.write_timeout_s
+        decided under another id by a process that did not know about this spool, or another process's
+        decision took their id (a node id drawn twice, core/ids.py; taken for this row, it was deleted with
+        its segment): keep those, quarantined."""
+        owners = self._writes.run(
+            lambda: self.repository.stored_owners([row["id"] for row in rows]), self.write_timeout_s
         )
         for row in rows:
-            if row["id"] not in stored:
-                record = SpoolRecord(DECISION, decision=row)
-                self._quarantine(
-                    record, f"event {row.get('event_id')!r} was already decided under another id", DECISION
-                )
+            owner = owners.get(row["id"])
+            mine = (row.get("entity_id"), row.get("event_id"), _instant(row.get("created_at")))
+            if owner is None:
+                error = f"event {row.get('event_id')!r} was already decided under another id"
+            elif (owner[0], owner[1], _instant(owner[2])) != mine:
+                error = f"decision id {row['id']} is taken by another decision (entity {owner[0]!r})"
+            else:
+                continue  # this very decision, stored by an earlier replay
+            self._quarantine(SpoolRecord(DECISION, decision=row), error, DECISION)
 
     def _replay_outcome(self, record: SpoolRecord) -> None:
         outcome = record.outcome
@@ -727,6 +733,13 @@ _IDLE: Any = object()
 def _against(spooled: SpooledOutcome, outcome: str) -> OutcomeResult:
     status = OutcomeStatus.DUPLICATE if spooled.outcome == outcome else OutcomeStatus.CONFLICT
     return OutcomeResult(status, spooled.outcome, spooled.reward, spooled.received_at)
+
+
+def _instant(value: object) -> object:
+    """A time as an instant (a naive one read as UTC), for comparing a spooled row's with the stored one."""
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
 
 
 def _describe(exc: BaseException) -> str:
