@@ -20,6 +20,7 @@ from prometheus_client import REGISTRY
 
 import decision_platform
 from decision_platform.storage.database import make_engine, migrate
+from decision_platform.storage.errors import DatabaseUnavailable
 from decision_platform.storage.repository import OutcomeStatus, Repository
 from decision_platform.storage.spool import DECISION, QUARANTINE_FILE, Spool, SpoolRecord, SpoolTimeout
 from decision_platform.storage.writer import DUPLICATE, SPOOLED, STORED, DecisionWriter
@@ -122,6 +123,96 @@ def test_a_stalled_database_is_spooled_within_the_write_timeout(
     assert writer.wait_replayed(10)
     assert stored_ids(repository) == list(range(1, 50))
     writer.close()
+
+
+class SlowRepository(FlakyRepository):
+    """A database that answers, but every call takes ``delay_s`` (an overloaded server, a slow link)."""
+
+    delay_s = 0.0
+
+    def _gate(self) -> None:
+        time.sleep(self.delay_s)
+        super()._gate()
+
+
+def test_a_database_slower_than_the_write_deadline_stays_down_until_it_is_fast_again(
+    tmp_path: Path,
+) -> None:
+    """A database that answers every call, but later than ``write_timeout_s``: each probe's ping
+    succeeded (slowly), the database was marked up, and the next batch waited the whole deadline before
+    being spooled -- again after every probe, so /decide kept paying the deadline (p99 ~1 s by default)
+    and /ready flapped for as long as the database was slow. Now a probe answered later than the write
+    deadline does not count: one batch waits, the rest are spooled at once, and the replay starts when
+    the database is fast again."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    migrate(engine)
+    repository = SlowRepository(engine)
+    writer = writer_for(repository, tmp_path / "spool")
+    repository.delay_s = 0.5  # write_timeout_s 0.3, probes every 0.05 s
+    waits = []
+    deadline = time.monotonic() + 3.0
+    i = 0
+    while time.monotonic() < deadline:
+        i += 1
+        started = time.monotonic()
+        assert writer.write(decision_record(i)) == SPOOLED
+        waits.append(time.monotonic() - started)
+        time.sleep(0.02)
+    assert sum(wait >= 0.25 for wait in waits) == 1, [round(w, 2) for w in waits if w >= 0.25]
+    assert not writer.database_up
+    repository.delay_s = 0.0
+    assert writer.wait_replayed(10)
+    assert stored_ids(repository) == list(range(1, i + 1))
+    writer.close()
+
+
+def test_a_decision_whose_id_another_decision_holds_is_not_acknowledged(
+    repository: FlakyRepository, tmp_path: Path
+) -> None:
+    """Decision ids carry a random 10-bit node id per process (core/ids.py): two processes that drew the
+    same one (``serve --workers``, stream workers, another host: ~1.5% of the starts of six processes),
+    or one restarted after the clock went back, make the same id in the same millisecond. The database
+    keeps the first decision; the second was answered "duplicate" -- acknowledged with its id, never
+    stored, and an outcome posted for it landed on the other decision. Now it is not acknowledged
+    (DatabaseUnavailable: 503 + Retry-After; the client's retry is decided under a new id), and a retried
+    event is still answered with its first decision."""
+    writer = writer_for(repository, tmp_path / "spool")
+    assert writer.write(decision_record(7, entity_id="first")) == STORED
+    with pytest.raises(DatabaseUnavailable, match="decision id 7 is taken"):
+        writer.write(decision_record(7, entity_id="second", event_id="ev-second"))
+    with pytest.raises(DatabaseUnavailable, match="decision id 7 is taken"):
+        writer.write(decision_record(7, entity_id="third"))
+    assert writer.database_up
+    assert writer.write(decision_record(8, event_id="ev-retried")) == STORED
+    assert writer.write(decision_record(9, event_id="ev-retried")) == DUPLICATE
+    assert repository.get_decision(7).entity_id == "first"
+    assert writer.find_decision_by_event("ev-second") is None
+    writer.close()
+
+
+def test_a_spooled_decision_whose_id_another_decision_took_meanwhile_is_quarantined(
+    repository: FlakyRepository, tmp_path: Path
+) -> None:
+    """The same id collision during an outage: this process spooled decision 7, another one stored its own
+    decision 7. The replay skipped the spooled one, found id 7 stored and took it for its own, replayed
+    by an earlier, interrupted replay: the acknowledged decision was deleted with its segment. Now it is
+    quarantined, named, for ``spool status`` and the RecordsQuarantined alert."""
+    writer = writer_for(repository, tmp_path / "spool")
+    repository.refusing = True
+    assert writer.write(decision_record(7, entity_id="spooled")) == SPOOLED
+    assert writer.write(decision_record(8, entity_id="spooled")) == SPOOLED
+    Repository(repository.engine).insert_decisions([decision_record(7, entity_id="elsewhere").to_row()])
+    repository.refusing = False
+    try:
+        assert writer.wait_replayed(10)
+        assert writer.status().quarantined == 1
+    finally:
+        writer.close()
+    (line,) = (tmp_path / "spool" / QUARANTINE_FILE).read_text().splitlines()
+    entry = json.loads(line)
+    assert '"entity_id":"spooled"' in json.dumps(entry["record"], separators=(",", ":")), line
+    assert "decision id 7 is taken by another decision" in entry["error"]
+    assert repository.get_decision(8) is not None
 
 
 def test_the_spool_cost_does_not_grow_with_the_outage(repository: FlakyRepository, tmp_path: Path) -> None:

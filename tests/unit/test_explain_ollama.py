@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from decision_platform.api.app import create_app
 from decision_platform.config import Settings
 from decision_platform.explain.llm import LLMError, LLMTimeout, OllamaChat, OpenAIChat
+from decision_platform.observability import metrics
 from decision_platform.serving.platform import Platform
 
 DENYLISTED = "dev-known-stolen-0001"
@@ -193,6 +194,23 @@ def test_narratives_through_ollama_are_served_and_cached(
         assert [path for path, _ in fake.requests] == ["/api/chat"]
 
 
+def serve_posts(answer: Callable[[BaseHTTPRequestHandler], None]) -> tuple[ThreadingHTTPServer, str]:
+    """A local HTTP server (and its URL) that reads each POST's body, then lets ``answer`` reply."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *_: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            answer(self)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
 class MisbehavingLLM:
     """An LLM endpoint gone wrong at the HTTP level: ``drip`` answers 200 and then a byte of its body every
     50 ms (a server wedged mid-answer, a proxy trickling), ``huge`` streams a 64 MB body of garbage.
@@ -201,34 +219,25 @@ class MisbehavingLLM:
     def __init__(self, mode: str) -> None:
         self.sent = 0
         self.stopping = threading.Event()
-        fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *_: Any) -> None:
+        def answer(handler: BaseHTTPRequestHandler) -> None:
+            size = 64 * 1024 * 1024
+            chunk = b" " if mode == "drip" else b"x" * 65536
+            try:
+                handler.send_response(200)
+                handler.send_header("content-type", "application/json")
+                handler.send_header("content-length", str(size))
+                handler.end_headers()
+                while self.sent < size and not self.stopping.is_set():
+                    handler.wfile.write(chunk)
+                    handler.wfile.flush()
+                    self.sent += len(chunk)
+                    if mode == "drip":
+                        self.stopping.wait(0.05)
+            except OSError:  # the client hung up: what a bounded client does
                 pass
 
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers["content-length"]))
-                size = 64 * 1024 * 1024
-                chunk = b" " if mode == "drip" else b"x" * 65536
-                try:
-                    self.send_response(200)
-                    self.send_header("content-type", "application/json")
-                    self.send_header("content-length", str(size))
-                    self.end_headers()
-                    while fake.sent < size and not fake.stopping.is_set():
-                        self.wfile.write(chunk)
-                        self.wfile.flush()
-                        fake.sent += len(chunk)
-                        if mode == "drip":
-                            fake.stopping.wait(0.05)
-                except OSError:  # the client hung up: what a bounded client does
-                    pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.url = serve_posts(answer)
 
     def close(self) -> None:
         self.stopping.set()
@@ -259,3 +268,111 @@ def test_an_llm_that_trickles_or_floods_its_answer_is_given_up_in_time(backend: 
         fake.close()
     assert elapsed < 3.0, f"the call took {elapsed:.1f} s (timeout 1 s)"
     assert fake.sent < 16 * 1024 * 1024, f"{fake.sent} bytes of the answer were read (limit 256 kB)"
+
+
+class OddShapedLLM:
+    """An LLM endpoint that answers every call 200 with one fixed body: what a URL pointing at something
+    else (a login page, a proxy's error page, another API) or a server of another version gives."""
+
+    def __init__(self, body: bytes, content_type: str = "application/json") -> None:
+        self.calls = 0
+
+        def answer(handler: BaseHTTPRequestHandler) -> None:
+            self.calls += 1
+            handler.send_response(200)
+            handler.send_header("content-type", content_type)
+            handler.send_header("content-length", str(len(body)))
+            handler.end_headers()
+            handler.wfile.write(body)
+
+        self.server, self.url = serve_posts(answer)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _both(answer: dict[str, Any], **extra: Any) -> bytes:
+    """One body both clients read: an OpenAI ``choices`` answer and an Ollama ``message`` answer."""
+    message = {"role": "assistant", "content": answer.get("content", "Allowed.")}
+    return json.dumps({"model": "m", "choices": [{"message": message}], "message": message, **extra}).encode()
+
+
+ODD_BODIES = {
+    "an HTML page": b"<html><body>Sign in to continue</body></html>",
+    "a JSON list": b"[]",
+    "an object without an answer": b"{}",
+    "text that is a number": _both({"content": 123}),
+}
+
+
+@pytest.mark.parametrize("backend", ["ollama", "openai"])
+@pytest.mark.parametrize("body", list(ODD_BODIES.values()), ids=list(ODD_BODIES))
+def test_an_answer_of_another_shape_is_an_llm_error(backend: str, body: bytes) -> None:
+    """A 200 whose body is not a chat answer (HTML, JSON of another shape) raised JSONDecodeError,
+    pydantic's ValidationError or TypeError out of the client -- not LLMError, so the narrator neither
+    counted it nor backed off: a traceback logged for every decision, the explanation "pending" however
+    long one waited, and ``decision-platform explain`` stopped with a traceback. Now it is LLMError."""
+    fake = OddShapedLLM(body)
+    client = (
+        OllamaChat(fake.url, "m", timeout_s=5.0, connect_timeout_s=1.0)
+        if backend == "ollama"
+        else OpenAIChat(fake.url + "/v1", "m", 5.0, 1.0)
+    )
+    try:
+        with pytest.raises(LLMError, match="not a chat answer"):
+            client.chat([{"role": "user", "content": "u"}], max_tokens=50, temperature=0.0)
+    finally:
+        client.close()
+        fake.close()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"usage": "n/a"},
+        {"usage": {"prompt_tokens": "x", "completion_tokens": -1}, "timings": [1, 2]},
+        {"usage": {"prompt_tokens_details": 5}},
+    ],
+    ids=["usage text", "counts not counts", "token details a number"],
+)
+def test_token_counts_of_another_shape_are_left_out_and_the_answer_kept(extra: dict[str, Any]) -> None:
+    """The counts are informative: an OpenAI-compatible answer with ``usage`` or ``timings`` of another
+    shape raised AttributeError from the client, or ValueError from the narrator summing them (a
+    traceback for every narrative of such a server)."""
+    fake = OddShapedLLM(_both({}, **extra))
+    client = OpenAIChat(fake.url + "/v1", "m", 5.0, 1.0)
+    try:
+        result = client.chat([{"role": "user", "content": "u"}], max_tokens=50, temperature=0.0)
+    finally:
+        client.close()
+        fake.close()
+    assert result.text == "Allowed."
+    assert (result.prompt_tokens, result.cached_tokens, result.completion_tokens) == (None, None, None)
+
+
+def test_an_llm_url_answering_a_web_page_gives_the_template_said_so_and_backs_off(
+    make_settings: Callable[..., Settings], start_platform: Callable[[Settings], Platform]
+) -> None:
+    """DP_LLM_URL pointing at a web page (a proxy's sign-in page answers 200): the explanation is the
+    template with ``reason`` "llm_error", counted, and the LLM is left alone for DP_LLM_RETRY_AFTER_S --
+    it was answered 202 "pending" however long the caller waited, with a traceback logged each time."""
+    fake = OddShapedLLM(ODD_BODIES["an HTML page"], "text/html")
+    settings = make_settings(llm_url=fake.url, llm_eager_actions=(), llm_retry_after_s=60.0)
+    errors = metrics.LLM_NARRATIVES.labels(result="error")
+    before = errors._value.get()
+    try:
+        with TestClient(create_app(settings, start_platform(settings))) as client:
+            for i in range(2):
+                event = {"event_id": f"odd-{i}", "amount": 10.0, "attributes": {"device_id": DENYLISTED}}
+                decided = client.post("/decide", json={"entity_id": "odd", "event": event}).json()
+                url = f"/decisions/{decided['decision_id']}/explanation"
+                answer = client.get(url, params={"wait": "true", "timeout": 10})
+                assert answer.status_code == 200, answer.json()
+                explanation = answer.json()
+                assert explanation["source"] == "template"
+                assert explanation["reason"] == ("llm_error" if i == 0 else "llm_unavailable")
+    finally:
+        fake.close()
+    assert errors._value.get() == before + 1
+    assert fake.calls == 1  # backed off after the first odd answer

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import redis
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
@@ -26,7 +27,7 @@ from decision_platform.console.routes import AdminActions, build_router
 from decision_platform.features import FeatureStoreError
 from decision_platform.serving.platform import Platform, settle_heap
 from decision_platform.storage.errors import OUTAGE_ERRORS as DATABASE_OUTAGES
-from decision_platform.storage.errors import DamagedRowError, DatabaseUnavailable
+from decision_platform.storage.errors import DamagedRowError, DatabaseUnavailable, is_outage
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,15 @@ async def _dependency_unavailable(request: Request, exc: Exception) -> JSONRespo
         status_code=503,
         headers={"Retry-After": str(retry_after)},
     )
+
+
+async def _database_error(request: Request, exc: sqlalchemy.exc.DBAPIError) -> JSONResponse:
+    """A driver error SQLAlchemy wraps in a class of no outage (InternalError) can still be one: a database
+    that takes no writes (a standby after a failover) refused the admin API's promote with a 500. Answered
+    as the outage it is (503, naming the driver's error); anything else stays a bug (500, logged)."""
+    if not is_outage(exc):
+        raise exc
+    return await _dependency_unavailable(request, exc.orig if isinstance(exc.orig, Exception) else exc)
 
 
 async def _damaged_row(_request: Request, exc: DamagedRowError) -> JSONResponse:
@@ -253,6 +263,7 @@ def add_error_handling(app: FastAPI, max_body_bytes: int) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     for error in DEPENDENCY_OUTAGES:
         app.add_exception_handler(error, _dependency_unavailable)
+    app.add_exception_handler(sqlalchemy.exc.DBAPIError, _database_error)  # type: ignore[arg-type]
     app.add_middleware(DecideLane)  # innermost of ours: it reads the body BodySizeLimit has bounded
     app.add_middleware(BodySizeLimit, limit=max_body_bytes)
     app.add_middleware(CatchUnexpected)  # added last: outermost of ours, so it also covers BodySizeLimit

@@ -6,11 +6,13 @@ import math
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from decision_platform.config import ConfigError, Settings, load_config_file
 
@@ -49,6 +51,24 @@ def config_file(path: Path, load: Callable[[Path], T]) -> T:
 
 # Piped output (make run | tee, CI logs) would wrap the report tables at 80 columns.
 console = Console() if Console().is_terminal else Console(width=140)
+
+
+class Commands(TyperGroup):
+    """The command group of ``decision-platform``: a database outage met by any command is one line and
+    exit 1 (it can succeed later; bad input is exit 2). It printed ~500 lines of rich traceback through
+    SQLAlchemy's and psycopg's frames, for every command that reads the registry or the decision log."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            from decision_platform.storage.errors import is_outage  # psycopg, SQLAlchemy: only now
+
+            if not is_outage(exc):
+                raise
+            why = (str(getattr(exc, "orig", None) or exc).strip() or type(exc).__name__).splitlines()[0]
+            console.print(f"[red]database unavailable:[/red] {escape(why)}", soft_wrap=True, highlight=False)
+            raise typer.Exit(1) from None
 
 
 def open_registry(settings: Settings) -> ModelRegistry:

@@ -11,7 +11,15 @@ from typing import TYPE_CHECKING
 import typer
 from rich.markup import escape
 
-from decision_platform.cli.common import SEED_MAX, config_file, console, finite, open_registry, positive
+from decision_platform.cli.common import (
+    SEED_MAX,
+    Commands,
+    config_file,
+    console,
+    finite,
+    open_registry,
+    positive,
+)
 from decision_platform.cli.db import db_app
 from decision_platform.cli.explain import explain as explain_command
 from decision_platform.cli.models import models_app
@@ -26,7 +34,9 @@ from decision_platform.training import PPO_TIMESTEPS
 if TYPE_CHECKING:
     from decision_platform.data import LabelledEvents
 
-app = typer.Typer(help="Real-time AI decision platform.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    cls=Commands, help="Real-time AI decision platform.", no_args_is_help=True, add_completion=False
+)
 app.add_typer(models_app, name="models")
 app.add_typer(spool_app, name="spool")
 app.add_typer(rules_app, name="rules")

@@ -197,6 +197,8 @@ class OllamaChat:
             raise LLMTimeout(f"ollama: no answer in time ({exc.__class__.__name__})") from None
         except (ollama.ResponseError, ConnectionError, httpx.HTTPError) as exc:
             raise LLMError(f"ollama: {exc.__class__.__name__}: {str(exc)[:200]}") from None
+        except (ValueError, TypeError) as exc:  # the client's parsing: not JSON, or not its ChatResponse
+            raise _not_an_answer("ollama", exc) from None
         text = (response.message.content or "") if response.message else ""
         truncated = response.done_reason == "length"
         return ChatResult(
@@ -267,29 +269,52 @@ class OpenAIChat:
         try:
             response = self._http.post("/chat/completions", json=body)
             response.raise_for_status()
-            payload: dict[str, Any] = response.json()
-            text = payload["choices"][0]["message"]["content"] or ""
-            truncated = payload["choices"][0].get("finish_reason") == "length"
         except httpx.TimeoutException as exc:
             raise LLMTimeout(f"openai-compatible: no answer in time ({exc.__class__.__name__})") from None
-        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+        except httpx.HTTPError as exc:
             raise LLMError(f"openai-compatible: {exc.__class__.__name__}: {str(exc)[:200]}") from None
-        model = str(payload.get("model") or self.model)
-        usage = payload.get("usage") or {}
-        timings = payload.get("timings") or {}  # llama.cpp: cache_n tokens reused, prompt_n processed
-        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", timings.get("cache_n"))
+        try:
+            payload = response.json()
+            choice = payload["choices"][0]
+            text = choice["message"]["content"] or ""
+            if not isinstance(text, str):
+                raise TypeError(f"content is {type(text).__name__}, not text")
+            truncated = choice.get("finish_reason") == "length"
+        except (ValueError, LookupError, TypeError, AttributeError) as exc:
+            raise _not_an_answer("openai-compatible", exc) from None
+        usage = _object(payload.get("usage"))
+        timings = _object(payload.get("timings"))  # llama.cpp: cache_n tokens reused, prompt_n processed
+        cached = _object(usage.get("prompt_tokens_details")).get("cached_tokens", timings.get("cache_n"))
         return ChatResult(
             text,
-            model,
+            str(payload.get("model") or self.model),
             time.perf_counter() - started,
             truncated,
-            prompt_tokens=usage.get("prompt_tokens"),
-            cached_tokens=cached,
-            completion_tokens=usage.get("completion_tokens"),
+            prompt_tokens=_count(usage.get("prompt_tokens")),
+            cached_tokens=_count(cached),
+            completion_tokens=_count(usage.get("completion_tokens")),
         )
 
     def close(self) -> None:
         self._http.close()
+
+
+def _not_an_answer(backend: str, exc: Exception) -> LLMError:
+    """A 200 whose body is no chat answer (a sign-in page, JSON of another shape): an LLM failure like any
+    other, which the narrator counts and backs off from (it escaped as the parser's own error: a traceback
+    for every decision, and ``decision-platform explain`` stopped with one)."""
+    return LLMError(f"{backend}: not a chat answer ({exc.__class__.__name__}: {str(exc)[:200]})")
+
+
+def _object(value: Any) -> dict[str, Any]:
+    """An optional object of an answer; one of another shape is left out, as if absent."""
+    return value if isinstance(value, dict) else {}
+
+
+def _count(value: Any) -> int | None:
+    """A token count as reported, or None when it is none (the counts are informative: the narrative
+    stands without them)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 class EmbeddedChat:

@@ -226,6 +226,16 @@ class DecisionStore(Store):
             query = sa.select(decisions.c.id).where(decisions.c.id.in_(list(ids)))
             return {row[0] for row in connection.execute(query)}
 
+    def stored_owners(self, ids: Sequence[int]) -> dict[int, tuple[str, str | None, datetime]]:
+        """Whose decision each stored id is -- (entity_id, event_id, created_at) -- to tell a decision
+        replayed twice from another decision under the same id (storage/writer.py)."""
+        if not ids:
+            return {}
+        columns = (decisions.c.id, decisions.c.entity_id, decisions.c.event_id, decisions.c.created_at)
+        with self.engine.connect() as connection:
+            query = sa.select(*columns).where(decisions.c.id.in_(list(ids)))
+            return {row[0]: (row[1], row[2], row[3]) for row in connection.execute(query)}
+
     def get_decision_by_event(self, event_id: str) -> DecisionRecord | None:
         if is_postgresql(self.engine):
             # The event's claim (migration 0005) names its decision: one partition is read, by id.

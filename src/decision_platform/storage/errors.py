@@ -13,6 +13,7 @@ from __future__ import annotations
 import sqlite3
 
 import psycopg
+import psycopg.errors
 import sqlalchemy.exc
 
 
@@ -109,9 +110,13 @@ OUTAGE_ERRORS: tuple[type[Exception], ...] = (
     sqlalchemy.exc.OperationalError,
     sqlalchemy.exc.InterfaceError,
     sqlalchemy.exc.TimeoutError,
+    # A database that takes no writes now (a standby after a failover, default_transaction_read_only):
+    # psycopg raises it as an InternalError, which SQLAlchemy wraps as its own (see is_outage).
+    psycopg.errors.ReadOnlySqlTransaction,
 )
 
 
 def is_outage(exc: BaseException) -> bool:
-    """True for a failure of the database itself: retrying later can succeed."""
-    return isinstance(exc, OUTAGE_ERRORS)
+    """True for a failure of the database itself: retrying later can succeed. SQLAlchemy wraps driver
+    errors (``.orig``): both are looked at."""
+    return isinstance(exc, OUTAGE_ERRORS) or isinstance(getattr(exc, "orig", None), OUTAGE_ERRORS)

@@ -495,10 +495,37 @@ class DecisionWriter:
                     self._mark_down(exc)
             else:
                 metrics.DB_BATCH_SIZE.observe(len(rows))
+                taken = self._ids_taken([row["id"] for row in rows if row["id"] not in inserted], lane)
                 for row, item, i in fresh:
-                    item.statuses[i] = STORED if row["id"] in inserted else DUPLICATE
+                    if row["id"] in taken:
+                        item.statuses[i] = taken[row["id"]]
+                    else:
+                        item.statuses[i] = STORED if row["id"] in inserted else DUPLICATE
                 return
         self._spool(fresh)
+
+    def _ids_taken(self, skipped: list[int], lane: _Lane) -> dict[int, Exception]:
+        """The error of each new decision the database skipped because another decision holds its id.
+
+        A new decision's id is fresh from this process, so a stored one under it is another process's (two
+        processes drew the same node id, core/ids.py; or a restart after the clock went back): the row was
+        answered "duplicate" -- acknowledged, never stored, and its outcome would land on the other decision.
+        Such a row is not acknowledged (503: the client's retry is decided under a new id). Rows skipped for
+        their event (a retry) are duplicates as before; if the database cannot say which is which, none of
+        the skipped rows is acknowledged."""
+        if not skipped:
+            return {}
+        try:
+            stored = lane.run(lambda: self.repository.existing_ids(skipped), self.write_timeout_s)
+        except Exception as exc:
+            log.warning("could not tell %d skipped decisions from retries: %r", len(skipped), exc)
+            return {i: DatabaseUnavailable(f"decision {i} not confirmed stored; retry") for i in skipped}
+        if stored:
+            metrics.DB_ERRORS.labels(operation="decision_id_taken").inc(len(stored))
+            log.error("decision ids %s are taken by other decisions (a node id drawn twice?)", sorted(stored))
+        return {
+            i: DatabaseUnavailable(f"decision id {i} is taken by another decision; retry") for i in stored
+        }
 
     def _append(self, records: list[SpoolRecord]) -> set[int]:
         """``Spool.append`` within ``spool_timeout_s`` (SpoolTimeout past it: nothing acknowledged)."""
@@ -547,7 +574,7 @@ class DecisionWriter:
             if time.monotonic() < self._next_probe:
                 return
             try:
-                self._probing = self._writes.submit(self._on_recover or self.repository.ping)
+                self._probing = self._writes.submit(self._on_recover or self._ping_in_time)
             except DatabaseUnavailable as exc:  # an earlier call is still stuck: the database is not back
                 self._probe_failed(exc)
                 return
@@ -563,6 +590,19 @@ class DecisionWriter:
             self._up, self._last_error, self._backoff = True, None, self.probe_interval_s
         log.info("database answers again; replaying %d spooled records", self.spool.pending())
         self._set_gauges()
+
+    def _ping_in_time(self) -> None:
+        """The probe of a down database: it must answer within the write deadline. A database that answers
+        every call, but later than that (overloaded, a slow link), was marked up by each slow ping, and the
+        next batch then waited the whole deadline before being spooled -- again after every probe: /decide
+        paid the deadline over and over and /ready flapped for as long as the database was slow."""
+        started = time.monotonic()
+        self.repository.ping()
+        took = time.monotonic() - started
+        if took > self.write_timeout_s:
+            raise DatabaseUnavailable(
+                f"answers, but in {took:.1f} s: over the {self.write_timeout_s:g} s to write"
+            )
 
     def _probe_failed(self, exc: BaseException) -> None:
         with self._state_lock:
@@ -636,16 +676,22 @@ class DecisionWriter:
 
     def _check_skipped(self, rows: list[DecisionRow]) -> None:
         """Rows not inserted are already stored (an earlier, interrupted replay) -- or their event was
-        decided under another id by a process that did not know about this spool: keep those, quarantined."""
-        stored = self._writes.run(
-            lambda: self.repository.existing_ids([row["id"] for row in rows]), self.write_timeout_s
+        decided under another id by a process that did not know about this spool, or another process's
+        decision took their id (a node id drawn twice, core/ids.py; taken for this row, it was deleted with
+        its segment): keep those, quarantined."""
+        owners = self._writes.run(
+            lambda: self.repository.stored_owners([row["id"] for row in rows]), self.write_timeout_s
         )
         for row in rows:
-            if row["id"] not in stored:
-                record = SpoolRecord(DECISION, decision=row)
-                self._quarantine(
-                    record, f"event {row.get('event_id')!r} was already decided under another id", DECISION
-                )
+            owner = owners.get(row["id"])
+            mine = (row.get("entity_id"), row.get("event_id"), _instant(row.get("created_at")))
+            if owner is None:
+                error = f"event {row.get('event_id')!r} was already decided under another id"
+            elif (owner[0], owner[1], _instant(owner[2])) != mine:
+                error = f"decision id {row['id']} is taken by another decision (entity {owner[0]!r})"
+            else:
+                continue  # this very decision, stored by an earlier replay
+            self._quarantine(SpoolRecord(DECISION, decision=row), error, DECISION)
 
     def _replay_outcome(self, record: SpoolRecord) -> None:
         outcome = record.outcome
@@ -692,6 +738,13 @@ _IDLE: Any = object()
 def _against(spooled: SpooledOutcome, outcome: str) -> OutcomeResult:
     status = OutcomeStatus.DUPLICATE if spooled.outcome == outcome else OutcomeStatus.CONFLICT
     return OutcomeResult(status, spooled.outcome, spooled.reward, spooled.received_at)
+
+
+def _instant(value: object) -> object:
+    """A time as an instant (a naive one read as UTC), for comparing a spooled row's with the stored one."""
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
 
 
 def _describe(exc: BaseException) -> str:
