@@ -161,7 +161,7 @@ class KafkaSource:
 
     def _on_revoke(self, _consumer: Any, partitions: list[Any]) -> None:
         # Nothing is committed here: every completed batch was committed with its own offsets already, and
-        # the consumer's position may be past batches still in flight (the worker pipelines three deep),
+        # the consumer's position may be past batches still in flight (the worker pipelines four deep),
         # whose messages the next owner must get again. Its later commit skips these partitions.
         self._assigned -= {(p.topic, p.partition) for p in partitions}
         for p in partitions:  # its next owner commits it now: a stale offset of ours must not go at close
