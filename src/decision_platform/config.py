@@ -119,6 +119,9 @@ class Settings(BaseSettings):
     model_dir: Path = PROJECT_ROOT / "var" / "models"
     #: Where decisions are spooled durably when the database is unreachable.
     spool_dir: Path = PROJECT_ROOT / "var" / "spool"
+    #: This process's node number in its decision ids (core/ids.py), 0..1023. None: one no other process
+    #: sharing the spool directory holds (claimed there). Processes on different hosts need distinct ones.
+    node_id: int | None = Field(None, ge=0, le=1023)
 
     # --- decision policy at serving time
     #: Action taken when a stage fails: 1 = throttle (step-up) is the safe default.

@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from threadpoolctl import threadpool_limits
 
 from decision_platform.config import Settings, load_config_file
+from decision_platform.core.ids import DecisionIdGenerator
 from decision_platform.core.rewards import RewardTable
 from decision_platform.core.strict_yaml import read_config_text
 from decision_platform.events.kafka import EventProducer, ensure_topics
@@ -160,9 +161,11 @@ class Platform:
         models = load_champions(registry)
         spec, rules, rewards = read_config_files(settings, models.spec)
         store = open_feature_store(settings.feature_store_url, spec, settings.feature_store_timeout_s)
+        spool = Spool(settings.spool_dir)
+        node_id = settings.node_id if settings.node_id is not None else spool.claim_node_id()
         writer = DecisionWriter(
             repository,
-            Spool(settings.spool_dir),
+            spool,
             settings.db_batch_size,
             write_timeout_s=settings.db_write_timeout_s,
             read_timeout_s=settings.db_read_timeout_s,
@@ -177,7 +180,8 @@ class Platform:
         risk_record = registry.serving_record(models.versions["risk"]) if models.risk else None
         ranges = ranges_of_model(settings.model_dir, risk_record)
         reasons = ReasonBuilder.for_models(models.risk, models.anomaly, ranges, rules)
-        engine = DecisionEngine(settings, spec, store, models, rules, writer, reasons=reasons)
+        ids = DecisionIdGenerator(node_id)
+        engine = DecisionEngine(settings, spec, store, models, rules, writer, ids=ids, reasons=reasons)
         narrator = Narrator(settings, repository, open_chat_client(settings), ranges, writer).start()
         if models.errors:
             log.warning("serving with fallbacks for: %s", models.errors)

@@ -55,6 +55,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
+from decision_platform.core.ids import NODE_BITS
 from decision_platform.core.records import DecisionRecord
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ RecordKind = Literal["decision", "outcome"]
 _SEGMENT_PATTERNS = ("segment-*.jsonl", "decisions-*.jsonl", "decisions-*.jsonl.replaying-*")
 QUARANTINE_FILE = "quarantine.jsonl"
 CLAIMS_DIR = "events"
+#: Where the processes sharing this spool claim their decision-id node numbers (core/ids.py), a lock each.
+NODES_DIR = "nodes"
 #: How long a read of another process's claimed decision waits for its append to reach the disk.
 FOREIGN_READ_WAIT_S = 0.5
 
@@ -249,6 +252,8 @@ class Spool:
         self._foreign_files: set[Path] = set()
         self._counter = 0
         self._last_adopt = 0.0
+        #: The lock file of the node number this process claimed (claim_node_id), held until close.
+        self._node: BinaryIO | None = None
         self.adopt_orphans()
 
     # --- what is here
@@ -582,6 +587,39 @@ class Spool:
             staging.replace(path)
         return len(movable)
 
+    # --- decision-id node numbers
+    def claim_node_id(self, nodes: int = 1 << NODE_BITS) -> int:
+        """A node number for this process's decision ids (core/ids.py) that no live process sharing this
+        spool holds: a lock on ``nodes/<n>``, kept until :meth:`close` (a dead process's lock goes with it).
+
+        Why: ids are unique only if node numbers are. Drawn at random, two of six processes on one host
+        share one at 1.5% of starts (``serve --workers``, stream workers); their decisions in the same
+        millisecond then have the same id, and the second was answered but never stored. Processes on other
+        hosts do not share the spool: give them distinct ``DP_NODE_ID`` settings instead. If every number is
+        taken or the directory takes no file, a random one, with a warning (the collision is then caught
+        by the writer: a 503, never a decision acknowledged and lost)."""
+        start = int.from_bytes(os.urandom(2), "big") % nodes
+        directory = self.directory / NODES_DIR
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            for k in range(nodes):
+                n = (start + k) % nodes
+                handle = open(directory / str(n), "ab")  # noqa: SIM115 - held open (and locked) until close
+                try:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    handle.close()
+                    continue
+                with self._lock:
+                    if self._node is not None:
+                        self._node.close()
+                    self._node = handle
+                return n
+            log.warning("spool: every decision-id node number is held by a live process; one at random")
+        except OSError as exc:
+            log.warning("spool: cannot claim a decision-id node number (%s); one at random", exc)
+        return start
+
     # --- other processes' segments
     def adopt_orphans(self, min_interval_s: float = 0.0) -> int:
         """Take over segments no live process holds (their owner died); returns how many were adopted."""
@@ -659,6 +697,9 @@ class Spool:
             self._decisions.clear()
             self._events.clear()
             self._outcomes.clear()
+            if self._node is not None:
+                self._node.close()
+                self._node = None
 
 
 @dataclass(frozen=True)
