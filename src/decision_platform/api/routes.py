@@ -133,15 +133,21 @@ def _answerable_retry(decision: Decision) -> None:
     decision damaged in what storage checks; a row can still hold what only the answer's schema refuses (a
     fired rule without its description, a model version that is not text), which would have been answered
     200 against the contract clients parse. Refused as the engine refuses it: 409, not decided again."""
+    record = decision.record
     try:
         DecisionResponse.model_validate(decision.response)
     except ValidationError as exc:
-        where = exc.errors()[0]["loc"]
-        field = str(where[1] if where[0] == "policy" and len(where) > 1 else where[0])
-        column = _COLUMN_OF_ANSWER.get(field, field)
-        record = decision.record
-        damage = counted(DamagedDecisionError(record.id, column, getattr(record, column, None)), RETRY_READER)
+        damage = _schema_damage(record, exc, RETRY_READER)
         raise HTTPException(409, refusal_message(FIRST_DAMAGED, record.event_id or "", str(damage))) from None
+
+
+def _schema_damage(record: DecisionRecord, exc: ValidationError, reader: str) -> DamagedDecisionError:
+    """The stored column behind the first field an answer's schema refused, as the record's damage
+    (counted under ``reader``)."""
+    where = exc.errors()[0]["loc"]
+    field = str(where[1] if where[0] == "policy" and len(where) > 1 else where[0])
+    column = _COLUMN_OF_ANSWER.get(field, field)
+    return counted(DamagedDecisionError(record.id, column, getattr(record, column, None)), reader)
 
 
 @router.post(
@@ -243,8 +249,7 @@ def stored_decision(record: DecisionRecord) -> StoredDecision:
     try:
         return StoredDecision.model_validate(row)
     except ValidationError as exc:
-        column = str(exc.errors()[0]["loc"][0])
-        raise counted(DamagedDecisionError(record.id, column, row.get(column)), RECORD_READER) from None
+        raise _schema_damage(record, exc, RECORD_READER) from None
 
 
 @router.get(

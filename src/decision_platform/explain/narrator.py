@@ -275,12 +275,9 @@ class Narrator:
         )
         if record is None:
             return None
-        # A damaged decision: DamagedDecisionError naming it (the API's 409), not a traceback from the facts.
-        facts = self.facts_for(intact(record, EXPLANATION_READER))
-        if stored is not None:  # its narrative is stored damaged: the template, never a second narrative
-            return self._template(facts, READY, STORED_DAMAGED)
-        if self.client is None:
-            return self._template(facts, READY, "no_llm")
+        facts = self._facts_or_template(record, stored)
+        if isinstance(facts, Explanation):
+            return facts
         if self.active != LLM:  # being fetched / started, or it failed to: the template now, not a wait
             return self._template(
                 facts, READY, "llm_starting" if self.active == STARTING else "llm_unavailable"
@@ -321,16 +318,27 @@ class Narrator:
         explanation = Explanation.from_stored(stored) if stored is not None else None
         if explanation is not None:
             return explanation
-        facts = self.facts_for(intact(record, EXPLANATION_READER))
-        if stored is not None:
-            return self._template(facts, READY, STORED_DAMAGED)
-        if self.client is None:
-            return self._template(facts, READY, "no_llm")
+        facts = self._facts_or_template(record, stored)
+        if isinstance(facts, Explanation):
+            return facts
         result = self.generate(facts)
         if isinstance(result, Explanation):
             return result
         self.repository.insert_explanation(result)
         return Explanation.from_row(result)
+
+    def _facts_or_template(
+        self, record: DecisionRecord, stored: dict[str, Any] | None
+    ) -> Facts | Explanation:
+        """For a decision with no usable stored narrative (``stored``: the row of one stored damaged, or
+        None): the template when no LLM may write one, else the facts it is to be written from. A damaged
+        decision raises DamagedDecisionError naming it (the API's 409), not a traceback from the facts."""
+        facts = self.facts_for(intact(record, EXPLANATION_READER))
+        if stored is not None:  # its narrative is stored damaged: the template, never a second narrative
+            return self._template(facts, READY, STORED_DAMAGED)
+        if self.client is None:
+            return self._template(facts, READY, "no_llm")
+        return facts
 
     def _stored(self, decision_id: int) -> dict[str, Any] | None:
         """The stored narrative; None while the database is unavailable (the template is given meanwhile)."""
