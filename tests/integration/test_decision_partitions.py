@@ -141,6 +141,28 @@ def test_one_decision_per_event_holds_across_partitions(engine: sa.Engine, pg_sc
     assert query(pg_schema, "SELECT count(*) FROM decisions") == [(3,)]
 
 
+def test_a_decision_whose_id_is_taken_leaves_its_event_unclaimed(engine: sa.Engine, pg_schema: str) -> None:
+    """Two processes that made the same decision id (core/ids.py: a node id drawn twice across hosts, or a
+    restart with the clock gone back): the second row is skipped for its id -- and its event must stay
+    free. The claim trigger used to claim the event first, for the *other* decision: the event's retry
+    was then skipped as a duplicate and answered with another entity's decision."""
+    ensure_partitions(engine, ahead_days=1, today=DAY)
+    repository = Repository(engine)
+    first = at(noon(DAY)) | {"event_id": "evt-a", "entity_id": "alice"}
+    clash = at(noon(DAY)) | {"event_id": "evt-b", "entity_id": "bob"}  # the same id, another event
+    assert repository.insert_decisions([first]) == {first["id"]}
+    assert repository.insert_decisions([clash]) == set()
+    assert repository.get_decision_by_event("evt-b") is None
+    retry = at(noon(DAY), k=1) | {"event_id": "evt-b", "entity_id": "bob"}  # decided again, a new id
+    assert repository.insert_decisions([retry]) == {retry["id"]}
+    assert repository.get_decision_by_event("evt-b").entity_id == "bob"
+    assert repository.get_decision_by_event("evt-a").id == first["id"]
+    assert query(pg_schema, "SELECT event_id, decision_id FROM decision_events ORDER BY event_id") == [
+        ("evt-a", first["id"]),
+        ("evt-b", retry["id"]),
+    ]
+
+
 def test_outcomes_keep_their_foreign_key_to_the_partitioned_log(engine: sa.Engine) -> None:
     ensure_partitions(engine, ahead_days=0, today=DAY)
     repository = Repository(engine)
