@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -52,6 +54,48 @@ def test_unreachable_feature_store_falls_back_to_the_safe_action(
         # The fallback decision is stored like any other.
         stored = client.get(f"/decisions/{body['decision_id']}").json()
         assert stored["fallback"] == "feature_store_unavailable" and stored["propensity"] == 1.0
+
+
+@pytest.fixture
+def answers_ok_to_everything() -> Iterator[str]:
+    """A TCP server on 127.0.0.1 that is not Redis: it answers ``+OK`` to every command (as some proxies
+    and test doubles do) -- the URL of a misconfigured feature store."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def answer(connection: socket.socket) -> None:
+        with connection:
+            while data := connection.recv(65536):
+                connection.sendall(b"+OK\r\n" * max(1, data.count(b"*")))
+
+    def accept() -> None:
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=answer, args=(connection,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"redis://127.0.0.1:{server.getsockname()[1]}/0"
+    server.close()
+
+
+@pytest.mark.parametrize("event", [True, False], ids=["event", "read"])
+def test_an_endpoint_that_is_not_redis_is_an_unavailable_feature_store(
+    make_settings: Callable[..., Settings],
+    start_platform: Callable[[Settings], Platform],
+    answers_ok_to_everything: str,
+    event: bool,
+) -> None:
+    """redis-py raised AttributeError from its handshake, and replies of another shape reached numpy: each
+    request was a 500. A feature store that answers what the window script never returns is unavailable."""
+    settings = make_settings(feature_store_url=answers_ok_to_everything)
+    with TestClient(create_app(settings, start_platform(settings))) as client:
+        body: dict = {"entity_id": "u1"} | ({"event": {"event_id": "f1", "amount": 5}} if event else {})
+        response = client.post("/decide", json=body)
+        assert response.status_code == 200, response.text
+        assert response.json()["fallback"] == "feature_store_unavailable"
+        assert client.get("/ready").json()["checks"]["feature_store"] == "unreachable"
 
 
 def test_block_rules_still_apply_in_fallback(

@@ -276,6 +276,19 @@ class RedisFeatureStore(FeatureStore):
         finally:
             pool.release(connection)
 
+    def _table(self, replies: list[bytes]) -> np.ndarray:
+        """The script's replies as one matrix: a flag and the raw window values a row. Anything else (a
+        server that is not Redis answering ``+OK``, a script of another version) is the store failing."""
+        try:
+            fields = b",".join(replies).split(b",")
+            if len(fields) != len(replies) * (self.spec.raw_width + 1):
+                raise ValueError(f"{len(fields)} values for {len(replies)} entities")
+            return np.array(fields, dtype=np.float64).reshape(len(replies), -1)
+        except (TypeError, ValueError) as exc:
+            raise FeatureStoreError(
+                f"feature store ({self._description}) answered what the window script never returns ({exc})"
+            ) from exc
+
     def _results(
         self, replies: list[bytes | Exception], timestamps: list[float], events: Sequence[Event] | None
     ) -> list[FeatureResult]:
@@ -283,7 +296,7 @@ class RedisFeatureStore(FeatureStore):
         if any(e is not None for e in errors):  # zeros stand in for a damaged entity's reply; then NaN
             blank = b",".join([b"0"] * (self.spec.raw_width + 1))
             replies = [blank if isinstance(reply, Exception) else reply for reply in replies]
-        table = np.array(b",".join(replies).split(b","), dtype=np.float64).reshape(len(replies), -1)
+        table = self._table(replies)
         features = self.spec.assemble(table[:, 1:], self.spec.event_values(timestamps, events))
         for i, error in enumerate(errors):
             if error is not None:
@@ -338,6 +351,7 @@ class RedisClusterFeatureStore(RedisFeatureStore):
                     # One retry, at once: after a failover the client re-reads the slot map and the call
                     # goes to the new owner; more retries with backoff would blow the latency budget.
                     retry=Retry(NoBackoff(), 1),
+                    protocol=2,  # as for one server (open_feature_store)
                 )
             assert isinstance(self._client, RedisCluster)
             return self._client
@@ -441,6 +455,9 @@ def open_feature_store(
             socket_connect_timeout=timeout_s,
             # Fail fast: the caller falls back; retries with backoff would blow the latency budget.
             retry=Retry(NoBackoff(), 0),
+            # RESP2: every Redis-compatible server speaks it, the script's replies are strings either way,
+            # and there is no HELLO handshake, whose reply redis-py reads unchecked (AttributeError).
+            protocol=2,
         )
         return RedisFeatureStore(client, spec, key_prefix=key_prefix, description=_redact(url), packed=True)
     if scheme == "redis+cluster":
