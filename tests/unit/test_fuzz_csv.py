@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from decision_platform.core.events import Event
+from decision_platform.data import csv_import
 from decision_platform.data.csv_import import DatasetError, load_csv
 
 MAPPING = """
@@ -53,6 +54,23 @@ def test_an_encoding_that_cannot_read_the_file_is_one_line(
 ) -> None:
     with pytest.raises(DatasetError, match=words):
         load_csv(*_files(tmp_path, MAPPING + extra, rows))
+
+
+def test_a_source_without_line_ends_is_refused_not_read_for_ever(tmp_path: Path) -> None:
+    """``train --path /dev/zero`` read until memory ran out: a line had no end to wait for."""
+    _, mapping = _files(tmp_path, MAPPING)
+    with pytest.raises(DatasetError, match=r"^/dev/zero:1: a line of more than 16,777,216 characters"):
+        load_csv("/dev/zero", mapping)
+
+
+def test_a_line_longer_than_the_limit_is_named_by_its_number(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(csv_import, "MAX_LINE_CHARS", 64)
+    rows = ROWS + "t2,u1,2024-03-01T10:00:01Z,5," + "d" * 64 + ",1,true,0.5,0\n"
+    with pytest.raises(DatasetError, match=r"data\.csv:3: a line of more than 64 characters"):
+        load_csv(*_files(tmp_path, MAPPING, rows))
+    assert len(load_csv(*_files(tmp_path, MAPPING, ROWS)).events) == 1  # lines within it are read
 
 
 @pytest.mark.parametrize(

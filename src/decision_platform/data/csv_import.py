@@ -62,6 +62,9 @@ _ID_PATTERN = re.compile(rf"[A-Za-z0-9_.:@\-]{{1,{MAX_ID_LENGTH}}}")
 _ID_RULE = f"1-{MAX_ID_LENGTH} of A-Z a-z 0-9 _ . : @ -"
 _MIN_EPOCH, _MAX_EPOCH = 946_684_800.0, 4_102_444_800.0  # 2000-01-01 .. 2100-01-01
 _MAX_AMOUNT = 1e12
+#: The longest physical line read, in characters: a source without line ends (``/dev/zero``, a binary
+#: file, a pipe of either) is refused after this much instead of being read into memory whole, for ever.
+MAX_LINE_CHARS = 1 << 24
 _TRUE = {"true", "t", "yes", "y", "1"}
 _FALSE = {"false", "f", "no", "n", "0"}
 
@@ -285,7 +288,7 @@ def load_csv(
     # compressed bytes, which is what the file size says).
     stream = gzip.GzipFile(fileobj=raw) if path.suffix == ".gz" else raw
     with raw, stream, io.TextIOWrapper(stream, encoding=mapping.encoding, newline="") as text:
-        reader = csv.reader(text, delimiter=mapping.delimiter)
+        reader = csv.reader(_bounded_lines(text, path), delimiter=mapping.delimiter)
         try:
             header = next(reader, None)
             if header is None:
@@ -336,6 +339,18 @@ def load_csv(
             _some(loader.unusual_lines),
         )
     return loader.result()
+
+
+def _bounded_lines(text: io.TextIOWrapper, path: Path) -> Iterator[str]:
+    """The file's physical lines, each at most ``MAX_LINE_CHARS`` long (DatasetError past it)."""
+    number = 0
+    while line := text.readline(MAX_LINE_CHARS):
+        number += 1
+        if len(line) == MAX_LINE_CHARS and not line.endswith(("\n", "\r")):
+            raise DatasetError(
+                f"{path}:{number}: a line of more than {MAX_LINE_CHARS:,} characters: not CSV text"
+            )
+        yield line
 
 
 def _some(lines: list[int]) -> str:
