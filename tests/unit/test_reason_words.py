@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import random
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from decision_platform.explain import reasons as reasons_module
-from decision_platform.explain.reasons import Wording
+from decision_platform.explain.reasons import Wording, format_value, template_sentence
 
 NAMES = [
     "count_1m",
@@ -54,3 +57,27 @@ def test_a_count_of_one_is_singular() -> None:
         "1 distinct device in the last hour"
     )
     assert reasons_module.reason_text({"feature": "count_1h", "value": 1.0}) == "1 event in the last hour"
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.floats(min_value=0.0, max_value=1.0, exclude_min=True, exclude_max=True))
+def test_a_score_is_never_written_as_0_or_1_that_it_is_not(value: float) -> None:
+    """A risk of 0.0004 written "0.000" beside a block reads as no risk at all, 0.9996 as "1.00" certainty."""
+    for name in ("risk", "anomaly"):
+        assert 0.0 < float(format_value(name, value)) < 1.0, (name, value, format_value(name, value))
+
+
+def test_the_response_sentence_writes_the_risk_as_every_narrative_does() -> None:
+    """The /decide sentence said "risk 0.00" for a risk of 0.004 (its own two-decimal format)."""
+    assert template_sentence(2, 0.004, [], [], None) == "Blocked: risk 0.004."
+    assert template_sentence(0, 0.9996, [], [], None) == "Allowed: risk 0.9996."
+
+
+def test_a_zero_is_never_written_with_a_sign() -> None:
+    for name in NAMES:
+        for value in (-0.0, -0.001, -0.004, -1e-12):
+            shown = format_value(name, value)
+            assert float(shown.replace(",", "")) != 0 or not shown.startswith("-"), (name, value, shown)
+    assert Wording("amount", {"low": -0.004, "high": 2.0}).reason("risk", -0.0, 0.3)["text"] == (
+        "amount 0.00 (within the typical 0.00 to 2.00)"
+    )

@@ -80,14 +80,28 @@ def _is_score(name: str) -> bool:
 
 
 def format_value(name: str, value: float) -> str:
-    """How a value of ``name`` is written everywhere (sentence, facts, narrative checks)."""
-    if _is_score(name):  # small probabilities keep a third decimal: 0.004 is not 0
-        return f"{value:.2f}" if value >= 0.1 or value == 0 else f"{value:.3f}"
-    if name == "amount" or name.startswith(("sum_", "mean_", "max_")):
-        return f"{value:,.2f}"
-    if _is_count(name) or float(value).is_integer():
-        return f"{value:,.0f}"
-    return f"{value:,.2f}"
+    """How a value of ``name`` is written everywhere (sentence, facts, narrative checks): never a "-0",
+    and never a score rounded to 0 or 1 that it is not."""
+    if _is_score(name):
+        text = _score_text(value)
+    elif name == "amount" or name.startswith(("sum_", "mean_", "max_")):
+        text = f"{value:,.2f}"
+    elif _is_count(name) or float(value).is_integer():
+        text = f"{value:,.0f}"
+    else:
+        text = f"{value:,.2f}"
+    # -0.001 rounds to "-0.00": a sign on a zero reads as a different number than the zero it is
+    return text[1:] if text.startswith("-") and not text.strip("-0.,") else text
+
+
+def _score_text(value: float) -> str:
+    """Two decimals, three below 0.1 (0.004 is not 0); more when fewer would round a score that is
+    neither 0 nor 1 to one of them (a risk of 0.0004 is not "0.000", one of 0.9996 not "1.00")."""
+    decimals = 2 if value >= 0.1 or value == 0 else 3
+    for gap in (value, 1.0 - value):
+        if 0.0 < gap < 10.0**-decimals:
+            decimals = -math.floor(math.log10(gap))
+    return f"{value:.{decimals}f}"
 
 
 def format_range(name: str, low: float, high: float) -> str:
@@ -227,7 +241,7 @@ def template_sentence(
         cause = _FALLBACK_TEXT.get(fallback, fallback.replace("_", " ").replace(":", ": "))
         parts.append(f" as the safe default because {cause}")
     elif risk is not None:
-        parts.append(f": risk {risk:.2f}")
+        parts.append(f": risk {format_value('risk', risk)}")
     raising = [r for r in reasons if r["direction"] == "raises_risk"]
     if raising and not fallback:
         parts.append("; main factors: " + ", ".join(reason_text(r) for r in raising[:3]))
