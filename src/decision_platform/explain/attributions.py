@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from decision_platform.explain.reasons import (
+    ABSENT,
     MIN_ANOMALY_WEIGHT,
     MIN_RISK_WEIGHT,
     Wording,
@@ -262,7 +263,7 @@ class ReasonBuilder:
                     bucket.append(words.reason("risk", 0.0, weight, time_of_day(*clocks[i])))
                 else:  # a category's reason names its value (untrusted text, shortened), not its code
                     shown = (rows_attributes[i] or {}).get(attribute)
-                    display = "absent" if shown is None else repr(str(shown)[:40])
+                    display = ABSENT if shown is None else repr(str(shown)[:40])
                     bucket.append(words.reason("risk", value, weight, display))
             found = [
                 wording[names[c]].reason("anomaly", float(inputs[i, c]), w)

@@ -226,7 +226,9 @@ def _join(items: Sequence[str]) -> str:
 def _reason_line(reason: Mapping[str, Any]) -> str:
     """A reason with its population range and, when known, this entity's own."""
     own = reason.get("entity_typical")
-    text = reason_text({k: v for k, v in reason.items() if k != "text" and (k != "typical" or not own)})
+    text = reason_text(
+        {k: v for k, v in reason.items() if k != "text" and (k != "typical" or not own)}, quote_event=False
+    )
     if own:
         ranges = [f"this entity: {format_range(reason['feature'], own['low'], own['high'])}"]
         if reason.get("typical"):

@@ -29,6 +29,8 @@ _FALLBACK_TEXT = {
     "invalid_features": "the features could not be computed",
     "entity_windows_unreadable": "the entity's stored windows could not be read",
 }
+#: A category's value when the event has none.
+ABSENT = "absent"
 #: Reasons smaller than this (logit units for risk, score units for anomaly) explain nothing.
 MIN_RISK_WEIGHT = 0.05
 MIN_ANOMALY_WEIGHT = 0.005
@@ -40,7 +42,8 @@ def describe_feature(name: str) -> str:
     if match and match.group(2) in _WINDOWS:
         return f"{_AGGREGATES[match.group(1)]} in {_WINDOWS[match.group(2)]}"
     if name.startswith(CATEGORY_PREFIX):  # a category (FeatureSpec.categorical_names): its attribute
-        return name.removeprefix(CATEGORY_PREFIX)
+        # in words: "email_domain" read as an unknown rule or input name to the grounding check
+        return name.removeprefix(CATEGORY_PREFIX).replace("_", " ")
     match = re.fullmatch(r"distinct_(\w+)_(\w+)", name)
     if match and match.group(2) in _WINDOWS:
         return f"distinct {match.group(1).replace('_', ' ')}s in {_WINDOWS[match.group(2)]}"
@@ -137,11 +140,24 @@ def time_of_day(hour_sin: float, hour_cos: float) -> str:
     return f"{minutes // 60:02d}:{minutes % 60:02d} UTC"
 
 
-def reason_text(reason: Mapping[str, Any]) -> str:
-    """``25 events in the last minute (above the typical 1 to 2)``: a reason in words, and its range."""
+def event_text(reason: Mapping[str, Any]) -> str | None:
+    """The event's own text a reason quotes (a category's value, ``'gmail.com'``), None if it quotes none.
+    It is untrusted data: never sent to a model, and never read as the platform's words by the check."""
+    display = reason.get("display")
+    if str(reason.get("feature", "")).startswith(CATEGORY_PREFIX) and display and display != ABSENT:
+        return str(display)
+    return None
+
+
+def reason_text(reason: Mapping[str, Any], quote_event: bool = True) -> str:
+    """``25 events in the last minute (above the typical 1 to 2)``: a reason in words, and its range.
+    ``quote_event=False``: a category's value, which is the event's text, is not written (``email domain
+    of the event``): what a model reads and what a narrative is checked against."""
+    description = reason.get("description") or describe_feature(reason["feature"])
+    if not quote_event and event_text(reason) is not None:
+        return f"{description} of the event"
     if reason.get("text"):
         return str(reason["text"])
-    description = reason.get("description") or describe_feature(reason["feature"])
     display = reason.get("display") or format_value(reason["feature"], float(reason["value"]))
     if description.startswith(("events ", "distinct ")):
         text = count_phrase(display, description)

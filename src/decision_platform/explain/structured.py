@@ -208,7 +208,7 @@ def _brief(name: str, value: float, typical: dict[str, Any] | None) -> str:
 
 
 def _brief_reason(reason: dict[str, Any]) -> str:
-    text = reason_text({k: v for k, v in reason.items() if k not in ("text", "typical")})
+    text = reason_text({k: v for k, v in reason.items() if k not in ("text", "typical")}, quote_event=False)
     typical = reason.get("typical")
     if typical:
         where = range_phrase(reason["feature"], float(reason["value"]), typical["low"], typical["high"])
