@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from decision_platform.features.spec import CATEGORY_PREFIX
-from decision_platform.rules.ruleset import FiredRule
+from decision_platform.rules.ruleset import FiredRule, mask_for
 
 ACTION_VERBS = ("Allowed", "Throttled (step-up required)", "Blocked")
 _WINDOWS = {
@@ -255,7 +255,10 @@ def template_sentence(
     parts = [ACTION_VERBS[action]]
     if fallback:
         cause = _FALLBACK_TEXT.get(fallback, fallback.replace("_", " ").replace(":", ": "))
-        parts.append(f" as the safe default because {cause}")
+        if sum(mask_for([r.tier for r in rules])) == 1:  # the rules left one action: no default was chosen
+            parts.append(f" by the rules; the models were not used because {cause}")
+        else:
+            parts.append(f" as the safe default because {cause}")
     elif risk is not None:
         parts.append(f": risk {format_value('risk', risk)}")
     raising = [r for r in reasons if r["direction"] == "raises_risk"]
