@@ -4,11 +4,14 @@ reason written afresh, for every kind of input, the zeros of both signs, and val
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from decision_platform.explain import reasons as reasons_module
+from decision_platform.explain.attributions import ReasonBuilder
 from decision_platform.explain.reasons import Wording, format_value, template_sentence
 
 NAMES = [
@@ -81,3 +84,14 @@ def test_a_zero_is_never_written_with_a_sign() -> None:
     assert Wording("amount", {"low": -0.004, "high": 2.0}).reason("risk", -0.0, 0.3)["text"] == (
         "amount 0.00 (within the typical 0.00 to 2.00)"
     )
+
+
+def test_a_missing_numeric_attribute_is_said_absent_not_zero() -> None:
+    """A CSV's missing cell is a 0 to the models, and its reason read "attr addr1 0": a value the event
+    never had. Absent it is said so; a 0 sent is still a 0."""
+    builder = ReasonBuilder(SimpleNamespace(input_names=["amount", "attr_addr1", "anomaly"]), None, None)
+    rows = np.array([[10.0, 0.0, 0.5]] * 4)
+    attributions = np.array([[0.1, 1.5, 0.0]] * 4)
+    given: list[dict[str, object] | None] = [None, {}, {"addr1": 0}, {"addr1": "n/a"}]
+    texts = [reasons[0]["text"] for reasons in builder.reasons(rows, attributions, None, given)]
+    assert texts == ["attr addr1 absent", "attr addr1 absent", "attr addr1 0", "attr addr1 not a number"]
