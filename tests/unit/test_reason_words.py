@@ -4,9 +4,15 @@ reason written afresh, for every kind of input, the zeros of both signs, and val
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from decision_platform.explain import reasons as reasons_module
-from decision_platform.explain.reasons import Wording
+from decision_platform.explain.attributions import ReasonBuilder
+from decision_platform.explain.reasons import Wording, format_value, template_sentence
 
 NAMES = [
     "count_1m",
@@ -54,3 +60,38 @@ def test_a_count_of_one_is_singular() -> None:
         "1 distinct device in the last hour"
     )
     assert reasons_module.reason_text({"feature": "count_1h", "value": 1.0}) == "1 event in the last hour"
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.floats(min_value=0.0, max_value=1.0, exclude_min=True, exclude_max=True))
+def test_a_score_is_never_written_as_0_or_1_that_it_is_not(value: float) -> None:
+    """A risk of 0.0004 written "0.000" beside a block reads as no risk at all, 0.9996 as "1.00" certainty."""
+    for name in ("risk", "anomaly"):
+        assert 0.0 < float(format_value(name, value)) < 1.0, (name, value, format_value(name, value))
+
+
+def test_the_response_sentence_writes_the_risk_as_every_narrative_does() -> None:
+    """The /decide sentence said "risk 0.00" for a risk of 0.004 (its own two-decimal format)."""
+    assert template_sentence(2, 0.004, [], [], None) == "Blocked: risk 0.004."
+    assert template_sentence(0, 0.9996, [], [], None) == "Allowed: risk 0.9996."
+
+
+def test_a_zero_is_never_written_with_a_sign() -> None:
+    for name in NAMES:
+        for value in (-0.0, -0.001, -0.004, -1e-12):
+            shown = format_value(name, value)
+            assert float(shown.replace(",", "")) != 0 or not shown.startswith("-"), (name, value, shown)
+    assert Wording("amount", {"low": -0.004, "high": 2.0}).reason("risk", -0.0, 0.3)["text"] == (
+        "amount 0.00 (within the typical 0.00 to 2.00)"
+    )
+
+
+def test_a_missing_numeric_attribute_is_said_absent_not_zero() -> None:
+    """A CSV's missing cell is a 0 to the models, and its reason read "attr addr1 0": a value the event
+    never had. Absent it is said so; a 0 sent is still a 0."""
+    builder = ReasonBuilder(SimpleNamespace(input_names=["amount", "attr_addr1", "anomaly"]), None, None)
+    rows = np.array([[10.0, 0.0, 0.5]] * 4)
+    attributions = np.array([[0.1, 1.5, 0.0]] * 4)
+    given: list[dict[str, object] | None] = [None, {}, {"addr1": 0}, {"addr1": "n/a"}]
+    texts = [reasons[0]["text"] for reasons in builder.reasons(rows, attributions, None, given)]
+    assert texts == ["attr addr1 absent", "attr addr1 absent", "attr addr1 0", "attr addr1 not a number"]

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from decision_platform.explain.reasons import (
+    ABSENT,
     MIN_ANOMALY_WEIGHT,
     MIN_RISK_WEIGHT,
     Wording,
@@ -40,7 +41,18 @@ from decision_platform.rules.ruleset import FiredRule, RuleSet
 log = logging.getLogger(__name__)
 
 # How a reason candidate's value is shown (ReasonBuilder._makers).
-_VALUE, _CLOCK, _CATEGORY = "value", "clock", "category"
+_VALUE, _CLOCK, _CATEGORY, _ATTRIBUTE = "value", "clock", "category", "attribute"
+#: The feature of a numeric event attribute (FeatureSpec): 0 when the event has none, which is no value of it.
+_ATTRIBUTE_PREFIX = "attr_"
+
+
+def _attribute_display(attributes: Mapping[str, Any] | None, name: str) -> str | None:
+    """How a numeric attribute's reason shows its value: None (the number) when the event gave one, else
+    why the model read a 0 -- a missing CSV cell is "absent", not "addr1 0 (below the typical 100 to 500)"."""
+    given = (attributes or {}).get(name)
+    if isinstance(given, int | float):
+        return None
+    return ABSENT if given is None else "not a number"
 
 
 def _shapley_matrix(k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -180,8 +192,10 @@ class ReasonBuilder:
                 if name == "time_of_day" and self._hour
                 else _CATEGORY
                 if name.startswith(CATEGORY_PREFIX)
+                else _ATTRIBUTE
+                if name.startswith(_ATTRIBUTE_PREFIX)
                 else _VALUE,
-                name[len(CATEGORY_PREFIX) :],
+                name.removeprefix(CATEGORY_PREFIX).removeprefix(_ATTRIBUTE_PREFIX),
             )
             for name in self.reason_names
         ]
@@ -257,15 +271,25 @@ class ReasonBuilder:
                 words, shown_as, attribute = makers[j]
                 if shown_as == _VALUE:
                     bucket.append(words.reason("risk", value, weight))
+                elif shown_as == _ATTRIBUTE:
+                    display = _attribute_display(rows_attributes[i], attribute)
+                    bucket.append(words.reason("risk", value, weight, display))
                 elif shown_as == _CLOCK:  # time of day: the clock time, not the two circular inputs
                     assert clocks is not None
                     bucket.append(words.reason("risk", 0.0, weight, time_of_day(*clocks[i])))
                 else:  # a category's reason names its value (untrusted text, shortened), not its code
                     shown = (rows_attributes[i] or {}).get(attribute)
-                    display = "absent" if shown is None else repr(str(shown)[:40])
+                    display = ABSENT if shown is None else repr(str(shown)[:40])
                     bucket.append(words.reason("risk", value, weight, display))
             found = [
-                wording[names[c]].reason("anomaly", float(inputs[i, c]), w)
+                wording[names[c]].reason(
+                    "anomaly",
+                    float(inputs[i, c]),
+                    w,
+                    _attribute_display(rows_attributes[i], names[c].removeprefix(_ATTRIBUTE_PREFIX))
+                    if names[c].startswith(_ATTRIBUTE_PREFIX)
+                    else None,
+                )
                 for c, w in contributors[i][:max_anomaly]
                 if w >= MIN_ANOMALY_WEIGHT
             ]

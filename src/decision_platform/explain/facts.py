@@ -25,6 +25,7 @@ from decision_platform.explain.reasons import (
     range_phrase,
     reason_text,
 )
+from decision_platform.models.policy import serving_distribution
 from decision_platform.models.ranges import Typical, entity_typical
 from decision_platform.rules.ruleset import Tier, mask_for
 
@@ -59,6 +60,10 @@ class Facts:
     #: The actions the rules left allowed ([allow, throttle, block]); None in explanations stored before
     #: it was kept (``allowed`` then derives it from the tiers fired, as the engine did).
     action_mask: list[bool] | None = None
+    #: What the learned policy proposed among the actions the rules allowed (the most likely of them): an
+    #: action other than it was drawn at random (exploration). None under a fallback, or in explanations
+    #: stored before it was kept.
+    policy_choice: int | None = None
 
     @property
     def action_name(self) -> str:
@@ -74,10 +79,19 @@ class Facts:
         mask = self.action_mask if self.action_mask is not None else mask_for(_tiers(self.rules))
         return [a for a, ok in enumerate(mask) if ok]
 
+    @property
+    def explored(self) -> bool:
+        """The action was drawn at random, not the one the learned policy proposed among those allowed."""
+        return self.policy_choice is not None and self.policy_choice != self.action and not self.fallback
+
     def deciding_rules(self) -> list[dict[str, Any]]:
         """The rules that constrained the decision (the opening names them): none unless the rules
-        decided; the block-tier ones when one fired (they alone decide the block); else every rule."""
-        if self.decided_by != "rule" or self.fallback:
+        decided -- under a fallback, when they left one action (then they, not the safe default, chose
+        it); the block-tier ones when one fired (they alone decide the block); else every rule."""
+        if self.fallback:
+            if len(self.allowed) > 1:
+                return []
+        elif self.decided_by != "rule":
             return []
         blocking = [r for r in self.rules if r.get("tier") == Tier.BLOCK.value]
         return blocking or list(self.rules)
@@ -109,7 +123,10 @@ class Facts:
         on a CPU every prompt token costs ~10-40 ms, and a small model loses track of a long list."""
         lines = [f"Decision: {self.action_word.upper()} (final action: {self.action_name})"]
         decided = _DECIDED_BY.get(self.decided_by, self.decided_by)
-        if (
+        if self.explored and self.policy_choice is not None:
+            proposed = ACTION_NAMES[self.policy_choice]
+            decided = f"a random draw (exploration; the learned policy proposed: {proposed})"
+        elif (
             self.decided_by == "rule"
             and self.proposed_action is not None
             and self.proposed_action != self.action
@@ -184,24 +201,34 @@ def opening(facts: Facts) -> str:
     blocking: when they leave one action, they decided it; when they leave two, the learned policy chose
     among them, and the sentence says so."""
     word = facts.action_word
+    rules = facts.deciding_rules()
+    effects = []
+    for tier in (Tier.BLOCK.value, Tier.FLOOR.value, Tier.CAP.value):
+        names = [f"{r['name']} ({tier} tier)" for r in rules if r["tier"] == tier]
+        if names:
+            effects.append(f"the rule{'s' if len(names) > 1 else ''} {_join(names)} {RULE_EFFECTS[tier]}")
+    allowed = facts.allowed
     if facts.fallback:
         cause = facts.fallback.replace("_", " ").replace(":", ": ")
+        if rules:  # they left one action: the safe default chose nothing
+            return f"{word} because {' and '.join(effects)}; the models could not be used ({cause})."
         return f"{word} as the safe default because the models could not be used ({cause})."
-    rules = facts.deciding_rules()
+    proposed = ACTION_NAMES[facts.policy_choice] if facts.policy_choice is not None else ""
     if rules:
-        effects = []
-        for tier in (Tier.BLOCK.value, Tier.FLOOR.value, Tier.CAP.value):
-            names = [f"{r['name']} ({tier} tier)" for r in rules if r["tier"] == tier]
-            if names:
-                effects.append(f"the rule{'s' if len(names) > 1 else ''} {_join(names)} {RULE_EFFECTS[tier]}")
-        allowed = facts.allowed
         if len(allowed) <= 1:
             return f"{word} because {' and '.join(effects)}."
         left = " or ".join(ACTION_NAMES[a] for a in allowed)
+        if facts.explored:
+            return (
+                f"{word}: {' and '.join(effects)}, and {facts.action_name} was drawn at random (exploration) "
+                f"among the actions the rules allowed ({left}); the learned policy proposed {proposed}."
+            )
         return (
             f"{word}: {' and '.join(effects)}, and the learned policy chose {facts.action_name} among the "
             f"actions the rules allowed ({left})."
         )
+    if facts.explored:
+        return f"{word} at random (exploration); the learned policy proposed {proposed}."
     if facts.decided_by == "policy":
         return f"{word} by the learned policy."
     return f"{word}."
@@ -226,7 +253,9 @@ def _join(items: Sequence[str]) -> str:
 def _reason_line(reason: Mapping[str, Any]) -> str:
     """A reason with its population range and, when known, this entity's own."""
     own = reason.get("entity_typical")
-    text = reason_text({k: v for k, v in reason.items() if k != "text" and (k != "typical" or not own)})
+    text = reason_text(
+        {k: v for k, v in reason.items() if k != "text" and (k != "typical" or not own)}, quote_event=False
+    )
     if own:
         ranges = [f"this entity: {format_range(reason['feature'], own['low'], own['high'])}"]
         if reason.get("typical"):
@@ -289,4 +318,14 @@ def build_facts(
         anomaly_typical=anomaly_typical,
         history=len(history),
         action_mask=[bool(m) for m in record.action_mask] if record.action_mask is not None else None,
+        policy_choice=_policy_choice(record),
     )
+
+
+def _policy_choice(record: DecisionRecord) -> int | None:
+    """The action the policy's own distribution over the allowed actions favours (serving's, without the
+    exploration floor); None when the models were not used."""
+    if record.fallback or record.probabilities is None:
+        return None
+    mask = record.action_mask if record.action_mask is not None else [True] * len(ACTION_NAMES)
+    return int(np.argmax(serving_distribution(np.asarray(record.probabilities), mask, 0.0, ())))

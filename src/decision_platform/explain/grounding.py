@@ -37,6 +37,7 @@ from decision_platform.explain.facts import Facts
 from decision_platform.explain.reasons import (
     describe_feature,
     description_pattern,
+    event_text,
     format_value,
     range_phrase,
     reason_text,
@@ -241,7 +242,15 @@ def _number(text: str) -> float:
 def reference_text(facts: Facts) -> str:
     """What a narrative is checked against: the FACTS block, and every reason of the record in words
     (a structured narrative may name a reason the block leaves out for brevity)."""
-    return "\n".join([facts.trusted_text(), *(reason_text(r) for r in facts.reasons)])
+    return "\n".join([facts.trusted_text(), *(reason_text(r, quote_event=False) for r in facts.reasons)])
+
+
+def unquoted(text: str, facts: Facts) -> str:
+    """``text`` with the event's own text its reasons quote (a category's value) replaced by a neutral
+    mark: a device named "Blocked VPN 15" is data, not a claim of an action, a location or a number."""
+    for quoted in sorted({q for r in facts.reasons if (q := event_text(r))}, key=len, reverse=True):
+        text = text.replace(quoted, "'…'")
+    return text
 
 
 def allowed_numbers(facts: Facts) -> list[float]:
@@ -260,11 +269,12 @@ def _matches(value: float, decimals: int, percent: bool, allowed: list[float]) -
 def check(narrative: str, facts: Facts, max_chars: int = 700) -> Grounding:
     """Every problem found (an empty list means the narrative passed)."""
     problems: list[str] = []
-    text = narrative.strip()
-    if len(text) < 20:
+    written = narrative.strip()
+    text = unquoted(written, facts)
+    if len(written) < 20:
         problems.append("too short")
-    if len(text) > max_chars:
-        problems.append(f"too long ({len(text)} > {max_chars} characters)")
+    if len(written) > max_chars:
+        problems.append(f"too long ({len(written)} > {max_chars} characters)")
     trusted = facts.trusted_text()
     support_text = reference_text(facts).replace("_", " ")
 
@@ -341,7 +351,7 @@ def check(narrative: str, facts: Facts, max_chars: int = 700) -> Grounding:
         for name, v in (("risk", facts.risk), ("anomaly", facts.anomaly))
         if v is not None
     ]
-    if (facts.reasons or facts.rules) and not any(item and _mentions(text, item) for item in shown):
+    if (facts.reasons or facts.rules) and not any(item and _mentions(written, item) for item in shown):
         problems.append("states no reason of the facts (no rule, no reason's value)")
     problems += direction_and_rank(text, facts)
     problems += rule_claims(text, facts)

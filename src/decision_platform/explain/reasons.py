@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from decision_platform.features.spec import CATEGORY_PREFIX
-from decision_platform.rules.ruleset import FiredRule
+from decision_platform.rules.ruleset import FiredRule, mask_for
 
 ACTION_VERBS = ("Allowed", "Throttled (step-up required)", "Blocked")
 _WINDOWS = {
@@ -29,6 +29,8 @@ _FALLBACK_TEXT = {
     "invalid_features": "the features could not be computed",
     "entity_windows_unreadable": "the entity's stored windows could not be read",
 }
+#: A category's value when the event has none.
+ABSENT = "absent"
 #: Reasons smaller than this (logit units for risk, score units for anomaly) explain nothing.
 MIN_RISK_WEIGHT = 0.05
 MIN_ANOMALY_WEIGHT = 0.005
@@ -40,7 +42,8 @@ def describe_feature(name: str) -> str:
     if match and match.group(2) in _WINDOWS:
         return f"{_AGGREGATES[match.group(1)]} in {_WINDOWS[match.group(2)]}"
     if name.startswith(CATEGORY_PREFIX):  # a category (FeatureSpec.categorical_names): its attribute
-        return name.removeprefix(CATEGORY_PREFIX)
+        # in words: "email_domain" read as an unknown rule or input name to the grounding check
+        return name.removeprefix(CATEGORY_PREFIX).replace("_", " ")
     match = re.fullmatch(r"distinct_(\w+)_(\w+)", name)
     if match and match.group(2) in _WINDOWS:
         return f"distinct {match.group(1).replace('_', ' ')}s in {_WINDOWS[match.group(2)]}"
@@ -80,14 +83,28 @@ def _is_score(name: str) -> bool:
 
 
 def format_value(name: str, value: float) -> str:
-    """How a value of ``name`` is written everywhere (sentence, facts, narrative checks)."""
-    if _is_score(name):  # small probabilities keep a third decimal: 0.004 is not 0
-        return f"{value:.2f}" if value >= 0.1 or value == 0 else f"{value:.3f}"
-    if name == "amount" or name.startswith(("sum_", "mean_", "max_")):
-        return f"{value:,.2f}"
-    if _is_count(name) or float(value).is_integer():
-        return f"{value:,.0f}"
-    return f"{value:,.2f}"
+    """How a value of ``name`` is written everywhere (sentence, facts, narrative checks): never a "-0",
+    and never a score rounded to 0 or 1 that it is not."""
+    if _is_score(name):
+        text = _score_text(value)
+    elif name == "amount" or name.startswith(("sum_", "mean_", "max_")):
+        text = f"{value:,.2f}"
+    elif _is_count(name) or float(value).is_integer():
+        text = f"{value:,.0f}"
+    else:
+        text = f"{value:,.2f}"
+    # -0.001 rounds to "-0.00": a sign on a zero reads as a different number than the zero it is
+    return text[1:] if text.startswith("-") and not text.strip("-0.,") else text
+
+
+def _score_text(value: float) -> str:
+    """Two decimals, three below 0.1 (0.004 is not 0); more when fewer would round a score that is
+    neither 0 nor 1 to one of them (a risk of 0.0004 is not "0.000", one of 0.9996 not "1.00")."""
+    decimals = 2 if value >= 0.1 or value == 0 else 3
+    for gap in (value, 1.0 - value):
+        if 0.0 < gap < 10.0**-decimals:
+            decimals = -math.floor(math.log10(gap))
+    return f"{value:.{decimals}f}"
 
 
 def format_range(name: str, low: float, high: float) -> str:
@@ -123,11 +140,24 @@ def time_of_day(hour_sin: float, hour_cos: float) -> str:
     return f"{minutes // 60:02d}:{minutes % 60:02d} UTC"
 
 
-def reason_text(reason: Mapping[str, Any]) -> str:
-    """``25 events in the last minute (above the typical 1 to 2)``: a reason in words, and its range."""
+def event_text(reason: Mapping[str, Any]) -> str | None:
+    """The event's own text a reason quotes (a category's value, ``'gmail.com'``), None if it quotes none.
+    It is untrusted data: never sent to a model, and never read as the platform's words by the check."""
+    display = reason.get("display")
+    if str(reason.get("feature", "")).startswith(CATEGORY_PREFIX) and display and display != ABSENT:
+        return str(display)
+    return None
+
+
+def reason_text(reason: Mapping[str, Any], quote_event: bool = True) -> str:
+    """``25 events in the last minute (above the typical 1 to 2)``: a reason in words, and its range.
+    ``quote_event=False``: a category's value, which is the event's text, is not written (``email domain
+    of the event``): what a model reads and what a narrative is checked against."""
+    description = reason.get("description") or describe_feature(reason["feature"])
+    if not quote_event and event_text(reason) is not None:
+        return f"{description} of the event"
     if reason.get("text"):
         return str(reason["text"])
-    description = reason.get("description") or describe_feature(reason["feature"])
     display = reason.get("display") or format_value(reason["feature"], float(reason["value"]))
     if description.startswith(("events ", "distinct ")):
         text = count_phrase(display, description)
@@ -225,9 +255,12 @@ def template_sentence(
     parts = [ACTION_VERBS[action]]
     if fallback:
         cause = _FALLBACK_TEXT.get(fallback, fallback.replace("_", " ").replace(":", ": "))
-        parts.append(f" as the safe default because {cause}")
+        if sum(mask_for([r.tier for r in rules])) == 1:  # the rules left one action: no default was chosen
+            parts.append(f" by the rules; the models were not used because {cause}")
+        else:
+            parts.append(f" as the safe default because {cause}")
     elif risk is not None:
-        parts.append(f": risk {risk:.2f}")
+        parts.append(f": risk {format_value('risk', risk)}")
     raising = [r for r in reasons if r["direction"] == "raises_risk"]
     if raising and not fallback:
         parts.append("; main factors: " + ", ".join(reason_text(r) for r in raising[:3]))

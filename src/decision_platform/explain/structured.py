@@ -59,8 +59,13 @@ def choices(facts: Facts) -> list[Choice]:
     Each line is short on purpose (every prompt token costs milliseconds on a CPU thread): the value,
     the rank and where the value stands; the narrative writes the full ranges. A feature that is both a
     risk reason and an unusual value is offered once, as the risk reason."""
-    if facts.fallback:  # the models were not used: only the rules can be said, and the opening says them
-        return [Choice(r["name"], "rule", f"rule {r['name']} ({r['tier']} tier) fired") for r in facts.rules]
+    opened = {r["name"] for r in facts.deciding_rules()}
+    if facts.fallback:  # the models were not used: only the rules can be said, those not in the opening
+        return [
+            Choice(r["name"], "rule", f"rule {r['name']} ({r['tier']} tier) fired")
+            for r in facts.rules
+            if r["name"] not in opened
+        ]
     out: list[Choice] = []
     if facts.risk is not None:
         out.append(Choice("risk", "risk", "risk of fraud " + _brief("risk", facts.risk, facts.risk_typical)))
@@ -79,7 +84,6 @@ def choices(facts: Facts) -> list[Choice]:
     if facts.anomaly is not None and "anomaly" not in seen:
         line = "anomaly score " + _brief("anomaly", facts.anomaly, facts.anomaly_typical)
         out.append(Choice("anomaly", "anomaly", line))
-    opened = {r["name"] for r in facts.deciding_rules()}
     for rule in facts.rules:
         if rule["name"] not in opened:
             out.append(Choice(rule["name"], "rule", f"rule {rule['name']} ({rule['tier']} tier) also fired"))
@@ -117,6 +121,8 @@ def prompt_facts(facts: Facts) -> str:
     decided = {"rule": "the rules", "policy": "the learned policy", "fallback": "the safe default"}.get(
         facts.decided_by, facts.decided_by or "the platform"
     )
+    if facts.explored:
+        decided = "a random draw (exploration)"
     head = f"Decision: {facts.action_word.upper()}, decided by {decided}"
     rules = facts.deciding_rules()
     if rules:
@@ -208,7 +214,7 @@ def _brief(name: str, value: float, typical: dict[str, Any] | None) -> str:
 
 
 def _brief_reason(reason: dict[str, Any]) -> str:
-    text = reason_text({k: v for k, v in reason.items() if k not in ("text", "typical")})
+    text = reason_text({k: v for k, v in reason.items() if k not in ("text", "typical")}, quote_event=False)
     typical = reason.get("typical")
     if typical:
         where = range_phrase(reason["feature"], float(reason["value"]), typical["low"], typical["high"])
