@@ -21,6 +21,7 @@ from decision_platform.explain.facts import Facts
 from decision_platform.explain.grounding import check, numbers_in
 from decision_platform.explain.llm import EmbeddedChat, OllamaChat, OpenAIChat, open_chat_client
 from decision_platform.explain.prompt import build_messages
+from decision_platform.explain.reasons import Wording
 from decision_platform.features import FeatureSpec, compute_features
 from decision_platform.models.anomaly import AnomalyModel
 from decision_platform.models.artifacts import SPEC_FILE
@@ -126,6 +127,36 @@ def test_anomaly_contributors_add_up_to_the_score_above_typical(trained: tuple[s
     # Shapley efficiency: the contributions sum to the score drop if the burst had been typical.
     total = sum(c for _, c in found[1])
     assert total == pytest.approx(scores[1] - scores[0], abs=1e-9)
+
+
+def test_an_unusual_value_is_one_its_own_words_place_outside_the_typical_range(
+    trained: tuple[str, Path],
+) -> None:
+    """A count's range is written in whole numbers ("0 to 3") while its percentiles interpolate (2.6): a
+    count of 3 was a contributor to the anomaly, worded "3 events in the last hour (within the typical 0 to
+    3)". What is outside is judged on the range as written, and a reason is never given for a value its
+    words place within."""
+    model = AnomalyModel.load(artifact(trained, "anomaly"))
+    ranges = FeatureRanges.load(artifact(trained, "risk"))
+    assert ranges is not None
+    ranges.percentiles[ranges.index["count_1h"]] = [0.0, 0.0, 1.0, 1.0, 2.0, 2.6, 4.0]
+    explainer = AnomalyAttributor(model, ranges)
+    row = explainer.median[None, :].copy()
+    row[np.isnan(row)] = 0.0
+    row[0, model.feature_names.index("count_1h")] = 3.0
+    assert explainer.explain(row, np.array([0.9])) == [[]]  # nothing is outside its range as written
+    row[0, model.feature_names.index("count_1h")] = 4.0
+    (column, _), *_ = explainer.explain(row, np.array([0.9]))[0]
+    assert model.feature_names[column] == "count_1h"
+
+    amount = Wording("amount", {"low": 1.0, "high": 100.0})  # written with two decimals
+    assert (
+        not amount.written_outside(100.004)
+        and "within the typical" in amount.reason("anomaly", 100.004, 1)["text"]
+    )
+    assert (
+        amount.written_outside(100.01) and "above the typical" in amount.reason("anomaly", 100.01, 1)["text"]
+    )
 
 
 # --- reasons and the API

@@ -30,6 +30,7 @@ from decision_platform.explain.reasons import (
     Wording,
     format_value,
     time_of_day,
+    written_bounds,
 )
 from decision_platform.features.spec import CATEGORY_PREFIX
 from decision_platform.models.anomaly import AnomalyModel
@@ -98,8 +99,13 @@ class AnomalyAttributor:
         )
         pick = [c if c is not None else 0 for c in columns]
         self.median = ranges.medians[pick]
+        # Outside the range as the reasons write it (counts in whole numbers), not the raw percentiles.
+        bounds = [
+            written_bounds(n, lo, hi)
+            for n, lo, hi in zip(self.names, ranges.lows[pick], ranges.highs[pick], strict=True)
+        ]
         with np.errstate(invalid="ignore"):
-            low, high = signed_log(ranges.lows[pick]), signed_log(ranges.highs[pick])
+            low, high = (signed_log(np.array(side, dtype=np.float64)) for side in zip(*bounds, strict=True))
         self._low = np.where(usable, low, -np.inf)
         self._high = np.where(usable, high, np.inf)
         # Distance outside the normal range, in the squashed units the models use, per unit of range width.
@@ -291,7 +297,7 @@ class ReasonBuilder:
                     else None,
                 )
                 for c, w in contributors[i][:max_anomaly]
-                if w >= MIN_ANOMALY_WEIGHT
+                if w >= MIN_ANOMALY_WEIGHT and wording[names[c]].written_outside(float(inputs[i, c]))
             ]
             reasons.append(up + down + found)
         return reasons

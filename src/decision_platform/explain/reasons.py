@@ -107,10 +107,19 @@ def _score_text(value: float) -> str:
     return f"{value:.{decimals}f}"
 
 
+def written_bounds(name: str, low: float, high: float) -> tuple[float, float]:
+    """A typical range's bounds as they are written: counts widened to whole numbers (percentiles
+    interpolate between them). What is "outside the typical range" is judged on these (the anomaly's
+    contributors too), so that no reason says "unusual" of a value its own words place within."""
+    if _is_count(name) and math.isfinite(low) and math.isfinite(high):
+        return math.floor(low + 1e-9), math.ceil(high - 1e-9)
+    return low, high
+
+
 def format_range(name: str, low: float, high: float) -> str:
-    """A typical range; counts are widened to whole numbers (percentiles interpolate between them)."""
+    """A typical range, as ``written_bounds`` gives it."""
     if _is_count(name):
-        low, high = math.floor(low + 1e-9), math.ceil(high - 1e-9)
+        low, high = written_bounds(name, low, high)
         return f"{low:,.0f} to {high:,.0f}" if low != high else f"{low:,.0f}"
     low_text, high_text = format_value(name, low), format_value(name, high)
     return f"{low_text} to {high_text}" if low_text != high_text else low_text
@@ -202,6 +211,14 @@ class Wording:
                     self._words = {}
                 self._words[value] = words
         return words
+
+    def written_outside(self, value: float) -> bool:
+        """Whether ``value``, as written, lies outside the typical range as written (True without one):
+        an anomaly reason is only given for such a value."""
+        if not self.typical:
+            return True
+        shown = float(format_value(self.name, value).replace(",", ""))
+        return not self._bounds[0] <= shown <= self._bounds[1]
 
     def _phrase(self, shown: str) -> str:
         return count_phrase(shown, self.description) if self.count_first else f"{self.description} {shown}"
