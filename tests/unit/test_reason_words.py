@@ -76,6 +76,16 @@ def test_the_response_sentence_writes_the_risk_as_every_narrative_does() -> None
     assert template_sentence(0, 0.9996, [], [], None) == "Allowed: risk 0.9996."
 
 
+def test_a_tiny_score_is_written_short_and_still_not_zero() -> None:
+    """A risk of 2e-87 (a confident model) was written with 87 decimals in the /decide sentence."""
+    assert format_value("risk", 2e-87) == "2.0e-87"
+    assert format_value("anomaly", 3.4e-5) == "3.4e-05"
+    assert format_value("risk", 0.00012) == "0.0001"
+    for value in (1e-300, 5e-7, 9.99e-5, 1e-4, 0.5, 1 - 1e-12):
+        shown = format_value("risk", value)
+        assert len(shown) <= 16 and 0.0 < float(shown) < 1.0, (value, shown)
+
+
 def test_a_zero_is_never_written_with_a_sign() -> None:
     for name in NAMES:
         for value in (-0.0, -0.001, -0.004, -1e-12):

@@ -99,7 +99,10 @@ def format_value(name: str, value: float) -> str:
 
 def _score_text(value: float) -> str:
     """Two decimals, three below 0.1 (0.004 is not 0); more when fewer would round a score that is
-    neither 0 nor 1 to one of them (a risk of 0.0004 is not "0.000", one of 0.9996 not "1.00")."""
+    neither 0 nor 1 to one of them (a risk of 0.0004 is not "0.000", one of 0.9996 not "1.00"). Below 1e-4
+    in scientific notation: a risk of 2e-87 was written with 87 decimals."""
+    if 0.0 < value < 1e-4:
+        return f"{value:.1e}"
     decimals = 2 if value >= 0.1 or value == 0 else 3
     for gap in (value, 1.0 - value):
         if 0.0 < gap < 10.0**-decimals:
