@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from decision_platform.config import Settings
+from decision_platform.core.events import Event
 from decision_platform.models.policy import serving_distribution, serving_distributions
 from decision_platform.rules.ruleset import RuleSet, RulesFile, Tier, mask_for
+from decision_platform.serving.engine import DecisionRequest
+from decision_platform.serving.platform import Platform
 
 tiers = st.sets(st.sampled_from(list(Tier)))
 probabilities = st.lists(st.floats(0.0, 1.0), min_size=3, max_size=3).filter(lambda p: sum(p) > 1e-6)
@@ -100,3 +106,29 @@ def test_a_rule_that_cannot_be_evaluated_does_not_fire() -> None:
     verdict = rules.evaluate({"attributes": {}, "amount": 500.0})
     assert [r.name for r in verdict.fired] == ["big"]
     assert verdict.mask == (False, True, True)
+
+
+def test_a_decision_drawn_at_random_says_so_in_its_sentence(
+    make_settings: Callable[..., Settings], start_platform: Callable[[Settings], Platform]
+) -> None:
+    """Exploration draws an action the policy did not favour: the sentence said "Throttled (step-up
+    required): risk 0.01; main factors: ..." as if the risk had called for it. It says the draw, and only
+    for the rows whose action is not the favoured one of the distribution they were drawn from."""
+    platform = start_platform(make_settings(exploration_floor=0.3, explore_actions=(0, 1, 2)))
+    requests = [
+        DecisionRequest(entity_id=f"x{i}", event=Event(event_id=f"x{i}", entity_id=f"x{i}", amount=20.0 + i)) for i in range(60)
+    ]
+    decisions = platform.engine.decide_batch(requests)
+    drawn = 0
+    for decision in decisions:
+        record = decision.record
+        assert record.probabilities is not None and record.fallback is None
+        favoured = int(
+            np.argmax(
+                serving_distribution(np.asarray(record.probabilities), record.action_mask, 0.3, (0, 1, 2))
+            )
+        )
+        said = "at random (exploration; the learned policy proposed " in record.explanation
+        assert said == (record.action != favoured), record.explanation
+        drawn += said
+    assert 0 < drawn < len(decisions)  # a floor of 0.3 on each action draws often, not always

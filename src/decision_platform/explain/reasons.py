@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from decision_platform.core.actions import ACTION_NAMES
 from decision_platform.features.spec import CATEGORY_PREFIX
 from decision_platform.rules.ruleset import FiredRule, mask_for
 
@@ -270,9 +271,15 @@ def template_sentence(
     reasons: Sequence[dict[str, Any]],
     rules: Sequence[FiredRule],
     fallback: str | None,
+    proposed: int | None = None,
 ) -> str:
-    """One sentence from the facts only; always present, whatever failed."""
+    """One sentence from the facts only; always present, whatever failed. ``proposed``: the action the
+    learned policy favoured among those the rules allowed, when ``action`` is another one -- drawn at
+    random (exploration), which the sentence says rather than let the risk and its reasons seem to
+    justify it."""
     parts = [ACTION_VERBS[action]]
+    if proposed is not None and proposed != action and not fallback:
+        parts.append(f" at random (exploration; the learned policy proposed {ACTION_NAMES[proposed]})")
     if fallback:
         cause = _FALLBACK_TEXT.get(fallback, fallback.replace("_", " ").replace(":", ": "))
         if sum(mask_for([r.tier for r in rules])) == 1:  # the rules left one action: no default was chosen

@@ -539,7 +539,7 @@ class DecisionEngine:
         # The served distributions and the sampled actions of the scored rows, over columns (the same
         # numbers as serving_distribution and _sample row by row, and the same draws from the rng).
         live = [i for i in range(n) if not fallbacks[i]] if scores.probabilities is not None else []
-        served: dict[int, tuple[list[float], int, np.ndarray]] = {}
+        served: dict[int, tuple[list[float], int, int]] = {}
         if live:
             assert scores.probabilities is not None
             distributions = serving_distributions(
@@ -549,8 +549,9 @@ class DecisionEngine:
                 self.settings.explore_actions,
             )
             actions = self._sample_many(distributions)
+            favoured = distributions.argmax(axis=1).tolist()  # what a draw other than it explored from
             for k, i in enumerate(live):
-                served[i] = (distributions[k].tolist(), actions[k], distributions[k])
+                served[i] = (distributions[k].tolist(), actions[k], favoured[k])
         records = []
         for i, request in enumerate(requests):
             event, fallback, verdict = events[i], fallbacks[i], verdicts[i]
@@ -561,20 +562,18 @@ class DecisionEngine:
             )
             reasons = scores.reasons[i] if scores.reasons is not None and not fallback else []
             shadow = None
+            favoured = None
             if probabilities is None or proposed_all is None:
                 proposed = None
                 action, propensity, decided_by = self._fallback_action(verdict), 1.0, "fallback"
             else:
                 proposed = proposed_all[i]
-                distribution, action, row = served[i]
+                distribution, action, favoured = served[i]
                 propensity = distribution[action]
                 forced = verdict.forced_action is not None or not verdict.mask[proposed]
                 decided_by = "rule" if forced else "policy"
                 if scores.shadow is not None:
-                    champion_choice = int(np.argmax(row))
-                    shadow = self._shadow_record(
-                        serving.models, scores.shadow[i], verdict.mask, champion_choice
-                    )
+                    shadow = self._shadow_record(serving.models, scores.shadow[i], verdict.mask, favoured)
             rules_fired: list[dict[str, Any]] = []
             if verdict.fired:  # the inputs the fired rules tested: this row's facts, built only here
                 facts: dict[str, Any] = {
@@ -606,6 +605,7 @@ class DecisionEngine:
                     versions=versions,
                     reasons=reasons,
                     shadow=shadow,
+                    favoured=favoured,
                 )
             )
         return records
@@ -628,6 +628,7 @@ class DecisionEngine:
         versions: dict[str, str],
         reasons: list[dict[str, Any]],
         shadow: dict[str, Any] | None,
+        favoured: int | None = None,
     ) -> DecisionRecord:
         """The record of one decided request (both paths build it here: the same fields, the same way)."""
         event = request.event
@@ -651,7 +652,7 @@ class DecisionEngine:
             fallback=fallback,
             model_versions=dict(versions),
             reasons=reasons,
-            explanation=template_sentence(action, risk, reasons, verdict.fired, fallback),
+            explanation=template_sentence(action, risk, reasons, verdict.fired, fallback, favoured),
             explanation_source="template",
             latency_ms=0.0,
             event_type=event.event_type if event else None,
@@ -726,7 +727,7 @@ class DecisionEngine:
         verdict = self.rules.evaluate(facts)
 
         proposed = int(np.argmax(probabilities)) if probabilities is not None else None
-        shadow = None
+        shadow, favoured = None, None
         if probabilities is None or proposed is None:
             action, propensity, decided_by = self._fallback_action(verdict), 1.0, "fallback"
         else:
@@ -734,14 +735,14 @@ class DecisionEngine:
                 probabilities, verdict.mask, self.settings.exploration_floor, self.settings.explore_actions
             )
             action = self._sample(distribution)
+            favoured = int(np.argmax(distribution))
             propensity = float(distribution[action])
             forced = verdict.forced_action is not None or not verdict.mask[proposed]
             decided_by = "rule" if forced else "policy"
             if scores.shadow is not None:
                 # Compared with the champion's choice, not its sampled action: exploration is not a
                 # disagreement between the policies.
-                champion_choice = int(np.argmax(distribution))
-                shadow = self._shadow_record(serving.models, scores.shadow[i], verdict.mask, champion_choice)
+                shadow = self._shadow_record(serving.models, scores.shadow[i], verdict.mask, favoured)
         return self._record(
             request,
             verdict,
@@ -760,6 +761,7 @@ class DecisionEngine:
             versions=serving.models.versions,
             reasons=reasons,
             shadow=shadow,
+            favoured=favoured,
         )
 
 
