@@ -42,7 +42,7 @@ def retrain(
 
     settings = get_settings()
     learning = config_file(settings.learning_path, LearningConfig.load)
-    rewards = config_file(settings.rewards_path, RewardTable.load)
+    rewards = config_file(settings.rewards_path, RewardTable.load_for_learning)
     engine = open_database(settings)
     registry = ModelRegistry(Repository(engine), settings.model_dir)
     try:
