@@ -157,7 +157,10 @@ class ModelRegistry:
         metrics: dict[str, Any],
         status: str = "challenger",
     ) -> str:
-        """Write an artifact with ``write(directory)``, hash it, and record it; returns its version."""
+        """Write an artifact with ``write(directory)``, hash it, and record it; returns its version.
+
+        The same files registered in the same second (two retrains at once choosing the same baseline) are
+        one version: the second found the first's directory and ended in a traceback after all its work."""
         if kind not in KINDS:
             raise ValueError(f"unknown model kind {kind!r}")
         staging = self.model_dir / kind / f".staging-{uuid.uuid4().hex}"
@@ -168,7 +171,12 @@ class ModelRegistry:
             now = datetime.now(UTC)
             version = f"{kind}-{now:%Y%m%d%H%M%S}-{sha[:8]}"
             final = self.model_dir / kind / version
-            staging.rename(final)
+            try:
+                staging.rename(final)
+            except OSError:
+                if not final.is_dir() or hash_directory(final) != sha:
+                    raise
+                shutil.rmtree(staging, ignore_errors=True)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

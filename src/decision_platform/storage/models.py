@@ -7,7 +7,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from decision_platform.storage.sql import Store
+from decision_platform.storage.sql import Store, insert_ignoring_conflicts
 from decision_platform.storage.tables import models
 
 
@@ -15,8 +15,10 @@ class ModelStore(Store):
     """Reads and writes of ``tables.models`` (models/registry.py adds the artifacts on disk)."""
 
     def insert_model(self, row: dict[str, Any]) -> None:
+        """Record a model; a version already recorded is kept (a version names its files' hash: the same
+        artifact registered again, models/registry.py)."""
         with self.engine.begin() as connection:
-            connection.execute(models.insert().values(**row))
+            connection.execute(insert_ignoring_conflicts(self.engine, models).values(**row))
 
     def list_models(self, kind: str | None = None) -> list[dict[str, Any]]:
         query = sa.select(models).order_by(models.c.created_at.desc())
