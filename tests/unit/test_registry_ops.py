@@ -510,3 +510,43 @@ def test_the_same_artifact_registered_twice_in_one_second_is_one_version(
         (directory / "policy.json").write_text('{"kind": "bayes"}')
 
     assert registry.register("policy", other, {}, {}) != first  # other files: another version
+
+
+def test_a_retrained_risk_and_policy_are_promoted_together_or_not_at_all(tmp_path: Path) -> None:
+    """retrain promotes its risk model and its policy (the policy's state holds the risk): one promotion
+    after the other, a registry poll in between or an outage before the second left a running server on
+    the new risk model under the old policy, the pair never judged together."""
+    import sqlalchemy as sa
+
+    from decision_platform.storage.database import migrate
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'registry.db'}")
+    migrate(engine)
+    registry = ModelRegistry(Repository(engine), tmp_path / "models")
+
+    def artifact(text: str) -> Callable[[Path], None]:
+        return lambda directory: (directory / "model.json").write_text(text)
+
+    old = {
+        kind: registry.register(kind, artifact(f"old {kind}"), {}, {}, "champion")
+        for kind in ("risk", "policy")
+    }
+    risk = registry.register("risk", artifact("new risk"), {}, {})
+    policy = registry.register("policy", artifact("new policy"), {}, {})
+    with engine.begin() as connection:  # the database fails the second promotion's update
+        connection.execute(
+            sa.text(
+                f"CREATE TRIGGER refuse AFTER UPDATE OF status ON models WHEN NEW.version = '{policy}' "
+                "BEGIN SELECT RAISE(ABORT, 'the database went away'); END"
+            )
+        )
+    with pytest.raises(sa.exc.DatabaseError):
+        registry.promote(risk, policy)
+    assert (_status(registry, old["risk"]), _status(registry, risk)) == ("champion", "challenger")
+    with engine.begin() as connection:
+        connection.execute(sa.text("DROP TRIGGER refuse"))
+    registry.promote(risk, policy)
+    assert {kind: registry.champion(kind)["version"] for kind in ("risk", "policy")} == {
+        "risk": risk,
+        "policy": policy,
+    }

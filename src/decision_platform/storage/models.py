@@ -32,22 +32,24 @@ class ModelStore(Store):
     def champion(self, kind: str) -> dict[str, Any] | None:
         return self._first(sa.select(models).where(models.c.kind == kind, models.c.status == "champion"))
 
-    def promote(self, version: str) -> None:
-        """Make ``version`` the champion of its kind; the previous champion becomes retired."""
+    def promote(self, *versions: str) -> None:
+        """Make each version the champion of its kind, in one transaction; the previous champions become
+        retired."""
         with self.engine.begin() as connection:
-            kind = connection.execute(
-                sa.select(models.c.kind).where(models.c.version == version)
-            ).scalar_one()
-            connection.execute(
-                models.update()
-                .where(models.c.kind == kind, models.c.status == "champion")
-                .values(status="retired")
-            )
-            connection.execute(
-                models.update()
-                .where(models.c.version == version)
-                .values(status="champion", promoted_at=datetime.now(UTC))
-            )
+            for version in versions:
+                kind = connection.execute(
+                    sa.select(models.c.kind).where(models.c.version == version)
+                ).scalar_one()
+                connection.execute(
+                    models.update()
+                    .where(models.c.kind == kind, models.c.status == "champion")
+                    .values(status="retired")
+                )
+                connection.execute(
+                    models.update()
+                    .where(models.c.version == version)
+                    .values(status="champion", promoted_at=datetime.now(UTC))
+                )
 
     def serving_state(self) -> frozenset[tuple[str, str, str]]:
         """(status, kind, version) of every champion and shadow: the one small query that serving
