@@ -107,6 +107,14 @@ def test_a_bad_setting_is_one_line_and_exit_2(
     assert "secret" not in result.output
 
 
+#: The project's rewards.yaml with ``chargeback`` (which the simulator and the Bayes policy price) renamed.
+RENAMED_CHARGEBACK = (
+    (Path(cli.__file__).parents[3] / "config" / "rewards.yaml")
+    .read_text()
+    .replace("  chargeback:", "  dispute:")
+)
+
+
 def broken_config(tmp_path: Path, name: str, text: str | None) -> Path:
     """A copy of the project's config/ with ``name`` rewritten to ``text`` (None: removed)."""
     config_dir = tmp_path / "config"
@@ -216,6 +224,9 @@ def test_a_data_set_too_large_to_make_or_a_url_no_request_can_go_to_is_exit_2(
         ("retrain", "rewards.yaml", "outcomes: [", "rewards.yaml: not valid YAML at line 1"),
         ("train", "rewards.yaml", None, "rewards.yaml: cannot read: No such file or directory"),
         ("train", "features.yaml", "windows: {1m: -5}\n", "window '1m' must be a positive number of seconds"),
+        # s33: an outcome the learning loop prices, renamed: a KeyError traceback from deep in either
+        ("retrain", "rewards.yaml", RENAMED_CHARGEBACK, "chargeback.allow, chargeback.throttle"),
+        ("train", "rewards.yaml", RENAMED_CHARGEBACK, "chargeback.allow, chargeback.throttle"),
     ],
 )
 def test_a_broken_config_file_stops_train_and_retrain_in_one_line(

@@ -277,6 +277,36 @@ def test_a_retry_on_another_process_during_an_outage_gets_the_first_decision(
     second.close()
 
 
+def test_a_decision_another_process_has_not_replayed_yet_is_never_a_404(
+    repository: FlakyRepository, tmp_path: Path
+) -> None:
+    """``serve --workers 2``: one process spooled a decision during an outage; the database is back but that
+    process has not replayed it yet (a long backlog, a probe still to come, or it died and its segment
+    waits to be adopted). Its outcome, or a read of it, reaching the other process was a 404 "no decision":
+    the client gave up on an acknowledged decision's outcome. Now the decision is read from the other
+    process's segment, and its outcome is a 503 to retry (spooled here, it could replay ahead of its
+    decision and be quarantined)."""
+    spool_dir = tmp_path / "spool"
+    repository.refusing = True
+    first = writer_for(repository, spool_dir, probe_interval_s=60)  # replays only after its next probe
+    assert first.write(decision_record(1)) == SPOOLED
+    assert first.write(decision_record(2, event_id="y")) == SPOOLED
+    repository.refusing = False
+    second = writer_for(repository, spool_dir)
+    found = second.find_decision(2)
+    assert found is not None and found.id == 2 and found.event_id == "y"
+    with pytest.raises(DatabaseUnavailable, match="another process"):
+        second.record_outcome(2, "fraud", -20.0)
+    os.mkfifo(spool_dir / "segment-0-0-0.jsonl")  # something else's, named like a segment: never opened
+    assert second.find_decision(3) is None  # an unknown decision is still unknown
+    assert second.record_outcome(3, "fraud", -20.0).status is OutcomeStatus.NOT_FOUND
+    first.close()  # it stops; its segment is adopted and replayed by the other process
+    assert second.spool.adopt_orphans() == 1
+    assert second.wait_replayed(15) and stored_ids(repository) == [1, 2]
+    assert second.record_outcome(2, "fraud", -20.0).status is OutcomeStatus.CREATED
+    second.close()
+
+
 def test_a_claim_left_by_a_process_that_died_before_its_fsync_is_taken_over(
     repository: FlakyRepository, tmp_path: Path
 ) -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from decision_platform.learning.ope import evaluate, evaluate_difference, fit_reward_model
+from decision_platform.learning.config import GateSettings
+from decision_platform.learning.evaluation import check_gate, estimate_policy
+from decision_platform.learning.ope import Estimate, evaluate, evaluate_difference, fit_reward_model
+from tests.unit.test_policy_baselines import _logged
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -83,3 +86,21 @@ def test_the_paired_difference_covers_the_true_gain_and_is_tighter_than_two_inte
         assert d.value == pytest.approx(separate[0].estimates[name].value - separate[1].estimates[name].value)
         widths = [r.estimates[name].ci_high - r.estimates[name].ci_low for r in separate]
         assert d.ci_high - d.ci_low < sum(widths) / 2  # what pairing buys
+
+
+def test_the_gate_refuses_a_candidate_whose_safety_no_label_can_show() -> None:
+    """Fraud is rare: a held-out window can hold no fraud-labelled decision at all. The fraud check then
+    has nothing to measure, and an allow-all candidate passed it as "0.0% of fraud allowed" (with the DR
+    check, which such a window favours, nothing stopped its promotion)."""
+    logged = _logged(np.zeros(400))  # good users only: no fraud outcome came back
+    allow_all = np.tile([1.0, 0.0, 0.0], (len(logged), 1))
+    q_hat = np.zeros((len(logged), 3))
+    gate = GateSettings(bootstrap=100)
+    candidate = estimate_policy("candidate", "c", allow_all, logged, q_hat, gate)
+    champion = estimate_policy("champion", "p", allow_all, logged, q_hat, gate)
+    better = {"DR": Estimate("DR", 1.0, 0.5, 1.5)}
+    result = check_gate(champion, candidate, gate, better)
+    failed = {c.name: c.detail for c in result.checks if not c.passed}
+    assert not result.passed
+    assert "fraud let through" in failed and "no held-out decision" in failed["fraud let through"]
+    assert "good users blocked" not in failed  # 400 good users' outcomes: that check measures something

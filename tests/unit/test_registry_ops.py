@@ -474,3 +474,79 @@ def test_a_model_row_whose_time_sqlite_cannot_read_neither_stops_serving_nor_the
     monkeypatch.setattr(models_commands, "get_settings", lambda: settings)
     result = CliRunner().invoke(cli.app, ["models", "list"], terminal_width=200)
     assert result.exit_code == 0 and "│ risk " in result.output and "│ ?" in result.output, result.output
+
+
+def test_the_same_artifact_registered_twice_in_one_second_is_one_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two retrains at once (cron on two hosts, an operator's second run) whose candidate is the same
+    baseline write the same files in the same second: the same version. The second rename met the first's
+    directory and the retrain ended in a traceback after all its work (or an IntegrityError on the row)."""
+    from datetime import UTC, datetime
+
+    import decision_platform.models.registry as registry_module
+    from decision_platform.storage.database import migrate
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz: object = None) -> datetime:  # type: ignore[override]
+            return datetime(2026, 12, 8, 1, 2, 3, tzinfo=UTC)
+
+    monkeypatch.setattr(registry_module, "datetime", Frozen)
+    engine = make_engine(f"sqlite:///{tmp_path / 'registry.db'}")
+    migrate(engine)
+    registry = ModelRegistry(Repository(engine), tmp_path / "models")
+
+    def write(directory: Path) -> None:
+        (directory / "policy.json").write_text('{"kind": "thresholds"}')
+
+    first = registry.register("policy", write, {}, {})
+    assert registry.register("policy", write, {}, {}, status="champion") == first
+    assert [m["version"] for m in registry.repository.list_models()] == [first]
+    assert _status(registry, first) == "champion"
+    assert [p.name for p in (tmp_path / "models" / "policy").iterdir()] == [first]  # no staging left
+
+    def other(directory: Path) -> None:
+        (directory / "policy.json").write_text('{"kind": "bayes"}')
+
+    assert registry.register("policy", other, {}, {}) != first  # other files: another version
+
+
+def test_a_retrained_risk_and_policy_are_promoted_together_or_not_at_all(tmp_path: Path) -> None:
+    """retrain promotes its risk model and its policy (the policy's state holds the risk): one promotion
+    after the other, a registry poll in between or an outage before the second left a running server on
+    the new risk model under the old policy, the pair never judged together."""
+    import sqlalchemy as sa
+
+    from decision_platform.storage.database import migrate
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'registry.db'}")
+    migrate(engine)
+    registry = ModelRegistry(Repository(engine), tmp_path / "models")
+
+    def artifact(text: str) -> Callable[[Path], None]:
+        return lambda directory: (directory / "model.json").write_text(text)
+
+    old = {
+        kind: registry.register(kind, artifact(f"old {kind}"), {}, {}, "champion")
+        for kind in ("risk", "policy")
+    }
+    risk = registry.register("risk", artifact("new risk"), {}, {})
+    policy = registry.register("policy", artifact("new policy"), {}, {})
+    with engine.begin() as connection:  # the database fails the second promotion's update
+        connection.execute(
+            sa.text(
+                f"CREATE TRIGGER refuse AFTER UPDATE OF status ON models WHEN NEW.version = '{policy}' "
+                "BEGIN SELECT RAISE(ABORT, 'the database went away'); END"
+            )
+        )
+    with pytest.raises(sa.exc.DatabaseError):
+        registry.promote(risk, policy)
+    assert (_status(registry, old["risk"]), _status(registry, risk)) == ("champion", "challenger")
+    with engine.begin() as connection:
+        connection.execute(sa.text("DROP TRIGGER refuse"))
+    registry.promote(risk, policy)
+    assert {kind: registry.champion(kind)["version"] for kind in ("risk", "policy")} == {
+        "risk": risk,
+        "policy": policy,
+    }

@@ -101,6 +101,24 @@ def test_a_range_without_decisions_says_so(client: TestClient, tmp_path: Path) -
     assert not IMAGE.search(html)
 
 
+def test_a_range_back_to_the_first_years_or_on_to_9999_is_charted_at_once(
+    client: TestClient, tmp_path: Path
+) -> None:
+    """``report --since 1970-01-01`` (everything there is) drew one bar per week since 1970 and ``--until
+    9999-12-31`` one per week to then (417,000: minutes of CPU, no page); ``--since 0001-01-01`` was a
+    ValueError traceback (its first week began in year 0). The buckets widen with the range now."""
+    decide(client, "w1", "w-e1")
+    engine = client.app.state.platform.repository.engine
+    for since, until in (
+        (datetime(1970, 1, 1, tzinfo=UTC), datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)),
+        (datetime(1, 1, 1, tzinfo=UTC), datetime.now(UTC)),
+    ):
+        started = time.monotonic()
+        data = write_report(engine, since, until, tmp_path / "r.html")
+        assert data.count == 1 and time.monotonic() - started < 20
+        assert len(IMAGE.findall((tmp_path / "r.html").read_text("utf-8"))) >= 2
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

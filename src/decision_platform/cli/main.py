@@ -118,7 +118,7 @@ def _train(
             raise
 
     config_file(settings.rules_path, rules_of)
-    rewards = config_file(settings.rewards_path, RewardTable.load)
+    rewards = config_file(settings.rewards_path, RewardTable.load_for_learning)
     try:
         with RichProgress(console) as progress:
             report = train_all(

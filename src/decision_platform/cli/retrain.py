@@ -42,7 +42,7 @@ def retrain(
 
     settings = get_settings()
     learning = config_file(settings.learning_path, LearningConfig.load)
-    rewards = config_file(settings.rewards_path, RewardTable.load)
+    rewards = config_file(settings.rewards_path, RewardTable.load_for_learning)
     engine = open_database(settings)
     registry = ModelRegistry(Repository(engine), settings.model_dir)
     try:
@@ -118,8 +118,8 @@ def report_tables(report: object) -> list[Table]:
             *(f"{e.value:.3f} [{e.ci_low:.3f}, {e.ci_high:.3f}]" for e in policy.estimates.values()),
             f"{policy.effective_sample_size:.0f} / {policy.decisions}",
             f"{policy.max_weight:.1f}",
-            f"{policy.good_block_rate:.2%}",
-            f"{policy.fraud_allow_rate:.1%}",
+            f"{policy.good_block_rate:.2%}" if policy.good_events else "no labels",
+            f"{policy.fraud_allow_rate:.1%}" if policy.fraud_events else "no labels",
         )
 
     d = report.difference

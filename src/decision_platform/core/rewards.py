@@ -15,6 +15,19 @@ from decision_platform.core.strict_yaml import load_yaml_file
 MAX_REWARD = 1e9
 
 
+#: The outcomes the learning loop names itself, with the actions each must be priced after: the training
+#: simulator turns a label and an action into one of them, the Bayes policy and the policy comparison price
+#: them (:meth:`RewardTable.expected_step_values`), retrain imputes a blocked event's as fraud or
+#: false_positive. Serving takes any vocabulary; training needs these.
+LEARNING_OUTCOMES: dict[str, tuple[str, ...]] = {
+    "success": ("allow", "throttle"),
+    "abandoned": ("throttle",),
+    "false_positive": ("block",),
+    "fraud": ("throttle", "block"),
+    "chargeback": ("allow", "throttle"),
+}
+
+
 class RewardCell(BaseModel):
     model_config = ConfigDict(extra="forbid")
     base: float = Field(0.0, ge=-MAX_REWARD, le=MAX_REWARD, allow_inf_nan=False)
@@ -52,6 +65,24 @@ class RewardTable(BaseModel):
     @classmethod
     def load(cls, path: Path) -> RewardTable:
         return cls.model_validate(load_yaml_file(Path(path)))
+
+    @classmethod
+    def load_for_learning(cls, path: Path) -> RewardTable:
+        """:meth:`load`, and a ValueError naming every outcome and action of :data:`LEARNING_OUTCOMES` the
+        table lacks (``train`` and ``retrain`` said it with a KeyError traceback from deep inside)."""
+        table = cls.load(path)
+        missing = [
+            f"{outcome}.{action}"
+            for outcome, actions in LEARNING_OUTCOMES.items()
+            for action in actions
+            if action not in table.outcomes.get(outcome, {})
+        ]
+        if missing:
+            raise ValueError(
+                f"training prices {', '.join(missing)} (outcome.action: the simulator's outcomes), "
+                "which it lacks"
+            )
+        return table
 
     @property
     def outcome_names(self) -> list[str]:

@@ -32,6 +32,9 @@ class PolicyEstimate:
     good_block_rate: float  # expected share of good users' events it blocks
     fraud_allow_rate: float  # expected share of fraud events it lets through
     fraud_amount_allowed: float  # expected fraud amount let through
+    #: Labelled decisions each rate is read from: with none, the rate measures nothing (the gate fails it).
+    good_events: int
+    fraud_events: int
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -79,6 +82,8 @@ def estimate_policy(
         good_block,
         fraud_allow,
         fraud_amount,
+        int((logged.labels == 0).sum()),
+        int((logged.labels == 1).sum()),
     )
 
 
@@ -105,6 +110,12 @@ class GateResult:
         return {"passed": self.passed, "checks": [asdict(c) for c in self.checks]}
 
 
+_UNMEASURED = (
+    "no held-out decision has {what} outcome: the rate cannot be measured (wait for outcomes, or widen "
+    "--since/--until)"
+)
+
+
 def check_gate(
     champion: PolicyEstimate,
     candidate: PolicyEstimate,
@@ -115,6 +126,9 @@ def check_gate(
 
     "Better with confidence" reads the paired difference (candidate - champion on the same decisions):
     its lower confidence bound must exceed ``min_improvement``.
+
+    A safety rate with no labelled decision behind it fails: fraud is rare, a held-out window without a
+    fraud outcome is common, and its "0% of fraud allowed" passed an allow-all candidate.
     """
     est = gate.estimator
     delta, cand, champ = difference[est], candidate.estimates[est], champion.estimates[est]
@@ -139,14 +153,18 @@ def check_gate(
         ),
         GateCheck(
             "good users blocked",
-            candidate.good_block_rate <= gate.max_good_block_rate,
-            f"{candidate.good_block_rate:.2%} of good users' events (limit {gate.max_good_block_rate:.2%})",
+            candidate.good_events > 0 and candidate.good_block_rate <= gate.max_good_block_rate,
+            f"{candidate.good_block_rate:.2%} of good users' events (limit {gate.max_good_block_rate:.2%})"
+            if candidate.good_events
+            else _UNMEASURED.format(what="a good user's (success, abandoned, false_positive)"),
         ),
         GateCheck(
             "fraud let through",
-            candidate.fraud_allow_rate <= gate.max_fraud_allow_rate,
+            candidate.fraud_events > 0 and candidate.fraud_allow_rate <= gate.max_fraud_allow_rate,
             f"{candidate.fraud_allow_rate:.1%} of fraud events allowed "
-            f"(limit {gate.max_fraud_allow_rate:.1%})",
+            f"(limit {gate.max_fraud_allow_rate:.1%})"
+            if candidate.fraud_events
+            else _UNMEASURED.format(what="a fraud (fraud, chargeback)"),
         ),
     ]
     return GateResult(checks)

@@ -475,8 +475,7 @@ def retrain(
     cand_est = PolicyEstimate(**{**cand_est.__dict__, "version": versions["policy"]})
     promoted = promote and gate.passed
     if promoted:
-        for version in versions.values():
-            registry.promote(version)
+        registry.promote(*versions.values())  # together: the policy's state holds the risk
     timings["total_s"] = time.perf_counter() - started
     report = RetrainReport(
         started_at=started_at.isoformat(),

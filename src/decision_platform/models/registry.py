@@ -157,7 +157,10 @@ class ModelRegistry:
         metrics: dict[str, Any],
         status: str = "challenger",
     ) -> str:
-        """Write an artifact with ``write(directory)``, hash it, and record it; returns its version."""
+        """Write an artifact with ``write(directory)``, hash it, and record it; returns its version.
+
+        The same files registered in the same second (two retrains at once choosing the same baseline) are
+        one version: the second found the first's directory and ended in a traceback after all its work."""
         if kind not in KINDS:
             raise ValueError(f"unknown model kind {kind!r}")
         staging = self.model_dir / kind / f".staging-{uuid.uuid4().hex}"
@@ -168,7 +171,12 @@ class ModelRegistry:
             now = datetime.now(UTC)
             version = f"{kind}-{now:%Y%m%d%H%M%S}-{sha[:8]}"
             final = self.model_dir / kind / version
-            staging.rename(final)
+            try:
+                staging.rename(final)
+            except OSError:
+                if not final.is_dir() or hash_directory(final) != sha:
+                    raise
+                shutil.rmtree(staging, ignore_errors=True)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -196,16 +204,19 @@ class ModelRegistry:
             raise UnknownVersionError(f"no model version {version!r}")
         return record
 
-    def promote(self, version: str, verify: bool = True) -> None:
-        """Make ``version`` the champion of its kind (the shadow too: it stops shadowing); the previous
-        champion is retired. With ``verify``, a corrupt artifact is refused before anything changes, so a
-        running server never reloads into fallback because of a bad promotion."""
-        record = self.record(version)
-        if record["status"] == "champion":
-            return
+    def promote(self, *versions: str, verify: bool = True) -> None:
+        """Make each of ``versions`` the champion of its kind (a shadow too: it stops shadowing); the previous
+        champions are retired. Several are promoted in one transaction: a retrained risk model and policy are
+        a pair, and a server polling the registry sees both or neither. With ``verify``, a corrupt artifact is
+        refused before anything changes, so a running server never reloads into fallback because of a bad
+        promotion."""
+        records = [self.record(version) for version in versions]
+        waiting = [record for record in records if record["status"] != "champion"]
         if verify:
-            self.verified_path(record)
-        self.repository.promote(version)
+            for record in waiting:
+                self.verified_path(record)
+        if waiting:
+            self.repository.promote(*(record["version"] for record in waiting))
 
     def rollback(self, kind: str | None = None) -> dict[str, tuple[str | None, str]]:
         """Make the previously promoted version the champion again, for ``kind`` or for every kind.

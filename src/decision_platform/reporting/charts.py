@@ -6,6 +6,7 @@ matplotlib's object API (``Figure``), not pyplot: no global state, no GUI backen
 from __future__ import annotations
 
 import io
+import math
 from collections import Counter
 from datetime import UTC, datetime
 
@@ -20,11 +21,17 @@ ACTION_COLORS = ("#4caf50", "#ff9800", "#e53935")  # allow, throttle, block
 LATENCY_BUDGET_MS = 5.0  # DESIGN.md §10: p99 at steady load
 #: Bucket widths to choose from, seconds: the smallest giving at most ~80 buckets over the range.
 _BUCKETS = (60, 300, 900, 3600, 3 * 3600, 6 * 3600, 86400, 7 * 86400)
+#: The first and last instants a chart's dates can hold (years 1 to 9999; the very last microseconds of
+#: 9999 round to the year 10000 in matplotlib's float dates).
+_FIRST, _LAST = datetime(1, 1, 1, tzinfo=UTC), datetime(9999, 12, 31, tzinfo=UTC)
 
 
 def bucket_seconds(since: datetime, until: datetime, most: int = 80) -> int:
+    """The bucket width; beyond 80 weeks, whole weeks enough for ~80 buckets (a range from 1970 or to 9999
+    drew a bar a week: 417,000 of them, minutes of CPU)."""
     span = (until - since).total_seconds()
-    return next((b for b in _BUCKETS if span / b <= most), _BUCKETS[-1])
+    week = _BUCKETS[-1]
+    return next((b for b in _BUCKETS if span / b <= most), week * math.ceil(span / most / week))
 
 
 def human_duration(seconds: float) -> str:
@@ -38,7 +45,9 @@ def human_duration(seconds: float) -> str:
 def _edges(data: ReportData) -> np.ndarray:
     width = bucket_seconds(data.since, data.until)
     start = np.floor(data.since.timestamp() / width) * width
-    return np.arange(start, data.until.timestamp() + width, width)
+    # Within the years a date can hold: year 1's first bucket began in year 0 (a ValueError).
+    edges = np.arange(start, data.until.timestamp() + width, width)
+    return np.clip(edges, _FIRST.timestamp(), _LAST.timestamp())
 
 
 def _dates(epochs: np.ndarray) -> list[datetime]:
@@ -49,7 +58,7 @@ def _time_axis(ax, data: ReportData) -> None:  # type: ignore[no-untyped-def]
     locator = AutoDateLocator()
     ax.xaxis.set_major_locator(locator)
     ax.xaxis.set_major_formatter(ConciseDateFormatter(locator, tz=UTC))
-    ax.set_xlim(data.since, data.until)
+    ax.set_xlim(data.since, min(data.until, _LAST))
 
 
 def _legend_above(ax) -> None:  # type: ignore[no-untyped-def]

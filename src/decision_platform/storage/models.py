@@ -7,7 +7,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from decision_platform.storage.sql import Store
+from decision_platform.storage.sql import Store, insert_ignoring_conflicts
 from decision_platform.storage.tables import models
 
 
@@ -15,8 +15,10 @@ class ModelStore(Store):
     """Reads and writes of ``tables.models`` (models/registry.py adds the artifacts on disk)."""
 
     def insert_model(self, row: dict[str, Any]) -> None:
+        """Record a model; a version already recorded is kept (a version names its files' hash: the same
+        artifact registered again, models/registry.py)."""
         with self.engine.begin() as connection:
-            connection.execute(models.insert().values(**row))
+            connection.execute(insert_ignoring_conflicts(self.engine, models).values(**row))
 
     def list_models(self, kind: str | None = None) -> list[dict[str, Any]]:
         query = sa.select(models).order_by(models.c.created_at.desc())
@@ -30,22 +32,24 @@ class ModelStore(Store):
     def champion(self, kind: str) -> dict[str, Any] | None:
         return self._first(sa.select(models).where(models.c.kind == kind, models.c.status == "champion"))
 
-    def promote(self, version: str) -> None:
-        """Make ``version`` the champion of its kind; the previous champion becomes retired."""
+    def promote(self, *versions: str) -> None:
+        """Make each version the champion of its kind, in one transaction; the previous champions become
+        retired."""
         with self.engine.begin() as connection:
-            kind = connection.execute(
-                sa.select(models.c.kind).where(models.c.version == version)
-            ).scalar_one()
-            connection.execute(
-                models.update()
-                .where(models.c.kind == kind, models.c.status == "champion")
-                .values(status="retired")
-            )
-            connection.execute(
-                models.update()
-                .where(models.c.version == version)
-                .values(status="champion", promoted_at=datetime.now(UTC))
-            )
+            for version in versions:
+                kind = connection.execute(
+                    sa.select(models.c.kind).where(models.c.version == version)
+                ).scalar_one()
+                connection.execute(
+                    models.update()
+                    .where(models.c.kind == kind, models.c.status == "champion")
+                    .values(status="retired")
+                )
+                connection.execute(
+                    models.update()
+                    .where(models.c.version == version)
+                    .values(status="champion", promoted_at=datetime.now(UTC))
+                )
 
     def serving_state(self) -> frozenset[tuple[str, str, str]]:
         """(status, kind, version) of every champion and shadow: the one small query that serving

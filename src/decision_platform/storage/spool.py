@@ -46,6 +46,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import mmap
 import os
 import threading
 import time
@@ -316,6 +317,20 @@ class Spool:
         # Another process's decision may still be on its way to the disk (claimed, not yet fsynced).
         row = _read_decision(location, wait_s=0.0 if own else FOREIGN_READ_WAIT_S)
         return DecisionRecord.from_row(row) if row is not None else None
+
+    def find_elsewhere(self, decision_id: int) -> DecisionRecord | None:
+        """A decision in a segment of another process sharing this directory, not replayed yet (None if no
+        segment holds it). Asked only when the database does not have it: with ``--workers`` a decision's
+        outcome or read may reach another process than the one that spooled it, and "no decision" was
+        answered for an acknowledged one. A search of the files (with no outage there are none to search)."""
+        with self._lock:
+            owned = {s.path for s in self._segments}
+        for path in sorted(self._candidates()):
+            # Not a regular file (a pipe named like a segment would block the open): left alone, as ever.
+            row = None if path in owned or not path.is_file() else _search_decision(path, decision_id)
+            if row is not None:
+                return DecisionRecord.from_row(row)
+        return None
 
     # --- writing
     def append(self, records: list[SpoolRecord]) -> set[int]:
@@ -756,6 +771,26 @@ def _read_decision(location: _Location, wait_s: float = 0.0) -> dict[str, Any] |
         if time.monotonic() >= deadline:
             return None
         time.sleep(0.01)
+
+
+def _search_decision(segment: Path, decision_id: int) -> dict[str, Any] | None:
+    """The row of ``decision_id`` in ``segment``, found without reading every line (a decision line
+    holds ``"id":<id>,``); None if no complete line holds it, or the file cannot be read."""
+    needle = b'"id":%d,' % decision_id
+    with contextlib.suppress(OSError, ValueError), open(segment, "rb") as handle:
+        view = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)  # ValueError: an empty file
+        with view:
+            at = view.find(needle)
+            while at >= 0:
+                start, end = view.rfind(b"\n", 0, at) + 1, view.find(b"\n", at)
+                if end < 0:  # a line still being appended: not acknowledged yet
+                    return None
+                with contextlib.suppress(ValueError):
+                    record = SpoolRecord.from_line(view[start : end + 1].decode("utf-8"))
+                    if record.kind == DECISION and record.decision_id == decision_id:
+                        return record.decision
+                at = view.find(needle, end)
+    return None
 
 
 def _read_claim(path: Path) -> _Claim | None:

@@ -311,7 +311,8 @@ class DecisionWriter:
         spooled = self.spool.get_decision(decision_id)
         if spooled is not None:
             return spooled
-        return self.query(lambda: self.repository.get_decision(decision_id))
+        stored = self.query(lambda: self.repository.get_decision(decision_id))
+        return stored if stored is not None else self.spool.find_elsewhere(decision_id)
 
     def find_decision_by_event(self, event_id: str) -> DecisionRecord | None:
         """The decision made for an event: spooled or stored."""
@@ -358,7 +359,8 @@ class DecisionWriter:
         """Record an outcome: spooled behind its decision if that is still in the spool, else stored.
 
         The same rules either way: the first outcome wins, the same one again is idempotent, a different
-        one is a conflict. A decision not in the spool needs the database (:class:`DatabaseUnavailable`).
+        one is a conflict. A decision not in the spool needs the database (:class:`DatabaseUnavailable`),
+        and so does one only another process's spool holds yet.
         """
         spooled = self.spool.outcome_for(decision_id)
         if spooled is not None:
@@ -379,7 +381,13 @@ class DecisionWriter:
             metrics.SPOOL_APPENDED.labels(kind=OUTCOME).inc()
             self._set_gauges()
             return OutcomeResult(OutcomeStatus.CREATED, outcome, reward, record.received_at)
-        return self.query(lambda: self.repository.record_outcome(decision_id, outcome, reward))
+        result = self.query(lambda: self.repository.record_outcome(decision_id, outcome, reward))
+        if result.status is OutcomeStatus.NOT_FOUND and self.spool.find_elsewhere(decision_id) is not None:
+            # Spooled here, it could replay before its decision and be quarantined: the caller retries.
+            raise DatabaseUnavailable(
+                f"decision {decision_id} is in another process's spool, not in the database yet", 1.0
+            )
+        return result
 
     # --- the writer thread
     def _run(self, lane: _Lane, primary: bool) -> None:
