@@ -116,7 +116,8 @@ def test_a_decision_drawn_at_random_says_so_in_its_sentence(
     for the rows whose action is not the favoured one of the distribution they were drawn from."""
     platform = start_platform(make_settings(exploration_floor=0.3, explore_actions=(0, 1, 2)))
     requests = [
-        DecisionRequest(entity_id=f"x{i}", event=Event(event_id=f"x{i}", entity_id=f"x{i}", amount=20.0 + i)) for i in range(60)
+        DecisionRequest(entity_id=f"x{i}", event=Event(event_id=f"x{i}", entity_id=f"x{i}", amount=20.0 + i))
+        for i in range(60)
     ]
     decisions = platform.engine.decide_batch(requests)
     drawn = 0
