@@ -32,7 +32,7 @@ from decision_platform.explain.reasons import (
     time_of_day,
     written_bounds,
 )
-from decision_platform.features.spec import CATEGORY_PREFIX
+from decision_platform.features.spec import ATTRIBUTE_PREFIX, CATEGORY_PREFIX
 from decision_platform.models.anomaly import AnomalyModel
 from decision_platform.models.preprocessing import signed_log
 from decision_platform.models.ranges import NO_RANGE, FeatureRanges
@@ -43,8 +43,6 @@ log = logging.getLogger(__name__)
 
 # How a reason candidate's value is shown (ReasonBuilder._makers).
 _VALUE, _CLOCK, _CATEGORY, _ATTRIBUTE = "value", "clock", "category", "attribute"
-#: The feature of a numeric event attribute (FeatureSpec): 0 when the event has none, which is no value of it.
-_ATTRIBUTE_PREFIX = "attr_"
 
 
 def _attribute_display(attributes: Mapping[str, Any] | None, name: str) -> str | None:
@@ -78,7 +76,7 @@ def feature_group(name: str) -> str:
     """Inputs that measure the same thing over different windows move together: a burst raises every
     count at once. Attributing them one by one would split (and understate) their effect, so the
     anomaly explanation treats each family as one player and names its most unusual member."""
-    for prefix, group in (("count_", "activity"), ("distinct_", "distinct"), ("attr_", "")):
+    for prefix, group in (("count_", "activity"), ("distinct_", "distinct"), (ATTRIBUTE_PREFIX, "")):
         if name.startswith(prefix):
             return group or name
     if name.startswith(("sum_", "mean_", "max_")) or name == "amount":
@@ -199,9 +197,9 @@ class ReasonBuilder:
                 else _CATEGORY
                 if name.startswith(CATEGORY_PREFIX)
                 else _ATTRIBUTE
-                if name.startswith(_ATTRIBUTE_PREFIX)
+                if name.startswith(ATTRIBUTE_PREFIX)
                 else _VALUE,
-                name.removeprefix(CATEGORY_PREFIX).removeprefix(_ATTRIBUTE_PREFIX),
+                name.removeprefix(CATEGORY_PREFIX).removeprefix(ATTRIBUTE_PREFIX),
             )
             for name in self.reason_names
         ]
@@ -287,18 +285,14 @@ class ReasonBuilder:
                     shown = (rows_attributes[i] or {}).get(attribute)
                     display = ABSENT if shown is None else repr(str(shown)[:40])
                     bucket.append(words.reason("risk", value, weight, display))
-            found = [
-                wording[names[c]].reason(
-                    "anomaly",
-                    float(inputs[i, c]),
-                    w,
-                    _attribute_display(rows_attributes[i], names[c].removeprefix(_ATTRIBUTE_PREFIX))
-                    if names[c].startswith(_ATTRIBUTE_PREFIX)
-                    else None,
-                )
-                for c, w in contributors[i][:max_anomaly]
-                if w >= MIN_ANOMALY_WEIGHT and wording[names[c]].written_outside(float(inputs[i, c]))
-            ]
+            found = []
+            for c, w in contributors[i][:max_anomaly]:
+                words, value = wording[names[c]], float(inputs[i, c])
+                if w < MIN_ANOMALY_WEIGHT or not words.written_outside(value):
+                    continue
+                attribute = names[c].removeprefix(ATTRIBUTE_PREFIX)
+                display = _attribute_display(rows_attributes[i], attribute) if attribute != names[c] else None
+                found.append(words.reason("anomaly", value, w, display))
             reasons.append(up + down + found)
         return reasons
 

@@ -31,6 +31,8 @@ DEFAULT_TTL_MARGIN_S = 3600.0
 MISSING = "-"
 #: Names the feature holding a categorical attribute's code (``code_<attribute>``).
 CATEGORY_PREFIX = "code_"
+#: The feature of a numeric event attribute: ``attr_<name>`` (0 when the event has none).
+ATTRIBUTE_PREFIX = "attr_"
 #: Largest magnitude of an attribute value that windows aggregate: beyond it a value counts as missing, so
 #: sums and Welford's squared deviations of up to 100k values (the cap's bound) stay finite (< 1e306).
 WINDOW_VALUE_LIMIT = 1e150
@@ -238,7 +240,7 @@ class FeatureSpec(BaseModel):
             names.append("amount")
         if self.event_fields.hour_of_day:
             names += ["hour_sin", "hour_cos"]
-        names += [f"attr_{a}" for a in self.event_fields.numeric_attributes]
+        names += [f"{ATTRIBUTE_PREFIX}{a}" for a in self.event_fields.numeric_attributes]
         names += [f"{CATEGORY_PREFIX}{a}" for a in self.event_fields.categorical_attributes]
         return names
 
